@@ -1,0 +1,206 @@
+"""What plugins provide: vision encoders, text encoders, OCR engines, and image preprocessing.
+
+A vision encoder turns preprocessed pixels into a token sequence plus a padding mask
+(a CNN feature map [B, C, H, W] becomes H*W tokens with a full mask). A text encoder turns
+a batch of strings into one vector per string. Both carry an ``identity`` string
+(name + weights + revision + preprocessing) that keys the feature cache: two encoders with
+the same identity must produce the same outputs for the same input.
+
+Preprocessing is *data*: a picklable object that the data-loader workers call on a decoded
+PIL image. The training process never resizes images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import NamedTuple
+
+import attrs
+import torch
+from torch import nn
+
+
+class TokenOutput(NamedTuple):
+    """Encoder output: ``tokens`` [B, N, D] and ``mask`` [B, N] (bool, True = a real token)."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+
+
+RESIZE_POLICIES = ("squash", "shorter_center_crop", "letterbox")
+
+
+@attrs.frozen(kw_only=True)
+class Preprocessing:
+    """How the loader turns a decoded RGB image into the encoder's input.
+
+    ``size`` is (height, width). ``resize``: ``squash`` (stretch to size),
+    ``shorter_center_crop`` (resize the shorter side, centre crop; torchvision's eval transform),
+    ``letterbox`` (keep the aspect ratio, pad). Subclasses may override :meth:`__call__` and
+    :meth:`collate` (NaFlex does: variable patch counts, padded in ``collate``).
+    """
+
+    size: tuple[int, int]
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    resize: str = attrs.field(default="squash", validator=attrs.validators.in_(RESIZE_POLICIES))
+    interpolation: str = "bicubic"
+
+    @property
+    def target_size(self):
+        """The largest (height, width) this preprocessing produces (used for JPEG draft())."""
+        return self.size
+
+    def describe(self):
+        """A plain dict of everything that changes the output (part of the encoder identity)."""
+        data = attrs.asdict(self)
+        data["type"] = type(self).__qualname__
+        return data
+
+    def __call__(self, image):
+        """PIL RGB image -> ``{"pixel_values": float tensor [3, H, W]}`` normalized."""
+        from torchvision.transforms import v2
+        from torchvision.transforms.v2 import functional as F
+
+        interpolation = getattr(v2.InterpolationMode, self.interpolation.upper())
+        h, w = self.size
+        img = F.pil_to_tensor(image)
+        if self.resize == "squash":
+            img = F.resize(img, [h, w], interpolation=interpolation, antialias=True)
+        elif self.resize == "shorter_center_crop":
+            img = F.resize(img, min(h, w), interpolation=interpolation, antialias=True)
+            img = F.center_crop(img, [h, w])
+        else:  # letterbox
+            ih, iw = img.shape[-2:]
+            scale = min(h / ih, w / iw)
+            nh, nw = max(1, round(ih * scale)), max(1, round(iw * scale))
+            img = F.resize(img, [nh, nw], interpolation=interpolation, antialias=True)
+            top, left = (h - nh) // 2, (w - nw) // 2
+            img = F.pad(img, [left, top, w - nw - left, h - nh - top], fill=0)
+        pixels = F.to_dtype(img, torch.float32, scale=True)
+        pixels = F.normalize(pixels, list(self.mean), list(self.std))
+        return {"pixel_values": pixels}
+
+    def collate(self, items):
+        """A list of per-image dicts -> one batch dict (stacked tensors)."""
+        return {key: torch.stack([item[key] for item in items]) for key in items[0]}
+
+
+def identity_string(name, weights, revision, extra):
+    """``name|weights|revision|<hash of extra>`` — stable across processes and versions."""
+    blob = json.dumps(extra, sort_keys=True, default=str).encode()
+    return f"{name}|{weights}|{revision or 'main'}|{hashlib.sha256(blob).hexdigest()[:16]}"
+
+
+class VisionEncoder(nn.Module):
+    """Base class for vision encoders.
+
+    Subclasses set ``name``, ``out_dim``, ``has_cls_token``, ``preprocessing``,
+    ``weights`` (hub id, local path or ``"random"``), ``revision``, and implement
+    :meth:`forward` and :meth:`blocks`. Everything about trainability (freeze, top-N,
+    LoRA, optimizer groups) is derived by the core from :meth:`blocks`,
+    :meth:`final_norm` and ``lora_target_modules``.
+    """
+
+    name: str = ""
+    out_dim: int = 0
+    has_cls_token: bool = False
+    #: module-name suffixes peft may wrap with LoRA (e.g. ("q_proj", "k_proj", "v_proj"))
+    lora_target_modules: tuple[str, ...] = ()
+    #: True for CNNs: the engine converts the model and inputs to channels_last
+    channels_last: bool = False
+    preprocessing: Preprocessing
+    weights: str = "random"
+    revision: str | None = None
+
+    def forward(self, **inputs) -> TokenOutput:
+        """Inputs as produced by ``preprocessing.collate`` -> :class:`TokenOutput`."""
+        raise NotImplementedError
+
+    def blocks(self) -> list[nn.Module]:
+        """The encoder's blocks in order from input to output (for top-N and LoRA)."""
+        raise NotImplementedError
+
+    def final_norm(self) -> nn.Module | None:
+        """The norm after the last block (unfrozen with the top-N blocks), if any."""
+        return None
+
+    def block_prefixes(self) -> list[str]:
+        """Qualified module names of :meth:`blocks`, in order (used for LoRA targeting)."""
+        names = {id(module): name for name, module in self.named_modules()}
+        return [names[id(block)] for block in self.blocks()]
+
+    @property
+    def identity(self) -> str:
+        """Stable key of what this encoder computes (name, weights, revision, preprocessing)."""
+        return identity_string(
+            self.name,
+            self.weights,
+            self.revision,
+            {"preprocessing": self.preprocessing.describe(), "out_dim": self.out_dim},
+        )
+
+
+class TextEncoder(nn.Module):
+    """Base class for text encoders (always frozen in mmcore).
+
+    Subclasses set ``name``, ``out_dim``, ``weights``, ``revision`` and implement
+    :meth:`encode`. ``forward`` runs :meth:`encode` without gradients.
+    """
+
+    name: str = ""
+    out_dim: int = 0
+    weights: str = "random"
+    revision: str | None = None
+    #: texts per forward pass when embedding a whole dataset
+    batch_size: int = 64
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        """Embed a batch of strings -> float tensor [B, out_dim] on this module's device."""
+        raise NotImplementedError
+
+    def forward(self, texts: list[str]) -> torch.Tensor:
+        with torch.no_grad():
+            return self.encode(list(texts)).float()
+
+    def identity_extra(self) -> dict:
+        """Anything beyond name/weights/revision that changes the embedding (prefixes, pooling)."""
+        return {}
+
+    @property
+    def identity(self) -> str:
+        return identity_string(
+            self.name,
+            self.weights,
+            self.revision,
+            {"out_dim": self.out_dim, **self.identity_extra()},
+        )
+
+
+class OcrEngine:
+    """Base class for OCR engines: ``read(image) -> str`` on a PIL image."""
+
+    name: str = ""
+
+    def read(self, image, lang: str) -> str:
+        raise NotImplementedError
+
+    @property
+    def identity(self) -> str:
+        return identity_string(self.name, "n/a", None, {})
+
+
+@attrs.frozen(kw_only=True)
+class EncoderParams:
+    """Params every encoder plugin accepts (plugins subclass this and add their own).
+
+    ``pretrained = false`` builds from the architecture's config with random weights (offline).
+    ``weights`` overrides the hub id with another id or a local directory.
+    ``tiny = true`` builds a test-only miniature of the same architecture (random weights).
+    """
+
+    pretrained: bool = True
+    weights: str | None = None
+    revision: str | None = None
+    tiny: bool = False
