@@ -1,0 +1,99 @@
+"""The ``mmcore`` command line."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from . import __version__
+from .errors import MmcoreError
+
+SET_HELP = "Override a recipe key, e.g. --set train.batch_size=32 (repeatable)."
+
+
+class MmcoreGroup(click.Group):
+    """Turns MmcoreError into its one-line messages and an exit code, not a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except MmcoreError as exc:
+            for line in str(exc).splitlines() or [type(exc).__name__]:
+                click.echo(line, err=True)
+            sys.exit(exc.exit_code)
+
+
+@click.group(cls=MmcoreGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mmcore")
+def cli():
+    """Train binary classifiers of ad images from the image and its OCR text.
+
+    \b
+    mmcore run recipes/demo.toml          train, evaluate, write a run directory
+    mmcore show recipes/x.toml --set ...  print the fully resolved recipe
+    mmcore plugins                        what is installed
+    """
+
+
+@cli.command()
+def plugins():
+    """List installed plugin packages and the components each registers."""
+    from .plugins import get_registry
+    from .registry import KINDS
+
+    registry = get_registry()
+    by_package = {}
+    for reg in registry.all():
+        by_package.setdefault(reg.package, {}).setdefault(reg.kind, []).append(reg.name)
+    versions = {dist: version for dist, version in registry.packages.values()}
+    for package in sorted(by_package, key=lambda p: (p != "mmcore", p)):
+        click.echo(f"{package} {versions.get(package, '')}".rstrip())
+        for kind in KINDS:
+            names = by_package[package].get(kind)
+            if names:
+                click.echo(f"  {plural(KINDS[kind][1]):<16} {', '.join(sorted(names))}")
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+def show(recipe, overrides):
+    """Print the fully resolved RECIPE as TOML (nothing is trained)."""
+    from .recipe import load_recipe, recipe_to_toml
+
+    click.echo(recipe_to_toml(load_recipe(recipe, overrides, strict_env=False)), nl=False)
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--out", type=click.Path(file_okay=False), help="Run directory (default runs/<experiment>/<timestamp>).")
+@click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
+def run(recipe, overrides, out, quiet):
+    """Train and evaluate RECIPE; writes a run directory."""
+    from .engine.run import run_training
+    from .recipe import load_recipe
+
+    loaded = load_recipe(recipe, overrides)
+    run_training(loaded, recipe_path=recipe, out=out, progress=not quiet, echo=click.echo)
+
+
+@cli.command("eval")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--data", type=click.Path(dir_okay=False), help="CSV to score (default: the run's test split).")
+@click.option("--out", type=click.Path(file_okay=False), help="Where to write (default RUN_DIR/eval/<csv>-<time>).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def eval_(run_dir, data, out, quiet):
+    """Re-score a CSV with a finished run's model (results.json, test_predictions.json, test_report.md)."""
+    from .engine.run import evaluate_run
+
+    evaluate_run(run_dir, data=data, out=out, progress=not quiet, echo=click.echo)
+
+
+def plural(noun):
+    return noun + "es" if noun.endswith("s") else noun + "s"
+
+
+def main():
+    cli(prog_name="mmcore")
