@@ -1,0 +1,172 @@
+"""Dataset and DataLoader: decoding, preprocessing and augmentation run in worker processes.
+
+Each item carries either the encoder's raw input (``vision``: what the encoder's
+preprocessing made) or precomputed features (``vision_feature`` / ``text_feature`` from
+the feature cache), so training, evaluation and prediction share one forward.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .images import BadImageError, load_rgb
+
+
+class SampleDataset(Dataset):
+    """Items of one split for the model.
+
+    ``preprocessing`` (the vision encoder's) and ``augmentation`` are applied to decoded images
+    when ``vision_features`` is None and the model needs images. Cached features are any
+    indexable of per-sample arrays (e.g. a numpy memmap).
+    """
+
+    def __init__(
+        self,
+        split,
+        *,
+        preprocessing=None,
+        augmentation=None,
+        vision_features=None,
+        vision_lengths=None,
+        text_features=None,
+        needs_image=True,
+        max_image_pixels=89_478_485,
+    ):
+        self.split = split
+        self.preprocessing = preprocessing
+        self.augmentation = augmentation
+        self.vision_features = vision_features
+        self.vision_lengths = vision_lengths
+        self.text_features = text_features
+        self.needs_image = needs_image and vision_features is None
+        self.max_image_pixels = max_image_pixels
+
+    def __len__(self):
+        return len(self.split)
+
+    def __getitem__(self, index):
+        labels = self.split.labels
+        item = {
+            "index": index,
+            "label": float(labels[index]) if labels is not None else -1.0,
+            "text": self.split.texts[index],
+        }
+        if self.vision_features is not None:
+            feature = np.asarray(self.vision_features[index])
+            if self.vision_lengths is not None:
+                feature = feature[: int(self.vision_lengths[index])]
+            item["vision_feature"] = torch.from_numpy(feature.astype(np.float32))
+        if self.text_features is not None:
+            item["text_feature"] = torch.from_numpy(
+                np.asarray(self.text_features[index]).astype(np.float32)
+            )
+        if self.needs_image:
+            try:
+                image = load_rgb(
+                    self.split.paths[index],
+                    target_size=self.preprocessing.target_size,
+                    max_pixels=self.max_image_pixels,
+                )
+            except BadImageError as exc:
+                item["error"] = f"{self.split.csv}: row {self.split.rows[index]}: {self.split.paths[index]}: {exc}"
+                return item
+            if self.augmentation is not None:
+                image = self.augmentation(image)
+            item["vision"] = self.preprocessing(image)
+        return item
+
+
+class Collate:
+    """Batches items; bad images are reported in ``errors`` (the engine applies the policy)."""
+
+    def __init__(self, preprocessing=None):
+        self.preprocessing = preprocessing
+
+    def __call__(self, items):
+        errors = [item["error"] for item in items if "error" in item]
+        bad = [item["index"] for item in items if "error" in item]
+        items = [item for item in items if "error" not in item]
+        batch = {"errors": errors, "bad_indices": bad}
+        if not items:
+            batch["size"] = 0
+            return batch
+        batch["size"] = len(items)
+        batch["index"] = torch.tensor([item["index"] for item in items], dtype=torch.long)
+        batch["label"] = torch.tensor([item["label"] for item in items], dtype=torch.float32)
+        batch["text"] = [item["text"] for item in items]
+        if "vision" in items[0]:
+            batch["vision"] = self.preprocessing.collate([item["vision"] for item in items])
+        if "vision_feature" in items[0]:
+            batch.update(_stack_padded([item["vision_feature"] for item in items], "vision"))
+        if "text_feature" in items[0]:
+            batch["text_feature"] = torch.stack([item["text_feature"] for item in items])
+        return batch
+
+
+def _stack_padded(features, prefix):
+    """Vectors stack; token sequences of different lengths are padded, with a mask."""
+    if features[0].dim() == 1:
+        return {f"{prefix}_feature": torch.stack(features)}
+    longest = max(f.shape[0] for f in features)
+    dim = features[0].shape[1]
+    tokens = torch.zeros(len(features), longest, dim)
+    mask = torch.zeros(len(features), longest, dtype=torch.bool)
+    for i, f in enumerate(features):
+        tokens[i, : f.shape[0]] = f
+        mask[i, : f.shape[0]] = True
+    return {f"{prefix}_tokens": tokens, f"{prefix}_mask": mask}
+
+
+def default_num_workers():
+    """One worker per CPU core this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def seed_worker(worker_id):
+    """Seed python/numpy in each worker from torch's per-worker seed (reproducible augmentation)."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def make_loader(
+    dataset,
+    *,
+    batch_size,
+    shuffle=False,
+    seed=0,
+    num_workers=-1,
+    sampler=None,
+    pin_memory=False,
+    drop_last=False,
+):
+    """A DataLoader with seeded workers (and none when items are cached features)."""
+    if num_workers < 0:
+        num_workers = default_num_workers()
+    if not getattr(dataset, "needs_image", True):
+        num_workers = 0  # cached features: indexing a memmap is faster in-process
+    num_workers = min(num_workers, max(1, len(dataset) // max(1, batch_size)))
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle if sampler is None else False,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=Collate(dataset.preprocessing),
+        worker_init_fn=seed_worker,
+        generator=generator,
+        pin_memory=pin_memory,
+        drop_last=drop_last,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )

@@ -1,0 +1,196 @@
+"""The training and evaluation loops (plain PyTorch)."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import DataError, RunError
+from .runtime import autocast, to_device
+
+
+class BadImages:
+    """Applies ``data.on_bad_image``: stop with the rows, or skip them and count them."""
+
+    def __init__(self, policy):
+        self.policy = policy
+        self.skipped = {}
+
+    def check(self, batch, split_name):
+        if not batch["errors"]:
+            return
+        if self.policy == "error":
+            raise DataError(
+                batch["errors"]
+                + ["set data.on_bad_image = \"skip\" to leave such images out (counted in results.json)"]
+            )
+        for message in batch["errors"]:
+            self.skipped.setdefault(split_name, {})[message] = True
+
+    def counts(self):
+        return {name: len(messages) for name, messages in self.skipped.items()}
+
+
+def _prepare(batch, device, channels_last):
+    batch = to_device(batch, device)
+    vision = batch.get("vision")
+    if channels_last and vision is not None and vision["pixel_values"].dim() == 4:
+        vision["pixel_values"] = vision["pixel_values"].contiguous(memory_format=torch.channels_last)
+    return batch
+
+
+def set_train_mode(model):
+    """Train mode for what trains; frozen encoders stay in eval mode (dropout off, BN fixed)."""
+    from ..trainability import freeze_norm_statistics
+
+    model.train()
+    for name in ("vision", "text"):
+        encoder = getattr(model, name, None)
+        if encoder is None:
+            continue
+        if not any(p.requires_grad for p in encoder.parameters()):
+            encoder.eval()
+        else:
+            freeze_norm_statistics(encoder)
+
+
+class Trainer:
+    """One optimizer/scheduler/loss over a model; ``train_epoch`` and ``predict``."""
+
+    def __init__(
+        self,
+        *,
+        model,
+        optimizer,
+        scheduler,
+        loss_fn,
+        device,
+        dtype,
+        grad_accum_steps=1,
+        grad_clip=0.0,
+        on_nan="stop",
+        bad_images=None,
+        writer=None,
+        progress=True,
+        channels_last=False,
+        on_step=None,
+    ):
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.loss_fn = loss_fn
+        self.device = device
+        self.dtype = dtype
+        self.grad_accum_steps = grad_accum_steps
+        self.grad_clip = grad_clip
+        self.on_nan = on_nan
+        self.bad_images = bad_images or BadImages("error")
+        self.writer = writer
+        self.progress = progress
+        self.channels_last = channels_last
+        self.on_step = on_step
+        self.global_step = 0
+        self.skipped_nan_steps = 0
+        self.stop_requested = False
+
+    def train_epoch(self, loader, epoch, epochs, *, skip_batches=0):
+        """One pass over ``loader``; returns the mean training loss."""
+        model = self.model
+        set_train_mode(model)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        total_loss, total_n, seen, started = 0.0, 0, 0, time.perf_counter()
+        bar = tqdm(
+            total=len(loader),
+            desc=f"epoch {epoch}/{epochs}",
+            unit="batch",
+            disable=not self.progress,
+            leave=False,
+        )
+        accum = self.grad_accum_steps
+        self.optimizer.zero_grad(set_to_none=True)
+        num_batches = len(loader)
+        for i, batch in enumerate(loader):
+            bar.update(1)
+            if i < skip_batches:
+                continue
+            self.bad_images.check(batch, "train")
+            if not batch["size"]:
+                continue
+            batch = _prepare(batch, self.device, self.channels_last)
+            with autocast(self.device, self.dtype):
+                logits = model(batch)
+            loss = self.loss_fn(logits.float(), batch["label"])
+            if not torch.isfinite(loss):
+                if self.on_nan == "stop":
+                    raise RunError(
+                        f"non-finite loss ({loss.item()}) at step {self.global_step + 1} "
+                        f"(epoch {epoch}, batch {i + 1}); stopped, the last good checkpoint is kept "
+                        f"(set train.on_nan = \"skip\" to skip such batches)"
+                    )
+                self.skipped_nan_steps += 1
+                self.optimizer.zero_grad(set_to_none=True)
+                continue
+            (loss / accum).backward()
+            n = batch["size"]
+            total_loss += loss.item() * n
+            total_n += n
+            seen += n
+            if (i + 1) % accum == 0 or i + 1 == num_batches:
+                if self.grad_clip > 0 and trainable:
+                    torch.nn.utils.clip_grad_norm_(trainable, self.grad_clip)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.global_step += 1
+                if self.writer is not None:
+                    self.writer.add_scalar("train/loss", loss.item(), self.global_step)
+                    for group in self.optimizer.param_groups:
+                        self.writer.add_scalar(f"lr/{group.get('name', 'group')}", group["lr"], self.global_step)
+                if self.on_step is not None:
+                    self.on_step(epoch, i + 1)
+            rate = seen / max(time.perf_counter() - started, 1e-9)
+            bar.set_postfix(loss=f"{total_loss / max(total_n, 1):.4f}", rate=f"{rate:.0f}/s")
+            if self.stop_requested:
+                break
+        bar.close()
+        return total_loss / max(total_n, 1)
+
+    @torch.no_grad()
+    def predict(self, loader, split_name="eval", desc=None):
+        """Logits, labels and dataset indices for every sample, gathered on the CPU."""
+        model = self.model
+        model.eval()
+        indices, logits, labels = [], [], []
+        bar = tqdm(total=len(loader), desc=desc or split_name, unit="batch", disable=not self.progress, leave=False)
+        for batch in loader:
+            bar.update(1)
+            self.bad_images.check(batch, split_name)
+            if not batch["size"]:
+                continue
+            index, label = batch["index"], batch["label"]
+            batch = _prepare(batch, self.device, self.channels_last)
+            with autocast(self.device, self.dtype):
+                out = model(batch)
+            logits.append(out.float().cpu())
+            indices.append(index)
+            labels.append(label)
+        bar.close()
+        if not logits:
+            return np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0)
+        return (
+            torch.cat(indices).numpy(),
+            torch.cat(logits).double().numpy(),
+            torch.cat(labels).numpy(),
+        )
+
+
+def sigmoid(logits):
+    return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
+
+
+def total_steps(num_batches, grad_accum_steps, epochs):
+    return max(1, math.ceil(num_batches / grad_accum_steps) * epochs)
