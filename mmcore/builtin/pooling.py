@@ -1,0 +1,125 @@
+"""Token poolings: ``mean``, ``cls`` and ``attention``.
+
+Each pooling turns encoder tokens [B, N, D] plus a mask [B, N] (True = a real token) into one
+vector per sample [B, D]. Padded tokens never influence the result. ``trainable`` tells the
+feature cache what to store: a pooled vector when False, the tokens and mask when True.
+"""
+
+import attrs
+import torch
+from torch import nn
+
+from ..hookspecs import hookimpl
+from ..validators import at_least, in_range
+
+
+def _full_mask(tokens, mask):
+    """The mask as bool, or an all-True mask when none is given."""
+    if mask is None:
+        return torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+    return mask.to(device=tokens.device, dtype=torch.bool)
+
+
+@attrs.frozen(kw_only=True)
+class MeanParams:
+    """``skip_cls_token``: leave the CLS token out of the mean (encoders that have one)."""
+
+    skip_cls_token: bool = False
+
+
+class MeanPooling(nn.Module):
+    """Mean over the real tokens; padded tokens are ignored."""
+
+    trainable = False
+
+    def __init__(self, skip_first_token=False):
+        super().__init__()
+        self.skip_first_token = skip_first_token
+
+    def forward(self, tokens, mask=None):
+        mask = _full_mask(tokens, mask)
+        if self.skip_first_token:
+            tokens, mask = tokens[:, 1:], mask[:, 1:]
+        weights = mask.unsqueeze(-1).to(torch.float32)
+        # masked_fill, not a product: a NaN/inf in a padded slot must not leak into the sum
+        total = tokens.float().masked_fill(~mask.unsqueeze(-1), 0.0).sum(dim=1)
+        count = weights.sum(dim=1).clamp(min=1.0)
+        return (total / count).to(tokens.dtype)
+
+
+def build_mean(params, dim, has_cls_token):
+    return MeanPooling(skip_first_token=params.skip_cls_token and has_cls_token)
+
+
+@attrs.frozen(kw_only=True)
+class NoParams:
+    """No parameters."""
+
+
+class ClsPooling(nn.Module):
+    """The first token (the encoder's CLS token)."""
+
+    trainable = False
+
+    def forward(self, tokens, mask=None):
+        return tokens[:, 0]
+
+
+def build_cls(params, dim, has_cls_token):
+    if not has_cls_token:
+        raise ValueError(
+            "pooling 'cls' needs an encoder with a CLS token; this encoder has none "
+            "— use mean or attention"
+        )
+    return ClsPooling()
+
+
+@attrs.frozen(kw_only=True)
+class AttentionParams:
+    """``heads``: attention heads (must divide the token dimension); ``dropout`` on the weights."""
+
+    heads: int = attrs.field(default=1, validator=at_least(1))
+    dropout: float = attrs.field(default=0.0, validator=in_range(0.0, 1.0))
+
+
+class AttentionPooling(nn.Module):
+    """A learned query attends over the real tokens (multi-head attention pooling)."""
+
+    trainable = True
+
+    def __init__(self, dim, heads=1, dropout=0.0):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(1, 1, dim) * dim**-0.5)
+        self.attention = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+
+    def forward(self, tokens, mask=None):
+        mask = _full_mask(tokens, mask)
+        # cached tokens may be half precision; autocast (if on) lowers them again for the matmuls
+        tokens = tokens.to(self.query.dtype)
+        # zero the padding so that even NaN/inf there cannot reach the output through 0 * x
+        tokens = tokens.masked_fill(~mask.unsqueeze(-1), 0.0)
+        ignore = ~mask
+        # a sample without any real token would give NaN (softmax over nothing): let it attend
+        # to its zeroed tokens instead
+        ignore = ignore & mask.any(dim=1, keepdim=True)
+        query = self.query.expand(tokens.shape[0], -1, -1)
+        pooled, _ = self.attention(
+            query, tokens, tokens, key_padding_mask=ignore, need_weights=False
+        )
+        return pooled[:, 0]
+
+
+def build_attention(params, dim, has_cls_token):
+    if dim % params.heads:
+        raise ValueError(
+            f"pooling 'attention': heads must divide the token dimension {dim} "
+            f"(got heads = {params.heads})"
+        )
+    return AttentionPooling(dim, heads=params.heads, dropout=params.dropout)
+
+
+@hookimpl
+def register_poolings(register):
+    register("mean", build_mean, MeanParams)
+    register("cls", build_cls, NoParams)
+    register("attention", build_attention, AttentionParams)

@@ -1,0 +1,115 @@
+"""The plugin system: hooks, entry points, names, and the errors users see."""
+
+import attrs
+import pytest
+
+from mmcore import hookimpl, hookspecs
+from mmcore.plugins import collect, make_plugin_manager, make_registry
+from mmcore.registry import DuplicateComponentError, KINDS, UnknownComponentError
+
+
+def test_builtins_register_through_the_hooks():
+    registry = make_registry(load_entrypoints=False)
+    assert registry.names("pooling") == ["attention", "cls", "mean"]
+    assert registry.names("fusion") == ["concat", "gated"]
+    assert registry.names("head") == ["mlp"]
+    assert registry.names("loss") == ["bce", "focal"]
+    assert registry.names("scheduler") == ["constant", "cosine", "cosine_warmup"]
+    assert registry.names("augmentation") == ["none", "strong", "weak"]
+    assert registry.names("text") == ["none"]
+    assert registry.get("pooling", "mean").package == "mmcore"
+
+
+def test_every_kind_has_a_hookspec():
+    for hook_name, _, _ in KINDS.values():
+        assert hasattr(hookspecs, hook_name)
+
+
+def test_unknown_name_message_has_did_you_mean_installed_and_hint(registry):
+    with pytest.raises(UnknownComponentError) as info:
+        registry.get("vision", "fake_cnm")
+    assert str(info.value) == (
+        "unknown vision encoder 'fake_cnm'; did you mean 'fake_cnn'? installed: fake_cnn, fake_vit. "
+        "More: pip install ./plugins/vision-<name>"
+    )
+
+
+def test_unknown_name_without_close_match(registry):
+    with pytest.raises(UnknownComponentError) as info:
+        registry.get("pooling", "zzz")
+    assert str(info.value) == "unknown pooling 'zzz' installed: attention, cls, mean."
+
+
+@attrs.frozen
+class _P:
+    pass
+
+
+class _PluginA:
+    @hookimpl
+    def register_poolings(self, register):
+        register("mean", lambda p, d, c: None, _P)
+
+
+def test_duplicate_name_names_both_packages():
+    with pytest.raises(DuplicateComponentError) as info:
+        make_registry(load_entrypoints=False, extra_plugins=[("mmcore-pooling-extra", _PluginA())])
+    assert str(info.value) == (
+        "pooling 'mean' is registered by both mmcore and mmcore-pooling-extra; uninstall one of them"
+    )
+
+
+class _Misspelled:
+    @hookimpl
+    def register_vision_encoder(self, register):  # missing the final "s"
+        pass
+
+
+def test_misspelled_hook_is_refused_by_check_pending():
+    import pluggy
+
+    with pytest.raises(pluggy.PluginValidationError):
+        make_plugin_manager(load_entrypoints=False, extra_plugins=[("bad", _Misspelled())])
+
+
+def test_installed_fake_plugin_is_found_through_its_entry_point(monkeypatch):
+    monkeypatch.delenv("MMCORE_LOAD_PLUGINS", raising=False)
+    registry = make_registry()
+    assert registry.get("vision", "fake_cnn").package == "mmcore-fake-encoders"
+
+
+def test_load_plugins_env_restricts_loading(monkeypatch):
+    monkeypatch.setenv("MMCORE_LOAD_PLUGINS", "mmcore-fake-encoders")
+    registry = make_registry()
+    assert registry.names("vision") == ["fake_cnn", "fake_vit"]
+    monkeypatch.setenv("MMCORE_LOAD_PLUGINS", "")
+    assert make_registry().names("vision") == []
+
+
+def test_two_distributions_with_the_same_entry_point_name_are_refused(monkeypatch):
+    import importlib.metadata as md
+
+    from mmcore import plugins
+
+    class FakeDist:
+        def __init__(self, name):
+            self.metadata = {"Name": name}
+            self.version = "1.0"
+            self.entry_points = [md.EntryPoint(name="same", value="json", group="mmcore")]
+
+    monkeypatch.setattr(plugins.importlib.metadata, "distributions", lambda: [FakeDist("pkg-one"), FakeDist("pkg-two")])
+    with pytest.raises(Exception) as info:
+        plugins._entry_points()
+    assert str(info.value) == (
+        "entry point 'same' (group 'mmcore') is exposed by both pkg-one and pkg-two; uninstall one of them"
+    )
+
+
+def test_register_requires_attrs_params_and_valid_names():
+    class Bad:
+        @hookimpl
+        def register_heads(self, register):
+            register("Bad-Name", lambda p, d: None, _P)
+
+    with pytest.raises(Exception, match=r"head name 'Bad-Name' must match \[a-z0-9_\]\+"):
+        make_registry(load_entrypoints=False, extra_plugins=[("bad", Bad())])
