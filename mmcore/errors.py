@@ -39,7 +39,23 @@ class RunError(MmcoreError):
     exit_code = 4
 
 
+def closest(word, choices):
+    """The choice a user most likely meant: an abbreviation (``lr`` -> ``learning_rate``),
+    a prefix, or the closest spelling; None when nothing is close."""
+    choices = list(choices)
+    word = str(word)
+    for choice in choices:
+        initials = "".join(part[0] for part in choice.split("_") if part)
+        if len(choice.split("_")) > 1 and word == initials:
+            return choice
+    prefixed = [c for c in choices if c.startswith(word) and len(word) >= 3]
+    if len(prefixed) == 1:
+        return prefixed[0]
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 def did_you_mean(word, choices):
     """Return ``" (did you mean X?)"`` for the closest choice, or ``""``."""
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]}?)" if close else ""
+    match = closest(word, choices)
+    return f" (did you mean {match}?)" if match else ""

@@ -101,11 +101,21 @@ class TrainConfig:
     early_stopping: EarlyStopping = attrs.field(factory=EarlyStopping)
 
 
+def _threshold_rule(instance, attribute, value):
+    from .evaluation.threshold import parse_threshold_rule
+
+    try:
+        parse_threshold_rule(value)
+    except (ValueError, TypeError) as exc:
+        raise FieldError(attribute.name, str(exc)) from None
+
+
 @attrs.frozen(kw_only=True)
 class EvalConfig:
     """Decision threshold (tuned on validation) and calibration."""
 
-    threshold: Any = "f1"
+    #: "f1" | "youden" | {precision = 0.95} | {recall = 0.9} | a number in (0, 1)
+    threshold: Any = attrs.field(default="f1", validator=_threshold_rule)
     calibrate: bool = True
     batch_size: int = attrs.field(default=0, validator=at_least(0))
 
@@ -419,18 +429,61 @@ def load_recipe(path, overrides=(), *, registry=None, strict_env=True):
     raw = _read_toml(path)
     raw, override_keys = apply_overrides(raw, overrides)
     source = Source(path, override_keys)
+    if isinstance(raw.setdefault("data", {}), dict):
+        raw["data"].setdefault("base_dir", DataConfig().base_dir)  # so ${DATA_DIR} expands too
     raw = expand_env(raw, source, strict=strict_env)
-    recipe = structure(raw, Recipe, source=source)
-    return resolve_components(recipe, source, registry=registry)
+    return _structure_all(raw, source, registry)
+
+
+def _structure_all(raw, source, registry):
+    """Structure the recipe and its components, reporting every problem of both, in file order."""
+    try:
+        recipe = structure(raw, Recipe, source=source)
+    except RecipeError as exc:
+        problems = list(exc.problems)
+        # still check the components, so one run of `mmcore show` lists everything
+        partial = {k: v for k, v in raw.items() if k in COMPONENT_KINDS and isinstance(v, dict)}
+        try:
+            candidate = structure(partial, Recipe, source=source)
+            resolve_components(candidate, source, registry=registry, check_modality=False)
+        except RecipeError as more:
+            problems.extend(more.problems)
+        raise RecipeError(_in_file_order(problems, raw)) from None
+    try:
+        return resolve_components(recipe, source, registry=registry)
+    except RecipeError as exc:
+        raise RecipeError(_in_file_order(exc.problems, raw)) from None
+
+
+def _in_file_order(problems, raw):
+    """Sort problem lines by where their key path appears in the recipe data."""
+    order = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            path = _join(prefix, key)
+            order.setdefault(path, len(order))
+            if isinstance(value, dict):
+                walk(value, path)
+
+    walk(raw, "")
+
+    def position(line):
+        parts = line.split(": ")
+        path = parts[1] if len(parts) > 2 else ""
+        while path and path not in order:
+            path = path.rpartition(".")[0]
+        return order.get(path, len(order))
+
+    return sorted(dict.fromkeys(problems), key=position)
 
 
 def recipe_from_dict(data, *, source="<recipe>", registry=None):
     """Structure an already-merged dict (a run's saved recipe)."""
-    recipe = structure(data, Recipe, source=source)
-    return resolve_components(recipe, source, registry=registry)
+    return _structure_all(data, source, registry)
 
 
-def resolve_components(recipe, source, *, registry=None):
+def resolve_components(recipe, source, *, registry=None, check_modality=True):
     """Structure each component's params against the params class its plugin registered."""
     if registry is None:
         from .plugins import get_registry
@@ -461,7 +514,8 @@ def resolve_components(recipe, source, *, registry=None):
             problems.append(f"{src(source, key + '.params')}: {key}.params: {exc}")
             continue
         resolved[key] = Component(name=component.name, params=structured)
-    problems.extend(_check_modality(recipe, source))
+    if check_modality:
+        problems.extend(_check_modality(recipe, source))
     if problems:
         raise RecipeError(problems)
     return attrs.evolve(recipe, **resolved)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..hookspecs import hookimpl
-from ..validators import FieldError, in_range
+from ..validators import FieldError, at_least, in_range
 
 
 def smooth(targets, label_smoothing):
@@ -80,7 +80,7 @@ class FocalParams:
     alpha: float | None = attrs.field(
         default=0.25, validator=in_range(0.0, 1.0, high_inclusive=True)
     )
-    gamma: float = attrs.field(default=2.0, validator=in_range(0.0, float("inf")))
+    gamma: float = attrs.field(default=2.0, validator=at_least(0))
     label_smoothing: float = attrs.field(default=0.0, validator=in_range(0.0, 1.0))
 
 

@@ -1,0 +1,81 @@
+"""NaFlex preprocessing: aspect-preserving resize to a patch budget, patchified in the workers."""
+
+import math
+
+import attrs
+import torch
+
+from mmcore.interfaces import Preprocessing
+
+
+@attrs.frozen(kw_only=True)
+class NaflexPreprocessing(Preprocessing):
+    """``Siglip2ImageProcessor``, one image at a time, the padding left to :meth:`collate`.
+
+    The image is resized, keeping its aspect ratio, to the largest size whose sides are
+    multiples of ``patch_size`` and that holds at most ``max_num_patches`` patches; then it is
+    normalized and cut into patches. ``__call__`` returns this image's own patches only
+    (``pixel_values`` [n, patch*patch*3], ``pixel_attention_mask`` [n], ``spatial_shapes`` [2]
+    as (rows, columns) of patches); :meth:`collate` pads to the longest image of the batch.
+    """
+
+    patch_size: int
+    max_num_patches: int
+    # transformers' Siglip2ImageProcessor resamples bilinearly (antialiased)
+    interpolation: str = "bilinear"
+    # ``size`` and ``resize`` of the base class do not apply: ``size`` is the draft() bound below
+    resize: str = attrs.field(default="naflex", init=False)
+    size: tuple[int, int] = attrs.field(init=False)
+
+    @size.default
+    def _draft_bound(self):
+        # A JPEG draft()ed to at least this square still covers the resize: with at most
+        # `budget` patches the short side has at most isqrt(budget) patches, and one patch of
+        # margin absorbs the long side's rounding up to a whole patch.
+        side = (math.isqrt(self.max_num_patches) + 1) * self.patch_size
+        return (side, side)
+
+    def __call__(self, image):
+        """PIL RGB image -> this image's patches, their (all True) mask and its patch grid."""
+        from torchvision.transforms import v2
+        from torchvision.transforms.v2 import functional as F
+        from transformers.models.siglip2.image_processing_siglip2 import (
+            convert_image_to_patches,
+            get_image_size_for_max_num_patches,
+        )
+
+        img = F.pil_to_tensor(image)
+        height, width = get_image_size_for_max_num_patches(
+            image_height=img.shape[-2],
+            image_width=img.shape[-1],
+            patch_size=self.patch_size,
+            max_num_patches=self.max_num_patches,
+        )
+        interpolation = getattr(v2.InterpolationMode, self.interpolation.upper())
+        img = F.resize(img, [height, width], interpolation=interpolation, antialias=True)
+        pixels = F.to_dtype(img, torch.float32, scale=True)
+        pixels = F.normalize(pixels, list(self.mean), list(self.std))
+        patches = convert_image_to_patches(pixels, self.patch_size)
+        return {
+            "pixel_values": patches,
+            "pixel_attention_mask": torch.ones(patches.shape[0], dtype=torch.bool),
+            "spatial_shapes": torch.tensor(
+                [height // self.patch_size, width // self.patch_size], dtype=torch.long
+            ),
+        }
+
+    def collate(self, items):
+        """Pad every image's patches to the batch's longest; the mask marks the real ones."""
+        longest = max(item["pixel_values"].shape[0] for item in items)
+        first = items[0]["pixel_values"]
+        pixel_values = first.new_zeros(len(items), longest, first.shape[1])
+        mask = torch.zeros(len(items), longest, dtype=torch.bool)
+        for row, item in enumerate(items):
+            count = item["pixel_values"].shape[0]
+            pixel_values[row, :count] = item["pixel_values"]
+            mask[row, :count] = item["pixel_attention_mask"]
+        return {
+            "pixel_values": pixel_values,
+            "pixel_attention_mask": mask,
+            "spatial_shapes": torch.stack([item["spatial_shapes"] for item in items]),
+        }
