@@ -130,7 +130,7 @@ def test_bce_auto_needs_both_classes(registry):
         ("bce", {"label_smoothing": 1.0}, "must be in [0.0, 1.0) (got 1.0)"),
         ("focal", {"label_smoothing": -0.1}, "must be in [0.0, 1.0) (got -0.1)"),
         ("focal", {"alpha": 1.5}, "must be in [0.0, 1.0] (got 1.5)"),
-        ("focal", {"gamma": -1.0}, "must be in [0.0, inf) (got -1.0)"),
+        ("focal", {"gamma": -1.0}, "must be >= 0 (got -1.0)"),
     ],
 )
 def test_loss_params_are_validated(registry, name, params, message):

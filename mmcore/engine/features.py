@@ -1,17 +1,18 @@
-"""The feature stage: run a frozen encoder once over a split, then train from its outputs.
+"""The feature stage: run a frozen encoder once per input, store its outputs on disk, train from them.
 
 What is stored follows the pooling: one vector per image when pooling has no parameters
-(mean, cls), the token sequence (+ its length) when pooling trains (attention). Text
-encoders always give one vector per text.
+(mean, cls), the token sequence (its real tokens only) when pooling trains (attention). Text
+encoders always give one vector per text. Outputs go to a :class:`~mmcore.engine.cache.FeatureStore`
+(float16, memory-mapped when read); only inputs without an entry are computed.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ..data.dataset import SampleDataset, make_loader
+from .cache import FeatureStore, FileHashes, text_key, weights_fingerprint
 from .runtime import autocast, to_device
 
 
@@ -24,75 +25,166 @@ def pooling_trains(pooling):
     return pooling is not None and any(True for _ in pooling.parameters())
 
 
-@torch.no_grad()
-def compute_vision_features(
-    model, split, *, batch_size, device, dtype, num_workers, max_image_pixels, progress=True
-):
-    """Run ``model.vision`` over ``split`` -> (features, lengths or None, bad image messages, bad indices).
+def _dtype_name(dtype):
+    return "fp32" if dtype is None else str(dtype).removeprefix("torch.")
 
-    ``features`` is float16: [N, D] pooled vectors, or [N, T, D] padded tokens with ``lengths``.
+
+def vision_store(root, model, *, dtype, pooling_spec):
+    """The feature space of ``model.vision`` (+ pooling when vectors are stored) under ``root``.
+
+    ``pooling_spec`` describes the pooling (e.g. its recipe name and params); it is part of the
+    key only when pooled vectors are stored.
     """
     encoder, pooling = model.vision, model.pooling
-    store_tokens = pooling_trains(pooling)
-    dataset = SampleDataset(
-        split, preprocessing=encoder.preprocessing, max_image_pixels=max_image_pixels
-    )
-    loader = make_loader(
-        dataset,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-    )
-    encoder.eval()
-    rows, lengths, errors, bad = {}, {}, [], []
-    bar = tqdm(total=len(dataset), desc=f"vision features {split.csv.name}", unit="img", disable=not progress, leave=False)
-    for batch in loader:
-        errors.extend(batch["errors"])
-        bad.extend(batch["bad_indices"])
-        bar.update(batch["size"] + len(batch["bad_indices"]))
-        if not batch["size"]:
-            continue
-        vision = to_device(batch["vision"], device)
-        if encoder.channels_last and vision["pixel_values"].dim() == 4:
-            vision["pixel_values"] = vision["pixel_values"].contiguous(memory_format=torch.channels_last)
-        with autocast(device, dtype):
-            out = encoder(**vision)
-            result = out.tokens if store_tokens else pooling(out.tokens, out.mask)
-        result = result.float().cpu()
-        for j, index in enumerate(batch["index"].tolist()):
-            if store_tokens:
-                valid = out.mask[j].cpu()
-                rows[index] = result[j][valid].half().numpy()
-                lengths[index] = int(valid.sum())
-            else:
-                rows[index] = result[j].half().numpy()
-    bar.close()
-    return _assemble(rows, lengths if store_tokens else None, len(split)), errors, sorted(bad)
+    stored = "tokens" if pooling_trains(pooling) else "vector"
+    description = {
+        "kind": "vision",
+        "encoder": encoder.name,
+        "identity": encoder.identity,
+        "weights_sha1": weights_fingerprint(encoder),
+        "dtype": _dtype_name(dtype),
+        "stored": stored,
+        "pooling": None if stored == "tokens" else {"spec": pooling_spec, "class": type(pooling).__qualname__},
+        "dim": encoder.out_dim,
+    }
+    return FeatureStore(root, description)
 
 
-def _assemble(rows, lengths, n):
-    """Dict of per-sample arrays -> one array (padded tokens + lengths when variable)."""
-    first = next(iter(rows.values()))
-    if lengths is None:
-        out = np.zeros((n, *first.shape), dtype=np.float16)
-        for i, row in rows.items():
-            out[i] = row
-        return out, None
-    longest = max(lengths.values())
-    out = np.zeros((n, longest, first.shape[-1]), dtype=np.float16)
-    lens = np.zeros(n, dtype=np.int64)
-    for i, row in rows.items():
-        out[i, : row.shape[0]] = row
-        lens[i] = row.shape[0]
-    return out, lens
+def text_store(root, encoder):
+    """The feature space of a text encoder under ``root``."""
+    description = {
+        "kind": "text",
+        "encoder": encoder.name,
+        "identity": encoder.identity,
+        "weights_sha1": weights_fingerprint(encoder),
+        "dtype": "fp32",
+        "stored": "vector",
+        "dim": encoder.out_dim,
+    }
+    return FeatureStore(root, description)
+
+
+def image_keys(root, split):
+    """Content keys (sha1 of the bytes) of the split's images; None where unreadable."""
+    return FileHashes(root).keys(split.paths)
+
+
+def _shard(positions, keys, shard):
+    """This rank's part of ``positions``: ordered by key, so every rank agrees on the split."""
+    rank, world = shard
+    if world == 1:
+        return positions
+    ordered = sorted(positions, key=lambda i: (keys[i] or b"", i))
+    return sorted(ordered[rank::world])
 
 
 @torch.no_grad()
-def compute_text_features(encoder, texts, *, device, progress=True, desc="text features"):
-    """Embed every text once, in the encoder's batch size -> float16 [N, D]."""
-    batch_size = max(1, getattr(encoder, "batch_size", 64))
-    encoder.eval()
-    chunks = []
-    for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
-        chunks.append(encoder(list(texts[start : start + batch_size])).float().cpu().half().numpy())
-    return np.concatenate(chunks, axis=0)
+def fill_vision_cache(
+    model,
+    split,
+    store,
+    keys,
+    *,
+    batch_size,
+    device,
+    dtype,
+    num_workers,
+    max_image_pixels,
+    shard=(0, 1),
+    progress=True,
+    on_wait=None,
+    chunk_rows=None,
+):
+    """Compute the vision entries of ``split`` that ``store`` lacks -> (errors, bad positions, computed).
+
+    ``keys`` are the images' content keys (:func:`image_keys`). With ``shard = (rank,
+    world_size)`` only that rank's part of the missing images is computed (ranks fill
+    disjoint parts at once; call again with the default shard after a barrier to pick up
+    what is left, e.g. bad images). Completed chunks survive an interruption.
+    """
+    encoder, pooling = model.vision, model.pooling
+    store_tokens = store.description["stored"] == "tokens"
+    store.ensure()
+    with store.lock(shard, on_wait=on_wait):
+        todo = _shard(store.missing(keys, refresh=True), keys, shard)
+        if not todo:
+            return [], [], 0
+        dataset = SampleDataset(
+            split.subset(todo), preprocessing=encoder.preprocessing, max_image_pixels=max_image_pixels
+        )
+        loader = make_loader(
+            dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda"
+        )
+        writer = store.writer(**({"chunk_rows": chunk_rows} if chunk_rows else {}))
+        was_training = encoder.training
+        encoder.eval()
+        errors, bad = [], []
+        bar = tqdm(
+            total=len(dataset), desc=f"vision features {split.csv.name}", unit="img",
+            disable=not progress, leave=False,
+        )
+        try:
+            for batch in loader:
+                errors.extend(batch["errors"])
+                bad.extend(todo[i] for i in batch["bad_indices"])
+                bar.update(batch["size"] + len(batch["bad_indices"]))
+                if not batch["size"]:
+                    continue
+                vision = to_device(batch["vision"], device)
+                if encoder.channels_last and vision["pixel_values"].dim() == 4:
+                    vision["pixel_values"] = vision["pixel_values"].contiguous(memory_format=torch.channels_last)
+                with autocast(device, dtype):
+                    out = encoder(**vision)
+                    result = out.tokens if store_tokens else pooling(out.tokens, out.mask)
+                result = result.float().cpu().half().numpy()
+                mask = out.mask.cpu().numpy() if store_tokens else None
+                for j, local in enumerate(batch["index"].tolist()):
+                    key = keys[todo[local]]
+                    writer.add(key, result[j][mask[j]] if store_tokens else result[j])
+            writer.flush()
+        except BaseException:
+            _save_partial(writer)
+            raise
+        finally:
+            bar.close()
+            encoder.train(was_training)
+        return errors, sorted(bad), writer.written
+
+
+@torch.no_grad()
+def fill_text_cache(encoder, texts, store, *, progress=True, desc="text features", on_wait=None, shard=(0, 1)):
+    """Embed the distinct texts ``store`` lacks, in the encoder's batch size -> how many were computed."""
+    keys = [text_key(text) for text in texts]
+    store.ensure()
+    with store.lock(shard, on_wait=on_wait):
+        first = {}
+        for i in store.missing(keys, refresh=True):
+            first.setdefault(keys[i], i)
+        todo = _shard(sorted(first.values()), keys, shard)
+        if not todo:
+            return 0
+        batch_size = max(1, getattr(encoder, "batch_size", 64))
+        writer = store.writer()
+        was_training = encoder.training
+        encoder.eval()
+        try:
+            for start in tqdm(range(0, len(todo), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
+                part = todo[start : start + batch_size]
+                vectors = encoder([texts[i] for i in part]).float().cpu().half().numpy()
+                for i, vector in zip(part, vectors):
+                    writer.add(keys[i], vector)
+            writer.flush()
+        except BaseException:
+            _save_partial(writer)
+            raise
+        finally:
+            encoder.train(was_training)
+        return writer.written
+
+
+def _save_partial(writer):
+    """On an interruption, commit the rows already computed (each one is complete)."""
+    try:
+        writer.flush()
+    except Exception:  # noqa: BLE001 - the original error matters more
+        pass

@@ -7,13 +7,17 @@ computation.
 
 from __future__ import annotations
 
+import sys
+
+import attrs
 import torch
 
 from ..data.dataset import SampleDataset, make_loader
 from ..model import build_classifier, build_component
 from ..trainability import apply_trainability
-from .features import compute_text_features, compute_vision_features, is_frozen
-from .runtime import autocast_dtype, resolve_device, seed_everything
+from .cache import cache_root, text_key
+from .features import fill_text_cache, fill_vision_cache, image_keys, is_frozen, text_store, vision_store
+from .runtime import autocast_dtype, barrier, rank, resolve_device, seed_everything, world_size
 
 
 class Pipeline:
@@ -44,6 +48,9 @@ class Pipeline:
         if model.vision is not None:
             self.augmentation = build_component(registry, "augmentation", recipe.augmentation)
         self._feature_cache = {}
+        self._stores = {}
+        #: what the feature stage reported ("vision features train.csv: 500/500 from cache ...")
+        self.cache_log = []
 
     # -- what is cached -------------------------------------------------------------------
 
@@ -59,22 +66,84 @@ class Pipeline:
 
     @property
     def cache_text(self):
+        """Text encoders are always frozen and texts fixed: cached whenever the cache is on."""
         return self.recipe.cache.enabled and self.model.text is not None
 
+    @property
+    def cache_root(self):
+        return cache_root(self.recipe.cache.dir)
+
+    def _log(self, message):
+        self.cache_log.append(message)
+        if self.progress:
+            print(message, file=sys.stderr, flush=True)
+
+    def _on_wait(self, what):
+        return lambda: self._log(f"{what}: waiting for another process filling the same cache")
+
+    def _vision_store(self):
+        if self._stores.get("vision") is None:
+            pooling = self.recipe.pooling
+            spec = {"name": pooling.name, "params": _plain(pooling.params)}
+            self._stores["vision"] = vision_store(self.cache_root, self.model, dtype=self.dtype, pooling_spec=spec)
+        return self._stores["vision"]
+
+    def _text_store(self):
+        if self._stores.get("text") is None:
+            self._stores["text"] = text_store(self.cache_root, self.model.text)
+        return self._stores["text"]
+
     def _vision_features(self, split):
-        key = ("vision", split.csv, len(split))
-        if key not in self._feature_cache:
-            self._feature_cache[key] = compute_vision_features(
-                self.model,
-                split,
-                batch_size=self.eval_batch_size,
-                device=self.device,
-                dtype=self.dtype,
-                num_workers=self.recipe.data.num_workers,
-                max_image_pixels=self.recipe.data.max_image_pixels,
-                progress=self.progress,
-            )
+        """(view of the split's cached features, errors, bad positions); fills what is missing.
+
+        Under torchrun each rank first fills its own shard, then (after a barrier) whatever
+        is left — bad images, which every rank needs to know about.
+        """
+        key = ("vision", split.csv, split.paths)
+        if key in self._feature_cache:
+            return self._feature_cache[key]
+        store = self._vision_store()
+        keys = image_keys(self.cache_root, split)
+        cached = len(split) - len(store.missing(keys, refresh=True))
+        fill = dict(
+            batch_size=self.eval_batch_size,
+            device=self.device,
+            dtype=self.dtype,
+            num_workers=self.recipe.data.num_workers,
+            max_image_pixels=self.recipe.data.max_image_pixels,
+            progress=self.progress,
+            on_wait=self._on_wait(f"vision features {split.csv.name}"),
+        )
+        if world_size() > 1:
+            fill_vision_cache(self.model, split, store, keys, shard=(rank(), world_size()), **fill)
+            barrier()
+        errors, bad, computed = fill_vision_cache(self.model, split, store, keys, **fill)
+        self._log(
+            f"vision features {split.csv.name}: {cached}/{len(split)} from cache"
+            + (f", {len(split) - cached - len(bad)} computed" if cached < len(split) else "")
+            + (f", {len(bad)} unreadable" if bad else "")
+            + f" ({store.dir})"
+        )
+        skip = set(bad)
+        keep = [i for i in range(len(split)) if i not in skip]
+        view = store.view([keys[i] for i in keep])
+        self._feature_cache[key] = (view, keep, errors)
         return self._feature_cache[key]
+
+    def _text_features(self, split):
+        store = self._text_store()
+        keys = [text_key(text) for text in split.texts]
+        distinct = len(set(keys))
+        missing = len({keys[i] for i in store.missing(keys, refresh=True)})
+        if world_size() > 1:
+            fill_text_cache(self.model.text, split.texts, store, shard=(rank(), world_size()), progress=self.progress)
+            barrier()
+        fill_text_cache(
+            self.model.text, split.texts, store, progress=self.progress,
+            desc=f"text features {split.csv.name}", on_wait=self._on_wait(f"text features {split.csv.name}"),
+        )
+        self._log(f"text features {split.csv.name}: {distinct - missing}/{distinct} distinct texts from cache")
+        return store.view(keys)
 
     @property
     def eval_batch_size(self):
@@ -84,22 +153,18 @@ class Pipeline:
         """A dataset for ``split``; bad images found by the feature pass go through ``bad``.
 
         Returns ``(dataset, split, errors)``: with cached vision features, images that could
-        not be read are left out of the returned split and reported in ``errors``.
+        not be read are left out of the returned split and reported in ``errors``. Cached
+        features are read from memory-mapped files, never loaded whole.
         """
         vision_features = lengths = text_features = None
         errors = []
         if self.cache_vision:
-            (vision_features, lengths), errors, bad = self._vision_features(split)
-            if bad:
-                keep = [i for i in range(len(split)) if i not in set(bad)]
+            vision_features, keep, errors = self._vision_features(split)
+            if len(keep) < len(split):
                 split = split.subset(keep)
-                vision_features = vision_features[keep]
-                lengths = lengths[keep] if lengths is not None else None
+            lengths = vision_features.lengths
         if self.cache_text:
-            text_features = compute_text_features(
-                self.model.text, split.texts, device=self.device, progress=self.progress,
-                desc=f"text features {split.csv.name}",
-            )
+            text_features = self._text_features(split)
         dataset = SampleDataset(
             split,
             preprocessing=self.model.vision.preprocessing if self.model.vision is not None else None,
@@ -123,3 +188,10 @@ class Pipeline:
             sampler=sampler,
             pin_memory=self.device.type == "cuda",
         )
+
+
+def _plain(params):
+    """Structured params -> a plain dict (for the cache key)."""
+    if attrs.has(type(params)):
+        return attrs.asdict(params)
+    return params
