@@ -1,0 +1,24 @@
+"""Evaluation of a run's scores: metrics, threshold tuning, temperature scaling, plots and reports.
+
+Pure functions on arrays of scores (probabilities), logits and 0/1 labels; the engine calls them.
+A prediction is positive when ``score >= threshold`` throughout.
+"""
+
+from .calibration import apply_temperature, fit_temperature
+from .metrics import binary_metrics, calibration_bins, metrics_report
+from .plots import write_plots
+from .report import write_html_report, write_markdown_report
+from .threshold import parse_threshold_rule, tune_threshold
+
+__all__ = [
+    "apply_temperature",
+    "binary_metrics",
+    "calibration_bins",
+    "fit_temperature",
+    "metrics_report",
+    "parse_threshold_rule",
+    "tune_threshold",
+    "write_html_report",
+    "write_markdown_report",
+    "write_plots",
+]
