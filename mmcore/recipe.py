@@ -263,7 +263,8 @@ def _problems(exc, path):
         yield _join(path, exc.field), str(exc)
         return
     if isinstance(exc, KeyError):
-        yield _join(path, str(exc.args[0])), "missing required key"
+        key = str(exc.args[0])
+        yield (path if path.rpartition(".")[2] == key else _join(path, key)), "missing required key"
         return
     if isinstance(exc, (StrictTypeError, ValueError, TypeError)):
         message = str(exc)
