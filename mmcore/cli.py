@@ -128,5 +128,14 @@ def plural(noun):
     return noun + "es" if noun.endswith("s") else noun + "s"
 
 
+def _add_lazy_commands():
+    from .ocr import ocr_command
+
+    cli.add_command(ocr_command)
+
+
+_add_lazy_commands()
+
+
 def main():
     cli(prog_name="mmcore")
