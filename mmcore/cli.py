@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -66,15 +67,31 @@ def show(recipe, overrides):
 
 
 @cli.command()
-@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("recipe", required=False, type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory (default runs/<experiment>/<timestamp>).")
+@click.option("--resume", "resume", type=click.Path(file_okay=False), help="Continue a stopped run in its directory.")
 @click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
-def run(recipe, overrides, out, quiet):
-    """Train and evaluate RECIPE; writes a run directory."""
-    from .engine.run import run_training
+def run(recipe, overrides, out, resume, quiet):
+    """Train and evaluate RECIPE; writes a run directory.
+
+    \b
+    mmcore run recipes/x.toml --set train.epochs=5
+    mmcore run --resume runs/x/20261128-101500     # after a crash, kill or Ctrl-C
+    """
+    from .engine.run import RECIPE_FILE, check_resumable, run_training
     from .recipe import load_recipe
 
+    if resume:
+        if overrides or out:
+            raise click.UsageError("--resume continues a run as it was: no --set or --out")
+        given = load_recipe(recipe) if recipe else None
+        check_resumable(resume, given)
+        loaded = load_recipe(Path(resume) / RECIPE_FILE)
+        run_training(loaded, recipe_path=Path(resume) / RECIPE_FILE, resume=resume, progress=not quiet, echo=click.echo)
+        return
+    if not recipe:
+        raise click.UsageError("missing RECIPE (or --resume RUN_DIR)")
     loaded = load_recipe(recipe, overrides)
     run_training(loaded, recipe_path=recipe, out=out, progress=not quiet, echo=click.echo)
 
@@ -129,9 +146,11 @@ def plural(noun):
 
 
 def _add_lazy_commands():
+    from .cache_cli import cache_group
     from .ocr import ocr_command
 
     cli.add_command(ocr_command)
+    cli.add_command(cache_group)
 
 
 _add_lazy_commands()

@@ -145,28 +145,41 @@ def make_loader(
     seed=0,
     num_workers=-1,
     sampler=None,
+    batch_sampler=None,
     pin_memory=False,
     drop_last=False,
 ):
-    """A DataLoader with seeded workers (and none when items are cached features)."""
+    """A DataLoader with seeded workers (and none when items are cached features).
+
+    With a ``batch_sampler`` (training) workers are not persistent: each epoch's workers are
+    seeded from ``loader.generator``, which the engine reseeds per epoch, so augmentation
+    randomness is a function of (seed, epoch) and a resumed run repeats it exactly.
+    """
     if num_workers < 0:
         num_workers = default_num_workers()
     if not getattr(dataset, "needs_image", True):
         num_workers = 0  # cached features: indexing a memmap is faster in-process
-    num_workers = min(num_workers, max(1, len(dataset) // max(1, batch_size)))
+    batches = len(batch_sampler) if batch_sampler is not None else len(dataset) // max(1, batch_size)
+    num_workers = min(num_workers, max(1, batches))
     generator = torch.Generator()
     generator.manual_seed(seed)
+    if batch_sampler is not None:
+        batching = {"batch_sampler": batch_sampler}
+    else:
+        batching = {
+            "batch_size": batch_size,
+            "shuffle": shuffle if sampler is None else False,
+            "sampler": sampler,
+            "drop_last": drop_last,
+        }
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=shuffle if sampler is None else False,
-        sampler=sampler,
+        **batching,
         num_workers=num_workers,
         collate_fn=Collate(dataset.preprocessing),
         worker_init_fn=seed_worker,
         generator=generator,
         pin_memory=pin_memory,
-        drop_last=drop_last,
-        persistent_workers=num_workers > 0,
+        persistent_workers=num_workers > 0 and batch_sampler is None,
         prefetch_factor=4 if num_workers > 0 else None,
     )

@@ -58,6 +58,15 @@ def set_train_mode(model):
             freeze_norm_statistics(encoder)
 
 
+class NonFiniteLoss(RunError):
+    """The loss became NaN/inf and ``train.on_nan = "stop"``."""
+
+
+def _group_lrs(optimizer):
+    """One learning rate per named parameter group (head, backbone, lora)."""
+    return {group.get("name", str(i)): group["lr"] for i, group in enumerate(optimizer.param_groups)}
+
+
 class Trainer:
     """One optimizer/scheduler/loss over a model; ``train_epoch`` and ``predict``."""
 
@@ -96,15 +105,24 @@ class Trainer:
         self.global_step = 0
         self.skipped_nan_steps = 0
         self.stop_requested = False
+        self.batches_done = 0
+        self.loss_totals = (0.0, 0)
 
-    def train_epoch(self, loader, epoch, epochs, *, skip_batches=0):
-        """One pass over ``loader``; returns the mean training loss."""
+    def train_epoch(self, loader, epoch, epochs, *, skip_batches=0, totals=(0.0, 0)):
+        """One pass over ``loader`` from batch ``skip_batches`` on.
+
+        Returns ``(mean loss, completed)``; ``completed`` is False when a stop was requested
+        (SIGINT/SIGTERM): the loop then ends right after an optimizer step, so the state
+        (``batches_done``, ``loss_totals``) is consistent for a checkpoint.
+        """
         model = self.model
         set_train_mode(model)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        total_loss, total_n, seen, started = 0.0, 0, 0, time.perf_counter()
+        total_loss, total_n = totals
+        seen, started = 0, time.perf_counter()
         bar = tqdm(
             total=len(loader),
+            initial=skip_batches,
             desc=f"epoch {epoch}/{epochs}",
             unit="batch",
             disable=not self.progress,
@@ -113,32 +131,34 @@ class Trainer:
         accum = self.grad_accum_steps
         self.optimizer.zero_grad(set_to_none=True)
         num_batches = len(loader)
-        for i, batch in enumerate(loader):
-            bar.update(1)
+        self.batches_done = skip_batches
+        iterator = iter(loader)
+        for i in range(num_batches):
+            batch = next(iterator)
             if i < skip_batches:
-                continue
+                continue  # already trained on before the resume: same batch order, skipped
+            bar.update(1)
             self.bad_images.check(batch, "train")
-            if not batch["size"]:
-                continue
-            batch = _prepare(batch, self.device, self.channels_last)
-            with autocast(self.device, self.dtype):
-                logits = model(batch)
-            loss = self.loss_fn(logits.float(), batch["label"])
-            if not torch.isfinite(loss):
-                if self.on_nan == "stop":
-                    raise RunError(
-                        f"non-finite loss ({loss.item()}) at step {self.global_step + 1} "
-                        f"(epoch {epoch}, batch {i + 1}); stopped, the last good checkpoint is kept "
-                        f"(set train.on_nan = \"skip\" to skip such batches)"
-                    )
-                self.skipped_nan_steps += 1
-                self.optimizer.zero_grad(set_to_none=True)
-                continue
-            (loss / accum).backward()
-            n = batch["size"]
-            total_loss += loss.item() * n
-            total_n += n
-            seen += n
+            if batch["size"]:
+                batch = _prepare(batch, self.device, self.channels_last)
+                with autocast(self.device, self.dtype):
+                    logits = model(batch)
+                loss = self.loss_fn(logits.float(), batch["label"])
+                if not torch.isfinite(loss):
+                    if self.on_nan == "stop":
+                        raise NonFiniteLoss(
+                            f"non-finite loss ({loss.item()}) at step {self.global_step + 1} "
+                            f"(epoch {epoch}, batch {i + 1}); stopped, the last good checkpoint is kept "
+                            f"(set train.on_nan = \"skip\" to skip such batches)"
+                        )
+                    self.skipped_nan_steps += 1
+                    self.optimizer.zero_grad(set_to_none=True)
+                else:
+                    (loss / accum).backward()
+                    n = batch["size"]
+                    total_loss += loss.item() * n
+                    total_n += n
+                    seen += n
             if (i + 1) % accum == 0 or i + 1 == num_batches:
                 if self.grad_clip > 0 and trainable:
                     torch.nn.utils.clip_grad_norm_(trainable, self.grad_clip)
@@ -146,18 +166,22 @@ class Trainer:
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.global_step += 1
-                if self.writer is not None:
-                    self.writer.add_scalar("train/loss", loss.item(), self.global_step)
-                    for group in self.optimizer.param_groups:
-                        self.writer.add_scalar(f"lr/{group.get('name', 'group')}", group["lr"], self.global_step)
+                self.batches_done = i + 1
+                self.loss_totals = (total_loss, total_n)
+                if self.writer is not None and total_n:
+                    self.writer.add_scalar("train/loss", total_loss / total_n, self.global_step)
+                    for name, lr in _group_lrs(self.optimizer).items():
+                        self.writer.add_scalar(f"lr/{name}", lr, self.global_step)
                 if self.on_step is not None:
                     self.on_step(epoch, i + 1)
+                if self.stop_requested:
+                    bar.close()
+                    return total_loss / max(total_n, 1), False
             rate = seen / max(time.perf_counter() - started, 1e-9)
             bar.set_postfix(loss=f"{total_loss / max(total_n, 1):.4f}", rate=f"{rate:.0f}/s")
-            if self.stop_requested:
-                break
         bar.close()
-        return total_loss / max(total_n, 1)
+        self.loss_totals = (total_loss, total_n)
+        return total_loss / max(total_n, 1), True
 
     @torch.no_grad()
     def predict(self, loader, split_name="eval", desc=None):

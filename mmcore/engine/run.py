@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import copy
 import time
 import tomllib
 from pathlib import Path
@@ -28,7 +27,7 @@ from .checkpoint import load_model_state, make_checkpoint, read_checkpoint, save
 from .loop import BadImages, Trainer, sigmoid, total_steps
 from .outputs import require_completed, write_evaluation, write_status
 from .pipeline import Pipeline
-from .runtime import is_main
+from .sampling import EpochBatchSampler, balanced_weights
 
 RECIPE_FILE = "recipe.toml"
 BEST = "checkpoint_best.ckpt"
@@ -77,20 +76,40 @@ def _open_writer(recipe, run_dir):
     return SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
 
 
-def run_training(recipe, *, recipe_path, out=None, registry=None, progress=True, echo=print):
-    """Train, select, calibrate and evaluate; returns the run directory."""
+class Interrupted(RunError):
+    """SIGINT/SIGTERM: the run stopped after a step and wrote last.ckpt."""
+
+    exit_code = 130
+
+
+def run_training(recipe, *, recipe_path, out=None, registry=None, progress=True, echo=print, resume=None):
+    """Train, select, calibrate and evaluate; returns the run directory.
+
+    ``resume``: a run directory whose ``last.ckpt`` holds the full training state; the run
+    continues there and ends with the same predictions an uninterrupted run would give.
+    """
     if registry is None:
         from ..plugins import get_registry
 
         registry = get_registry()
     started = time.perf_counter()
     splits = load_splits(recipe.data)  # all data problems before anything heavy
-    label_counts = _label_counts(splits["train"])
-    run_dir = make_run_dir(recipe, out)
-    write_text(run_dir / RECIPE_FILE, recipe_to_toml(recipe))
+    if resume is not None:
+        run_dir, state = Path(resume), read_checkpoint(Path(resume) / LAST)
+        echo(f"resuming {run_dir} from epoch {state['epoch']}, batch {state['batches_done']}")
+    else:
+        run_dir, state = make_run_dir(recipe, out), None
+        write_text(run_dir / RECIPE_FILE, recipe_to_toml(recipe))
     write_status(run_dir, "running")
+    training = TrainingRun(recipe, registry, splits, run_dir, recipe_path, progress, echo)
     try:
-        result = _train(recipe, registry, splits, label_counts, run_dir, recipe_path, progress, echo)
+        with _stop_on_signals(training, echo):
+            if state is not None:
+                training.load_state(state)
+            result = training.fit()
+    except Interrupted:
+        write_status(run_dir, "interrupted")
+        raise
     except KeyboardInterrupt:
         write_status(run_dir, "interrupted")
         raise
@@ -103,137 +122,332 @@ def run_training(recipe, *, recipe_path, out=None, registry=None, progress=True,
     return run_dir
 
 
+def check_resumable(run_dir, recipe=None):
+    """The recipe of a run that can be resumed; refuses missing, finished or foreign runs."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunError(f"{run_dir}: run directory not found")
+    from .outputs import read_status
+
+    status = read_status(run_dir)
+    if status is None or not (run_dir / RECIPE_FILE).is_file():
+        raise RunError(f"{run_dir}: not an mmcore run directory (no status.json / {RECIPE_FILE})")
+    if status.get("state") == "completed":
+        raise RunError(f"{run_dir}: run already completed; nothing to resume (start a new run instead)")
+    if not (run_dir / LAST).is_file():
+        raise RunError(f"{run_dir}: no {LAST} to resume from (the run stopped before its first checkpoint); start it again")
+    saved = tomllib.loads((run_dir / RECIPE_FILE).read_text(encoding="utf-8"))
+    if recipe is not None and recipe_to_dict(recipe) != saved:
+        differing = _dict_diff(saved, recipe_to_dict(recipe))
+        raise RunError(
+            f"{run_dir}: this run was started with another recipe (differs at {', '.join(differing[:5])}); "
+            f"resume it without a recipe: mmcore run --resume {run_dir}"
+        )
+    return saved
+
+
+class _stop_on_signals:
+    """SIGINT/SIGTERM ask the trainer to stop after the current step (a second SIGINT aborts)."""
+
+    def __init__(self, training, echo):
+        self.training = training
+        self.echo = echo
+        self.previous = {}
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        import signal
+
+        trainer = self.training.trainer
+        if trainer is None or trainer.stop_requested:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        trainer.stop_requested = True
+        self.training.stop_signal = signum
+        self.echo(f"\n{signal.Signals(signum).name}: stopping after the current step, writing {LAST} ...")
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
 def _label_counts(split):
     labels = split.label_array()
     return int((labels == 0).sum()), int((labels == 1).sum())
 
 
-def _train(recipe, registry, splits, label_counts, run_dir, recipe_path, progress, echo):
-    pipeline = Pipeline(recipe, registry, source=str(recipe_path), progress=progress)
-    model = pipeline.model
-    bad_images = BadImages(recipe.data.on_bad_image)
-    datasets = {}
-    for name in ("train", "val", "test"):
-        dataset, split, errors = pipeline.dataset(splits[name], train=name == "train")
-        if errors:
-            bad_images.check({"errors": errors}, name)
-        datasets[name] = (dataset, split)
-    train_loader = pipeline.loader(datasets["train"][0], train=True)
-    val_loader = pipeline.loader(datasets["val"][0])
-    test_loader = pipeline.loader(datasets["test"][0])
+def _rng_state():
+    import random
 
-    loss_fn = build_component(registry, "loss", recipe.loss, label_counts)
-    groups = parameter_groups(
-        model,
-        head_lr=recipe.train.learning_rate,
-        backbone_lr=recipe.train.backbone_lr,
-        lora_lr=recipe.train.lora_lr,
-        weight_decay=recipe.train.weight_decay,
-    )
-    optimizer = torch.optim.AdamW(groups)
-    steps = total_steps(len(train_loader), recipe.train.grad_accum_steps, recipe.train.epochs)
-    scheduler = build_component(registry, "scheduler", recipe.scheduler, optimizer, steps)
-    writer = _open_writer(recipe, run_dir)
-    trainer = Trainer(
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        loss_fn=loss_fn,
-        device=pipeline.device,
-        dtype=pipeline.dtype,
-        grad_accum_steps=recipe.train.grad_accum_steps,
-        grad_clip=recipe.train.grad_clip,
-        on_nan=recipe.train.on_nan,
-        bad_images=bad_images,
-        writer=writer,
-        progress=progress,
-        channels_last=pipeline.channels_last,
-    )
-    recipe_dict = recipe_to_dict(recipe)
-    metric = recipe.train.early_stopping.metric
-    mode = metric_mode(metric)
-    best_value, best_epoch, best_state, best_metrics = None, 0, None, {}
-    history, since_best = [], 0
-    for epoch in range(1, recipe.train.epochs + 1):
-        epoch_start = time.perf_counter()
-        train_loss = trainer.train_epoch(train_loader, epoch, recipe.train.epochs)
-        _, val_logits, val_labels = trainer.predict(val_loader, "val")
-        metrics = epoch_metrics(val_logits, val_labels, loss_fn)
-        if metric not in metrics:
-            raise MmcoreError(
-                f"{recipe_path}: train.early_stopping.metric: unknown metric {metric!r} "
-                f"(one of {', '.join(metrics)})"
-            )
-        row = {"epoch": epoch, "train_loss": train_loss, **metrics, "epoch_time_s": time.perf_counter() - epoch_start}
-        history.append(row)
-        if writer is not None:
-            for key, value in metrics.items():
-                if value is not None:
-                    writer.add_scalar(f"val/{key.removeprefix('val_')}", value, epoch)
-            writer.add_scalar("train/epoch_loss", train_loss, epoch)
-        value = metrics[metric]
-        improved = value is not None and (
-            best_value is None or (value > best_value if mode == "max" else value < best_value)
-        )
-        if improved:
-            best_value, best_epoch, best_metrics = value, epoch, metrics
-            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
-            save_checkpoint(
-                run_dir / BEST,
-                make_checkpoint(model, recipe_dict=recipe_dict, epoch=epoch, metrics=metrics),
-            )
-            since_best = 0
-        else:
-            since_best += 1
-        if progress:
-            shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-            echo(f"epoch {epoch}: train_loss={train_loss:.4f} {shown}{' *' if improved else ''}")
-        patience = recipe.train.early_stopping.patience
-        if patience and since_best >= patience:
-            echo(f"early stopping: {metric} has not improved for {patience} epochs (best epoch {best_epoch})")
-            break
-    if best_state is None:
-        raise RunError(f"{metric} was never computed (validation has one class?); no checkpoint selected")
-    model.load_state_dict(best_state)
-
-    # decision: temperature + threshold on validation, then the test split
-    _, val_logits, val_labels = trainer.predict(val_loader, "val")
-    decision = fit_decision(recipe, val_logits, val_labels)
-    test_indices, test_logits, test_labels = trainer.predict(test_loader, "test")
-    summary = {
-        "experiment": recipe.experiment,
-        "run_dir": str(run_dir),
-        "selected_epoch": best_epoch,
-        "selection_metric": metric,
-        "epochs_trained": len(history),
-        "val": best_metrics,
-        "history": history,
-        "data": {name: len(datasets[name][1]) for name in datasets},
-        "skipped_images": bad_images.counts(),
-        "skipped_nan_steps": trainer.skipped_nan_steps,
-        "trainable_parameters": trainable_summary(model),
-        "feature_cache": {"vision": pipeline.cache_vision, "text": pipeline.cache_text},
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(keys.copy()), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
     }
-    results, _ = write_evaluation(
-        run_dir,
-        split=datasets["test"][1],
-        indices=test_indices,
-        logits=test_logits,
-        labels=test_labels,
-        decision_info=decision,
-        summary=summary,
-        history=history,
-        title=f"mmcore — {recipe.experiment}",
-    )
-    ckpt = make_checkpoint(
-        model, recipe_dict=recipe_dict, epoch=best_epoch, metrics=best_metrics, extra={"decision": decision}
-    )
-    save_checkpoint(run_dir / BEST, ckpt)
-    if writer is not None:
-        _log_hparams(writer, recipe, results)
-        _log_pr_curve(writer, test_logits, test_labels, best_epoch)
-        writer.close()
-    return results
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state):
+    import random
+
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy(), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class TrainingRun:
+    """Everything one training run holds; its state round-trips through ``last.ckpt``."""
+
+    def __init__(self, recipe, registry, splits, run_dir, recipe_path, progress, echo):
+        self.recipe = recipe
+        self.registry = registry
+        self.run_dir = Path(run_dir)
+        self.recipe_path = recipe_path
+        self.progress = progress
+        self.echo = echo
+        self.trainer = None
+        self.stop_signal = None
+        self.recipe_dict = recipe_to_dict(recipe)
+        # progress through training
+        self.epoch = 1
+        self.skip_batches = 0
+        self.loss_totals = (0.0, 0)
+        self.best_value = None
+        self.best_epoch = 0
+        self.best_metrics = {}
+        self.since_best = 0
+        self.history = []
+        self._setup(splits)
+
+    def _setup(self, splits):
+        recipe = self.recipe
+        pipeline = self.pipeline = Pipeline(recipe, self.registry, source=str(self.recipe_path), progress=self.progress)
+        model = pipeline.model
+        self.bad_images = BadImages(recipe.data.on_bad_image)
+        self.datasets = {}
+        for name in ("train", "val", "test"):
+            dataset, split, errors = pipeline.dataset(splits[name], train=name == "train")
+            if errors:
+                self.bad_images.check({"errors": errors}, name)
+            self.datasets[name] = (dataset, split)
+        train_dataset, train_split = self.datasets["train"]
+        weights = balanced_weights(train_split.label_array()) if recipe.train.balanced_sampler else None
+        self.batch_sampler = EpochBatchSampler(
+            len(train_dataset), recipe.train.batch_size, seed=recipe.seed, weights=weights
+        )
+        self.train_loader = pipeline.loader(train_dataset, train=True, batch_sampler=self.batch_sampler)
+        self.val_loader = pipeline.loader(self.datasets["val"][0])
+        self.test_loader = pipeline.loader(self.datasets["test"][0])
+        self.loss_fn = build_component(self.registry, "loss", recipe.loss, _label_counts(train_split))
+        groups = parameter_groups(
+            model,
+            head_lr=recipe.train.learning_rate,
+            backbone_lr=recipe.train.backbone_lr,
+            lora_lr=recipe.train.lora_lr,
+            weight_decay=recipe.train.weight_decay,
+        )
+        self.optimizer = torch.optim.AdamW(groups)
+        steps = total_steps(len(self.train_loader), recipe.train.grad_accum_steps, recipe.train.epochs)
+        self.scheduler = build_component(self.registry, "scheduler", recipe.scheduler, self.optimizer, steps)
+        self.writer = _open_writer(recipe, self.run_dir)
+        self.trainer = Trainer(
+            model=model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            loss_fn=self.loss_fn,
+            device=pipeline.device,
+            dtype=pipeline.dtype,
+            grad_accum_steps=recipe.train.grad_accum_steps,
+            grad_clip=recipe.train.grad_clip,
+            on_nan=recipe.train.on_nan,
+            bad_images=self.bad_images,
+            writer=self.writer,
+            progress=self.progress,
+            channels_last=pipeline.channels_last,
+            on_step=self._on_step,
+        )
+
+    # -- state ------------------------------------------------------------------------------
+
+    def state_dict(self, *, epoch_complete):
+        trainer = self.trainer
+        return make_checkpoint(
+            self.pipeline.model,
+            recipe_dict=self.recipe_dict,
+            epoch=self.epoch,
+            metrics=self.best_metrics,
+            extra={
+                "kind": "last",
+                "epoch_complete": epoch_complete,
+                "batches_done": 0 if epoch_complete else trainer.batches_done,
+                "loss_totals": list(trainer.loss_totals) if not epoch_complete else [0.0, 0],
+                "global_step": trainer.global_step,
+                "skipped_nan_steps": trainer.skipped_nan_steps,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": _rng_state(),
+                "best": {"value": self.best_value, "epoch": self.best_epoch, "metrics": self.best_metrics},
+                "since_best": self.since_best,
+                "history": self.history,
+            },
+        )
+
+    def save_last(self, *, epoch_complete):
+        save_checkpoint(self.run_dir / LAST, self.state_dict(epoch_complete=epoch_complete))
+
+    def load_state(self, state):
+        if state.get("recipe") != self.recipe_dict:
+            differing = _dict_diff(state.get("recipe") or {}, self.recipe_dict)
+            raise RunError(f"{self.run_dir / LAST}: saved with another recipe (differs at {', '.join(differing[:5])})")
+        load_model_state(self.pipeline.model, state, path=str(self.run_dir / LAST))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        trainer = self.trainer
+        trainer.global_step = state["global_step"]
+        trainer.skipped_nan_steps = state["skipped_nan_steps"]
+        best = state["best"]
+        self.best_value, self.best_epoch, self.best_metrics = best["value"], best["epoch"], best["metrics"]
+        self.since_best = state["since_best"]
+        self.history = list(state["history"])
+        if state["epoch_complete"]:
+            self.epoch, self.skip_batches, self.loss_totals = state["epoch"] + 1, 0, (0.0, 0)
+        else:
+            self.epoch, self.skip_batches = state["epoch"], state["batches_done"]
+            self.loss_totals = tuple(state["loss_totals"])
+        _set_rng_state(state["rng"])
+
+    def _on_step(self, epoch, batches_done):
+        every = self.recipe.train.checkpoint_every_steps
+        if every and self.trainer.global_step % every == 0:
+            self.save_last(epoch_complete=False)
+
+    # -- training ---------------------------------------------------------------------------
+
+    def fit(self):
+        recipe, trainer, model = self.recipe, self.trainer, self.pipeline.model
+        metric = recipe.train.early_stopping.metric
+        mode = metric_mode(metric)
+        patience = recipe.train.early_stopping.patience
+        while self.epoch <= recipe.train.epochs:
+            if patience and self.since_best >= patience:
+                break
+            epoch = self.epoch
+            epoch_start = time.perf_counter()
+            self.batch_sampler.set_epoch(epoch)
+            self.train_loader.generator.manual_seed(recipe.seed * 1_000_003 + epoch)  # worker seeds
+            train_loss, completed = trainer.train_epoch(
+                self.train_loader, epoch, recipe.train.epochs, skip_batches=self.skip_batches, totals=self.loss_totals
+            )
+            self.skip_batches, self.loss_totals = 0, (0.0, 0)
+            if not completed:
+                self.save_last(epoch_complete=False)
+                stop = Interrupted(
+                    f"stopped at epoch {epoch}, step {trainer.global_step}; state saved in {self.run_dir / LAST}. "
+                    f"Resume with: mmcore run --resume {self.run_dir}"
+                )
+                stop.exit_code = 128 + int(self.stop_signal or 2)
+                raise stop
+            _, val_logits, val_labels = trainer.predict(self.val_loader, "val")
+            metrics = epoch_metrics(val_logits, val_labels, self.loss_fn)
+            if metric not in metrics:
+                raise MmcoreError(
+                    f"{self.recipe_path}: train.early_stopping.metric: unknown metric {metric!r} "
+                    f"(one of {', '.join(metrics)})"
+                )
+            row = {"epoch": epoch, "train_loss": train_loss, **metrics, "epoch_time_s": time.perf_counter() - epoch_start}
+            self.history.append(row)
+            if self.writer is not None:
+                for key, value in metrics.items():
+                    if value is not None:
+                        self.writer.add_scalar(f"val/{key.removeprefix('val_')}", value, epoch)
+                self.writer.add_scalar("train/epoch_loss", train_loss, epoch)
+                self.writer.flush()
+            value = metrics[metric]
+            improved = value is not None and (
+                self.best_value is None or (value > self.best_value if mode == "max" else value < self.best_value)
+            )
+            if improved:
+                self.best_value, self.best_epoch, self.best_metrics = value, epoch, metrics
+                save_checkpoint(
+                    self.run_dir / BEST,
+                    make_checkpoint(model, recipe_dict=self.recipe_dict, epoch=epoch, metrics=metrics),
+                )
+                self.since_best = 0
+            else:
+                self.since_best += 1
+            if self.progress:
+                shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+                self.echo(f"epoch {epoch}: train_loss={train_loss:.4f} {shown}{' *' if improved else ''}")
+            self.save_last(epoch_complete=True)
+            self.epoch += 1
+            if patience and self.since_best >= patience:
+                self.echo(f"early stopping: {metric} has not improved for {patience} epochs (best epoch {self.best_epoch})")
+                break
+        if self.best_epoch == 0:
+            raise RunError(f"{metric} was never computed (validation has one class?); no checkpoint selected")
+        return self.finish()
+
+    def finish(self):
+        """Load the best epoch, fit the decision on validation, evaluate the test split, write outputs."""
+        recipe, trainer, model = self.recipe, self.trainer, self.pipeline.model
+        load_model_state(model, read_checkpoint(self.run_dir / BEST), path=str(self.run_dir / BEST))
+        _, val_logits, val_labels = trainer.predict(self.val_loader, "val")
+        decision = fit_decision(recipe, val_logits, val_labels)
+        test_indices, test_logits, test_labels = trainer.predict(self.test_loader, "test")
+        summary = {
+            "experiment": recipe.experiment,
+            "run_dir": str(self.run_dir),
+            "selected_epoch": self.best_epoch,
+            "selection_metric": recipe.train.early_stopping.metric,
+            "epochs_trained": len(self.history),
+            "val": self.best_metrics,
+            "history": self.history,
+            "data": {name: len(self.datasets[name][1]) for name in self.datasets},
+            "skipped_images": self.bad_images.counts(),
+            "skipped_nan_steps": trainer.skipped_nan_steps,
+            "trainable_parameters": trainable_summary(model),
+            "feature_cache": {"vision": self.pipeline.cache_vision, "text": self.pipeline.cache_text},
+        }
+        results, _ = write_evaluation(
+            self.run_dir,
+            split=self.datasets["test"][1],
+            indices=test_indices,
+            logits=test_logits,
+            labels=test_labels,
+            decision_info=decision,
+            summary=summary,
+            history=self.history,
+            title=f"mmcore — {recipe.experiment}",
+        )
+        ckpt = make_checkpoint(
+            model, recipe_dict=self.recipe_dict, epoch=self.best_epoch, metrics=self.best_metrics,
+            extra={"decision": decision},
+        )
+        save_checkpoint(self.run_dir / BEST, ckpt)
+        if self.writer is not None:
+            _log_hparams(self.writer, recipe, results)
+            _log_pr_curve(self.writer, test_logits, test_labels, self.best_epoch)
+            self.writer.close()
+        return results
 
 
 def fit_decision(recipe, val_logits, val_labels):
