@@ -70,12 +70,16 @@ def image_keys(root, split):
 
 
 def _shard(positions, keys, shard):
-    """This rank's part of ``positions``: ordered by key, so every rank agrees on the split."""
+    """This rank's part of ``positions``.
+
+    The partition is of all the keys (not of what is missing when a rank happens to look),
+    so ranks that start at different moments still agree on it.
+    """
     rank, world = shard
     if world == 1:
         return positions
-    ordered = sorted(positions, key=lambda i: (keys[i] or b"", i))
-    return sorted(ordered[rank::world])
+    mine = set(sorted({key or b"" for key in keys})[rank::world])
+    return [i for i in positions if (keys[i] or b"") in mine]
 
 
 @torch.no_grad()

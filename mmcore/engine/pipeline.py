@@ -177,7 +177,7 @@ class Pipeline:
         )
         return dataset, split, errors
 
-    def loader(self, dataset, *, train=False, sampler=None, seed=None):
+    def loader(self, dataset, *, train=False, sampler=None, batch_sampler=None, seed=None):
         batch_size = self.recipe.train.batch_size if train else self.eval_batch_size
         return make_loader(
             dataset,
@@ -186,6 +186,7 @@ class Pipeline:
             seed=self.recipe.seed if seed is None else seed,
             num_workers=self.recipe.data.num_workers,
             sampler=sampler,
+            batch_sampler=batch_sampler,
             pin_memory=self.device.type == "cuda",
         )
 

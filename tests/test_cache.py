@@ -1,0 +1,280 @@
+"""The on-disk feature cache: keys that miss when they must, resumable and concurrent fills,
+memory-mapped reads, the same predictions with and without it, and ``mmcore cache``."""
+
+import json
+import multiprocessing
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from mmcore.cache_cli import cache_group
+from mmcore.data.csvs import read_split
+from mmcore.engine.cache import FeatureStore, FeatureView, cache_root
+from mmcore.engine.features import fill_vision_cache, image_keys, vision_store
+from mmcore.engine.pipeline import Pipeline
+from mmcore.recipe import recipe_from_dict
+
+
+def make_recipe(registry, cache_dir, *, pooling="mean", vision_params=None, seed=42, enabled=True, **train):
+    data = {
+        "seed": seed,
+        "data": {"base_dir": "", "num_workers": 0},
+        "vision": {"name": "fake_cnn", "params": vision_params or {}},
+        "text": {"name": "fake_text"},
+        "pooling": {"name": pooling},
+        "train": {"batch_size": 8, **train},
+        "cache": {"enabled": enabled, "dir": str(cache_dir)},
+        "logging": {"tensorboard": False, "progress": False},
+    }
+    return recipe_from_dict(data, registry=registry)
+
+
+class Counter:
+    """Counts the images a vision encoder sees (optionally failing after ``fail_after`` batches)."""
+
+    def __init__(self, encoder, fail_after=None):
+        self.images, self.batches, self.fail_after = 0, 0, fail_after
+        self.forward = encoder.forward
+
+        def counted(**inputs):
+            if self.fail_after is not None and self.batches >= self.fail_after:
+                raise KeyboardInterrupt("killed")
+            self.batches += 1
+            self.images += inputs["pixel_values"].shape[0]
+            return self.forward(**inputs)
+
+        encoder.forward = counted
+
+
+def pipeline_for(registry, cache_dir, **kwargs):
+    pipeline = Pipeline(make_recipe(registry, cache_dir, **kwargs), registry, progress=False)
+    return pipeline, Counter(pipeline.model.vision)
+
+
+@pytest.fixture
+def split(demo_data):
+    return read_split(demo_data / "train.csv", demo_data)
+
+
+@pytest.fixture
+def images(tmp_path, demo_data):
+    """A private copy of the demo images (tests below rewrite files)."""
+    shutil.copytree(demo_data / "images", tmp_path / "data" / "images")
+    shutil.copy(demo_data / "train.csv", tmp_path / "data" / "train.csv")
+    return tmp_path / "data"
+
+
+def test_second_pipeline_reads_everything_from_disk_via_memmap(registry, tmp_path, split):
+    cache = tmp_path / "cache"
+    first, count1 = pipeline_for(registry, cache)
+    dataset1, _, _ = first.dataset(split)
+    assert count1.images == len(split)
+    assert "0/64 from cache" in first.cache_log[0]
+
+    second, count2 = pipeline_for(registry, cache)
+    dataset2, split2, errors = second.dataset(split)
+    assert count2.images == 0 and errors == [] and len(split2) == len(split)
+    assert "64/64 from cache" in second.cache_log[0]
+    assert isinstance(dataset2.vision_features, FeatureView)
+    row = dataset2.vision_features[5]
+    assert isinstance(row, np.memmap) and row.dtype == np.float16
+    assert isinstance(dataset2.text_features[5], np.memmap)
+
+    # the cached vector is the pooled encoder output on the same preprocessed image (fp16)
+    raw = Pipeline(make_recipe(registry, cache, enabled=False), registry, progress=False)
+    raw.model.eval()
+    raw_dataset, _, _ = raw.dataset(split)
+    item = raw_dataset[5]
+    with torch.no_grad():
+        out = raw.model.vision(pixel_values=item["vision"]["pixel_values"][None])
+        expected = raw.model.pooling(out.tokens, out.mask)[0].numpy()
+    np.testing.assert_allclose(dataset2[5]["vision_feature"].numpy(), expected, rtol=2e-3, atol=2e-3)
+    text = raw.model.text([split.texts[5]])[0].numpy()
+    np.testing.assert_allclose(dataset2[5]["text_feature"].numpy(), text, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"vision_params": {"image_size": 48}},  # preprocessing
+        {"vision_params": {"width": 24}},  # architecture
+        {"seed": 7},  # random weights differ: caught by the weights fingerprint
+        {"pooling": "attention"},  # tokens are stored instead of mean vectors
+        {"weights_id": "org/other-weights"},  # encoder identity (weights id)
+    ],
+)
+def test_any_change_of_what_computes_the_features_misses(registry, tmp_path, split, change):
+    cache = tmp_path / "cache"
+    pipeline_for(registry, cache)[0].dataset(split)
+    change = dict(change)
+    weights_id = change.pop("weights_id", None)
+    pipeline, count = pipeline_for(registry, cache, **change)
+    if weights_id:
+        pipeline.model.vision.weights = weights_id
+    pipeline.dataset(split)
+    assert count.images == len(split)
+    # and the unchanged recipe still hits
+    again, count = pipeline_for(registry, cache)
+    again.dataset(split)
+    assert count.images == 0
+
+
+def test_image_bytes_decide_not_paths_or_timestamps(registry, tmp_path, images):
+    cache = tmp_path / "cache"
+    split = read_split(images / "train.csv", images)
+    pipeline_for(registry, cache)[0].dataset(split)
+    paths = list(split.paths)
+
+    # new bytes -> recomputed, even with the same size and the old mtime put back
+    target = paths[3]
+    st = os.stat(target)
+    data = bytearray(target.read_bytes())
+    table = data.index(b"\xff\xdb") + 5  # a quantization table value: still a valid JPEG
+    data[table + 10] = (data[table + 10] % 250) + 3
+    target.write_bytes(bytes(data))
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(target).st_size == st.st_size and os.stat(target).st_mtime_ns == st.st_mtime_ns
+    pipeline, count = pipeline_for(registry, cache)
+    pipeline.dataset(split)
+    assert count.images == 1
+
+    # same bytes, new timestamps (touch) or a copy elsewhere -> reused
+    os.utime(paths[4], ns=(1, 1))
+    copy = tmp_path / "copy"
+    shutil.copytree(images, copy)
+    pipeline, count = pipeline_for(registry, cache)
+    pipeline.dataset(split)
+    pipeline.dataset(read_split(copy / "train.csv", copy))
+    assert count.images == 0
+
+
+def test_killed_fill_resumes_with_only_the_rest(registry, tmp_path, split):
+    cache = tmp_path / "cache"
+    pipeline, count = pipeline_for(registry, cache)
+    store = vision_store(cache, pipeline.model, dtype=None, pooling_spec="mean")
+    keys = image_keys(cache, split)
+    args = dict(batch_size=8, device=torch.device("cpu"), dtype=None, num_workers=0, max_image_pixels=10**8, progress=False)
+    count.fail_after = 3
+    with pytest.raises(KeyboardInterrupt):
+        fill_vision_cache(pipeline.model, split, store, keys, chunk_rows=8, **args)
+    assert count.images == 24
+    count.fail_after = None
+    fresh = FeatureStore(cache, store.description)
+    assert len(fresh.missing(keys)) == len(split) - 24
+    _, _, computed = fill_vision_cache(pipeline.model, split, fresh, keys, chunk_rows=8, **args)
+    assert computed == len(split) - 24 and count.images == len(split)
+    assert fresh.missing(keys, refresh=True) == []
+
+
+def test_sharded_fills_cover_disjoint_parts(registry, tmp_path, split):
+    cache = tmp_path / "cache"
+    pipeline, count = pipeline_for(registry, cache)
+    store = vision_store(cache, pipeline.model, dtype=None, pooling_spec="mean")
+    keys = image_keys(cache, split)
+    args = dict(batch_size=8, device=torch.device("cpu"), dtype=None, num_workers=0, max_image_pixels=10**8, progress=False)
+    done = [fill_vision_cache(pipeline.model, split, store, keys, shard=(r, 3), **args)[2] for r in range(3)]
+    assert sum(done) == len(split) and max(done) - min(done) <= 1
+    assert count.images == len(split) and store.missing(keys, refresh=True) == []
+
+
+def _concurrent_fill(cache, data_dir, queue):
+    from mmcore.plugins import make_registry
+    import mmcore_fake_encoders
+
+    registry = make_registry(load_entrypoints=False, extra_plugins=[("fake", mmcore_fake_encoders)])
+    split = read_split(os.path.join(data_dir, "train.csv"), data_dir)
+    pipeline, count = pipeline_for(registry, cache, pooling="attention")
+    dataset, _, _ = pipeline.dataset(split)
+    queue.put((count.images, [np.asarray(dataset.vision_features[i]).tolist() for i in range(len(split))]))
+
+
+def test_two_concurrent_fills_make_one_correct_cache(registry, tmp_path, split, demo_data):
+    cache = tmp_path / "cache"
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    procs = [context.Process(target=_concurrent_fill, args=(cache, str(demo_data), queue)) for _ in range(2)]
+    for proc in procs:
+        proc.start()
+    results = [queue.get(timeout=120) for _ in procs]
+    for proc in procs:
+        proc.join(timeout=60)
+        assert proc.exitcode == 0
+    assert sorted(images for images, _ in results) == [0, len(split)]  # the second waited, then reused
+    assert results[0][1] == results[1][1]
+    # one entry per image, every chunk readable, values = a fresh computation
+    pipeline, count = pipeline_for(registry, cache, pooling="attention")
+    dataset, _, _ = pipeline.dataset(split)
+    assert count.images == 0
+    store = pipeline._stores["vision"]
+    assert len(store.index(refresh=True)) == len(split)
+    reference, _ = pipeline_for(registry, tmp_path / "other", pooling="attention")
+    ref_dataset, _, _ = reference.dataset(split)
+    for i in range(len(split)):
+        np.testing.assert_array_equal(np.asarray(dataset.vision_features[i]), np.asarray(ref_dataset.vision_features[i]))
+
+
+@pytest.mark.parametrize("pooling", ["mean", "attention"])
+def test_cached_and_uncached_training_predict_the_same(registry, tmp_path, demo_data, pooling, monkeypatch):
+    from mmcore.engine import outputs
+    from mmcore.engine.run import run_training
+
+    # plots and the HTML report take most of a tiny run and do not touch predictions
+    monkeypatch.setattr(outputs, "write_plots", lambda *a, **k: {})
+    monkeypatch.setattr(outputs, "write_html_report", lambda *a, **k: None)
+
+    scores = {}
+    for enabled in (False, True):
+        recipe = make_recipe(
+            registry, tmp_path / "cache", pooling=pooling, enabled=enabled, epochs=2, learning_rate=3e-3
+        )
+        recipe = recipe_from_dict(
+            {**_as_dict(recipe), "data": {"base_dir": str(demo_data), "num_workers": 0}}, registry=registry
+        )
+        out = tmp_path / f"run-{enabled}"
+        run_training(recipe, recipe_path="r.toml", out=out, registry=registry, progress=False, echo=lambda *_: None)
+        records = json.loads((out / "test_predictions.json").read_text())
+        scores[enabled] = np.array([r["score"] for r in records])
+        results = json.loads((out / "results.json").read_text())
+        assert results["feature_cache"]["vision"] is enabled
+    assert len(scores[True]) == 32
+    np.testing.assert_allclose(scores[True], scores[False], atol=5e-3)
+    assert np.std(scores[True]) > 1e-3  # the model did learn something sample-specific
+
+
+def _as_dict(recipe):
+    from mmcore.recipe import recipe_to_dict
+
+    return recipe_to_dict(recipe)
+
+
+def test_cache_info_and_clear(registry, tmp_path, split, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MMCORE_CACHE_DIR", str(cache))
+    assert cache_root("") == cache
+    pipeline_for(registry, "")[0].dataset(split)  # "" -> $MMCORE_CACHE_DIR
+    runner = CliRunner()
+    result = runner.invoke(cache_group, ["info"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == f"cache directory {cache}"
+    vision_line = next(line for line in lines if line.startswith("fake_cnn"))
+    assert "64 entries" in vision_line and "vector" in vision_line
+    text_line = next(line for line in lines if line.startswith("fake_text"))
+    assert f"{len(set(split.texts))} entries" in text_line
+
+    assert runner.invoke(cache_group, ["clear"]).exit_code != 0  # --all or --encoder needed
+    result = runner.invoke(cache_group, ["clear", "--encoder", "fake_cnn"])
+    assert result.exit_code == 0 and "removed 1 feature spaces" in result.output
+    output = runner.invoke(cache_group, ["info"]).output
+    assert "fake_cnn" not in output and "fake_text" in output
+    pipeline, count = pipeline_for(registry, "")
+    pipeline.dataset(split)
+    assert count.images == len(split)  # cleared entries are recomputed
+
+    result = runner.invoke(cache_group, ["clear", "--all"])
+    assert "removed 2 feature spaces" in result.output
+    assert runner.invoke(cache_group, ["info"]).output.splitlines()[1] == "empty"
