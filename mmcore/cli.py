@@ -71,8 +71,10 @@ def show(recipe, overrides):
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory (default runs/<experiment>/<timestamp>).")
 @click.option("--resume", "resume", type=click.Path(file_okay=False), help="Continue a stopped run in its directory.")
+@click.option("--nproc", type=click.IntRange(min=1), default=None,
+              help="Train with N processes on this machine (launches torchrun; DDP, gloo on CPU, NCCL on GPU).")
 @click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
-def run(recipe, overrides, out, resume, quiet):
+def run(recipe, overrides, out, resume, nproc, quiet):
     """Train and evaluate RECIPE; writes a run directory.
 
     \b
@@ -81,6 +83,9 @@ def run(recipe, overrides, out, resume, quiet):
     """
     from .engine.run import RECIPE_FILE, check_resumable, run_training
     from .recipe import load_recipe
+
+    if nproc:
+        _exec_torchrun(nproc)
 
     if resume:
         if overrides or out:
@@ -94,6 +99,24 @@ def run(recipe, overrides, out, resume, quiet):
         raise click.UsageError("missing RECIPE (or --resume RUN_DIR)")
     loaded = load_recipe(recipe, overrides)
     run_training(loaded, recipe_path=recipe, out=out, progress=not quiet, echo=click.echo)
+
+
+def _exec_torchrun(nproc):
+    """Replace this process with ``torchrun --standalone --nproc_per_node=N -m mmcore run ...``."""
+    import os
+
+    args = sys.argv[1:]
+    for i, arg in enumerate(args):
+        if arg == "--nproc":
+            del args[i : i + 2]
+            break
+        if arg.startswith("--nproc="):
+            del args[i]
+            break
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "mmcore", *args]
+    click.echo("launching: torchrun " + " ".join(command[3:]), err=True)
+    sys.stdout.flush()
+    os.execv(sys.executable, command)
 
 
 @cli.command("eval")

@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import DataError, RunError
-from .runtime import autocast, to_device
+from .runtime import all_gather_objects, any_rank, autocast, to_device
 
 
 class BadImages:
@@ -48,8 +48,9 @@ def set_train_mode(model):
     from ..trainability import freeze_norm_statistics
 
     model.train()
+    inner = getattr(model, "module", model)  # inside DistributedDataParallel
     for name in ("vision", "text"):
-        encoder = getattr(model, name, None)
+        encoder = getattr(inner, name, None)
         if encoder is None:
             continue
         if not any(p.requires_grad for p in encoder.parameters()):
@@ -174,7 +175,7 @@ class Trainer:
                         self.writer.add_scalar(f"lr/{name}", lr, self.global_step)
                 if self.on_step is not None:
                     self.on_step(epoch, i + 1)
-                if self.stop_requested:
+                if any_rank(self.stop_requested):
                     bar.close()
                     return total_loss / max(total_n, 1), False
             rate = seen / max(time.perf_counter() - started, 1e-9)
@@ -203,13 +204,15 @@ class Trainer:
             indices.append(index)
             labels.append(label)
         bar.close()
-        if not logits:
-            return np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0)
-        return (
-            torch.cat(indices).numpy(),
-            torch.cat(logits).double().numpy(),
-            torch.cat(labels).numpy(),
+        local = (
+            torch.cat(indices).numpy() if indices else np.zeros(0, dtype=np.int64),
+            torch.cat(logits).double().numpy() if logits else np.zeros(0),
+            torch.cat(labels).numpy() if labels else np.zeros(0),
         )
+        parts = all_gather_objects(local)  # each rank scored its own shard; everyone gets all
+        index = np.concatenate([p[0] for p in parts])
+        order = np.argsort(index, kind="stable")
+        return index[order], np.concatenate([p[1] for p in parts])[order], np.concatenate([p[2] for p in parts])[order]
 
 
 def sigmoid(logits):

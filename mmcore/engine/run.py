@@ -27,7 +27,9 @@ from .checkpoint import load_model_state, make_checkpoint, read_checkpoint, save
 from .loop import BadImages, Trainer, sigmoid, total_steps
 from .outputs import require_completed, write_evaluation, write_status
 from .pipeline import Pipeline
-from .sampling import EpochBatchSampler, balanced_weights
+from .runtime import barrier, broadcast_object, init_distributed, is_main, world_size
+from .runtime import rank as runtime_rank
+from .sampling import EpochBatchSampler, ShardSampler, balanced_weights
 
 RECIPE_FILE = "recipe.toml"
 BEST = "checkpoint_best.ckpt"
@@ -93,13 +95,22 @@ def run_training(recipe, *, recipe_path, out=None, registry=None, progress=True,
 
         registry = get_registry()
     started = time.perf_counter()
+    init_distributed()  # under torchrun: join the process group (gloo on CPU, NCCL on GPU)
+    main = is_main()
+    if not main:  # rank 0 alone talks and writes
+        echo, progress = (lambda *args, **kwargs: None), False
     splits = load_splits(recipe.data)  # all data problems before anything heavy
     if resume is not None:
         run_dir, state = Path(resume), read_checkpoint(Path(resume) / LAST)
         echo(f"resuming {run_dir} from epoch {state['epoch']}, batch {state['batches_done']}")
     else:
-        run_dir, state = make_run_dir(recipe, out), None
-        write_text(run_dir / RECIPE_FILE, recipe_to_toml(recipe))
+        run_dir, state = broadcast_object(make_run_dir(recipe, out) if main else None), None
+        if main:
+            write_text(run_dir / RECIPE_FILE, recipe_to_toml(recipe))
+    if world_size() > 1:
+        echo(f"distributed: {world_size()} processes, global batch {recipe.train.batch_size}")
+    if not main:
+        return _run_worker(recipe, registry, splits, run_dir, recipe_path, state)
     write_status(run_dir, "running")
     training = TrainingRun(recipe, registry, splits, run_dir, recipe_path, progress, echo)
     try:
@@ -119,6 +130,17 @@ def run_training(recipe, *, recipe_path, out=None, registry=None, progress=True,
     result["seconds"] = round(time.perf_counter() - started, 2)
     write_status(run_dir, "completed", seconds=result["seconds"])
     echo(summary_screen(result, run_dir))
+    return run_dir
+
+
+def _run_worker(recipe, registry, splits, run_dir, recipe_path, state):
+    """Ranks > 0: the same training in lock-step, writing nothing."""
+    quiet = lambda *args, **kwargs: None  # noqa: E731
+    training = TrainingRun(recipe, registry, splits, run_dir, recipe_path, False, quiet)
+    with _stop_on_signals(training, quiet):
+        if state is not None:
+            training.load_state(state)
+        training.fit()
     return run_dir
 
 
@@ -226,6 +248,7 @@ class TrainingRun:
         self.echo = echo
         self.trainer = None
         self.stop_signal = None
+        self.main = is_main()
         self.recipe_dict = recipe_to_dict(recipe)
         # progress through training
         self.epoch = 1
@@ -251,12 +274,23 @@ class TrainingRun:
             self.datasets[name] = (dataset, split)
         train_dataset, train_split = self.datasets["train"]
         weights = balanced_weights(train_split.label_array()) if recipe.train.balanced_sampler else None
+        rank, world = runtime_rank(), world_size()
+        if recipe.train.batch_size % world:
+            raise RunError(
+                f"{self.recipe_path}: train.batch_size: the global batch ({recipe.train.batch_size}) must be "
+                f"divisible by the number of processes ({world})"
+            )
         self.batch_sampler = EpochBatchSampler(
-            len(train_dataset), recipe.train.batch_size, seed=recipe.seed, weights=weights
+            len(train_dataset), recipe.train.batch_size, seed=recipe.seed, weights=weights,
+            rank=rank, world_size=world,
         )
         self.train_loader = pipeline.loader(train_dataset, train=True, batch_sampler=self.batch_sampler)
-        self.val_loader = pipeline.loader(self.datasets["val"][0])
-        self.test_loader = pipeline.loader(self.datasets["test"][0])
+        self.val_loader = pipeline.loader(
+            self.datasets["val"][0], sampler=ShardSampler(len(self.datasets["val"][0]), rank, world)
+        )
+        self.test_loader = pipeline.loader(
+            self.datasets["test"][0], sampler=ShardSampler(len(self.datasets["test"][0]), rank, world)
+        )
         self.loss_fn = build_component(self.registry, "loss", recipe.loss, _label_counts(train_split))
         groups = parameter_groups(
             model,
@@ -268,9 +302,15 @@ class TrainingRun:
         self.optimizer = torch.optim.AdamW(groups)
         steps = total_steps(len(self.train_loader), recipe.train.grad_accum_steps, recipe.train.epochs)
         self.scheduler = build_component(self.registry, "scheduler", recipe.scheduler, self.optimizer, steps)
-        self.writer = _open_writer(recipe, self.run_dir)
+        self.writer = _open_writer(recipe, self.run_dir) if self.main else None
+        train_model = model
+        if world > 1 and any(p.requires_grad for p in model.parameters()):
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [pipeline.device.index] if pipeline.device.type == "cuda" else None
+            train_model = DistributedDataParallel(model, device_ids=device_ids)
         self.trainer = Trainer(
-            model=model,
+            model=train_model,
             optimizer=self.optimizer,
             scheduler=self.scheduler,
             loss_fn=self.loss_fn,
@@ -312,7 +352,8 @@ class TrainingRun:
         )
 
     def save_last(self, *, epoch_complete):
-        save_checkpoint(self.run_dir / LAST, self.state_dict(epoch_complete=epoch_complete))
+        if self.main:
+            save_checkpoint(self.run_dir / LAST, self.state_dict(epoch_complete=epoch_complete))
 
     def load_state(self, state):
         if state.get("recipe") != self.recipe_dict:
@@ -387,10 +428,11 @@ class TrainingRun:
             )
             if improved:
                 self.best_value, self.best_epoch, self.best_metrics = value, epoch, metrics
-                save_checkpoint(
-                    self.run_dir / BEST,
-                    make_checkpoint(model, recipe_dict=self.recipe_dict, epoch=epoch, metrics=metrics),
-                )
+                if self.main:
+                    save_checkpoint(
+                        self.run_dir / BEST,
+                        make_checkpoint(model, recipe_dict=self.recipe_dict, epoch=epoch, metrics=metrics),
+                    )
                 self.since_best = 0
             else:
                 self.since_best += 1
@@ -409,10 +451,13 @@ class TrainingRun:
     def finish(self):
         """Load the best epoch, fit the decision on validation, evaluate the test split, write outputs."""
         recipe, trainer, model = self.recipe, self.trainer, self.pipeline.model
+        barrier()  # rank 0 has written the best checkpoint
         load_model_state(model, read_checkpoint(self.run_dir / BEST), path=str(self.run_dir / BEST))
         _, val_logits, val_labels = trainer.predict(self.val_loader, "val")
         decision = fit_decision(recipe, val_logits, val_labels)
         test_indices, test_logits, test_labels = trainer.predict(self.test_loader, "test")
+        if not self.main:
+            return {}
         summary = {
             "experiment": recipe.experiment,
             "run_dir": str(self.run_dir),

@@ -96,3 +96,30 @@ def init_distributed():
 def barrier():
     if is_distributed():
         torch.distributed.barrier()
+
+
+def broadcast_object(value):
+    """Rank 0's ``value`` on every rank (identity without a process group)."""
+    if not is_distributed():
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_objects(value):
+    """Every rank's ``value``, in rank order (``[value]`` without a process group)."""
+    if not is_distributed():
+        return [value]
+    out = [None] * world_size()
+    torch.distributed.all_gather_object(out, value)
+    return out
+
+
+def any_rank(flag):
+    """True when ``flag`` is True on any rank (keeps ranks in step, e.g. for a stop request)."""
+    if not is_distributed():
+        return bool(flag)
+    tensor = torch.tensor([1 if flag else 0])
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return bool(tensor.item())
