@@ -24,6 +24,7 @@ from ..model import build_component
 from ..recipe import recipe_from_dict, recipe_to_dict, recipe_to_toml
 from ..trainability import parameter_groups, trainable_summary
 from .checkpoint import load_model_state, make_checkpoint, read_checkpoint, save_checkpoint
+from .loggers import Loggers
 from .loop import BadImages, Trainer, sigmoid, total_steps
 from .outputs import require_completed, write_evaluation, write_status
 from .pipeline import Pipeline
@@ -68,14 +69,6 @@ def epoch_metrics(logits, labels, loss_fn, prefix="val"):
     for key in ("auroc", "auprc", "accuracy", "f1", "precision", "recall"):
         out[f"{prefix}_{key}"] = metrics.get(key)
     return out
-
-
-def _open_writer(recipe, run_dir):
-    if not recipe.logging.tensorboard:
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
 
 
 class Interrupted(RunError):
@@ -302,7 +295,7 @@ class TrainingRun:
         self.optimizer = torch.optim.AdamW(groups)
         steps = total_steps(len(self.train_loader), recipe.train.grad_accum_steps, recipe.train.epochs)
         self.scheduler = build_component(self.registry, "scheduler", recipe.scheduler, self.optimizer, steps)
-        self.writer = _open_writer(recipe, self.run_dir) if self.main else None
+        self.writer = Loggers(recipe, self.run_dir, self.recipe_dict) if self.main else None
         train_model = model
         if world > 1 and any(p.requires_grad for p in model.parameters()):
             from torch.nn.parallel import DistributedDataParallel
@@ -529,7 +522,7 @@ def _log_hparams(writer, recipe, results):
     test = (results.get("test") or {}).get("at_threshold") or {}
     metrics = {f"hparam/test_{k}": v for k, v in test.items() if k in ("auroc", "auprc", "f1", "accuracy") and v is not None}
     if metrics:
-        writer.add_hparams(flat, metrics, run_name=".")
+        writer.add_hparams(flat, metrics)
 
 
 def _log_pr_curve(writer, logits, labels, step):

@@ -1,0 +1,75 @@
+"""Where scalars go: TensorBoard (default) and, optionally, Weights & Biases.
+
+Both get the same calls (``add_scalar(tag, value, step)``); per-epoch validation metrics are
+logged against the epoch, training loss and learning rates against the optimizer step.
+W&B is optional (``pip install 'mmcore[wandb]'``, ``logging.wandb = true``) and works with
+``WANDB_MODE=offline``: its files land in the run directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import MmcoreError
+
+EPOCH_TAGS = ("val/", "train/epoch_loss")
+
+
+class Loggers:
+    """Fan-out of scalar logging to the enabled backends."""
+
+    def __init__(self, recipe, run_dir, recipe_dict):
+        self.tensorboard = None
+        self.wandb = None
+        if recipe.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+        if recipe.logging.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise MmcoreError(
+                    "logging.wandb = true needs Weights & Biases: pip install 'mmcore[wandb]' "
+                    "(set WANDB_MODE=offline to log without an account)"
+                ) from None
+            self.wandb = wandb.init(
+                project=recipe.logging.wandb_project,
+                name=f"{recipe.experiment}/{Path(run_dir).name}",
+                dir=str(run_dir),
+                config=recipe_dict,
+                reinit="finish_previous",
+            )
+            self.wandb.define_metric("epoch")
+            self.wandb.define_metric("global_step")
+            self.wandb.define_metric("val/*", step_metric="epoch")
+            self.wandb.define_metric("train/epoch_loss", step_metric="epoch")
+            self.wandb.define_metric("train/loss", step_metric="global_step")
+            self.wandb.define_metric("lr/*", step_metric="global_step")
+
+    def add_scalar(self, tag, value, step):
+        if self.tensorboard is not None:
+            self.tensorboard.add_scalar(tag, value, step)
+        if self.wandb is not None:
+            axis = "epoch" if tag.startswith(EPOCH_TAGS) else "global_step"
+            self.wandb.log({tag: value, axis: step})
+
+    def add_hparams(self, hparams, metrics):
+        if self.tensorboard is not None:
+            self.tensorboard.add_hparams(hparams, metrics, run_name=".")
+        if self.wandb is not None:
+            self.wandb.summary.update(metrics)
+
+    def add_pr_curve(self, tag, labels, scores, step):
+        if self.tensorboard is not None:
+            self.tensorboard.add_pr_curve(tag, labels, scores, step)
+
+    def flush(self):
+        if self.tensorboard is not None:
+            self.tensorboard.flush()
+
+    def close(self):
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
