@@ -515,6 +515,9 @@ def resolve_components(recipe, source, *, registry=None, check_modality=True):
             problems.append(f"{src(source, key + '.params')}: {key}.params: {exc}")
             continue
         resolved[key] = Component(name=component.name, params=structured)
+    ocr = recipe.data.ocr
+    if ocr is not None and not registry.has("ocr", ocr.engine):
+        problems.append(f"{src(source, 'data.ocr.engine')}: data.ocr.engine: {registry.unknown_message('ocr', ocr.engine)}")
     if check_modality:
         problems.extend(_check_modality(recipe, source))
     if problems:

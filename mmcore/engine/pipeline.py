@@ -149,6 +149,19 @@ class Pipeline:
     def eval_batch_size(self):
         return self.recipe.eval.batch_size or self.recipe.train.batch_size
 
+    def fill_missing_text(self, split):
+        """``data.ocr``: empty ``text_info`` filled by OCR of the image (cached by image content)."""
+        ocr = self.recipe.data.ocr
+        if ocr is None or self.model.text is None or all(t.strip() for t in split.texts):
+            return split
+        from ..ocr import ocr_fill
+
+        texts = ocr_fill(
+            list(split.paths), list(split.texts), ocr.engine, ocr.lang,
+            cache_root(self.recipe.cache.dir), registry=self.registry, progress=self.progress,
+        )
+        return attrs.evolve(split, texts=tuple(" ".join(t.split()) for t in texts))
+
     def dataset(self, split, *, train=False):
         """A dataset for ``split``; bad images found by the feature pass go through ``bad``.
 
@@ -158,6 +171,7 @@ class Pipeline:
         """
         vision_features = lengths = text_features = None
         errors = []
+        split = self.fill_missing_text(split)
         if self.cache_vision:
             vision_features, keep, errors = self._vision_features(split)
             if len(keep) < len(split):

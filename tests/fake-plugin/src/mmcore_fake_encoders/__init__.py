@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from mmcore import hookimpl
-from mmcore.interfaces import EncoderParams, Preprocessing, TextEncoder, TokenOutput, VisionEncoder
+from mmcore.interfaces import EncoderParams, OcrEngine, Preprocessing, TextEncoder, TokenOutput, VisionEncoder
 
 
 @attrs.frozen(kw_only=True)
@@ -133,3 +133,34 @@ def register_vision_encoders(register):
 @hookimpl
 def register_text_encoders(register):
     register("fake_text", FakeText, FakeTextParams)
+
+
+@attrs.frozen(kw_only=True)
+class FakeOcrParams:
+    pass
+
+
+class FakeOcr(OcrEngine):
+    """Describes the image's mean colour ("tone 3 1 0"): OCR plumbing without Tesseract.
+
+    Each call appends a line to ``$MMCORE_FAKE_OCR_LOG`` when set, so tests can count reads.
+    """
+
+    name = "fake_ocr"
+
+    def read(self, image, lang):
+        import os
+
+        import numpy as np
+
+        log = os.environ.get("MMCORE_FAKE_OCR_LOG")
+        if log:
+            with open(log, "a") as handle:
+                handle.write("read\n")
+        r, g, b = (np.asarray(image.convert("RGB"), dtype=float).mean(axis=(0, 1)) // 64).astype(int)
+        return f"tone {r} {g} {b}"
+
+
+@hookimpl
+def register_ocr_engines(register):
+    register("fake_ocr", lambda params: FakeOcr(), FakeOcrParams)
