@@ -30,7 +30,8 @@ def atomic_open(path, mode="w", **kwargs):
         os.replace(tmp, path)
     except OSError as exc:
         _remove(tmp)
-        raise RunError(f"{path}: could not write ({exc.strerror or exc}); the previous version is kept") from exc
+        kept = "the previous version is kept" if path.exists() else "nothing was written"
+        raise RunError(f"{path}: could not write ({exc.strerror or exc}); {kept}") from exc
     except BaseException:
         _remove(tmp)
         raise
@@ -69,8 +70,12 @@ def write_json(path, data):
 
 def save_torch(path, obj):
     """``torch.save`` atomically (tensors and plain types only, so weights_only loading works)."""
+    import io
+
     import torch
 
+    buffer = io.BytesIO()  # serialize first: a full disk then fails in a plain write, not inside torch
+    torch.save(obj, buffer)
     with atomic_open(path, "wb") as handle:
-        torch.save(obj, handle)
+        handle.write(buffer.getbuffer())
     return Path(path)

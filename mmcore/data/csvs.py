@@ -6,12 +6,13 @@ naming the file and the row (rows are counted from 1, the header not included).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import attrs
 import numpy as np
 
-from ..errors import DataError
+from ..errors import DataError, closest
 
 REQUIRED_COLUMNS = ("local_image_path", "label", "text_info")
 TRUE_LABELS = {"true": 1, "1": 1, "1.0": 1}
@@ -69,21 +70,8 @@ def _limited(problems, what, csv):
 
 def read_split(csv, base_dir=None, *, require_label=True, require_text=True, check_images=True):
     """Read one CSV into a :class:`Split`, or raise :class:`DataError` listing every problem."""
-    import pandas as pd
-
     csv = Path(csv)
-    if not csv.is_file():
-        raise DataError(f"{csv}: file not found")
-    try:
-        frame = pd.read_csv(csv, keep_default_na=False, dtype=str, encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DataError(
-            f"{csv}: not UTF-8 text (byte {exc.start}: {exc.reason}); re-save it as UTF-8"
-        ) from None
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{csv}: file is empty (expected a header: {','.join(REQUIRED_COLUMNS)})") from None
-    except pd.errors.ParserError as exc:
-        raise DataError(f"{csv}: cannot parse CSV ({str(exc).strip()})") from None
+    frame = _read_frame(csv)
     frame.columns = [str(c).strip() for c in frame.columns]
     required = ["local_image_path"]
     if require_label:
@@ -92,10 +80,7 @@ def read_split(csv, base_dir=None, *, require_label=True, require_text=True, che
         required.append("text_info")
     missing = [c for c in required if c not in frame.columns]
     if missing:
-        found = ", ".join(frame.columns) or "(none)"
-        raise DataError(
-            [f"{csv}: missing column {c!r} (found: {found})" for c in missing]
-        )
+        raise DataError(_missing_column_problems(csv, missing, list(frame.columns)))
     if len(frame) == 0:
         raise DataError(f"{csv}: no rows")
 
@@ -173,3 +158,90 @@ def load_splits(data_config, *, names=("train", "val", "test")):
                     f"AUROC and training need both"
                 )
     return splits
+
+
+def _read_frame(csv):
+    """The CSV as a frame of strings; encoding and syntax problems name the line."""
+    import io
+
+    import pandas as pd
+
+    try:
+        data = csv.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{csv}: file not found") from None
+    except IsADirectoryError:
+        raise DataError(f"{csv}: is a directory, not a CSV file") from None
+    except OSError as exc:
+        raise DataError(f"{csv}: cannot read ({exc.strerror or exc})") from None
+    if not data.strip():
+        raise DataError(
+            f"{csv}: file is empty (expected a header: {','.join(REQUIRED_COLUMNS)})"
+        )
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(_not_utf8(csv, data, exc)) from None
+    try:
+        return pd.read_csv(io.StringIO(text), keep_default_na=False, dtype=str)
+    except pd.errors.EmptyDataError:
+        raise DataError(
+            f"{csv}: file is empty (expected a header: {','.join(REQUIRED_COLUMNS)})"
+        ) from None
+    except pd.errors.ParserError as exc:
+        raise DataError(_parse_problem(csv, str(exc))) from None
+
+
+def _not_utf8(csv, data, exc):
+    line = data.count(b"\n", 0, exc.start) + 1
+    byte = data[exc.start]
+    hint = "re-save it as UTF-8"
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return f"{csv}: not UTF-8 text: it is UTF-16 (Excel's 'Unicode Text'); re-save it as UTF-8 (Excel: CSV UTF-8)"
+    for legacy, label in (("cp949", "CP949/EUC-KR (Korean Windows/Excel)"), ("cp1252", "Windows-1252")):
+        try:
+            data.decode(legacy)
+        except UnicodeDecodeError:
+            continue
+        hint = f"it looks like {label}; re-save it as UTF-8 (Excel: CSV UTF-8)"
+        break
+    return f"{csv}: line {line}: not UTF-8 text (byte 0x{byte:02x} at offset {exc.start}); {hint}"
+
+
+def _parse_problem(csv, message):
+    message = " ".join(message.split())
+    fields = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", message)
+    if fields:
+        expected, line, saw = fields.groups()
+        return (
+            f"{csv}: line {line}: {saw} fields, but the header has {expected} "
+            f"(put text containing commas in double quotes)"
+        )
+    quote = re.search(r"EOF inside string starting at row (\d+)", message)
+    if quote:
+        return f"{csv}: line {int(quote.group(1)) + 1}: a double quote is opened and never closed"
+    return f"{csv}: cannot parse CSV ({message.removeprefix('Error tokenizing data. ')})"
+
+
+def _missing_column_problems(csv, missing, found):
+    """One line per missing column; a column that looks like it (a rename) is pointed out."""
+    shown = ", ".join(found) or "(none)"
+    candidates = [c for c in found if c not in REQUIRED_COLUMNS]
+    problems = []
+    for column in missing:
+        hint = ""
+        match = _close_column(column, candidates)
+        if match:
+            hint = f"; rename {match!r} to {column!r}"
+        elif not any(c in found for c in REQUIRED_COLUMNS):
+            hint = f"; the first line must be the header {','.join(REQUIRED_COLUMNS)}"
+        problems.append(f"{csv}: missing column {column!r} (found: {shown}){hint}")
+    return problems
+
+
+def _close_column(column, candidates):
+    lowered = {c.lower().replace(" ", "_"): c for c in candidates}
+    if column in lowered:
+        return lowered[column]
+    match = closest(column, list(lowered))
+    return lowered[match] if match else None

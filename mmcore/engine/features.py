@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.dataset import SampleDataset, make_loader
+from ..data.images import DECODE_VERSION
 from .cache import FeatureStore, FileHashes, text_key, weights_fingerprint
 from .runtime import autocast, to_device
 
@@ -41,6 +42,7 @@ def vision_store(root, model, *, dtype, pooling_spec):
         "kind": "vision",
         "encoder": encoder.name,
         "identity": encoder.identity,
+        "decode_version": DECODE_VERSION,
         "weights_sha1": weights_fingerprint(encoder),
         "dtype": _dtype_name(dtype),
         "stored": stored,

@@ -93,6 +93,7 @@ def run_training(recipe, *, recipe_path, out=None, registry=None, progress=True,
     if not main:  # rank 0 alone talks and writes
         echo, progress = (lambda *args, **kwargs: None), False
     splits = load_splits(recipe.data)  # all data problems before anything heavy
+    duplicates = _check_images(recipe, splits, echo)
     if resume is not None:
         run_dir, state = Path(resume), read_checkpoint(Path(resume) / LAST)
         echo(f"resuming {run_dir} from epoch {state['epoch']}, batch {state['batches_done']}")
@@ -106,6 +107,7 @@ def run_training(recipe, *, recipe_path, out=None, registry=None, progress=True,
         return _run_worker(recipe, registry, splits, run_dir, recipe_path, state)
     write_status(run_dir, "running")
     training = TrainingRun(recipe, registry, splits, run_dir, recipe_path, progress, echo)
+    training.duplicates = duplicates.counts()
     try:
         with _stop_on_signals(training, echo):
             if state is not None:
@@ -124,6 +126,24 @@ def run_training(recipe, *, recipe_path, out=None, registry=None, progress=True,
     write_status(run_dir, "completed", seconds=result["seconds"])
     echo(summary_screen(result, run_dir))
     return run_dir
+
+
+def _check_images(recipe, splits, echo):
+    """Before a run directory exists: images that cannot be used (header scan) and leakage."""
+    from ..data.checks import find_duplicates, scan_images
+
+    if recipe.data.on_bad_image == "error" and recipe.train.modality != "text_only":
+        bad = [
+            line
+            for name in ("train", "val", "test")
+            for line in scan_images(splits[name], max_pixels=recipe.data.max_image_pixels)
+        ]
+        if bad:
+            raise DataError(bad + ['set data.on_bad_image = "skip" to leave such images out (counted in results.json)'])
+    duplicates = find_duplicates(splits)
+    for line in duplicates.warnings():
+        echo(line)
+    return duplicates
 
 
 def _run_worker(recipe, registry, splits, run_dir, recipe_path, state):
@@ -459,7 +479,14 @@ class TrainingRun:
             "epochs_trained": len(self.history),
             "val": self.best_metrics,
             "history": self.history,
-            "data": {name: len(self.datasets[name][1]) for name in self.datasets},
+            "data": {
+                # cached features drop bad images from the split up front; online, they are skipped per batch
+                "train": len(self.datasets["train"][1])
+                - (0 if self.pipeline.cache_vision else self.bad_images.counts().get("train", 0)),
+                "val": len(val_labels),
+                "test": len(test_indices),
+            },
+            "duplicates": getattr(self, "duplicates", {}),
             "skipped_images": self.bad_images.counts(),
             "skipped_nan_steps": trainer.skipped_nan_steps,
             "trainable_parameters": trainable_summary(model),

@@ -1,0 +1,150 @@
+"""Checks across splits and images before a run: leakage (the same image in two splits) and
+image headers (empty, not an image, too large) — cheap enough to run on every ``mmcore run``.
+
+Nothing is cached: the files are hashed (sha1 of their bytes) each time, which reads the whole
+dataset once; a few thousand ad images take well under a second from a warm disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+
+import attrs
+
+from .images import DEFAULT_MAX_IMAGE_PIXELS, BadImageError, open_checked
+
+#: later splits are compared with earlier ones: test with val and train, val with train
+SPLIT_ORDER = ("train", "val", "test")
+_THREADS = 8
+
+
+@attrs.frozen
+class Overlap:
+    """Rows of ``split`` whose image content also appears in ``other`` (an earlier split)."""
+
+    split: str
+    other: str
+    csv: str
+    other_csv: str
+    #: (row in split, path in split, row in other, path in other), in row order
+    rows: tuple[tuple[int, str, int, str], ...]
+
+    @property
+    def count(self):
+        return len(self.rows)
+
+    def warning(self):
+        """``warning: 3 images of test.csv also appear in train.csv (same file content): ...``"""
+        noun = "image" if self.count == 1 else "images"
+        verb = "appears" if self.count == 1 else "appear"
+        return (
+            f"warning: {self.count} {noun} of {self.csv} also {verb} in {self.other_csv} "
+            f"(same file content): leakage inflates {self.split} metrics"
+        )
+
+
+@attrs.frozen
+class DuplicateReport:
+    """Every split pair, with the rows they share (pairs without overlap have no rows)."""
+
+    overlaps: tuple[Overlap, ...]
+
+    def warnings(self):
+        """One line per split pair that shares images (empty when there is no leakage)."""
+        return [overlap.warning() for overlap in self.overlaps if overlap.count]
+
+    def counts(self):
+        """``{"val_in_train": 0, "test_in_train": 3, "test_in_val": 0}`` for results.json."""
+        return {f"{o.split}_in_{o.other}": o.count for o in self.overlaps}
+
+    @property
+    def total(self):
+        return sum(o.count for o in self.overlaps)
+
+
+def file_sha1(path, block=1 << 20):
+    """sha1 of a file's bytes, or None when it cannot be read (other checks report that)."""
+    digest = hashlib.sha1()
+    try:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(block):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.digest()
+
+
+def find_duplicates(splits):
+    """Images whose content appears in two splits (``{"train": Split, "val": ..., "test": ...}``).
+
+    Each later split is compared with each earlier one (order: train, val, test, then any other
+    names in the order given). Rows are counted in the later split; the same file listed twice
+    and two copies of one file both count. Missing or unreadable files are ignored here.
+    """
+    names = [n for n in SPLIT_ORDER if n in splits] + [n for n in splits if n not in SPLIT_ORDER]
+    paths = sorted({str(p) for name in names for p in splits[name].paths})
+    with ThreadPoolExecutor(max_workers=min(_THREADS, max(1, len(paths)))) as pool:
+        digests = dict(zip(paths, pool.map(file_sha1, paths)))
+    labels = _csv_labels(splits, names)
+    first_row = {}  # per split: digest -> (row, raw path) of its first occurrence
+    for name in names:
+        split = splits[name]
+        seen = first_row.setdefault(name, {})
+        for path, row, raw in zip(split.paths, split.rows, split.raw_paths):
+            digest = digests[str(path)]
+            if digest is not None and digest not in seen:
+                seen[digest] = (row, raw)
+    overlaps = []
+    for i, name in enumerate(names):
+        split = splits[name]
+        for other in names[:i]:
+            known = first_row[other]
+            shared = []
+            for path, row, raw in zip(split.paths, split.rows, split.raw_paths):
+                digest = digests[str(path)]
+                if digest is not None and digest in known:
+                    shared.append((row, raw, *known[digest]))
+            overlaps.append(
+                Overlap(
+                    split=name,
+                    other=other,
+                    csv=labels[name],
+                    other_csv=labels[other],
+                    rows=tuple(shared),
+                )
+            )
+    return DuplicateReport(overlaps=tuple(overlaps))
+
+
+def _csv_labels(splits, names):
+    """How a split's CSV is named in messages: its file name, or its path when names clash."""
+    short = {name: splits[name].csv.name for name in names}
+    if len(set(short.values())) == len(short):
+        return short
+    return {name: str(splits[name].csv) for name in names}
+
+
+def scan_images(split, *, max_pixels=DEFAULT_MAX_IMAGE_PIXELS):
+    """Header-only check of every image of ``split`` -> problem lines ``<csv>: row N: <path>: <reason>``.
+
+    Finds missing, empty, non-image and too-large files without decoding pixels (a corrupt
+    or truncated body is only found when decoding, during the run).
+    """
+
+    def check(index):
+        try:
+            with open(split.paths[index], "rb") as handle:
+                open_checked(handle, max_pixels=max_pixels)
+        except FileNotFoundError:
+            reason = "image not found"
+        except OSError as exc:
+            reason = f"cannot read file ({exc.strerror or exc})"
+        except BadImageError as exc:
+            reason = str(exc)
+        else:
+            return None
+        return f"{split.csv}: row {split.rows[index]}: {split.paths[index]}: {reason}"
+
+    with ThreadPoolExecutor(max_workers=min(_THREADS, max(1, len(split)))) as pool:
+        return [line for line in pool.map(check, range(len(split))) if line is not None]

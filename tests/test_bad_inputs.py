@@ -1,0 +1,732 @@
+"""The bad-input matrix: every bad CSV, image, recipe and run gives one line naming the file and
+the row (or key), and no finished work is lost.
+
+Decided per case: extra columns, a BOM, quoted newlines and huge texts are fine; CMYK, 16-bit,
+palette + transparency, animated GIF and 1x1 images are valid and load as RGB; empty, corrupt,
+truncated, non-image and too-large images are bad (``data.on_bad_image``: stop with the row, or
+skip and count them in results.json).
+"""
+
+import csv
+import errno
+import io
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from mmcore.cli import cli as mmcore_group
+from mmcore.data.checks import find_duplicates, scan_images
+from mmcore.data.csvs import load_splits, read_split
+from mmcore.data.dataset import Collate, SampleDataset
+from mmcore.data.images import BadImageError, load_rgb, open_checked
+from mmcore.engine.loop import BadImages
+from mmcore.errors import DataError, RunError
+from mmcore.interfaces import Preprocessing
+
+HEADER = "local_image_path,label,text_info\n"
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def write(path, text, encoding="utf-8"):
+    path = Path(path)
+    path.write_text(text, encoding=encoding)
+    return path
+
+
+def problems(csv_path, *args, **kwargs):
+    with pytest.raises(DataError) as info:
+        read_split(csv_path, *args, **kwargs)
+    return info.value.problems
+
+
+def chunk(kind, data):
+    body = kind + data
+    return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body) & 0xFFFFFFFF)
+
+
+def huge_png(path, width, height):
+    """A valid 1-bit PNG of width x height, all black, written in ~50 KB without allocating it."""
+    compressor = zlib.compressobj(9)
+    row = b"\x00" * (1 + (width + 7) // 8)
+    parts = [compressor.compress(row * 1000) for _ in range(height // 1000)]
+    parts.append(compressor.compress(row * (height % 1000)) + compressor.flush())
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    Path(path).write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b"")
+    )
+    return Path(path)
+
+
+def jpeg_bytes(size=(64, 64), color=(200, 30, 30)):
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def images(tmp_path):
+    """tmp_path with a.jpg (red) and b.jpg (blue)."""
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(tmp_path / "a.jpg")
+    Image.new("RGB", (8, 8), (10, 10, 200)).save(tmp_path / "b.jpg")
+    return tmp_path
+
+
+# ---------------------------------------------------------------- CSV
+
+
+def test_csv_missing_file(tmp_path):
+    assert problems(tmp_path / "train.csv") == [f"{tmp_path / 'train.csv'}: file not found"]
+
+
+@pytest.mark.parametrize("content", [b"", b"\n  \n"], ids=["zero_bytes", "blank_lines"])
+def test_csv_empty_file(tmp_path, content):
+    path = tmp_path / "train.csv"
+    path.write_bytes(content)
+    assert problems(path) == [f"{path}: file is empty (expected a header: local_image_path,label,text_info)"]
+
+
+def test_csv_header_only(tmp_path):
+    path = write(tmp_path / "train.csv", HEADER)
+    assert problems(path) == [f"{path}: no rows"]
+
+
+def test_csv_missing_column(images):
+    path = write(images / "train.csv", "local_image_path,label\na.jpg,True\n")
+    assert problems(path) == [f"{path}: missing column 'text_info' (found: local_image_path, label)"]
+
+
+def test_csv_extra_columns_are_ignored(images):
+    path = write(images / "train.csv", "id,local_image_path,label,text_info,source\n7,a.jpg,True,sale,web\n8,b.jpg,0,,app\n")
+    split = read_split(path)
+    assert split.paths == (images / "a.jpg", images / "b.jpg")
+    assert split.labels == (1, 0) and split.texts == ("sale", "")
+
+
+@pytest.mark.parametrize(
+    "header,found,hint",
+    [
+        ("image_path,label,text_info", "image_path, label, text_info", "rename 'image_path' to 'local_image_path'"),
+        ("local_image_path,Label,text_info", "local_image_path, Label, text_info", "rename 'Label' to 'label'"),
+    ],
+    ids=["image_path", "Label"],
+)
+def test_csv_renamed_column_is_pointed_out(images, header, found, hint):
+    path = write(images / "train.csv", f"{header}\na.jpg,True,x\n")
+    missing = "local_image_path" if header.startswith("image_path") else "label"
+    assert problems(path) == [f"{path}: missing column {missing!r} (found: {found}); {hint}"]
+
+
+def test_csv_without_header_says_the_first_line_must_be_it(images):
+    path = write(images / "train.csv", "a.jpg,True,sale\nb.jpg,False,\n")
+    found = problems(path)
+    assert len(found) == 3
+    assert found[0] == (
+        f"{path}: missing column 'local_image_path' (found: a.jpg, True, sale); "
+        "the first line must be the header local_image_path,label,text_info"
+    )
+
+
+def test_csv_bad_labels_name_their_rows(images):
+    path = write(images / "train.csv", HEADER + "a.jpg,yes,\nb.jpg,False,\na.jpg,,\n")
+    assert problems(path, images) == [
+        f"{path}: row 1: bad label 'yes' (expected True/False, 1/0 or true/false)",
+        f"{path}: row 3: bad label '' (expected True/False, 1/0 or true/false)",
+    ]
+
+
+@pytest.mark.parametrize("split_name", ["train", "val"])
+def test_csv_only_one_class(images, split_name):
+    from mmcore.recipe import DataConfig
+
+    both = HEADER + "a.jpg,True,\nb.jpg,False,\n"
+    for name in ("train", "val", "test"):
+        write(images / f"{name}.csv", both)
+    write(images / f"{split_name}.csv", HEADER + "a.jpg,False,\nb.jpg,0,\n")
+    with pytest.raises(DataError) as info:
+        load_splits(DataConfig(base_dir=str(images)))
+    assert info.value.problems == [
+        f"{images / f'{split_name}.csv'}: {split_name} split has only one class (False); AUROC and training need both"
+    ]
+
+
+def test_csv_bom_is_fine(images):
+    path = images / "train.csv"
+    path.write_bytes("\ufeff".encode() + (HEADER + "a.jpg,True,세일 50%\n").encode("utf-8"))
+    split = read_split(path)
+    assert split.paths == (images / "a.jpg",) and split.texts == ("세일 50%",) and split.labels == (1,)
+
+
+def test_csv_not_utf8_names_the_line_and_guesses_korean_excel(images):
+    path = images / "train.csv"
+    path.write_bytes((HEADER + "a.jpg,True,sale\nb.jpg,False,오늘만 특가\n").encode("cp949"))
+    offset = len((HEADER + "a.jpg,True,sale\nb.jpg,False,").encode())
+    assert problems(path) == [
+        f"{path}: line 3: not UTF-8 text (byte 0x{'오'.encode('cp949')[0]:02x} at offset {offset}); "
+        "it looks like CP949/EUC-KR (Korean Windows/Excel); re-save it as UTF-8 (Excel: CSV UTF-8)"
+    ]
+
+
+def test_csv_in_utf16_says_so(images):
+    path = images / "train.csv"
+    path.write_bytes((HEADER + "a.jpg,True,sale\n").encode("utf-16"))
+    assert problems(path) == [
+        f"{path}: not UTF-8 text: it is UTF-16 (Excel's 'Unicode Text'); re-save it as UTF-8 (Excel: CSV UTF-8)"
+    ]
+
+
+def test_csv_quoted_newlines_and_commas_are_kept(images):
+    path = write(images / "train.csv", HEADER + 'a.jpg,True,"50% OFF\nshop now, today"\nb.jpg,False,"say ""hi"""\n')
+    split = read_split(path)
+    assert split.texts == ("50% OFF shop now, today", 'say "hi"')  # whitespace (newlines) folded
+    assert split.rows == (1, 2) and split.labels == (1, 0)
+
+
+def test_csv_huge_text_is_kept(images):
+    text = "세일 " * 400_000  # 2.4 MB in one field: tokenizers truncate, the CSV layer keeps it
+    path = write(images / "train.csv", HEADER + f'a.jpg,True,"{text}"\nb.jpg,False,x\n')
+    split = read_split(path)
+    assert split.texts[0] == text.strip() and len(split.texts[0]) == 1_199_999
+
+
+def test_csv_unquoted_comma_names_the_line(images):
+    path = write(images / "train.csv", HEADER + "a.jpg,True,sale\nb.jpg,False,buy 1, get 1\n")
+    assert problems(path) == [
+        f"{path}: line 3: 4 fields, but the header has 3 (put text containing commas in double quotes)"
+    ]
+
+
+def test_csv_unclosed_quote_names_the_line(images):
+    path = write(images / "train.csv", HEADER + 'a.jpg,True,"50% off\nb.jpg,False,x\n')
+    assert problems(path) == [f"{path}: line 2: a double quote is opened and never closed"]
+
+
+def test_csv_problem_at_validation_creates_no_run_directory(images, tmp_path):
+    write(images / "train.csv", HEADER + "a.jpg,True,\nmissing.jpg,False,\n")
+    write(images / "val.csv", HEADER + "a.jpg,True,\nb.jpg,False,\n")
+    write(images / "test.csv", HEADER + "a.jpg,True,\nb.jpg,False,\n")
+    recipe = write(tmp_path / "r.toml", RECIPE.format(data=images, on_bad_image="error", cache=tmp_path / "cache"))
+    out = tmp_path / "run"
+    result = CliRunner().invoke(mmcore_group, ["run", str(recipe), "--out", str(out), "--quiet"])
+    assert result.exit_code == 3
+    assert result.stderr.splitlines() == [f"{images / 'train.csv'}: row 2: image not found: {images / 'missing.jpg'}"]
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------- images: bad ones
+
+
+def bad_image_files(directory):
+    """name -> (path, expected reason or reason prefix)."""
+    directory = Path(directory)
+    good = jpeg_bytes()
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(png, "PNG")
+    corrupt = bytearray(good)
+    corrupt[200:400] = b"\x55" * 200  # the Huffman tables
+    files = {
+        "zero_bytes.jpg": (b"", "empty file (0 bytes)"),
+        "not_an_image.jpg": (b"<html>404 not found</html>", "not an image Pillow can read"),
+        "truncated.jpg": (good[: len(good) // 2], "corrupt or truncated image ("),
+        "truncated.png": (png.getvalue()[:-30], "corrupt or truncated image ("),
+        "corrupt.jpg": (bytes(corrupt), "corrupt or truncated image ("),
+    }
+    out = {}
+    for name, (data, reason) in files.items():
+        (directory / name).write_bytes(data)
+        out[name] = (directory / name, reason)
+    return out
+
+
+@pytest.mark.parametrize("name", ["zero_bytes.jpg", "not_an_image.jpg", "truncated.jpg", "truncated.png", "corrupt.jpg"])
+def test_bad_image_reason(tmp_path, name):
+    path, reason = bad_image_files(tmp_path)[name]
+    with pytest.raises(BadImageError) as info:
+        load_rgb(path)
+    message = str(info.value)
+    assert message == reason if not reason.endswith("(") else message.startswith(reason) and message.endswith(")")
+    assert "\n" not in message
+
+
+def test_missing_image_reason(tmp_path):
+    with pytest.raises(BadImageError, match=r"^image not found$"):
+        load_rgb(tmp_path / "gone.jpg")
+
+
+def test_huge_image_is_refused_from_its_header_with_low_memory(tmp_path):
+    """20000x20000: refused by data.max_image_pixels before decoding (Pillow's own guard would
+    say "decompression bomb" without the size, or accept it up to 2x its limit)."""
+    path = huge_png(tmp_path / "huge.png", 20000, 20000)
+    assert path.stat().st_size < 200_000
+    script = (
+        "import re\n"
+        "from mmcore.data.images import load_rgb, BadImageError\n"
+        "try:\n"
+        f"    load_rgb({str(path)!r})\n"
+        "except BadImageError as exc:\n"
+        "    print(exc)\n"
+        # VmHWM: this process's peak (ru_maxrss would carry over pytest's own peak through fork)
+        "print(re.search(r'VmHWM:\\s*(\\d+)', open('/proc/self/status').read()).group(1))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    message, peak_kib = result.stdout.splitlines()
+    assert message == "image too large (20000x20000 = 400000000 pixels > data.max_image_pixels = 89478485)"
+    assert int(peak_kib) < 250_000  # decoding would take >= 400 MB (one byte per pixel)
+
+
+def test_max_image_pixels_replaces_pillows_guard(tmp_path):
+    from PIL import Image as PILImage
+
+    path = huge_png(tmp_path / "big.png", 12000, 10000)  # above Pillow's 89M limit
+    with open(path, "rb") as handle:
+        assert open_checked(handle, max_pixels=200_000_000).size == (12000, 10000)
+    with pytest.raises(BadImageError) as info:
+        load_rgb(path, max_pixels=50_000_000)
+    assert str(info.value) == "image too large (12000x10000 = 120000000 pixels > data.max_image_pixels = 50000000)"
+    assert PILImage.MAX_IMAGE_PIXELS == 89_478_485  # Pillow's global is restored
+
+
+def test_bad_images_are_reported_with_csv_row_and_path(tmp_path):
+    files = bad_image_files(tmp_path)
+    huge_png(tmp_path / "huge.png", 20000, 20000)
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.jpg")
+    names = ["ok.jpg", "zero_bytes.jpg", "huge.png", "not_an_image.jpg", "truncated.jpg"]
+    path = write(tmp_path / "test.csv", HEADER + "".join(f"{n},{i % 2},\n" for i, n in enumerate(names)))
+    split = read_split(path)
+    dataset = SampleDataset(split, preprocessing=Preprocessing(size=(16, 16)), max_image_pixels=1_000_000)
+    batch = Collate(dataset.preprocessing)([dataset[i] for i in range(len(dataset))])
+    assert batch["size"] == 1 and batch["bad_indices"] == [1, 2, 3, 4]
+    assert batch["errors"][:3] == [
+        f"{path}: row 2: {tmp_path / 'zero_bytes.jpg'}: empty file (0 bytes)",
+        f"{path}: row 3: {tmp_path / 'huge.png'}: image too large (20000x20000 = 400000000 pixels > data.max_image_pixels = 1000000)",
+        f"{path}: row 4: {tmp_path / 'not_an_image.jpg'}: not an image Pillow can read",
+    ]
+    assert batch["errors"][3].startswith(f"{path}: row 5: {files['truncated.jpg'][0]}: corrupt or truncated image (")
+
+    # on_bad_image = "error": stop, every row listed, and how to skip them instead
+    with pytest.raises(DataError) as info:
+        BadImages("error").check(batch, "test")
+    assert info.value.problems == batch["errors"] + [
+        'set data.on_bad_image = "skip" to leave such images out (counted in results.json)'
+    ]
+    # "skip": counted once per image, however many epochs see it
+    skip = BadImages("skip")
+    skip.check(batch, "train")
+    skip.check(batch, "train")
+    skip.check({"errors": batch["errors"][:1]}, "test")
+    assert skip.counts() == {"train": 4, "test": 1}
+
+
+def test_scan_images_finds_header_problems_before_a_run(tmp_path):
+    bad_image_files(tmp_path)
+    huge_png(tmp_path / "huge.png", 20000, 20000)
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.jpg")
+    names = ["ok.jpg", "zero_bytes.jpg", "huge.png", "not_an_image.jpg", "truncated.jpg"]
+    path = write(tmp_path / "train.csv", HEADER + "".join(f"{n},{i % 2},\n" for i, n in enumerate(names)))
+    split = read_split(path)
+    (tmp_path / "ok.jpg").unlink()  # gone since validation
+    found = scan_images(split)
+    assert found[:4] == [
+        f"{path}: row 1: {tmp_path / 'ok.jpg'}: image not found",
+        f"{path}: row 2: {tmp_path / 'zero_bytes.jpg'}: empty file (0 bytes)",
+        f"{path}: row 3: {tmp_path / 'huge.png'}: image too large (20000x20000 = 400000000 pixels > data.max_image_pixels = 89478485)",
+        f"{path}: row 4: {tmp_path / 'not_an_image.jpg'}: not an image Pillow can read",
+    ]
+    # a JPEG cut inside its header is found too (one cut in its body only when decoding)
+    assert len(found) == 5 and found[4].startswith(f"{path}: row 5: {tmp_path / 'truncated.jpg'}: corrupt or truncated image (")
+
+
+# ---------------------------------------------------------------- images: valid odd ones
+
+
+def pixels(image):
+    assert image.mode == "RGB"
+    return np.asarray(image)
+
+
+def test_cmyk_jpeg_loads_as_rgb(tmp_path):
+    image = Image.new("CMYK", (16, 16), (0, 0, 0, 0))  # white
+    image.paste((255, 0, 0, 0), (0, 0, 8, 16))  # cyan on the left
+    image.save(tmp_path / "cmyk.jpg", quality=95)
+    rgb = pixels(load_rgb(tmp_path / "cmyk.jpg")).astype(int)
+    assert np.abs(rgb[8, 2] - [0, 255, 255]).max() < 12
+    assert np.abs(rgb[8, 13] - [255, 255, 255]).max() < 12
+
+
+def test_16_bit_png_loads_as_rgb_on_a_fixed_scale(tmp_path):
+    gray = np.full((8, 8), 32896, dtype=np.uint16)  # 50% of 65535
+    gray[:, 4:] = 2570  # a dark half stays dark (not stretched to the image's own maximum)
+    Image.fromarray(gray).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as original:
+        assert original.mode.startswith("I")
+    rgb = pixels(load_rgb(tmp_path / "g16.png"))
+    assert rgb[0, 0].tolist() == [128, 128, 128] and rgb[0, 7].tolist() == [10, 10, 10]
+
+
+def test_palette_with_transparency_is_flattened_on_white(tmp_path):
+    image = Image.new("P", (4, 4), 0)
+    image.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)  # index 0 black, index 1 red
+    image.paste(1, (0, 0, 2, 4))
+    image.info["transparency"] = 0
+    image.save(tmp_path / "p.png", transparency=0)
+    rgb = pixels(load_rgb(tmp_path / "p.png"))
+    assert rgb[0, 0].tolist() == [255, 0, 0] and rgb[0, 3].tolist() == [255, 255, 255]
+
+
+def test_grayscale_alpha_is_flattened_on_white(tmp_path):
+    image = Image.new("LA", (4, 4), (0, 0))
+    image.paste((0, 255), (0, 0, 2, 4))
+    image.save(tmp_path / "la.png")
+    rgb = pixels(load_rgb(tmp_path / "la.png"))
+    assert rgb[0, 0].tolist() == [0, 0, 0] and rgb[0, 3].tolist() == [255, 255, 255]
+
+
+def test_animated_gif_gives_its_first_frame(tmp_path):
+    frames = [Image.new("RGB", (8, 8), color) for color in ((255, 0, 0), (0, 0, 255), (0, 255, 0))]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    with Image.open(tmp_path / "anim.gif") as original:
+        assert original.n_frames == 3
+    rgb = pixels(load_rgb(tmp_path / "anim.gif"))
+    assert rgb.shape == (8, 8, 3) and rgb[4, 4].tolist() == [255, 0, 0]
+
+
+def test_one_pixel_image_loads_and_preprocesses(tmp_path):
+    Image.new("RGB", (1, 1), (10, 20, 30)).save(tmp_path / "dot.png")
+    assert pixels(load_rgb(tmp_path / "dot.png")).tolist() == [[[10, 20, 30]]]
+    path = write(tmp_path / "t.csv", HEADER + "dot.png,True,\n")
+    dataset = SampleDataset(read_split(path), preprocessing=Preprocessing(size=(16, 16), mean=(0, 0, 0), std=(1, 1, 1)))
+    values = dataset[0]["vision"]["pixel_values"]
+    assert values.shape == (3, 16, 16)
+    assert torch.allclose(values[:, 8, 8], torch.tensor([10, 20, 30]) / 255, atol=1e-3)
+
+
+def test_load_rgb_reads_file_objects(tmp_path):
+    assert load_rgb(io.BytesIO(jpeg_bytes(size=(5, 7)))).size == (5, 7)
+    with pytest.raises(BadImageError, match=r"^empty file \(0 bytes\)$"):
+        load_rgb(io.BytesIO(b""))
+
+
+# ---------------------------------------------------------------- duplicates (leakage)
+
+
+def test_duplicates_across_splits_are_counted_per_pair(images):
+    shutil.copy(images / "a.jpg", images / "a_copy.jpg")  # same bytes, other name
+    Image.new("RGB", (8, 8), (0, 200, 0)).save(images / "c.jpg")
+    Image.new("RGB", (8, 8), (0, 100, 0)).save(images / "d.jpg")
+    Image.new("RGB", (8, 8), (50, 100, 0)).save(images / "e.jpg")
+    write(images / "train.csv", HEADER + "a.jpg,True,\nb.jpg,False,\n")
+    write(images / "val.csv", HEADER + "c.jpg,True,\nd.jpg,False,\n")
+    write(images / "test.csv", HEADER + "e.jpg,True,\na_copy.jpg,True,\nb.jpg,False,\na.jpg,True,\nc.jpg,False,\n")
+    splits = {name: read_split(images / f"{name}.csv") for name in ("train", "val", "test")}
+    report = find_duplicates(splits)
+    assert report.warnings() == [
+        "warning: 3 images of test.csv also appear in train.csv (same file content): leakage inflates test metrics",
+        "warning: 1 image of test.csv also appears in val.csv (same file content): leakage inflates test metrics",
+    ]
+    assert report.counts() == {"val_in_train": 0, "test_in_train": 3, "test_in_val": 1}
+    assert report.total == 4
+    test_in_train = report.overlaps[1]
+    assert test_in_train.rows == ((2, "a_copy.jpg", 1, "a.jpg"), (3, "b.jpg", 2, "b.jpg"), (4, "a.jpg", 1, "a.jpg"))
+
+
+def test_no_duplicates_no_warnings(images):
+    for name, image in (("train", "a.jpg"), ("val", "b.jpg")):
+        write(images / f"{name}.csv", HEADER + f"{image},True,\n")
+    (images / "gone.jpg").write_bytes(b"")
+    splits = {name: read_split(images / f"{name}.csv") for name in ("train", "val")}
+    report = find_duplicates(splits)
+    assert report.warnings() == [] and report.counts() == {"val_in_train": 0}
+
+
+# ---------------------------------------------------------------- recipes (through `mmcore run`)
+
+RECIPE = """
+experiment = "bad_inputs"
+seed = 1
+[data]
+base_dir = "{data}"
+num_workers = 0
+on_bad_image = "{on_bad_image}"
+[vision]
+name = "fake_cnn"
+params = {{ width = 8 }}
+[text]
+name = "fake_text"
+[pooling]
+name = "mean"
+[fusion]
+name = "gated"
+params = {{ dim = 8 }}
+[head]
+name = "mlp"
+params = {{ hidden = [8] }}
+[train]
+epochs = 1
+batch_size = 8
+learning_rate = 0.003
+[cache]
+dir = "{cache}"
+[logging]
+progress = false
+tensorboard = false
+"""
+
+
+def recipe_cases(tmp_path, data):
+    """name -> (recipe path, expected stderr line; '...' at the end means a prefix)."""
+    base = RECIPE.format(data=data, on_bad_image="error", cache=tmp_path / "cache")
+    r = lambda name, text: write(tmp_path / f"{name}.toml", text)  # noqa: E731
+    cases = {}
+    p = r("unknown_key", base.replace("epochs = 1", "epochs = 1\nlr = 0.1"))
+    cases["unknown_key"] = (p, f"{p}: train.lr: unknown key (did you mean learning_rate?)")
+    p = r("wrong_type", base.replace("batch_size = 8", 'batch_size = "8"'))
+    cases["wrong_type"] = (p, f"{p}: train.batch_size: must be an integer (got a string '8')")
+    p = r("unknown_component", base.replace('"fake_cnn"', '"fake_cnm"'))
+    cases["unknown_component"] = (p, f"{p}: vision.name: unknown vision encoder 'fake_cnm'; did you mean 'fake_cnn'? ...")
+    p = r("bad_param_value", base.replace('on_bad_image = "error"', 'on_bad_image = "ignore"'))
+    cases["bad_param_value"] = (p, f"{p}: data.on_bad_image: must be one of ")
+    p = r("missing_extends", 'extends = "base.toml"\n' + base)
+    cases["missing_extends"] = (p, f"{p.resolve()}: extends: recipe file not found: {tmp_path / 'base.toml'}")
+    r("cycle_b", 'extends = "extends_cycle.toml"\n')
+    p = r("extends_cycle", 'extends = "cycle_b.toml"\n' + base)
+    cases["extends_cycle"] = (p, f"{(tmp_path / 'cycle_b.toml').resolve()}: extends: cycle (...")
+    p = r("unset_data_dir", base.replace(f'base_dir = "{data}"', 'base_dir = "${DATA_DIR}/ads"'))
+    cases["unset_data_dir"] = (
+        p,
+        f"{p}: data.base_dir: environment variable DATA_DIR is not set (export DATA_DIR=... or --set data.base_dir=...)",
+    )
+    return cases
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["unknown_key", "wrong_type", "unknown_component", "bad_param_value", "missing_extends", "extends_cycle", "unset_data_dir"],
+)
+def test_recipe_problem_is_one_line_and_creates_no_run(tmp_path, images, monkeypatch, case):
+    monkeypatch.delenv("DATA_DIR", raising=False)
+    path, expected = recipe_cases(tmp_path, images)[case]
+    out = tmp_path / "run"
+    result = CliRunner().invoke(mmcore_group, ["run", str(path), "--out", str(out), "--quiet"])
+    lines = result.stderr.splitlines()
+    assert result.exit_code == 2, result.output
+    assert len(lines) == 1
+    if expected.endswith("...") or expected.endswith(" "):
+        assert lines[0].startswith(expected.removesuffix("..."))
+    else:
+        assert lines[0] == expected
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------- runs
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A small dataset (16/8/8) and a copy with a truncated train image (row 3) and an empty
+    test image (row 2)."""
+    from mmcore.demo import make_demo_dataset
+
+    root = tmp_path_factory.mktemp("bad_inputs")
+    good = make_demo_dataset(root / "good", n_train=16, n_val=8, n_test=8, size=(48, 48))
+    bad = Path(shutil.copytree(good, root / "bad"))
+    rows = {name: list(csv.reader(open(bad / f"{name}.csv", encoding="utf-8")))[1:] for name in ("train", "test")}
+    truncated = bad / rows["train"][2][0]
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    empty = bad / rows["test"][1][0]
+    empty.write_bytes(b"")
+    return {"root": root, "good": good, "bad": bad, "truncated": truncated, "empty": empty}
+
+
+def mmcore_subprocess(*args):
+    """The real ``python -m mmcore`` (like the ``cli`` fixture, usable by module fixtures)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "mmcore", *map(str, args)]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+def run_recipe(tiny, on_bad_image, name):
+    text = RECIPE.format(data=tiny["bad"], on_bad_image=on_bad_image, cache=tiny["root"] / "cache")
+    return write(tiny["root"] / f"{name}.toml", text.replace("[cache]\n", "[cache]\nenabled = false\n"))
+
+
+def snapshot(directory):
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(Path(directory).rglob("*")) if p.is_file()}
+
+
+def resume(run_dir, *extra):
+    return CliRunner().invoke(mmcore_group, ["run", *map(str, extra), "--resume", str(run_dir), "--quiet"])
+
+
+def refused(invoke, run_dir, expected):
+    """``invoke()`` exits 4 with exactly ``expected`` and leaves ``run_dir`` byte for byte as it was."""
+    before = snapshot(run_dir)
+    result = invoke()
+    assert result.exit_code == 4, result.output
+    assert result.stderr.splitlines() == [expected]
+    assert snapshot(run_dir) == before
+
+
+# Each real run happens once, in one test (module fixtures would run once per xdist worker).
+
+
+def test_run_with_a_bad_image_stops_with_its_row_and_cannot_be_evaluated_or_resumed(tiny):
+    out = tiny["root"] / "failed-run"
+    result = mmcore_subprocess("run", run_recipe(tiny, "error", "error"), "--out", out, "--quiet")
+    assert result.returncode == 3, result.stderr
+    train_csv = tiny["bad"] / "train.csv"
+    lines = result.stderr.splitlines()
+    assert "Traceback" not in result.stderr
+    assert lines[0].startswith(f"{train_csv}: row 3: {tiny['truncated']}: corrupt or truncated image (")
+    assert lines[-1] == 'set data.on_bad_image = "skip" to leave such images out (counted in results.json)'
+    # found by the header scan before anything started: no half-made run directory
+    assert not out.exists()
+    result = CliRunner().invoke(mmcore_group, ["eval", str(out), "--quiet"])
+    assert result.exit_code == 4 and result.stderr.splitlines() == [f"{out}: run directory not found"]
+    result = resume(out)
+    assert result.exit_code == 4 and result.stderr.splitlines() == [f"{out}: run directory not found"]
+
+
+def test_run_skipping_bad_images_completes_counts_them_and_refuses_resume(tiny):
+    out = tiny["root"] / "skipped-run"
+    result = mmcore_subprocess("run", run_recipe(tiny, "skip", "skip"), "--out", out, "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "status.json").read_text())["state"] == "completed"
+    results = json.loads((out / "results.json").read_text())
+    assert results["skipped_images"] == {"train": 1, "test": 1}
+    predictions = json.loads((out / "test_predictions.json").read_text())
+    empty_name = str(tiny["empty"].relative_to(tiny["bad"]))
+    assert len(predictions) == 7 and empty_name not in [p["path"] for p in predictions]
+    assert "skipped images" in result.stdout
+
+    # resume of a finished run
+    refused(lambda: resume(out), out, f"{out}: run already completed; nothing to resume (start a new run instead)")
+    # resume of an interrupted run with another recipe
+    stopped = Path(shutil.copytree(out, tiny["root"] / "interrupted-run"))
+    (stopped / "status.json").write_text(json.dumps({"state": "interrupted"}))
+    assert (stopped / "last.ckpt").is_file()
+    recipe = run_recipe(tiny, "skip", "skip").read_text()
+    other = write(tiny["root"] / "other.toml", recipe.replace("epochs = 1", "epochs = 3"))
+    refused(
+        lambda: resume(stopped, other),
+        stopped,
+        f"{stopped}: this run was started with another recipe (differs at train.epochs); "
+        f"resume it without a recipe: mmcore run --resume {stopped}",
+    )
+
+
+def test_eval_of_a_missing_run_directory(tmp_path):
+    result = CliRunner().invoke(mmcore_group, ["eval", str(tmp_path / "nope"), "--quiet"])
+    assert result.exit_code == 4
+    assert result.stderr.splitlines() == [f"{tmp_path / 'nope'}: run directory not found"]
+    assert not (tmp_path / "nope").exists()
+
+
+def test_resume_of_a_missing_run_directory(tmp_path):
+    result = resume(tmp_path / "nope")
+    assert result.exit_code == 4
+    assert result.stderr.splitlines() == [f"{tmp_path / 'nope'}: run directory not found"]
+    assert not (tmp_path / "nope").exists()
+
+
+# ---------------------------------------------------------------- disk full
+
+
+def enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_disk_full_on_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    from mmcore.engine import checkpoint
+
+    path = tmp_path / "checkpoint_best.ckpt"
+    checkpoint.save_checkpoint(path, {"format": "mmcore.checkpoint", "epoch": 1, "w": torch.ones(3)})
+    monkeypatch.setattr("mmcore.io.os.fsync", enospc)
+    with pytest.raises(RunError) as info:
+        checkpoint.save_checkpoint(path, {"format": "mmcore.checkpoint", "epoch": 2, "w": torch.zeros(3)})
+    assert str(info.value) == f"{path}: could not write (No space left on device); the previous version is kept"
+    monkeypatch.undo()
+    kept = checkpoint.read_checkpoint(path)
+    assert kept["epoch"] == 1 and kept["w"].tolist() == [1, 1, 1]
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_best.ckpt"]  # no temporary left
+
+
+def test_disk_full_while_writing_the_checkpoint_bytes(tmp_path, monkeypatch):
+    from mmcore import io as mmcore_io
+    from mmcore.engine import checkpoint
+
+    path = tmp_path / "checkpoint_best.ckpt"
+    checkpoint.save_checkpoint(path, {"format": "mmcore.checkpoint", "epoch": 1, "w": torch.ones(3)})
+    real_fdopen = os.fdopen
+
+    class FullDisk(io.RawIOBase):
+        def __init__(self, handle):
+            self.handle = handle
+
+        def writable(self):
+            return True
+
+        def write(self, data):  # the first KB fits, then the disk is full
+            if self.handle.tell() + len(data) > 1024:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.handle.write(data)
+
+        def fileno(self):
+            return self.handle.fileno()
+
+        def close(self):
+            self.handle.close()
+            super().close()
+
+    monkeypatch.setattr(mmcore_io.os, "fdopen", lambda fd, mode, **kw: FullDisk(real_fdopen(fd, mode, **kw)))
+    with pytest.raises(RunError) as info:
+        checkpoint.save_checkpoint(path, {"format": "mmcore.checkpoint", "epoch": 2, "w": torch.zeros(10000)})
+    assert str(info.value) == f"{path}: could not write (No space left on device); the previous version is kept"
+    monkeypatch.undo()
+    assert checkpoint.read_checkpoint(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_best.ckpt"]
+
+
+def test_disk_full_during_a_run_fails_it_and_keeps_the_best_checkpoint(tiny, registry, tmp_path, monkeypatch):
+    """The final checkpoint write (with the decision) hits a full disk: the run is marked failed
+    with the message, and the epoch checkpoint written before it is intact."""
+    from mmcore.engine.checkpoint import read_checkpoint
+    from mmcore.engine.run import run_training
+    from mmcore.recipe import load_recipe
+
+    recipe_path = write(tmp_path / "r.toml", RECIPE.format(data=tiny["good"], on_bad_image="error", cache=tmp_path / "cache"))
+    recipe = load_recipe(recipe_path, registry=registry)
+    out = tmp_path / "run"
+    real_replace = os.replace
+    writes = []
+
+    def replace(src, dst, *args, **kwargs):
+        if Path(dst).name == "checkpoint_best.ckpt":
+            writes.append(dst)
+            if len(writes) == 2:
+                enospc()
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(RunError) as info:
+        run_training(recipe, recipe_path=recipe_path, out=out, registry=registry, progress=False, echo=lambda *a: None)
+    monkeypatch.undo()
+    best = out / "checkpoint_best.ckpt"
+    message = f"{best}: could not write (No space left on device); the previous version is kept"
+    assert str(info.value) == message
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "failed" and status["error"] == message
+    kept = read_checkpoint(best)
+    assert kept["epoch"] == 1 and "decision" not in kept
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
