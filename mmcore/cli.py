@@ -73,13 +73,18 @@ def show(recipe, overrides):
 @click.option("--resume", "resume", type=click.Path(file_okay=False), help="Continue a stopped run in its directory.")
 @click.option("--nproc", type=click.IntRange(min=1), default=None,
               help="Train with N processes on this machine (launches torchrun; DDP, gloo on CPU, NCCL on GPU).")
+@click.option("--sweep", "sweeps", multiple=True, metavar="KEY=V1,V2",
+              help="Run the grid of these values (repeatable: the cartesian product), one run each, then compare.")
+@click.option("--dry-run", is_flag=True, help="With --sweep: list the grid, train nothing.")
 @click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
-def run(recipe, overrides, out, resume, nproc, quiet):
+def run(recipe, overrides, out, resume, nproc, sweeps, dry_run, quiet):
     """Train and evaluate RECIPE; writes a run directory.
 
     \b
     mmcore run recipes/x.toml --set train.epochs=5
     mmcore run --resume runs/x/20261128-101500     # after a crash, kill or Ctrl-C
+    mmcore run recipes/x.toml --sweep vision.name=resnet50,vit_base --sweep pooling.name=mean,attention
+    mmcore run recipes/x.toml --nproc 2            # DDP through torchrun
     """
     from .engine.run import RECIPE_FILE, check_resumable, run_training
     from .recipe import load_recipe
@@ -97,6 +102,20 @@ def run(recipe, overrides, out, resume, nproc, quiet):
         return
     if not recipe:
         raise click.UsageError("missing RECIPE (or --resume RUN_DIR)")
+    if sweeps:
+        from .sweep import run_sweep
+
+        import json
+
+        sweep_dir = run_sweep(recipe, overrides, sweeps, out=out, dry_run=dry_run, progress=not quiet, echo=click.echo)
+        summary = Path(sweep_dir) / "sweep.json"
+        if not dry_run and summary.is_file():
+            points = json.loads(summary.read_text(encoding="utf-8")).get("points", [])
+            if any(point.get("state") != "completed" for point in points):
+                sys.exit(1)  # which ones failed, and why, was said above
+        return
+    if dry_run:
+        raise click.UsageError("--dry-run lists a --sweep grid; to see a recipe use: mmcore show RECIPE")
     loaded = load_recipe(recipe, overrides)
     run_training(loaded, recipe_path=recipe, out=out, progress=not quiet, echo=click.echo)
 
@@ -168,15 +187,18 @@ def plural(noun):
     return noun + "es" if noun.endswith("s") else noun + "s"
 
 
-def _add_lazy_commands():
+def _add_commands():
     from .cache_cli import cache_group
+    from .compare import compare_command
     from .ocr import ocr_command
+    from .predict import predict_command
+    from .scaffold import new_plugin_command
 
-    cli.add_command(ocr_command)
-    cli.add_command(cache_group)
+    for command in (predict_command, compare_command, ocr_command, cache_group, new_plugin_command):
+        cli.add_command(command)
 
 
-_add_lazy_commands()
+_add_commands()
 
 
 def main():

@@ -1,0 +1,171 @@
+"""``mmcore predict``: score unlabeled data with a finished run.
+
+The CSV goes through the run's own pipeline (same preprocessing, feature cache and forward as
+training and ``mmcore eval``); the output is the input CSV with three columns added:
+``score`` (raw sigmoid), ``calibrated_score`` (after the run's temperature) and ``prediction``
+(``calibrated_score >= threshold``, the threshold tuned on validation).
+"""
+
+from __future__ import annotations
+
+import sys
+import tomllib
+from pathlib import Path
+
+import attrs
+import click
+
+from .errors import MmcoreError, RunError
+
+OUTPUT_COLUMNS = ("score", "calibrated_score", "prediction")
+
+
+@attrs.frozen
+class PredictSummary:
+    """What ``predict_csv`` did: rows read, rows scored, rows predicted positive, the decision."""
+
+    output: Path
+    rows: int
+    scored: int
+    positives: int
+    threshold: float
+    temperature: float
+
+    @property
+    def skipped(self):
+        return self.rows - self.scored
+
+
+def _run_modality(run_dir):
+    """``train.modality`` from the run's saved recipe, read before the model is built."""
+    from .engine.run import RECIPE_FILE
+
+    path = Path(run_dir) / RECIPE_FILE
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise RunError(f"{path}: cannot read the run's recipe ({exc})") from None
+    return (data.get("train") or {}).get("modality", "multimodal")
+
+
+def _read_frame(csv):
+    """The input CSV as strings, columns in their order (for writing it back out)."""
+    import pandas as pd
+
+    frame = pd.read_csv(csv, keep_default_na=False, dtype=str, encoding="utf-8-sig")
+    frame.columns = [str(c).strip() for c in frame.columns]
+    return frame
+
+
+def predict_csv(
+    run_dir, input_csv, output, *, batch_size=None, base_dir=None, registry=None, progress=True, echo=print
+):
+    """Score every row of ``input_csv`` with the run in ``run_dir``; write ``output`` atomically."""
+    from .data.csvs import read_split
+    from .engine.loop import BadImages, Trainer
+    from .engine.outputs import require_completed, score_split
+    from .engine.run import load_run
+    from .io import atomic_open
+
+    run_dir, input_csv, output = Path(run_dir), Path(input_csv), Path(output)
+    if output.exists() and output.is_dir():
+        raise MmcoreError(f"-o {output} is a folder; give a CSV file name")
+    if input_csv.is_file() and output.exists() and output.resolve() == input_csv.resolve():
+        raise MmcoreError(f"-o {output}: is the input CSV; write the predictions to another file")
+    require_completed(run_dir)
+    # Validate the data before the (possibly large) model is built.
+    modality = _run_modality(run_dir)
+    needs_text, needs_images = modality != "vision_only", modality != "text_only"
+    split = read_split(
+        input_csv, base_dir, require_label=False, require_text=needs_text, check_images=needs_images
+    )
+    frame = _read_frame(input_csv)
+
+    pipeline, ckpt = load_run(run_dir, registry=registry, progress=progress)
+    recipe = pipeline.recipe
+    if batch_size:
+        # Pipeline.loader and the feature pass read the batch size from the recipe.
+        pipeline.recipe = attrs.evolve(recipe, eval=attrs.evolve(recipe.eval, batch_size=int(batch_size)))
+    decision = ckpt.get("decision") or {"threshold": 0.5, "temperature": 1.0}
+    bad_images = BadImages(recipe.data.on_bad_image)
+    dataset, kept, errors = pipeline.dataset(split)
+    if errors:
+        bad_images.check({"errors": errors}, "predict")
+    trainer = Trainer(
+        model=pipeline.model, optimizer=None, scheduler=None, loss_fn=None,
+        device=pipeline.device, dtype=pipeline.dtype, bad_images=bad_images,
+        progress=progress, channels_last=pipeline.channels_last,
+    )
+    indices, logits, _ = trainer.predict(pipeline.loader(dataset), "predict", desc=f"predict {input_csv.name}")
+    raw, calibrated, predicted, _ = score_split(
+        logits, None, temperature=decision["temperature"], threshold=decision["threshold"]
+    )
+
+    # Rows are numbered from 1 in CSV order; a skipped image leaves its row's columns empty.
+    columns = {name: [""] * len(frame) for name in OUTPUT_COLUMNS}
+    for k, i in enumerate(indices):
+        position = kept.rows[int(i)] - 1
+        columns["score"][position] = repr(float(raw[k]))
+        columns["calibrated_score"][position] = repr(float(calibrated[k]))
+        columns["prediction"][position] = str(bool(predicted[k]))
+    for name in OUTPUT_COLUMNS:
+        frame[name] = columns[name]
+    with atomic_open(output, "w", encoding="utf-8", newline="") as handle:
+        frame.to_csv(handle, index=False)
+
+    summary = PredictSummary(
+        output=output,
+        rows=len(frame),
+        scored=len(indices),
+        positives=int(predicted.sum()),
+        threshold=float(decision["threshold"]),
+        temperature=float(decision["temperature"]),
+    )
+    echo(
+        f"scored {summary.scored} of {summary.rows} rows of {input_csv}: {summary.positives} predicted positive "
+        f"(calibrated_score >= {summary.threshold:.4f})"
+    )
+    if summary.skipped:
+        rows = "row" if summary.skipped == 1 else "rows"
+        echo(f"{summary.skipped} {rows} skipped (unreadable images; score left empty, data.on_bad_image = \"skip\")")
+    echo(f"wrote {output}")
+    return summary
+
+
+def _fail(exc):
+    """Print an MmcoreError's lines and exit with its code (also when run outside the group)."""
+    for line in str(exc).splitlines() or [type(exc).__name__]:
+        click.echo(line, err=True)
+    sys.exit(exc.exit_code)
+
+
+@click.command("predict")
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("input_csv", metavar="INPUT.csv", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="CSV to write: the input columns + score, calibrated_score, prediction.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Rows per forward pass [default: the run's eval.batch_size or train.batch_size].")
+@click.option("--base-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder that relative image paths start from [default: the CSV's folder].")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def predict_command(run_dir, input_csv, output, batch_size, base_dir, quiet):
+    """Score INPUT.csv (local_image_path[,label][,text_info]) with the finished run in RUN_DIR.
+
+    \b
+    mmcore predict runs/demo/20261128-101500 new_ads.csv -o scored.csv
+
+    prediction is calibrated_score >= the threshold the run tuned on validation.
+    text_info may be left out for vision_only runs.
+    """
+    try:
+        predict_csv(
+            run_dir, input_csv, output, batch_size=batch_size, base_dir=base_dir,
+            progress=not quiet, echo=click.echo,
+        )
+    except MmcoreError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted; {output} was not written", err=True)
+        sys.exit(130)
+
