@@ -21,7 +21,19 @@ import torch
 
 from .interfaces import TextEncoder, TokenOutput, VisionEncoder
 
-__all__ = ["check_vision_encoder", "check_text_encoder", "build", "sample_images"]
+__all__ = [
+    "check_vision_encoder",
+    "check_text_encoder",
+    "check_pooling",
+    "check_fusion",
+    "check_head",
+    "check_loss",
+    "check_scheduler",
+    "check_augmentation",
+    "check_ocr_engine",
+    "build",
+    "sample_images",
+]
 
 
 def build(kind, name, params=None, registry=None):
@@ -33,6 +45,16 @@ def build(kind, name, params=None, registry=None):
     registration = registry.get(kind, name)
     structured = structure(dict(params or {}), registration.params_cls, source=f"<{name} params>", path="params")
     return registration.factory(structured)
+
+
+def _registered(kind, name, params, registry):
+    """The registration of ``name`` and its params structured as a recipe would."""
+    from .plugins import get_registry
+    from .recipe import structure
+
+    registration = (registry or get_registry()).get(kind, name)
+    structured = structure(dict(params or {}), registration.params_cls, source=f"<{name} params>", path="params")
+    return registration, structured
 
 
 def sample_images(seed=0):
@@ -173,3 +195,190 @@ def check_text_encoder(name, params=None, registry=None):
 def _masked_mean(tokens, mask):
     weights = mask.unsqueeze(-1).to(tokens.dtype)
     return (tokens * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
+# --- the other component kinds -----------------------------------------------------------
+
+
+def _same(a, b, what):
+    assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), f"{what} (max diff {float((a - b).abs().max()):.2e})"
+
+
+def check_pooling(name, params=None, registry=None, *, dim=8, has_cls_token=False):
+    """Build pooling ``name`` for ``dim``-wide tokens and check its contract.
+
+    Checks: an ``nn.Module`` giving [B, dim] finite vectors from tokens [B, N, dim] and a bool
+    mask; padded tokens (mask False) never change the result, whatever they hold; each sample
+    alone gives what it gives in a batch; gradients reach the tokens. Returns the module.
+    """
+    registration, structured = _registered("pooling", name, params, registry)
+    pooling = registration.factory(structured, dim, has_cls_token)
+    assert isinstance(pooling, torch.nn.Module), f"{name}: factory must return an nn.Module"
+    pooling.eval()
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randn(2, 5, dim, generator=generator)
+    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    out = pooling(tokens, mask)
+    assert out.shape == (2, dim), f"{name}: expected [2, {dim}] (got {tuple(out.shape)})"
+    assert torch.isfinite(out).all(), f"{name}: non-finite output"
+    garbage = tokens.clone()
+    garbage[1, 3:] = 1e4
+    _same(pooling(garbage, mask), out, f"{name}: padded tokens change the result; is the mask applied?")
+    alone = pooling(tokens[1:, :3], mask[1:, :3])[0]
+    _same(alone, out[1], f"{name}: a padded sample alone differs from in a batch")
+    _same(pooling(tokens[:1], mask[:1])[0], out[0], f"{name}: sample 0 alone differs from in a batch")
+    pooling.train()
+    leaf = tokens.clone().requires_grad_(True)
+    pooling(leaf, mask).sum().backward()
+    assert leaf.grad is not None and leaf.grad[:, 0].abs().sum() > 0, f"{name}: no gradient reaches the tokens"
+    pooling.eval()
+    return pooling
+
+
+def _check_batch_module(name, module, inputs, out_shape):
+    """Shape, finiteness, batch invariance and gradients of a module over batch-first inputs."""
+    module.eval()
+    out = module(*inputs)
+    assert out.shape == out_shape, f"{name}: expected {list(out_shape)} (got {list(out.shape)})"
+    assert torch.isfinite(out).all(), f"{name}: non-finite output"
+    alone = module(*(x[:1] for x in inputs))
+    _same(alone[0], out[0], f"{name}: sample 0 alone differs from in a batch")
+    module.train()
+    leaves = [x.clone().requires_grad_(True) for x in inputs]
+    module(*leaves).sum().backward()
+    for i, leaf in enumerate(leaves):
+        assert leaf.grad is not None and leaf.grad.abs().sum() > 0, f"{name}: no gradient reaches input {i}"
+    params = [p for p in module.parameters() if p.requires_grad]
+    assert not params or any(p.grad is not None for p in params), f"{name}: no gradient reaches its parameters"
+    module.eval()
+    return out
+
+
+def check_fusion(name, params=None, registry=None, *, vision_dim=8, text_dim=6):
+    """Build fusion ``name`` and check: an ``nn.Module`` with a positive int ``out_dim`` that maps
+    (vision [B, vision_dim], text [B, text_dim]) to finite [B, out_dim]; batch invariant; the
+    gradient reaches both modalities (a fusion that ignores one is broken). Returns the module."""
+    registration, structured = _registered("fusion", name, params, registry)
+    fusion = registration.factory(structured, vision_dim, text_dim)
+    assert isinstance(fusion, torch.nn.Module), f"{name}: factory must return an nn.Module"
+    out_dim = getattr(fusion, "out_dim", None)
+    assert isinstance(out_dim, int) and out_dim > 0, f"{name}: the module needs a positive int out_dim"
+    generator = torch.Generator().manual_seed(0)
+    inputs = (torch.randn(2, vision_dim, generator=generator), torch.randn(2, text_dim, generator=generator))
+    _check_batch_module(name, fusion, inputs, (2, out_dim))
+    return fusion
+
+
+def check_head(name, params=None, registry=None, *, in_dim=8):
+    """Build head ``name`` and check: features [B, in_dim] -> finite logits [B] (one per sample,
+    not [B, 1]); batch invariant; gradients reach the features and its parameters."""
+    registration, structured = _registered("head", name, params, registry)
+    head = registration.factory(structured, in_dim)
+    assert isinstance(head, torch.nn.Module), f"{name}: factory must return an nn.Module"
+    features = torch.randn(2, in_dim, generator=torch.Generator().manual_seed(0))
+    _check_batch_module(name, head, (features,), (2,))
+    return head
+
+
+def check_loss(name, params=None, registry=None, *, label_counts=(6, 2)):
+    """Build loss ``name`` for ``label_counts`` (negatives, positives) and check: (logits [B],
+    float targets [B]) -> a finite scalar with a finite gradient; confident right answers cost
+    less than confident wrong ones. Returns the module."""
+    registration, structured = _registered("loss", name, params, registry)
+    loss_fn = registration.factory(structured, label_counts)
+    targets = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    logits = torch.tensor([0.3, -0.2, -0.5, 0.8], requires_grad=True)
+    loss = loss_fn(logits, targets)
+    assert loss.dim() == 0, f"{name}: must return a scalar (got shape {tuple(loss.shape)})"
+    assert torch.isfinite(loss), f"{name}: non-finite loss"
+    loss.backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all(), f"{name}: bad gradient"
+    with torch.no_grad():
+        right = loss_fn(4 * (2 * targets - 1), targets)
+        wrong = loss_fn(-4 * (2 * targets - 1), targets)
+    assert right < wrong, f"{name}: right answers cost {float(right):.4g}, wrong ones {float(wrong):.4g}"
+    return loss_fn
+
+
+def check_scheduler(name, params=None, registry=None, *, total_steps=20):
+    """Build schedule ``name`` over ``total_steps`` and check: an ``LRScheduler`` giving finite,
+    non-negative rates for every step, and a ``state_dict()`` that resumes it exactly (runs
+    resume from last.ckpt). Returns the learning rates of the steps."""
+    registration, structured = _registered("scheduler", name, params, registry)
+
+    def make():
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        return optimizer, registration.factory(structured, optimizer, total_steps)
+
+    optimizer, scheduler = make()
+    assert isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler), (
+        f"{name}: factory must return an LRScheduler"
+    )
+    rates = []
+    half = None
+    for step in range(total_steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+        if step == total_steps // 2:
+            half = (scheduler.state_dict(), list(rates))
+    assert all(np.isfinite(r) and r >= 0 for r in rates), f"{name}: bad learning rates {rates}"
+    optimizer, resumed = make()
+    resumed.load_state_dict(half[0])
+    optimizer.param_groups[0]["lr"] = resumed.get_last_lr()[0]
+    again = list(half[1])
+    for _ in range(total_steps // 2 + 1, total_steps):
+        again.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        resumed.step()
+    assert np.allclose(again, rates), f"{name}: a resumed schedule gives other rates ({again} vs {rates})"
+    return rates
+
+
+def check_augmentation(name, params=None, registry=None):
+    """Build augmentation ``name`` and check: ``None`` (no augmentation) or a picklable callable
+    turning a PIL RGB image into a PIL RGB image; the same torch seed gives the same image
+    (loader workers seed torch). Returns the augmentation."""
+    from PIL import Image
+
+    registration, structured = _registered("augmentation", name, params, registry)
+    augmentation = registration.factory(structured)
+    if augmentation is None:
+        return None
+    augmentation = pickle.loads(pickle.dumps(augmentation))  # runs in DataLoader workers
+    for image in sample_images():
+        outputs = []
+        for _ in range(2):
+            torch.manual_seed(7)
+            out = augmentation(image)
+            assert isinstance(out, Image.Image) and out.mode == "RGB", f"{name}: must return an RGB PIL image"
+            outputs.append(np.asarray(out))
+        assert np.array_equal(*outputs), f"{name}: the same torch seed gave different images; use torch's RNG"
+    return augmentation
+
+
+def check_ocr_engine(name, params=None, registry=None, *, lang="eng", image=None, expected=None):
+    """Build OCR engine ``name`` and check: an :class:`~mmcore.interfaces.OcrEngine` with a
+    stable identity naming it; ``read(image, lang)`` returns a string (``image`` defaults to a
+    blank one; with ``expected``, that text must appear, case and spacing ignored). Needs the
+    engine's program and language installed: skip the test where they are not. Returns the engine."""
+    from PIL import Image
+
+    from .interfaces import OcrEngine
+
+    registration, structured = _registered("ocr", name, params, registry)
+    engine = registration.factory(structured)
+    assert isinstance(engine, OcrEngine), f"{name}: factory must return an OcrEngine"
+    identity = engine.identity
+    assert isinstance(identity, str) and name in identity, f"{name}: identity must be a string naming the engine"
+    assert registration.factory(structured).identity == identity, f"{name}: identity is not stable"
+    check = getattr(engine, "check", None)
+    if check is not None:
+        check(lang)
+    image = image if image is not None else Image.new("RGB", (64, 32), "white")
+    text = engine.read(image, lang)
+    assert isinstance(text, str), f"{name}: read() must return a str (got {type(text).__name__})"
+    if expected is not None:
+        squash = "".join(text.lower().split())
+        assert "".join(expected.lower().split()) in squash, f"{name}: expected {expected!r} in {text!r}"
+    return engine
