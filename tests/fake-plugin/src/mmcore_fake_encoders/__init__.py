@@ -21,6 +21,8 @@ class FakeVisionParams(EncoderParams):
 
     width: int = 16
     image_size: int = 32
+    #: test knob: after this many training-mode forward passes, output NaN (0 = never)
+    nan_after: int = 0
 
 
 class FakeCnn(VisionEncoder):
@@ -37,12 +39,18 @@ class FakeCnn(VisionEncoder):
             nn.Sequential(nn.Conv2d(w, w, 3, stride=2 if i < 2 else 1, padding=1), nn.BatchNorm2d(w), nn.ReLU())
             for i in range(3)
         )
+        self.nan_after = params.nan_after
+        self.training_calls = 0
 
     def forward(self, pixel_values):
         x = self.stem(pixel_values)
         for layer in self.layers:
             x = layer(x)
         tokens = x.flatten(2).transpose(1, 2)
+        if self.training:
+            self.training_calls += 1
+            if self.nan_after and self.training_calls > self.nan_after:
+                tokens = tokens * float("nan")
         return TokenOutput(tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device))
 
     def blocks(self):

@@ -1,0 +1,109 @@
+"""Training options end to end: NaN policy, balanced sampler, modality dropout, TensorBoard extras."""
+
+import json
+
+import pytest
+import torch
+
+BASE = """
+experiment = "opts"
+seed = 1
+[data]
+base_dir = "{data}"
+num_workers = 0
+[vision]
+name = "fake_cnn"
+params = {{ width = 8{vision_extra} }}
+[text]
+name = "fake_text"
+[pooling]
+name = "mean"
+[train]
+epochs = 2
+batch_size = 16
+learning_rate = 0.003
+{train_extra}
+[train.early_stopping]
+patience = 0
+[logging]
+progress = false
+"""
+
+
+def recipe_text(data, vision_extra="", train_extra=""):
+    return BASE.format(data=data, vision_extra=vision_extra, train_extra=train_extra)
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(cli, recipe_file, demo_data, tmp_path):
+    # 64 train rows / batch 16 = 4 steps per epoch: NaN from the 5th step, in epoch 2
+    path = recipe_file(recipe_text(demo_data, ", nan_after = 4", "finetune_layers = -1"))
+    out = tmp_path / "run"
+    result = cli("run", path, "--out", out, "--quiet", check=False)
+    assert result.returncode == 4
+    assert result.stderr.strip() == (
+        "non-finite loss (nan) at step 5 (epoch 2, batch 1); stopped, the last good checkpoint is kept "
+        '(set train.on_nan = "skip" to skip such batches)'
+    )
+    assert json.loads((out / "status.json").read_text())["state"] == "failed"
+    assert torch.load(out / "checkpoint_best.ckpt", weights_only=True)["epoch"] == 1
+    assert torch.load(out / "last.ckpt", weights_only=True)["epoch"] == 1
+
+
+def test_nan_loss_skip_policy_completes_and_counts(cli, recipe_file, demo_data, tmp_path):
+    path = recipe_file(recipe_text(demo_data, ", nan_after = 4", 'finetune_layers = -1\non_nan = "skip"'))
+    out = tmp_path / "run"
+    cli("run", path, "--out", out, "--quiet")
+    results = json.loads((out / "results.json").read_text())
+    assert results["skipped_nan_steps"] == 4  # every batch of epoch 2
+
+
+def test_balanced_sampler_draws_both_classes_equally():
+    from mmcore.engine.sampling import EpochBatchSampler, balanced_weights
+
+    labels = [1] * 10 + [0] * 90
+    sampler = EpochBatchSampler(100, 100, seed=3, weights=balanced_weights(labels))
+    drawn = [i for batch in sampler for i in batch]
+    positives = sum(labels[i] for i in drawn)
+    assert len(drawn) == 100 and 35 <= positives <= 65  # ~50 of 100, not ~10
+    sampler.set_epoch(2)
+    assert [i for batch in sampler for i in batch] != drawn  # a new draw each epoch
+
+
+def test_modality_dropout_zeroes_one_modality_per_dropped_sample():
+    from mmcore.model import _drop_modality
+
+    torch.manual_seed(0)
+    vision, text = torch.ones(1000, 4), torch.ones(1000, 3)
+    v, t = _drop_modality(vision, text, 0.3)
+    v_dropped, t_dropped = v.sum(1) == 0, t.sum(1) == 0
+    assert not (v_dropped & t_dropped).any()  # never both
+    assert 0.25 < (v_dropped | t_dropped).float().mean() < 0.35
+    assert 0.4 < v_dropped.float().sum() / (v_dropped | t_dropped).float().sum() < 0.6
+
+
+def test_modality_dropout_trains_end_to_end(cli, recipe_file, demo_data, tmp_path):
+    path = recipe_file(recipe_text(demo_data, "", "modality_dropout = 0.5\nbalanced_sampler = true"))
+    out = tmp_path / "run"
+    cli("run", path, "--out", out, "--quiet")
+    recipe = (out / "recipe.toml").read_text()
+    assert "modality_dropout = 0.5" in recipe and "balanced_sampler = true" in recipe
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"tensors": 0})
+    events.Reload()
+    assert "test/pr_curve" in events.Tags()["tensors"]  # PR curve in TensorBoard
+    pr = events.Tensors("test/pr_curve")[-1]
+    assert pr.tensor_proto.tensor_shape.dim[0].size == 6  # TP, FP, TN, FN, precision, recall
+
+
+@pytest.mark.parametrize("pos_weight,expected", [("auto", 48 / 16), (2.5, 2.5)])
+def test_pos_weight_auto_comes_from_the_train_label_ratio(pos_weight, expected, registry):
+    from mmcore.recipe import structure
+
+    reg = registry.get("loss", "bce")
+    loss = reg.factory(structure({"pos_weight": pos_weight}, reg.params_cls, source="t"), (48, 16))
+    logits, targets = torch.tensor([0.3, -1.2]), torch.tensor([1.0, 0.0])
+    expected_loss = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, targets, pos_weight=torch.tensor(expected)
+    )
+    assert torch.allclose(loss(logits, targets), expected_loss)
