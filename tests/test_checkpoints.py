@@ -1,0 +1,69 @@
+"""Checkpoints are data: loaded with weights_only=True, and a foreign one is explained, not dumped."""
+
+import shutil
+
+import pytest
+import torch
+
+from mmcore.engine.checkpoint import read_checkpoint
+from mmcore.errors import RunError
+
+TINY = """
+experiment = "ck"
+seed = {seed}
+[data]
+base_dir = "{data}"
+num_workers = 0
+[vision]
+name = "fake_cnn"
+params = {{ width = {width} }}
+[text]
+name = "fake_text"
+[pooling]
+name = "mean"
+[train]
+epochs = 1
+batch_size = 16
+[logging]
+progress = false
+"""
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("this ran while loading",))
+
+
+def test_a_checkpoint_that_carries_code_is_refused(tmp_path, capsys):
+    path = tmp_path / "evil.ckpt"
+    torch.save({"format": "mmcore.checkpoint", "payload": _Evil()}, path)
+    with pytest.raises(RunError) as info:
+        read_checkpoint(path)
+    assert str(info.value).startswith(f"{path}: not a loadable mmcore checkpoint (")
+    assert "only tensors and plain types are accepted" in str(info.value)
+    assert "this ran while loading" not in capsys.readouterr().out
+
+
+def test_newer_format_and_foreign_files_are_explained(tmp_path):
+    path = tmp_path / "new.ckpt"
+    torch.save({"format": "mmcore.checkpoint", "format_version": 99}, path)
+    with pytest.raises(RunError, match=r"checkpoint format 99 is newer than this mmcore .* upgrade mmcore"):
+        read_checkpoint(path)
+    torch.save({"state_dict": {}}, path)
+    with pytest.raises(RunError, match=r"not an mmcore checkpoint \(no 'mmcore.checkpoint' format marker\)"):
+        read_checkpoint(path)
+
+
+def test_eval_with_another_runs_checkpoint_says_what_differs(cli, recipe_file, demo_data, tmp_path):
+    a = recipe_file(TINY.format(seed=1, data=demo_data, width=8), "a.toml")
+    b = recipe_file(TINY.format(seed=1, data=demo_data, width=16), "b.toml")
+    cli("run", a, "--out", tmp_path / "a", "--quiet")
+    cli("run", b, "--out", tmp_path / "b", "--quiet")
+    shutil.copy(tmp_path / "a" / "checkpoint_best.ckpt", tmp_path / "b" / "checkpoint_best.ckpt")
+    result = cli("eval", tmp_path / "b", "--quiet", check=False)
+    assert result.returncode == 4
+    assert result.stderr.strip() == (
+        f"{tmp_path / 'b' / 'checkpoint_best.ckpt'}: checkpoint was trained with another recipe "
+        "(differs at vision.params.width)"
+    )
+    assert "Traceback" not in result.stderr
