@@ -103,9 +103,9 @@ def run(recipe, overrides, out, resume, nproc, sweeps, dry_run, quiet):
     if not recipe:
         raise click.UsageError("missing RECIPE (or --resume RUN_DIR)")
     if sweeps:
-        from .sweep import run_sweep
-
         import json
+
+        from .sweep import run_sweep
 
         sweep_dir = run_sweep(recipe, overrides, sweeps, out=out, dry_run=dry_run, progress=not quiet, echo=click.echo)
         summary = Path(sweep_dir) / "sweep.json"

@@ -13,11 +13,11 @@ import io
 import json
 import math
 import sys
-import tomllib
 from pathlib import Path
 
 import attrs
 import click
+import tomllib
 
 from .errors import MmcoreError
 

@@ -7,6 +7,7 @@ previous version in place.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -79,3 +80,15 @@ def save_torch(path, obj):
     with atomic_open(path, "wb") as handle:
         handle.write(buffer.getbuffer())
     return Path(path)
+
+
+def file_sha1(path, block=1 << 20):
+    """sha1 of a file's bytes (20 bytes), or None when it cannot be read (other checks report that)."""
+    digest = hashlib.sha1()
+    try:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(block):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.digest()

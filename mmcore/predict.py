@@ -9,11 +9,11 @@ training and ``mmcore eval``); the output is the input CSV with three columns ad
 from __future__ import annotations
 
 import sys
-import tomllib
 from pathlib import Path
 
 import attrs
 import click
+import tomllib
 
 from .errors import MmcoreError, RunError
 
@@ -62,9 +62,8 @@ def predict_csv(
 ):
     """Score every row of ``input_csv`` with the run in ``run_dir``; write ``output`` atomically."""
     from .data.csvs import read_split
-    from .engine.loop import BadImages, Trainer
     from .engine.outputs import require_completed, score_split
-    from .engine.run import load_run
+    from .engine.run import load_run, score_with_run
     from .io import atomic_open
 
     run_dir, input_csv, output = Path(run_dir), Path(input_csv), Path(output)
@@ -87,16 +86,9 @@ def predict_csv(
         # Pipeline.loader and the feature pass read the batch size from the recipe.
         pipeline.recipe = attrs.evolve(recipe, eval=attrs.evolve(recipe.eval, batch_size=int(batch_size)))
     decision = ckpt.get("decision") or {"threshold": 0.5, "temperature": 1.0}
-    bad_images = BadImages(recipe.data.on_bad_image)
-    dataset, kept, errors = pipeline.dataset(split)
-    if errors:
-        bad_images.check({"errors": errors}, "predict")
-    trainer = Trainer(
-        model=pipeline.model, optimizer=None, scheduler=None, loss_fn=None,
-        device=pipeline.device, dtype=pipeline.dtype, bad_images=bad_images,
-        progress=progress, channels_last=pipeline.channels_last,
+    kept, indices, logits, _, _ = score_with_run(
+        pipeline, split, "predict", progress=progress, desc=f"predict {input_csv.name}"
     )
-    indices, logits, _ = trainer.predict(pipeline.loader(dataset), "predict", desc=f"predict {input_csv.name}")
     raw, calibrated, predicted, _ = score_split(
         logits, None, temperature=decision["temperature"], threshold=decision["threshold"]
     )

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
 import typing
 from pathlib import Path
 from typing import Any
 
 import attrs
 import cattrs
+import tomllib
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
 from .errors import RecipeError, did_you_mean

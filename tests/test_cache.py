@@ -182,8 +182,9 @@ def test_sharded_fills_cover_disjoint_parts(registry, tmp_path, split):
 
 
 def _concurrent_fill(cache, data_dir, queue):
-    from mmcore.plugins import make_registry
     import mmcore_fake_encoders
+
+    from mmcore.plugins import make_registry
 
     registry = make_registry(load_entrypoints=False, extra_plugins=[("fake", mmcore_fake_encoders)])
     split = read_split(os.path.join(data_dir, "train.csv"), data_dir)

@@ -1,7 +1,8 @@
 """The mmcore command line, run as a real subprocess."""
 
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,9 +7,9 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 
 import pytest
+import tomllib
 from click.testing import CliRunner
 
 from mmcore.compare import FIXED_COLUMNS, METRIC_COLUMNS, compare_command, compare_runs

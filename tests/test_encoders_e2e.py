@@ -8,11 +8,11 @@ intercepting the download each encoder asks for.
 import json
 import re
 import shlex
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tomllib
 import torch
 from click.testing import CliRunner
 
@@ -340,9 +340,10 @@ def real_registry():
 def test_each_name_requests_the_mission_hub_id(real_registry, monkeypatch):
     if not MISSION.is_file():
         pytest.skip(f"{MISSION} not present (the product docs live outside the repository)")
+    import mmcore_vision_siglip2.encoders
+
     import mmcore.encoders
     import mmcore.text
-    import mmcore_vision_siglip2.encoders
 
     def intercept(loader, model_id, **kwargs):
         raise Requested(model_id)

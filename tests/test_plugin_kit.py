@@ -8,12 +8,12 @@ import os
 import re
 import subprocess
 import sys
-import tomllib
 import types
 from pathlib import Path
 
 import attrs
 import pytest
+import tomllib
 import torch
 from click.testing import CliRunner
 

@@ -1,8 +1,7 @@
 """Recipes: TOML -> strict attrs classes; every problem one line naming the file and key path."""
 
-import tomllib
-
 import pytest
+import tomllib
 
 from mmcore.errors import RecipeError
 from mmcore.recipe import load_recipe, recipe_to_toml

@@ -4,8 +4,8 @@ import attrs
 import pytest
 
 from mmcore import hookimpl, hookspecs
-from mmcore.plugins import collect, make_plugin_manager, make_registry
-from mmcore.registry import DuplicateComponentError, KINDS, UnknownComponentError
+from mmcore.plugins import make_plugin_manager, make_registry
+from mmcore.registry import KINDS, DuplicateComponentError, UnknownComponentError
 
 
 def test_builtins_register_through_the_hooks():

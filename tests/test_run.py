@@ -1,11 +1,11 @@
 """`mmcore run` and `mmcore eval` end to end, as subprocesses, checking every output by content."""
 
 import json
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tomllib
 import torch
 
 TINY = """

@@ -7,11 +7,11 @@ dataset once; a few thousand ad images take well under a second from a warm disk
 
 from __future__ import annotations
 
-import hashlib
 from concurrent.futures import ThreadPoolExecutor
 
 import attrs
 
+from ..io import file_sha1
 from .images import DEFAULT_MAX_IMAGE_PIXELS, BadImageError, open_checked
 
 #: later splits are compared with earlier ones: test with val and train, val with train
@@ -61,18 +61,6 @@ class DuplicateReport:
     @property
     def total(self):
         return sum(o.count for o in self.overlaps)
-
-
-def file_sha1(path, block=1 << 20):
-    """sha1 of a file's bytes, or None when it cannot be read (other checks report that)."""
-    digest = hashlib.sha1()
-    try:
-        with open(path, "rb") as handle:
-            while chunk := handle.read(block):
-                digest.update(chunk)
-    except OSError:
-        return None
-    return digest.digest()
 
 
 def find_duplicates(splits):

@@ -40,6 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..io import file_sha1
+
 FORMAT = "v1"
 INDEX_DTYPE = np.dtype([("key", "S20"), ("offset", "<i8"), ("length", "<i4")])
 FILE_DTYPE = np.dtype([("stat", "S20"), ("sha1", "S20")])
@@ -64,18 +66,6 @@ def cache_root(configured=""):
 def text_key(text):
     """A text's content key (20 bytes)."""
     return hashlib.sha1(text.encode("utf-8")).digest()
-
-
-def file_sha1(path, block=1 << 20):
-    """sha1 of a file's bytes (20 bytes), or None when it cannot be read."""
-    digest = hashlib.sha1()
-    try:
-        with open(path, "rb") as handle:
-            while chunk := handle.read(block):
-                digest.update(chunk)
-    except OSError:
-        return None
-    return digest.digest()
 
 
 def _stat_key(path):

@@ -108,7 +108,10 @@ def load_model_state(model, ckpt, *, path="checkpoint"):
         parts = []
         if shape:
             k = shape[0]
-            parts.append(f"{len(shape)} tensors differ in shape (e.g. {k}: {tuple(state[k].shape)} in the checkpoint, {tuple(own[k].shape)} in the model)")
+            parts.append(
+                f"{len(shape)} tensors differ in shape (e.g. {k}: {tuple(state[k].shape)} in the checkpoint, "
+                f"{tuple(own[k].shape)} in the model)"
+            )
         if missing:
             parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
         if unexpected:

@@ -8,10 +8,10 @@
 from __future__ import annotations
 
 import time
-import tomllib
 from pathlib import Path
 
 import numpy as np
+import tomllib
 import torch
 
 from ..data.csvs import load_splits, read_split, resolve_csv
@@ -625,6 +625,25 @@ def _dict_diff(a, b, prefix=""):
     return out
 
 
+def score_with_run(pipeline, split, name, *, progress=True, desc=None):
+    """Logits for every usable row of ``split`` with a loaded run's model (eval and predict).
+
+    Returns ``(split, indices, logits, labels, bad_images)``; ``split`` may have lost rows
+    whose images could not be read (with ``data.on_bad_image = "skip"``).
+    """
+    bad_images = BadImages(pipeline.recipe.data.on_bad_image)
+    dataset, split, errors = pipeline.dataset(split)
+    if errors:
+        bad_images.check({"errors": errors}, name)
+    trainer = Trainer(
+        model=pipeline.model, optimizer=None, scheduler=None, loss_fn=None,
+        device=pipeline.device, dtype=pipeline.dtype, bad_images=bad_images,
+        progress=progress, channels_last=pipeline.channels_last,
+    )
+    indices, logits, labels = trainer.predict(pipeline.loader(dataset), name, desc=desc)
+    return split, indices, logits, labels, bad_images
+
+
 def evaluate_run(run_dir, *, data=None, out=None, registry=None, progress=True, echo=print):
     """Re-score a CSV (default: the run's test split) with a finished run's model."""
     run_dir = Path(run_dir)
@@ -635,16 +654,7 @@ def evaluate_run(run_dir, *, data=None, out=None, registry=None, progress=True, 
     if split.labels is None:
         raise DataError(f"{csv}: eval needs labels in every row (use mmcore predict for unlabeled data)")
     out_dir = Path(out) if out else run_dir / "eval" / f"{csv.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    bad_images = BadImages(recipe.data.on_bad_image)
-    dataset, split, errors = pipeline.dataset(split)
-    if errors:
-        bad_images.check({"errors": errors}, "eval")
-    trainer = Trainer(
-        model=pipeline.model, optimizer=None, scheduler=None, loss_fn=None,
-        device=pipeline.device, dtype=pipeline.dtype, bad_images=bad_images,
-        progress=progress, channels_last=pipeline.channels_last,
-    )
-    indices, logits, labels = trainer.predict(pipeline.loader(dataset), "eval")
+    split, indices, logits, labels, bad_images = score_with_run(pipeline, split, "eval", progress=progress)
     decision = ckpt.get("decision") or {"threshold": 0.5, "temperature": 1.0, "description": "0.5 (no decision saved)"}
     summary = {
         "experiment": recipe.experiment,

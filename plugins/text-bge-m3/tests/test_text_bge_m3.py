@@ -6,10 +6,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import re
 from pathlib import Path
 
+import mmcore_text_bge_m3 as plugin
 import pytest
 import torch
 
-import mmcore_text_bge_m3 as plugin
 from mmcore.plugins import get_registry
 from mmcore.testing import check_text_encoder
 from mmcore.validators import FieldError

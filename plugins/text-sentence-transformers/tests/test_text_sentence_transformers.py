@@ -8,10 +8,10 @@ import re
 from pathlib import Path
 
 import attrs
+import mmcore_text_sentence_transformers as plugin
 import pytest
 import torch
 
-import mmcore_text_sentence_transformers as plugin
 from mmcore.plugins import get_registry
 from mmcore.testing import check_text_encoder
 from mmcore.validators import FieldError

@@ -1,9 +1,9 @@
 """mmcore-vision-efficientnet: entry point, contract, token counts, weights id and load errors."""
 
+import mmcore_vision_efficientnet
 import pytest
 import torch
 
-import mmcore_vision_efficientnet
 from mmcore.encoders import ResizeCropPreprocessing
 from mmcore.plugins import get_registry
 from mmcore.testing import build, check_vision_encoder, sample_images

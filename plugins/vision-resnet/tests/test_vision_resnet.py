@@ -1,9 +1,9 @@
 """mmcore-vision-resnet: entry point, contract, token counts, weights ids and load errors."""
 
+import mmcore_vision_resnet
 import pytest
 import torch
 
-import mmcore_vision_resnet
 from mmcore.encoders import ResizeCropPreprocessing
 from mmcore.plugins import get_registry
 from mmcore.testing import build, check_vision_encoder, sample_images

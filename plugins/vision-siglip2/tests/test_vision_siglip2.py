@@ -6,11 +6,6 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-from mmcore.plugins import make_registry
-from mmcore.testing import check_vision_encoder
-from mmcore.weights import WeightsError
 from mmcore_vision_siglip2 import (
     DEFAULT_MAX_NUM_PATCHES,
     HUB_IDS,
@@ -19,6 +14,11 @@ from mmcore_vision_siglip2 import (
 )
 from mmcore_vision_siglip2.encoders import vision_config
 from mmcore_vision_siglip2.naflex import NaflexPreprocessing
+from PIL import Image
+
+from mmcore.plugins import make_registry
+from mmcore.testing import check_vision_encoder
+from mmcore.weights import WeightsError
 
 ALL_NAMES = ("siglip2_so400m", "siglip2_base", "siglip2_naflex_so400m", "siglip2_naflex_base")
 

@@ -1,9 +1,9 @@
 """mmcore-vision-vit: entry point, contract, tokens, hub ids, LoRA targets and load errors."""
 
+import mmcore_vision_vit
 import pytest
 import torch
 
-import mmcore_vision_vit
 from mmcore.encoders import ResizeCropPreprocessing
 from mmcore.plugins import get_registry
 from mmcore.testing import build, check_vision_encoder, sample_images

@@ -8,8 +8,7 @@ the top blocks (peft supports ``Conv2d``). torchvision is imported by the factor
 
 import attrs
 
-from mmcore.encoders import FeatureMapEncoder, build_torchvision_model, square_preprocessing
-from mmcore.encoders import torchvision_preprocessing
+from mmcore.encoders import FeatureMapEncoder, build_torchvision_model, square_preprocessing, torchvision_preprocessing
 from mmcore.hookspecs import hookimpl
 from mmcore.interfaces import EncoderParams
 

@@ -10,8 +10,7 @@ torchvision is imported by the factory.
 import attrs
 from torch import nn
 
-from mmcore.encoders import FeatureMapEncoder, build_torchvision_model, square_preprocessing
-from mmcore.encoders import torchvision_preprocessing
+from mmcore.encoders import FeatureMapEncoder, build_torchvision_model, square_preprocessing, torchvision_preprocessing
 from mmcore.hookspecs import hookimpl
 from mmcore.interfaces import EncoderParams
 
