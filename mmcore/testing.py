@@ -102,7 +102,7 @@ def check_vision_encoder(name, params=None, registry=None):
     different shapes; the output is TokenOutput with tokens [2, N, out_dim] and a bool mask
     [2, N] with real tokens in every row; finite values; a batch of 2 gives each image the
     same pooled features as that image alone (padding is masked); every pooling + fusion +
-    head runs; gradients reach the last block; blocks() are submodules; LoRA targets exist in
+    head runs; gradients reach the last block and one optimizer step changes it; blocks() are submodules; LoRA targets exist in
     the blocks; the identity string is stable across builds. Returns the encoder.
     """
     encoder = build("vision", name, params, registry)
@@ -161,6 +161,10 @@ def check_vision_encoder(name, params=None, registry=None):
     assert last and any(p.grad is not None and p.grad.abs().sum() > 0 for p in last), (
         f"{name}: no gradient reaches the last block"
     )
+    # one optimizer step: the encoder trains (the weights that got gradients move)
+    before = [p.detach().clone() for p in last]
+    torch.optim.SGD(encoder.parameters(), lr=0.1).step()
+    assert any(not torch.equal(b, p.detach()) for b, p in zip(before, last)), f"{name}: a training step changed nothing"
     identity = encoder.identity
     assert isinstance(identity, str) and name in identity, f"{name}: identity must be a string naming the encoder"
     again = build("vision", name, params, registry)
