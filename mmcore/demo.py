@@ -3,8 +3,9 @@
 Ads are rendered offers: a banner colour, a headline ("50% OFF"), a price, a call to action,
 sometimes a product shape; their ``text_info`` is what OCR would read, occasionally empty
 (OCR misses) or garbled. Non-ads are ordinary pictures (gradient skies, landscapes, shapes,
-noise "photos") whose text is usually empty and sometimes a caption or a sign. Hard cases
-on both sides (a plain-looking ad, a photo with a shop sign) keep the task from being trivial.
+noise "photos") whose text is usually empty and sometimes a caption, a sign or a market price.
+Hard cases on both sides (a plain ad whose OCR found nothing, a market photo with a price)
+keep the task from being trivial.
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ def _garble(text, rng, rate=0.15):
 def _ad(rng, size):
     from PIL import Image, ImageDraw
 
-    bg = tuple(rng.randint(150, 255) if i == rng.randint(0, 2) else rng.randint(0, 120) for i in range(3))
+    if rng.random() < 0.25:  # a plain ad: muted colours, no banner, small type
+        bg = tuple(rng.randint(90, 200) for _ in range(3))
+    else:
+        bg = tuple(rng.randint(150, 255) if i == rng.randint(0, 2) else rng.randint(0, 120) for i in range(3))
     img = Image.new("RGB", size, bg)
     draw = ImageDraw.Draw(img)
     w, h = size
@@ -62,10 +66,10 @@ def _ad(rng, size):
         draw.ellipse([x, y, x + w // 5, y + h // 5], fill=tuple(rng.randint(0, 255) for _ in range(3)))
     text = f"{headline} {product} {price} {action}"
     roll = rng.random()
-    if roll < 0.08:
+    if roll < 0.2:
         text = ""  # OCR found nothing
-    elif roll < 0.3:
-        text = _garble(text, rng)
+    elif roll < 0.45:
+        text = _garble(text, rng, 0.3)
     return img, text
 
 
@@ -88,13 +92,16 @@ def _photo(rng, size):
     img = img.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.5, 2.0)))
     text = ""
     roll = rng.random()
-    if roll < 0.15:
+    if roll < 0.2:
         text = rng.choice(CAPTIONS)
         ImageDraw.Draw(img).text((4, h - 14), text, fill=(255, 255, 255), font=_font(10))
-    elif roll < 0.25:
+    elif roll < 0.32:
         text = rng.choice(SIGNS)  # a shop sign in a street photo: text, but not an ad
         ImageDraw.Draw(img).text((w // 3, h // 3), text, fill=(250, 250, 250), font=_font(max(10, h // 8)))
-    elif roll < 0.32:
+    elif roll < 0.42:
+        text = f"{rng.choice(['apples', 'fish', 'bread', 'flowers'])} ${rng.randint(1, 9)}"  # a market stall price
+        ImageDraw.Draw(img).text((w // 4, h // 2), text, fill=(20, 20, 20), font=_font(max(9, h // 10)))
+    elif roll < 0.5:
         text = _garble("~ . , ' ll", rng, 0.5)  # OCR noise on a photo
     return img, text
 

@@ -134,7 +134,9 @@ def write_evaluation(out_dir, *, split, indices, logits, labels, decision_info, 
 
 def _report_summary(results):
     """The readable part of results.json for the Markdown and HTML reports."""
-    summary = {k: results[k] for k in ("experiment", "run_dir", "selected_epoch", "data") if k in results}
+    summary = {k: results[k] for k in ("experiment", "run_dir", "selected_epoch") if k in results}
+    if results.get("data"):
+        summary["rows"] = ", ".join(f"{name} {count}" for name, count in results["data"].items())
     decision = results.get("decision", {})
     summary["threshold"] = decision.get("threshold")
     summary["threshold rule"] = decision.get("description")
