@@ -179,7 +179,7 @@ class Trainer:
                     bar.close()
                     return total_loss / max(total_n, 1), False
             rate = seen / max(time.perf_counter() - started, 1e-9)
-            bar.set_postfix(loss=f"{total_loss / max(total_n, 1):.4f}", rate=f"{rate:.0f}/s")
+            bar.set_postfix(loss=f"{total_loss / max(total_n, 1):.4f}", rate=f"{rate:.0f}/s", refresh=False)
         bar.close()
         self.loss_totals = (total_loss, total_n)
         return total_loss / max(total_n, 1), True
