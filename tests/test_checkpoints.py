@@ -8,26 +8,6 @@ import torch
 from mmcore.engine.checkpoint import read_checkpoint
 from mmcore.errors import RunError
 
-TINY = """
-experiment = "ck"
-seed = {seed}
-[data]
-base_dir = "{data}"
-num_workers = 0
-[vision]
-name = "fake_cnn"
-params = {{ width = {width} }}
-[text]
-name = "fake_text"
-[pooling]
-name = "mean"
-[train]
-epochs = 1
-batch_size = 16
-[logging]
-progress = false
-"""
-
 
 class _Evil:
     def __reduce__(self):
@@ -54,9 +34,9 @@ def test_newer_format_and_foreign_files_are_explained(tmp_path):
         read_checkpoint(path)
 
 
-def test_eval_with_another_runs_checkpoint_says_what_differs(cli, recipe_file, demo_data, tmp_path):
-    a = recipe_file(TINY.format(seed=1, data=demo_data, width=8), "a.toml")
-    b = recipe_file(TINY.format(seed=1, data=demo_data, width=16), "b.toml")
+def test_eval_with_another_runs_checkpoint_says_what_differs(cli, tiny_recipe, tmp_path):
+    a = tiny_recipe("a.toml", vision={"params": {"width": 8}})
+    b = tiny_recipe("b.toml", vision={"params": {"width": 16}})
     cli("run", a, "--out", tmp_path / "a", "--quiet")
     cli("run", b, "--out", tmp_path / "b", "--quiet")
     shutil.copy(tmp_path / "a" / "checkpoint_best.ckpt", tmp_path / "b" / "checkpoint_best.ckpt")

@@ -3,28 +3,6 @@
 import csv
 import json
 
-TINY = """
-experiment = "ocr"
-[data]
-base_dir = "{data}"
-num_workers = 0
-ocr = {{ engine = "fake_ocr", lang = "eng" }}
-[vision]
-name = "fake_cnn"
-params = {{ width = 8 }}
-[text]
-name = "fake_text"
-[pooling]
-name = "mean"
-[train]
-epochs = 1
-batch_size = 16
-[cache]
-dir = "{cache}"
-[logging]
-progress = false
-"""
-
 
 def _blank(src, dst):
     dst.mkdir()
@@ -37,11 +15,17 @@ def _blank(src, dst):
                 writer.writerow({**row, "local_image_path": str(src / row["local_image_path"]), "text_info": ""})
 
 
-def test_run_fills_empty_text_by_ocr_once_per_image(cli, recipe_file, demo_data, tmp_path):
+def ocr_recipe(tiny_recipe, data, cache, engine="fake_ocr"):
+    return tiny_recipe(
+        data={"base_dir": str(data), "ocr": {"engine": engine, "lang": "eng"}}, cache={"dir": str(cache)}
+    )
+
+
+def test_run_fills_empty_text_by_ocr_once_per_image(cli, tiny_recipe, demo_data, tmp_path):
     data = tmp_path / "blank"
     _blank(demo_data, data)
     log = tmp_path / "ocr.log"
-    recipe = recipe_file(TINY.format(data=data, cache=tmp_path / "cache"))
+    recipe = ocr_recipe(tiny_recipe, data, tmp_path / "cache")
     cli("run", recipe, "--out", tmp_path / "one", "--quiet", env={"MMCORE_FAKE_OCR_LOG": str(log)})
     predictions = json.loads((tmp_path / "one" / "test_predictions.json").read_text())
     assert all(p["text"].startswith("tone ") for p in predictions)  # OCR text reached the model
@@ -52,8 +36,8 @@ def test_run_fills_empty_text_by_ocr_once_per_image(cli, recipe_file, demo_data,
     assert len(log.read_text().splitlines()) == reads  # second run: all from the OCR cache
 
 
-def test_unknown_ocr_engine_is_a_recipe_error(cli, recipe_file, demo_data, tmp_path):
-    recipe = recipe_file(TINY.format(data=demo_data, cache=tmp_path).replace("fake_ocr", "tesseract5"))
+def test_unknown_ocr_engine_is_a_recipe_error(cli, tiny_recipe, demo_data, tmp_path):
+    recipe = ocr_recipe(tiny_recipe, demo_data, tmp_path, engine="tesseract5")
     result = cli("show", recipe, check=False)
     assert result.returncode == 2
     assert result.stderr.startswith(f"{recipe}: data.ocr.engine: unknown OCR engine 'tesseract5'; did you mean")

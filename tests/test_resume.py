@@ -10,38 +10,22 @@ import time
 import pytest
 import torch
 
-RECIPE = """
-experiment = "resume"
-seed = 7
-[data]
-base_dir = "{data}"
-num_workers = 1
-[vision]
-name = "fake_cnn"
-params = {{ width = 8 }}
-[text]
-name = "fake_text"
-[pooling]
-name = "attention"
-[fusion]
-name = "gated"
-params = {{ dim = 16 }}
-[head]
-name = "mlp"
-params = {{ hidden = [16], dropout = 0.2 }}
-[augmentation]
-name = "weak"
-[train]
-epochs = 4
-batch_size = 8
-learning_rate = 0.003
-modality_dropout = 0.2
-checkpoint_every_steps = 2
-[train.early_stopping]
-patience = 0
-[logging]
-progress = false
-"""
+
+def resume_recipe(tiny_recipe, name="r.toml", **changes):
+    """A run with everything that consumes randomness: workers, augmentation, dropout, modality dropout."""
+    from mmcore.recipe import deep_merge
+
+    tables = {
+        "experiment": "resume",
+        "seed": 7,
+        "data": {"num_workers": 1},
+        "pooling": {"name": "attention"},
+        "head": {"params": {"dropout": 0.2}},
+        "augmentation": {"name": "weak"},
+        "train": {"epochs": 4, "batch_size": 8, "modality_dropout": 0.2, "checkpoint_every_steps": 2,
+                  "early_stopping": {"patience": 0}},
+    }
+    return tiny_recipe(name, **deep_merge(tables, changes))
 
 
 def _start(recipe, out):
@@ -73,8 +57,8 @@ def _scores(run_dir):
 
 
 @pytest.mark.slow
-def test_sigkill_during_epoch_2_then_resume_equals_uninterrupted(cli, recipe_file, demo_data, tmp_path):
-    recipe = recipe_file(RECIPE.format(data=demo_data))
+def test_sigkill_during_epoch_2_then_resume_equals_uninterrupted(cli, tiny_recipe, tmp_path):
+    recipe = resume_recipe(tiny_recipe)
     cli("run", recipe, "--out", tmp_path / "straight", "--quiet")
 
     killed = tmp_path / "killed"
@@ -98,8 +82,8 @@ def test_sigkill_during_epoch_2_then_resume_equals_uninterrupted(cli, recipe_fil
 
 
 @pytest.mark.slow
-def test_sigterm_finishes_the_step_writes_last_and_says_how_to_resume(cli, recipe_file, demo_data, tmp_path):
-    recipe = recipe_file(RECIPE.format(data=demo_data))
+def test_sigterm_finishes_the_step_writes_last_and_says_how_to_resume(cli, tiny_recipe, tmp_path):
+    recipe = resume_recipe(tiny_recipe)
     out = tmp_path / "run"
     proc = _start(recipe, out)
     _wait_for_checkpoint(proc, out / "last.ckpt", lambda s: s["global_step"] >= 2)
@@ -114,20 +98,18 @@ def test_sigterm_finishes_the_step_writes_last_and_says_how_to_resume(cli, recip
     assert json.loads((out / "status.json").read_text())["state"] == "completed"
 
 
-def test_resume_refuses_missing_finished_and_foreign_runs(cli, recipe_file, demo_data, tmp_path):
+def test_resume_refuses_missing_finished_and_foreign_runs(cli, tiny_recipe, tmp_path):
     result = cli("run", "--resume", tmp_path / "nope", check=False)
     assert result.returncode == 4 and result.stderr.strip() == f"{tmp_path / 'nope'}: run directory not found"
 
-    recipe = recipe_file(RECIPE.format(data=demo_data).replace("epochs = 4", "epochs = 1"))
+    recipe = resume_recipe(tiny_recipe, train={"epochs": 1})
     done = tmp_path / "done"
     cli("run", recipe, "--out", done, "--quiet")
     result = cli("run", "--resume", done, check=False)
     assert result.stderr.strip() == f"{done}: run already completed; nothing to resume (start a new run instead)"
 
     (done / "status.json").write_text('{"state": "interrupted"}')
-    other = recipe_file(
-        RECIPE.format(data=demo_data).replace("epochs = 4", "epochs = 1").replace("seed = 7", "seed = 8"), "other.toml"
-    )
+    other = resume_recipe(tiny_recipe, "other.toml", seed=8, train={"epochs": 1})
     result = cli("run", str(other), "--resume", done, check=False)
     assert result.stderr.strip() == (
         f"{done}: this run was started with another recipe (differs at seed); "

@@ -8,49 +8,25 @@ import pytest
 import tomllib
 import torch
 
-TINY = """
-experiment = "tiny_{modality}"
-seed = 3
-[data]
-base_dir = "{data}"
-num_workers = 0
-[vision]
-name = "fake_cnn"
-params = {{ width = 8 }}
-[text]
-name = "{text}"
-[pooling]
-name = "attention"
-[fusion]
-name = "gated"
-params = {{ dim = 16 }}
-[head]
-name = "mlp"
-params = {{ hidden = [16] }}
-[train]
-modality = "{modality}"
-epochs = 2
-batch_size = 16
-learning_rate = 0.003
-[logging]
-progress = false
-"""
-
 MODALITIES = ["multimodal", "vision_only", "text_only"]
 
 
 
-def _run(cli, recipe_file, demo_data, tmp_path, modality):
-    text = "none" if modality == "vision_only" else "fake_text"
-    path = recipe_file(TINY.format(data=demo_data, modality=modality, text=text), f"{modality}.toml")
+def _run(cli, tiny_recipe, tmp_path, modality):
+    path = tiny_recipe(
+        f"{modality}.toml",
+        experiment=f"tiny_{modality}",
+        text={"name": "none" if modality == "vision_only" else "fake_text"},
+        pooling={"name": "attention"},
+        train={"modality": modality, "epochs": 2},
+    )
     out = tmp_path / f"run-{modality}"
-    result = cli("run", path, "--out", out, "--quiet")
-    return out, result
+    return out, cli("run", path, "--out", out, "--quiet")
 
 
 @pytest.mark.parametrize("modality", MODALITIES)
-def test_run_writes_every_output_and_eval_reproduces_it(cli, recipe_file, demo_data, tmp_path, modality):
-    out, result = _run(cli, recipe_file, demo_data, tmp_path, modality)
+def test_run_writes_every_output_and_eval_reproduces_it(cli, tiny_recipe, demo_data, tmp_path, modality):
+    out, result = _run(cli, tiny_recipe, tmp_path, modality)
     assert f"== tiny_{modality} ==" in result.stdout and "test AUROC" in result.stdout
 
     # status + resolved recipe

@@ -5,38 +5,17 @@ import json
 import pytest
 import torch
 
-BASE = """
-experiment = "opts"
-seed = 1
-[data]
-base_dir = "{data}"
-num_workers = 0
-[vision]
-name = "fake_cnn"
-params = {{ width = 8{vision_extra} }}
-[text]
-name = "fake_text"
-[pooling]
-name = "mean"
-[train]
-epochs = 2
-batch_size = 16
-learning_rate = 0.003
-{train_extra}
-[train.early_stopping]
-patience = 0
-[logging]
-progress = false
-"""
 
-
-def recipe_text(data, vision_extra="", train_extra=""):
-    return BASE.format(data=data, vision_extra=vision_extra, train_extra=train_extra)
-
-
-def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(cli, recipe_file, demo_data, tmp_path):
+def nan_recipe(tiny_recipe, **train):
     # 64 train rows / batch 16 = 4 steps per epoch: NaN from the 5th step, in epoch 2
-    path = recipe_file(recipe_text(demo_data, ", nan_after = 4", "finetune_layers = -1"))
+    return tiny_recipe(
+        vision={"params": {"nan_after": 4}},
+        train={"epochs": 2, "finetune_layers": -1, "early_stopping": {"patience": 0}, **train},
+    )
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(cli, tiny_recipe, tmp_path):
+    path = nan_recipe(tiny_recipe)
     out = tmp_path / "run"
     result = cli("run", path, "--out", out, "--quiet", check=False)
     assert result.returncode == 4
@@ -49,8 +28,8 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(cli, 
     assert torch.load(out / "last.ckpt", weights_only=True)["epoch"] == 1
 
 
-def test_nan_loss_skip_policy_completes_and_counts(cli, recipe_file, demo_data, tmp_path):
-    path = recipe_file(recipe_text(demo_data, ", nan_after = 4", 'finetune_layers = -1\non_nan = "skip"'))
+def test_nan_loss_skip_policy_completes_and_counts(cli, tiny_recipe, tmp_path):
+    path = nan_recipe(tiny_recipe, on_nan="skip")
     out = tmp_path / "run"
     cli("run", path, "--out", out, "--quiet")
     results = json.loads((out / "results.json").read_text())
@@ -81,8 +60,8 @@ def test_modality_dropout_zeroes_one_modality_per_dropped_sample():
     assert 0.4 < v_dropped.float().sum() / (v_dropped | t_dropped).float().sum() < 0.6
 
 
-def test_modality_dropout_trains_end_to_end(cli, recipe_file, demo_data, tmp_path):
-    path = recipe_file(recipe_text(demo_data, "", "modality_dropout = 0.5\nbalanced_sampler = true"))
+def test_modality_dropout_trains_end_to_end(cli, tiny_recipe, tmp_path):
+    path = tiny_recipe(train={"modality_dropout": 0.5, "balanced_sampler": True})
     out = tmp_path / "run"
     cli("run", path, "--out", out, "--quiet")
     recipe = (out / "recipe.toml").read_text()
