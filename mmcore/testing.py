@@ -71,6 +71,12 @@ def sample_images(seed=0):
     return images
 
 
+def encode_samples(encoder):
+    """``encoder`` (in eval mode) on :func:`sample_images` through its own preprocessing -> TokenOutput."""
+    prep = encoder.preprocessing
+    return encoder.eval()(**prep.collate([prep(image) for image in sample_images()]))
+
+
 def _pipeline(encoder, out, registry):
     """tokens -> pooling -> fusion (with a fake text vector) -> head: logits [B]."""
     from .plugins import make_registry

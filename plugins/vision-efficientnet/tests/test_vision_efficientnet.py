@@ -6,19 +6,11 @@ import torch
 
 from mmcore.encoders import ResizeCropPreprocessing
 from mmcore.plugins import get_registry
-from mmcore.testing import build, check_vision_encoder, sample_images
-from mmcore.weights import WeightsError
+from mmcore.testing import build, check_vision_encoder, encode_samples
+from mmcore.weights import WEIGHTS_HINT, WeightsError
 
 TINY = {"pretrained": False, "tiny": True}
-TAIL = (
-    "; download them where you have network and set params.weights to that local directory, "
-    "or set params.pretrained = false for random weights"
-)
 
-
-def run_images(encoder):
-    prep = encoder.preprocessing
-    return encoder.eval()(**prep.collate([prep(image) for image in sample_images()]))
 
 
 def test_entry_point():
@@ -35,7 +27,7 @@ def test_weights_match_the_component_table():
 def test_tiny_contract_and_tokens():
     encoder = check_vision_encoder("efficientnet", TINY)
     with torch.no_grad():
-        tokens, mask = run_images(encoder)
+        tokens, mask = encode_samples(encoder)
     assert tokens.shape == (2, 4, 1280)  # 64 px / stride 32 -> 2x2, V2-L's 1280 channels
     assert mask.dtype == torch.bool and mask.all() and torch.isfinite(tokens).all()
     assert len(encoder.blocks()) == 7
@@ -78,7 +70,7 @@ def test_pretrained_requests_its_weights_and_fails_in_one_line(monkeypatch):
     weights_id = "EfficientNet_V2_L_Weights.IMAGENET1K_V1"
     assert requested == [torchvision.models.get_weight(weights_id)]
     assert str(info.value) == (
-        f"vision encoder 'efficientnet': could not load weights {weights_id!r} (no network)" + TAIL
+        f"vision encoder 'efficientnet': could not load weights {weights_id!r} (no network)" + WEIGHTS_HINT
     )
 
 
@@ -87,7 +79,7 @@ def test_local_weights_file_loads(tmp_path):
     torch.save({"state_dict": source.state_dict()}, tmp_path / "effnet.pth")
     loaded = build("vision", "efficientnet", {"tiny": True, "weights": str(tmp_path / "effnet.pth")})
     with torch.no_grad():
-        assert torch.equal(run_images(loaded).tokens, run_images(source).tokens)
+        assert torch.equal(encode_samples(loaded).tokens, encode_samples(source).tokens)
 
 
 def test_missing_local_file_fails_in_one_line(tmp_path):
@@ -96,5 +88,5 @@ def test_missing_local_file_fails_in_one_line(tmp_path):
         build("vision", "efficientnet", {"weights": str(missing)})
     assert str(info.value) == (
         f"vision encoder 'efficientnet': could not load weights {str(missing)!r} "
-        f"(no such file or directory: {missing})" + TAIL
+        f"(no such file or directory: {missing})" + WEIGHTS_HINT
     )

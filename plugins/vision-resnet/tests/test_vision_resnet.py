@@ -6,22 +6,14 @@ import torch
 
 from mmcore.encoders import ResizeCropPreprocessing
 from mmcore.plugins import get_registry
-from mmcore.testing import build, check_vision_encoder, sample_images
-from mmcore.weights import WeightsError
+from mmcore.testing import build, check_vision_encoder, encode_samples, sample_images
+from mmcore.weights import WEIGHTS_HINT, WeightsError
 
 NAMES = ("resnet18", "resnet50", "resnet101")
 TINY = {"pretrained": False, "tiny": True}
 #: (out dim, residual blocks) of the full architectures (torchvision: 2-2-2-2, 3-4-6-3, 3-4-23-3)
 FULL = {"resnet18": (512, 8), "resnet50": (2048, 16), "resnet101": (2048, 33)}
-TAIL = (
-    "; download them where you have network and set params.weights to that local directory, "
-    "or set params.pretrained = false for random weights"
-)
 
-
-def run_images(encoder):
-    prep = encoder.preprocessing
-    return encoder.eval()(**prep.collate([prep(image) for image in sample_images()]))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -42,7 +34,7 @@ def test_weights_match_the_component_table():
 def test_tiny_contract_and_tokens(name):
     encoder = check_vision_encoder(name, TINY)
     with torch.no_grad():
-        tokens, mask = run_images(encoder)
+        tokens, mask = encode_samples(encoder)
     # 64 px / stride 32 -> a 2x2 feature map -> 4 tokens; resnet50/101 keep 2048-d
     assert tokens.shape == (2, 4, FULL[name][0])
     assert mask.dtype == torch.bool and mask.all()
@@ -103,7 +95,7 @@ def test_pretrained_requests_its_weights_and_fails_in_one_line(name, monkeypatch
         build("vision", name, {})
     assert requested == [torchvision.models.get_weight(weights_id)]
     assert str(info.value) == (
-        f"vision encoder {name!r}: could not load weights {weights_id!r} (no network)" + TAIL
+        f"vision encoder {name!r}: could not load weights {weights_id!r} (no network)" + WEIGHTS_HINT
     )
 
 
@@ -131,10 +123,10 @@ def test_local_weights_file_and_directory_load(tmp_path):
     (tmp_path / "dir").mkdir()
     torch.save(state, tmp_path / "dir" / "model.pth")
     with torch.no_grad():
-        expected = run_images(source).tokens
+        expected = encode_samples(source).tokens
         for path in (tmp_path / "resnet.pth", tmp_path / "dir"):
             loaded = build("vision", "resnet50", {"tiny": True, "weights": str(path)})
-            assert torch.equal(run_images(loaded).tokens, expected)
+            assert torch.equal(encode_samples(loaded).tokens, expected)
             assert loaded.weights.endswith(".pth")
 
 
@@ -152,7 +144,7 @@ def test_missing_local_directory_fails_in_one_line(tmp_path):
         build("vision", "resnet50", {"weights": str(missing)})
     assert str(info.value) == (
         f"vision encoder 'resnet50': could not load weights {str(missing)!r} "
-        f"(no such file or directory: {missing})" + TAIL
+        f"(no such file or directory: {missing})" + WEIGHTS_HINT
     )
 
 
@@ -165,5 +157,5 @@ def test_lora_wraps_block_convolutions():
     )
     trainable = {n for n, p in encoder.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith("model.layer4.0.conv") and "lora_" in n for n in trainable)
-    tokens, _ = run_images(encoder)
+    tokens, _ = encode_samples(encoder)
     assert tokens.shape == (2, 4, 2048)

@@ -5,18 +5,8 @@ import torch
 
 from mmcore.errors import MmcoreError
 from mmcore.plugins import get_registry
-from mmcore.testing import build, check_vision_encoder, sample_images
-from mmcore.weights import WeightsError
-
-TAIL = (
-    "; download them where you have network and set params.weights to that local directory, "
-    "or set params.pretrained = false for random weights"
-)
-
-
-def run_images(encoder):
-    prep = encoder.preprocessing
-    return encoder.eval()(**prep.collate([prep(image) for image in sample_images()]))
+from mmcore.testing import build, check_vision_encoder, encode_samples
+from mmcore.weights import WEIGHTS_HINT, WeightsError
 
 
 def tiny(model_name):
@@ -38,7 +28,7 @@ def test_entry_point():
 def test_tiny_contract_and_tokens(model_name, tokens, dim, cls, blocks):
     encoder = check_vision_encoder("timm", tiny(model_name))
     with torch.no_grad():
-        out, mask = run_images(encoder)
+        out, mask = encode_samples(encoder)
     assert out.shape == (2, tokens, dim) and encoder.out_dim == dim
     assert mask.dtype == torch.bool and mask.all() and torch.isfinite(out).all()
     assert encoder.has_cls_token is cls and encoder.channels_last is not cls
@@ -98,7 +88,7 @@ def test_failed_hub_download_names_the_model(monkeypatch):
     assert requested == ["timm/resnet10t.c3_in1k"]
     assert str(info.value) == (
         "vision encoder 'timm': could not load weights 'resnet10t.c3_in1k' "
-        "(We couldn't connect to 'https://huggingface.co')" + TAIL
+        "(We couldn't connect to 'https://huggingface.co')" + WEIGHTS_HINT
     )
 
 
@@ -108,11 +98,11 @@ def test_local_checkpoint_loads_and_missing_one_fails(tmp_path):
     torch.save(state, tmp_path / "resnet.pth")
     loaded = build("vision", "timm", {"tiny": True, "model_name": "resnet50", "weights": str(tmp_path / "resnet.pth")})
     with torch.no_grad():
-        assert torch.equal(run_images(loaded).tokens, run_images(source).tokens)
+        assert torch.equal(encode_samples(loaded).tokens, encode_samples(source).tokens)
     missing = tmp_path / "nothing-here"
     with pytest.raises(WeightsError) as info:
         build("vision", "timm", {"model_name": "resnet50", "weights": str(missing)})
     assert str(info.value) == (
         f"vision encoder 'timm': could not load weights {str(missing)!r} "
-        f"(no such file or directory: {missing})" + TAIL
+        f"(no such file or directory: {missing})" + WEIGHTS_HINT
     )

@@ -6,19 +6,11 @@ import torch
 
 from mmcore.encoders import ResizeCropPreprocessing
 from mmcore.plugins import get_registry
-from mmcore.testing import build, check_vision_encoder, sample_images
-from mmcore.weights import WeightsError
+from mmcore.testing import build, check_vision_encoder, encode_samples
+from mmcore.weights import WEIGHTS_HINT, WeightsError
 
 TINY = {"pretrained": False, "tiny": True}
-TAIL = (
-    "; download them where you have network and set params.weights to that local directory, "
-    "or set params.pretrained = false for random weights"
-)
 
-
-def run_images(encoder):
-    prep = encoder.preprocessing
-    return encoder.eval()(**prep.collate([prep(image) for image in sample_images()]))
 
 
 def test_entry_point():
@@ -32,7 +24,7 @@ def test_weights_match_the_component_table():
 def test_tiny_contract_and_tokens():
     encoder = check_vision_encoder("vgg16", TINY)
     with torch.no_grad():
-        tokens, mask = run_images(encoder)
+        tokens, mask = encode_samples(encoder)
     assert tokens.shape == (2, 4, 512)  # 64 px / 5 max-pools -> 2x2
     assert mask.dtype == torch.bool and mask.all() and torch.isfinite(tokens).all()
     assert len(encoder.blocks()) == 5
@@ -72,7 +64,7 @@ def test_pretrained_requests_its_weights_and_fails_in_one_line(monkeypatch):
     assert requested == [torchvision.models.get_weight("VGG16_Weights.IMAGENET1K_V1")]
     assert str(info.value) == (
         "vision encoder 'vgg16': could not load weights 'VGG16_Weights.IMAGENET1K_V1' (no network)"
-        + TAIL
+        + WEIGHTS_HINT
     )
 
 
@@ -93,7 +85,7 @@ def test_local_torchvision_state_dict_loads_ignoring_the_classifier(tmp_path):
     save_file(state, tmp_path / "vgg" / "model.safetensors")
     loaded = build("vision", "vgg16", {"tiny": True, "weights": str(tmp_path / "vgg")})
     with torch.no_grad():
-        assert torch.equal(run_images(loaded).tokens, run_images(source).tokens)
+        assert torch.equal(encode_samples(loaded).tokens, encode_samples(source).tokens)
     assert loaded.weights == str(tmp_path / "vgg" / "model.safetensors")
 
 
@@ -103,5 +95,5 @@ def test_missing_local_directory_fails_in_one_line(tmp_path):
         build("vision", "vgg16", {"weights": str(missing)})
     assert str(info.value) == (
         f"vision encoder 'vgg16': could not load weights {str(missing)!r} "
-        f"(no such file or directory: {missing})" + TAIL
+        f"(no such file or directory: {missing})" + WEIGHTS_HINT
     )

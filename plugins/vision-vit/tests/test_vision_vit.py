@@ -6,20 +6,12 @@ import torch
 
 from mmcore.encoders import ResizeCropPreprocessing
 from mmcore.plugins import get_registry
-from mmcore.testing import build, check_vision_encoder, sample_images
-from mmcore.weights import WeightsError
+from mmcore.testing import build, check_vision_encoder, encode_samples
+from mmcore.weights import WEIGHTS_HINT, WeightsError
 
 NAMES = ("vit", "vit_base", "vit_large")
 TINY = {"pretrained": False, "tiny": True}
-TAIL = (
-    "; download them where you have network and set params.weights to that local directory, "
-    "or set params.pretrained = false for random weights"
-)
 
-
-def run_images(encoder):
-    prep = encoder.preprocessing
-    return encoder.eval()(**prep.collate([prep(image) for image in sample_images()]))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -40,7 +32,7 @@ def test_hub_ids_match_the_component_table():
 def test_tiny_contract_and_tokens(name):
     encoder = check_vision_encoder(name, TINY)
     with torch.no_grad():
-        tokens, mask = run_images(encoder)
+        tokens, mask = encode_samples(encoder)
     assert tokens.shape == (2, 1 + 16, 32)  # CLS + (32 px / patch 8)^2, hidden 32
     assert mask.dtype == torch.bool and mask.all() and torch.isfinite(tokens).all()
     assert encoder.has_cls_token and not encoder.channels_last
@@ -87,7 +79,7 @@ def test_pretrained_requests_its_hub_id_and_fails_in_one_line(name, monkeypatch)
     hub_id = mmcore_vision_vit.WEIGHTS[name]
     assert requested == [(hub_id, True)]
     assert str(info.value) == (
-        f"vision encoder {name!r}: could not load weights {hub_id!r} (no network)" + TAIL
+        f"vision encoder {name!r}: could not load weights {hub_id!r} (no network)" + WEIGHTS_HINT
     )
 
 
@@ -99,7 +91,7 @@ def test_local_timm_checkpoint_loads(tmp_path):
     save_file(state, tmp_path / "model.safetensors")
     loaded = build("vision", "vit_large", {"tiny": True, "weights": str(tmp_path)})
     with torch.no_grad():
-        assert torch.equal(run_images(loaded).tokens, run_images(source).tokens)
+        assert torch.equal(encode_samples(loaded).tokens, encode_samples(source).tokens)
     assert loaded.weights == str(tmp_path / "model.safetensors")
 
 
@@ -109,5 +101,5 @@ def test_missing_local_directory_fails_in_one_line(tmp_path):
         build("vision", "vit", {"weights": str(missing)})
     assert str(info.value) == (
         f"vision encoder 'vit': could not load weights {str(missing)!r} "
-        f"(no such file or directory: {missing})" + TAIL
+        f"(no such file or directory: {missing})" + WEIGHTS_HINT
     )
