@@ -48,6 +48,8 @@ def plugins():
     for reg in registry.all():
         by_package.setdefault(reg.package, {}).setdefault(reg.kind, []).append(reg.name)
     versions = {dist: version for dist, version in registry.packages.values()}
+    for dist, reason in sorted(registry.broken.items()):
+        click.echo(f"{dist}  FAILED TO LOAD: {reason}")
     for package in sorted(by_package, key=lambda p: (p != "mmcore", p)):
         click.echo(f"{package} {versions.get(package, '')}".rstrip())
         for kind in KINDS:

@@ -4,6 +4,7 @@ import functools
 import importlib
 import importlib.metadata
 import os
+import sys
 
 import pluggy
 
@@ -56,13 +57,14 @@ def make_plugin_manager(load_entrypoints=True, extra_plugins=()):
     """A plugin manager with the hookspecs, the built-ins and (optionally) installed plugins.
 
     ``extra_plugins`` are ``(name, module_or_object)`` pairs registered explicitly (tests).
-    Returns ``(pm, packages)`` where ``packages`` maps plugin name -> (distribution, version).
+    Returns ``(pm, packages, broken)``: ``packages`` maps plugin name -> (distribution, version),
+    ``broken`` maps distribution -> why it failed to load (such plugins are skipped with a warning).
     """
     pm = pluggy.PluginManager("mmcore")
     pm.add_hookspecs(hookspecs)
     from . import __version__
 
-    packages = {}
+    packages, broken = {}, {}
     for module_name in BUILTIN_MODULES:
         pm.register(importlib.import_module(module_name), name=module_name)
         packages[module_name] = ("mmcore", __version__)
@@ -75,21 +77,25 @@ def make_plugin_manager(load_entrypoints=True, extra_plugins=()):
                 continue
             try:
                 plugin = ep.load()
-            except Exception as exc:  # a broken plugin must not hide the others
-                raise MmcoreError(
-                    f"plugin {dist_name} failed to import ({type(exc).__name__}: {exc}); "
-                    f"reinstall it or set MMCORE_LOAD_PLUGINS to skip it"
-                ) from exc
+            except Exception as exc:  # a broken plugin must not take the others down with it
+                reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                broken[dist_name] = reason
+                print(
+                    f"warning: plugin {dist_name} failed to load ({reason}); skipped. Reinstall it, "
+                    f"or leave it out with MMCORE_LOAD_PLUGINS",
+                    file=sys.stderr,
+                )
+                continue
             pm.register(plugin, name=name)
             packages[name] = (dist_name, version)
     for name, plugin in extra_plugins:
         pm.register(plugin, name=name)
         packages[name] = (name, "")
     pm.check_pending()
-    return pm, packages
+    return pm, packages, broken
 
 
-def collect(pm, packages):
+def collect(pm, packages, broken=None):
     """Call every plugin's hooks with a ``register`` bound to that plugin's package."""
     registry = Registry()
     for kind, (hook_name, _, _) in KINDS.items():
@@ -98,13 +104,13 @@ def collect(pm, packages):
             register = registry.register_function(kind, package)
             impl.function(*[register for _ in impl.argnames])
     registry.packages = packages
+    registry.broken = dict(broken or {})
     return registry
 
 
 def make_registry(load_entrypoints=True, extra_plugins=()):
     """A fresh :class:`Registry` (tests pass ``load_entrypoints=False`` and their fakes)."""
-    pm, packages = make_plugin_manager(load_entrypoints, extra_plugins)
-    return collect(pm, packages)
+    return collect(*make_plugin_manager(load_entrypoints, extra_plugins))
 
 
 @functools.lru_cache(maxsize=1)

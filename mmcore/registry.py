@@ -47,6 +47,9 @@ class Registry:
 
     def __init__(self):
         self._by_kind = {kind: {} for kind in KINDS}
+        self.packages = {}
+        #: distribution -> why it failed to load (skipped plugins)
+        self.broken = {}
 
     def register_function(self, kind, package):
         """The ``register(name, factory, params_cls)`` callable handed to one plugin's hook."""
@@ -101,4 +104,6 @@ class Registry:
         message += f" installed: {', '.join(names) if names else '(none)'}."
         if folder:
             message += f" More: pip install ./plugins/{folder}-<name>"
+        for dist, reason in sorted(self.broken.items()):
+            message += f" (not loaded: {dist}, {reason})"
         return message

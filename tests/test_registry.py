@@ -113,3 +113,27 @@ def test_register_requires_attrs_params_and_valid_names():
 
     with pytest.raises(Exception, match=r"head name 'Bad-Name' must match \[a-z0-9_\]\+"):
         make_registry(load_entrypoints=False, extra_plugins=[("bad", Bad())])
+
+
+def test_a_broken_plugin_is_skipped_with_a_warning_and_named_when_its_kind_is_asked_for(monkeypatch, capsys):
+    import importlib.metadata as md
+
+    from mmcore import plugins
+
+    class BrokenDist:
+        metadata = {"Name": "mmcore-vision-broken"}
+        version = "0.1"
+        entry_points = [md.EntryPoint(name="mmcore-vision-broken", value="no_such_module_xyz", group="mmcore")]
+
+    monkeypatch.setattr(plugins.importlib.metadata, "distributions", lambda: [BrokenDist()])
+    monkeypatch.delenv("MMCORE_LOAD_PLUGINS", raising=False)
+    registry = make_registry()
+    reason = "ModuleNotFoundError: No module named 'no_such_module_xyz'"
+    assert capsys.readouterr().err.strip() == (
+        f"warning: plugin mmcore-vision-broken failed to load ({reason}); skipped. "
+        "Reinstall it, or leave it out with MMCORE_LOAD_PLUGINS"
+    )
+    assert registry.names("pooling") == ["attention", "cls", "mean"]  # the rest still works
+    with pytest.raises(UnknownComponentError) as info:
+        registry.get("vision", "broken_net")
+    assert str(info.value).endswith(f"(not loaded: mmcore-vision-broken, {reason})")
