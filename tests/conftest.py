@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # test helpers: `from tiny import ...`
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -70,32 +71,15 @@ def recipe_file(tmp_path):
     return make
 
 
-#: the smallest real recipe: fake encoders, 1 epoch; tests override only what they are about
-TINY_RECIPE = {
-    "experiment": "tiny",
-    "seed": 3,
-    "data": {"num_workers": 0},
-    "vision": {"name": "fake_cnn", "params": {"width": 8}},
-    "text": {"name": "fake_text"},
-    "pooling": {"name": "mean"},
-    "fusion": {"name": "gated", "params": {"dim": 16}},
-    "head": {"name": "mlp", "params": {"hidden": [16]}},
-    "train": {"epochs": 1, "batch_size": 16, "learning_rate": 0.003},
-    "logging": {"progress": False},
-}
-
-
 @pytest.fixture
 def tiny_recipe(tmp_path, demo_data):
-    """``tiny_recipe(name, train={"epochs": 2}, ...)``: TINY_RECIPE on ``demo_data`` with these tables merged in."""
+    """``tiny_recipe(name, train={"epochs": 2}, ...)``: tiny.TINY_RECIPE on ``demo_data`` with these tables merged in."""
     import tomli_w
-
-    from mmcore.recipe import deep_merge
+    from tiny import tiny_recipe_data
 
     def make(name="tiny.toml", **tables):
-        data = deep_merge(TINY_RECIPE, {"data": {"base_dir": str(demo_data)}})
         path = tmp_path / name
-        path.write_text(tomli_w.dumps(deep_merge(data, tables)), encoding="utf-8")
+        path.write_text(tomli_w.dumps(tiny_recipe_data(demo_data, **tables)), encoding="utf-8")
         return path
 
     return make

@@ -16,38 +16,6 @@ from mmcore.compare import FIXED_COLUMNS, METRIC_COLUMNS, compare_command, compa
 from mmcore.errors import RecipeError
 from mmcore.sweep import parse_sweeps, run_sweep, split_values
 
-RECIPE = """
-experiment = "sweepy"
-seed = 7
-output_dir = "{runs}"
-[data]
-base_dir = "{data}"
-num_workers = 0
-[cache]
-dir = "{cache}"
-[vision]
-name = "fake_cnn"
-params = {{ width = 8 }}
-[text]
-name = "fake_text"
-[pooling]
-name = "attention"
-[fusion]
-name = "gated"
-params = {{ dim = 16 }}
-[head]
-name = "mlp"
-params = {{ hidden = [16] }}
-[train]
-modality = "multimodal"
-epochs = 1
-batch_size = 32
-learning_rate = 0.003
-[logging]
-progress = false
-tensorboard = false
-"""
-
 GRID = ["pooling.name=mean,attention", "head.params.hidden=[8],[16, 8]"]
 POINTS = [
     "1-pooling.name=mean,head.params.hidden=_8_",
@@ -58,10 +26,16 @@ POINTS = [
 
 
 @pytest.fixture
-def tiny_recipe(tmp_path, demo_data):
-    path = tmp_path / "tiny.toml"
-    path.write_text(RECIPE.format(runs=tmp_path / "runs", data=demo_data, cache=tmp_path / "cache"))
-    return path
+def sweep_recipe(tiny_recipe, tmp_path):
+    return tiny_recipe(
+        experiment="sweepy",
+        seed=7,
+        output_dir=str(tmp_path / "runs"),
+        cache={"dir": str(tmp_path / "cache")},
+        pooling={"name": "attention"},
+        train={"batch_size": 32},
+        logging={"tensorboard": False},
+    )
 
 
 def _csv(text):
@@ -92,11 +66,11 @@ def _check_metrics(row, results):
     assert row["val_metric"] == "val_auroc" and row["status"] == "completed"
 
 
-def test_sweep_runs_the_grid_and_ends_with_the_comparison(tiny_recipe, registry):
+def test_sweep_runs_the_grid_and_ends_with_the_comparison(sweep_recipe, registry):
     """A 2x2 sweep (pooling x head width) into the recipe's default place."""
     lines = []
-    sweep_dir = run_sweep(tiny_recipe, [], GRID, registry=registry, progress=False, echo=lines.append)
-    assert sweep_dir.parent == tiny_recipe.parent / "runs" / "sweepy"
+    sweep_dir = run_sweep(sweep_recipe, [], GRID, registry=registry, progress=False, echo=lines.append)
+    assert sweep_dir.parent == sweep_recipe.parent / "runs" / "sweepy"
     assert sweep_dir.name.startswith("sweep-")
     runs = sorted(p for p in sweep_dir.iterdir() if p.is_dir())
     assert [p.name for p in runs] == POINTS
@@ -138,11 +112,11 @@ def test_sweep_runs_the_grid_and_ends_with_the_comparison(tiny_recipe, registry)
     assert result.stdout == (sweep_dir / "comparison.md").read_text()
 
 
-def test_sweep_with_a_broken_point_fails_that_point_alone(tiny_recipe, registry, tmp_path):
+def test_sweep_with_a_broken_point_fails_that_point_alone(sweep_recipe, registry, tmp_path):
     lines = []
     out = tmp_path / "broken-sweep"
     sweep_dir = run_sweep(
-        tiny_recipe, ["head.params.hidden=[8]"], ["pooling.name=mean,nope,attention"], out=out,
+        sweep_recipe, ["head.params.hidden=[8]"], ["pooling.name=mean,nope,attention"], out=out,
         registry=registry, progress=False, echo=lines.append,
     )
     assert sweep_dir == out
@@ -150,7 +124,7 @@ def test_sweep_with_a_broken_point_fails_that_point_alone(tiny_recipe, registry,
     assert sorted(states) == ["1-pooling.name=mean", "2-pooling.name=nope", "3-pooling.name=attention"]
     assert states["1-pooling.name=mean"]["state"] == states["3-pooling.name=attention"]["state"] == "completed"
     failed = states["2-pooling.name=nope"]
-    error = f"{tiny_recipe} (--set pooling.name): pooling.name: unknown pooling 'nope'"
+    error = f"{sweep_recipe} (--set pooling.name): pooling.name: unknown pooling 'nope'"
     assert failed["state"] == "failed" and failed["error"].startswith(error)
     assert failed["overrides"] == ["pooling.name=nope"]
     assert f"sweep point 2/3 (pooling.name=nope) failed: {failed['error']}" in lines
@@ -195,12 +169,12 @@ def test_sweep_with_a_broken_point_fails_that_point_alone(tiny_recipe, registry,
     assert "| nope | missing |" in missing.output and missing.output.endswith("\n- nope: run directory not found\n")
 
 
-def test_sweep_data_error_and_crash_fail_their_point_and_ctrl_c_stops(tiny_recipe, registry, tmp_path, monkeypatch):
+def test_sweep_data_error_and_crash_fail_their_point_and_ctrl_c_stops(sweep_recipe, registry, tmp_path, monkeypatch):
     import mmcore.engine.run as engine_run
 
     # a data error stops before the run directory exists: the sweep still marks the point failed
     lines = []
-    out = run_sweep(tiny_recipe, [], ["data.test=missing.csv"], out=tmp_path / "data", registry=registry,
+    out = run_sweep(sweep_recipe, [], ["data.test=missing.csv"], out=tmp_path / "data", registry=registry,
                     progress=False, echo=lines.append)
     status = json.loads((out / "1-data.test=missing.csv" / "status.json").read_text())
     assert status["state"] == "failed" and status["error"].endswith("missing.csv: file not found")
@@ -218,7 +192,7 @@ def test_sweep_data_error_and_crash_fail_their_point_and_ctrl_c_stops(tiny_recip
 
     monkeypatch.setattr(engine_run, "run_training", crash_first)
     lines = []
-    out = run_sweep(tiny_recipe, [], ["pooling.name=mean,attention"], out=tmp_path / "crash", registry=registry,
+    out = run_sweep(sweep_recipe, [], ["pooling.name=mean,attention"], out=tmp_path / "crash", registry=registry,
                     progress=False, echo=lines.append)
     assert calls == ["mean", "attention"]
     assert json.loads((out / "1-pooling.name=mean" / "status.json").read_text())["error"] == (
@@ -233,24 +207,24 @@ def test_sweep_data_error_and_crash_fail_their_point_and_ctrl_c_stops(tiny_recip
 
     monkeypatch.setattr(engine_run, "run_training", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        run_sweep(tiny_recipe, [], ["pooling.name=mean,attention"], out=tmp_path / "stop", registry=registry,
+        run_sweep(sweep_recipe, [], ["pooling.name=mean,attention"], out=tmp_path / "stop", registry=registry,
                   progress=False, echo=lambda line: None)
     record = json.loads((tmp_path / "stop" / "sweep.json").read_text())
     assert [p["state"] for p in record["points"]] == ["interrupted", "pending"]
 
 
-def test_sweep_dry_run_lists_the_grid_and_trains_nothing(tiny_recipe, registry, tmp_path):
+def test_sweep_dry_run_lists_the_grid_and_trains_nothing(sweep_recipe, registry, tmp_path):
     lines = []
     out = tmp_path / "dry"
     sweep_dir = run_sweep(
-        tiny_recipe, [], [*GRID[:1], "vision.name=fake_cnn,fake_nope"], out=out, dry_run=True,
+        sweep_recipe, [], [*GRID[:1], "vision.name=fake_cnn,fake_nope"], out=out, dry_run=True,
         registry=registry, progress=False, echo=lines.append,
     )
     assert sweep_dir == out and not out.exists()
-    assert lines[0] == f"sweep of {tiny_recipe}: 4 runs (nothing trained) -> {out}"
+    assert lines[0] == f"sweep of {sweep_recipe}: 4 runs (nothing trained) -> {out}"
     assert lines[1] == "  1-pooling.name=mean,vision.name=fake_cnn"
     assert lines[2].startswith(
-        f"  2-pooling.name=mean,vision.name=fake_nope  [recipe error: {tiny_recipe} (--set vision.name): "
+        f"  2-pooling.name=mean,vision.name=fake_nope  [recipe error: {sweep_recipe} (--set vision.name): "
         "vision.name: unknown vision encoder 'fake_nope'"
     )
     assert [line.split()[0] for line in lines[1:]] == [

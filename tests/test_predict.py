@@ -13,39 +13,6 @@ from click.testing import CliRunner
 
 from mmcore.predict import predict_command
 
-RECIPE = """
-experiment = "predict_{modality}"
-seed = 5
-[data]
-base_dir = "{data}"
-num_workers = 0
-on_bad_image = "{on_bad_image}"
-[cache]
-enabled = {cache_enabled}
-dir = "{cache}"
-[vision]
-name = "fake_cnn"
-params = {{ width = 8 }}
-[text]
-name = "{text}"
-[pooling]
-name = "attention"
-[fusion]
-name = "gated"
-params = {{ dim = 16 }}
-[head]
-name = "mlp"
-params = {{ hidden = [16] }}
-[train]
-modality = "{modality}"
-epochs = 1
-batch_size = 16
-learning_rate = 0.003
-[logging]
-progress = false
-tensorboard = false
-"""
-
 PREDICT = "from mmcore.predict import predict_command; predict_command()"
 
 
@@ -57,17 +24,22 @@ def _python(*args, code=PREDICT):
 
 
 def _write_recipe(tmp, demo_data, modality, on_bad_image, cache_enabled):
+    import tomli_w
+    from tiny import tiny_recipe_data
+
     recipe = tmp / f"{modality}.toml"
-    recipe.write_text(
-        RECIPE.format(
-            data=demo_data,
-            cache=tmp / "cache",
-            modality=modality,
-            text="none" if modality == "vision_only" else "fake_text",
-            on_bad_image=on_bad_image,
-            cache_enabled=str(cache_enabled).lower(),
-        )
+    data = tiny_recipe_data(
+        demo_data,
+        experiment=f"predict_{modality}",
+        seed=5,
+        data={"on_bad_image": on_bad_image},
+        cache={"enabled": cache_enabled, "dir": str(tmp / "cache")},
+        text={"name": "none" if modality == "vision_only" else "fake_text"},
+        pooling={"name": "attention"},
+        train={"modality": modality},
+        logging={"tensorboard": False},
     )
+    recipe.write_text(tomli_w.dumps(data))
     return recipe
 
 
