@@ -88,7 +88,8 @@ def run(recipe, overrides, out, resume, nproc, sweeps, dry_run, quiet):
     mmcore run recipes/x.toml --sweep vision.name=resnet50,vit_base --sweep pooling.name=mean,attention
     mmcore run recipes/x.toml --nproc 2            # DDP through torchrun
     """
-    from .engine.run import RECIPE_FILE, check_resumable, run_training
+    from .engine.outputs import RECIPE_FILE
+    from .engine.run import check_resumable, run_training
     from .recipe import load_recipe
 
     if nproc:
@@ -147,7 +148,7 @@ def _exec_torchrun(nproc):
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def eval_(run_dir, data, out, quiet):
     """Re-score a CSV with a finished run's model (results.json, test_predictions.json, test_report.md)."""
-    from .engine.run import evaluate_run
+    from .engine.evaluate import evaluate_run
 
     evaluate_run(run_dir, data=data, out=out, progress=not quiet, echo=click.echo)
 

@@ -77,7 +77,7 @@ def _read_json(path):
 
 
 def _read_recipe(run_dir):
-    from .engine.run import RECIPE_FILE
+    from .engine.outputs import RECIPE_FILE
 
     try:
         return flatten(tomllib.loads((Path(run_dir) / RECIPE_FILE).read_text(encoding="utf-8")))

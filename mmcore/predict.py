@@ -38,7 +38,7 @@ class PredictSummary:
 
 def _run_modality(run_dir):
     """``train.modality`` from the run's saved recipe, read before the model is built."""
-    from .engine.run import RECIPE_FILE
+    from .engine.outputs import RECIPE_FILE
 
     path = Path(run_dir) / RECIPE_FILE
     try:
@@ -62,8 +62,8 @@ def predict_csv(
 ):
     """Score every row of ``input_csv`` with the run in ``run_dir``; write ``output`` atomically."""
     from .data.csvs import read_split
+    from .engine.evaluate import load_run, score_with_run
     from .engine.outputs import require_completed, score_split
-    from .engine.run import load_run, score_with_run
     from .io import atomic_open
 
     run_dir, input_csv, output = Path(run_dir), Path(input_csv), Path(output)

@@ -546,3 +546,16 @@ def recipe_to_toml(recipe):
     import tomli_w
 
     return tomli_w.dumps(recipe_to_dict(recipe))
+
+
+def recipe_diff(a, b, prefix=""):
+    """Dotted key paths whose values differ between two recipe dicts."""
+    keys = sorted(set(a) | set(b))
+    out = []
+    for key in keys:
+        path = f"{prefix}{key}"
+        if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
+            out.extend(recipe_diff(a[key], b[key], path + "."))
+        elif a.get(key) != b.get(key):
+            out.append(path)
+    return out

@@ -17,6 +17,9 @@ from ..io import write_json
 from .loop import sigmoid
 
 STATUS_FILE = "status.json"
+RECIPE_FILE = "recipe.toml"
+BEST = "checkpoint_best.ckpt"
+LAST = "last.ckpt"
 
 
 def write_status(run_dir, state, **extra):

@@ -1,8 +1,10 @@
-"""``mmcore run`` and ``mmcore eval``: a run directory is the unit of everything.
+"""``mmcore run``: a run directory is the unit of everything.
 
 ``runs/<experiment>/<timestamp>/`` holds the resolved recipe, ``checkpoint_best.ckpt``,
 ``last.ckpt``, ``results.json``, ``test_predictions.json``, ``test_report.md``,
-``report.html``, plots, TensorBoard logs and ``status.json``.
+``report.html``, plots, TensorBoard logs and ``status.json``. Training itself is
+:class:`mmcore.engine.training.TrainingRun`; evaluation of a finished run is
+:mod:`mmcore.engine.evaluate`.
 """
 
 from __future__ import annotations
@@ -10,31 +12,16 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 import tomllib
-import torch
 
-from ..data.csvs import load_splits, read_split, resolve_csv
-from ..errors import DataError, MmcoreError, RunError
-from ..evaluation.calibration import fit_temperature
-from ..evaluation.metrics import binary_metrics
-from ..evaluation.threshold import parse_threshold_rule, tune_threshold
+from ..data.csvs import load_splits
+from ..errors import DataError, RunError
 from ..io import write_text
-from ..model import build_component
-from ..recipe import recipe_from_dict, recipe_to_dict, recipe_to_toml
-from ..trainability import parameter_groups, trainable_summary
-from .checkpoint import load_model_state, make_checkpoint, read_checkpoint, save_checkpoint
-from .loggers import Loggers
-from .loop import BadImages, Trainer, sigmoid, total_steps
-from .outputs import require_completed, write_evaluation, write_status
-from .pipeline import Pipeline
-from .runtime import barrier, broadcast_object, init_distributed, is_main, world_size
-from .runtime import rank as runtime_rank
-from .sampling import EpochBatchSampler, ShardSampler, balanced_weights
-
-RECIPE_FILE = "recipe.toml"
-BEST = "checkpoint_best.ckpt"
-LAST = "last.ckpt"
+from ..recipe import recipe_diff, recipe_to_dict, recipe_to_toml
+from .checkpoint import read_checkpoint
+from .outputs import LAST, RECIPE_FILE, write_status
+from .runtime import broadcast_object, init_distributed, is_main, world_size
+from .training import Interrupted, TrainingRun
 
 
 def make_run_dir(recipe, out=None):
@@ -53,28 +40,6 @@ def make_run_dir(recipe, out=None):
             run_dir = base / f"{stamp}-{n}"
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
-
-
-def metric_mode(metric):
-    """Losses are minimized, everything else maximized."""
-    return "min" if metric.endswith("loss") or metric.endswith("brier") or metric.endswith("ece") else "max"
-
-
-def epoch_metrics(logits, labels, loss_fn, prefix="val"):
-    """Validation metrics of one epoch (prefixed), from CPU logits."""
-    scores = sigmoid(logits)
-    metrics = binary_metrics(scores, labels, 0.5)
-    loss = loss_fn(torch.as_tensor(logits, dtype=torch.float32), torch.as_tensor(labels, dtype=torch.float32))
-    out = {f"{prefix}_loss": float(loss)}
-    for key in ("auroc", "auprc", "accuracy", "f1", "precision", "recall"):
-        out[f"{prefix}_{key}"] = metrics.get(key)
-    return out
-
-
-class Interrupted(RunError):
-    """SIGINT/SIGTERM: the run stopped after a step and wrote last.ckpt."""
-
-    exit_code = 130
 
 
 def run_training(recipe, *, recipe_path, out=None, registry=None, progress=True, echo=print, resume=None):
@@ -173,7 +138,7 @@ def check_resumable(run_dir, recipe=None):
         raise RunError(f"{run_dir}: no {LAST} to resume from (the run stopped before its first checkpoint); start it again")
     saved = tomllib.loads((run_dir / RECIPE_FILE).read_text(encoding="utf-8"))
     if recipe is not None and recipe_to_dict(recipe) != saved:
-        differing = _dict_diff(saved, recipe_to_dict(recipe))
+        differing = recipe_diff(saved, recipe_to_dict(recipe))
         raise RunError(
             f"{run_dir}: this run was started with another recipe (differs at {', '.join(differing[:5])}); "
             f"resume it without a recipe: mmcore run --resume {run_dir}"
@@ -218,345 +183,6 @@ class _stop_on_signals:
         return False
 
 
-def _label_counts(split):
-    labels = split.label_array()
-    return int((labels == 0).sum()), int((labels == 1).sum())
-
-
-def _rng_state():
-    import random
-
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": [name, torch.from_numpy(keys.copy()), pos, has_gauss, cached],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state):
-    import random
-
-    python = state["python"]
-    random.setstate((python[0], tuple(python[1]), python[2]))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy(), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class TrainingRun:
-    """Everything one training run holds; its state round-trips through ``last.ckpt``."""
-
-    def __init__(self, recipe, registry, splits, run_dir, recipe_path, progress, echo):
-        self.recipe = recipe
-        self.registry = registry
-        self.run_dir = Path(run_dir)
-        self.recipe_path = recipe_path
-        self.progress = progress
-        self.echo = echo
-        self.trainer = None
-        self.stop_signal = None
-        self.main = is_main()
-        self.recipe_dict = recipe_to_dict(recipe)
-        # progress through training
-        self.epoch = 1
-        self.skip_batches = 0
-        self.loss_totals = (0.0, 0)
-        self.best_value = None
-        self.best_epoch = 0
-        self.best_metrics = {}
-        self.since_best = 0
-        self.history = []
-        self._setup(splits)
-
-    def _setup(self, splits):
-        recipe = self.recipe
-        pipeline = self.pipeline = Pipeline(recipe, self.registry, source=str(self.recipe_path), progress=self.progress)
-        model = pipeline.model
-        self.bad_images = BadImages(recipe.data.on_bad_image)
-        self.datasets = {}
-        for name in ("train", "val", "test"):
-            dataset, split, errors = pipeline.dataset(splits[name], train=name == "train")
-            if errors:
-                self.bad_images.check({"errors": errors}, name)
-            self.datasets[name] = (dataset, split)
-        train_dataset, train_split = self.datasets["train"]
-        weights = balanced_weights(train_split.label_array()) if recipe.train.balanced_sampler else None
-        rank, world = runtime_rank(), world_size()
-        if recipe.train.batch_size % world:
-            raise RunError(
-                f"{self.recipe_path}: train.batch_size: the global batch ({recipe.train.batch_size}) must be "
-                f"divisible by the number of processes ({world})"
-            )
-        self.batch_sampler = EpochBatchSampler(
-            len(train_dataset), recipe.train.batch_size, seed=recipe.seed, weights=weights,
-            rank=rank, world_size=world,
-        )
-        self.train_loader = pipeline.loader(train_dataset, train=True, batch_sampler=self.batch_sampler)
-        self.val_loader = pipeline.loader(
-            self.datasets["val"][0], sampler=ShardSampler(len(self.datasets["val"][0]), rank, world)
-        )
-        self.test_loader = pipeline.loader(
-            self.datasets["test"][0], sampler=ShardSampler(len(self.datasets["test"][0]), rank, world)
-        )
-        self.loss_fn = build_component(self.registry, "loss", recipe.loss, _label_counts(train_split))
-        groups = parameter_groups(
-            model,
-            head_lr=recipe.train.learning_rate,
-            backbone_lr=recipe.train.backbone_lr,
-            lora_lr=recipe.train.lora_lr,
-            weight_decay=recipe.train.weight_decay,
-        )
-        self.optimizer = torch.optim.AdamW(groups)
-        steps = total_steps(len(self.train_loader), recipe.train.grad_accum_steps, recipe.train.epochs)
-        self.scheduler = build_component(self.registry, "scheduler", recipe.scheduler, self.optimizer, steps)
-        self.writer = Loggers(recipe, self.run_dir, self.recipe_dict) if self.main else None
-        train_model = model
-        if world > 1 and any(p.requires_grad for p in model.parameters()):
-            from torch.nn.parallel import DistributedDataParallel
-
-            device_ids = [pipeline.device.index] if pipeline.device.type == "cuda" else None
-            train_model = DistributedDataParallel(model, device_ids=device_ids)
-        self.trainer = Trainer(
-            model=train_model,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            loss_fn=self.loss_fn,
-            device=pipeline.device,
-            dtype=pipeline.dtype,
-            grad_accum_steps=recipe.train.grad_accum_steps,
-            grad_clip=recipe.train.grad_clip,
-            on_nan=recipe.train.on_nan,
-            bad_images=self.bad_images,
-            writer=self.writer,
-            progress=self.progress,
-            channels_last=pipeline.channels_last,
-            on_step=self._on_step,
-        )
-
-    # -- state ------------------------------------------------------------------------------
-
-    def state_dict(self, *, epoch_complete):
-        trainer = self.trainer
-        return make_checkpoint(
-            self.pipeline.model,
-            recipe_dict=self.recipe_dict,
-            epoch=self.epoch,
-            metrics=self.best_metrics,
-            extra={
-                "kind": "last",
-                "epoch_complete": epoch_complete,
-                "batches_done": 0 if epoch_complete else trainer.batches_done,
-                "loss_totals": list(trainer.loss_totals) if not epoch_complete else [0.0, 0],
-                "global_step": trainer.global_step,
-                "skipped_nan_steps": trainer.skipped_nan_steps,
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "rng": _rng_state(),
-                "best": {"value": self.best_value, "epoch": self.best_epoch, "metrics": self.best_metrics},
-                "since_best": self.since_best,
-                "history": self.history,
-            },
-        )
-
-    def save_last(self, *, epoch_complete):
-        if self.main:
-            save_checkpoint(self.run_dir / LAST, self.state_dict(epoch_complete=epoch_complete))
-
-    def load_state(self, state):
-        if state.get("recipe") != self.recipe_dict:
-            differing = _dict_diff(state.get("recipe") or {}, self.recipe_dict)
-            raise RunError(f"{self.run_dir / LAST}: saved with another recipe (differs at {', '.join(differing[:5])})")
-        load_model_state(self.pipeline.model, state, path=str(self.run_dir / LAST))
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        trainer = self.trainer
-        trainer.global_step = state["global_step"]
-        trainer.skipped_nan_steps = state["skipped_nan_steps"]
-        best = state["best"]
-        self.best_value, self.best_epoch, self.best_metrics = best["value"], best["epoch"], best["metrics"]
-        self.since_best = state["since_best"]
-        self.history = list(state["history"])
-        if state["epoch_complete"]:
-            self.epoch, self.skip_batches, self.loss_totals = state["epoch"] + 1, 0, (0.0, 0)
-        else:
-            self.epoch, self.skip_batches = state["epoch"], state["batches_done"]
-            self.loss_totals = tuple(state["loss_totals"])
-        _set_rng_state(state["rng"])
-
-    def _on_step(self, epoch, batches_done):
-        every = self.recipe.train.checkpoint_every_steps
-        if every and self.trainer.global_step % every == 0:
-            self.save_last(epoch_complete=False)
-
-    # -- training ---------------------------------------------------------------------------
-
-    def fit(self):
-        recipe, trainer, model = self.recipe, self.trainer, self.pipeline.model
-        metric = recipe.train.early_stopping.metric
-        mode = metric_mode(metric)
-        patience = recipe.train.early_stopping.patience
-        while self.epoch <= recipe.train.epochs:
-            if patience and self.since_best >= patience:
-                break
-            epoch = self.epoch
-            epoch_start = time.perf_counter()
-            self.batch_sampler.set_epoch(epoch)
-            self.train_loader.generator.manual_seed(recipe.seed * 1_000_003 + epoch)  # worker seeds
-            train_loss, completed = trainer.train_epoch(
-                self.train_loader, epoch, recipe.train.epochs, skip_batches=self.skip_batches, totals=self.loss_totals
-            )
-            self.skip_batches, self.loss_totals = 0, (0.0, 0)
-            if not completed:
-                self.save_last(epoch_complete=False)
-                stop = Interrupted(
-                    f"stopped at epoch {epoch}, step {trainer.global_step}; state saved in {self.run_dir / LAST}. "
-                    f"Resume with: mmcore run --resume {self.run_dir}"
-                )
-                stop.exit_code = 128 + int(self.stop_signal or 2)
-                raise stop
-            _, val_logits, val_labels = trainer.predict(self.val_loader, "val")
-            metrics = epoch_metrics(val_logits, val_labels, self.loss_fn)
-            if metric not in metrics:
-                raise MmcoreError(
-                    f"{self.recipe_path}: train.early_stopping.metric: unknown metric {metric!r} "
-                    f"(one of {', '.join(metrics)})"
-                )
-            row = {"epoch": epoch, "train_loss": train_loss, **metrics, "epoch_time_s": time.perf_counter() - epoch_start}
-            self.history.append(row)
-            if self.writer is not None:
-                for key, value in metrics.items():
-                    if value is not None:
-                        self.writer.add_scalar(f"val/{key.removeprefix('val_')}", value, epoch)
-                self.writer.add_scalar("train/epoch_loss", train_loss, epoch)
-                self.writer.flush()
-            value = metrics[metric]
-            improved = value is not None and (
-                self.best_value is None or (value > self.best_value if mode == "max" else value < self.best_value)
-            )
-            if improved:
-                self.best_value, self.best_epoch, self.best_metrics = value, epoch, metrics
-                if self.main:
-                    save_checkpoint(
-                        self.run_dir / BEST,
-                        make_checkpoint(model, recipe_dict=self.recipe_dict, epoch=epoch, metrics=metrics),
-                    )
-                self.since_best = 0
-            else:
-                self.since_best += 1
-            if self.progress:
-                shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-                self.echo(f"epoch {epoch}: train_loss={train_loss:.4f} {shown}{' *' if improved else ''}")
-            self.save_last(epoch_complete=True)
-            self.epoch += 1
-            if patience and self.since_best >= patience:
-                self.echo(f"early stopping: {metric} has not improved for {patience} epochs (best epoch {self.best_epoch})")
-                break
-        if self.best_epoch == 0:
-            raise RunError(f"{metric} was never computed (validation has one class?); no checkpoint selected")
-        return self.finish()
-
-    def finish(self):
-        """Load the best epoch, fit the decision on validation, evaluate the test split, write outputs."""
-        recipe, trainer, model = self.recipe, self.trainer, self.pipeline.model
-        barrier()  # rank 0 has written the best checkpoint
-        load_model_state(model, read_checkpoint(self.run_dir / BEST), path=str(self.run_dir / BEST))
-        _, val_logits, val_labels = trainer.predict(self.val_loader, "val")
-        decision = fit_decision(recipe, val_logits, val_labels)
-        test_indices, test_logits, test_labels = trainer.predict(self.test_loader, "test")
-        if not self.main:
-            return {}
-        summary = {
-            "experiment": recipe.experiment,
-            "run_dir": str(self.run_dir),
-            "selected_epoch": self.best_epoch,
-            "selection_metric": recipe.train.early_stopping.metric,
-            "epochs_trained": len(self.history),
-            "val": self.best_metrics,
-            "history": self.history,
-            "data": {
-                # cached features drop bad images from the split up front; online, they are skipped per batch
-                "train": len(self.datasets["train"][1])
-                - (0 if self.pipeline.cache_vision else self.bad_images.counts().get("train", 0)),
-                "val": len(val_labels),
-                "test": len(test_indices),
-            },
-            "duplicates": getattr(self, "duplicates", {}),
-            "skipped_images": self.bad_images.counts(),
-            "skipped_nan_steps": trainer.skipped_nan_steps,
-            "trainable_parameters": trainable_summary(model),
-            "feature_cache": {"vision": self.pipeline.cache_vision, "text": self.pipeline.cache_text},
-        }
-        results, _ = write_evaluation(
-            self.run_dir,
-            split=self.datasets["test"][1],
-            indices=test_indices,
-            logits=test_logits,
-            labels=test_labels,
-            decision_info=decision,
-            summary=summary,
-            history=self.history,
-            title=f"mmcore — {recipe.experiment}",
-        )
-        ckpt = make_checkpoint(
-            model, recipe_dict=self.recipe_dict, epoch=self.best_epoch, metrics=self.best_metrics,
-            extra={"decision": decision},
-        )
-        save_checkpoint(self.run_dir / BEST, ckpt)
-        if self.writer is not None:
-            _log_hparams(self.writer, recipe, results)
-            _log_pr_curve(self.writer, test_logits, test_labels, self.best_epoch)
-            self.writer.close()
-        return results
-
-
-def fit_decision(recipe, val_logits, val_labels):
-    """Temperature (if ``eval.calibrate``) and threshold (``eval.threshold``) from validation."""
-    temperature = 1.0
-    if recipe.eval.calibrate and len(set(val_labels.tolist())) == 2:
-        temperature = float(fit_temperature(val_logits, val_labels))
-    scores = sigmoid(np.asarray(val_logits) / temperature)
-    rule = parse_threshold_rule(recipe.eval.threshold)
-    threshold, description = tune_threshold(scores, val_labels.astype(int), rule)
-    return {
-        "threshold": float(threshold),
-        "rule": recipe.eval.threshold,
-        "description": description,
-        "temperature": temperature,
-        "calibrated": bool(recipe.eval.calibrate),
-        "val_ece_raw": binary_metrics(sigmoid(val_logits), val_labels, 0.5)["ece"],
-        "val_ece_calibrated": binary_metrics(scores, val_labels, 0.5)["ece"],
-    }
-
-
-def _log_hparams(writer, recipe, results):
-    flat = {
-        "vision": recipe.vision.name,
-        "text": recipe.text.name,
-        "pooling": recipe.pooling.name,
-        "fusion": recipe.fusion.name,
-        "modality": recipe.train.modality,
-        "batch_size": recipe.train.batch_size,
-        "learning_rate": recipe.train.learning_rate,
-        "epochs": recipe.train.epochs,
-        "loss": recipe.loss.name,
-    }
-    test = (results.get("test") or {}).get("at_threshold") or {}
-    metrics = {f"hparam/test_{k}": v for k, v in test.items() if k in ("auroc", "auprc", "f1", "accuracy") and v is not None}
-    if metrics:
-        writer.add_hparams(flat, metrics)
-
-
-def _log_pr_curve(writer, logits, labels, step):
-    if len(labels):
-        writer.add_pr_curve("test/pr_curve", torch.as_tensor(labels).int(), torch.as_tensor(sigmoid(logits)), step)
-
-
 def summary_screen(results, run_dir):
     """The one-screen summary printed at the end of a run."""
     test = (results.get("test") or {}).get("at_threshold") or {}
@@ -585,90 +211,3 @@ def summary_screen(results, run_dir):
 
 
 # ---------------------------------------------------------------- eval
-
-
-def load_run(run_dir, *, registry=None, progress=True):
-    """Rebuild a finished run's model from its recipe and best checkpoint -> (pipeline, ckpt)."""
-    if registry is None:
-        from ..plugins import get_registry
-
-        registry = get_registry()
-    run_dir = Path(run_dir)
-    require_completed(run_dir)
-    recipe_path = run_dir / RECIPE_FILE
-    try:
-        data = tomllib.loads(recipe_path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise RunError(f"{recipe_path}: cannot read the run's recipe ({exc})") from None
-    recipe = recipe_from_dict(data, source=str(recipe_path), registry=registry)
-    ckpt = read_checkpoint(run_dir / BEST)
-    if ckpt.get("recipe") != recipe_to_dict(recipe):
-        differing = _dict_diff(ckpt.get("recipe") or {}, recipe_to_dict(recipe))
-        raise RunError(
-            f"{run_dir / BEST}: checkpoint was trained with another recipe "
-            f"(differs at {', '.join(differing[:5])})"
-        )
-    pipeline = Pipeline(recipe, registry, source=str(recipe_path), progress=progress)
-    load_model_state(pipeline.model, ckpt, path=str(run_dir / BEST))
-    return pipeline, ckpt
-
-
-def _dict_diff(a, b, prefix=""):
-    keys = sorted(set(a) | set(b))
-    out = []
-    for key in keys:
-        path = f"{prefix}{key}"
-        if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
-            out.extend(_dict_diff(a[key], b[key], path + "."))
-        elif a.get(key) != b.get(key):
-            out.append(path)
-    return out
-
-
-def score_with_run(pipeline, split, name, *, progress=True, desc=None):
-    """Logits for every usable row of ``split`` with a loaded run's model (eval and predict).
-
-    Returns ``(split, indices, logits, labels, bad_images)``; ``split`` may have lost rows
-    whose images could not be read (with ``data.on_bad_image = "skip"``).
-    """
-    bad_images = BadImages(pipeline.recipe.data.on_bad_image)
-    dataset, split, errors = pipeline.dataset(split)
-    if errors:
-        bad_images.check({"errors": errors}, name)
-    trainer = Trainer(
-        model=pipeline.model, optimizer=None, scheduler=None, loss_fn=None,
-        device=pipeline.device, dtype=pipeline.dtype, bad_images=bad_images,
-        progress=progress, channels_last=pipeline.channels_last,
-    )
-    indices, logits, labels = trainer.predict(pipeline.loader(dataset), name, desc=desc)
-    return split, indices, logits, labels, bad_images
-
-
-def evaluate_run(run_dir, *, data=None, out=None, registry=None, progress=True, echo=print):
-    """Re-score a CSV (default: the run's test split) with a finished run's model."""
-    run_dir = Path(run_dir)
-    pipeline, ckpt = load_run(run_dir, registry=registry, progress=progress)
-    recipe = pipeline.recipe
-    csv = Path(data) if data else resolve_csv(recipe.data.test, recipe.data.base_dir)
-    split = read_split(csv, recipe.data.base_dir if not data else None)
-    if split.labels is None:
-        raise DataError(f"{csv}: eval needs labels in every row (use mmcore predict for unlabeled data)")
-    out_dir = Path(out) if out else run_dir / "eval" / f"{csv.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    split, indices, logits, labels, bad_images = score_with_run(pipeline, split, "eval", progress=progress)
-    decision = ckpt.get("decision") or {"threshold": 0.5, "temperature": 1.0, "description": "0.5 (no decision saved)"}
-    summary = {
-        "experiment": recipe.experiment,
-        "run_dir": str(run_dir),
-        "evaluated_csv": str(csv),
-        "selected_epoch": ckpt.get("epoch"),
-        "data": {"eval": len(split)},
-        "skipped_images": bad_images.counts(),
-    }
-    results, _ = write_evaluation(
-        out_dir, split=split, indices=indices, logits=logits, labels=labels,
-        decision_info=decision, summary=summary, title=f"mmcore eval — {recipe.experiment} on {csv.name}",
-    )
-    test = results["test"]["at_threshold"]
-    echo(f"evaluated {len(split)} rows of {csv}: AUROC {test['auroc']}, F1 {test['f1']:.4f} at threshold {decision['threshold']:.4f}")
-    echo(f"wrote {out_dir}")
-    return out_dir
