@@ -101,9 +101,9 @@ def forward_throughput(encoder_name, pooling, batch_size=32, batches=6):
     """Images/s of the raw encoder forward (no_grad, fp32, channels_last), random pixels."""
     import torch
 
+    from mmcore.model import build_component
     from mmcore.plugins import get_registry
     from mmcore.recipe import recipe_from_dict
-    from mmcore.model import build_component
 
     registry = get_registry()
     recipe = recipe_from_dict({"vision": {"name": encoder_name, "params": {"pretrained": False}}}, registry=registry)
