@@ -86,3 +86,15 @@ def test_pos_weight_auto_comes_from_the_train_label_ratio(pos_weight, expected, 
         logits, targets, pos_weight=torch.tensor(expected)
     )
     assert torch.allclose(loss(logits, targets), expected_loss)
+
+
+def test_a_failure_while_setting_up_marks_the_run_failed(cli, tiny_recipe, tmp_path):
+    """An error while the model is built (after the run directory exists) leaves status = failed."""
+    path = tiny_recipe(train={"finetune_layers": 5})  # fake_cnn has 3 blocks
+    out = tmp_path / "run"
+    result = cli("run", path, "--out", out, "--quiet", check=False)
+    assert result.returncode == 2
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"{path}: train.finetune_layers: 5 is more than the 3 blocks of vision encoder")
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "failed" and status["error"] == line

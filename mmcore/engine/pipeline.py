@@ -13,8 +13,9 @@ import attrs
 import torch
 
 from ..data.dataset import SampleDataset, make_loader
+from ..errors import RecipeError
 from ..model import build_classifier, build_component
-from ..trainability import apply_trainability
+from ..trainability import TrainabilityError, apply_trainability
 from .cache import cache_root, text_key
 from .features import fill_text_cache, fill_vision_cache, image_keys, is_frozen, text_store, vision_store
 from .runtime import autocast_dtype, barrier, rank, resolve_device, seed_everything, world_size
@@ -34,12 +35,15 @@ class Pipeline:
         model = build_classifier(recipe, registry, source=source)
         if model.vision is not None:
             train = recipe.train
-            apply_trainability(
-                model.vision,
-                freeze_backbone=train.freeze_backbone,
-                finetune_layers=train.finetune_layers,
-                lora=train.lora,
-            )
+            try:
+                apply_trainability(
+                    model.vision,
+                    freeze_backbone=train.freeze_backbone,
+                    finetune_layers=train.finetune_layers,
+                    lora=train.lora,
+                )
+            except TrainabilityError as exc:  # it names the key path; say which file too
+                raise RecipeError(f"{source}: {exc}") from None
         self.model = model.to(self.device)
         self.channels_last = bool(model.vision is not None and model.vision.channels_last)
         if self.channels_last:

@@ -71,9 +71,10 @@ def run_training(recipe, *, recipe_path, out=None, registry=None, progress=True,
     if not main:
         return _run_worker(recipe, registry, splits, run_dir, recipe_path, state)
     write_status(run_dir, "running")
-    training = TrainingRun(recipe, registry, splits, run_dir, recipe_path, progress, echo)
-    training.duplicates = duplicates.counts()
     try:
+        training = TrainingRun(
+            recipe, registry, splits, run_dir, recipe_path, progress, echo, duplicates=duplicates.counts()
+        )
         with _stop_on_signals(training, echo):
             if state is not None:
                 training.load_state(state)

@@ -82,7 +82,7 @@ def _set_rng_state(state):
 class TrainingRun:
     """Everything one training run holds; its state round-trips through ``last.ckpt``."""
 
-    def __init__(self, recipe, registry, splits, run_dir, recipe_path, progress, echo):
+    def __init__(self, recipe, registry, splits, run_dir, recipe_path, progress, echo, duplicates=None):
         self.recipe = recipe
         self.registry = registry
         self.run_dir = Path(run_dir)
@@ -91,6 +91,7 @@ class TrainingRun:
         self.echo = echo
         self.trainer = None
         self.stop_signal = None
+        self.duplicates = duplicates or {}
         self.main = is_main()
         self.recipe_dict = recipe_to_dict(recipe)
         # progress through training
@@ -316,7 +317,7 @@ class TrainingRun:
                 "val": len(val_labels),
                 "test": len(test_indices),
             },
-            "duplicates": getattr(self, "duplicates", {}),
+            "duplicates": self.duplicates,
             "skipped_images": self.bad_images.counts(),
             "skipped_nan_steps": trainer.skipped_nan_steps,
             "trainable_parameters": trainable_summary(model),
