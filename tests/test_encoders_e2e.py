@@ -17,6 +17,7 @@ import torch
 from click.testing import CliRunner
 
 from mmcore.cli import cli as mmcore_cli_group
+from mmcore.compare import flatten
 from mmcore.recipe import parse_override
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,17 +48,6 @@ def invoke(*args, env=None):
 def show(*args, env=None):
     """``mmcore show ...`` -> the resolved recipe."""
     return tomllib.loads(invoke("show", *args, env=env).stdout)
-
-
-def flatten(data, prefix=""):
-    out = {}
-    for key, value in data.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, path + "."))
-        else:
-            out[path] = value
-    return out
 
 
 # ---------------------------------------------------------------- (a) recipes resolve

@@ -9,6 +9,8 @@ import math
 
 import numpy as np
 
+from .metrics import check_scores_labels
+
 MIN_TEMPERATURE = 1e-2
 MAX_TEMPERATURE = 1e2
 
@@ -16,16 +18,7 @@ MAX_TEMPERATURE = 1e2
 def _as_tensors(logits, labels):
     import torch
 
-    logits = np.asarray(logits, dtype=np.float64).reshape(-1)
-    labels = np.asarray(labels).reshape(-1)
-    if logits.shape != labels.shape:
-        raise ValueError(f"logits and labels differ in length ({logits.size} vs {labels.size})")
-    if logits.size == 0:
-        raise ValueError("no samples to calibrate on")
-    if not np.all(np.isfinite(logits)):
-        raise ValueError("logits contain NaN or infinite values")
-    if not np.all(np.isin(labels, (0, 1))):
-        raise ValueError("labels must be 0 or 1")
+    logits, labels = check_scores_labels(logits, labels, what="logits", probabilities=False, purpose="calibrate on")
     return torch.from_numpy(logits), torch.from_numpy(labels.astype(np.float64))
 
 

@@ -13,17 +13,20 @@ import numpy as np
 ECE_BINS = 15
 
 
-def check_scores_labels(scores, labels):
-    """Return ``(scores, labels)`` as 1-D float64 / int64 arrays, or raise ValueError saying why not."""
+def check_scores_labels(scores, labels, *, what="scores", probabilities=True, purpose="evaluate"):
+    """Return ``(scores, labels)`` as 1-D float64 / int64 arrays, or raise ValueError saying why not.
+
+    ``probabilities=False`` accepts any finite values (logits, for calibration).
+    """
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     labels = np.asarray(labels).reshape(-1)
     if scores.shape != labels.shape:
-        raise ValueError(f"scores and labels differ in length ({scores.size} vs {labels.size})")
+        raise ValueError(f"{what} and labels differ in length ({scores.size} vs {labels.size})")
     if scores.size == 0:
-        raise ValueError("no samples to evaluate")
+        raise ValueError(f"no samples to {purpose}")
     if not np.all(np.isfinite(scores)):
-        raise ValueError("scores contain NaN or infinite values")
-    if scores.min() < 0 or scores.max() > 1:
+        raise ValueError(f"{what} contain NaN or infinite values")
+    if probabilities and (scores.min() < 0 or scores.max() > 1):
         raise ValueError(
             f"scores must be probabilities in [0, 1] (got min {scores.min():.4g}, max {scores.max():.4g});"
             " apply a sigmoid to logits first"
