@@ -20,10 +20,10 @@ def build(width, batch, steps, image_size):
     import mmcore_fake_encoders
 
     from mmcore.engine.pipeline import Pipeline
-    from mmcore.model import build_component
-    from mmcore.plugins import make_registry
+    from mmcore.model.classifier import build_component
+    from mmcore.model.trainability import parameter_groups
+    from mmcore.plugins.manager import make_registry
     from mmcore.recipe import recipe_from_dict
-    from mmcore.trainability import parameter_groups
 
     registry = make_registry(load_entrypoints=False, extra_plugins=[("fake", mmcore_fake_encoders)])
     recipe = recipe_from_dict(
@@ -57,7 +57,7 @@ def build(width, batch, steps, image_size):
 
 def plain_loop(model, optimizer, scheduler, loss_fn, batches, grad_clip=1.0):
     """What one would write by hand: forward, loss, backward, clip, step."""
-    from mmcore.trainability import freeze_norm_statistics
+    from mmcore.model.trainability import freeze_norm_statistics
 
     model.train()
     freeze_norm_statistics(model.vision)  # the engine keeps a fine-tuned encoder's BN statistics

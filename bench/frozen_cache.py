@@ -49,8 +49,8 @@ def one_run(recipe_path, out):
     """Train once in this process; print {feature_s, epochs_s, total_s, log} as JSON."""
     import numpy as np
 
+    from mmcore.commands.run import run_training
     from mmcore.engine import pipeline as pipeline_module
-    from mmcore.engine.run import run_training
     from mmcore.evaluation.metrics import binary_metrics
     from mmcore.recipe import load_recipe
 
@@ -101,8 +101,8 @@ def forward_throughput(encoder_name, pooling, batch_size=32, batches=6):
     """Images/s of the raw encoder forward (no_grad, fp32, channels_last), random pixels."""
     import torch
 
-    from mmcore.model import build_component
-    from mmcore.plugins import get_registry
+    from mmcore.model.classifier import build_component
+    from mmcore.plugins.manager import get_registry
     from mmcore.recipe import recipe_from_dict
 
     registry = get_registry()
@@ -135,7 +135,7 @@ def main():
 
     import torch
 
-    from mmcore.demo import make_demo_dataset
+    from mmcore.commands.demo import make_demo_dataset
 
     work = Path(tempfile.mkdtemp(prefix="mmcore-bench-"))
     n_eval = max(2, args.images // 5)

@@ -28,12 +28,12 @@ def main():
 
     import torch
 
+    from mmcore.commands.demo import make_demo_dataset
     from mmcore.data.csvs import read_split
     from mmcore.data.dataset import SampleDataset, default_num_workers, make_loader
     from mmcore.data.images import load_rgb
-    from mmcore.demo import make_demo_dataset
-    from mmcore.model import build_component
-    from mmcore.plugins import get_registry
+    from mmcore.model.classifier import build_component
+    from mmcore.plugins.manager import get_registry
     from mmcore.recipe import recipe_from_dict
 
     torch.set_num_threads(1)

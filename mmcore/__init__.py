@@ -1,7 +1,78 @@
-"""mmcore: train binary classifiers of ad images from the image and its OCR text."""
+"""mmcore: train binary classifiers of ad images from the image and its OCR text.
+
+This module is the face plugin authors use, as ``from llm import Model, hookimpl`` is llm's::
+
+    from mmcore import EncoderParams, VisionEncoder, TokenOutput, hookimpl
+
+Everything a plugin needs is importable from here; the modules behind these names are private
+and may move. Contract checks for a plugin's own tests live in :mod:`mmcore.testing`.
+Names are imported on first use, so ``import mmcore`` stays cheap.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
 
-from .hookspecs import hookimpl  # noqa: E402
+#: public name -> module that defines it
+_FACE = {
+    # hooks
+    "hookimpl": "mmcore.plugins.hookspecs",
+    # the interfaces a plugin implements
+    "VisionEncoder": "mmcore.interfaces",
+    "TextEncoder": "mmcore.interfaces",
+    "OcrEngine": "mmcore.interfaces",
+    "TokenOutput": "mmcore.interfaces",
+    "Preprocessing": "mmcore.interfaces",
+    "EncoderParams": "mmcore.interfaces",
+    "NoParams": "mmcore.interfaces",
+    "identity_string": "mmcore.interfaces",
+    # params checks and errors
+    "FieldError": "mmcore.validators",
+    "at_least": "mmcore.validators",
+    "in_range": "mmcore.validators",
+    "one_of": "mmcore.validators",
+    "positive": "mmcore.validators",
+    "MmcoreError": "mmcore.errors",
+    "RecipeError": "mmcore.errors",
+    "did_you_mean": "mmcore.errors",
+    # weights
+    "WeightsError": "mmcore.kit.weights",
+    "WEIGHTS_HINT": "mmcore.kit.weights",
+    "load_pretrained": "mmcore.kit.weights",
+    # vision glue (torchvision / timm)
+    "IMAGENET_MEAN": "mmcore.kit.vision",
+    "IMAGENET_STD": "mmcore.kit.vision",
+    "ResizeCropPreprocessing": "mmcore.kit.vision",
+    "square_preprocessing": "mmcore.kit.vision",
+    "torchvision_preprocessing": "mmcore.kit.vision",
+    "timm_preprocessing": "mmcore.kit.vision",
+    "FeatureMapEncoder": "mmcore.kit.vision",
+    "TimmEncoder": "mmcore.kit.vision",
+    "build_torchvision_model": "mmcore.kit.vision",
+    "build_timm_model": "mmcore.kit.vision",
+    "build_timm_encoder": "mmcore.kit.vision",
+    "feature_map_tokens": "mmcore.kit.vision",
+    "local_weights_file": "mmcore.kit.vision",
+    "read_state_dict": "mmcore.kit.vision",
+    "load_state_dict_into": "mmcore.kit.vision",
+    # text glue (Hugging Face transformers / sentence-transformers)
+    "TextEncoderParams": "mmcore.kit.text",
+    "TextModelSpec": "mmcore.kit.text",
+    "FrozenTextEncoder": "mmcore.kit.text",
+    "build_text_encoder": "mmcore.kit.text",
+}
 
-__all__ = ["__version__", "hookimpl"]
+__all__ = ["__version__", *_FACE]
+
+
+def __getattr__(name):
+    module = _FACE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mmcore' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(__all__)

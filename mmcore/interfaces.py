@@ -204,3 +204,8 @@ class EncoderParams:
     weights: str | None = None
     revision: str | None = None
     tiny: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class NoParams:
+    """Params of a component that takes none (``[fusion] name = "concat"``)."""

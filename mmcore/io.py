@@ -13,7 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .errors import RunError
+from mmcore.errors import RunError
 
 
 @contextlib.contextmanager

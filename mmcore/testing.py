@@ -19,9 +19,18 @@ import pickle
 import numpy as np
 import torch
 
-from .interfaces import TextEncoder, TokenOutput, VisionEncoder
+from mmcore.interfaces import TextEncoder, TokenOutput, VisionEncoder
+from mmcore.model.trainability import LoraConfig, apply_trainability, lora_target_names
+from mmcore.plugins import get_registry, make_registry
+from mmcore.recipe.convert import structure
 
 __all__ = [
+    "get_registry",
+    "make_registry",
+    "structure",
+    "LoraConfig",
+    "apply_trainability",
+    "lora_target_names",
     "check_vision_encoder",
     "check_text_encoder",
     "check_pooling",
@@ -38,8 +47,8 @@ __all__ = [
 
 def build(kind, name, params=None, registry=None):
     """Build a registered component from a params dict, as a recipe would."""
-    from .plugins import get_registry
-    from .recipe import structure
+    from mmcore.plugins.manager import get_registry
+    from mmcore.recipe.convert import structure
 
     registry = registry or get_registry()
     registration = registry.get(kind, name)
@@ -49,8 +58,8 @@ def build(kind, name, params=None, registry=None):
 
 def _registered(kind, name, params, registry):
     """The registration of ``name`` and its params structured as a recipe would."""
-    from .plugins import get_registry
-    from .recipe import structure
+    from mmcore.plugins.manager import get_registry
+    from mmcore.recipe.convert import structure
 
     registration = (registry or get_registry()).get(kind, name)
     structured = structure(dict(params or {}), registration.params_cls, source=f"<{name} params>", path="params")
@@ -79,8 +88,8 @@ def encode_samples(encoder):
 
 def _pipeline(encoder, out, registry):
     """tokens -> pooling -> fusion (with a fake text vector) -> head: logits [B]."""
-    from .plugins import make_registry
-    from .recipe import structure
+    from mmcore.plugins.manager import make_registry
+    from mmcore.recipe.convert import structure
 
     builtins = registry or make_registry(load_entrypoints=False)
     logits = []
@@ -374,7 +383,7 @@ def check_ocr_engine(name, params=None, registry=None, *, lang="eng", image=None
     engine's program and language installed: skip the test where they are not. Returns the engine."""
     from PIL import Image
 
-    from .interfaces import OcrEngine
+    from mmcore.interfaces import OcrEngine
 
     registration, structured = _registered("ocr", name, params, registry)
     engine = registration.factory(structured)

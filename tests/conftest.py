@@ -20,7 +20,7 @@ def registry():
     """Built-ins + the fake encoders, registered explicitly (no installed plugins)."""
     import mmcore_fake_encoders
 
-    from mmcore.plugins import make_registry
+    from mmcore.plugins.manager import make_registry
 
     return make_registry(load_entrypoints=False, extra_plugins=[("fake", mmcore_fake_encoders)])
 
@@ -28,7 +28,7 @@ def registry():
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory):
     """A small generated ad-vs-not dataset (train 64 / val 32 / test 32)."""
-    from mmcore.demo import make_demo_dataset
+    from mmcore.commands.demo import make_demo_dataset
 
     return make_demo_dataset(tmp_path_factory.mktemp("demo"), n_train=64, n_val=32, n_test=32, size=(48, 48))
 

@@ -25,7 +25,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from mmcore.cli import cli as mmcore_group
+from mmcore.cli.main import cli as mmcore_group
 from mmcore.data.checks import find_duplicates, scan_images
 from mmcore.data.csvs import load_splits, read_split
 from mmcore.data.dataset import Collate, SampleDataset
@@ -536,7 +536,7 @@ def test_recipe_problem_is_one_line_and_creates_no_run(tmp_path, images, monkeyp
 def tiny(tmp_path_factory):
     """A small dataset (16/8/8) and a copy with a truncated train image (row 3) and an empty
     test image (row 2)."""
-    from mmcore.demo import make_demo_dataset
+    from mmcore.commands.demo import make_demo_dataset
 
     root = tmp_path_factory.mktemp("bad_inputs")
     good = make_demo_dataset(root / "good", n_train=16, n_val=8, n_test=8, size=(48, 48))
@@ -701,8 +701,8 @@ def test_disk_full_while_writing_the_checkpoint_bytes(tmp_path, monkeypatch):
 def test_disk_full_during_a_run_fails_it_and_keeps_the_best_checkpoint(tiny, registry, tmp_path, monkeypatch):
     """The final checkpoint write (with the decision) hits a full disk: the run is marked failed
     with the message, and the epoch checkpoint written before it is intact."""
+    from mmcore.commands.run import run_training
     from mmcore.engine.checkpoint import read_checkpoint
-    from mmcore.engine.run import run_training
     from mmcore.recipe import load_recipe
 
     recipe_path = write(tmp_path / "r.toml", RECIPE.format(data=tiny["good"], on_bad_image="error", cache=tmp_path / "cache"))

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from mmcore.builtin.augmentations import ResizedCropKeepSize
-from mmcore.plugins import make_registry
+from mmcore.plugins.manager import make_registry
 from mmcore.validators import FieldError
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import sigmoid_focal_loss
 
-from mmcore.plugins import make_registry
+from mmcore.plugins.manager import make_registry
 from mmcore.validators import FieldError
 
 

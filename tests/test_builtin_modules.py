@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from mmcore.builtin.projection import UnimodalProjection
-from mmcore.plugins import make_registry
+from mmcore.plugins.manager import make_registry
 from mmcore.validators import FieldError
 
 

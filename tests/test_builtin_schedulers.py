@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 
-from mmcore.plugins import make_registry
+from mmcore.plugins.manager import make_registry
 from mmcore.validators import FieldError
 
 # transformers is a test-only reference here (the core does not depend on it)

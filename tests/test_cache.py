@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from mmcore.cache_cli import cache_group
+from mmcore.cli.cache import cache_group
 from mmcore.data.csvs import read_split
 from mmcore.engine.cache import FeatureStore, FeatureView, cache_root
 from mmcore.engine.features import fill_vision_cache, image_keys, vision_store
@@ -184,7 +184,7 @@ def test_sharded_fills_cover_disjoint_parts(registry, tmp_path, split):
 def _concurrent_fill(cache, data_dir, queue):
     import mmcore_fake_encoders
 
-    from mmcore.plugins import make_registry
+    from mmcore.plugins.manager import make_registry
 
     registry = make_registry(load_entrypoints=False, extra_plugins=[("fake", mmcore_fake_encoders)])
     split = read_split(os.path.join(data_dir, "train.csv"), data_dir)
@@ -220,8 +220,8 @@ def test_two_concurrent_fills_make_one_correct_cache(registry, tmp_path, split, 
 
 @pytest.mark.parametrize("pooling", ["mean", "attention"])
 def test_cached_and_uncached_training_predict_the_same(registry, tmp_path, demo_data, pooling, monkeypatch):
+    from mmcore.commands.run import run_training
     from mmcore.engine import outputs
-    from mmcore.engine.run import run_training
 
     # plots and the HTML report take most of a tiny run and do not touch predictions
     monkeypatch.setattr(outputs, "write_plots", lambda *a, **k: {})

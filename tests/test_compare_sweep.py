@@ -12,9 +12,10 @@ import pytest
 import tomllib
 from click.testing import CliRunner
 
-from mmcore.compare import FIXED_COLUMNS, METRIC_COLUMNS, compare_command, compare_runs
+from mmcore.cli.compare import compare_command
+from mmcore.commands.compare import FIXED_COLUMNS, METRIC_COLUMNS, compare_runs
+from mmcore.commands.sweep import parse_sweeps, run_sweep, split_values
 from mmcore.errors import RecipeError
-from mmcore.sweep import parse_sweeps, run_sweep, split_values
 
 GRID = ["pooling.name=mean,attention", "head.params.hidden=[8],[16, 8]"]
 POINTS = [
@@ -105,7 +106,7 @@ def test_sweep_runs_the_grid_and_ends_with_the_comparison(sweep_recipe, registry
     # `mmcore compare SWEEP_DIR` as a program: the same table, swept keys first
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     result = subprocess.run(
-        [sys.executable, "-c", "from mmcore.compare import compare_command; compare_command()", str(sweep_dir)],
+        [sys.executable, "-c", "from mmcore.cli.compare import compare_command; compare_command()", str(sweep_dir)],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert result.returncode == 0, result.stderr
@@ -170,7 +171,7 @@ def test_sweep_with_a_broken_point_fails_that_point_alone(sweep_recipe, registry
 
 
 def test_sweep_data_error_and_crash_fail_their_point_and_ctrl_c_stops(sweep_recipe, registry, tmp_path, monkeypatch):
-    import mmcore.engine.run as engine_run
+    import mmcore.commands.run as engine_run
 
     # a data error stops before the run directory exists: the sweep still marks the point failed
     lines = []

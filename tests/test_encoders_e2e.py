@@ -16,8 +16,8 @@ import tomllib
 import torch
 from click.testing import CliRunner
 
-from mmcore.cli import cli as mmcore_cli_group
-from mmcore.compare import flatten
+from mmcore.cli.main import cli as mmcore_cli_group
+from mmcore.commands.compare import flatten
 from mmcore.recipe import parse_override
 
 REPO = Path(__file__).resolve().parents[1]
@@ -229,8 +229,8 @@ PLUGIN_CASES = {
 
 @pytest.mark.parametrize("case", sorted(PLUGIN_CASES))
 def test_plugin_trainability_counts_and_frozen_weights(case):
+    from mmcore.model.trainability import LoraConfig, apply_trainability
     from mmcore.testing import build
-    from mmcore.trainability import LoraConfig, apply_trainability
 
     name, finetune_layers, lora, expected = PLUGIN_CASES[case]
     torch.manual_seed(0)
@@ -322,7 +322,7 @@ def normalized(text):
 
 @pytest.fixture(scope="module")
 def real_registry():
-    from mmcore.plugins import get_registry
+    from mmcore.plugins.manager import get_registry
 
     return get_registry()
 
@@ -332,13 +332,13 @@ def test_each_name_requests_the_mission_hub_id(real_registry, monkeypatch):
         pytest.skip(f"{MISSION} not present (the product docs live outside the repository)")
     import mmcore_vision_siglip2.encoders
 
-    import mmcore.encoders
-    import mmcore.text
+    import mmcore.kit.text
+    import mmcore.kit.vision
 
     def intercept(loader, model_id, **kwargs):
         raise Requested(model_id)
 
-    for module in (mmcore.encoders, mmcore.text, mmcore_vision_siglip2.encoders):
+    for module in (mmcore.kit.vision, mmcore.kit.text, mmcore_vision_siglip2.encoders):
         monkeypatch.setattr(module, "load_pretrained", intercept)
 
     from mmcore.testing import build

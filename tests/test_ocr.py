@@ -18,12 +18,13 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image, ImageDraw, ImageFont
 
-import mmcore.ocr
+import mmcore.ocr.batch
+from mmcore.cli.ocr import ocr_command
 from mmcore.errors import MmcoreError
-from mmcore.hookspecs import hookimpl
 from mmcore.interfaces import OcrEngine
-from mmcore.ocr import normalize_text, ocr_command, ocr_fill, partial_path, run_ocr
-from mmcore.plugins import make_registry
+from mmcore.ocr.batch import normalize_text, ocr_fill, partial_path, run_ocr
+from mmcore.plugins.hookspecs import hookimpl
+from mmcore.plugins.manager import make_registry
 
 KOREAN_FONT = Path("/usr/share/fonts/truetype/nanum/NanumGothic.ttf")  # fonts-nanum
 LATIN_FONT = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")  # fonts-dejavu-core
@@ -109,7 +110,7 @@ class FakePlugin:
 @pytest.fixture
 def registry(monkeypatch):
     registry = make_registry(load_entrypoints=False, extra_plugins=[("fake", FakePlugin())])
-    monkeypatch.setattr(mmcore.ocr, "get_registry", lambda: registry)
+    monkeypatch.setattr(mmcore.ocr.batch, "get_registry", lambda: registry)
     return registry
 
 
@@ -154,7 +155,7 @@ def test_ocr_command_reads_korean_and_english_end_to_end(tmp_path, monkeypatch):
     registry = make_registry(
         load_entrypoints=False, extra_plugins=[("tesseract", mmcore_ocr_tesseract)]
     )
-    monkeypatch.setattr(mmcore.ocr, "get_registry", lambda: registry)
+    monkeypatch.setattr(mmcore.ocr.batch, "get_registry", lambda: registry)
     (tmp_path / "images").mkdir()
     korean = ["오늘만 특가 할인 행사", "지금 바로 전화 주세요"]
     english = ["Limited offer: buy two", "get one FREE today"]
@@ -212,7 +213,7 @@ def test_missing_language_pack_names_the_debian_package(tmp_path, monkeypatch):
     registry = make_registry(
         load_entrypoints=False, extra_plugins=[("tesseract", mmcore_ocr_tesseract)]
     )
-    monkeypatch.setattr(mmcore.ocr, "get_registry", lambda: registry)
+    monkeypatch.setattr(mmcore.ocr.batch, "get_registry", lambda: registry)
     csv = make_dataset(tmp_path, [10])
     out = tmp_path / "out.csv"
 

@@ -17,11 +17,12 @@ import tomllib
 import torch
 from click.testing import CliRunner
 
-from mmcore import hookimpl, hookspecs, testing
+from mmcore import hookimpl, testing
+from mmcore.cli.new_plugin import new_plugin_command
 from mmcore.interfaces import EncoderParams, OcrEngine
-from mmcore.plugins import make_registry
-from mmcore.registry import KINDS
-from mmcore.scaffold import new_plugin_command
+from mmcore.plugins import hookspecs
+from mmcore.plugins.manager import make_registry
+from mmcore.plugins.registry import KINDS
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "plugins.md"
@@ -43,7 +44,7 @@ CHECKS = {
 
 
 def hookspec_names():
-    """Functions of mmcore.hookspecs marked with @hookspec."""
+    """Functions of mmcore.plugins.hookspecs marked with @hookspec."""
     return sorted(name for name in dir(hookspecs) if hasattr(getattr(hookspecs, name), "mmcore_spec"))
 
 
@@ -368,7 +369,7 @@ def test_new_plugin_warns_when_the_name_is_taken(tmp_path):
 
 
 def test_new_plugin_as_a_standalone_command_fails_in_one_line(tmp_path):
-    code = "from mmcore.scaffold import new_plugin_command; new_plugin_command()"
+    code = "from mmcore.cli.new_plugin import new_plugin_command; new_plugin_command()"
     result = subprocess.run(
         [sys.executable, "-c", code, "Bad", "--kind", "vision"],
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
@@ -418,7 +419,7 @@ def test_generated_plugins_install_pass_their_tests_and_train(tmp_path, demo_dat
     """Generate a vision plugin (the standalone command) and a text plugin, pip install them into
     a private folder (not the shared venv, so parallel tests never see them), run their own
     tests, then train a recipe that names both."""
-    code = "from mmcore.scaffold import new_plugin_command; new_plugin_command()"
+    code = "from mmcore.cli.new_plugin import new_plugin_command; new_plugin_command()"
     subprocess.run([sys.executable, "-c", code, "kit_conv", "--kind", "vision"], cwd=tmp_path,
                    check=True, capture_output=True, timeout=120)
     text_dir = tmp_path / "plugins" / "text-kit-words"

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from mmcore.predict import predict_command
+from mmcore.cli.predict import predict_command
 
-PREDICT = "from mmcore.predict import predict_command; predict_command()"
+PREDICT = "from mmcore.cli.predict import predict_command; predict_command()"
 
 
 def _python(*args, code=PREDICT):
@@ -47,14 +47,14 @@ def _multimodal_run(tmp, demo_data):
     """A finished multimodal run (cached features) that skips unreadable images: real `mmcore run`."""
     recipe = _write_recipe(tmp, demo_data, "multimodal", "skip", True)
     out = tmp / "run-multimodal"
-    result = _python("run", recipe, "--out", out, "--quiet", code="from mmcore.cli import main; main()")
+    result = _python("run", recipe, "--out", out, "--quiet", code="from mmcore.cli.main import main; main()")
     assert result.returncode == 0, result.stderr
     return out
 
 
 def _vision_only_run(tmp, demo_data, registry):
     """A finished vision_only run (images decoded in the loader) that stops at an unreadable image."""
-    from mmcore.engine.run import run_training
+    from mmcore.commands.run import run_training
     from mmcore.recipe import load_recipe
 
     recipe = _write_recipe(tmp, demo_data, "vision_only", "error", False)

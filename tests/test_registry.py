@@ -3,9 +3,10 @@
 import attrs
 import pytest
 
-from mmcore import hookimpl, hookspecs
-from mmcore.plugins import make_plugin_manager, make_registry
-from mmcore.registry import KINDS, DuplicateComponentError, UnknownComponentError
+from mmcore import hookimpl
+from mmcore.plugins import hookspecs
+from mmcore.plugins.manager import make_plugin_manager, make_registry
+from mmcore.plugins.registry import KINDS, DuplicateComponentError, UnknownComponentError
 
 
 def test_builtins_register_through_the_hooks():
@@ -89,7 +90,7 @@ def test_load_plugins_env_restricts_loading(monkeypatch):
 def test_two_distributions_with_the_same_entry_point_name_are_refused(monkeypatch):
     import importlib.metadata as md
 
-    from mmcore import plugins
+    from mmcore.plugins import manager as plugins
 
     class FakeDist:
         def __init__(self, name):

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from mmcore.interfaces import Preprocessing, TokenOutput, VisionEncoder
-from mmcore.trainability import (
+from mmcore.model.trainability import (
     LoraConfig,
     TrainabilityError,
     apply_trainability,

@@ -49,7 +49,7 @@ def test_balanced_sampler_draws_both_classes_equally():
 
 
 def test_modality_dropout_zeroes_one_modality_per_dropped_sample():
-    from mmcore.model import _drop_modality
+    from mmcore.model.classifier import _drop_modality
 
     torch.manual_seed(0)
     vision, text = torch.ones(1000, 4), torch.ones(1000, 3)
@@ -77,7 +77,7 @@ def test_modality_dropout_trains_end_to_end(cli, tiny_recipe, tmp_path):
 
 @pytest.mark.parametrize("pos_weight,expected", [("auto", 48 / 16), (2.5, 2.5)])
 def test_pos_weight_auto_comes_from_the_train_label_ratio(pos_weight, expected, registry):
-    from mmcore.recipe import structure
+    from mmcore.recipe.convert import structure
 
     reg = registry.get("loss", "bce")
     loss = reg.factory(structure({"pos_weight": pos_weight}, reg.params_cls, source="t"), (48, 16))

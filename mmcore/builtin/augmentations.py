@@ -10,8 +10,9 @@ import math
 import attrs
 import torch
 
-from ..hookspecs import hookimpl
-from ..validators import in_range
+from mmcore.interfaces import NoParams
+from mmcore.plugins.hookspecs import hookimpl
+from mmcore.validators import in_range
 
 
 class ResizedCropKeepSize:
@@ -60,9 +61,6 @@ class Augmentation:
         return f"Augmentation({self.pipeline!r})"
 
 
-@attrs.frozen(kw_only=True)
-class NoParams:
-    """No parameters."""
 
 
 def build_none(params):

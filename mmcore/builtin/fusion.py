@@ -5,8 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..hookspecs import hookimpl
-from ..validators import positive
+from mmcore.interfaces import NoParams
+from mmcore.plugins.hookspecs import hookimpl
+from mmcore.validators import positive
 
 
 @attrs.frozen(kw_only=True)
@@ -45,9 +46,6 @@ def build_gated(params, vision_dim, text_dim):
     return GatedMultimodalUnit(vision_dim, text_dim, dim=params.dim, bias=params.bias)
 
 
-@attrs.frozen(kw_only=True)
-class NoParams:
-    """No parameters."""
 
 
 class ConcatFusion(nn.Module):

@@ -3,8 +3,8 @@
 import attrs
 from torch import nn
 
-from ..hookspecs import hookimpl
-from ..validators import FieldError, in_range, one_of
+from mmcore.plugins.hookspecs import hookimpl
+from mmcore.validators import FieldError, in_range, one_of
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
 

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..hookspecs import hookimpl
-from ..validators import FieldError, at_least, in_range
+from mmcore.plugins.hookspecs import hookimpl
+from mmcore.validators import FieldError, at_least, in_range
 
 
 def smooth(targets, label_smoothing):

@@ -9,8 +9,9 @@ import attrs
 import torch
 from torch import nn
 
-from ..hookspecs import hookimpl
-from ..validators import at_least, in_range
+from mmcore.interfaces import NoParams
+from mmcore.plugins.hookspecs import hookimpl
+from mmcore.validators import at_least, in_range
 
 
 def _full_mask(tokens, mask):
@@ -51,9 +52,6 @@ def build_mean(params, dim, has_cls_token):
     return MeanPooling(skip_first_token=params.skip_cls_token and has_cls_token)
 
 
-@attrs.frozen(kw_only=True)
-class NoParams:
-    """No parameters."""
 
 
 class ClsPooling(nn.Module):

@@ -10,8 +10,9 @@ import math
 import attrs
 from torch.optim.lr_scheduler import LambdaLR
 
-from ..hookspecs import hookimpl
-from ..validators import at_least, in_range
+from mmcore.interfaces import NoParams
+from mmcore.plugins.hookspecs import hookimpl
+from mmcore.validators import at_least, in_range
 
 
 class CosineFactor:
@@ -74,9 +75,6 @@ def build_cosine(params, optimizer, total_steps):
     return LambdaLR(optimizer, CosineFactor(0, total_steps, params.min_lr_ratio))
 
 
-@attrs.frozen(kw_only=True)
-class NoParams:
-    """No parameters."""
 
 
 def build_constant(params, optimizer, total_steps):

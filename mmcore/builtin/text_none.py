@@ -1,13 +1,8 @@
 """The ``none`` text encoder: no text branch (vision_only runs)."""
 
-import attrs
 
-from ..hookspecs import hookimpl
-
-
-@attrs.frozen(kw_only=True)
-class NoParams:
-    """No parameters."""
+from mmcore.interfaces import NoParams
+from mmcore.plugins.hookspecs import hookimpl
 
 
 def build_none(params):

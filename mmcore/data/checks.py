@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import attrs
 
-from ..io import file_sha1
-from .images import DEFAULT_MAX_IMAGE_PIXELS, BadImageError, open_checked
+from mmcore.data.images import DEFAULT_MAX_IMAGE_PIXELS, BadImageError, open_checked
+from mmcore.io import file_sha1
 
 #: later splits are compared with earlier ones: test with val and train, val with train
 SPLIT_ORDER = ("train", "val", "test")

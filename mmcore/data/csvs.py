@@ -12,7 +12,7 @@ from pathlib import Path
 import attrs
 import numpy as np
 
-from ..errors import DataError, closest
+from mmcore.errors import DataError, closest
 
 REQUIRED_COLUMNS = ("local_image_path", "label", "text_info")
 TRUE_LABELS = {"true": 1, "1": 1, "1.0": 1}

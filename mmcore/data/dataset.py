@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .images import BadImageError, load_rgb
+from mmcore.data.images import BadImageError, load_rgb
 
 
 class SampleDataset(Dataset):

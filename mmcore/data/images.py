@@ -11,7 +11,7 @@ import contextlib
 import os
 import threading
 
-from ..errors import DataError
+from mmcore.errors import DataError
 
 #: Pillow's own default limit; ``data.max_image_pixels`` replaces Pillow's check.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485

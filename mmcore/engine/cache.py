@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import file_sha1
+from mmcore.io import file_sha1
 
 FORMAT = "v1"
 INDEX_DTYPE = np.dtype([("key", "S20"), ("offset", "<i8"), ("length", "<i4")])

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
-from ..errors import RunError
-from ..io import save_torch
+from mmcore import __version__
+from mmcore.errors import RunError
+from mmcore.io import save_torch
 
 FORMAT = "mmcore.checkpoint"
 FORMAT_VERSION = 1

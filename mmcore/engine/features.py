@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ..data.dataset import SampleDataset, make_loader
-from ..data.images import DECODE_VERSION
-from .cache import FeatureStore, FileHashes, text_key, weights_fingerprint
-from .runtime import autocast, to_device
+from mmcore.data.dataset import SampleDataset, make_loader
+from mmcore.data.images import DECODE_VERSION
+from mmcore.engine.cache import FeatureStore, FileHashes, text_key, weights_fingerprint
+from mmcore.engine.runtime import autocast, to_device
 
 
 def is_frozen(module):

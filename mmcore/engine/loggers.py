@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import MmcoreError
+from mmcore.errors import MmcoreError
 
 EPOCH_TAGS = ("val/", "train/epoch_loss")
 

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import DataError, RunError
-from .runtime import all_gather_objects, any_rank, autocast, to_device
+from mmcore.engine.runtime import all_gather_objects, any_rank, autocast, to_device
+from mmcore.errors import DataError, RunError
 
 
 class BadImages:
@@ -45,7 +45,7 @@ def _prepare(batch, device, channels_last):
 
 def set_train_mode(model):
     """Train mode for what trains; frozen encoders stay in eval mode (dropout off, BN fixed)."""
-    from ..trainability import freeze_norm_statistics
+    from mmcore.model.trainability import freeze_norm_statistics
 
     model.train()
     inner = getattr(model, "module", model)  # inside DistributedDataParallel

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import RunError
-from ..evaluation.calibration import apply_temperature
-from ..evaluation.metrics import binary_metrics
-from ..evaluation.plots import write_plots
-from ..evaluation.report import write_html_report, write_markdown_report
-from ..io import write_json
-from .loop import sigmoid
+from mmcore.engine.loop import sigmoid
+from mmcore.errors import RunError
+from mmcore.evaluation.calibration import apply_temperature
+from mmcore.evaluation.metrics import binary_metrics
+from mmcore.evaluation.plots import write_plots
+from mmcore.evaluation.report import write_html_report, write_markdown_report
+from mmcore.io import write_json
 
 STATUS_FILE = "status.json"
 RECIPE_FILE = "recipe.toml"

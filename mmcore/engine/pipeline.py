@@ -12,13 +12,13 @@ import sys
 import attrs
 import torch
 
-from ..data.dataset import SampleDataset, make_loader
-from ..errors import RecipeError
-from ..model import build_classifier, build_component
-from ..trainability import TrainabilityError, apply_trainability
-from .cache import cache_root, text_key
-from .features import fill_text_cache, fill_vision_cache, image_keys, is_frozen, text_store, vision_store
-from .runtime import autocast_dtype, barrier, rank, resolve_device, seed_everything, world_size
+from mmcore.data.dataset import SampleDataset, make_loader
+from mmcore.engine.cache import cache_root, text_key
+from mmcore.engine.features import fill_text_cache, fill_vision_cache, image_keys, is_frozen, text_store, vision_store
+from mmcore.engine.runtime import autocast_dtype, barrier, rank, resolve_device, seed_everything, world_size
+from mmcore.errors import RecipeError
+from mmcore.model.classifier import build_classifier, build_component
+from mmcore.model.trainability import TrainabilityError, apply_trainability
 
 
 class Pipeline:
@@ -158,7 +158,7 @@ class Pipeline:
         ocr = self.recipe.data.ocr
         if ocr is None or self.model.text is None or all(t.strip() for t in split.texts):
             return split
-        from ..ocr import ocr_fill
+        from mmcore.ocr.batch import ocr_fill
 
         texts = ocr_fill(
             list(split.paths), list(split.texts), ocr.engine, ocr.lang,

@@ -9,7 +9,7 @@ import random
 import numpy as np
 import torch
 
-from ..errors import MmcoreError
+from mmcore.errors import MmcoreError
 
 
 def resolve_device(name):

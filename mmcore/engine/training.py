@@ -13,21 +13,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import MmcoreError, RunError
-from ..evaluation.calibration import fit_temperature
-from ..evaluation.metrics import binary_metrics
-from ..evaluation.threshold import parse_threshold_rule, tune_threshold
-from ..model import build_component
-from ..recipe import recipe_diff, recipe_to_dict
-from ..trainability import parameter_groups, trainable_summary
-from .checkpoint import load_model_state, make_checkpoint, read_checkpoint, save_checkpoint
-from .loggers import Loggers
-from .loop import BadImages, Trainer, sigmoid, total_steps
-from .outputs import BEST, LAST, write_evaluation
-from .pipeline import Pipeline
-from .runtime import barrier, is_main, world_size
-from .runtime import rank as runtime_rank
-from .sampling import EpochBatchSampler, ShardSampler, balanced_weights
+from mmcore.engine.checkpoint import load_model_state, make_checkpoint, read_checkpoint, save_checkpoint
+from mmcore.engine.loggers import Loggers
+from mmcore.engine.loop import BadImages, Trainer, sigmoid, total_steps
+from mmcore.engine.outputs import BEST, LAST, write_evaluation
+from mmcore.engine.pipeline import Pipeline
+from mmcore.engine.runtime import barrier, is_main, world_size
+from mmcore.engine.runtime import rank as runtime_rank
+from mmcore.engine.sampling import EpochBatchSampler, ShardSampler, balanced_weights
+from mmcore.errors import MmcoreError, RunError
+from mmcore.evaluation.calibration import fit_temperature
+from mmcore.evaluation.metrics import binary_metrics
+from mmcore.evaluation.threshold import parse_threshold_rule, tune_threshold
+from mmcore.model.classifier import build_component
+from mmcore.model.trainability import parameter_groups, trainable_summary
+from mmcore.recipe import recipe_diff, recipe_to_dict
 
 
 def metric_mode(metric):

@@ -4,11 +4,11 @@ Pure functions on arrays of scores (probabilities), logits and 0/1 labels; the e
 A prediction is positive when ``score >= threshold`` throughout.
 """
 
-from .calibration import apply_temperature, fit_temperature
-from .metrics import binary_metrics, calibration_bins, metrics_report
-from .plots import write_plots
-from .report import write_html_report, write_markdown_report
-from .threshold import parse_threshold_rule, tune_threshold
+from mmcore.evaluation.calibration import apply_temperature, fit_temperature
+from mmcore.evaluation.metrics import binary_metrics, calibration_bins, metrics_report
+from mmcore.evaluation.plots import write_plots
+from mmcore.evaluation.report import write_html_report, write_markdown_report
+from mmcore.evaluation.threshold import parse_threshold_rule, tune_threshold
 
 __all__ = [
     "apply_temperature",

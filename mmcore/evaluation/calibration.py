@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from .metrics import check_scores_labels
+from mmcore.evaluation.metrics import check_scores_labels
 
 MIN_TEMPERATURE = 1e-2
 MAX_TEMPERATURE = 1e2

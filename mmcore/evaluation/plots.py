@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .metrics import ECE_BINS, binary_metrics, calibration_bins, check_scores_labels
+from mmcore.evaluation.metrics import ECE_BINS, binary_metrics, calibration_bins, check_scores_labels
 
 DPI = 110
 NEGATIVE_COLOR = "#4C72B0"

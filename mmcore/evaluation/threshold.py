@@ -17,8 +17,8 @@ Candidate thresholds are the distinct validation scores; a prediction is positiv
 
 import numpy as np
 
-from ..errors import did_you_mean
-from .metrics import check_scores_labels
+from mmcore.errors import did_you_mean
+from mmcore.evaluation.metrics import check_scores_labels
 
 NAMED_RULES = ("f1", "youden")
 TARGET_RULES = ("precision", "recall")

@@ -9,9 +9,8 @@ import pytest
 from mmcore_ocr_tesseract import TesseractEngine, TesseractParams, debian_package
 from PIL import Image, ImageDraw, ImageFont
 
-from mmcore.errors import MmcoreError
-from mmcore.plugins import make_registry
-from mmcore.validators import FieldError
+from mmcore import FieldError, MmcoreError
+from mmcore.testing import make_registry
 
 
 def test_entry_point_registers_tesseract(monkeypatch):

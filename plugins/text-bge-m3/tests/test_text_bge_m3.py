@@ -10,10 +10,8 @@ import mmcore_text_bge_m3 as plugin
 import pytest
 import torch
 
-from mmcore.plugins import get_registry
-from mmcore.testing import check_text_encoder
-from mmcore.validators import FieldError
-from mmcore.weights import WeightsError
+from mmcore import FieldError, WeightsError
+from mmcore.testing import check_text_encoder, get_registry
 
 DIST = "mmcore-text-bge-m3"
 MISSION_CANDIDATES = (

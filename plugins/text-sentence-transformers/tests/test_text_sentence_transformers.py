@@ -12,10 +12,8 @@ import mmcore_text_sentence_transformers as plugin
 import pytest
 import torch
 
-from mmcore.plugins import get_registry
-from mmcore.testing import check_text_encoder
-from mmcore.validators import FieldError
-from mmcore.weights import WeightsError
+from mmcore import FieldError, WeightsError
+from mmcore.testing import check_text_encoder, get_registry
 
 DIST = "mmcore-text-sentence-transformers"
 NAMES = ("labse", "e5_large", "minilm", "sentence_transformer")
@@ -229,8 +227,8 @@ def test_contract_checks_real_minilm():
 
 
 def test_recipe_params_errors_name_the_key():
-    from mmcore.errors import RecipeError
-    from mmcore.recipe import structure
+    from mmcore import RecipeError
+    from mmcore.testing import structure
 
     with pytest.raises(RecipeError, match=r"text\.params\.max_lenght: unknown key"):
         structure({"max_lenght": 3}, plugin.E5Params, source="r.toml", path="text.params")

@@ -4,10 +4,8 @@ import mmcore_vision_efficientnet
 import pytest
 import torch
 
-from mmcore.encoders import ResizeCropPreprocessing
-from mmcore.plugins import get_registry
-from mmcore.testing import build, check_vision_encoder, encode_samples
-from mmcore.weights import WEIGHTS_HINT, WeightsError
+from mmcore import WEIGHTS_HINT, ResizeCropPreprocessing, WeightsError
+from mmcore.testing import build, check_vision_encoder, encode_samples, get_registry
 
 TINY = {"pretrained": False, "tiny": True}
 
@@ -47,7 +45,7 @@ def test_full_architecture_is_efficientnet_v2_l_at_480px():
 
 
 def test_top_stage_finetune_trains_the_last_stage_and_head_conv():
-    from mmcore.trainability import LoraConfig, apply_trainability
+    from mmcore.testing import LoraConfig, apply_trainability
 
     encoder = build("vision", "efficientnet", TINY)
     apply_trainability(encoder, freeze_backbone=True, finetune_layers=1, lora=LoraConfig())

@@ -4,10 +4,8 @@ import mmcore_vision_resnet
 import pytest
 import torch
 
-from mmcore.encoders import ResizeCropPreprocessing
-from mmcore.plugins import get_registry
-from mmcore.testing import build, check_vision_encoder, encode_samples, sample_images
-from mmcore.weights import WEIGHTS_HINT, WeightsError
+from mmcore import WEIGHTS_HINT, ResizeCropPreprocessing, WeightsError
+from mmcore.testing import build, check_vision_encoder, encode_samples, get_registry, sample_images
 
 NAMES = ("resnet18", "resnet50", "resnet101")
 TINY = {"pretrained": False, "tiny": True}
@@ -149,7 +147,7 @@ def test_missing_local_directory_fails_in_one_line(tmp_path):
 
 
 def test_lora_wraps_block_convolutions():
-    from mmcore.trainability import LoraConfig, apply_trainability
+    from mmcore.testing import LoraConfig, apply_trainability
 
     encoder = build("vision", "resnet50", TINY)
     apply_trainability(

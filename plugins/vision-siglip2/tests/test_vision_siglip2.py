@@ -16,9 +16,8 @@ from mmcore_vision_siglip2.encoders import vision_config
 from mmcore_vision_siglip2.naflex import NaflexPreprocessing
 from PIL import Image
 
-from mmcore.plugins import make_registry
-from mmcore.testing import check_vision_encoder
-from mmcore.weights import WeightsError
+from mmcore import WeightsError
+from mmcore.testing import check_vision_encoder, make_registry
 
 ALL_NAMES = ("siglip2_so400m", "siglip2_base", "siglip2_naflex_so400m", "siglip2_naflex_base")
 

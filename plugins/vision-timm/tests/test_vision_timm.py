@@ -3,10 +3,8 @@
 import pytest
 import torch
 
-from mmcore.errors import MmcoreError
-from mmcore.plugins import get_registry
-from mmcore.testing import build, check_vision_encoder, encode_samples
-from mmcore.weights import WEIGHTS_HINT, WeightsError
+from mmcore import WEIGHTS_HINT, MmcoreError, WeightsError
+from mmcore.testing import build, check_vision_encoder, encode_samples, get_registry
 
 
 def tiny(model_name):

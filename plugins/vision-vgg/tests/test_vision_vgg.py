@@ -4,10 +4,8 @@ import mmcore_vision_vgg
 import pytest
 import torch
 
-from mmcore.encoders import ResizeCropPreprocessing
-from mmcore.plugins import get_registry
-from mmcore.testing import build, check_vision_encoder, encode_samples
-from mmcore.weights import WEIGHTS_HINT, WeightsError
+from mmcore import WEIGHTS_HINT, ResizeCropPreprocessing, WeightsError
+from mmcore.testing import build, check_vision_encoder, encode_samples, get_registry
 
 TINY = {"pretrained": False, "tiny": True}
 

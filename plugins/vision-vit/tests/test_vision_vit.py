@@ -4,10 +4,8 @@ import mmcore_vision_vit
 import pytest
 import torch
 
-from mmcore.encoders import ResizeCropPreprocessing
-from mmcore.plugins import get_registry
-from mmcore.testing import build, check_vision_encoder, encode_samples
-from mmcore.weights import WEIGHTS_HINT, WeightsError
+from mmcore import WEIGHTS_HINT, ResizeCropPreprocessing, WeightsError
+from mmcore.testing import build, check_vision_encoder, encode_samples, get_registry
 
 NAMES = ("vit", "vit_base", "vit_large")
 TINY = {"pretrained": False, "tiny": True}
@@ -54,7 +52,7 @@ def test_full_architectures(name, dim, depth):
 
 
 def test_lora_wraps_attention_linears_of_the_top_blocks():
-    from mmcore.trainability import LoraConfig, lora_target_names
+    from mmcore.testing import LoraConfig, lora_target_names
 
     encoder = build("vision", "vit_base", TINY)
     assert lora_target_names(encoder, LoraConfig(enabled=True, target_layers=1)) == [

@@ -9,10 +9,7 @@ import subprocess
 
 import attrs
 
-from mmcore.errors import MmcoreError
-from mmcore.hookspecs import hookimpl
-from mmcore.interfaces import OcrEngine, identity_string
-from mmcore.validators import in_range, positive
+from mmcore import MmcoreError, OcrEngine, hookimpl, identity_string, in_range, positive
 
 INSTALL_HINT = "(apt-get install tesseract-ocr, or scripts/install-ocr-deps.sh)"
 

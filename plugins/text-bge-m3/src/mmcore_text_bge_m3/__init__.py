@@ -2,13 +2,12 @@
 
 BGE-M3's dense vector is the final hidden state of the first token (CLS) of its
 XLM-RoBERTa-large encoder, L2-normalized. It loads through transformers ``AutoModel`` +
-``AutoTokenizer``; the shared frozen, batched encoding lives in :mod:`mmcore.text`.
+``AutoTokenizer``; the shared frozen, batched encoding lives in :mod:`mmcore.kit.text`.
 """
 
 import attrs
 
-from mmcore.hookspecs import hookimpl
-from mmcore.text import TextEncoderParams, TextModelSpec, build_text_encoder
+from mmcore import TextEncoderParams, TextModelSpec, build_text_encoder, hookimpl
 
 HUB_IDS = {"bge_m3": "BAAI/bge-m3"}
 

@@ -2,17 +2,14 @@
 generic ``sentence_transformer`` for any model id or local path.
 
 Everything they share (frozen batched encoding, random builds, loading errors) lives in
-:mod:`mmcore.text`; this module only says which model each name means.
+:mod:`mmcore.kit.text`; this module only says which model each name means.
 """
 
 import os
 
 import attrs
 
-from mmcore.hookspecs import hookimpl
-from mmcore.text import TextEncoderParams, TextModelSpec, build_text_encoder
-from mmcore.validators import FieldError, at_least
-from mmcore.weights import load_pretrained
+from mmcore import FieldError, TextEncoderParams, TextModelSpec, at_least, build_text_encoder, hookimpl, load_pretrained
 
 #: the model each name means (``params.weights`` replaces it with another id or a local directory)
 HUB_IDS = {

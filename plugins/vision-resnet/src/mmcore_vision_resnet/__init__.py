@@ -8,9 +8,7 @@ the top blocks (peft supports ``Conv2d``). torchvision is imported by the factor
 
 import attrs
 
-from mmcore.encoders import FeatureMapEncoder, build_torchvision_model, square_preprocessing, torchvision_preprocessing
-from mmcore.hookspecs import hookimpl
-from mmcore.interfaces import EncoderParams
+from mmcore import EncoderParams, FeatureMapEncoder, build_torchvision_model, hookimpl, square_preprocessing, torchvision_preprocessing
 
 #: mmcore name -> the torchvision weights it loads when ``pretrained = true``
 WEIGHTS = {

@@ -6,9 +6,7 @@ is built.
 
 import attrs
 
-from mmcore.hookspecs import hookimpl
-from mmcore.interfaces import EncoderParams
-from mmcore.validators import at_least
+from mmcore import EncoderParams, at_least, hookimpl
 
 #: mmcore name -> Hugging Face hub id of the pretrained weights
 HUB_IDS = {

@@ -12,8 +12,7 @@ from transformers import (
     SiglipVisionModel,
 )
 
-from mmcore.interfaces import Preprocessing, TokenOutput, VisionEncoder
-from mmcore.weights import load_pretrained
+from mmcore import Preprocessing, TokenOutput, VisionEncoder, load_pretrained
 
 from . import FIXED_NAMES, HUB_IDS
 from .naflex import NaflexPreprocessing

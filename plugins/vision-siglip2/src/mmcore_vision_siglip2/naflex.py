@@ -5,7 +5,7 @@ import math
 import attrs
 import torch
 
-from mmcore.interfaces import Preprocessing
+from mmcore import Preprocessing
 
 
 @attrs.frozen(kw_only=True)

@@ -8,10 +8,7 @@ H*W tokens. ``tiny = true`` builds a miniature of the model's own family for tes
 
 import attrs
 
-from mmcore.encoders import build_timm_encoder
-from mmcore.errors import MmcoreError, did_you_mean
-from mmcore.hookspecs import hookimpl
-from mmcore.interfaces import EncoderParams
+from mmcore import EncoderParams, MmcoreError, build_timm_encoder, did_you_mean, hookimpl
 
 DEFAULT_MODEL = "convnext_base.fb_in22k_ft_in1k"
 

@@ -10,9 +10,7 @@ torchvision is imported by the factory.
 import attrs
 from torch import nn
 
-from mmcore.encoders import FeatureMapEncoder, build_torchvision_model, square_preprocessing, torchvision_preprocessing
-from mmcore.hookspecs import hookimpl
-from mmcore.interfaces import EncoderParams
+from mmcore import EncoderParams, FeatureMapEncoder, build_torchvision_model, hookimpl, square_preprocessing, torchvision_preprocessing
 
 #: mmcore name -> the torchvision weights it loads when ``pretrained = true``
 WEIGHTS = {"vgg16": "VGG16_Weights.IMAGENET1K_V1"}

@@ -11,9 +11,7 @@ block's attention linears ``attn.qkv`` and ``attn.proj`` (``lora_target_modules`
 
 import attrs
 
-from mmcore.encoders import build_timm_encoder
-from mmcore.hookspecs import hookimpl
-from mmcore.interfaces import EncoderParams
+from mmcore import EncoderParams, build_timm_encoder, hookimpl
 
 #: mmcore name -> the timm model (with its pretrained tag) loaded from the Hugging Face hub
 #: (``timm/<name>``) when ``pretrained = true``

@@ -24,7 +24,7 @@ def cache_group():
 @click.option("--dir", "directory", type=click.Path(file_okay=False), default="", help=DIR_HELP)
 def info(directory):
     """Feature spaces (one per encoder identity and stored form), entries and sizes."""
-    from .engine.cache import cache_info, cache_root
+    from mmcore.engine.cache import cache_info, cache_root
 
     root = cache_root(directory)
     spaces = cache_info(root)
@@ -49,7 +49,7 @@ def info(directory):
 @click.option("--dir", "directory", type=click.Path(file_okay=False), default="", help=DIR_HELP)
 def clear(everything, encoder, directory):
     """Remove cached features: --all, or --encoder NAME."""
-    from .engine.cache import cache_root, clear_cache
+    from mmcore.engine.cache import cache_root, clear_cache
 
     if everything == bool(encoder):
         raise click.UsageError("give exactly one of --all or --encoder NAME")

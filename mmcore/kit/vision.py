@@ -7,7 +7,7 @@
 - :func:`build_timm_encoder`: a whole :class:`TimmEncoder` (the vit and timm plugins).
 - :func:`build_torchvision_model` / :func:`build_timm_model`: one model with hub weights by
   id, a local weights file or directory, or random weights (``pretrained = false``, ``tiny``),
-  every failure to load turned into one actionable line by :func:`mmcore.weights.load_pretrained`.
+  every failure to load turned into one actionable line by :func:`mmcore.kit.weights.load_pretrained`.
 - :func:`torchvision_preprocessing` / :func:`timm_preprocessing`: the eval transform the
   weights were trained with, as a picklable :class:`ResizeCropPreprocessing`.
 
@@ -23,8 +23,8 @@ from pathlib import Path
 import attrs
 import torch
 
-from .interfaces import Preprocessing, TokenOutput, VisionEncoder
-from .weights import load_pretrained
+from mmcore.interfaces import Preprocessing, TokenOutput, VisionEncoder
+from mmcore.kit.weights import load_pretrained
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -301,7 +301,7 @@ def build_timm_model(model_name, params, *, component, **kwargs):
 
 def build_timm_encoder(name, model_name, params):
     """The :class:`TimmEncoder` ``name`` around timm's ``model_name`` (``tiny``: :data:`TIMM_TINY`)."""
-    from .errors import MmcoreError
+    from mmcore.errors import MmcoreError
 
     image_size = None
     kwargs = {}
@@ -404,7 +404,7 @@ class TimmEncoder(_EncoderBase):
         layers = [getattr(model, f"layer{i}") for i in range(1, 5) if hasattr(model, f"layer{i}")]
         if layers:  # ResNet family: residual blocks, input to output
             return [block for layer in layers for block in layer]
-        from .errors import MmcoreError
+        from mmcore.errors import MmcoreError
 
         raise MmcoreError(
             f"vision encoder {self.name!r}: cannot find the blocks of timm model "

@@ -20,10 +20,10 @@ import attrs
 import torch
 import torch.nn.functional as F
 
-from .errors import MmcoreError
-from .interfaces import EncoderParams, TextEncoder
-from .validators import at_least, positive
-from .weights import load_pretrained
+from mmcore.errors import MmcoreError
+from mmcore.interfaces import EncoderParams, TextEncoder
+from mmcore.kit.weights import load_pretrained
+from mmcore.validators import at_least, positive
 
 POOLINGS = ("cls", "mean", "pooler")
 FAMILIES = ("bert", "xlm-roberta")
@@ -306,7 +306,7 @@ def build_text_encoder(spec, params, *, prefix="", source=None, weights_label=No
       local ``params.weights`` directory's config, else ``spec.config``) with random weights;
     - otherwise the pretrained weights of ``params.weights`` (id or local directory), else of
       ``source`` (e.g. a directory a package ships), else of ``spec.hub_id``; a failed download
-      raises :class:`mmcore.weights.WeightsError` (one line).
+      raises :class:`mmcore.kit.weights.WeightsError` (one line).
 
     ``prefix`` is prepended to every text (E5's ``"query: "``) and is part of the identity.
     ``weights_label`` names the weights in the identity when they come from ``source``.

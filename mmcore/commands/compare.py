@@ -12,14 +12,12 @@ import csv
 import io
 import json
 import math
-import sys
 from pathlib import Path
 
 import attrs
-import click
 import tomllib
 
-from .errors import MmcoreError
+from mmcore.errors import MmcoreError
 
 #: (column, where in results.json)
 METRIC_COLUMNS = (
@@ -77,7 +75,7 @@ def _read_json(path):
 
 
 def _read_recipe(run_dir):
-    from .engine.outputs import RECIPE_FILE
+    from mmcore.engine.outputs import RECIPE_FILE
 
     try:
         return flatten(tomllib.loads((Path(run_dir) / RECIPE_FILE).read_text(encoding="utf-8")))
@@ -87,7 +85,7 @@ def _read_recipe(run_dir):
 
 def expand_run_dirs(paths):
     """Run directories as given; a folder of runs (a sweep, an experiment) stands for its runs."""
-    from .engine.outputs import STATUS_FILE
+    from mmcore.engine.outputs import STATUS_FILE
 
     out = []
     for path in map(Path, paths):
@@ -102,7 +100,7 @@ def expand_run_dirs(paths):
 
 def sweep_keys(paths):
     """The swept keys of any sweep folder among ``paths`` (its table shows them first)."""
-    from .sweep import SWEEP_FILE
+    from mmcore.commands.sweep import SWEEP_FILE
 
     keys = []
     for path in map(Path, paths):
@@ -125,7 +123,7 @@ def compare_runs(run_dirs, *, keys=()):
 
     ``keys`` (e.g. a sweep's axes) are shown first even where every run agrees.
     """
-    from .engine.outputs import read_status
+    from mmcore.engine.outputs import read_status
 
     run_dirs = [Path(p) for p in run_dirs]
     if not run_dirs:
@@ -175,7 +173,7 @@ _MISSING = object()
 
 def _overrides_of(status):
     """A run that failed before writing its recipe (a sweep point): the overrides it was given."""
-    from .recipe import parse_override
+    from mmcore.recipe import parse_override
 
     overrides = (status or {}).get("overrides")
     if not overrides:
@@ -249,7 +247,7 @@ def to_csv(comparison):
 
 def write_comparison(comparison, out_dir):
     """``comparison.md`` and ``comparison.csv`` in ``out_dir`` (written atomically)."""
-    from .io import write_text
+    from mmcore.io import write_text
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -257,36 +255,3 @@ def write_comparison(comparison, out_dir):
     return write_text(out_dir / "comparison.md", to_markdown(comparison)), write_text(
         out_dir / "comparison.csv", to_csv(comparison)
     )
-
-
-def _fail(exc):
-    """Print an MmcoreError's lines and exit with its code (also when run outside the group)."""
-    for line in str(exc).splitlines() or [type(exc).__name__]:
-        click.echo(line, err=True)
-    sys.exit(exc.exit_code)
-
-
-@click.command("compare")
-@click.argument("run_dirs", metavar="RUN_DIR...", nargs=-1, required=True,
-                type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Also write comparison.md and comparison.csv into this folder.")
-@click.option("--format", "fmt", type=click.Choice(["md", "csv"]), default="md", show_default=True,
-              help="What to print.")
-def compare_command(run_dirs, out, fmt):
-    """Tabulate the test metrics of several runs and the recipe keys that differ between them.
-
-    \b
-    mmcore compare runs/demo/20261128-101500 runs/demo/20261128-113000
-    mmcore compare runs/demo/sweep-20261128-120000 --out reports/
-
-    A folder of runs (a sweep, an experiment) stands for every run in it.
-    """
-    try:
-        comparison = compare_runs(expand_run_dirs(run_dirs), keys=sweep_keys(run_dirs))
-        click.echo(to_markdown(comparison) if fmt == "md" else to_csv(comparison), nl=False)
-        if out is not None:
-            md, table = write_comparison(comparison, out)
-            click.echo(f"wrote {md} and {table}", err=True)
-    except MmcoreError as exc:
-        _fail(exc)

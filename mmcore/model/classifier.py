@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .builtin.projection import UnimodalProjection
-from .errors import RecipeError
+from mmcore.builtin.projection import UnimodalProjection
+from mmcore.errors import RecipeError
 
 
 class Classifier(nn.Module):

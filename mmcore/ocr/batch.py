@@ -29,10 +29,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 import attrs
-import click
 
-from .errors import DataError, MmcoreError
-from .plugins import get_registry
+from mmcore.errors import DataError, MmcoreError
+from mmcore.plugins.manager import get_registry
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 #: longest image side handed to the engine (bigger images are shrunk; OCR gains nothing above it)
@@ -64,7 +63,7 @@ def decode_image(data, max_side=MAX_SIDE):
 
     Raises :class:`mmcore.data.images.BadImageError` for anything Pillow cannot decode.
     """
-    from .data.images import load_rgb
+    from mmcore.data.images import load_rgb
 
     image = load_rgb(io.BytesIO(data), target_size=(max_side, max_side))
     if max(image.size) > max_side:
@@ -156,7 +155,7 @@ class ImageReader:
     max_side: int = MAX_SIDE
 
     def __call__(self, key, path):
-        from .data.images import BadImageError
+        from mmcore.data.images import BadImageError
 
         try:
             data = Path(path).read_bytes()
@@ -375,7 +374,7 @@ def run_ocr(
     the partial file removed only at the end. ``echo(line)`` gets one line per unreadable image.
     """
     input_path, output_path = Path(input_path), Path(output_path)
-    echo = echo or (lambda line: click.echo(line, err=True))
+    echo = echo or (lambda line: print(line, file=sys.stderr))
     if not input_path.exists():
         raise DataError(f"{input_path}: no such file or folder")
     if _same_file(input_path, output_path):
@@ -457,83 +456,6 @@ def run_ocr(
     )
 
 
-class _CommandError(click.ClickException):
-    def __init__(self, message, exit_code):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-    def show(self, file=None):
-        click.echo(self.format_message(), err=True)
-
-
-@click.command("ocr")
-@click.argument("input_path", metavar="INPUT", type=click.Path(exists=True, path_type=Path))
-@click.option(
-    "-o", "--output", "output_path", required=True, type=click.Path(path_type=Path),
-    help="CSV to write (never the input).",
-)
-@click.option("--engine", default="tesseract", show_default=True, help="OCR engine plugin name.")
-@click.option(
-    "--lang", default="kor+eng", show_default=True,
-    help="Languages, '+'-separated (Tesseract codes).",
-)
-@click.option(
-    "--only-missing/--all", "only_missing", default=True, show_default=True,
-    help="Read only rows whose text_info is empty, or every row.",
-)
-@click.option(
-    "--workers", type=click.IntRange(min=1), default=None,
-    help="Parallel OCR processes [default: CPU count].",
-)
-@click.option(
-    "--base-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-    help="Folder that relative image paths start from [default: the CSV's folder].",
-)
-@click.option(
-    "--engine-param", "engine_params", multiple=True, metavar="KEY=VALUE",
-    help="Engine parameter, e.g. --engine-param psm=6 (repeatable).",
-)
-def ocr_command(
-    input_path, output_path, engine, lang, only_missing, workers, base_dir, engine_params
-):
-    """Fill text_info by OCR for a CSV (local_image_path,label,text_info) or a folder of images.
-
-    \b
-    mmcore ocr data/train.csv -o data/train.ocr.csv --lang kor+eng
-    mmcore ocr images/ -o images.csv --lang eng
-
-    A killed run continues where it stopped when run again with the same arguments.
-    """
-    try:
-        summary = run_ocr(
-            input_path,
-            output_path,
-            engine=engine,
-            lang=lang,
-            only_missing=only_missing,
-            workers=workers,
-            base_dir=base_dir,
-            engine_params=engine_params,
-        )
-    except MmcoreError as exc:
-        raise _CommandError(str(exc), exc.exit_code) from None
-    except KeyboardInterrupt:
-        click.echo(
-            f"interrupted; finished rows are kept in {partial_path(output_path)}: "
-            f"run the same command again to continue",
-            err=True,
-        )
-        sys.exit(130)
-    parts = [f"{summary.read} read"]
-    if summary.resumed:
-        parts.append(f"{summary.resumed} resumed")
-    if summary.skipped:
-        parts.append(f"{summary.skipped} already had text")
-    if summary.failed:
-        parts.append(f"{len(summary.failed)} unreadable (text left as it was)")
-    click.echo(f"wrote {output_path}: {summary.rows} rows; " + ", ".join(parts))
-
-
 # --------------------------------------------------------------------------- on the fly
 
 
@@ -568,7 +490,7 @@ def ocr_fill(
     todo = [i for i, text in enumerate(texts) if not text.strip()]
     if not todo:
         return texts
-    on_error = on_error or (lambda path, message: click.echo(f"{path}: {message}", err=True))
+    on_error = on_error or (lambda path, message: print(f"{path}: {message}", file=sys.stderr))
 
     engine = build_engine(engine_name, engine_params, registry=registry)
     identity = engine.identity

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import attrs
 
-from .errors import MmcoreError, RecipeError, RunError
+from mmcore.errors import MmcoreError, RecipeError, RunError
 
 SWEEP_FILE = "sweep.json"
 #: longest ``key=value,...`` part of a point's directory name
@@ -110,7 +110,7 @@ def _first_line(exc):
 
 def _load_points(recipe_path, overrides, points, registry):
     """Each point's recipe, or the RecipeError that fails it alone."""
-    from .recipe import load_recipe
+    from mmcore.recipe import load_recipe
 
     loaded = {}
     for point in points:
@@ -130,7 +130,7 @@ def _sweep_dir(recipe_path, overrides, loaded, out, registry):
         return out
     recipe = next((r for r in loaded.values() if not isinstance(r, Exception)), None)
     if recipe is None:
-        from .recipe import load_recipe
+        from mmcore.recipe import load_recipe
 
         recipe = load_recipe(recipe_path, overrides, registry=registry)  # raises the base recipe's error
     base = Path(recipe.output_dir) / recipe.experiment
@@ -144,7 +144,7 @@ def _sweep_dir(recipe_path, overrides, loaded, out, registry):
 
 def _mark_failed(point, message):
     """A failed point's directory holds ``status.json`` = failed, whatever stage it failed at."""
-    from .engine.outputs import read_status, write_status
+    from mmcore.engine.outputs import read_status, write_status
 
     point.directory.mkdir(parents=True, exist_ok=True)
     status = read_status(point.directory)
@@ -165,12 +165,12 @@ def _release_memory():
 
 def run_sweep(recipe_path, overrides, sweeps, *, out=None, dry_run=False, registry=None, progress=True, echo=print):
     """Train every point of the ``--sweep`` grid; returns the sweep directory."""
-    from .compare import compare_runs, to_markdown, write_comparison
-    from .engine.run import run_training
-    from .io import write_json
+    from mmcore.commands.compare import compare_runs, to_markdown, write_comparison
+    from mmcore.commands.run import run_training
+    from mmcore.io import write_json
 
     if registry is None:
-        from .plugins import get_registry
+        from mmcore.plugins.manager import get_registry
 
         registry = get_registry()
     overrides = list(overrides or ())

@@ -4,7 +4,7 @@
 ``last.ckpt``, ``results.json``, ``test_predictions.json``, ``test_report.md``,
 ``report.html``, plots, TensorBoard logs and ``status.json``. Training itself is
 :class:`mmcore.engine.training.TrainingRun`; evaluation of a finished run is
-:mod:`mmcore.engine.evaluate`.
+:mod:`mmcore.commands.evaluate`.
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ from pathlib import Path
 
 import tomllib
 
-from ..data.csvs import load_splits
-from ..errors import DataError, RunError
-from ..io import write_text
-from ..recipe import recipe_diff, recipe_to_dict, recipe_to_toml
-from .checkpoint import read_checkpoint
-from .outputs import LAST, RECIPE_FILE, write_status
-from .runtime import broadcast_object, init_distributed, is_main, world_size
-from .training import Interrupted, TrainingRun
+from mmcore.data.csvs import load_splits
+from mmcore.engine.checkpoint import read_checkpoint
+from mmcore.engine.outputs import LAST, RECIPE_FILE, write_status
+from mmcore.engine.runtime import broadcast_object, init_distributed, is_main, world_size
+from mmcore.engine.training import Interrupted, TrainingRun
+from mmcore.errors import DataError, RunError
+from mmcore.io import write_text
+from mmcore.recipe import recipe_diff, recipe_to_dict, recipe_to_toml
 
 
 def make_run_dir(recipe, out=None):
@@ -49,7 +49,7 @@ def run_training(recipe, *, recipe_path, out=None, registry=None, progress=True,
     continues there and ends with the same predictions an uninterrupted run would give.
     """
     if registry is None:
-        from ..plugins import get_registry
+        from mmcore.plugins.manager import get_registry
 
         registry = get_registry()
     started = time.perf_counter()
@@ -96,7 +96,7 @@ def run_training(recipe, *, recipe_path, out=None, registry=None, progress=True,
 
 def _check_images(recipe, splits, echo):
     """Before a run directory exists: images that cannot be used (header scan) and leakage."""
-    from ..data.checks import find_duplicates, scan_images
+    from mmcore.data.checks import find_duplicates, scan_images
 
     if recipe.data.on_bad_image == "error" and recipe.train.modality != "text_only":
         bad = [
@@ -128,7 +128,7 @@ def check_resumable(run_dir, recipe=None):
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunError(f"{run_dir}: run directory not found")
-    from .outputs import read_status
+    from mmcore.engine.outputs import read_status
 
     status = read_status(run_dir)
     if status is None or not (run_dir / RECIPE_FILE).is_file():

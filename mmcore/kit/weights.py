@@ -1,6 +1,6 @@
 """Loading pretrained weights with an error a user can act on."""
 
-from .errors import MmcoreError
+from mmcore.errors import MmcoreError
 
 #: what every failed download tells the user to do
 WEIGHTS_HINT = (

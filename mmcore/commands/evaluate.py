@@ -7,19 +7,19 @@ from pathlib import Path
 
 import tomllib
 
-from ..data.csvs import read_split, resolve_csv
-from ..errors import DataError, RunError
-from ..recipe import recipe_diff, recipe_from_dict, recipe_to_dict
-from .checkpoint import load_model_state, read_checkpoint
-from .loop import BadImages, Trainer
-from .outputs import BEST, RECIPE_FILE, require_completed, write_evaluation
-from .pipeline import Pipeline
+from mmcore.data.csvs import read_split, resolve_csv
+from mmcore.engine.checkpoint import load_model_state, read_checkpoint
+from mmcore.engine.loop import BadImages, Trainer
+from mmcore.engine.outputs import BEST, RECIPE_FILE, require_completed, write_evaluation
+from mmcore.engine.pipeline import Pipeline
+from mmcore.errors import DataError, RunError
+from mmcore.recipe import recipe_diff, recipe_from_dict, recipe_to_dict
 
 
 def load_run(run_dir, *, registry=None, progress=True):
     """Rebuild a finished run's model from its recipe and best checkpoint -> (pipeline, ckpt)."""
     if registry is None:
-        from ..plugins import get_registry
+        from mmcore.plugins.manager import get_registry
 
         registry = get_registry()
     run_dir = Path(run_dir)

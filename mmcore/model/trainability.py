@@ -31,8 +31,8 @@ from __future__ import annotations
 import attrs
 from torch import nn
 
-from .errors import RecipeError
-from .validators import at_least, in_range, positive
+from mmcore.errors import RecipeError
+from mmcore.validators import at_least, in_range, positive
 
 #: substring peft puts in the names of LoRA parameters (lora_A, lora_B, lora_embedding_A, ...)
 LORA_MARKER = "lora_"

@@ -8,9 +8,9 @@ import sys
 
 import pluggy
 
-from . import hookspecs
-from .errors import MmcoreError
-from .registry import KINDS, Registry
+from mmcore.errors import MmcoreError
+from mmcore.plugins import hookspecs
+from mmcore.plugins.registry import KINDS, Registry
 
 ENTRY_POINT_GROUP = "mmcore"
 
@@ -62,7 +62,7 @@ def make_plugin_manager(load_entrypoints=True, extra_plugins=()):
     """
     pm = pluggy.PluginManager("mmcore")
     pm.add_hookspecs(hookspecs)
-    from . import __version__
+    from mmcore import __version__
 
     packages, broken = {}, {}
     for module_name in BUILTIN_MODULES:

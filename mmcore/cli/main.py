@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from . import __version__
-from .errors import MmcoreError
+from mmcore import __version__
+from mmcore.errors import MmcoreError
 
 SET_HELP = "Override a recipe key, e.g. --set train.batch_size=32 (repeatable)."
 
@@ -40,8 +40,8 @@ def cli():
 @cli.command()
 def plugins():
     """List installed plugin packages and the components each registers."""
-    from .plugins import get_registry
-    from .registry import KINDS
+    from mmcore.plugins.manager import get_registry
+    from mmcore.plugins.registry import KINDS
 
     registry = get_registry()
     by_package = {}
@@ -63,7 +63,7 @@ def plugins():
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 def show(recipe, overrides):
     """Print the fully resolved RECIPE as TOML (nothing is trained)."""
-    from .recipe import load_recipe, recipe_to_toml
+    from mmcore.recipe import load_recipe, recipe_to_toml
 
     click.echo(recipe_to_toml(load_recipe(recipe, overrides, strict_env=False)), nl=False)
 
@@ -88,9 +88,9 @@ def run(recipe, overrides, out, resume, nproc, sweeps, dry_run, quiet):
     mmcore run recipes/x.toml --sweep vision.name=resnet50,vit_base --sweep pooling.name=mean,attention
     mmcore run recipes/x.toml --nproc 2            # DDP through torchrun
     """
-    from .engine.outputs import RECIPE_FILE
-    from .engine.run import check_resumable, run_training
-    from .recipe import load_recipe
+    from mmcore.commands.run import check_resumable, run_training
+    from mmcore.engine.outputs import RECIPE_FILE
+    from mmcore.recipe import load_recipe
 
     if nproc:
         _exec_torchrun(nproc)
@@ -108,7 +108,7 @@ def run(recipe, overrides, out, resume, nproc, sweeps, dry_run, quiet):
     if sweeps:
         import json
 
-        from .sweep import run_sweep
+        from mmcore.commands.sweep import run_sweep
 
         sweep_dir = run_sweep(recipe, overrides, sweeps, out=out, dry_run=dry_run, progress=not quiet, echo=click.echo)
         summary = Path(sweep_dir) / "sweep.json"
@@ -148,7 +148,7 @@ def _exec_torchrun(nproc):
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def eval_(run_dir, data, out, quiet):
     """Re-score a CSV with a finished run's model (results.json, test_predictions.json, test_report.md)."""
-    from .engine.evaluate import evaluate_run
+    from mmcore.commands.evaluate import evaluate_run
 
     evaluate_run(run_dir, data=data, out=out, progress=not quiet, echo=click.echo)
 
@@ -163,9 +163,9 @@ def demo(data_dir, recipe, overrides, quiet):
     """Make a small ad-vs-not dataset and train the demo recipe on it (about two minutes on 2 CPU cores)."""
     from pathlib import Path
 
-    from .demo import make_demo_dataset
-    from .engine.run import run_training
-    from .recipe import load_recipe
+    from mmcore.commands.demo import make_demo_dataset
+    from mmcore.commands.run import run_training
+    from mmcore.recipe import load_recipe
 
     recipe = Path(recipe) if recipe else _find_recipe("demo.toml")
     data = Path(data_dir)
@@ -191,11 +191,11 @@ def plural(noun):
 
 
 def _add_commands():
-    from .cache_cli import cache_group
-    from .compare import compare_command
-    from .ocr import ocr_command
-    from .predict import predict_command
-    from .scaffold import new_plugin_command
+    from mmcore.cli.cache import cache_group
+    from mmcore.cli.compare import compare_command
+    from mmcore.cli.new_plugin import new_plugin_command
+    from mmcore.cli.ocr import ocr_command
+    from mmcore.cli.predict import predict_command
 
     for command in (predict_command, compare_command, ocr_command, cache_group, new_plugin_command):
         cli.add_command(command)

@@ -5,7 +5,7 @@ import re
 
 import attrs
 
-from .errors import MmcoreError
+from mmcore.errors import MmcoreError
 
 #: kind -> (hook name, human name, plugin folder prefix for the install hint)
 KINDS = {

@@ -8,14 +8,12 @@ training and ``mmcore eval``); the output is the input CSV with three columns ad
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import attrs
-import click
 import tomllib
 
-from .errors import MmcoreError, RunError
+from mmcore.errors import MmcoreError, RunError
 
 OUTPUT_COLUMNS = ("score", "calibrated_score", "prediction")
 
@@ -38,7 +36,7 @@ class PredictSummary:
 
 def _run_modality(run_dir):
     """``train.modality`` from the run's saved recipe, read before the model is built."""
-    from .engine.outputs import RECIPE_FILE
+    from mmcore.engine.outputs import RECIPE_FILE
 
     path = Path(run_dir) / RECIPE_FILE
     try:
@@ -61,10 +59,10 @@ def predict_csv(
     run_dir, input_csv, output, *, batch_size=None, base_dir=None, registry=None, progress=True, echo=print
 ):
     """Score every row of ``input_csv`` with the run in ``run_dir``; write ``output`` atomically."""
-    from .data.csvs import read_split
-    from .engine.evaluate import load_run, score_with_run
-    from .engine.outputs import require_completed, score_split
-    from .io import atomic_open
+    from mmcore.commands.evaluate import load_run, score_with_run
+    from mmcore.data.csvs import read_split
+    from mmcore.engine.outputs import require_completed, score_split
+    from mmcore.io import atomic_open
 
     run_dir, input_csv, output = Path(run_dir), Path(input_csv), Path(output)
     if output.exists() and output.is_dir():
@@ -122,42 +120,3 @@ def predict_csv(
         echo(f"{summary.skipped} {rows} skipped (unreadable images; score left empty, data.on_bad_image = \"skip\")")
     echo(f"wrote {output}")
     return summary
-
-
-def _fail(exc):
-    """Print an MmcoreError's lines and exit with its code (also when run outside the group)."""
-    for line in str(exc).splitlines() or [type(exc).__name__]:
-        click.echo(line, err=True)
-    sys.exit(exc.exit_code)
-
-
-@click.command("predict")
-@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.argument("input_csv", metavar="INPUT.csv", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="CSV to write: the input columns + score, calibrated_score, prediction.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None,
-              help="Rows per forward pass [default: the run's eval.batch_size or train.batch_size].")
-@click.option("--base-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder that relative image paths start from [default: the CSV's folder].")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
-def predict_command(run_dir, input_csv, output, batch_size, base_dir, quiet):
-    """Score INPUT.csv (local_image_path[,label][,text_info]) with the finished run in RUN_DIR.
-
-    \b
-    mmcore predict runs/demo/20261128-101500 new_ads.csv -o scored.csv
-
-    prediction is calibrated_score >= the threshold the run tuned on validation.
-    text_info may be left out for vision_only runs.
-    """
-    try:
-        predict_csv(
-            run_dir, input_csv, output, batch_size=batch_size, base_dir=base_dir,
-            progress=not quiet, echo=click.echo,
-        )
-    except MmcoreError as exc:
-        _fail(exc)
-    except KeyboardInterrupt:
-        click.echo(f"interrupted; {output} was not written", err=True)
-        sys.exit(130)
-

@@ -1,0 +1,50 @@
+"""``mmcore predict``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from mmcore.commands.predict import predict_csv
+from mmcore.errors import MmcoreError
+
+
+def _fail(exc):
+    """Print an MmcoreError's lines and exit with its code (also when run outside the group)."""
+    for line in str(exc).splitlines() or [type(exc).__name__]:
+        click.echo(line, err=True)
+    sys.exit(exc.exit_code)
+
+
+@click.command("predict")
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("input_csv", metavar="INPUT.csv", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="CSV to write: the input columns + score, calibrated_score, prediction.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Rows per forward pass [default: the run's eval.batch_size or train.batch_size].")
+@click.option("--base-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder that relative image paths start from [default: the CSV's folder].")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def predict_command(run_dir, input_csv, output, batch_size, base_dir, quiet):
+    """Score INPUT.csv (local_image_path[,label][,text_info]) with the finished run in RUN_DIR.
+
+    \b
+    mmcore predict runs/demo/20261128-101500 new_ads.csv -o scored.csv
+
+    prediction is calibrated_score >= the threshold the run tuned on validation.
+    text_info may be left out for vision_only runs.
+    """
+    try:
+        predict_csv(
+            run_dir, input_csv, output, batch_size=batch_size, base_dir=base_dir,
+            progress=not quiet, echo=click.echo,
+        )
+    except MmcoreError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted; {output} was not written", err=True)
+        sys.exit(130)
+

@@ -1,0 +1,1 @@
+"""The classifier (encoders -> pooling -> fusion -> head) and what of it trains."""

@@ -1,0 +1,257 @@
+"""TOML recipes -> frozen attrs classes, through ONE strict cattrs converter.
+
+``load_recipe(path, overrides)`` reads the file, follows ``extends`` (deep merge, paths
+relative to the file), applies ``--set key.path=value`` overrides, expands ``${ENV_VAR}``,
+structures everything (unknown keys and wrong types are errors), then structures each
+component's ``params`` against the params class its plugin registered. Every problem is
+reported as one line: ``recipes/x.toml: train.lr: unknown key (did you mean learning_rate?)``.
+"""
+
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import attrs
+import tomllib
+
+from mmcore.errors import RecipeError
+from mmcore.plugins.registry import UnknownComponentError
+from mmcore.recipe.convert import Source, _join, src, structure, unstructure
+from mmcore.recipe.schema import COMPONENT_KINDS, ENV_RE, Component, DataConfig, Recipe
+
+
+def _read_toml(path, chain=()):
+    path = Path(path)
+    if path.resolve() in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, path.resolve()))
+        raise RecipeError(f"{chain[-1] if chain else path}: extends: cycle ({cycle})")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        where = f"{chain[-1]}: extends" if chain else f"{path}"
+        raise RecipeError(f"{where}: recipe file not found: {path}") from None
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(f"{path}: invalid TOML: {exc}") from None
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise RecipeError(f"{path}: extends: must be a string (a path relative to this file)")
+    base = _read_toml(path.parent / parent, (*chain, path.resolve()))
+    return deep_merge(base, data)
+
+
+def deep_merge(base, override):
+    """Tables merge key by key; anything else in ``override`` replaces ``base``."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_override(text):
+    """``"train.batch_size=32"`` -> (["train", "batch_size"], 32); values are TOML, else strings."""
+    if "=" not in text:
+        raise RecipeError(f"--set {text}: expected KEY.PATH=VALUE")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise RecipeError(f"--set {text}: expected KEY.PATH=VALUE")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data, overrides):
+    """Set each ``key.path=value`` into the nested dict (a component name change resets params)."""
+    data = deep_merge({}, data)
+    keys = []
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        if (
+            len(parts) == 2
+            and parts[1] == "name"
+            and parts[0] in COMPONENT_KINDS
+            and node.get("name") != value
+        ):
+            node.pop("params", None)  # another component's params would not fit the new one
+        node[parts[-1]] = value
+        keys.append(".".join(parts))
+    return data, keys
+
+
+def expand_env(data, source, strict=True, path=""):
+    """Replace ``${VAR}`` in every string; an unset variable is an error naming the key."""
+    if isinstance(data, dict):
+        return {k: expand_env(v, source, strict, _join(path, k)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [expand_env(v, source, strict, f"{path}[{i}]") for i, v in enumerate(data)]
+    if isinstance(data, str):
+
+        def replace(match):
+            name = match.group(1)
+            if name in os.environ:
+                return os.environ[name]
+            if strict:
+                raise RecipeError(
+                    f"{src(source, path)}: {path}: environment variable {name} is not set "
+                    f"(export {name}=... or --set {path}=...)"
+                )
+            return match.group(0)
+
+        return ENV_RE.sub(replace, data)
+    return data
+
+
+def load_recipe(path, overrides=(), *, registry=None, strict_env=True):
+    """Read, merge, override, expand and structure a recipe; resolve component params."""
+    raw = _read_toml(path)
+    raw, override_keys = apply_overrides(raw, overrides)
+    source = Source(path, override_keys)
+    if isinstance(raw.setdefault("data", {}), dict):
+        raw["data"].setdefault("base_dir", DataConfig().base_dir)  # so ${DATA_DIR} expands too
+    raw = expand_env(raw, source, strict=strict_env)
+    return _structure_all(raw, source, registry)
+
+
+def _structure_all(raw, source, registry):
+    """Structure the recipe and its components, reporting every problem of both, in file order."""
+    try:
+        recipe = structure(raw, Recipe, source=source)
+    except RecipeError as exc:
+        problems = list(exc.problems)
+        # still check the components, so one run of `mmcore show` lists everything
+        partial = {k: v for k, v in raw.items() if k in COMPONENT_KINDS and isinstance(v, dict)}
+        try:
+            candidate = structure(partial, Recipe, source=source)
+            resolve_components(candidate, source, registry=registry, check_modality=False)
+        except RecipeError as more:
+            problems.extend(more.problems)
+        raise RecipeError(_in_file_order(problems, raw)) from None
+    try:
+        return resolve_components(recipe, source, registry=registry)
+    except RecipeError as exc:
+        raise RecipeError(_in_file_order(exc.problems, raw)) from None
+
+
+def _in_file_order(problems, raw):
+    """Sort problem lines by where their key path appears in the recipe data."""
+    order = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            path = _join(prefix, key)
+            order.setdefault(path, len(order))
+            if isinstance(value, dict):
+                walk(value, path)
+
+    walk(raw, "")
+
+    def position(line):
+        parts = line.split(": ")
+        path = parts[1] if len(parts) > 2 else ""
+        while path and path not in order:
+            path = path.rpartition(".")[0]
+        return order.get(path, len(order))
+
+    return sorted(dict.fromkeys(problems), key=position)
+
+
+def recipe_from_dict(data, *, source="<recipe>", registry=None):
+    """Structure an already-merged dict (a run's saved recipe)."""
+    return _structure_all(data, source, registry)
+
+
+def resolve_components(recipe, source, *, registry=None, check_modality=True):
+    """Structure each component's params against the params class its plugin registered."""
+    if registry is None:
+        from mmcore.plugins.manager import get_registry
+
+        registry = get_registry()
+    problems = []
+    resolved = {}
+    for key, kind in COMPONENT_KINDS.items():
+        component = getattr(recipe, key)
+        try:
+            registration = registry.get(kind, component.name)
+        except UnknownComponentError as exc:
+            problems.append(f"{src(source, key + '.name')}: {key}.name: {exc}")
+            continue
+        params = component.params
+        if isinstance(params, registration.params_cls):
+            resolved[key] = component
+            continue
+        if not isinstance(params, dict):
+            problems.append(f"{src(source, key + '.params')}: {key}.params: must be a table")
+            continue
+        try:
+            structured = structure(params, registration.params_cls, source=source, path=f"{key}.params")
+        except RecipeError as exc:
+            problems.extend(exc.problems)
+            continue
+        except Exception as exc:  # a plugin's own validator
+            problems.append(f"{src(source, key + '.params')}: {key}.params: {exc}")
+            continue
+        resolved[key] = Component(name=component.name, params=structured)
+    ocr = recipe.data.ocr
+    if ocr is not None and not registry.has("ocr", ocr.engine):
+        problems.append(f"{src(source, 'data.ocr.engine')}: data.ocr.engine: {registry.unknown_message('ocr', ocr.engine)}")
+    if check_modality:
+        problems.extend(_check_modality(recipe, source))
+    if problems:
+        raise RecipeError(problems)
+    return attrs.evolve(recipe, **resolved)
+
+
+def _check_modality(recipe, source):
+    modality = recipe.train.modality
+    if modality == "multimodal" and recipe.text.name == "none":
+        return [
+            f"{src(source, 'text.name')}: text.name: 'none' needs train.modality = "
+            f"\"vision_only\" (got \"multimodal\")"
+        ]
+    if modality == "text_only" and recipe.text.name == "none":
+        return [f"{src(source, 'text.name')}: text.name: text_only needs a text encoder (got 'none')"]
+    return []
+
+
+def recipe_to_dict(recipe):
+    """The fully resolved recipe as plain data (what ``mmcore show`` prints and runs save)."""
+    return unstructure(recipe)
+
+
+def recipe_to_toml(recipe):
+    import tomli_w
+
+    return tomli_w.dumps(recipe_to_dict(recipe))
+
+
+def recipe_diff(a, b, prefix=""):
+    """Dotted key paths whose values differ between two recipe dicts."""
+    keys = sorted(set(a) | set(b))
+    out = []
+    for key in keys:
+        path = f"{prefix}{key}"
+        if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
+            out.extend(recipe_diff(a[key], b[key], path + "."))
+        elif a.get(key) != b.get(key):
+            out.append(path)
+    return out

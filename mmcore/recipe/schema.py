@@ -1,0 +1,162 @@
+"""The recipe schema: frozen attrs classes, one per table, with their defaults and checks."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import attrs
+
+from mmcore.model.trainability import LoraConfig
+from mmcore.validators import FieldError, at_least, in_range, one_of, positive
+
+MODALITIES = ("multimodal", "vision_only", "text_only")
+ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+@attrs.frozen(kw_only=True)
+class Component:
+    """A registered component by name, with its params (structured against its params class)."""
+
+    name: str
+    params: Any = attrs.field(factory=dict)
+
+
+@attrs.frozen(kw_only=True)
+class OcrConfig:
+    """Fill empty ``text_info`` on the fly with an OCR engine (cached by image content)."""
+
+    engine: str = "tesseract"
+    lang: str = "kor+eng"
+
+
+@attrs.frozen(kw_only=True)
+class DataConfig:
+    """Where the CSVs and images are, and how the loader reads them."""
+
+    base_dir: str = "${DATA_DIR}"
+    train: str = "train.csv"
+    val: str = "val.csv"
+    test: str = "test.csv"
+    #: loader worker processes; -1 = one per CPU core
+    num_workers: int = attrs.field(default=-1, validator=at_least(0, allow=(-1,)))
+    on_bad_image: str = attrs.field(default="error", validator=one_of("error", "skip"))
+    #: images with more pixels are refused (decompression-bomb guard)
+    max_image_pixels: int = attrs.field(default=89_478_485, validator=positive)
+    ocr: OcrConfig | None = None
+
+
+@attrs.frozen(kw_only=True)
+class EarlyStopping:
+    """Stop when ``metric`` has not improved for ``patience`` epochs (0 = never stop early)."""
+
+    patience: int = attrs.field(default=3, validator=at_least(0))
+    metric: str = "val_auroc"
+
+
+@attrs.frozen(kw_only=True)
+class TrainConfig:
+    """Training keys; the defaults are the original system's."""
+
+    modality: str = attrs.field(default="multimodal", validator=one_of(*MODALITIES))
+    freeze_backbone: bool = True
+    #: 0 = all frozen, N = top N blocks trainable, -1 = all
+    finetune_layers: int = attrs.field(default=0, validator=at_least(0, allow=(-1,)))
+    lora: LoraConfig = attrs.field(factory=LoraConfig)
+    epochs: int = attrs.field(default=10, validator=positive)
+    batch_size: int = attrs.field(default=32, validator=positive)
+    learning_rate: float = attrs.field(default=1e-4, validator=positive)
+    backbone_lr: float = attrs.field(default=1e-5, validator=positive)
+    lora_lr: float = attrs.field(default=1e-4, validator=positive)
+    weight_decay: float = attrs.field(default=0.01, validator=at_least(0))
+    grad_accum_steps: int = attrs.field(default=1, validator=positive)
+    #: max gradient norm; 0 disables clipping
+    grad_clip: float = attrs.field(default=1.0, validator=at_least(0))
+    precision: str = attrs.field(default="auto", validator=one_of("auto", "bf16", "fp32"))
+    device: str = "auto"
+    deterministic: bool = False
+    #: linear projection before the head in vision_only / text_only (0 = none)
+    projection_dim: int = attrs.field(default=0, validator=at_least(0))
+    #: probability of dropping one modality per sample during training (multimodal)
+    modality_dropout: float = attrs.field(default=0.0, validator=in_range(0.0, 1.0))
+    balanced_sampler: bool = False
+    on_nan: str = attrs.field(default="stop", validator=one_of("stop", "skip"))
+    #: also write last.ckpt every N optimizer steps (0 = only at epoch ends)
+    checkpoint_every_steps: int = attrs.field(default=0, validator=at_least(0))
+    early_stopping: EarlyStopping = attrs.field(factory=EarlyStopping)
+
+
+def _threshold_rule(instance, attribute, value):
+    from mmcore.evaluation.threshold import parse_threshold_rule
+
+    try:
+        parse_threshold_rule(value)
+    except (ValueError, TypeError) as exc:
+        raise FieldError(attribute.name, str(exc)) from None
+
+
+@attrs.frozen(kw_only=True)
+class EvalConfig:
+    """Decision threshold (tuned on validation) and calibration."""
+
+    #: "f1" | "youden" | {precision = 0.95} | {recall = 0.9} | a number in (0, 1)
+    threshold: Any = attrs.field(default="f1", validator=_threshold_rule)
+    calibrate: bool = True
+    batch_size: int = attrs.field(default=0, validator=at_least(0))
+
+
+@attrs.frozen(kw_only=True)
+class CacheConfig:
+    """Feature cache for frozen encoders with deterministic input."""
+
+    enabled: bool = True
+    #: "" = the user's cache directory (~/.cache/mmcore or $MMCORE_CACHE_DIR)
+    dir: str = ""
+
+
+@attrs.frozen(kw_only=True)
+class LoggingConfig:
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "mmcore"
+    progress: bool = True
+
+
+def _component(name, **params):
+    return attrs.field(factory=lambda: Component(name=name, params=dict(params)))
+
+
+@attrs.frozen(kw_only=True)
+class Recipe:
+    """A whole experiment: data, components, training, evaluation, outputs."""
+
+    experiment: str = "default"
+    description: str = ""
+    seed: int = 42
+    output_dir: str = "runs"
+    data: DataConfig = attrs.field(factory=DataConfig)
+    vision: Component = _component("siglip2_so400m")
+    text: Component = _component("labse")
+    pooling: Component = _component("attention")
+    fusion: Component = _component("gated")
+    head: Component = _component("mlp")
+    loss: Component = _component("focal")
+    scheduler: Component = _component("cosine_warmup")
+    augmentation: Component = _component("none")
+    train: TrainConfig = attrs.field(factory=TrainConfig)
+    eval: EvalConfig = attrs.field(factory=EvalConfig)
+    cache: CacheConfig = attrs.field(factory=CacheConfig)
+    logging: LoggingConfig = attrs.field(factory=LoggingConfig)
+
+
+#: recipe key -> registry kind, for every component table
+COMPONENT_KINDS = {
+    "vision": "vision",
+    "text": "text",
+    "pooling": "pooling",
+    "fusion": "fusion",
+    "head": "head",
+    "loss": "loss",
+    "scheduler": "scheduler",
+    "augmentation": "augmentation",
+}
