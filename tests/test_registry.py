@@ -119,7 +119,7 @@ def test_register_requires_attrs_params_and_valid_names():
 def test_a_broken_plugin_is_skipped_with_a_warning_and_named_when_its_kind_is_asked_for(monkeypatch, capsys):
     import importlib.metadata as md
 
-    from mmcore import plugins
+    from mmcore.plugins import manager as plugins
 
     class BrokenDist:
         metadata = {"Name": "mmcore-vision-broken"}
