@@ -84,6 +84,7 @@ def evaluate_run(run_dir, *, data=None, out=None, registry=None, progress=True, 
     results, _ = write_evaluation(
         out_dir, split=split, indices=indices, logits=logits, labels=labels,
         decision_info=decision, summary=summary, title=f"mmcore eval — {recipe.experiment} on {csv.name}",
+        pipeline=pipeline,
     )
     test = results["test"]["at_threshold"]
     echo(f"evaluated {len(split)} rows of {csv}: AUROC {test['auroc']}, F1 {test['f1']:.4f} at threshold {decision['threshold']:.4f}")

@@ -333,6 +333,7 @@ class TrainingRun:
             summary=summary,
             history=self.history,
             title=f"mmcore — {recipe.experiment}",
+            pipeline=self.pipeline,
         )
         ckpt = make_checkpoint(
             model, recipe_dict=self.recipe_dict, epoch=self.best_epoch, metrics=self.best_metrics,
