@@ -156,34 +156,37 @@ def eval_(run_dir, data, out, quiet):
 @cli.command()
 @click.option("--data", "data_dir", default="demo_data", show_default=True, type=click.Path(file_okay=False),
               help="Where the generated dataset lives (made when missing).")
-@click.option("--recipe", default=None, type=click.Path(dir_okay=False), help="Recipe (default recipes/demo.toml).")
+@click.option("--recipe", default=None, type=click.Path(dir_okay=False),
+              help="Recipe (default: recipes/demo.toml here, else the one shipped with mmcore).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
 def demo(data_dir, recipe, overrides, quiet):
-    """Make a small ad-vs-not dataset and train the demo recipe on it (about two minutes on 2 CPU cores)."""
-    from pathlib import Path
-
+    """Make a small ad-vs-not dataset and train the demo recipe on it (about 2 minutes on 2 CPU cores)."""
     from mmcore.commands.demo import make_demo_dataset
     from mmcore.commands.run import run_training
     from mmcore.recipe import load_recipe
 
     recipe = Path(recipe) if recipe else _find_recipe("demo.toml")
     data = Path(data_dir)
+    # the recipe (and the plugins it names) is checked before any file is written
+    loaded = load_recipe(recipe, [f"data.base_dir={str(data.resolve())!r}", *overrides])
     if not (data / "test.csv").is_file():
         click.echo(f"making the demo dataset in {data}/ ...")
         make_demo_dataset(data)
-    loaded = load_recipe(recipe, [f"data.base_dir={str(data.resolve())!r}", *overrides])
     run_training(loaded, recipe_path=recipe, progress=not quiet, echo=click.echo)
 
 
 def _find_recipe(name):
-    """A recipe shipped in the repository's recipes/ folder (cwd first, then beside the package)."""
-    from pathlib import Path
+    """A shipped recipe: ``recipes/<name>`` in the current directory, else the copy inside the mmcore package."""
+    from importlib.resources import files
 
-    for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
-        if (base / "recipes" / name).is_file():
-            return base / "recipes" / name
-    raise MmcoreError(f"recipes/{name} not found; run from the mmcore repository or pass --recipe")
+    local = Path.cwd() / "recipes" / name
+    if local.is_file():
+        return local
+    shipped = files("mmcore") / "recipes" / name
+    if shipped.is_file():
+        return Path(str(shipped))
+    raise MmcoreError(f"recipes/{name} not found here nor in the mmcore package; pass --recipe")
 
 
 def plural(noun):

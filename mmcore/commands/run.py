@@ -185,24 +185,33 @@ class _stop_on_signals:
 
 
 def summary_screen(results, run_dir):
-    """The one-screen summary printed at the end of a run."""
+    """The one-screen summary printed at the end of a run: the run's decisions, not the raw model at 0.5."""
     test = (results.get("test") or {}).get("at_threshold") or {}
-    half = (results.get("test") or {}).get("at_0.5") or {}
+    intervals = (results.get("test") or {}).get("intervals") or {}
     decision = results.get("decision", {})
+    threshold = decision.get("threshold", 0.5)
 
     def fmt(value):
         return "n/a" if value is None else f"{value:.4f}"
 
+    def interval(name):
+        bounds = intervals.get(name)
+        return f" (95% CI {bounds[0]:.3f}-{bounds[1]:.3f})" if bounds else ""
+
+    calibration = f"temperature {decision.get('temperature', 1.0):.3g}"
+    if results.get("test"):
+        calibration += f", test ECE {fmt(results['test'].get('ece_raw'))} raw -> {fmt(results['test'].get('ece_calibrated'))}"
     lines = [
         "",
         f"== {results['experiment']} ==  ({results.get('seconds', 0):.1f} s)",
         f"run dir        {run_dir}",
         f"selected epoch {results['selected_epoch']} of {results['epochs_trained']} "
         f"({results['selection_metric']} = {fmt(results['val'].get(results['selection_metric']))})",
-        f"threshold      {decision.get('threshold', 0.5):.4f}  ({decision.get('description', '')})",
-        f"test AUROC     {fmt(test.get('auroc'))}   AUPRC {fmt(test.get('auprc'))}",
-        f"test F1        {fmt(test.get('f1'))} at threshold, {fmt(half.get('f1'))} at 0.5",
+        f"threshold      {threshold:.4f}  ({decision.get('description', '')})",
+        f"test AUROC     {fmt(test.get('auroc'))}{interval('auroc')}   AUPRC {fmt(test.get('auprc'))}",
+        f"test F1        {fmt(test.get('f1'))}{interval('f1')} at threshold {threshold:.4f} on the calibrated score",
         f"test accuracy  {fmt(test.get('accuracy'))}   precision {fmt(test.get('precision'))}   recall {fmt(test.get('recall'))}",
+        f"calibration    {calibration}",
         f"reports        {Path(run_dir) / 'report.html'}  {Path(run_dir) / 'test_report.md'}",
     ]
     skipped = results.get("skipped_images") or {}

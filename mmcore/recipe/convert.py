@@ -10,6 +10,7 @@ import cattrs
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
 from mmcore.errors import RecipeError, did_you_mean
+from mmcore.recipe.legacy import legacy_hint
 from mmcore.validators import FieldError
 
 
@@ -83,7 +84,8 @@ def _problems(exc, path):
     if isinstance(exc, ForbiddenExtraKeysError):
         known = [a.name for a in attrs.fields(exc.cl)]
         for key in sorted(exc.extra_fields):
-            yield _join(path, key), f"unknown key{did_you_mean(key, known)}"
+            hint = legacy_hint(_join(path, key))
+            yield _join(path, key), f"unknown key{hint or did_you_mean(key, known)}"
         return
     if isinstance(exc, (ClassValidationError, IterableValidationError)):
         with_notes, without = exc.group_exceptions()

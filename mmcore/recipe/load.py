@@ -93,9 +93,18 @@ def apply_overrides(data, overrides):
             and node.get("name") != value
         ):
             node.pop("params", None)  # another component's params would not fit the new one
+        if parts[0] in COMPONENT_KINDS and len(parts) > 2 and "name" not in data[parts[0]]:
+            # a param of a component the recipe leaves at its default: that default is meant
+            data[parts[0]]["name"] = default_component_name(parts[0])
         node[parts[-1]] = value
         keys.append(".".join(parts))
     return data, keys
+
+
+def default_component_name(kind):
+    """The component a recipe gets when it has no ``[kind]`` table (``scheduler`` -> ``cosine_warmup``)."""
+    default = attrs.fields_dict(Recipe)[kind].default
+    return default.factory().name
 
 
 def expand_env(data, source, strict=True, path=""):
