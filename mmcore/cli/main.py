@@ -161,7 +161,7 @@ def eval_(run_dir, data, out, quiet):
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
 def demo(data_dir, recipe, overrides, quiet):
-    """Make a small ad-vs-not dataset and train the demo recipe on it (about 2 minutes on 2 CPU cores)."""
+    """Make a small ad-vs-not dataset and train the demo recipe on it (about 2 minutes of CPU time on 2 cores)."""
     from mmcore.commands.demo import make_demo_dataset
     from mmcore.commands.run import run_training
     from mmcore.recipe import load_recipe

@@ -10,7 +10,6 @@ LEGACY_KEYS = {
     "train.loss_type": "loss.name",
     "train.scheduler_type": "scheduler.name",
     "train.lora_lr": "train.lora.learning_rate",
-    "train.lr": "train.learning_rate",
     "vision_encoder": "vision.name",
     "text_encoder": 'text.name (text_encoder=none: train.modality = "vision_only")',
     "fusion_type": "fusion.name",
