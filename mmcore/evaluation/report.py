@@ -102,23 +102,20 @@ def _data_uri(data, mime):
 
 
 def _thumbnail_uri(path, thumb_size):
-    """A JPEG data URI of the image at ``path`` shrunk to ``thumb_size``, or ``(None, reason)``."""
-    from PIL import Image, ImageOps
+    """A JPEG data URI of the image at ``path`` shrunk to ``thumb_size``, or ``(None, reason)``.
+
+    Read like every other image (:func:`mmcore.data.images.load_rgb`: allowed formats only,
+    EXIF orientation applied, transparency on white).
+    """
+    from mmcore.data.images import BadImageError, load_rgb
 
     try:
-        with Image.open(path) as image:
-            image.draft("RGB", (thumb_size, thumb_size))  # JPEG: decode at a reduced scale
-            image = ImageOps.exif_transpose(image)
-            if image.mode in ("RGBA", "LA", "P"):
-                image = image.convert("RGBA")
-                background = Image.new("RGBA", image.size, "white")
-                image = Image.alpha_composite(background, image)
-            image = image.convert("RGB")
-            image.thumbnail((thumb_size, thumb_size))
-            buffer = io.BytesIO()
-            image.save(buffer, format="JPEG", quality=80)
-    except FileNotFoundError:
-        return None, "image not found"
+        image = load_rgb(path, target_size=(thumb_size, thumb_size))
+        image.thumbnail((thumb_size, thumb_size))
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=80)
+    except BadImageError as error:
+        return None, "image not found" if str(error) == "image not found" else f"unreadable image ({error})"
     except Exception as error:  # any unreadable image is reported in place, never fatal
         return None, f"unreadable image ({type(error).__name__})"
     return _data_uri(buffer.getvalue(), "image/jpeg"), None
