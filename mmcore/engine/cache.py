@@ -115,7 +115,7 @@ def probe_cache(root):
     with cache_io(root):
         directory = root / FORMAT
         directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".probe.{uuid.uuid4().hex}.tmp"
+        probe = _tmp_name(directory / "probe")
         try:
             with open(probe, "wb") as handle:
                 handle.write(b"mmcore")
@@ -167,9 +167,44 @@ def space_key(description):
     return hashlib.sha1(blob).hexdigest()[:24]
 
 
+def _tmp_name(path):
+    """``.<name>~<host>~<pid>~<uuid>.tmp`` beside ``path``: whose it is, so a dead writer's can be swept."""
+    return path.with_name(f".{path.name}~{socket.gethostname()}~{os.getpid()}~{uuid.uuid4().hex}.tmp")
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's, alive
+        return True
+    return True
+
+
+def is_leftover(tmp, now=None):
+    """True for a temporary file of a killed write: its writer (this host) is dead, or it is old."""
+    parts = tmp.name.removesuffix(".tmp").split("~")
+    if len(parts) == 4 and parts[1] == socket.gethostname() and parts[2].isdigit():
+        return not _pid_alive(int(parts[2]))
+    now = time.time() if now is None else now
+    return _old_enough(tmp, now)
+
+
+def sweep_leftovers(directory):
+    """Remove the temporary files of killed writes in ``directory`` (best effort) -> how many."""
+    removed = 0
+    for tmp in Path(directory).glob(".*.tmp"):
+        if is_leftover(tmp):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+                removed += 1
+    return removed
+
+
 def _write_atomic(path, array):
     """``np.save`` to a temporary name in the same directory, then ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp = _tmp_name(path)
     try:
         with open(tmp, "wb") as handle:
             np.save(handle, array, allow_pickle=False)
@@ -182,7 +217,7 @@ def _write_atomic(path, array):
 
 
 def _write_text_atomic(path, text):
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp = _tmp_name(path)
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
@@ -328,6 +363,7 @@ class FileHashes:
 
     def _save(self, new, known, files):
         self.dir.mkdir(parents=True, exist_ok=True)
+        sweep_leftovers(self.dir)
         if len(files) >= MAX_FILE_RECORDS:  # merge everything into one record file
             with file_lock(self.dir / ".merge.lock"):
                 merged = {**known, **new}
@@ -412,6 +448,7 @@ class FeatureStore:
         with contextlib.ExitStack() as stack:
             with cache_io(self.root):
                 stack.enter_context(file_lock(self.dir / name, on_wait=on_wait))
+            sweep_leftovers(self.dir)  # temporary files of fills killed mid-write
             yield
 
     def index(self, refresh=False):
@@ -657,7 +694,7 @@ def verify_cache(root, *, repair=False):
         elif bad is not None:
             problem(f"{path}: damaged file-hash records ({bad})", path)
     for tmp in sorted((root / FORMAT).rglob(".*.tmp")) if (root / FORMAT).is_dir() else []:
-        if _old_enough(tmp, now):
+        if is_leftover(tmp, now):
             problem(f"{tmp}: temporary file of an interrupted write", tmp)
     report["remaining"] = len(report["problems"])
     if repair:
