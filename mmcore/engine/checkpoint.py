@@ -96,7 +96,7 @@ def read_checkpoint(path):
     return ckpt
 
 
-_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)|Unsupported operand (\d+)|unsupported class ([\w.]+)", re.I)
+_GLOBAL = re.compile(r"unsupported (?:global: )?GLOBAL ([\w.]+)|Unsupported operand (\d+)|unsupported class ([\w.]+)", re.I)
 
 
 def _refusal(exc):

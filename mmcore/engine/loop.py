@@ -115,8 +115,8 @@ class Trainer:
 
     def _kept(self):
         if self.last_checkpoint is not None and not os.path.isfile(self.last_checkpoint):
-            return "before any checkpoint was written"
-        return "the last good checkpoint is kept"
+            return " before any checkpoint was written"
+        return ", the last good checkpoint is kept"
 
     def train_epoch(self, loader, epoch, epochs, *, skip_batches=0, totals=(0.0, 0)):
         """One pass over ``loader`` from batch ``skip_batches`` on.
@@ -158,7 +158,7 @@ class Trainer:
                     if self.on_nan == "stop":
                         raise NonFiniteLoss(
                             f"non-finite loss ({loss.item()}) at step {self.global_step + 1} "
-                            f"(epoch {epoch}, batch {i + 1}); stopped, {self._kept()} "
+                            f"(epoch {epoch}, batch {i + 1}); stopped{self._kept()} "
                             f"(set train.on_nan = \"skip\" to skip such batches)"
                         )
                     self.skipped_nan_steps += 1
