@@ -218,8 +218,12 @@ def _write_atomic(path, array):
 
 def _write_text_atomic(path, text):
     tmp = _tmp_name(path)
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 @contextlib.contextmanager
