@@ -14,7 +14,7 @@ SET_HELP = "Override a recipe key, e.g. --set train.batch_size=32 (repeatable)."
 
 
 class MmcoreGroup(click.Group):
-    """Turns MmcoreError into its one-line messages and an exit code, not a traceback."""
+    """Turns MmcoreError into its one-line messages and an exit code, not a traceback; Ctrl-C into 130."""
 
     def invoke(self, ctx):
         try:
@@ -23,6 +23,9 @@ class MmcoreGroup(click.Group):
             for line in str(exc).splitlines() or [type(exc).__name__]:
                 click.echo(line, err=True)
             sys.exit(exc.exit_code)
+        except KeyboardInterrupt:  # every command (eval, export, ...) exits 130 on Ctrl-C, like run
+            click.echo("interrupted", err=True)
+            sys.exit(130)
 
 
 @click.group(cls=MmcoreGroup, context_settings={"help_option_names": ["-h", "--help"]})

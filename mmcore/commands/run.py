@@ -102,7 +102,7 @@ def _check_images(recipe, splits, echo):
         bad = [
             line
             for name in ("train", "val", "test")
-            for line in scan_images(splits[name], max_pixels=recipe.data.max_image_pixels)
+            for line in scan_images(splits[name], max_pixels=recipe.data.max_image_pixels, formats=recipe.data.image_formats)
         ]
         if bad:
             raise DataError(bad + ['set data.on_bad_image = "skip" to leave such images out (counted in results.json)'])

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import attrs
 
-from mmcore.data.images import DEFAULT_MAX_IMAGE_PIXELS, BadImageError, open_checked
+from mmcore.data.images import DEFAULT_FORMATS, DEFAULT_MAX_IMAGE_PIXELS, BadImageError, open_checked, open_image_file
 from mmcore.io import file_sha1
 
 #: later splits are compared with earlier ones: test with val and train, val with train
@@ -113,21 +113,18 @@ def _csv_labels(splits, names):
     return {name: str(splits[name].csv) for name in names}
 
 
-def scan_images(split, *, max_pixels=DEFAULT_MAX_IMAGE_PIXELS):
+def scan_images(split, *, max_pixels=DEFAULT_MAX_IMAGE_PIXELS, formats=DEFAULT_FORMATS):
     """Header-only check of every image of ``split`` -> problem lines ``<csv>: row N: <path>: <reason>``.
 
-    Finds missing, empty, non-image and too-large files without decoding pixels (a corrupt
-    or truncated body is only found when decoding, during the run).
+    Finds missing, empty, non-image, not-allowed-format and too-large files without decoding
+    pixels (a corrupt or truncated body is only found when decoding, during the run). Files
+    are opened exactly as the run opens them (:func:`~mmcore.data.images.open_image_file`).
     """
 
     def check(index):
         try:
-            with open(split.paths[index], "rb") as handle:
-                open_checked(handle, max_pixels=max_pixels)
-        except FileNotFoundError:
-            reason = "image not found"
-        except OSError as exc:
-            reason = f"cannot read file ({exc.strerror or exc})"
+            with open_image_file(split.paths[index]) as handle:
+                open_checked(handle, max_pixels=max_pixels, formats=formats)
         except BadImageError as exc:
             reason = str(exc)
         else:

@@ -12,6 +12,7 @@ from pathlib import Path
 import attrs
 import numpy as np
 
+from mmcore.data.images import image_file_problem
 from mmcore.errors import DataError, closest
 
 REQUIRED_COLUMNS = ("local_image_path", "label", "text_info")
@@ -96,8 +97,9 @@ def read_split(csv, base_dir=None, *, require_label=True, require_text=True, che
             empty_paths.append(f"{csv}: row {index}: empty local_image_path")
             continue
         path = Path(raw) if Path(raw).is_absolute() else base / raw
-        if check_images and not path.is_file():
-            missing_images.append(f"{csv}: row {index}: image not found: {path}")
+        problem = image_file_problem(path) if check_images else None  # never raises (ENAMETOOLONG, EACCES)
+        if problem is not None:
+            missing_images.append(f"{csv}: row {index}: {problem}: {path}")
         label = None
         if has_label:
             label = parse_label(record["label"])

@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mmcore.data.dataset import SampleDataset, make_loader
-from mmcore.data.images import DECODE_VERSION
+from mmcore.data.images import DECODE_VERSION, DEFAULT_FORMATS
 from mmcore.engine.cache import FeatureStore, FileHashes, text_key, weights_fingerprint
 from mmcore.engine.runtime import autocast, to_device
 
@@ -96,6 +96,7 @@ def fill_vision_cache(
     dtype,
     num_workers,
     max_image_pixels,
+    image_formats=DEFAULT_FORMATS,
     shard=(0, 1),
     progress=True,
     on_wait=None,
@@ -116,7 +117,8 @@ def fill_vision_cache(
         if not todo:
             return [], [], 0
         dataset = SampleDataset(
-            split.subset(todo), preprocessing=encoder.preprocessing, max_image_pixels=max_image_pixels
+            split.subset(todo), preprocessing=encoder.preprocessing, max_image_pixels=max_image_pixels,
+            image_formats=image_formats,
         )
         loader = make_loader(
             dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda"

@@ -168,6 +168,7 @@ class TrainingRun:
             progress=self.progress,
             channels_last=pipeline.channels_last,
             on_step=self._on_step,
+            last_checkpoint=self.run_dir / LAST,
         )
 
     # -- state ------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import math
 import numbers
 from pathlib import Path
 
+from mmcore.data.images import BadImageError
 from mmcore.evaluation.explain import margin
 
 MARKDOWN_TEXT_CHARS = 80
@@ -136,17 +137,11 @@ def _data_uri(data, mime):
 
 
 def _open_rgb(path, size):
-    """The image at ``path`` as RGB (alpha on white), decoded at about ``size`` where JPEG allows."""
-    from PIL import Image, ImageOps
+    """The image at ``path`` read like every other image (:func:`mmcore.data.images.load_rgb`:
+    allowed formats only, EXIF orientation applied, transparency on white), decoded at about ``size``."""
+    from mmcore.data.images import load_rgb
 
-    image = Image.open(path)
-    image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("RGBA", "LA", "P"):
-        image = image.convert("RGBA")
-        background = Image.new("RGBA", image.size, "white")
-        image = Image.alpha_composite(background, image)
-    return image.convert("RGB")
+    return load_rgb(path, target_size=(size, size))
 
 
 def write_thumbnails(path, files_dir, sizes):
@@ -166,8 +161,8 @@ def write_thumbnails(path, files_dir, sizes):
             copy = image.copy()
             copy.thumbnail((size, size))
             copy.save(target, format="JPEG", quality=82 if size <= THUMB_SIZE else 85)
-    except FileNotFoundError:
-        return None, "image not found"
+    except BadImageError as error:
+        return None, "image not found" if str(error) == "image not found" else f"unreadable image ({error})"
     except Exception as error:  # any unreadable image is reported in place, never fatal
         return None, f"unreadable image ({type(error).__name__})"
     return targets, None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import typing
 from typing import Any
 
@@ -30,6 +31,8 @@ def _strict(expected, name):
             return float(value)
         if type(value) is not expected:
             raise StrictTypeError(f"must be {name} (got {_type_name(value)} {value!r})")
+        if expected is float and not math.isfinite(value):  # nan passes every `value <= 0` check
+            raise StrictTypeError(f"must be a finite number (got {value!r})")
         return value
 
     return hook
