@@ -43,8 +43,8 @@ LOCK_FILE = ".lock"
 #: sub-folder of a run directory where ``mmcore eval`` writes by default
 EVAL_DIR = "eval"
 
-#: what mmcore.io.atomic_open leaves behind when killed mid-write: ``.<name>.<mkstemp 8 chars>.tmp``
-TEMP_FILE_RE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+#: what mmcore.io.atomic_open leaves behind when killed mid-write: ``.<name>.<random>.tmp``
+TEMP_FILE_RE = re.compile(r"^\..+\..+\.tmp$")
 
 
 def require_same_recipe(saved, current, *, where, said, then=""):
@@ -77,14 +77,18 @@ _OS_REASONS = {
 }
 
 
+def _cannot_create(path, exc, what):
+    reason, todo = _OS_REASONS.get(exc.errno, (exc.strerror or str(exc), "give --out another folder"))
+    return RunError(f"{path}: cannot create the {what}: {reason}; {todo}")
+
+
 def make_directory(path, what="run directory"):
     """``mkdir -p`` that turns an OSError into one line naming the path and what to do (exit 4)."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        reason, todo = _OS_REASONS.get(exc.errno, (exc.strerror or str(exc), "give --out another folder"))
-        raise RunError(f"{path}: cannot create the {what}: {reason}; {todo}") from None
+        raise _cannot_create(path, exc, what) from None
     return path
 
 
@@ -146,9 +150,14 @@ class RunDir:
         """A new, empty run directory: ``out``, or ``<output_dir>/<experiment>/<timestamp>``."""
         if out is not None:
             path = Path(out)
-            if path.exists() and not path.is_dir():
+            try:
+                exists, is_dir = path.exists(), path.is_dir()
+                empty = not (is_dir and any(path.iterdir()))
+            except OSError as exc:  # a name too long, a directory we may not list
+                raise _cannot_create(path, exc, "run directory") from None
+            if exists and not is_dir:
                 raise RunError(f"{path}: is a file; give --out a folder")
-            if path.is_dir() and any(path.iterdir()):
+            if not empty:
                 RunLock(path).refuse_if_live()
                 raise RunError(f"{path}: output directory exists and is not empty")
         else:
