@@ -228,9 +228,10 @@ class RunDir:
     def check_resumable(self, recipe=None):
         """The saved recipe (a dict) of a run that can be resumed; refuses missing, finished or foreign runs."""
         self.require_exists()
-        if self.status() is None or not self.recipe_file.is_file():
+        status = self.status()
+        if status is None or not self.recipe_file.is_file():
             raise RunError(f"{self.path}: not an mmcore run directory (no {STATUS_FILE} / {RECIPE_FILE})")
-        if self.status().get("state") == "completed":
+        if status.get("state") == "completed":
             raise RunError(f"{self.path}: run already completed; nothing to resume (start a new run instead)")
         if not self.last.is_file():
             raise RunError(
