@@ -91,8 +91,7 @@ def run(recipe, overrides, out, resume, nproc, sweeps, dry_run, quiet):
     mmcore run recipes/x.toml --sweep vision.name=resnet50,vit_base --sweep pooling.name=mean,attention
     mmcore run recipes/x.toml --nproc 2            # DDP through torchrun
     """
-    from mmcore.commands.run import check_resumable, run_training
-    from mmcore.engine.outputs import RECIPE_FILE
+    from mmcore.commands.run import resume_training, run_training
     from mmcore.recipe import load_recipe
 
     if nproc:
@@ -102,23 +101,18 @@ def run(recipe, overrides, out, resume, nproc, sweeps, dry_run, quiet):
         if overrides or out:
             raise click.UsageError("--resume continues a run as it was: no --set or --out")
         given = load_recipe(recipe) if recipe else None
-        check_resumable(resume, given)
-        loaded = load_recipe(Path(resume) / RECIPE_FILE)
-        run_training(loaded, recipe_path=Path(resume) / RECIPE_FILE, resume=resume, progress=not quiet, echo=click.echo)
+        resume_training(resume, given, progress=not quiet, echo=click.echo)
         return
     if not recipe:
         raise click.UsageError("missing RECIPE (or --resume RUN_DIR)")
     if sweeps:
-        import json
-
         from mmcore.commands.sweep import run_sweep
+        from mmcore.rundir import read_sweep
 
         sweep_dir = run_sweep(recipe, overrides, sweeps, out=out, dry_run=dry_run, progress=not quiet, echo=click.echo)
-        summary = Path(sweep_dir) / "sweep.json"
-        if not dry_run and summary.is_file():
-            points = json.loads(summary.read_text(encoding="utf-8")).get("points", [])
-            if any(point.get("state") != "completed" for point in points):
-                sys.exit(1)  # which ones failed, and why, was said above
+        record = None if dry_run else read_sweep(sweep_dir)
+        if record is not None and any(point.get("state") != "completed" for point in record.get("points", [])):
+            sys.exit(1)  # which ones failed, and why, was said above
         return
     if dry_run:
         raise click.UsageError("--dry-run lists a --sweep grid; to see a recipe use: mmcore show RECIPE")

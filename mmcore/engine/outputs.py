@@ -1,58 +1,22 @@
-"""What a run (or an evaluation) writes: results, per-sample predictions, reports, plots."""
+"""What a run (or an evaluation) writes: results, per-sample predictions, reports, plots.
+
+The file names are the run directory's (:mod:`mmcore.rundir`); an evaluation writes the same set.
+"""
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
 import numpy as np
 
 from mmcore.engine.loop import sigmoid
-from mmcore.errors import RunError
 from mmcore.evaluation.calibration import apply_temperature
 from mmcore.evaluation.explain import bootstrap_intervals, image_sizes, modality_summary, slice_keys, slice_metrics
 from mmcore.evaluation.metrics import binary_metrics
 from mmcore.evaluation.plots import write_plots
 from mmcore.evaluation.report import write_html_report, write_markdown_report
 from mmcore.io import write_json
-
-STATUS_FILE = "status.json"
-RECIPE_FILE = "recipe.toml"
-BEST = "checkpoint_best.ckpt"
-LAST = "last.ckpt"
-
-
-def write_status(run_dir, state, **extra):
-    """``status.json``: running | completed | failed | interrupted (eval/compare trust only completed)."""
-    data = {"state": state, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
-    write_json(Path(run_dir) / STATUS_FILE, data)
-
-
-def read_status(run_dir):
-    path = Path(run_dir) / STATUS_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def require_completed(run_dir):
-    """Refuse a run directory that is not a finished run."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise RunError(f"{run_dir}: run directory not found")
-    status = read_status(run_dir)
-    if status is None:
-        raise RunError(f"{run_dir}: not an mmcore run directory (no {STATUS_FILE})")
-    if status.get("state") != "completed":
-        raise RunError(
-            f"{run_dir}: run is not complete (status: {status.get('state')}); "
-            f"resume it with: mmcore run --resume {run_dir}"
-        )
-    return status
+from mmcore.rundir import PREDICTIONS_FILE, REPORT_HTML, REPORT_MD, RESULTS_FILE
 
 
 SCORE_NAMES = {
@@ -167,10 +131,10 @@ def write_evaluation(out_dir, *, split, indices, logits, labels, decision_info, 
         results["modality"] = modality
     if notes:
         results["notes"] = notes
-    write_json(out_dir / "results.json", results)
-    write_json(out_dir / "test_predictions.json", records)
+    write_json(out_dir / RESULTS_FILE, results)
+    write_json(out_dir / PREDICTIONS_FILE, records)
     report_summary = _report_summary(results)
-    write_markdown_report(out_dir / "test_report.md", summary=report_summary, samples=samples, threshold=threshold,
+    write_markdown_report(out_dir / REPORT_MD, summary=report_summary, samples=samples, threshold=threshold,
                           slices=slices, modality=modality, notes=notes)
     plots = {}
     if labelled:
@@ -184,7 +148,7 @@ def write_evaluation(out_dir, *, split, indices, logits, labels, decision_info, 
             selected_epoch=summary.get("selected_epoch"),
         )
         write_html_report(
-            out_dir / "report.html",
+            out_dir / REPORT_HTML,
             title=title,
             summary=report_summary,
             plots=plots,
