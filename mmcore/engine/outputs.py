@@ -18,7 +18,6 @@ from mmcore.evaluation.report import write_html_report, write_markdown_report
 from mmcore.io import write_json
 from mmcore.rundir import PREDICTIONS_FILE, REPORT_HTML, REPORT_MD, RESULTS_FILE
 
-
 SCORE_NAMES = {
     "score": "sigmoid(logit): the model's raw probability of label 1",
     "calibrated_score": "sigmoid(logit / temperature); the decision is calibrated_score >= threshold",
