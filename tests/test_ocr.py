@@ -435,3 +435,76 @@ def test_ocr_fill_reads_each_image_once_across_calls(tmp_path, registry):
     fill["lang"] = "kor"  # another language is another cache entry
     assert ocr_fill(paths[:1], [""], **fill) == ["word41 kor"]
     assert calls(log) == [41, 42, 41]
+
+
+# --------------------------------------------------------------------------- --engine-param = --set
+
+
+@attrs.frozen(kw_only=True)
+class ProbeParams:
+    count: int = 0
+    ratio: float = 0.5
+    flag: bool = False
+    word: str = ""
+    sizes: tuple[int, ...] = ()
+
+
+class ProbePlugin:
+    """One params class, registered as an OCR engine and as a head, so both parsers can be fed."""
+
+    @hookimpl
+    def register_ocr_engines(self, register):
+        register("probe", lambda params: params, ProbeParams)
+
+    @hookimpl
+    def register_heads(self, register):
+        register("probe", lambda params, in_dim: params, ProbeParams)
+
+
+@pytest.mark.parametrize(
+    "key,raw,expected",
+    [
+        ("count", "6", 6),
+        ("count", "6.0", "error"),
+        ("count", "'6'", "error"),
+        ("count", "six", "error"),
+        ("ratio", "1", 1.0),
+        ("ratio", "1e-3", 0.001),
+        ("flag", "true", True),
+        ("flag", "yes", "error"),  # the old --engine-param parser took yes/on/1 as true
+        ("flag", "1", "error"),
+        ("word", "eng", "eng"),
+        ("word", '"6"', "6"),
+        ("word", "6", "error"),
+        ("word", "a=b", "a=b"),
+        ("sizes", "[1, 2]", (1, 2)),
+    ],
+)
+def test_engine_param_reads_a_value_exactly_as_set_does(tiny_recipe, key, raw, expected):
+    import mmcore_fake_encoders
+
+    from mmcore.errors import RecipeError
+    from mmcore.ocr.engines import build_engine, parse_engine_params
+    from mmcore.recipe import load_recipe
+
+    registry = make_registry(
+        load_entrypoints=False, extra_plugins=[("fake", mmcore_fake_encoders), ("probe", ProbePlugin())]
+    )
+
+    def outcome(read):
+        try:
+            return read()
+        except RecipeError as exc:  # "<where>: <key path>: <message>": the message must agree
+            [line] = exc.problems
+            return "error", line.split(": ", 2)[2]
+
+    by_set = outcome(
+        lambda: load_recipe(tiny_recipe(), ["head.name=probe", f"head.params.{key}={raw}"], registry=registry).head.params
+    )
+    by_engine_param = outcome(lambda: build_engine("probe", parse_engine_params([f"{key}={raw}"]), registry=registry))
+
+    assert by_engine_param == by_set
+    if expected == "error":
+        assert by_set[0] == "error"
+    else:
+        assert by_set == ProbeParams(**{key: expected})
