@@ -279,3 +279,31 @@ def test_cache_info_and_clear(registry, tmp_path, split, monkeypatch):
     result = runner.invoke(cache_group, ["clear", "--all"])
     assert "removed 2 feature spaces" in result.output
     assert runner.invoke(cache_group, ["info"]).output.splitlines()[1] == "empty"
+
+
+def test_keys_ending_in_a_nul_byte_are_found_again(tmp_path, monkeypatch):
+    """numpy's S20 fields drop trailing NUL bytes: 1 image in 256 was hashed and encoded again each run."""
+    import hashlib
+    import itertools
+
+    import mmcore.engine.cache as cache
+    from mmcore.engine.cache import FileHashes
+
+    content = next(b for b in (str(i).encode() for i in itertools.count()) if hashlib.sha1(b).digest()[-1] == 0)
+    for i in itertools.count():  # a file whose stat key ends in NUL as well
+        path = tmp_path / f"{i}.jpg"
+        path.write_bytes(content)
+        if cache._stat_key(path)[-1] == 0:
+            break
+        path.unlink()
+    root = tmp_path / "cache"
+    [key] = FileHashes(root).keys([path])
+    assert key == hashlib.sha1(content).digest()
+
+    monkeypatch.setattr(cache, "file_sha1", lambda path: pytest.fail("hashed again"))
+    assert FileHashes(root).keys([path]) == [key]  # stat key and sha1 both found in the records
+    store = FeatureStore(root, {"kind": "test"})
+    writer = store.writer()
+    writer.add(key, np.zeros(4))
+    writer.flush()
+    assert FeatureStore(root, {"kind": "test"}).missing([key], refresh=True) == []
