@@ -60,6 +60,7 @@ def test_a_run_hashes_each_image_once_for_checks_ocr_and_feature_cache(
     tiny_recipe, demo_data, registry, tmp_path, monkeypatch
 ):
     import mmcore.io
+    from mmcore.commands.evaluate import evaluate_run
     from mmcore.commands.run import run_training
     from mmcore.data.csvs import load_splits
     from mmcore.recipe import load_recipe
@@ -86,3 +87,8 @@ def test_a_run_hashes_each_image_once_for_checks_ocr_and_feature_cache(
     hashlib.calls = 0
     run_training(recipe, recipe_path=path, out=tmp_path / "two", registry=registry, progress=False, echo=quiet)
     assert hashlib.calls == 0  # a second run knows every image from the cache's file records
+
+    evaluate_run(run_dir, out=tmp_path / "eval", registry=registry, progress=False, echo=quiet)
+    evaluated = json.loads((tmp_path / "eval" / "test_predictions.json").read_text())
+    assert [p["text"] for p in evaluated] == [p["text"] for p in predictions]  # eval has the OCR stage too
+    assert len(log.read_text().splitlines()) == 128  # ... served from the OCR cache
