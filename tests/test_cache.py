@@ -462,3 +462,31 @@ def test_without_flock_an_exclusive_lock_file_serializes_and_stale_ones_are_take
     with cache_module.file_lock(path, on_wait=lambda: events.append("waited again")):
         assert excl.read_text() == f"{os.getpid()} {os.uname().nodename}"
     assert events == ["waited", "held"]
+
+
+def test_keys_ending_in_a_nul_byte_are_found_again(tmp_path, monkeypatch):
+    """numpy's S20 fields drop trailing NUL bytes: 1 image in 256 was hashed and encoded again each run."""
+    import hashlib
+    import itertools
+
+    import mmcore.engine.cache as cache
+    from mmcore.engine.cache import FileHashes
+
+    content = next(b for b in (str(i).encode() for i in itertools.count()) if hashlib.sha1(b).digest()[-1] == 0)
+    for i in itertools.count():  # a file whose stat key ends in NUL as well
+        path = tmp_path / f"{i}.jpg"
+        path.write_bytes(content)
+        if cache._stat_key(path)[-1] == 0:
+            break
+        path.unlink()
+    root = tmp_path / "cache"
+    [key] = FileHashes(root).keys([path])
+    assert key == hashlib.sha1(content).digest()
+
+    monkeypatch.setattr(cache, "file_sha1", lambda path: pytest.fail("hashed again"))
+    assert FileHashes(root).keys([path]) == [key]  # stat key and sha1 both found in the records
+    store = FeatureStore(root, {"kind": "test"})
+    writer = store.writer()
+    writer.add(key, np.zeros(4))
+    writer.flush()
+    assert FeatureStore(root, {"kind": "test"}).missing([key], refresh=True) == []

@@ -11,6 +11,7 @@ from mmcore.engine.loop import BadImages, Trainer
 from mmcore.engine.outputs import write_evaluation
 from mmcore.engine.pipeline import Pipeline
 from mmcore.errors import DataError
+from mmcore.ocr.fill import ocr_stage
 from mmcore.recipe import recipe_to_dict
 from mmcore.rundir import EVAL_DIR, RunDir, require_same_recipe
 
@@ -52,6 +53,7 @@ def score_with_run(pipeline, split, name, *, progress=True, desc=None):
     whose images could not be read (with ``data.on_bad_image = "skip"``).
     """
     bad_images = BadImages(pipeline.recipe.data.on_bad_image)
+    split = ocr_stage({name: split}, pipeline.recipe, registry=pipeline.registry, progress=progress)[name]
     dataset, split, errors = pipeline.dataset(split)
     if errors:
         bad_images.check({"errors": errors}, name)

@@ -15,9 +15,11 @@ from pathlib import Path
 
 from mmcore.data.csvs import load_splits
 from mmcore.engine.checkpoint import read_checkpoint
+from mmcore.engine.features import ImageHashes
 from mmcore.engine.runtime import broadcast_object, init_distributed, is_main, world_size
 from mmcore.engine.training import Interrupted, TrainingRun
 from mmcore.errors import DataError
+from mmcore.ocr.fill import ocr_stage
 from mmcore.rundir import LAST, RunDir
 
 
@@ -54,7 +56,9 @@ def run_training(recipe, *, recipe_path, out=None, registry=None, progress=True,
     if not main:  # rank 0 alone talks and writes
         echo, progress = (lambda *args, **kwargs: None), False
     splits = load_splits(recipe.data)  # all data problems before anything heavy
-    duplicates = _check_images(recipe, splits, echo)
+    hashes = ImageHashes.for_recipe(recipe)  # each image hashed once: checks, OCR, feature cache
+    duplicates = _check_images(recipe, splits, echo, hashes)
+    splits = ocr_stage(splits, recipe, registry=registry, hashes=hashes, progress=progress)
     with contextlib.ExitStack() as held:
         if resume is not None:
             run_dir = resume if isinstance(resume, RunDir) else RunDir(resume)
@@ -105,7 +109,7 @@ def _train(recipe, registry, splits, run_dir, recipe_path, state, progress, echo
     return run_dir.path
 
 
-def _check_images(recipe, splits, echo):
+def _check_images(recipe, splits, echo, hashes):
     """Before a run directory exists: images that cannot be used (header scan) and leakage."""
     from mmcore.data.checks import find_duplicates, scan_images
 
@@ -117,7 +121,7 @@ def _check_images(recipe, splits, echo):
         ]
         if bad:
             raise DataError(bad + ['set data.on_bad_image = "skip" to leave such images out (counted in results.json)'])
-    duplicates = find_duplicates(splits)
+    duplicates = find_duplicates(splits, hashes)
     for line in duplicates.warnings():
         echo(line)
     return duplicates

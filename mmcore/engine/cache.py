@@ -142,6 +142,12 @@ def text_key(text):
     return hashlib.sha1(text.encode("utf-8")).digest()
 
 
+def _key(stored):
+    """A 20-byte key read back from an ``S20`` field: numpy drops its trailing NUL bytes, so a
+    key ending in 0x00 (1 in 256) would otherwise never match again."""
+    return stored.ljust(20, b"\0")
+
+
 def _stat_key(path):
     st = os.stat(path)
     blob = f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
@@ -341,7 +347,7 @@ class FileHashes:
                                       f"({problem}); those images are hashed again")
                     continue
                 files.append(path)
-                known.update(zip(records["stat"].tolist(), records["sha1"].tolist()))
+                known.update(zip(map(_key, records["stat"].tolist()), map(_key, records["sha1"].tolist())))
         return known, files
 
     def keys(self, paths):
@@ -481,7 +487,7 @@ class FeatureStore:
                     for key, offset, length in zip(
                         records["key"].tolist(), records["offset"].tolist(), records["length"].tolist()
                     ):
-                        index[key] = (chunk, offset, length)
+                        index[_key(key)] = (chunk, offset, length)
             self._checked = checked
             self._index = index
         return self._index

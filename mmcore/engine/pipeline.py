@@ -175,27 +175,14 @@ class Pipeline:
     def eval_batch_size(self):
         return self.recipe.eval.batch_size or self.recipe.train.batch_size
 
-    def fill_missing_text(self, split):
-        """``data.ocr``: empty ``text_info`` filled by OCR of the image (cached by image content)."""
-        ocr = self.recipe.data.ocr
-        if ocr is None or self.model.text is None or all(t.strip() for t in split.texts):
-            return split
-        from mmcore.ocr.batch import ocr_fill
-
-        texts = ocr_fill(
-            list(split.paths), list(split.texts), ocr.engine, ocr.lang,
-            cache_root(self.recipe.cache.dir), registry=self.registry, progress=self.progress,
-        )
-        return attrs.evolve(split, texts=tuple(" ".join(t.split()) for t in texts))
-
     def dataset(self, split, *, train=False):
         """A dataset for ``split``; bad images found by the feature pass go through ``bad``.
 
         Returns ``(dataset, split, errors)``: with cached vision features, images that could
         not be read are left out of the returned split and reported in ``errors``. Cached
-        features are read from memory-mapped files, never loaded whole.
+        features are read from memory-mapped files, never loaded whole. Empty texts are filled
+        (``data.ocr``) before, by the run's OCR stage (:func:`mmcore.ocr.fill.ocr_stage`).
         """
-        split = self.fill_missing_text(split)
         try:
             split, vision_features, lengths, text_features, errors = self._cached_inputs(split)
         except CacheUnavailable as exc:  # the disk filled up (or went away) while filling
