@@ -41,7 +41,7 @@ def cli():
 def plugins():
     """List installed plugin packages and the components each registers."""
     from mmcore.plugins.manager import get_registry
-    from mmcore.plugins.registry import KINDS
+    from mmcore.plugins.kinds import KINDS
 
     registry = get_registry()
     by_package = {}
@@ -55,7 +55,7 @@ def plugins():
         for kind in KINDS:
             names = by_package[package].get(kind)
             if names:
-                click.echo(f"  {plural(KINDS[kind][1]):<16} {', '.join(sorted(names))}")
+                click.echo(f"  {plural(KINDS[kind].human):<16} {', '.join(sorted(names))}")
 
 
 @cli.command()
