@@ -168,14 +168,16 @@ class TextEncoder(nn.Module):
     #: texts per forward pass when embedding a whole dataset
     batch_size: int = 64
 
+    def __init__(self):
+        super().__init__()
+        # follows .to(device) even in an encoder without parameters, so that :attr:`device` is
+        # right; not persistent: checkpoints and state dicts do not change
+        self.register_buffer("_device_anchor", torch.empty(0), persistent=False)
+
     @property
     def device(self) -> torch.device:
-        """Where this encoder's parameters (or buffers) live; CPU for an encoder with neither."""
-        for tensor in self.parameters():
-            return tensor.device
-        for tensor in self.buffers():
-            return tensor.device
-        return torch.device("cpu")
+        """Where this encoder lives (it follows ``.to(device)``, parameters or not)."""
+        return self._device_anchor.device
 
     def encode(self, texts: list[str]) -> torch.Tensor:
         """Embed a batch of strings -> float tensor [B, out_dim] on :attr:`device`."""

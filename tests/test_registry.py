@@ -6,8 +6,8 @@ import pytest
 from mmcore import hookimpl
 from mmcore.plugins import hookspecs
 from mmcore.plugins.hookspecs import hookspec
-from mmcore.plugins.manager import collect, make_plugin_manager, make_registry
 from mmcore.plugins.kinds import KIND_TABLE, KINDS
+from mmcore.plugins.manager import collect, make_plugin_manager, make_registry
 from mmcore.plugins.registry import DuplicateComponentError, Registry, UnknownComponentError
 
 

@@ -40,8 +40,8 @@ def cli():
 @cli.command()
 def plugins():
     """List installed plugin packages and the components each registers."""
-    from mmcore.plugins.manager import get_registry
     from mmcore.plugins.kinds import KINDS
+    from mmcore.plugins.manager import get_registry
 
     registry = get_registry()
     by_package = {}

@@ -27,9 +27,9 @@ class Kind(NamedTuple):
 
 KIND_TABLE = (
     Kind("vision", "register_vision_encoders", "vision encoder",
-         "``factory(params) -> mmcore.interfaces.VisionEncoder``."),
+         "``factory(params) -> mmcore.VisionEncoder``."),
     Kind("text", "register_text_encoders", "text encoder",
-         '``factory(params) -> mmcore.interfaces.TextEncoder`` (or ``None`` for "no text").'),
+         '``factory(params) -> mmcore.TextEncoder`` (or ``None`` for "no text").'),
     Kind("pooling", "register_poolings", "pooling",
          "``factory(params, dim, has_cls_token) -> nn.Module``; ``module(tokens, mask) -> [B, dim]``."),
     Kind("fusion", "register_fusions", "fusion",
@@ -47,7 +47,7 @@ KIND_TABLE = (
          "``factory(params) -> callable(PIL.Image) -> PIL.Image`` or ``None`` for no augmentation.\n"
          "Runs in data-loader workers, before the encoder's preprocessing."),
     Kind("ocr", "register_ocr_engines", "OCR engine",
-         "``factory(params) -> mmcore.interfaces.OcrEngine``.", in_recipe=False),
+         "``factory(params) -> mmcore.OcrEngine``.", in_recipe=False),
 )
 
 #: kind name -> :class:`Kind`
