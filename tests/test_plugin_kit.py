@@ -569,7 +569,7 @@ def test_every_template_and_the_docs_walkthrough_install_pass_their_tests_and_tr
              "mmcore-text-kit-hf", "acme-text-st", "docs-vision-mobilenet", "mmcore-text-char-ngrams"]
     env = {
         **os.environ,
-        "PYTHONPATH": str(site),
+        "PYTHONPATH": os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])]),
         "MMCORE_CACHE_DIR": str(tmp_path / "cache"),
         "OMP_NUM_THREADS": "1",
         # only these (and the built-ins): fast, and proves they load through their entry points
