@@ -608,6 +608,16 @@ def test_every_template_and_the_docs_walkthrough_install_pass_their_tests_and_tr
     assert torch.load(tmp_path / "run3" / "checkpoint_best.ckpt", weights_only=True)["encoders"]["text"].startswith(
         "char_ngrams|none|-|"
     )
+    # the docs' cross-field check and NoWeightsParams, found by `mmcore show` before anything runs
+    recipe = tmp_path / "kit3.toml"
+    for key, message in [
+        ("text.params.max_n=1", "text.params.max_n: must be >= min_n (2) (got 1)"),
+        ("text.params.weights=x", "text.params.weights: this encoder loads no weights, so it takes no weights (got 'x'); remove the key"),
+    ]:
+        show = subprocess.run([sys.executable, "-m", "mmcore", "show", str(recipe), "--set", key],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert (show.returncode, show.stdout) == (2, "")
+        assert show.stderr.splitlines() == [f"{recipe} (--set {key.split('=')[0]}): {message}"]
 
 
 def test_package_sets_every_name(tmp_path):
