@@ -43,8 +43,8 @@ def cli():
 @cli.command()
 def plugins():
     """List installed plugin packages and the components each registers."""
+    from mmcore.plugins.kinds import KINDS
     from mmcore.plugins.manager import get_registry
-    from mmcore.plugins.registry import KINDS
 
     registry = get_registry()
     by_package = {}
@@ -58,7 +58,7 @@ def plugins():
         for kind in KINDS:
             names = by_package[package].get(kind)
             if names:
-                click.echo(f"  {plural(KINDS[kind][1]):<16} {', '.join(sorted(names))}")
+                click.echo(f"  {plural(KINDS[kind].human):<16} {', '.join(sorted(names))}")
 
 
 @cli.command()

@@ -25,6 +25,7 @@ from mmcore.errors import MmcoreError, RunError
 from mmcore.evaluation.calibration import fit_temperature
 from mmcore.evaluation.metrics import binary_metrics
 from mmcore.evaluation.threshold import parse_threshold_rule, tune_threshold
+from mmcore.kit.health import first_batch_problems
 from mmcore.model.classifier import build_component
 from mmcore.model.trainability import parameter_groups, trainable_summary
 from mmcore.recipe import recipe_to_dict
@@ -136,6 +137,9 @@ class TrainingRun:
         self.test_loader = pipeline.loader(
             self.datasets["test"][0], sampler=ShardSampler(len(self.datasets["test"][0]), rank, world)
         )
+        if self.main:  # a dead encoder (features near zero or constant) is said before training on it
+            for line in first_batch_problems(model, self.datasets["val"][0], self.val_loader.collate_fn, device=pipeline.device):
+                self.echo(line)
         self.loss_fn = build_component(self.registry, "loss", recipe.loss, _label_counts(train_split))
         groups = parameter_groups(
             model,
