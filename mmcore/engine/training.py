@@ -6,6 +6,7 @@ threshold on validation) and the test evaluation written into the run directory.
 
 from __future__ import annotations
 
+import io
 import random
 import time
 from pathlib import Path
@@ -79,6 +80,14 @@ def _set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _gather_rng_states():
+    """Every rank's RNG state, in rank order (tensors travel as ``torch.save`` bytes: object
+    collectives do not unpickle tensors reliably)."""
+    buffer = io.BytesIO()
+    torch.save(_rng_state(), buffer)
+    return [torch.load(io.BytesIO(blob), weights_only=True) for blob in all_gather_objects(buffer.getvalue())]
 
 
 class TrainingRun:
@@ -209,7 +218,7 @@ class TrainingRun:
         """Write last.ckpt (rank 0); called on every rank, as it reads the loop's device state
         (a bad loss raises here, before anything is written) and gathers every rank's RNG."""
         self.trainer.settle()
-        rng_ranks = all_gather_objects(_rng_state()) if world_size() > 1 else None
+        rng_ranks = _gather_rng_states() if world_size() > 1 else None
         if self.main:
             save_checkpoint(self.run_dir / LAST, self.state_dict(epoch_complete=epoch_complete, rng_ranks=rng_ranks))
 
