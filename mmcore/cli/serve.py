@@ -69,5 +69,43 @@ def serve_command(source, host, port, workers, max_batch, max_wait_ms, max_body_
     )
     # workers are fresh processes: they build the app from the environment
     os.environ[CONFIG_ENV] = json.dumps(attrs.asdict(config))
-    uvicorn.run("mmcore.serve.app:app_from_environment", factory=True, host=host, port=port, workers=workers,
-                log_level=log_level, timeout_graceful_shutdown=60)
+    app = "mmcore.serve.app:app_from_environment"
+    if workers > 1:  # uvicorn's supervisor: N processes on one socket
+        uvicorn.run(app, factory=True, host=host, port=port, workers=workers, log_level=log_level,
+                    timeout_graceful_shutdown=60)
+        return
+    server = _GracefulServer(uvicorn.Config(app, factory=True, host=host, port=port, log_level=log_level,
+                                            timeout_graceful_shutdown=60))
+    server.run()
+    if not server.started:
+        raise MmcoreError(f"mmcore serve: could not start on {host}:{port} (see the lines above)")
+
+
+def _graceful_server_class():
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn's server, except that a SIGTERM/SIGINT shutdown that went well exits 0.
+
+        uvicorn re-raises the captured signal after its graceful shutdown, so the process would
+        end "killed by SIGTERM" (status -15) although every request in flight was answered.
+        """
+
+        def capture_signals(self):
+            inner = super().capture_signals()
+
+            class Captured:
+                def __enter__(_):
+                    return inner.__enter__()
+
+                def __exit__(_, *exc):
+                    self._captured_signals.clear()  # handled: do not re-raise
+                    return inner.__exit__(*exc)
+
+            return Captured()
+
+    return GracefulServer
+
+
+def _GracefulServer(config):  # noqa: N802 (a class made on first use: uvicorn is imported lazily)
+    return _graceful_server_class()(config)

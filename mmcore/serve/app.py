@@ -194,11 +194,11 @@ async def parse_rows(request, service, *, batch):
     config = service.config
     content_type = request.headers.get("content-type", "")
     kind = content_type.split(";")[0].strip().lower()
-    if kind not in ("multipart/form-data", "application/json"):
+    if kind not in ("multipart/form-data", "application/x-www-form-urlencoded", "application/json"):
         raise ClientError(415, "content-type",
                           f"expected multipart/form-data or application/json (got {content_type or 'none'!r})")
     await read_body(request, config.max_body_bytes)
-    if kind == "multipart/form-data":
+    if kind != "application/json":  # a form without files is urlencoded: its image is then missing
         rows = await _multipart_rows(request, config, batch)
     else:
         rows = _json_rows(request._body, batch)
