@@ -134,3 +134,30 @@ def test_a_text_encoder_without_a_tokenizer_names_itself(registry):
     with pytest.raises(ExportUnsupported) as failure:
         text_tokenizer(encoder)
     assert str(failure.value).startswith("text encoder 'fake_text' (FakeText): cannot be exported: ")
+
+
+def test_agreement_ignores_rows_on_the_threshold_but_not_real_flips():
+    """The tuned threshold is a validation score: a row on it flips on float noise; a row far from it must not."""
+    import numpy as np
+
+    from mmcore.data.csvs import Split
+    from mmcore.export.parity import compare
+    from mmcore.export.scoring import Scorer
+
+    class Stub(Scorer):
+        recipe_data = {"train": {"modality": "text_only"}}
+        decision = {"threshold": 0.5, "temperature": 1.0}
+
+        def __init__(self, logits):
+            self.values = np.asarray(logits)
+
+        def logits(self, vision_items, texts):
+            return self.values
+
+    split = Split(csv=Path("val.csv"), paths=(Path("a"), Path("b")), texts=("x", "y"), labels=None, rows=(2, 3),
+                  raw_paths=("a.jpg", "b.jpg"))
+    on_threshold = compare(Stub([-1e-7, 2.0]), split, np.array([0.0, 2.0]), score_tol=1e-4, min_agreement=1.0)
+    assert on_threshold.passed and on_threshold.borderline == 1 and on_threshold.agreement == 1.0
+    far_flip = compare(Stub([0.0, -2.0]), split, np.array([0.0, 2.0]), score_tol=0.3, min_agreement=1.0)
+    assert not far_flip.passed and far_flip.worst_row == 3
+    assert "decision agreement 0.0000 < 1; worst: val.csv row 3 (b.jpg)" in far_flip.failure_line("out")

@@ -40,6 +40,8 @@ class ParityReport:
     min_agreement: float
     threshold: float
     csv: str
+    #: rows whose PyTorch score is within the score tolerance of the threshold (left out of the agreement)
+    borderline: int = 0
 
     @property
     def passed(self):
@@ -57,6 +59,7 @@ class ParityReport:
             "max_abs_score_diff": self.max_abs_score,
             "max_abs_calibrated_score_diff": self.max_abs_calibrated,
             "decision_agreement": self.agreement,
+            "borderline_rows": self.borderline,
             "threshold": self.threshold,
             "tolerance": {"score": self.score_tol, "agreement": self.min_agreement},
             "worst": {"row": self.worst_row, "path": self.worst_path,
@@ -82,21 +85,29 @@ def compare(scorer, split, torch_logits, *, score_tol, min_agreement, batch_size
     raw_t, cal_t, dec_t = scorer.decide(torch_logits)
     raw_b, cal_b, dec_b = scorer.decide(bundle_logits)
     d_cal = np.abs(cal_t - cal_b)
+    # The tuned threshold is one of the validation scores, so some row may sit on it: a decision
+    # there flips on float noise. Agreement counts the rows farther than the tolerance from it.
+    threshold = float(scorer.decision["threshold"])
+    decided = np.abs(cal_t - threshold) > score_tol
+    disagree = (dec_t != dec_b) & decided
     worst = int(np.argmax(d_cal)) if len(d_cal) else 0
+    if disagree.any():
+        worst = int(np.flatnonzero(disagree)[0])
     return ParityReport(
         rows=len(split),
         max_abs_logit=float(np.max(np.abs(torch_logits - bundle_logits))) if len(split) else 0.0,
         max_abs_score=float(np.max(np.abs(raw_t - raw_b))) if len(split) else 0.0,
         max_abs_calibrated=float(d_cal.max()) if len(split) else 0.0,
-        agreement=float(np.mean(dec_t == dec_b)) if len(split) else 1.0,
+        agreement=float(1.0 - disagree.sum() / max(1, decided.sum())) if len(split) else 1.0,
         worst_row=int(split.rows[worst]) if len(split) else 0,
         worst_path=str(split.raw_paths[worst]) if len(split) else "",
         worst_torch=float(cal_t[worst]) if len(split) else 0.0,
         worst_bundle=float(cal_b[worst]) if len(split) else 0.0,
         score_tol=float(score_tol),
         min_agreement=float(min_agreement),
-        threshold=float(scorer.decision["threshold"]),
+        threshold=threshold,
         csv=str(split.csv),
+        borderline=int((~decided).sum()),
     )
 
 
