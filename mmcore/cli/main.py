@@ -193,11 +193,13 @@ def plural(noun):
 def _add_commands():
     from mmcore.cli.cache import cache_group
     from mmcore.cli.compare import compare_command
+    from mmcore.cli.export import export_command
     from mmcore.cli.new_plugin import new_plugin_command
     from mmcore.cli.ocr import ocr_command
     from mmcore.cli.predict import predict_command
+    from mmcore.cli.serve import serve_command
 
-    for command in (predict_command, compare_command, ocr_command, cache_group, new_plugin_command):
+    for command in (predict_command, compare_command, ocr_command, cache_group, new_plugin_command, export_command, serve_command):
         cli.add_command(command)
 
 
