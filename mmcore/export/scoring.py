@@ -169,8 +169,8 @@ class RunScorer(Scorer):
         """The run's own forward (device, autocast, channels_last as in ``Trainer.predict``)."""
         import torch
 
-        from mmcore.engine.step import prepare_batch
         from mmcore.engine.runtime import autocast
+        from mmcore.engine.step import prepare_batch
 
         pipeline = self.pipeline
         batch = {}
