@@ -113,7 +113,9 @@ def make_storage(url, heartbeat=None):
         callback = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in names else "failed_trial_callback"
         kwargs.update(heartbeat_interval=heartbeat, grace_period=GRACE * heartbeat, **{callback: retry_killed})
     try:
-        return optuna.storages.RDBStorage(url, **kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
+            return optuna.storages.RDBStorage(url, **kwargs)
     except Exception as exc:  # noqa: BLE001 - a bad URL, a missing driver, an unreachable server
         raise RunError(f"--storage {masked(url)}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
@@ -220,7 +222,7 @@ def make_sampler(text, space, seed=None):
     makers = {
         "tpe": lambda: optuna.samplers.TPESampler(**kwargs),
         "random": lambda: optuna.samplers.RandomSampler(**kwargs),
-        "grid": lambda: optuna.samplers.GridSampler(space.grid(), **kwargs),
+        "grid": lambda: _grid_sampler()(space.grid(), **kwargs),
     }
     if name not in makers:
         raise RecipeError(f"--sampler {text}: unknown sampler {name!r} (one of {', '.join(makers)})")
@@ -228,6 +230,19 @@ def make_sampler(text, space, seed=None):
         return makers[name]()
     except (TypeError, ValueError) as exc:
         raise RecipeError(f"--sampler {text}: {exc}") from None
+
+
+def _grid_sampler():
+    import optuna
+
+    class GridSampler(optuna.samplers.GridSampler):
+        """Optuna's grid without its ``study.stop()`` at the end (valid only inside ``Study.optimize``):
+        the trial budget (the grid's size) ends the study."""
+
+        def after_trial(self, study, trial, state, values):
+            pass
+
+    return GridSampler
 
 
 def make_pruner(text, epochs):
@@ -348,6 +363,7 @@ def run_trial(config, study, storage, space, trial, frozen, *, registry=None, ec
     echo(f"== trial {root}{again}: {label} -> {trial_dir}")
     trial.set_user_attr("dir", trial_dir.name)
     trial.set_user_attr("host", socket.gethostname())
+    trial.set_user_attr("pid", os.getpid())
     overrides = space.overrides(frozen.params)
     with heartbeat(storage, trial._trial_id, config.heartbeat):
         try:
