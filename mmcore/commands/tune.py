@@ -97,6 +97,7 @@ def run_tune(
         progress=progress and jobs == 1,
     )
     identity = {"recipe": recipe_to_dict(base), "space": space.to_dict(), "metric": metric, "direction": direction}
+    identity = json.loads(json.dumps(identity))  # as tune.json holds it (tuples are lists there)
     done = _open_study(config, identity)
     echo(f"tune {recipe_path}: study {name!r}, {trials} trials ({sampler} sampler, {pruner} pruner, {jobs} at a time), "
          f"{direction} {metric} -> {study_dir}")
