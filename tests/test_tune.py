@@ -61,6 +61,11 @@ def _tune_cli(*args):
     return [sys.executable, "-m", "mmcore", "tune", *map(str, args)]
 
 
+def _errors(result):
+    """stderr without the warnings about installed plugins that fail to load (not this test's business)."""
+    return [line for line in result.stderr.splitlines() if not line.startswith("warning: plugin ")]
+
+
 def _env():
     return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
@@ -116,7 +121,7 @@ def test_a_bad_space_file_is_one_line_per_key_and_nothing_runs(tune_recipe, tmp_
     result = subprocess.run(_tune_cli(tune_recipe, "--space", space, "--trials", 2), capture_output=True, text=True,
                             env=_env(), timeout=600)
     assert result.returncode == 2, result.stderr
-    assert result.stderr.splitlines() == [
+    assert _errors(result) == [
         f"{space}: train.learning_rate: log_uniform: low must be above 0 (got 0.0)",
         f"{space}: fusion.params.dim: int: high - low (22) is not a multiple of step (8)",
     ]
@@ -126,7 +131,7 @@ def test_a_bad_space_file_is_one_line_per_key_and_nothing_runs(tune_recipe, tmp_
     result = subprocess.run(_tune_cli(tune_recipe, "--space", space, "--trials", 2), capture_output=True, text=True,
                             env=_env(), timeout=600)
     assert result.returncode == 2, result.stderr
-    lines = result.stderr.splitlines()
+    lines = _errors(result)
     assert lines[0] == f"{space}: train.lr: unknown key (did you mean learning_rate?)"
     assert lines[1] == f"{space}: train.batch_size: must be an integer (got a number 8.0)"
     assert re.fullmatch(rf"{re.escape(str(space))}: pooling\.name: unknown pooling 'nope'.*\(at \"nope\"\)", lines[2])
@@ -246,9 +251,11 @@ def test_a_killed_study_resumes_without_redoing_finished_trials(tune_recipe, tmp
     assert (first / "results.json").stat().st_mtime_ns == kept
     trials = _storage_trials(study_dir, "space")
     groups = logical_trials(trials)
-    # three logical trials: 0, 1 (killed, then queued again as Optuna trial 2) and a new one, 3
-    assert sorted(groups) == [0, 1, 3] and groups[1][1].number == 2
-    assert [p.name for p in _trial_dirs(study_dir)] == ["trial-000", "trial-001", "trial-003"]
+    # three logical trials: 0, 1 (killed, then queued again as Optuna trial 2 or 3, depending on
+    # whether its heartbeat had gone stale when the restart asked first) and a new one
+    roots = sorted(groups)
+    assert len(trials) == 4 and roots[:2] == [0, 1] and roots[2] in (2, 3) and groups[1][1].number in (2, 3)
+    assert [p.name for p in _trial_dirs(study_dir)] == [f"trial-{root:03d}" for root in roots]
     assert all(_state(p) == "completed" for p in _trial_dirs(study_dir))
     assert [t.state for t in groups[0]] == [TrialState.COMPLETE]
     assert groups[0][0].datetime_complete == before[0].datetime_complete
