@@ -8,8 +8,8 @@ import sys
 
 import pluggy
 
+import mmcore.plugins.hookspecs as hookspecs
 from mmcore.errors import MmcoreError
-from mmcore.plugins import hookspecs
 from mmcore.plugins.kinds import KIND_TABLE
 from mmcore.plugins.registry import Registry
 
