@@ -13,6 +13,7 @@ from pathlib import Path
 
 from mmcore.errors import MmcoreError
 
+
 class Loggers:
     """Fan-out of scalar logging to the enabled backends."""
 
@@ -49,20 +50,24 @@ class Loggers:
             self.wandb.log({tag: value, "global_step": step})
 
     def add_hparams(self, hparams, metrics):
+        """The run's hparams (flat) with its final metrics (TensorBoard's hparams view; W&B's summary)."""
         if self.tensorboard is not None:
             self.tensorboard.add_hparams(hparams, metrics, run_name=".")
         if self.wandb is not None:
             self.wandb.summary.update(metrics)
 
     def add_pr_curve(self, tag, labels, scores, step):
+        """A precision-recall curve (TensorBoard only)."""
         if self.tensorboard is not None:
             self.tensorboard.add_pr_curve(tag, labels, scores, step)
 
     def flush(self):
+        """Write what is buffered (at each epoch's end)."""
         if self.tensorboard is not None:
             self.tensorboard.flush()
 
     def close(self):
+        """Flush and close every backend."""
         if self.tensorboard is not None:
             self.tensorboard.close()
         if self.wandb is not None:
