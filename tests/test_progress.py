@@ -57,15 +57,15 @@ def test_third_party_bars_go_when_quiet_or_when_nobody_watches():
 
 
 def test_quiet_silences_transformers_loading_weights_bar(tmp_path):
-    """A real transformers model saved and loaded with stderr piped: after the CLI's quiet setup
-    (before transformers is imported, as in ``mmcore run --quiet``, and after it is) no bar text;
-    with the bar switched back on, the same load draws it (so the check can fail)."""
+    """A real transformers model saved and loaded with stderr piped: after the CLI's setup (a piped
+    run, before transformers is imported, as in ``mmcore run``; ``--quiet`` after it is) no bar
+    text; with the bar switched back on, the same load draws it (so the check can fail)."""
     pytest.importorskip("transformers")
     script = textwrap.dedent(
         f"""
         import sys
         from mmcore.cli.main import _progress
-        assert _progress(True) is False
+        assert _progress(False) is True  # not quiet, but stderr is a pipe: no third-party bars either
         from transformers import AutoModel, BertConfig, BertModel
         from transformers.utils import logging
         config = BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8, vocab_size=20)

@@ -126,7 +126,7 @@ def _progress(quiet):
     from mmcore.engine.progress import silence_third_party_progress, wants_third_party_silence
 
     if wants_third_party_silence(quiet):
-        silence_third_party_progress()
+        silence_third_party_progress(chatter=quiet)
     return not quiet
 
 

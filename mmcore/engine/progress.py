@@ -58,15 +58,17 @@ def wants_third_party_silence(quiet, stream=None):
     return bool(quiet) or not (isatty and isatty())
 
 
-def silence_third_party_progress():
+def silence_third_party_progress(chatter=True):
     """Turn off the bars of the libraries plugins load weights with (HF hub downloads,
-    transformers' "Loading weights"), and their info chatter; mmcore's own bars are unaffected.
+    transformers' "Loading weights"), and with ``chatter`` their info and warning lines too
+    (``--quiet``; a piped run keeps the warnings in its log); mmcore's own bars are unaffected.
 
     The environment variables reach libraries imported later (and child processes); the
     libraries already imported are told directly, as they read them only at import time.
     """
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # transformers' bars follow the hub's flag at import
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if chatter:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     # only what is imported already is told directly: importing transformers here would cost seconds
     if "huggingface_hub" in sys.modules:
         from huggingface_hub.utils import disable_progress_bars
@@ -76,4 +78,5 @@ def silence_third_party_progress():
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
-        transformers_logging.set_verbosity_error()
+        if chatter:
+            transformers_logging.set_verbosity_error()
