@@ -63,12 +63,15 @@ class ClsPooling(nn.Module):
         return tokens[:, 0]
 
 
+def cls_token_problem(encoder="this encoder"):
+    """What is wrong with ``cls`` pooling on an encoder without a CLS token (one message for the
+    recipe check, which knows the encoder's name, and for the build, which does not)."""
+    return f"pooling 'cls' needs an encoder with a CLS token; {encoder} has none — use mean or attention"
+
+
 def build_cls(params, dim, has_cls_token):
     if not has_cls_token:
-        raise ValueError(
-            "pooling 'cls' needs an encoder with a CLS token; this encoder has none "
-            "— use mean or attention"
-        )
+        raise ValueError(cls_token_problem())
     return ClsPooling()
 
 

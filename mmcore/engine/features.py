@@ -9,11 +9,11 @@ encoders always give one vector per text. Outputs go to a :class:`~mmcore.engine
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 
 from mmcore.data.dataset import SampleDataset, make_loader
 from mmcore.data.images import DECODE_VERSION, DEFAULT_FORMATS
 from mmcore.engine.cache import FeatureStore, FileHashes, cache_root, text_key, weights_fingerprint
+from mmcore.engine.progress import progress_bar
 from mmcore.engine.runtime import autocast, to_device
 
 
@@ -157,10 +157,7 @@ def fill_vision_cache(
         was_training = encoder.training
         encoder.eval()
         errors, bad = [], []
-        bar = tqdm(
-            total=len(dataset), desc=f"vision features {split.csv.name}", unit="img",
-            disable=not progress, leave=False,
-        )
+        bar = progress_bar(progress, total=len(dataset), desc=f"vision features {split.csv.name}", unit="img")
         try:
             for batch in loader:
                 errors.extend(batch["errors"])
@@ -206,7 +203,7 @@ def fill_text_cache(encoder, texts, store, *, progress=True, desc="text features
         was_training = encoder.training
         encoder.eval()
         try:
-            for start in tqdm(range(0, len(todo), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
+            for start in progress_bar(progress, iterable=range(0, len(todo), batch_size), desc=desc, unit="batch"):
                 part = todo[start : start + batch_size]
                 vectors = encoder([texts[i] for i in part]).float().cpu().half().numpy()
                 for i, vector in zip(part, vectors):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from mmcore.engine.progress import progress_bar
 from mmcore.engine.runtime import all_gather_objects, autocast
 from mmcore.engine.step import prepare_batch
 
@@ -20,7 +20,7 @@ def predict(model, loader, *, device, dtype, bad_images, split_name="eval", desc
     """
     model.eval()
     indices, logits, labels = [], [], []
-    bar = tqdm(total=len(loader), desc=desc or split_name, unit="batch", disable=not progress, leave=False)
+    bar = progress_bar(progress, total=len(loader), desc=desc or split_name, unit="batch")
     for batch in loader:
         bar.update(1)
         bad_images.check(batch, split_name)

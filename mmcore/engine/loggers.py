@@ -1,7 +1,8 @@
 """Where scalars go: TensorBoard (default) and, optionally, Weights & Biases.
 
-Both get the same calls (``add_scalar(tag, value, step)``); per-epoch validation metrics are
-logged against the epoch, training loss and learning rates against the optimizer step.
+Both get the same calls (``add_scalar(tag, value, step)``), every scalar on the global
+(optimizer) step as Lightning does, so per-step training curves and per-epoch validation
+ones overlay; the epoch is a scalar of its own (``epoch``).
 W&B is optional (``pip install 'mmcore[wandb]'``, ``logging.wandb = true``) and works with
 ``WANDB_MODE=offline``: its files land in the run directory.
 """
@@ -11,8 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from mmcore.errors import MmcoreError
-
-EPOCH_TAGS = ("val/", "train/epoch_loss")
 
 
 class Loggers:
@@ -40,35 +39,35 @@ class Loggers:
                 config=recipe_dict,
                 reinit="finish_previous",
             )
-            self.wandb.define_metric("epoch")
             self.wandb.define_metric("global_step")
-            self.wandb.define_metric("val/*", step_metric="epoch")
-            self.wandb.define_metric("train/epoch_loss", step_metric="epoch")
-            self.wandb.define_metric("train/loss", step_metric="global_step")
-            self.wandb.define_metric("lr/*", step_metric="global_step")
+            self.wandb.define_metric("*", step_metric="global_step")
 
     def add_scalar(self, tag, value, step):
+        """``tag`` = ``value`` at global step ``step``."""
         if self.tensorboard is not None:
             self.tensorboard.add_scalar(tag, value, step)
         if self.wandb is not None:
-            axis = "epoch" if tag.startswith(EPOCH_TAGS) else "global_step"
-            self.wandb.log({tag: value, axis: step})
+            self.wandb.log({tag: value, "global_step": step})
 
     def add_hparams(self, hparams, metrics):
+        """The run's hparams (flat) with its final metrics (TensorBoard's hparams view; W&B's summary)."""
         if self.tensorboard is not None:
             self.tensorboard.add_hparams(hparams, metrics, run_name=".")
         if self.wandb is not None:
             self.wandb.summary.update(metrics)
 
     def add_pr_curve(self, tag, labels, scores, step):
+        """A precision-recall curve (TensorBoard only)."""
         if self.tensorboard is not None:
             self.tensorboard.add_pr_curve(tag, labels, scores, step)
 
     def flush(self):
+        """Write what is buffered (at each epoch's end)."""
         if self.tensorboard is not None:
             self.tensorboard.flush()
 
     def close(self):
+        """Flush and close every backend."""
         if self.tensorboard is not None:
             self.tensorboard.close()
         if self.wandb is not None:

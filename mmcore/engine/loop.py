@@ -3,20 +3,21 @@ the bookkeeping a checkpoint needs (plain PyTorch).
 
 The loop never waits on the device between log points: the loss sum and the NaN check
 stay device tensors and are read once per ``log_every`` optimizer steps, before a
-checkpoint is written and at the epoch's end (:meth:`Trainer.settle`).
+checkpoint is written and at the epoch's end (:meth:`Trainer.settle`). Each step's loss and
+gradient norm wait on the device too and reach the logger in that same read, each at its own
+global step; the learning rate of a step is logged as it is (a host number).
 """
 
 from __future__ import annotations
 
 import math
-import time
 
 import torch
-from tqdm.auto import tqdm
 
 from mmcore.engine.inference import predict, sigmoid
 from mmcore.engine.policies import BadImages, NanPolicy, NonFiniteLoss
-from mmcore.engine.runtime import any_rank
+from mmcore.engine.progress import SmoothedRate, progress_bar
+from mmcore.engine.runtime import any_rank, world_size
 from mmcore.engine.step import TrainStep
 
 __all__ = ["BadImages", "NonFiniteLoss", "Trainer", "predict", "set_train_mode", "sigmoid", "total_steps"]
@@ -89,6 +90,11 @@ class Trainer:
         self.batches_done = 0
         self.loss_totals = (0.0, 0)
         self._loss_sum = None
+        #: optimizer steps whose loss / gradient norm (device tensors) the logger has not had yet
+        self._pending = []
+        self.rate = SmoothedRate()
+        #: the smoothed training throughput of the whole job (all ranks), samples/s
+        self.samples_per_s = None
 
     @property
     def skipped_nan_steps(self):
@@ -107,8 +113,23 @@ class Trainer:
         """
         self.nan.raise_if_bad()
         if self._loss_sum is not None:
-            self.loss_totals = (float(self._loss_sum.item()), self._loss_n)
+            pending, self._pending = self._pending, []
+            losses = [loss for _, loss, _, _ in pending if loss is not None]
+            norms = [norm.double() for _, _, _, norm in pending if norm is not None]
+            # one copy to the host for the running sum and every pending step's values
+            values = torch.stack([self._loss_sum, *losses, *norms]).tolist()
+            self.loss_totals = (values[0], self._loss_n)
+            self._write_steps(pending, values[1 : 1 + len(losses)], values[1 + len(losses) :])
         return self.loss_totals
+
+    def _write_steps(self, pending, losses, norms):
+        """``train/loss`` (the step's mean over its samples) and ``train/grad_norm``, each at its step."""
+        losses, norms = iter(losses), iter(norms)
+        for step, loss, samples, norm in pending:
+            if loss is not None:
+                self.writer.add_scalar("train/loss", next(losses) / samples, step)
+            if norm is not None:
+                self.writer.add_scalar("train/grad_norm", next(norms), step)
 
     def train_epoch(self, loader, epoch, epochs, *, skip_batches=0, totals=(0.0, 0)):
         """One pass over ``loader``, which yields the epoch's batches from batch ``skip_batches`` on.
@@ -127,10 +148,12 @@ class Trainer:
         self.batches_done = skip_batches
         self.nan.start_epoch(epoch, skip_batches, self.global_step, accum)
         self.optimizer.zero_grad(set_to_none=True)
-        seen, started = 0, time.perf_counter()
-        bar = tqdm(
-            total=num_batches, initial=skip_batches, desc=f"epoch {epoch}/{epochs}", unit="batch",
-            disable=not self.progress, leave=False,
+        self._pending = []
+        window = 0  # samples trained since the last rate reading
+        step_loss, step_samples = None, 0  # this accumulation group's loss sum (device) and samples
+        self.rate.restart()
+        bar = progress_bar(
+            self.progress, total=num_batches, initial=skip_batches, desc=f"epoch {epoch}/{epochs}", unit="batch"
         )
         for i, batch in enumerate(loader, start=skip_batches):
             bar.update(1)
@@ -147,35 +170,47 @@ class Trainer:
                 self.nan.observe(loss)
                 if trained:
                     n = batch["size"]
-                    self._loss_sum += loss.double() * n
+                    weighted = loss.double() * n
+                    self._loss_sum += weighted
                     self._loss_n += n
-                    seen += n
+                    step_samples += n
+                    if self.writer is not None:
+                        step_loss = weighted if step_loss is None else step_loss + weighted
             if last_of_group:
-                lrs, _ = self.step.optimizer_step()
+                lrs, norm = self.step.optimizer_step()
                 self.global_step += 1
                 self.batches_done = i + 1
+                window += step_samples
                 if self.writer is not None:
                     for name, lr in lrs.items():  # the rate this step used
                         self.writer.add_scalar(f"lr/{name}", lr, self.global_step)
+                    self._pending.append((self.global_step, step_loss, step_samples, norm))
+                step_loss, step_samples = None, 0
                 if self.global_step % self.log_every == 0:
-                    self._log(bar, seen, started)
+                    self._log(bar, window)
+                    window = 0
                 if self.on_step is not None:
                     self.on_step(epoch, i + 1)
                 if any_rank(self.stop_requested):
                     bar.close()
                     total, n = self.settle()
                     return total / max(n, 1), False
-        self._log(bar, seen, started)
+        self._log(bar, window)
         bar.close()
         total, n = self.loss_totals
         return total / max(n, 1), True
 
-    def _log(self, bar, seen, started):
-        total, n = self.settle()
-        if self.writer is not None and n:
-            self.writer.add_scalar("train/loss", total / n, self.global_step)
-        rate = seen / max(time.perf_counter() - started, 1e-9)
-        bar.set_postfix(loss=f"{total / max(n, 1):.4f}", rate=f"{rate:.0f}/s", refresh=False)
+    def _log(self, bar, window):
+        """A log point: read the device state back, then the throughput of the window since the last one."""
+        total, n = self.settle()  # waits for the device, so the window's time is the work's
+        if window:
+            rate, self.samples_per_s = self.rate.update(window * world_size())
+            if self.writer is not None:
+                self.writer.add_scalar("train/samples_per_s", rate, self.global_step)
+        postfix = {"loss": f"{total / max(n, 1):.4f}"}
+        if self.samples_per_s is not None:
+            postfix["samples/s"] = f"{self.samples_per_s:.1f}"
+        bar.set_postfix(postfix, refresh=False)
 
 
 def total_steps(num_batches, grad_accum_steps, epochs):

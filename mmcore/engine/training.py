@@ -314,11 +314,13 @@ class TrainingRun:
                 )
             row = {"epoch": epoch, "train_loss": train_loss, **metrics, "epoch_time_s": time.perf_counter() - epoch_start}
             self.history.append(row)
-            if self.writer is not None:
+            if self.writer is not None:  # on the global step, as train/*, so the curves overlay
+                step = trainer.global_step
                 for key, value in metrics.items():
                     if value is not None:
-                        self.writer.add_scalar(f"val/{key.removeprefix('val_')}", value, epoch)
-                self.writer.add_scalar("train/epoch_loss", train_loss, epoch)
+                        self.writer.add_scalar(f"val/{key.removeprefix('val_')}", value, step)
+                self.writer.add_scalar("train/epoch_loss", train_loss, step)
+                self.writer.add_scalar("epoch", epoch, step)
                 self.writer.flush()
             value = metrics[metric]
             improved = value is not None and (
@@ -335,7 +337,8 @@ class TrainingRun:
                 self.since_best += 1
             if self.progress:
                 shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-                self.echo(f"epoch {epoch}: train_loss={train_loss:.4f} {shown}{' *' if improved else ''}")
+                rate = f" samples/s={trainer.samples_per_s:.1f}" if trainer.samples_per_s is not None else ""
+                self.echo(f"epoch {epoch}: train_loss={train_loss:.4f} {shown}{rate}{' *' if improved else ''}")
             self.save_last(epoch_complete=True)
             self.epoch += 1
             if self.on_epoch_end is not None and self.on_epoch_end(epoch, dict(metrics)):
@@ -396,7 +399,7 @@ class TrainingRun:
         )
         save_checkpoint(self.run_dir / BEST, ckpt)
         if self.writer is not None:
-            _log_hparams(self.writer, recipe, results)
+            _log_hparams(self.writer, self.recipe_dict, results)
             _log_pr_curve(self.writer, test_logits, test_labels, self.best_epoch)
             self.writer.close()
         return results
@@ -421,22 +424,27 @@ def fit_decision(recipe, val_logits, val_labels):
     }
 
 
-def _log_hparams(writer, recipe, results):
-    flat = {
-        "vision": recipe.vision.name,
-        "text": recipe.text.name,
-        "pooling": recipe.pooling.name,
-        "fusion": recipe.fusion.name,
-        "modality": recipe.train.modality,
-        "batch_size": recipe.train.batch_size,
-        "learning_rate": recipe.train.learning_rate,
-        "epochs": recipe.train.epochs,
-        "loss": recipe.loss.name,
-    }
+def flat_hparams(recipe_dict, prefix=""):
+    """Every recipe key as a dotted name (``train.lora.enabled``) with a value TensorBoard's
+    hparams take: numbers, strings and booleans as they are, anything else (lists, None) as text."""
+    flat = {}
+    for key, value in recipe_dict.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flat_hparams(value, name + "."))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+        else:
+            flat[name] = repr(value) if value is None else str(value)
+    return flat
+
+
+def _log_hparams(writer, recipe_dict, results):
+    """The whole recipe as hparams, with the final test metrics (at the tuned threshold)."""
     test = (results.get("test") or {}).get("at_threshold") or {}
-    metrics = {f"hparam/test_{k}": v for k, v in test.items() if k in ("auroc", "auprc", "f1", "accuracy") and v is not None}
+    metrics = {f"hparam/test_{k}": v for k, v in test.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if metrics:
-        writer.add_hparams(flat, metrics)
+        writer.add_hparams(flat_hparams(recipe_dict), metrics)
 
 
 def _log_pr_curve(writer, logits, labels, step):

@@ -249,6 +249,7 @@ def resolve_components(recipe, source, *, registry=None, check_modality=True):
         problems.append(f"{src(source, 'data.ocr.engine')}: data.ocr.engine: {registry.unknown_message('ocr', ocr.engine)}")
     if check_modality:
         problems.extend(_check_modality(recipe, source))
+        problems.extend(_check_metadata(recipe, resolved, source))
     if problems:
         raise RecipeError(problems)
     return attrs.evolve(recipe, **resolved)
@@ -263,6 +264,30 @@ def _check_modality(recipe, source):
         ]
     if modality == "text_only" and recipe.text.name == "none":
         return [f"{src(source, 'text.name')}: text.name: text_only needs a text encoder (got 'none')"]
+    return []
+
+
+def declared_has_cls_token(params):
+    """Whether an encoder has a CLS token, as its params say before anything is built, or None.
+
+    An encoder plugin's params class may say it with a class attribute (``has_cls_token =
+    False`` on every ResNet) or a property (when it depends on the params, e.g. a model
+    name); anything but a bool means "known only once built".
+    """
+    declared = getattr(params, "has_cls_token", None)
+    return declared if isinstance(declared, bool) else None
+
+
+def _check_metadata(recipe, resolved, source):
+    """Checks that need only the plugins' metadata, no model: done at load, so ``mmcore show``
+    reports them and ``mmcore run`` stops before the run directory exists."""
+    from mmcore.builtin.pooling import cls_token_problem
+
+    vision, pooling = resolved.get("vision"), resolved.get("pooling")
+    if vision is None or pooling is None or pooling.name != "cls" or recipe.train.modality == "text_only":
+        return []
+    if declared_has_cls_token(vision.params) is False:
+        return [f"{src(source, 'pooling.name')}: pooling.name: {cls_token_problem(f'vision encoder {vision.name!r}')}"]
     return []
 
 

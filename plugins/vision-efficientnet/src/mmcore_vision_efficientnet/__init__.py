@@ -30,6 +30,9 @@ TINY_IMAGE_SIZE = 64  # 2x2 feature map -> 4 tokens
 class EfficientNetParams(EncoderParams):
     """torchvision EfficientNetV2-L; ``weights``: another torchvision weights id or a local file/dir."""
 
+    #: known before the encoder is built, so the recipe check refuses ``cls`` pooling up front
+    has_cls_token = False
+
 
 class EfficientNetEncoder(FeatureMapEncoder):
     """torchvision EfficientNet ``features``: stem, stages, final 1x1 conv."""

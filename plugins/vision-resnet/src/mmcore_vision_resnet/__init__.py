@@ -23,6 +23,9 @@ TINY_IMAGE_SIZE = 64  # 2x2 feature map -> 4 tokens
 class ResNetParams(EncoderParams):
     """torchvision ResNet; ``weights`` may be another torchvision weights id or a local file/dir."""
 
+    #: known before the encoder is built, so the recipe check refuses ``cls`` pooling up front
+    has_cls_token = False
+
 
 class ResNetEncoder(FeatureMapEncoder):
     """A torchvision ResNet without its pooling and classifier."""

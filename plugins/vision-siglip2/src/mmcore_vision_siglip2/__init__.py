@@ -28,11 +28,17 @@ DEFAULT_MAX_NUM_PATCHES = 1024
 class Siglip2Params(EncoderParams):
     """Fixed-resolution SigLIP 2: the image is squashed to the checkpoint's square size."""
 
+    #: known before the encoder is built, so the recipe check refuses ``cls`` pooling up front
+    has_cls_token = False
+
 
 @attrs.frozen(kw_only=True)
 class Siglip2NaflexParams(EncoderParams):
     """NaFlex SigLIP 2: the image keeps its aspect ratio and is cut into at most
     ``max_num_patches`` patches."""
+
+    #: known before the encoder is built, so the recipe check refuses ``cls`` pooling up front
+    has_cls_token = False
 
     max_num_patches: int = attrs.field(default=DEFAULT_MAX_NUM_PATCHES, validator=at_least(1))
 

@@ -23,6 +23,9 @@ TINY_IMAGE_SIZE = 64  # 2x2 feature map -> 4 tokens
 class VggParams(EncoderParams):
     """torchvision VGG16; ``weights`` may be another torchvision weights id or a local file/dir."""
 
+    #: known before the encoder is built, so the recipe check refuses ``cls`` pooling up front
+    has_cls_token = False
+
 
 class VggEncoder(FeatureMapEncoder):
     """VGG's conv features, regrouped into one ``nn.Sequential`` per block."""
