@@ -59,6 +59,9 @@ class Pipeline:
                 raise RecipeError(f"{source}: {exc}") from None
             #: "synced" (SyncBatchNorm), "frozen" (running statistics fixed) or "none"
             self.batchnorm = distributed_batchnorm(model.vision, device=self.device, world_size=world_size())
+            if self.batchnorm == "frozen" and rank() == 0 and progress:
+                print("note: trainable BatchNorm under DDP without CUDA: its running statistics are frozen "
+                      "(SyncBatchNorm needs GPUs; see docs/distributed.md)", file=sys.stderr, flush=True)
         self.model = model.to(self.device)
         self.channels_last = bool(model.vision is not None and model.vision.channels_last)
         if self.channels_last:
