@@ -2,6 +2,7 @@
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_checks.py OUT_DIR RECIPE
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_checks.py cli ARGS...
+    python -m torch.distributed.run --standalone --nproc_per_node=3 tests/ddp_checks.py reshard OUT_DIR
 
 Each rank writes ``OUT_DIR/rank<r>.json`` with what it saw; the test compares the ranks. In
 both modes every torch.distributed collective is watched: a tensor on a device the backend
@@ -68,15 +69,16 @@ def batches(count, rank, empty=()):
     return out
 
 
-def train(nan=(), empty=(), on_nan="skip", accum=2, count=6, bad_image_policy="skip"):
-    """A DDP-wrapped model trained one epoch by the engine's Trainer; what the rank ends with."""
+def train(nan=(), empty=(), on_nan="skip", accum=2, count=6, bad_image_policy="skip", model=None, data=None):
+    """A DDP-wrapped model (default: :class:`Linear`) trained one epoch by the engine's Trainer
+    on ``data`` (default: :func:`batches`); what the rank ends with."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     from torch.nn.parallel import DistributedDataParallel
 
     from mmcore.engine.loop import Trainer
     from mmcore.engine.policies import BadImages
 
-    model = Linear(nan)
+    model = Linear(nan) if model is None else model
     ddp = DistributedDataParallel(model)
     reductions = []
 
@@ -93,13 +95,103 @@ def train(nan=(), empty=(), on_nan="skip", accum=2, count=6, bad_image_policy="s
     )
     result = {"reductions": len(reductions)}
     try:
-        loss, completed = trainer.train_epoch(batches(count, dist.get_rank(), empty), 1, 1)
+        data = batches(count, dist.get_rank(), empty) if data is None else data
+        loss, completed = trainer.train_epoch(data, 1, 1)
         result.update(completed=completed, loss=loss)
     except Exception as exc:  # noqa: BLE001 - the message is what the test compares
         result["error"] = str(exc)
     result.update(reductions=len(reductions), params=params_of(model), skipped=trainer.skipped_nan_steps,
                   steps=trainer.global_step)
     return result
+
+
+class Tower(torch.nn.Module):
+    """A vision encoder, mean of its tokens, one logit: ``model.vision`` as the engine expects."""
+
+    def __init__(self, vision):
+        super().__init__()
+        self.vision = vision
+        self.fc = torch.nn.Linear(vision.out_dim, 1)
+
+    def forward(self, batch):
+        return self.fc(self.vision(batch["x"]).tokens.mean(1)).squeeze(1)
+
+
+def image_batches(count, rank, size=32):
+    """``count`` batches of 4 noise images, different on each rank."""
+    generator = torch.Generator().manual_seed(20 + rank)
+    return [{"errors": [], "size": 4, "x": torch.randn(4, 3, size, size, generator=generator) * 2 + rank,
+             "label": torch.randint(0, 2, (4,), generator=generator).float()} for _ in range(count)]
+
+
+def timm_tower(model_name):
+    """The shared timm glue's tiny ``model_name`` (random weights), every layer trainable, in a :class:`Tower`."""
+    from types import SimpleNamespace
+
+    from mmcore.kit.vision import build_timm_encoder
+    from mmcore.model.trainability import LoraConfig, apply_trainability
+
+    torch.manual_seed(0)  # the same model on every rank
+    encoder = build_timm_encoder(model_name, model_name, SimpleNamespace(tiny=True, pretrained=False, weights=None))
+    apply_trainability(encoder, freeze_backbone=False, finetune_layers=-1, lora=LoraConfig())
+    return Tower(encoder)
+
+
+def timm_all_layers():
+    """A tiny timm ConvNeXt (its head.norm unused by the features) trained with every layer under DDP."""
+    model = timm_tower("convnext_atto")
+    result = train(model=model, data=image_batches(4, dist.get_rank()), accum=1, on_nan="stop")
+    result["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return result
+
+
+def batchnorm():
+    """A tiny timm ResNet (trainable BatchNorm) under gloo DDP: its statistics after training."""
+    from mmcore.model.trainability import distributed_batchnorm
+
+    model = timm_tower("resnet18")
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    before = [m.running_mean.tolist() for m in norms]
+    mode = distributed_batchnorm(model.vision, device=torch.device("cpu"), world_size=dist.get_world_size())
+    weights = [m.weight.detach().clone() for m in norms]
+    result = train(model=model, data=image_batches(4, dist.get_rank()), accum=1, on_nan="stop")
+    result.update(
+        mode=mode, norms=len(norms),
+        stats=[m.running_mean.tolist() + m.running_var.tolist() for m in norms],
+        stats_unchanged=before == [m.running_mean.tolist() for m in norms],
+        weights_trained=any(not torch.equal(w, m.weight) for w, m in zip(weights, norms)),
+    )
+    return result
+
+
+def workers():
+    """What ``num_workers = -1`` gives this rank, and what it is derived from."""
+    from mmcore.data.dataset import MAX_AUTO_WORKERS, default_num_workers
+
+    return {"workers": default_num_workers(), "cores": len(os.sched_getaffinity(0)),
+            "local_world_size": int(os.environ["LOCAL_WORLD_SIZE"]), "cap": MAX_AUTO_WORKERS}
+
+
+def reshard(out):
+    """3 ranks, two node-local text caches (ranks 0 and 1 share one, rank 2 has its own): the
+    text entries each rank computes in the sharded pass and in the re-sharded rest."""
+    from mmcore_fake_encoders import FakeText, FakeTextParams
+
+    from mmcore.engine.cache import text_key
+    from mmcore.engine.features import fill_text_cache, text_store
+    from mmcore.engine.pipeline import fill_in_parallel
+
+    rank = dist.get_rank()
+    encoder = FakeText(FakeTextParams())
+    texts = [f"ad text number {i}" for i in range(60)]
+    store = text_store(os.path.join(out, "node-a" if rank < 2 else "node-b"), encoder)
+    computed = []
+
+    def fill(**shard):
+        computed.append(fill_text_cache(encoder, texts, store, progress=False, **shard))
+
+    fill_in_parallel(fill, store, [text_key(t) for t in texts])
+    return {"computed": computed, "missing": len(store.missing([text_key(t) for t in texts], refresh=True))}
 
 
 def seeds(recipe_path):
@@ -139,10 +231,20 @@ def main():
         sys.argv = ["mmcore", *sys.argv[2:]]
         cli()
         return
+    if sys.argv[1] == "reshard":
+        out = sys.argv[2]
+        init_distributed(timeout_s=120)
+        with open(os.path.join(out, f"rank{dist.get_rank()}.json"), "w") as f:
+            json.dump(reshard(out), f)
+        dist.destroy_process_group()
+        return
     out, recipe = sys.argv[1], sys.argv[2]
     init_distributed()
     watch_collectives(log)
     result = {
+        "timm": timm_all_layers(),
+        "batchnorm": batchnorm(),
+        "workers": workers(),
         "no_sync": train(accum=4, count=8, on_nan="stop", bad_image_policy="error"),
         # rank 1's loss is NaN at its 2nd forward (a group's last, synced micro-batch) and 3rd
         "nan_skip": train(nan={(1, 2), (1, 3)}),

@@ -1,5 +1,7 @@
 """torchrun + DDP with gloo on CPU: same metrics as one process with the same global batch; the
-step under no_sync, skips agreed by every rank, per-rank seeds, the best state broadcast."""
+step under no_sync, skips agreed by every rank, per-rank seeds, the best state broadcast; timm
+head modules, batch norms, workers per rank, the re-sharded cache fill; the text encoder's
+precision with the cache on and off, float16 overflow."""
 
 import json
 import os
@@ -13,11 +15,11 @@ import pytest
 CHECKS = Path(__file__).resolve().parent / "ddp_checks.py"
 
 
-def torchrun(*args, timeout=600):
-    """``torchrun --standalone --nproc_per_node=2 ARGS`` (gloo on CPU), one thread per process."""
+def torchrun(*args, timeout=600, nproc=2):
+    """``torchrun --standalone --nproc_per_node=NPROC ARGS`` (gloo on CPU), one thread per process."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *map(str, args)],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *map(str, args)],
         capture_output=True, text=True, env=env, timeout=timeout,
     )
 
@@ -124,3 +126,163 @@ def test_ranks_build_the_same_model_then_draw_their_own_dropout_masks(ranks):
 def test_every_collective_got_a_tensor_its_backend_supports(ranks):
     # ddp_checks.py fails the run otherwise; these are the collectives that were watched
     assert "all_reduce" in ranks[0]["collectives"]
+
+
+@pytest.mark.slow
+def test_a_timm_convnext_trains_all_layers_under_ddp(ranks):
+    # ConvNeXt's head.norm is never used by forward_features: left in, DDP fails at the 2nd step
+    # ("Expected to have finished reduction in the prior iteration")
+    a, b = ranks[0]["timm"], ranks[1]["timm"]
+    assert "error" not in a and "error" not in b, a.get("error") or b.get("error")
+    assert a["completed"] and a["steps"] == b["steps"] == 4
+    assert a["trainable"] > 0 and a["params"] == b["params"]
+
+
+def test_the_timm_glue_drops_head_modules_the_features_never_use():
+    timm = pytest.importorskip("timm")
+    import torch
+
+    from mmcore.kit.vision import TimmEncoder, square_preprocessing
+
+    for name, kwargs, dropped in [
+        ("convnext_atto", dict(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64)), ["head"]),
+        ("vit_tiny_patch16_224", dict(depth=1, embed_dim=32, num_heads=2, img_size=32, patch_size=8, global_pool="map"),
+         ["attn_pool"]),
+        ("vit_tiny_patch16_224", dict(depth=1, embed_dim=32, num_heads=2, img_size=32, patch_size=8, global_pool="avg"),
+         ["fc_norm"]),
+    ]:
+        model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+        assert all(any(True for _ in getattr(model, d).parameters()) for d in dropped)
+        encoder = TimmEncoder(model, name=name, weights="random", preprocessing=square_preprocessing(32))
+        encoder(torch.randn(2, 3, 32, 32)).tokens.sum().backward()
+        # every parameter left gets a gradient from the features: nothing for DDP to wait for
+        assert [n for n, p in encoder.named_parameters() if p.grad is None] == [], name
+        assert all(isinstance(getattr(model, d), torch.nn.Identity) for d in dropped)
+
+
+@pytest.mark.slow
+def test_trainable_batchnorm_statistics_stay_identical_across_ranks_on_gloo(ranks):
+    a, b = ranks[0]["batchnorm"], ranks[1]["batchnorm"]
+    assert "error" not in a, a.get("error")
+    assert a["mode"] == b["mode"] == "frozen" and a["norms"] > 0
+    assert a["stats"] == b["stats"] and a["stats_unchanged"]  # each rank saw other images
+    assert a["weights_trained"] and a["params"] == b["params"]  # the affine weights still train
+
+
+def test_batchnorm_becomes_syncbatchnorm_on_cuda_and_nothing_changes_alone():
+    import torch
+
+    from mmcore.model.trainability import FROZEN_BN_STATS, distributed_batchnorm, freeze_norm_statistics
+
+    def cnn():
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+
+    alone = cnn()
+    assert distributed_batchnorm(alone, device=torch.device("cpu"), world_size=1) == "none"
+    alone.train()
+    freeze_norm_statistics(alone)
+    assert alone[1].training  # one process: batch statistics as before
+    # convert_sync_batchnorm needs no GPU to convert; SyncBatchNorm only runs on one
+    synced = cnn()
+    assert distributed_batchnorm(synced, device=torch.device("cuda", 0), world_size=2) == "synced"
+    assert isinstance(synced[1], torch.nn.SyncBatchNorm) and not hasattr(synced, FROZEN_BN_STATS)
+    frozen = cnn().requires_grad_(False)  # no trainable batch norm: nothing to do
+    assert distributed_batchnorm(frozen, device=torch.device("cpu"), world_size=2) == "none"
+
+
+@pytest.mark.slow
+def test_workers_per_rank_follow_the_local_world_size_under_torchrun(ranks):
+    for rank in ranks:
+        w = rank["workers"]
+        assert w["local_world_size"] == 2
+        assert w["workers"] == max(1, min(w["cap"], w["cores"] // 2))
+
+
+def test_workers_per_rank_follow_the_local_world_size(monkeypatch, tiny_dataset_for_loader):
+    from mmcore.data import dataset as ds
+
+    monkeypatch.setattr(ds.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    for local, expected in [("1", 8), ("4", 8), ("8", 8), ("16", 4), ("64", 1), ("128", 1)]:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+        assert ds.default_num_workers() == expected, local
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    loader = ds.make_loader(tiny_dataset_for_loader, batch_size=1, num_workers=-1)
+    assert loader.num_workers == 4 and loader.prefetch_factor == 2
+
+
+@pytest.fixture
+def tiny_dataset_for_loader(demo_data):
+    from mmcore.data.csvs import read_split
+    from mmcore.data.dataset import SampleDataset
+
+    return SampleDataset(read_split(demo_data / "train.csv", demo_data), preprocessing=None)
+
+
+def test_the_process_group_gets_the_recipes_timeout(monkeypatch):
+    import datetime
+
+    import torch
+
+    from mmcore.engine import runtime
+    from mmcore.recipe.schema import TrainConfig
+
+    seen = {}
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kwargs: seen.update(kwargs))
+    assert runtime.init_distributed(TrainConfig().dist_timeout_s)
+    assert seen == {"backend": "gloo", "timeout": datetime.timedelta(seconds=1800)}
+
+
+@pytest.mark.slow
+def test_what_a_node_local_cache_lacks_is_resharded_among_that_nodes_ranks(tmp_path):
+    # ranks 0 and 1 share one cache directory, rank 2 has its own: after the sharded pass (20
+    # texts each) ranks 0 and 1 split the 20 rank 2 computed, rank 2 computes the other 40
+    result = torchrun(CHECKS, "reshard", tmp_path, nproc=3, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(3)]
+    assert [r["computed"] for r in ranks] == [[20, 10], [20, 10], [20, 40]]
+    assert [r["missing"] for r in ranks] == [0, 0, 0]
+
+
+def test_text_features_are_equal_with_the_cache_on_and_off(registry, tiny_recipe, tmp_path):
+    import torch
+
+    from mmcore.data.csvs import load_splits
+    from mmcore.engine.pipeline import Pipeline
+    from mmcore.engine.runtime import autocast
+    from mmcore.recipe import load_recipe
+
+    # bf16 autocast on CPU: the online text encoder runs under it; the cache fill must too
+    path = tiny_recipe("r.toml", train={"precision": "bf16"}, cache={"enabled": True, "dir": str(tmp_path / "cache")})
+    pipeline = Pipeline(load_recipe(path, registry=registry), registry, progress=False)
+    assert pipeline.dtype == torch.bfloat16 and pipeline.cache_text
+    dataset, split, _ = pipeline.dataset(load_splits(pipeline.recipe.data)["train"])
+    cached = torch.stack([torch.from_numpy(np.array(dataset.text_features[i])).float() for i in range(len(split))])
+    with torch.no_grad(), autocast(pipeline.device, pipeline.dtype):  # what the step and inference do
+        online = pipeline.model.text_features({"text": list(split.texts)}).float()
+    # bf16 values fit float16 exactly: the cached features are the online ones, bit for bit
+    assert torch.equal(cached, online)
+
+
+def test_a_feature_above_float16_max_is_refused_naming_the_encoder(tmp_path):
+    from mmcore_fake_encoders import FakeText, FakeTextParams
+
+    from mmcore.engine.cache import FeatureOverflow, text_key
+    from mmcore.engine.features import fill_text_cache, text_store
+
+    class Loud(FakeText):
+        def encode(self, texts):
+            return super().encode(texts) * 0 + 1e5
+
+    encoder = Loud(FakeTextParams())
+    store = text_store(tmp_path, encoder)
+    texts = ["a", "b"]
+    with pytest.raises(FeatureOverflow) as caught:
+        fill_text_cache(encoder, texts, store, progress=False)
+    assert str(caught.value) == (
+        "text encoder 'fake_text' outputs values up to 1e+05, above float16's maximum 65504, which the feature cache "
+        "stores; scale its output down or set cache.enabled = false"
+    )
+    assert store.missing([text_key(t) for t in texts], refresh=True) == [0, 1]  # no inf stored

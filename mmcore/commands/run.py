@@ -53,7 +53,7 @@ def run_training(recipe, *, recipe_path, out=None, registry=None, progress=True,
 
         registry = get_registry()
     started = time.perf_counter()
-    init_distributed()  # under torchrun: join the process group (gloo on CPU, NCCL on GPU)
+    init_distributed(recipe.train.dist_timeout_s)  # under torchrun: gloo on CPU, NCCL on GPU, explicit timeout
     main = is_main()
     if not main:  # rank 0 alone talks and writes
         echo, progress = (lambda *args, **kwargs: None), False

@@ -125,12 +125,22 @@ def _stack_padded(features, prefix):
     return {f"{prefix}_tokens": tokens, f"{prefix}_mask": mask}
 
 
+#: most loader workers one process starts for ``num_workers = -1`` (each holds a copy of the
+#: dataset and decodes images: beyond this, more workers add memory, not throughput)
+MAX_AUTO_WORKERS = 8
+
+
 def default_num_workers():
-    """One worker per CPU core this process may use."""
+    """Workers per process for ``num_workers = -1``: the CPU cores this process may use, shared
+    by the processes torchrun started on this machine (``LOCAL_WORLD_SIZE``), at most
+    :data:`MAX_AUTO_WORKERS`, at least 1."""
+    from mmcore.engine.runtime import local_world_size
+
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    return max(1, min(MAX_AUTO_WORKERS, cores // local_world_size()))
 
 
 def seed_worker(worker_id):
@@ -184,5 +194,6 @@ def make_loader(
         generator=generator,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0 and batch_sampler is None,
-        prefetch_factor=4 if num_workers > 0 else None,
+        # torch's default: two batches ready per worker is enough to hide decoding
+        prefetch_factor=2 if num_workers > 0 else None,
     )

@@ -508,6 +508,31 @@ class FeatureStore:
         return FeatureView(self.dir, entries, tokens=self.description.get("stored") == "tokens")
 
 
+#: the largest finite float16: a feature above it would be stored as inf
+FLOAT16_MAX = 65504.0
+
+
+class FeatureOverflow(RunError):
+    """An encoder output does not fit the cache's float16."""
+
+
+def as_float16(values, store):
+    """``values`` (a tensor, on its device) cast to float16 for ``store``; refuses values float16 cannot hold.
+
+    A bf16 or fp32 activation above 65504 would silently become inf in the cache, so the
+    fill stops with one line naming the encoder and the largest value instead.
+    """
+    peak = float(values.detach().abs().amax()) if values.numel() else 0.0
+    if peak > FLOAT16_MAX:  # NaN compares False: a NaN output is the loss check's business
+        description = store.description
+        raise FeatureOverflow(
+            f"{description.get('kind', 'feature')} encoder {description.get('encoder', '?')!r} outputs values up to "
+            f"{peak:.4g}, above float16's maximum {FLOAT16_MAX:.0f}, which the feature cache stores; "
+            "scale its output down or set cache.enabled = false"
+        )
+    return values.half()
+
+
 class ChunkWriter:
     """Buffers computed rows and commits them as chunks (data file first, index last)."""
 

@@ -12,7 +12,7 @@ import torch
 
 from mmcore.data.dataset import SampleDataset, make_loader
 from mmcore.data.images import DECODE_VERSION, DEFAULT_FORMATS
-from mmcore.engine.cache import FeatureStore, FileHashes, cache_root, text_key, weights_fingerprint
+from mmcore.engine.cache import FeatureStore, FileHashes, as_float16, cache_root, text_key, weights_fingerprint
 from mmcore.engine.progress import progress_bar
 from mmcore.engine.runtime import autocast, to_device
 
@@ -52,14 +52,14 @@ def vision_store(root, model, *, dtype, pooling_spec):
     return FeatureStore(root, description)
 
 
-def text_store(root, encoder):
-    """The feature space of a text encoder under ``root``."""
+def text_store(root, encoder, *, dtype=None):
+    """The feature space of a text encoder under ``root``, run under ``dtype`` autocast (None: fp32)."""
     description = {
         "kind": "text",
         "encoder": encoder.name,
         "identity": encoder.identity,
         "weights_sha1": weights_fingerprint(encoder),
-        "dtype": "fp32",
+        "dtype": _dtype_name(dtype),
         "stored": "vector",
         "dim": encoder.out_dim,
     }
@@ -101,16 +101,19 @@ class ImageHashes:
         return [self._known[p] for p in paths]
 
 
-def _shard(positions, keys, shard):
+def _shard(positions, keys, shard, reshard=False):
     """This rank's part of ``positions``.
 
     The partition is of all the keys (not of what is missing when a rank happens to look),
-    so ranks that start at different moments still agree on it.
+    so ranks that start at different moments still agree on it. With ``reshard`` it is of the
+    keys at ``positions``: what is left after a sharded pass, which every rank of the group
+    sees the same once they all passed a barrier.
     """
     rank, world = shard
     if world == 1:
         return positions
-    mine = set(sorted({key or b"" for key in keys})[rank::world])
+    pool = (keys[i] for i in positions) if reshard else keys
+    mine = set(sorted({key or b"" for key in pool})[rank::world])
     return [i for i in positions if (keys[i] or b"") in mine]
 
 
@@ -128,6 +131,7 @@ def fill_vision_cache(
     max_image_pixels,
     image_formats=DEFAULT_FORMATS,
     shard=(0, 1),
+    reshard=False,
     progress=True,
     on_wait=None,
     chunk_rows=None,
@@ -137,13 +141,14 @@ def fill_vision_cache(
     ``keys`` are the images' content keys (:func:`image_keys`). With ``shard = (rank,
     world_size)`` only that rank's part of the missing images is computed (ranks fill
     disjoint parts at once; call again with the default shard after a barrier to pick up
-    what is left, e.g. bad images). Completed chunks survive an interruption.
+    what is left, e.g. bad images); ``reshard`` partitions what is missing now instead of
+    all the keys (see :func:`_shard`). Completed chunks survive an interruption.
     """
     encoder, pooling = model.vision, model.pooling
     store_tokens = store.description["stored"] == "tokens"
     store.ensure()
     with store.lock(shard, on_wait=on_wait):
-        todo = _shard(store.missing(keys, refresh=True), keys, shard)
+        todo = _shard(store.missing(keys, refresh=True), keys, shard, reshard)
         if not todo:
             return [], [], 0
         dataset = SampleDataset(
@@ -171,7 +176,7 @@ def fill_vision_cache(
                 with autocast(device, dtype):
                     out = encoder(**vision)
                     result = out.tokens if store_tokens else pooling(out.tokens, out.mask)
-                result = result.float().cpu().half().numpy()
+                result = as_float16(result, store).cpu().numpy()
                 mask = out.mask.cpu().numpy() if store_tokens else None
                 for j, local in enumerate(batch["index"].tolist()):
                     key = keys[todo[local]]
@@ -187,15 +192,22 @@ def fill_vision_cache(
 
 
 @torch.no_grad()
-def fill_text_cache(encoder, texts, store, *, progress=True, desc="text features", on_wait=None, shard=(0, 1)):
-    """Embed the distinct texts ``store`` lacks, in the encoder's batch size -> how many were computed."""
+def fill_text_cache(
+    encoder, texts, store, *, device=None, dtype=None, progress=True, desc="text features", on_wait=None,
+    shard=(0, 1), reshard=False,
+):
+    """Embed the distinct texts ``store`` lacks, in the encoder's batch size -> how many were computed.
+
+    The encoder runs under the same autocast (``device``, ``dtype``) as the training step and
+    inference run it with the cache off, so its features do not depend on the cache.
+    """
     keys = [text_key(text) for text in texts]
     store.ensure()
     with store.lock(shard, on_wait=on_wait):
         first = {}
         for i in store.missing(keys, refresh=True):
             first.setdefault(keys[i], i)
-        todo = _shard(sorted(first.values()), keys, shard)
+        todo = _shard(sorted(first.values()), keys, shard, reshard)
         if not todo:
             return 0
         batch_size = max(1, getattr(encoder, "batch_size", 64))
@@ -205,7 +217,9 @@ def fill_text_cache(encoder, texts, store, *, progress=True, desc="text features
         try:
             for start in progress_bar(progress, iterable=range(0, len(todo), batch_size), desc=desc, unit="batch"):
                 part = todo[start : start + batch_size]
-                vectors = encoder([texts[i] for i in part]).float().cpu().half().numpy()
+                with autocast(device, dtype):
+                    vectors = encoder([texts[i] for i in part])
+                vectors = as_float16(vectors, store).cpu().numpy()
                 for i, vector in zip(part, vectors):
                     writer.add(keys[i], vector)
             writer.flush()

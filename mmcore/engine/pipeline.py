@@ -7,6 +7,7 @@ computation.
 
 from __future__ import annotations
 
+import hashlib
 import sys
 
 import attrs
@@ -15,11 +16,19 @@ import torch
 from mmcore.data.dataset import SampleDataset, make_loader
 from mmcore.engine.cache import CacheUnavailable, cache_root, probe_cache, text_key, warn
 from mmcore.engine.features import fill_text_cache, fill_vision_cache, image_keys, is_frozen, text_store, vision_store
-from mmcore.engine.runtime import autocast_dtype, barrier, rank, resolve_device, seed_everything, world_size
+from mmcore.engine.runtime import (
+    all_gather_objects,
+    autocast_dtype,
+    barrier,
+    rank,
+    resolve_device,
+    seed_everything,
+    world_size,
+)
 from mmcore.engine.sampling import derive_seed
 from mmcore.errors import RecipeError
 from mmcore.model.classifier import build_classifier, build_component
-from mmcore.model.trainability import TrainabilityError, apply_trainability
+from mmcore.model.trainability import TrainabilityError, apply_trainability, distributed_batchnorm
 
 
 class Pipeline:
@@ -36,6 +45,7 @@ class Pipeline:
         model = build_classifier(recipe, registry, source=source)
         if model.text is not None:
             freeze_text_encoder(model.text)
+        self.batchnorm = "none"
         if model.vision is not None:
             train = recipe.train
             try:
@@ -47,6 +57,11 @@ class Pipeline:
                 )
             except TrainabilityError as exc:  # it names the key path; say which file too
                 raise RecipeError(f"{source}: {exc}") from None
+            #: "synced" (SyncBatchNorm), "frozen" (running statistics fixed) or "none"
+            self.batchnorm = distributed_batchnorm(model.vision, device=self.device, world_size=world_size())
+            if self.batchnorm == "frozen" and rank() == 0 and progress:
+                print("note: trainable BatchNorm under DDP without CUDA: its running statistics are frozen "
+                      "(SyncBatchNorm needs GPUs; see docs/distributed.md)", file=sys.stderr, flush=True)
         self.model = model.to(self.device)
         self.channels_last = bool(model.vision is not None and model.vision.channels_last)
         if self.channels_last:
@@ -119,14 +134,15 @@ class Pipeline:
 
     def _text_store(self):
         if self._stores.get("text") is None:
-            self._stores["text"] = text_store(self.cache_root, self.model.text)
+            self._stores["text"] = text_store(self.cache_root, self.model.text, dtype=self.dtype)
         return self._stores["text"]
 
     def _vision_features(self, split):
         """(view of the split's cached features, errors, bad positions); fills what is missing.
 
-        Under torchrun each rank first fills its own shard, then (after a barrier) whatever
-        is left — bad images, which every rank needs to know about.
+        Under torchrun each rank first fills its own shard, then (:func:`fill_in_parallel`)
+        what its store still lacks is re-sharded, then whatever is left — bad images, which
+        every rank needs to know about.
         """
         key = ("vision", split.csv, split.paths)
         if key in self._feature_cache:
@@ -144,9 +160,7 @@ class Pipeline:
             progress=self.progress,
             on_wait=self._on_wait(f"vision features {split.csv.name}"),
         )
-        if world_size() > 1:
-            fill_vision_cache(self.model, split, store, keys, shard=(rank(), world_size()), **fill)
-            barrier()
+        fill_in_parallel(lambda **shard: fill_vision_cache(self.model, split, store, keys, **shard, **fill), store, keys)
         errors, bad, computed = fill_vision_cache(self.model, split, store, keys, **fill)
         self._log(
             f"vision features {split.csv.name}: {cached}/{len(split)} from cache"
@@ -165,11 +179,13 @@ class Pipeline:
         keys = [text_key(text) for text in split.texts]
         distinct = len(set(keys))
         missing = len({keys[i] for i in store.missing(keys, refresh=True)})
-        if world_size() > 1:
-            fill_text_cache(self.model.text, split.texts, store, shard=(rank(), world_size()), progress=self.progress)
-            barrier()
+        precision = dict(device=self.device, dtype=self.dtype)  # the autocast of the step: the same features
+        fill_in_parallel(
+            lambda **shard: fill_text_cache(self.model.text, split.texts, store, progress=self.progress, **shard, **precision),
+            store, keys,
+        )
         fill_text_cache(
-            self.model.text, split.texts, store, progress=self.progress,
+            self.model.text, split.texts, store, progress=self.progress, **precision,
             desc=f"text features {split.csv.name}", on_wait=self._on_wait(f"text features {split.csv.name}"),
         )
         self._log(f"text features {split.csv.name}: {distinct - missing}/{distinct} distinct texts from cache")
@@ -249,6 +265,33 @@ def fold_rank_into_seed(seed, deterministic=False):
     """
     if rank() > 0:
         seed_everything(derive_seed(seed, 0, rank()), deterministic)
+
+
+def fill_in_parallel(fill, store, keys):
+    """Under torchrun: every rank fills its shard, then what is left is re-sharded.
+
+    Left after the sharded pass is what another rank computed into a store this rank does
+    not share (a node-local cache on another node): the ranks whose stores lack the very
+    same entries (those of one node) split it between them, instead of one rank computing
+    it all while the others wait past the process-group timeout. ``fill(shard=...,
+    reshard=...)`` is one fill call. Returns after a barrier; the caller's last,
+    unsharded call then only sees bad inputs (or what a failed write lost).
+    """
+    if world_size() == 1:
+        return
+    fill(shard=(rank(), world_size()))
+    barrier()
+    left = sorted({keys[i] for i in store.missing(keys, refresh=True) if keys[i] is not None})
+    mine = _digest(left)
+    group = [r for r, theirs in enumerate(all_gather_objects(mine)) if theirs == mine]
+    if left:
+        fill(shard=(group.index(rank()), len(group)), reshard=True)
+    barrier()
+
+
+def _digest(keys):
+    """A short fingerprint of a sorted list of content keys (what ranks compare)."""
+    return hashlib.sha1(b"".join(keys)).hexdigest()
 
 
 def _plain(params):

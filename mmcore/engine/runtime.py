@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import random
 
@@ -82,22 +83,38 @@ def is_distributed():
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def init_distributed():
+#: ``train.dist_timeout_s``'s default: how long a collective may wait for the slowest rank (30 min;
+#: NCCL's own default is 10 min, too short for a rank finishing a long share of a cache fill)
+DEFAULT_DIST_TIMEOUT_S = 1800
+
+
+def init_distributed(timeout_s=DEFAULT_DIST_TIMEOUT_S):
     """Join torchrun's process group when launched by torchrun.
 
     On CUDA the group has two backends, ``cpu:gloo,cuda:nccl``, bound to this rank's device
     (``device_id``): CUDA tensors go through NCCL, and small host-side flags (a stop request)
-    through gloo without waiting on the GPU. On CPU it is gloo alone.
+    through gloo without waiting on the GPU. On CPU it is gloo alone. ``timeout_s`` is the
+    group's explicit timeout (``train.dist_timeout_s``): a collective one rank waits at
+    longer than that fails instead of hanging.
     """
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ or is_distributed():
         return False
+    timeout = datetime.timedelta(seconds=timeout_s)
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-        torch.distributed.init_process_group(backend="cpu:gloo,cuda:nccl", device_id=device)
+        torch.distributed.init_process_group(backend="cpu:gloo,cuda:nccl", device_id=device, timeout=timeout)
     else:
-        torch.distributed.init_process_group(backend="gloo")
+        torch.distributed.init_process_group(backend="gloo", timeout=timeout)
     return True
+
+
+def local_world_size():
+    """Processes on this machine under torchrun (``LOCAL_WORLD_SIZE``); 1 otherwise."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    except ValueError:
+        return 1
 
 
 #: device types each process-group backend can run collectives on (NCCL: CUDA only)

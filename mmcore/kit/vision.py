@@ -390,6 +390,29 @@ class FeatureMapEncoder(_EncoderBase):
         return feature_map_tokens(self.feature_map(pixel_values))
 
 
+#: timm modules only ``forward_head`` runs (never ``forward_features``, which mmcore calls):
+#: ConvNeXt's ``head`` (its ``head.norm``), a ViT's ``attn_pool`` (``global_pool = "map"``) and
+#: ``fc_norm`` (``global_pool = "avg"``), the classifier ``head`` itself
+TIMM_HEAD_MODULES = ("attn_pool", "fc_norm", "head_drop", "head")
+
+
+def drop_unused_head(model):
+    """Replace the head modules of timm ``model`` that hold weights by ``nn.Identity``; returns the names.
+
+    Their parameters never receive a gradient, so DDP with every layer trainable
+    (``finetune_layers = -1``) waits for them forever ("Expected to have finished reduction
+    in the prior iteration"); dropped, they also leave the weights fingerprint and the
+    checkpoint. Only mmcore's features are affected: ``forward_features`` does not use them.
+    """
+    dropped = []
+    for name in TIMM_HEAD_MODULES:
+        module = getattr(model, name, None)
+        if isinstance(module, torch.nn.Module) and any(True for _ in module.parameters()):
+            setattr(model, name, torch.nn.Identity())
+            dropped.append(name)
+    return dropped
+
+
 class TimmEncoder(_EncoderBase):
     """Any timm model: tokens from ``forward_features``.
 
@@ -401,6 +424,7 @@ class TimmEncoder(_EncoderBase):
 
     def __init__(self, model, **kwargs):
         super().__init__(out_dim=model.num_features, **kwargs)
+        drop_unused_head(model)
         self.model = model
         self.has_cls_token = getattr(model, "cls_token", None) is not None and (
             getattr(model, "num_prefix_tokens", 0) > 0

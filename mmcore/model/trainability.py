@@ -245,15 +245,48 @@ def _count(params):
     }
 
 
+#: set on an encoder by :func:`distributed_batchnorm` when its batch norms cannot be synchronised
+FROZEN_BN_STATS = "mmcore_frozen_bn_stats"
+
+
 def freeze_norm_statistics(encoder: nn.Module) -> None:
     """Put batch-norm layers whose affine weights are frozen into eval mode.
 
     Call it after every ``model.train()``: a frozen CNN block in train mode would still
     update its running mean/var, so "frozen" blocks would drift. Batch norms without affine
-    weights are left alone (nothing says whether they belong to a frozen block).
+    weights are left alone (nothing says whether they belong to a frozen block). After
+    :func:`distributed_batchnorm` froze the statistics of ``encoder``, every batch norm is
+    put in eval mode.
     """
+    frozen_stats = getattr(encoder, FROZEN_BN_STATS, False)
     for module in encoder.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             params = list(module.parameters(recurse=False))
-            if params and not any(p.requires_grad for p in params):
+            if frozen_stats or (params and not any(p.requires_grad for p in params)):
                 module.eval()
+
+
+def distributed_batchnorm(encoder: nn.Module, *, device, world_size: int) -> str:
+    """Make the trainable batch norms of ``encoder`` right under DDP; returns what was done.
+
+    Each rank only sees its slice of the global batch (32 on 8 ranks is 4 samples), so its
+    own batch statistics are neither the single-process ones nor the other ranks'. On CUDA
+    the batch norms become ``SyncBatchNorm`` (statistics over the global batch, through
+    NCCL): ``"synced"``. Where that cannot run (CPU, gloo) the statistics are frozen
+    instead: every batch norm normalises with its running statistics, which no longer
+    change, while its affine weights still train: ``"frozen"``. ``"none"`` when nothing
+    needed doing (one process, or no batch norm with trainable weights).
+    """
+    trainable = [
+        m for m in encoder.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and any(p.requires_grad for p in m.parameters(recurse=False))
+    ]
+    if world_size <= 1 or not trainable:
+        return "none"
+    if device.type == "cuda":
+        converted = nn.SyncBatchNorm.convert_sync_batchnorm(encoder)
+        assert converted is encoder  # the encoder itself is never a batch norm: converted in place
+        return "synced"
+    setattr(encoder, FROZEN_BN_STATS, True)
+    freeze_norm_statistics(encoder)
+    return "frozen"

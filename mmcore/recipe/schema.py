@@ -111,6 +111,8 @@ class TrainConfig:
     precision: str = attrs.field(default="auto", validator=one_of("auto", "bf16", "fp32"))
     device: str = "auto"
     deterministic: bool = False
+    #: process-group timeout under torchrun: a collective waiting longer fails instead of hanging
+    dist_timeout_s: int = attrs.field(default=1800, validator=_count(positive))
     #: linear projection before the head in vision_only / text_only (0 = none)
     projection_dim: int = attrs.field(default=0, validator=_count(at_least(0)))
     #: probability of dropping one modality per sample during training (multimodal)
