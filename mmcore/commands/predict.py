@@ -13,6 +13,7 @@ from pathlib import Path
 import attrs
 
 from mmcore.errors import MmcoreError
+from mmcore.io import atomic_open
 
 OUTPUT_COLUMNS = ("score", "calibrated_score", "prediction")
 
@@ -40,7 +41,6 @@ def predict_csv(
     from mmcore.commands.evaluate import load_run, open_run, score_with_run
     from mmcore.data import csvs
     from mmcore.engine.outputs import score_split
-    from mmcore.io import atomic_open
 
     input_csv, output = Path(input_csv), Path(output)
     if output.exists() and output.is_dir():
@@ -70,17 +70,7 @@ def predict_csv(
         logits, None, temperature=decision["temperature"], threshold=decision["threshold"]
     )
 
-    # Rows are numbered from 1 in CSV order; a skipped image leaves its row's columns empty.
-    columns = {name: [""] * len(frame) for name in OUTPUT_COLUMNS}
-    for k, i in enumerate(indices):
-        position = kept.rows[int(i)] - 1
-        columns["score"][position] = repr(float(raw[k]))
-        columns["calibrated_score"][position] = repr(float(calibrated[k]))
-        columns["prediction"][position] = str(bool(predicted[k]))
-    for name in OUTPUT_COLUMNS:
-        frame[name] = columns[name]
-    with atomic_open(output, "w", encoding="utf-8", newline="") as handle:
-        frame.to_csv(handle, index=False)
+    write_scored_csv(output, frame, [kept.rows[int(i)] for i in indices], raw, calibrated, predicted)
 
     summary = PredictSummary(
         output=output,
@@ -99,3 +89,20 @@ def predict_csv(
         echo(f"{summary.skipped} {rows} skipped (unreadable images; score left empty, data.on_bad_image = \"skip\")")
     echo(f"wrote {output}")
     return summary
+
+
+def write_scored_csv(output, frame, rows, raw, calibrated, predicted):
+    """``frame`` (the input CSV) with score, calibrated_score and prediction, written atomically.
+
+    ``rows`` are the CSV rows (numbered from 1) that were scored, in the order of the scores;
+    a row left out (an unreadable image, skipped) keeps those columns empty.
+    """
+    columns = {name: [""] * len(frame) for name in OUTPUT_COLUMNS}
+    for k, row in enumerate(rows):
+        columns["score"][row - 1] = repr(float(raw[k]))
+        columns["calibrated_score"][row - 1] = repr(float(calibrated[k]))
+        columns["prediction"][row - 1] = str(bool(predicted[k]))
+    for name in OUTPUT_COLUMNS:
+        frame[name] = columns[name]
+    with atomic_open(output, "w", encoding="utf-8", newline="") as handle:
+        frame.to_csv(handle, index=False)

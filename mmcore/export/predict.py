@@ -16,11 +16,10 @@ from mmcore.errors import DataError, MmcoreError
 
 def predict_bundle(bundle_dir, input_csv, output, *, batch_size=None, base_dir=None, progress=True, echo=print):
     """Score every row of ``input_csv`` with the bundle in ``bundle_dir``; returns a PredictSummary."""
-    from mmcore.commands.predict import OUTPUT_COLUMNS, PredictSummary, _read_frame
+    from mmcore.commands.predict import PredictSummary, _read_frame, write_scored_csv
     from mmcore.data.csvs import read_split
     from mmcore.data.images import BadImageError
     from mmcore.export.scoring import BundleScorer
-    from mmcore.io import atomic_open
 
     bundle_dir, input_csv, output = Path(bundle_dir), Path(input_csv), Path(output)
     if output.exists() and output.is_dir():
@@ -64,16 +63,7 @@ def predict_bundle(bundle_dir, input_csv, output, *, batch_size=None, base_dir=N
             positions.extend(kept)
     raw, calibrated, predicted = scorer.decide(logits)
 
-    columns = {name: [""] * len(frame) for name in OUTPUT_COLUMNS}
-    for k, i in enumerate(positions):
-        position = split.rows[i] - 1  # rows are numbered from 1 in CSV order
-        columns["score"][position] = repr(float(raw[k]))
-        columns["calibrated_score"][position] = repr(float(calibrated[k]))
-        columns["prediction"][position] = str(bool(predicted[k]))
-    for name in OUTPUT_COLUMNS:
-        frame[name] = columns[name]
-    with atomic_open(output, "w", encoding="utf-8", newline="") as handle:
-        frame.to_csv(handle, index=False)
+    write_scored_csv(output, frame, [split.rows[i] for i in positions], raw, calibrated, predicted)
     summary = PredictSummary(output=output, rows=len(frame), scored=len(positions), positives=int(predicted.sum()),
                              threshold=float(scorer.decision["threshold"]),
                              temperature=float(scorer.decision["temperature"]))
