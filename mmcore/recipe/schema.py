@@ -91,6 +91,14 @@ class EarlyStopping:
 
 
 @attrs.frozen(kw_only=True)
+class EmaConfig:
+    """``train.ema``: an exponential moving average of the trainable weights, validated beside them."""
+
+    #: per optimizer step: ema = decay * ema + (1 - decay) * weights
+    decay: float = attrs.field(default=0.999, validator=in_range(0.0, 1.0))
+
+
+@attrs.frozen(kw_only=True)
 class TrainConfig:
     """Training keys; the defaults are the original system's."""
 
@@ -120,6 +128,15 @@ class TrainConfig:
     #: also write last.ckpt every N optimizer steps (0 = only at epoch ends)
     checkpoint_every_steps: int = attrs.field(default=0, validator=_count(at_least(0)))
     early_stopping: EarlyStopping = attrs.field(factory=EarlyStopping)
+    #: an EMA of the trainable weights (off when absent)
+    ema: EmaConfig | None = None
+    #: "none" | "uniform" | "greedy": checkpoint_best.ckpt holds a soup of the top ``soup_k`` epochs
+    soup: str = attrs.field(default="none", validator=one_of("none", "uniform", "greedy"))
+    soup_k: int = attrs.field(default=3, validator=_count(positive))
+    #: layer-wise lr decay of the vision blocks: top block backbone_lr, each one below x decay (1 = off)
+    layer_decay: float = attrs.field(default=1.0, validator=[positive, at_most(1.0)])
+    #: torch.compile the model for training (one warning and eager on failure)
+    compile: bool = False
 
 
 def _threshold_rule(instance, attribute, value):
