@@ -116,18 +116,19 @@ class TrainStep:
 class CompiledModel(torch.nn.Module):
     """``torch.compile`` of ``module`` with an eager fallback (``train.compile = true``).
 
-    torch.compile fails lazily, at the first call (no C compiler, an op it cannot trace, an
+    ``backend`` is torch.compile's (``inductor``; ``aot_eager`` traces the same graphs without
+    generating code). torch.compile fails lazily, at the first call (no C compiler, an op it cannot trace, an
     unsupported platform); then ``on_failure(message)`` is called once and every later call
     runs the eager module. Parameters, buffers and train/eval mode are the module's own
     (``.module``, as DistributedDataParallel names it), so checkpoints never see the wrapper.
     """
 
-    def __init__(self, module, on_failure):
+    def __init__(self, module, on_failure, backend="inductor"):
         super().__init__()
         self.module = module
         self.on_failure = on_failure
         try:
-            compiled = torch.compile(module)
+            compiled = torch.compile(module, backend=backend)
         except Exception as exc:  # e.g. a Python version dynamo does not support
             compiled = None
             self._fail(exc)

@@ -181,7 +181,8 @@ class TrainingRun:
         self.writer = Loggers(recipe, self.run_dir, self.recipe_dict) if self.main else None
         train_model = model
         if recipe.train.compile:  # inside DDP, so no_sync stays DDP's; evaluation and the cache stay eager
-            train_model = CompiledModel(model, on_failure=lambda line: warn(f"warning: {line}"))
+            backend = "inductor" if recipe.train.compile is True else recipe.train.compile
+            train_model = CompiledModel(model, on_failure=lambda line: warn(f"warning: {line}"), backend=backend)
         if world > 1 and any(p.requires_grad for p in model.parameters()):
             from torch.nn.parallel import DistributedDataParallel
 

@@ -90,6 +90,11 @@ class EarlyStopping:
     metric: str = "val_auroc"
 
 
+def _compile_backend(attribute, value):
+    if isinstance(value, str) and not value.strip():
+        raise FieldError(attribute.name, "must be true, false or a torch.compile backend name (e.g. \"inductor\")")
+
+
 @attrs.frozen(kw_only=True)
 class EmaConfig:
     """``train.ema``: an exponential moving average of the trainable weights, validated beside them."""
@@ -135,8 +140,8 @@ class TrainConfig:
     soup_k: int = attrs.field(default=3, validator=_count(positive))
     #: layer-wise lr decay of the vision blocks: top block backbone_lr, each one below x decay (1 = off)
     layer_decay: float = attrs.field(default=1.0, validator=[positive, at_most(1.0)])
-    #: torch.compile the model for training (one warning and eager on failure)
-    compile: bool = False
+    #: torch.compile the model for training: true (inductor) or a backend name (one warning and eager on failure)
+    compile: bool | str = attrs.field(default=False, validator=lambda _i, a, v: _compile_backend(a, v))
 
 
 def _threshold_rule(instance, attribute, value):
