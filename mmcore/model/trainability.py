@@ -174,7 +174,12 @@ def block_depths(vision) -> dict[int, int]:
     top block; parameters in no block (patch/stem embeddings) are one below the lowest block,
     as in timm's and BEiT's layer-wise decay.
     """
-    blocks = list(vision.blocks())
+    try:
+        blocks = list(vision.blocks())
+    except NotImplementedError:
+        raise TrainabilityError(
+            f"train.layer_decay: vision encoder {_label(vision)} declares no blocks(); use layer_decay = 1"
+        ) from None
     n = len(blocks)
     depths = {id(p): n for p in vision.parameters()}
     for i, block in enumerate(blocks):
@@ -203,7 +208,8 @@ def parameter_groups(model, *, head_lr, backbone_lr, lora_lr, weight_decay, laye
     model = _unwrap(model)
     vision = getattr(model, "vision", None)
     vision_ids = {id(p) for p in vision.parameters()} if vision is not None else set()
-    depths = block_depths(vision) if vision is not None and layer_decay != 1.0 and vision_ids else {}
+    trains = vision is not None and any(p.requires_grad for p in vision.parameters())
+    depths = block_depths(vision) if trains and layer_decay != 1.0 else {}
     lrs = {"head": head_lr, "backbone": backbone_lr, "lora": lora_lr}
     buckets = {}
     for name, param in model.named_parameters():
