@@ -31,7 +31,9 @@ def set_train_mode(model):
     from mmcore.model.trainability import freeze_norm_statistics
 
     model.train()
-    inner = getattr(model, "module", model)  # inside DistributedDataParallel
+    inner = model
+    while not hasattr(inner, "vision") and hasattr(inner, "module"):
+        inner = inner.module  # inside DistributedDataParallel / the compile wrapper
     for name in ("vision", "text"):
         encoder = getattr(inner, name, None)
         if encoder is None:
@@ -70,12 +72,13 @@ class Trainer:
         on_step=None,
         log_every=LOG_EVERY,
         last_checkpoint=None,
+        ema=None,
     ):
         self.model = model
         self.optimizer = optimizer
         self.step = TrainStep(
             model, optimizer, scheduler, loss_fn, device=device, dtype=dtype, grad_clip=grad_clip,
-            channels_last=channels_last,
+            channels_last=channels_last, ema=ema,
         )
         self.device = device
         self.grad_accum_steps = grad_accum_steps

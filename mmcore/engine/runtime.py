@@ -14,7 +14,25 @@ from mmcore.errors import MmcoreError
 
 
 def resolve_device(name):
-    """``auto`` -> this rank's CUDA device when present, else CPU."""
+    """``auto`` -> this rank's CUDA device when present, else CPU; on the CPU, denormals flush to zero."""
+    device = _parse_device(name)
+    if device.type == "cpu":
+        flush_denormals()
+    return device
+
+
+def flush_denormals():
+    """Treat denormal floats as zero on the CPU (``torch.set_flush_denormal``); True where supported.
+
+    As a model converges, gradients, Adam's second moments and small activations sink into the
+    denormal range, where x86 arithmetic is many times slower: CPU epochs then slow down as
+    training goes on (docs/performance.md, bench/denormals.py). Values that small change
+    nothing a classifier computes. CUDA kernels flush by their own settings.
+    """
+    return torch.set_flush_denormal(True)
+
+
+def _parse_device(name):
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))

@@ -43,7 +43,7 @@ class TrainStep:
     all-reduced by hand before the optimizer step, so ranks never drift apart.
     """
 
-    def __init__(self, model, optimizer, scheduler, loss_fn, *, device, dtype, grad_clip=0.0, channels_last=False):
+    def __init__(self, model, optimizer, scheduler, loss_fn, *, device, dtype, grad_clip=0.0, channels_last=False, ema=None):
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -52,6 +52,7 @@ class TrainStep:
         self.dtype = dtype
         self.grad_clip = grad_clip
         self.channels_last = channels_last
+        self.ema = ema  # a WeightEMA, updated after each optimizer step
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self._synced = False  # did this group's gradients go through DDP's all-reduce?
         self._accumulated = False  # did any backward run in this group?
@@ -85,7 +86,7 @@ class TrainStep:
         return loss.detach(), True
 
     def optimizer_step(self):
-        """Clip, optimizer step, scheduler step, zero grads; returns ``(lrs used, grad norm or None)``.
+        """Clip, optimizer step, EMA update, scheduler step, zero grads; returns ``(lrs used, grad norm or None)``.
 
         The learning rates are those the optimizer step used (read before the scheduler
         moves them on); the gradient norm stays a device tensor.
@@ -97,6 +98,8 @@ class TrainStep:
         if self.grad_clip > 0 and self.trainable:
             norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.grad_clip)
         self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._synced = self._accumulated = False
@@ -108,3 +111,38 @@ class TrainStep:
         for param in self.trainable:
             if param.grad is not None:
                 all_reduce_(param.grad, "sum").div_(world)
+
+
+class CompiledModel(torch.nn.Module):
+    """``torch.compile`` of ``module`` with an eager fallback (``train.compile = true``).
+
+    ``backend`` is torch.compile's (``inductor``; ``aot_eager`` traces the same graphs without
+    generating code). torch.compile fails lazily, at the first call (no C compiler, an op it cannot trace, an
+    unsupported platform); then ``on_failure(message)`` is called once and every later call
+    runs the eager module. Parameters, buffers and train/eval mode are the module's own
+    (``.module``, as DistributedDataParallel names it), so checkpoints never see the wrapper.
+    """
+
+    def __init__(self, module, on_failure, backend="inductor"):
+        super().__init__()
+        self.module = module
+        self.on_failure = on_failure
+        try:
+            compiled = torch.compile(module, backend=backend)
+        except Exception as exc:  # e.g. a Python version dynamo does not support
+            compiled = None
+            self._fail(exc)
+        object.__setattr__(self, "compiled", compiled)  # not a submodule: no second copy in state_dict
+
+    def _fail(self, exc):
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        self.on_failure(f"train.compile: torch.compile failed here ({type(exc).__name__}: {first}); training uncompiled")
+
+    def forward(self, batch):
+        if self.compiled is not None:
+            try:
+                return self.compiled(batch)
+            except Exception as exc:
+                object.__setattr__(self, "compiled", None)
+                self._fail(exc)
+        return self.module(batch)

@@ -6,6 +6,7 @@ threshold on validation) and the test evaluation written into the run directory.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import random
 import time
@@ -14,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mmcore.engine.averaging import WeightEMA, average_states, greedy_soup, load_trainable_, trainable_state
+from mmcore.engine.cache import warn
 from mmcore.engine.checkpoint import load_model_state, make_checkpoint, model_state_keys, read_checkpoint, save_checkpoint
 from mmcore.engine.inference import predict, sigmoid
 from mmcore.engine.loggers import Loggers
@@ -24,6 +27,7 @@ from mmcore.engine.policies import BadImages
 from mmcore.engine.runtime import all_gather_objects, broadcast_tensors_, is_main, world_size
 from mmcore.engine.runtime import rank as runtime_rank
 from mmcore.engine.sampling import EpochBatchSampler, SeededItems, ShardSampler, balanced_weights, derive_seed
+from mmcore.engine.step import CompiledModel
 from mmcore.errors import MmcoreError, RunError
 from mmcore.evaluation.calibration import fit_temperature
 from mmcore.evaluation.metrics import binary_metrics
@@ -121,6 +125,10 @@ class TrainingRun:
         self.since_best = 0
         self.history = []
         self.best_state = None  # rank 0: the selected epoch's model state, kept in memory
+        self.selected_weights = "raw"  # or "ema": which weights of the best epoch won
+        # train.soup: the top soup_k (value, epoch, weights, trainable state on the CPU), best first
+        self.soup_pool = []
+        self.soup = None  # what results.json says about the soup
         self._setup(splits)
 
     def _setup(self, splits):
@@ -168,17 +176,22 @@ class TrainingRun:
             backbone_lr=recipe.train.backbone_lr,
             lora_lr=recipe.train.lora_lr,
             weight_decay=recipe.train.weight_decay,
+            layer_decay=recipe.train.layer_decay,
         )
         self.optimizer = torch.optim.AdamW(groups)
+        self.ema = WeightEMA(model, recipe.train.ema.decay) if recipe.train.ema is not None else None
         steps = total_steps(len(self.train_loader), recipe.train.grad_accum_steps, recipe.train.epochs)
         self.scheduler = build_component(self.registry, "scheduler", recipe.scheduler, self.optimizer, steps)
         self.writer = Loggers(recipe, self.run_dir, self.recipe_dict) if self.main else None
         train_model = model
+        if recipe.train.compile:  # inside DDP, so no_sync stays DDP's; evaluation and the cache stay eager
+            backend = "inductor" if recipe.train.compile is True else recipe.train.compile
+            train_model = CompiledModel(model, on_failure=lambda line: warn(f"warning: {line}"), backend=backend)
         if world > 1 and any(p.requires_grad for p in model.parameters()):
             from torch.nn.parallel import DistributedDataParallel
 
             device_ids = [pipeline.device.index] if pipeline.device.type == "cuda" else None
-            train_model = DistributedDataParallel(model, device_ids=device_ids)
+            train_model = DistributedDataParallel(train_model, device_ids=device_ids)
         self.trainer = Trainer(
             model=train_model,
             optimizer=self.optimizer,
@@ -195,6 +208,7 @@ class TrainingRun:
             channels_last=pipeline.channels_last,
             on_step=self._on_step,
             last_checkpoint=self.run_dir / LAST,
+            ema=self.ema,
         )
 
     # -- state ------------------------------------------------------------------------------
@@ -221,6 +235,9 @@ class TrainingRun:
                 "best": {"value": self.best_value, "epoch": self.best_epoch, "metrics": self.best_metrics},
                 "since_best": self.since_best,
                 "history": self.history,
+                "selected_weights": self.selected_weights,
+                **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
+                "soup_pool": self.soup_pool,
             },
         )
 
@@ -244,6 +261,10 @@ class TrainingRun:
         self.best_value, self.best_epoch, self.best_metrics = best["value"], best["epoch"], best["metrics"]
         self.since_best = state["since_best"]
         self.history = list(state["history"])
+        self.selected_weights = state.get("selected_weights", "raw")
+        self.soup_pool = list(state.get("soup_pool", []))
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
         if state["epoch_complete"]:
             self.epoch, self.skip_batches, self.loss_totals = state["epoch"] + 1, 0, (0.0, 0)
         else:
@@ -312,24 +333,43 @@ class TrainingRun:
                     f"{self.recipe_path}: train.early_stopping.metric: unknown metric {metric!r} "
                     f"(one of {', '.join(metrics)})"
                 )
-            row = {"epoch": epoch, "train_loss": train_loss, **metrics, "epoch_time_s": time.perf_counter() - epoch_start}
+            candidates = [("raw", metrics)]
+            if self.ema is not None:  # the EMA weights are validated like the raw ones
+                with self.ema.applied():
+                    _, ema_logits, ema_labels = self.predict(self.val_loader, "val")
+                candidates.append(("ema", epoch_metrics(ema_logits, ema_labels, self.loss_fn)))
+            row = {"epoch": epoch, "train_loss": train_loss, **metrics}
+            if self.ema is not None:
+                row.update({f"ema_{key}": value for key, value in candidates[1][1].items()})
+            row["epoch_time_s"] = time.perf_counter() - epoch_start
             self.history.append(row)
             if self.writer is not None:  # on the global step, as train/*, so the curves overlay
                 step = trainer.global_step
                 for key, value in metrics.items():
                     if value is not None:
                         self.writer.add_scalar(f"val/{key.removeprefix('val_')}", value, step)
+                for key, value in candidates[1][1].items() if self.ema is not None else ():
+                    if value is not None:
+                        self.writer.add_scalar(f"val_ema/{key.removeprefix('val_')}", value, step)
                 self.writer.add_scalar("train/epoch_loss", train_loss, step)
                 self.writer.add_scalar("epoch", epoch, step)
                 self.writer.flush()
+            better = _better(mode)
+            weights, metrics = candidates[0]
+            for kind, candidate in candidates[1:]:  # ties go to the raw weights
+                if better(candidate[metric], metrics[metric]):
+                    weights, metrics = kind, candidate
             value = metrics[metric]
-            improved = value is not None and (
-                self.best_value is None or (value > self.best_value if mode == "max" else value < self.best_value)
-            )
+            improved = better(value, self.best_value)
+            if recipe.train.soup != "none":
+                for kind, candidate in candidates:
+                    self._offer_to_soup(candidate[metric], epoch, kind, better)
             if improved:
                 self.best_value, self.best_epoch, self.best_metrics = value, epoch, metrics
+                self.selected_weights = weights
                 if self.main:
-                    best = make_checkpoint(model, recipe_dict=self.recipe_dict, epoch=epoch, metrics=metrics)
+                    with self._weights(weights):
+                        best = make_checkpoint(model, recipe_dict=self.recipe_dict, epoch=epoch, metrics=metrics)
                     save_checkpoint(self.run_dir / BEST, best)
                     self.best_state = best["model"]
                 self.since_best = 0
@@ -349,7 +389,59 @@ class TrainingRun:
                 break
         if self.best_epoch == 0:
             raise RunError(f"{metric} was never computed (validation has one class?); no checkpoint selected")
+        if recipe.train.soup != "none" and self.soup_pool:
+            self._make_soup(metric, _better(mode))
         return self.finish()
+
+    # -- EMA and soups ----------------------------------------------------------------------
+
+    def _weights(self, kind):
+        """The model holds ``kind`` ("raw" or "ema") weights inside the block."""
+        return self.ema.applied() if kind == "ema" else contextlib.nullcontext()
+
+    def _offer_to_soup(self, value, epoch, kind, better):
+        """Keep this epoch's ``kind`` weights if they are among the top ``soup_k`` (CPU copies, trainable only)."""
+        if value is None:
+            return
+        k, pool = self.recipe.train.soup_k, self.soup_pool
+        place = next((i for i, entry in enumerate(pool) if better(value, entry["value"])), len(pool))
+        if place >= k:
+            return
+        with self._weights(kind):
+            state = trainable_state(self.pipeline.model)
+        pool.insert(place, {"value": value, "epoch": epoch, "weights": kind, "state": state})
+        del pool[k:]
+
+    def _make_soup(self, metric, better):
+        """Average the pooled epochs (uniform, or greedily by validation); the soup becomes the selected model."""
+        model, pool, method = self.pipeline.model, self.soup_pool, self.recipe.train.soup
+
+        def validate(state):
+            load_trainable_(model, state)
+            _, logits, labels = self.predict(self.val_loader, "val")
+            return epoch_metrics(logits, labels, self.loss_fn)
+
+        states = [entry["state"] for entry in pool]
+        if method == "greedy":
+            soup, chosen, metrics = greedy_soup(states, validate, lambda new, old: better(new[metric], old[metric]))
+        else:
+            soup, chosen = average_states(states), list(range(len(states)))
+            metrics = validate(soup)
+        load_trainable_(model, soup)
+        self.best_metrics = metrics
+        self.soup = {
+            "method": method,
+            "k": self.recipe.train.soup_k,
+            "members": [{"epoch": pool[i]["epoch"], "weights": pool[i]["weights"], metric: pool[i]["value"]} for i in chosen],
+            "candidates": [{"epoch": e["epoch"], "weights": e["weights"], metric: e["value"]} for e in pool],
+            "val": metrics,
+        }
+        if self.main:
+            best = make_checkpoint(
+                model, recipe_dict=self.recipe_dict, epoch=self.best_epoch, metrics=metrics, extra={"soup": self.soup}
+            )
+            save_checkpoint(self.run_dir / BEST, best)
+            self.best_state = best["model"]
 
     def finish(self):
         """Load the best epoch, fit the decision on validation, evaluate the test split, write outputs."""
@@ -365,6 +457,8 @@ class TrainingRun:
             "run_dir": str(self.run_dir),
             "selected_epoch": self.best_epoch,
             "selection_metric": recipe.train.early_stopping.metric,
+            "selected_weights": self.selected_weights,
+            **({"soup": self.soup} if self.soup is not None else {}),
             "epochs_trained": len(self.history),
             "val": self.best_metrics,
             "history": self.history,
@@ -395,7 +489,7 @@ class TrainingRun:
         )
         ckpt = make_checkpoint(
             model, recipe_dict=self.recipe_dict, epoch=self.best_epoch, metrics=self.best_metrics,
-            extra={"decision": decision},
+            extra={"decision": decision, **({"soup": self.soup} if self.soup is not None else {})},
         )
         save_checkpoint(self.run_dir / BEST, ckpt)
         if self.writer is not None:
@@ -403,6 +497,17 @@ class TrainingRun:
             _log_pr_curve(self.writer, test_logits, test_labels, self.best_epoch)
             self.writer.close()
         return results
+
+
+def _better(mode):
+    """``better(new, old)``: strictly better in ``mode``; a missing value is never better, anything beats none."""
+
+    def better(new, old):
+        if new is None:
+            return False
+        return old is None or (new > old if mode == "max" else new < old)
+
+    return better
 
 
 def fit_decision(recipe, val_logits, val_labels):

@@ -162,12 +162,37 @@ def _label(encoder):
 
 def _unwrap(model):
     """The model inside a DistributedDataParallel (or similar ``.module``) wrapper."""
-    if hasattr(model, "vision"):
-        return model
-    return getattr(model, "module", model)
+    while not hasattr(model, "vision") and hasattr(model, "module"):
+        model = model.module  # DDP, and the compile wrapper inside it
+    return model
 
 
-def parameter_groups(model, *, head_lr, backbone_lr, lora_lr, weight_decay) -> list[dict]:
+def block_depths(vision) -> dict[int, int]:
+    """``id(param) -> depth`` for the vision encoder's parameters, from its declared blocks.
+
+    The top (output) block is depth 0, the one below it 1, ...; the final norm sits with the
+    top block; parameters in no block (patch/stem embeddings) are one below the lowest block,
+    as in timm's and BEiT's layer-wise decay.
+    """
+    try:
+        blocks = list(vision.blocks())
+    except NotImplementedError:
+        raise TrainabilityError(
+            f"train.layer_decay: vision encoder {_label(vision)} declares no blocks(); use layer_decay = 1"
+        ) from None
+    n = len(blocks)
+    depths = {id(p): n for p in vision.parameters()}
+    for i, block in enumerate(blocks):
+        for p in block.parameters():
+            depths[id(p)] = n - 1 - i
+    norm = vision.final_norm()
+    if norm is not None:
+        for p in norm.parameters():
+            depths[id(p)] = 0
+    return depths
+
+
+def parameter_groups(model, *, head_lr, backbone_lr, lora_lr, weight_decay, layer_decay=1.0) -> list[dict]:
     """AdamW parameter groups for the trainable parameters of ``model``.
 
     LoRA parameters (names containing ``lora_``) get ``lora_lr``, the other trainable
@@ -175,12 +200,18 @@ def parameter_groups(model, *, head_lr, backbone_lr, lora_lr, weight_decay) -> l
     projection, head) ``head_lr``. Biases and norm weights (1-D tensors) get no weight decay
     and go into a separate group with the same ``name``. Each group carries ``name``
     (``head``, ``backbone`` or ``lora``) and ``decay`` (bool); empty groups are left out.
+
+    With ``layer_decay < 1`` the encoder's groups are split by block depth (see
+    :func:`block_depths`): depth d gets ``lr * layer_decay ** d`` and is named ``backbone.depthD``
+    (``lora.depthD``), with ``depth`` in the group.
     """
     model = _unwrap(model)
     vision = getattr(model, "vision", None)
     vision_ids = {id(p) for p in vision.parameters()} if vision is not None else set()
+    trains = vision is not None and any(p.requires_grad for p in vision.parameters())
+    depths = block_depths(vision) if trains and layer_decay != 1.0 else {}
     lrs = {"head": head_lr, "backbone": backbone_lr, "lora": lora_lr}
-    buckets = {(kind, decay): [] for kind in lrs for decay in (True, False)}
+    buckets = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
@@ -190,18 +221,22 @@ def parameter_groups(model, *, head_lr, backbone_lr, lora_lr, weight_decay) -> l
             kind = "backbone"
         else:
             kind = "head"
-        buckets[kind, param.ndim > 1].append(param)
-    return [
-        {
-            "name": kind,
+        depth = depths.get(id(param)) if kind != "head" else None
+        buckets.setdefault((kind, depth, param.ndim > 1), []).append(param)
+    order = {"head": 0, "backbone": 1, "lora": 2}
+    groups = []
+    for (kind, depth, decay), params in sorted(buckets.items(), key=lambda kv: (order[kv[0][0]], kv[0][1] or 0, not kv[0][2])):
+        group = {
+            "name": kind if depth is None else f"{kind}.depth{depth}",
             "params": params,
-            "lr": lrs[kind],
+            "lr": lrs[kind] * (layer_decay**depth if depth is not None else 1.0),
             "weight_decay": weight_decay if decay else 0.0,
             "decay": decay,
         }
-        for (kind, decay), params in buckets.items()
-        if params
-    ]
+        if depth is not None:
+            group["depth"] = depth
+        groups.append(group)
+    return groups
 
 
 def lora_state_dict(encoder) -> dict:

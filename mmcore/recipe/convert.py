@@ -62,6 +62,8 @@ def _make_converter():
                 return conv.structure(value, member)
             except Exception as exc:  # try the next member
                 errors.append(exc)
+        if len(errors) == 1 and isinstance(value, dict):
+            raise errors[0]  # `X | None` given a table: X's own problems, with their key paths
         names = " or ".join(_union_member_name(m) for m in members if m is not type(None))
         raise StrictTypeError(f"must be {names} (got {_type_name(value)} {value!r})")
 

@@ -90,6 +90,19 @@ class EarlyStopping:
     metric: str = "val_auroc"
 
 
+def _compile_backend(attribute, value):
+    if isinstance(value, str) and not value.strip():
+        raise FieldError(attribute.name, "must be true, false or a torch.compile backend name (e.g. \"inductor\")")
+
+
+@attrs.frozen(kw_only=True)
+class EmaConfig:
+    """``train.ema``: an exponential moving average of the trainable weights, validated beside them."""
+
+    #: per optimizer step: ema = decay * ema + (1 - decay) * weights
+    decay: float = attrs.field(default=0.999, validator=in_range(0.0, 1.0))
+
+
 @attrs.frozen(kw_only=True)
 class TrainConfig:
     """Training keys; the defaults are the original system's."""
@@ -122,6 +135,15 @@ class TrainConfig:
     #: also write last.ckpt every N optimizer steps (0 = only at epoch ends)
     checkpoint_every_steps: int = attrs.field(default=0, validator=_count(at_least(0)))
     early_stopping: EarlyStopping = attrs.field(factory=EarlyStopping)
+    #: an EMA of the trainable weights (off when absent)
+    ema: EmaConfig | None = None
+    #: "none" | "uniform" | "greedy": checkpoint_best.ckpt holds a soup of the top ``soup_k`` epochs
+    soup: str = attrs.field(default="none", validator=one_of("none", "uniform", "greedy"))
+    soup_k: int = attrs.field(default=3, validator=_count(positive))
+    #: layer-wise lr decay of the vision blocks: top block backbone_lr, each one below x decay (1 = off)
+    layer_decay: float = attrs.field(default=1.0, validator=[positive, at_most(1.0)])
+    #: torch.compile the model for training: true (inductor) or a backend name (one warning and eager on failure)
+    compile: bool | str = attrs.field(default=False, validator=lambda _i, a, v: _compile_backend(a, v))
 
 
 def _threshold_rule(instance, attribute, value):
