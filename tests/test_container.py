@@ -100,7 +100,8 @@ def test_build_context_keeps_what_the_install_needs():
         if line.strip() and not line.startswith("#")
     ]
     assert not [p for p in patterns if p.startswith("!")], "exceptions are not handled by this test"
-    needed = ["scripts/install.sh", "scripts/install-ocr-deps.sh", "scripts/install-test-deps.sh", "scripts/apt-install.sh", "pyproject.toml", "README.md",
+    needed = ["scripts/install.sh", "scripts/install-ocr-deps.sh", "scripts/install-test-deps.sh", "scripts/apt-install.sh",
+              "pyproject.toml", "README.md",
               "mmcore/__init__.py", "mmcore/templates/plugin/pyproject.toml.tmpl",
               "tests/fake-plugin/pyproject.toml", "tests/fake-plugin/src/mmcore_fake_encoders/__init__.py"]
     needed += [str(p.relative_to(REPO)) for p in REPO.glob("plugins/*/pyproject.toml")]

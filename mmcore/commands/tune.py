@@ -120,21 +120,19 @@ def _open_study(config, identity):
     from optuna.trial import TrialState
 
     from mmcore.io import write_json
-    from mmcore.recipe import recipe_diff
+    from mmcore.rundir import require_same_recipe
 
     study_dir = Path(config.study_dir)
     with study_lock(study_dir):  # two processes starting at once create the storage once
         record_path = study_dir / CONFIG_FILE
         if record_path.is_file():
             saved = json.loads(record_path.read_text(encoding="utf-8"))
-            differing = recipe_diff(saved.get("recipe") or {}, identity["recipe"])
-            if saved.get("space") != identity["space"]:
-                differing.insert(0, "the search space")
-            if differing:
-                raise RunError(
-                    f"{study_dir}: this study was started with another recipe or space (differs at "
-                    f"{', '.join(differing[:5])}); give --study NAME for a new study"
-                )
+            require_same_recipe(
+                {"space": saved.get("space"), **(saved.get("recipe") or {})},
+                {"space": identity["space"], **identity["recipe"]},
+                where=study_dir, said="this study was started with another recipe or space",
+                then="; give --study NAME for a new study",
+            )
         write_json(record_path, {**identity, "study": config.study_name, "storage": masked(config.storage),
                                  "recipe_path": config.recipe, "space_path": config.space, "overrides": list(config.overrides)})
         storage = make_storage(config.storage)
