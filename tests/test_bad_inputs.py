@@ -806,7 +806,7 @@ def test_a_jpg_that_is_really_eps_is_a_row_error_and_ghostscript_never_starts(tm
     dataset = SampleDataset(split, preprocessing=Preprocessing(size=(16, 16)))
     batch = Collate(dataset.preprocessing)([dataset[0], dataset[1]])  # decoding (training, eval, predict)
     assert batch["size"] == 1 and batch["errors"] == [f"{path}: row 2: {tmp_path / 'ad.jpg'}: {reason}"]
-    from mmcore.ocr.batch import decode_image
+    from mmcore.ocr.engines import decode_image
 
     with pytest.raises(BadImageError, match=r"^image format EPS is not allowed"):
         decode_image((tmp_path / "ad.jpg").read_bytes())  # OCR

@@ -39,7 +39,6 @@ def predict_csv(
 ):
     """Score every row of ``input_csv`` with the run in ``run_dir``; write ``output`` atomically."""
     from mmcore.commands.evaluate import load_run, open_run, score_with_run
-    from mmcore.data import csvs
     from mmcore.engine.outputs import score_split
 
     input_csv, output = Path(input_csv), Path(output)
@@ -51,11 +50,7 @@ def predict_csv(
     # Validate the data before the (possibly large) model is built.
     modality = (run_dir.recipe_data().get("train") or {}).get("modality", "multimodal")
     needs_text, needs_images = modality != "vision_only", modality != "text_only"
-    split = csvs.read_split(
-        input_csv, base_dir, require_label=False, require_text=needs_text, check_images=needs_images
-    )
-    frame = csvs._read_frame(input_csv)  # the columns as given, to write them back out
-    frame.columns = [str(c).strip() for c in frame.columns]
+    frame, split = read_input(input_csv, base_dir, require_text=needs_text, check_images=needs_images)
 
     pipeline, ckpt = load_run(run_dir, registry=registry, progress=progress)
     recipe = pipeline.recipe
@@ -106,3 +101,18 @@ def write_scored_csv(output, frame, rows, raw, calibrated, predicted):
         frame[name] = columns[name]
     with atomic_open(output, "w", encoding="utf-8", newline="") as handle:
         frame.to_csv(handle, index=False)
+
+
+def read_input(input_csv, base_dir=None, *, require_text=True, check_images=True):
+    """The CSV to score, read once: ``(frame, split)`` — its columns as given, to be written back
+    out with the scores, and the validated :class:`~mmcore.data.csvs.Split` to score."""
+    from mmcore.data.csvs import REQUIRED_COLUMNS, read_table, split_from_table
+
+    needed = {"local_image_path": True, "label": False, "text_info": require_text}
+    frame = read_table(
+        input_csv,
+        required=[c for c in REQUIRED_COLUMNS if needed[c]],
+        optional=[c for c in REQUIRED_COLUMNS if not needed[c]],
+    )
+    split = split_from_table(frame, input_csv, base_dir, require_label=False, check_images=check_images)
+    return frame, split

@@ -16,8 +16,7 @@ from mmcore.errors import DataError, MmcoreError
 
 def predict_bundle(bundle_dir, input_csv, output, *, batch_size=None, base_dir=None, progress=True, echo=print):
     """Score every row of ``input_csv`` with the bundle in ``bundle_dir``; returns a PredictSummary."""
-    from mmcore.commands.predict import PredictSummary, _read_frame, write_scored_csv
-    from mmcore.data.csvs import read_split
+    from mmcore.commands.predict import PredictSummary, read_input, write_scored_csv
     from mmcore.data.images import BadImageError
     from mmcore.export.scoring import BundleScorer
 
@@ -27,13 +26,11 @@ def predict_bundle(bundle_dir, input_csv, output, *, batch_size=None, base_dir=N
     if input_csv.is_file() and output.exists() and output.resolve() == input_csv.resolve():
         raise MmcoreError(f"-o {output}: is the input CSV; write the predictions to another file")
     scorer = BundleScorer(bundle_dir)
-    split = read_split(input_csv, base_dir, require_label=False, require_text=scorer.uses_text,
-                       check_images=scorer.uses_vision)
-    frame = _read_frame(input_csv)
+    frame, split = read_input(input_csv, base_dir, require_text=scorer.uses_text, check_images=scorer.uses_vision)
     ocr = scorer.ocr
     if ocr and scorer.uses_text and not all(t.strip() for t in split.texts):
         from mmcore.engine.cache import cache_root
-        from mmcore.ocr.batch import ocr_fill
+        from mmcore.ocr.fill import ocr_fill
 
         cache = cache_root((scorer.recipe_data.get("cache") or {}).get("dir"))
         texts = ocr_fill(list(split.paths), list(split.texts), ocr["engine"], ocr.get("lang", "eng"), cache,

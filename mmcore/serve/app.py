@@ -99,7 +99,7 @@ class Service:
             scorer = open_scorer(self.config.source, device=self.config.device)
             engine_name = self.config.ocr if self.config.ocr is not None else (scorer.ocr or {}).get("engine")
             if engine_name and scorer.uses_text:
-                from mmcore.ocr.batch import build_engine, check_engine
+                from mmcore.ocr.engines import build_engine, check_engine
 
                 self.ocr_lang = self.config.ocr_lang or (scorer.ocr or {}).get("lang") or "eng"
                 self.ocr_engine = build_engine(engine_name)
@@ -141,7 +141,7 @@ class Service:
             if scorer.uses_vision:
                 vision = scorer.preprocess(image)
         if source == "none" and scorer.uses_text and self.ocr_engine is not None and image is not None:
-            from mmcore.ocr.batch import normalize_text
+            from mmcore.ocr.engines import normalize_text
 
             text, source = normalize_text(self.ocr_engine.read(image, self.ocr_lang)), "ocr"
         if scorer.modality == "text_only" and source == "none":
