@@ -198,6 +198,9 @@ def check_text_encoder(name, params=None, registry=None):
     assert isinstance(encoder.out_dim, int) and encoder.out_dim > 0, f"{name}: out_dim must be a positive int"
     encoder.eval()
     texts = ["50% OFF all shoes today — shop now", ""]
+    fit_texts = [*texts, "grandma's birthday photos", "cheap meds, no prescription"]
+    if encoder.fits_on_train:  # fitted on the training split before a run encodes anything
+        encoder.fit(fit_texts)
     out = encoder(texts)
     assert out.shape == (2, encoder.out_dim), f"{name}: expected [2, {encoder.out_dim}] (got {tuple(out.shape)})"
     assert torch.isfinite(out).all(), f"{name}: non-finite embedding"
@@ -207,7 +210,10 @@ def check_text_encoder(name, params=None, registry=None):
         assert torch.allclose(alone, out[i], atol=1e-4), f"{name}: text {i} alone differs from in a batch"
     identity = encoder.identity
     assert isinstance(identity, str) and name in identity, f"{name}: identity must be a string naming the encoder"
-    assert build("text", name, params, registry).identity == identity, f"{name}: identity is not stable"
+    again = build("text", name, params, registry)
+    if again.fits_on_train:
+        again.fit(fit_texts)
+    assert again.identity == identity, f"{name}: identity is not stable"
     return encoder
 
 

@@ -166,6 +166,20 @@ class Pipeline:
         )
         return attrs.evolve(split, texts=tuple(" ".join(t.split()) for t in texts))
 
+    def fit_encoders(self, train_split):
+        """Fit encoders that learn from the training split (``fits_on_train``) on its texts.
+
+        Runs before any feature is computed or cached, so the cache identity includes the fit.
+        ``eval`` and ``predict`` never call this: they load the fitted state from the checkpoint.
+        """
+        text = self.model.text
+        if text is None or not getattr(text, "fits_on_train", False):
+            return
+        split = self.fill_missing_text(train_split)
+        text.fit(list(split.texts))
+        self._stores.pop("text", None)  # its identity changed with the fit
+        self._log(f"text encoder {text.name}: fitted on {len(split)} training texts")
+
     def dataset(self, split, *, train=False):
         """A dataset for ``split``; bad images found by the feature pass go through ``bad``.
 
