@@ -5,6 +5,11 @@
 #   cp .env.example .env    # set USERNAME, USER_UID, USER_GID (id -u; id -g) and DATA_DIR
 #   docker compose build
 #   docker compose run --rm mmcore mmcore run recipes/demo.toml
+#
+# torch: the image keeps the base image's torch 2.10.0 (built for its CUDA), while
+# scripts/install.sh pins torch 2.14.1 everywhere else (TORCH_VERSION in that script). mmcore
+# needs torch>=2.4, so both work; the check after the install imports the whole stack (torch,
+# torchvision, mmcore, every plugin) and fails the build if this torch does not fit.
 FROM pytorch/pytorch:2.10.0-cuda13.0-cudnn9-devel
 
 # DL3064 flags the name USERNAME; it is a login name, not a secret
@@ -42,6 +47,13 @@ RUN bash scripts/install.sh --test \
     && rm -rf /var/lib/apt/lists/* \
     && mkdir -p /data \
     && chown -R "${USER_UID}:${USER_GID}" /workspace /data
+
+# The container's stack imports: torch and torchvision as the base image has them, mmcore, and
+# every plugin (`mmcore plugins` exits non-zero when one fails to load).
+RUN python -c "import torch, torchvision, mmcore; print('torch', torch.__version__, 'torchvision', torchvision.__version__)" \
+    && mmcore plugins | tee /tmp/plugins.txt \
+    && if grep -q "FAILED TO LOAD" /tmp/plugins.txt; then exit 1; fi \
+    && rm /tmp/plugins.txt
 
 USER ${USER_UID}:${USER_GID}
 CMD ["bash"]

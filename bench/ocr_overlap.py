@@ -70,7 +70,7 @@ def main(argv=None):
         out = Path(tmp) / "ocr.csv"
         shipped.assign(text_info="").to_csv(blanked, index=False)
         command = [
-            sys.executable, "-c", "from mmcore.ocr.batch import ocr_command; ocr_command()",
+            sys.executable, "-m", "mmcore", "ocr",
             str(blanked), "-o", str(out), "--engine", args.engine, "--lang", args.lang,
             "--base-dir", str(args.csv.resolve().parent),
         ]

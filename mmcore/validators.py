@@ -55,3 +55,13 @@ def positive(instance, attribute, value):
     """The value must be > 0."""
     if value is not None and value <= 0:
         raise FieldError(attribute.name, f"must be > 0 (got {value!r})")
+
+
+def at_most(maximum):
+    """The value must be <= ``maximum`` (what its consumer accepts, e.g. a C int or a numpy seed)."""
+
+    def check(instance, attribute, value):
+        if value is not None and value > maximum:
+            raise FieldError(attribute.name, f"must be <= {maximum} (got {value!r})")
+
+    return check

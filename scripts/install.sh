@@ -3,7 +3,7 @@
 # into ./.venv (or the active virtualenv / $VENV). The Dockerfile runs this same script.
 #
 #   bash scripts/install.sh          # mmcore + all plugins
-#   bash scripts/install.sh --test   # + test extras, the fake test plugin, OCR system packages
+#   bash scripts/install.sh --test   # + test extras, the fake test plugin, OCR and browser system packages
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,6 +32,7 @@ done
 if [ "$want_tests" = 1 ]; then
     pip_install -e ".[test]" "${plugins[@]}" -e tests/fake-plugin
     bash scripts/install-ocr-deps.sh
+    bash scripts/install-test-deps.sh
 else
     pip_install -e . "${plugins[@]}"
 fi

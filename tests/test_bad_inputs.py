@@ -502,6 +502,28 @@ def recipe_cases(tmp_path, data):
     r("cycle_b", 'extends = "extends_cycle.toml"\n')
     p = r("extends_cycle", 'extends = "cycle_b.toml"\n' + base)
     cases["extends_cycle"] = (p, f"{(tmp_path / 'cycle_b.toml').resolve()}: extends: cycle (...")
+    p = r("seed_too_big", base.replace("seed = 1", "seed = 9223372036854775807"))
+    cases["seed_too_big"] = (p, f"{p}: seed: must be in [0, 4294967295] (got 9223372036854775807)")
+    p = r("nan_learning_rate", base.replace("learning_rate = 0.003", "learning_rate = nan"))
+    cases["nan_learning_rate"] = (p, f"{p}: train.learning_rate: must be a finite number (got nan)")
+    p = r("inf_weight_decay", base.replace("learning_rate = 0.003", "learning_rate = 0.003\nweight_decay = inf"))
+    cases["inf_weight_decay"] = (p, f"{p}: train.weight_decay: must be a finite number (got inf)")
+    p = r("huge_batch", base.replace("batch_size = 8", "batch_size = 4294967296"))
+    cases["huge_batch"] = (p, f"{p}: train.batch_size: must be <= 2147483647 (got 4294967296)")
+    (tmp_path / "a_directory.toml").mkdir()
+    p = r("extends_directory", 'extends = "a_directory.toml"\n' + base)
+    cases["extends_directory"] = (
+        p, f"{p.resolve()}: extends: {tmp_path / 'a_directory.toml'} is a directory; name a TOML recipe file"
+    )
+    p = r("extends_dev_zero", 'extends = "/dev/zero"\n' + base)
+    cases["extends_dev_zero"] = (p, f"{p.resolve()}: extends: /dev/zero is not a regular file; name a TOML recipe file")
+    r("huge_base", "# padding\n" * 120_000)
+    p = r("extends_huge", 'extends = "huge_base.toml"\n' + base)
+    cases["extends_huge"] = (
+        p, f"{p.resolve()}: extends: {tmp_path / 'huge_base.toml'} is larger than 1 MiB; a recipe is a small TOML file"
+    )
+    p = r("eps_allowed", base.replace('on_bad_image = "error"', 'on_bad_image = "error"\nimage_formats = ["JPEG", "EPS"]'))
+    cases["eps_allowed"] = (p, f"{p}: data.image_formats: EPS is never allowed: Pillow decodes it by starting an external program")
     p = r("unset_data_dir", base.replace(f'base_dir = "{data}"', 'base_dir = "${DATA_DIR}/ads"'))
     cases["unset_data_dir"] = (
         p,
@@ -512,7 +534,11 @@ def recipe_cases(tmp_path, data):
 
 @pytest.mark.parametrize(
     "case",
-    ["unknown_key", "wrong_type", "unknown_component", "bad_param_value", "missing_extends", "extends_cycle", "unset_data_dir"],
+    [
+        "unknown_key", "wrong_type", "unknown_component", "bad_param_value", "missing_extends", "extends_cycle", "unset_data_dir",
+        "seed_too_big", "nan_learning_rate", "inf_weight_decay", "huge_batch", "extends_directory", "extends_dev_zero",
+        "extends_huge", "eps_allowed",
+    ],
 )
 def test_recipe_problem_is_one_line_and_creates_no_run(tmp_path, images, monkeypatch, case):
     monkeypatch.delenv("DATA_DIR", raising=False)
@@ -730,3 +756,184 @@ def test_disk_full_during_a_run_fails_it_and_keeps_the_best_checkpoint(tiny, reg
     kept = read_checkpoint(best)
     assert kept["epoch"] == 1 and "decision" not in kept
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+# ---------------------------------------------------------------- reliability, second round (issue 14)
+
+
+def test_an_over_long_image_path_in_a_csv_is_a_row_error(images):
+    long_name = "x" * 300 + ".jpg"  # over NAME_MAX: is_file() raised ENAMETOOLONG (a traceback)
+    path = write(images / "train.csv", HEADER + f"a.jpg,True,\n{long_name},False,\n")
+    assert problems(path) == [f"{path}: row 2: cannot read file (file name too long): {images / long_name}"]
+
+
+def test_a_directory_named_as_an_image_is_not_image_not_found(images):
+    (images / "folder.jpg").mkdir()
+    path = write(images / "train.csv", HEADER + "a.jpg,True,\nfolder.jpg,False,\n")
+    assert problems(path) == [f"{path}: row 2: is a directory, not an image file: {images / 'folder.jpg'}"]
+    with pytest.raises(BadImageError, match=r"^is a directory, not an image file$"):
+        load_rgb(images / "folder.jpg")
+
+
+def test_a_fifo_named_as_an_image_is_refused_without_blocking(images):
+    os.mkfifo(images / "pipe.jpg")  # open() would wait for a writer forever
+    split = read_split(write(images / "t.csv", HEADER + "a.jpg,True,\n"))
+    split = split.subset([0])
+    object.__setattr__(split, "paths", (images / "pipe.jpg",))
+    assert scan_images(split) == [f"{split.csv}: row 1: {images / 'pipe.jpg'}: not a regular file (a device, FIFO or socket)"]
+
+
+def eps_bytes():
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (10, 200, 10)).save(buffer, "EPS")
+    return buffer.getvalue()
+
+
+def test_a_jpg_that_is_really_eps_is_a_row_error_and_ghostscript_never_starts(tmp_path, monkeypatch):
+    from PIL import EpsImagePlugin
+
+    started, opened = [], []
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: started.append(a) or pytest.fail("a program was started"))
+    monkeypatch.setattr(subprocess, "check_call", lambda *a, **k: started.append(a) or pytest.fail("a program was started"))
+    real_open = EpsImagePlugin.EpsImageFile._open
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: opened.append(1) or real_open(self))
+    (tmp_path / "ad.jpg").write_bytes(eps_bytes())
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.jpg")
+    path = write(tmp_path / "train.csv", HEADER + "ok.jpg,True,\nad.jpg,False,\n")
+    split = read_split(path)
+    reason = "image format EPS is not allowed (data.image_formats: JPEG, PNG, GIF, WEBP, BMP, TIFF)"
+    assert scan_images(split) == [f"{path}: row 2: {tmp_path / 'ad.jpg'}: {reason}"]  # the header scan
+    dataset = SampleDataset(split, preprocessing=Preprocessing(size=(16, 16)))
+    batch = Collate(dataset.preprocessing)([dataset[0], dataset[1]])  # decoding (training, eval, predict)
+    assert batch["size"] == 1 and batch["errors"] == [f"{path}: row 2: {tmp_path / 'ad.jpg'}: {reason}"]
+    from mmcore.ocr.batch import decode_image
+
+    with pytest.raises(BadImageError, match=r"^image format EPS is not allowed"):
+        decode_image((tmp_path / "ad.jpg").read_bytes())  # OCR
+    assert started == [] and opened == []  # Pillow's EPS plugin never even parsed it
+
+
+def test_image_formats_narrow_what_is_read(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg")
+    Image.new("RGB", (8, 8)).save(tmp_path / "b.png")
+    assert load_rgb(tmp_path / "b.png", formats=("PNG",)).size == (8, 8)
+    with pytest.raises(BadImageError) as info:
+        load_rgb(tmp_path / "a.jpg", formats=("PNG",))
+    assert str(info.value) == "image format JPEG is not allowed (data.image_formats: PNG)"
+
+
+def exif_rotated_jpeg(path, orientation=6):
+    """A 24x16 JPEG (stored landscape) with big colour blocks and the given EXIF orientation."""
+    stored = Image.new("RGB", (24, 16), (250, 250, 250))
+    stored.paste((220, 20, 20), (0, 0, 8, 8))  # red top-left: an asymmetric marker
+    stored.paste((20, 20, 220), (16, 8, 24, 16))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored.save(path, "JPEG", quality=95, exif=exif.tobytes())
+    return path
+
+
+def test_an_exif_rotated_photo_reaches_the_encoder_upright(tmp_path):
+    from PIL import ImageOps
+
+    path = exif_rotated_jpeg(tmp_path / "phone.jpg")
+    with Image.open(path) as raw:  # what Pillow stores, decoded the same way, turned by hand
+        assert raw.size == (24, 16)
+        by_hand = raw.convert("RGB").transpose(Image.Transpose.ROTATE_270)
+    image = load_rgb(path)
+    assert image.size == (16, 24)  # portrait, as the phone showed it
+    assert np.array_equal(np.asarray(image), np.asarray(by_hand))
+    with Image.open(path) as raw:
+        assert np.array_equal(np.asarray(image), np.asarray(ImageOps.exif_transpose(raw).convert("RGB")))
+    # through the dataset, i.e. what the encoder gets (training, cache fill, eval, predict)
+    split = read_split(write(tmp_path / "t.csv", HEADER + "phone.jpg,True,\n"))
+    preprocessing = Preprocessing(size=(24, 16), mean=(0, 0, 0), std=(1, 1, 1))
+    got = SampleDataset(split, preprocessing=preprocessing)[0]["vision"]["pixel_values"]
+    assert torch.equal(got, preprocessing(by_hand)["pixel_values"])
+
+
+def test_report_thumbnails_are_upright_too(tmp_path):
+    from mmcore.evaluation.report import write_thumbnails
+
+    files, reason = write_thumbnails(exif_rotated_jpeg(tmp_path / "phone.jpg"), tmp_path / "files", [12])
+    assert reason is None
+    with Image.open(files[0]) as thumb:
+        assert thumb.size == (8, 12)  # portrait
+        assert thumb.convert("RGB").getpixel((6, 1))[0] > 150  # red block now top-right
+
+
+def test_decode_version_changes_the_vision_cache_key():
+    from mmcore.data.images import DECODE_VERSION
+
+    assert DECODE_VERSION == 3  # 3: EXIF orientation applied; old entries (2) are not reused
+
+
+def test_nan_learning_rate_from_set_is_refused(tmp_path, images):
+    path = write(tmp_path / "r.toml", RECIPE.format(data=images, on_bad_image="error", cache=tmp_path / "cache"))
+    out = tmp_path / "run"
+    result = CliRunner().invoke(mmcore_group, ["run", str(path), "--set", "train.learning_rate=inf", "--out", str(out)])
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        f"{path} (--set train.learning_rate): train.learning_rate: must be a finite number (got inf)"
+    ]
+    assert not out.exists()
+
+
+def test_nan_stop_before_any_checkpoint_says_so(cli, tiny_recipe, tmp_path):
+    path = tiny_recipe(vision={"params": {"nan_after": 1}}, train={"finetune_layers": -1})
+    out = tmp_path / "run"
+    result = cli("run", path, "--out", out, "--quiet", check=False)
+    assert result.returncode == 4
+    assert result.stderr.strip() == (
+        "non-finite loss (nan) at step 2 (epoch 1, batch 2); stopped before any checkpoint was written "
+        '(set train.on_nan = "skip" to skip such batches)'
+    )
+    assert not (out / "last.ckpt").exists() and not (out / "checkpoint_best.ckpt").exists()
+
+
+class _Code:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_unsafe_checkpoint_refusal_says_what_and_why_without_the_unsafe_advice(tmp_path):
+    from mmcore.engine.checkpoint import read_checkpoint
+
+    path = tmp_path / "last.ckpt"
+    torch.save({"format": "mmcore.checkpoint", "x": _Code()}, path)
+    with pytest.raises(RunError) as info:
+        read_checkpoint(path)
+    assert str(info.value) == (
+        f"{path}: not a loadable mmcore checkpoint (it refers to posix.system, which is code, not data: "
+        "refused without running it); only tensors and plain types are accepted"
+    )
+    assert "weights_only" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "command,target",
+    [
+        (["eval", "RUN"], "mmcore.commands.evaluate.evaluate_run"),
+        (["predict", "RUN", "in.csv", "-o", "out.csv"], "mmcore.cli.predict.predict_csv"),
+        (["ocr", "in.csv", "-o", "out.csv"], "mmcore.cli.ocr.run_ocr"),
+    ],
+    ids=["eval", "predict", "ocr"],
+)
+def test_sigint_exits_130_like_run(tmp_path, command, target):
+    """A real SIGINT arrives while the command works (its work function is replaced by one that signals)."""
+    (tmp_path / "in.csv").write_text(HEADER)
+    module, name = target.rsplit(".", 1)
+    script = (
+        "import os, signal, sys, time, importlib\n"
+        f"module = importlib.import_module({module!r})\n"
+        "def work(*args, **kwargs):\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(5)\n"
+        f"setattr(module, {name!r}, work)\n"
+        "from mmcore.cli.main import main\n"
+        f"sys.argv = ['mmcore', *{command!r}]\n"
+        "main()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 130, result.stderr
+    assert "Traceback" not in result.stderr and "Aborted" not in result.stderr

@@ -279,3 +279,214 @@ def test_cache_info_and_clear(registry, tmp_path, split, monkeypatch):
     result = runner.invoke(cache_group, ["clear", "--all"])
     assert "removed 2 feature spaces" in result.output
     assert runner.invoke(cache_group, ["info"]).output.splitlines()[1] == "empty"
+
+
+# ---------------------------------------------------------------- a cache that heals and degrades
+
+
+def _space_files(cache):
+    """The vision feature space's directory, its (only) chunk index and data file."""
+    (space,) = [p for p in (cache / "v1" / "features").iterdir() if '"fake_cnn"' in (p / "meta.json").read_text()]
+    (index,) = space.glob("*.index.npy")
+    return space, index, index.with_name(index.name.replace(".index.npy", ".npy"))
+
+
+def test_truncated_chunk_is_dropped_with_one_warning_and_recomputed(registry, tmp_path, split, capsys):
+    cache = tmp_path / "cache"
+    first, _ = pipeline_for(registry, cache)
+    before = [np.asarray(first.dataset(split)[0].vision_features[i]).tolist() for i in range(len(split))]
+    _, index, data = _space_files(cache)
+    size = data.stat().st_size
+    with open(data, "r+b") as handle:  # the issue's case: `mmap length is greater than file size`
+        handle.truncate(size - 100)
+    capsys.readouterr()
+
+    second, count = pipeline_for(registry, cache)
+    dataset, _, errors = second.dataset(split)
+    assert errors == [] and count.images == len(split)  # the whole chunk was recomputed
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        f"warning: feature cache: dropped damaged chunk {data} ({size - 100} bytes, its header needs {size}); "
+        "its entries are recomputed"
+    ]
+    assert [np.asarray(dataset.vision_features[i]).tolist() for i in range(len(split))] == before
+    assert not index.exists()  # the damaged pair is gone; a new sound chunk replaced it
+
+
+def test_index_pointing_past_its_chunk_is_dropped(registry, tmp_path, split, capsys):
+    from mmcore.engine.cache import check_chunk
+
+    cache = tmp_path / "cache"
+    pipeline_for(registry, cache)[0].dataset(split)
+    space, index, data = _space_files(cache)
+    records = np.load(index)
+    records["offset"][-1] = 1000  # a row the data file does not have
+    np.save(index, records)
+    chunk = index.name[: -len(".index.npy")]
+    assert check_chunk(space, chunk)[1] == (data, f"{len(split)} rows, its index needs 1001")
+    pipeline, count = pipeline_for(registry, cache)
+    pipeline.dataset(split)
+    assert count.images == len(split)
+    assert f"warning: feature cache: dropped damaged chunk {data} ({len(split)} rows, its index needs 1001)" in capsys.readouterr().err
+
+
+def test_damaged_file_hash_records_are_dropped_and_rehashed(registry, tmp_path, split, capsys):
+    from mmcore.engine.cache import FileHashes, read_records
+
+    cache = tmp_path / "cache"
+    keys = FileHashes(cache).keys(split.paths)
+    (records,) = (cache / "v1" / "files").glob("*.npy")
+    data = bytearray(records.read_bytes())
+    data[-5] ^= 0xFF  # one sha1 byte changed: np.load still reads it, the checksum in the name does not match
+    records.write_bytes(bytes(data))
+    assert FileHashes(cache).keys(split.paths) == keys  # hashed again from the images, not the bad record
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: feature cache: dropped damaged file-hash records {records} "
+        "(contents do not match the checksum in its name); those images are hashed again"
+    ]
+    assert read_records(records)[1] is None  # the same records written again (same name: same contents)
+
+
+def test_cache_verify_lists_damage_and_repair_removes_it(registry, tmp_path, split):
+    cache = tmp_path / "cache"
+    pipeline_for(registry, cache)[0].dataset(split)
+    space, index, data = _space_files(cache)
+    data.write_bytes(data.read_bytes()[:-10])
+    orphan = space / "0123456789abcdef0123456789abcdef.npy"  # a fill killed between data and index
+    np.save(orphan, np.zeros((2, 8), np.float16))
+    tmp = space / f".{orphan.name}~{os.uname().nodename}~999999999~abc.tmp"  # its writer is gone
+    tmp.write_bytes(b"partial")
+    old = os.stat(orphan).st_mtime - 3600
+    os.utime(orphan, (old, old))
+    runner = CliRunner()
+    result = runner.invoke(cache_group, ["verify", "--dir", str(cache)])
+    assert result.exit_code == 1
+    size = data.stat().st_size
+    assert result.output.splitlines()[:3] == [
+        f"{data}: damaged chunk ({size} bytes, its header needs {size + 10})",
+        f"{orphan}: data file without an index (a fill killed before its commit)",
+        f"{tmp}: temporary file of an interrupted write",
+    ]
+    assert result.output.splitlines()[-1].endswith("3 problems")
+    result = runner.invoke(cache_group, ["verify", "--repair", "--dir", str(cache)])
+    assert result.exit_code == 0 and result.output.splitlines()[-1].endswith("3 problems, 4 files removed")
+    assert not data.exists() and not index.exists() and not orphan.exists() and not tmp.exists()
+    result = runner.invoke(cache_group, ["verify", "--dir", str(cache)])
+    assert result.exit_code == 0 and result.output.splitlines() == [
+        f"checked {cache}: 2 feature spaces, 1 sound chunks ({len(set(split.texts))} entries), 1 file-hash records; 0 problems"
+    ]
+
+
+def _full_disk_on_chunks(monkeypatch):
+    import errno
+
+    from mmcore.engine import cache as cache_module
+
+    real = cache_module.os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if str(dst).endswith(".npy") and "features" in str(dst):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(cache_module.os, "replace", replace)
+
+
+def test_a_full_cache_disk_is_one_warning_and_the_run_goes_on_without_it(registry, tmp_path, split, capsys, monkeypatch):
+    cache = tmp_path / "cache"
+    _full_disk_on_chunks(monkeypatch)  # the probe passes; the disk fills while the first chunk is written
+    pipeline, count = pipeline_for(registry, cache)
+    dataset, split2, errors = pipeline.dataset(split)
+    assert dataset.vision_features is None and dataset.text_features is None and dataset.needs_image
+    assert len(split2) == len(split) and errors == []
+    assert not pipeline.cache_vision and not pipeline.cache_text
+    line = f"{cache}: feature cache: no space left on device; free some space or choose another disk"
+    warnings = [w for w in capsys.readouterr().err.splitlines() if w.startswith("warning:")]
+    assert warnings == [f"warning: {line}; continuing without the feature cache (cache.required = true would stop here)"]
+    assert dataset[3]["vision"]["pixel_values"].shape[0] == 3  # images are decoded online instead
+    assert not list(cache.rglob("*.tmp"))
+
+
+def test_a_read_only_cache_with_cache_required_stops_with_one_line(registry, tmp_path, split, monkeypatch):
+    import errno
+
+    from mmcore.engine import cache as cache_module
+    from mmcore.engine.cache import CacheUnavailable
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(cache_module.Path, "mkdir", read_only)
+    recipe = recipe_from_dict(
+        {**_as_dict(make_recipe(registry, tmp_path / "cache")), "cache": {"dir": str(tmp_path / "cache"), "required": True}},
+        registry=registry,
+    )
+    pipeline = Pipeline(recipe, registry, progress=False)
+    with pytest.raises(CacheUnavailable) as info:
+        pipeline.dataset(split)
+    assert str(info.value) == f"{tmp_path / 'cache'}: feature cache: read-only file system; choose a path on a writable disk"
+    assert info.value.exit_code == 4
+
+
+def test_without_flock_an_exclusive_lock_file_serializes_and_stale_ones_are_taken_over(tmp_path, monkeypatch):
+    import errno
+    import subprocess
+    import sys
+    import threading
+
+    from mmcore.engine import cache as cache_module
+
+    def no_flock(*args, **kwargs):
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+
+    monkeypatch.setattr(cache_module.fcntl, "flock", no_flock)
+    path = tmp_path / "fill.lock"
+    excl = tmp_path / "fill.lock.excl"
+    events = []
+    with cache_module.file_lock(path):
+        assert excl.read_text() == f"{os.getpid()} {os.uname().nodename}"
+
+        def second():
+            with cache_module.file_lock(path, on_wait=lambda: events.append("waited")):
+                events.append("held")
+
+        thread = threading.Thread(target=second)
+        thread.start()
+        thread.join(0.3)
+        assert events == ["waited"]  # blocked while the first holds it
+    thread.join(5)
+    assert events == ["waited", "held"] and not excl.exists()
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    excl.write_text(f"{dead} {os.uname().nodename}")  # a killed holder on this host
+    with cache_module.file_lock(path, on_wait=lambda: events.append("waited again")):
+        assert excl.read_text() == f"{os.getpid()} {os.uname().nodename}"
+    assert events == ["waited", "held"]
+
+
+def test_keys_ending_in_a_nul_byte_are_found_again(tmp_path, monkeypatch):
+    """numpy's S20 fields drop trailing NUL bytes: 1 image in 256 was hashed and encoded again each run."""
+    import hashlib
+    import itertools
+
+    import mmcore.engine.cache as cache
+    from mmcore.engine.cache import FileHashes
+
+    content = next(b for b in (str(i).encode() for i in itertools.count()) if hashlib.sha1(b).digest()[-1] == 0)
+    for i in itertools.count():  # a file whose stat key ends in NUL as well
+        path = tmp_path / f"{i}.jpg"
+        path.write_bytes(content)
+        if cache._stat_key(path)[-1] == 0:
+            break
+        path.unlink()
+    root = tmp_path / "cache"
+    [key] = FileHashes(root).keys([path])
+    assert key == hashlib.sha1(content).digest()
+
+    monkeypatch.setattr(cache, "file_sha1", lambda path: pytest.fail("hashed again"))
+    assert FileHashes(root).keys([path]) == [key]  # stat key and sha1 both found in the records
+    store = FeatureStore(root, {"kind": "test"})
+    writer = store.writer()
+    writer.add(key, np.zeros(4))
+    writer.flush()
+    assert FeatureStore(root, {"kind": "test"}).missing([key], refresh=True) == []

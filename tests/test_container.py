@@ -154,3 +154,29 @@ def test_hadolint_finds_problems_in_a_bad_dockerfile(tmp_path):
     bad.write_text("FROM ubuntu\nRUN apt-get install curl\n")
     result = subprocess.run([binary, "--no-color", str(bad)], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "DL3006" in result.stdout  # untagged base image
+
+
+def stack_check(steps):
+    """The RUN after the install that imports the container's stack."""
+    install_at = next(i for i, (keyword, args) in enumerate(steps) if keyword == "RUN" and install_command(args))
+    checks = [args for keyword, args in steps[install_at + 1:] if keyword == "RUN" and "mmcore plugins" in args]
+    assert len(checks) == 1, "the Dockerfile checks its stack once, after the install"
+    return checks[0]
+
+
+def test_container_torch_difference_is_documented_and_its_stack_checked(tmp_path):
+    text = (REPO / "Dockerfile").read_text()
+    steps = instructions(text)
+    base_torch = re.fullmatch(r"pytorch/pytorch:(\d+\.\d+\.\d+)-\S+", steps[0][1]).group(1)
+    pinned = re.search(r"TORCH_VERSION:-([\d.]+)", (REPO / "scripts" / "install.sh").read_text()).group(1)
+    if base_torch != pinned:  # the difference is said where the base image is chosen
+        comments = " ".join(line for line in text.splitlines() if line.startswith("#"))
+        assert f"torch {base_torch}" in comments and f"torch {pinned}" in comments
+    check = stack_check(steps)
+    assert "import torch, torchvision, mmcore" in check and "FAILED TO LOAD" in check
+    # the same check passes on this machine's stack
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path),
+           "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    ok = subprocess.run(["bash", "-o", "pipefail", "-c", check], capture_output=True, text=True, env=env, timeout=300)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "torch " in ok.stdout and "mmcore" in ok.stdout

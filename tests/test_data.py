@@ -105,3 +105,72 @@ def test_run_reports_data_problems_before_training(cli, recipe_file, images):
         f"{images / 'test.csv'}: row 2: image not found: {images / 'missing.jpg'}",
     ]
     assert not (images / "run").exists()  # nothing started, nothing half-written
+
+
+# ---------------------------------------------------------------- the one CSV reader: dialects
+
+HEADER = "local_image_path,label,text_info\n"
+
+
+@pytest.mark.parametrize(
+    "delimiter,named", [(";", "';'"), ("\t", "a tab"), ("|", "'|'")], ids=["semicolon", "tab", "pipe"]
+)
+def test_another_delimiter_is_named_in_one_line(images, monkeypatch, delimiter, named):
+    monkeypatch.chdir(images.parent)
+    (images / "data").mkdir()
+    rows = HEADER + "a.jpg,True,buy 1, get 1\n"
+    write(images / "data" / "train.csv", rows.replace(",", delimiter))
+    assert problems(Path(images.name) / "data" / "train.csv") == [
+        f"{Path(images.name) / 'data' / 'train.csv'}: the delimiter is {named}, not ','; save it as a comma-separated CSV"
+    ]
+
+
+def test_a_headerless_semicolon_file_is_named_too(images):
+    csv = write(images / "s.csv", "a.jpg;True;sale\nb.jpg;False;\n")
+    assert problems(csv) == [f"{csv}: the delimiter is ';', not ','; save it as a comma-separated CSV"]
+
+
+def test_semicolons_and_tabs_inside_a_comma_csv_are_text(images):
+    csv = write(images / "s.csv", HEADER + 'a.jpg,True,"a;b\tc|d"\nb.jpg,False,x;y\n')
+    assert read_split(csv).texts == ("a;b c|d", "x;y")
+
+
+@pytest.mark.parametrize(
+    "encoding,name",
+    [
+        ("utf-16", "UTF-16 (Excel's 'Unicode Text')"),
+        ("utf-16-le", "UTF-16 (Excel's 'Unicode Text')"),
+        ("utf-16-be", "UTF-16 (Excel's 'Unicode Text')"),
+        ("utf-32", "UTF-32"),
+        ("utf-32-le", "UTF-32"),
+        ("utf-32-be", "UTF-32"),
+    ],
+)
+def test_utf16_and_utf32_with_or_without_bom_are_named(images, encoding, name):
+    csv = images / "s.csv"
+    csv.write_bytes((HEADER + "a.jpg,True,오늘만 특가 세일\n" * 20).encode(encoding))
+    assert problems(csv) == [f"{csv}: not UTF-8 text: it is {name}; re-save it as UTF-8 (Excel: CSV UTF-8)"]
+
+
+def test_a_bad_byte_after_a_bom_is_at_its_offset_in_the_file(images):
+    csv = images / "s.csv"
+    prefix = (HEADER + "a.jpg,True,sale\nb.jpg,False,").encode()
+    csv.write_bytes(b"\xef\xbb\xbf" + prefix + "오늘만 특가\n".encode("cp949"))
+    offset = 3 + len(prefix)
+    assert csv.read_bytes()[offset] == "오".encode("cp949")[0]
+    assert problems(csv) == [
+        f"{csv}: line 3: not UTF-8 text (byte 0x{'오'.encode('cp949')[0]:02x} at offset {offset}); "
+        "it looks like CP949/EUC-KR (Korean Windows/Excel); re-save it as UTF-8 (Excel: CSV UTF-8)"
+    ]
+
+
+def test_read_table_keeps_every_column_and_checks_only_the_required(images):
+    from mmcore.data.csvs import read_table
+
+    csv = write(images / "s.csv", " id ,local_image_path,source\n7,a.jpg,web\n")
+    frame = read_table(csv, required=("local_image_path",), optional=("label", "text_info"))
+    assert list(frame.columns) == ["id", "local_image_path", "source"]
+    assert frame.to_dict("records") == [{"id": "7", "local_image_path": "a.jpg", "source": "web"}]
+    with pytest.raises(DataError) as info:
+        read_table(csv, required=("local_image_path", "label"))
+    assert info.value.problems == [f"{csv}: missing column 'label' (found: id, local_image_path, source)"]

@@ -18,11 +18,13 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image, ImageDraw, ImageFont
 
-import mmcore.ocr.batch
+import mmcore.ocr.engines
 from mmcore.cli.ocr import ocr_command
 from mmcore.errors import MmcoreError
 from mmcore.interfaces import OcrEngine
-from mmcore.ocr.batch import normalize_text, ocr_fill, partial_path, run_ocr
+from mmcore.ocr.batch import partial_path, run_ocr
+from mmcore.ocr.engines import normalize_text
+from mmcore.ocr.fill import ocr_fill
 from mmcore.plugins.hookspecs import hookimpl
 from mmcore.plugins.manager import make_registry
 
@@ -110,7 +112,7 @@ class FakePlugin:
 @pytest.fixture
 def registry(monkeypatch):
     registry = make_registry(load_entrypoints=False, extra_plugins=[("fake", FakePlugin())])
-    monkeypatch.setattr(mmcore.ocr.batch, "get_registry", lambda: registry)
+    monkeypatch.setattr(mmcore.ocr.engines, "get_registry", lambda: registry)
     return registry
 
 
@@ -155,7 +157,7 @@ def test_ocr_command_reads_korean_and_english_end_to_end(tmp_path, monkeypatch):
     registry = make_registry(
         load_entrypoints=False, extra_plugins=[("tesseract", mmcore_ocr_tesseract)]
     )
-    monkeypatch.setattr(mmcore.ocr.batch, "get_registry", lambda: registry)
+    monkeypatch.setattr(mmcore.ocr.engines, "get_registry", lambda: registry)
     (tmp_path / "images").mkdir()
     korean = ["오늘만 특가 할인 행사", "지금 바로 전화 주세요"]
     english = ["Limited offer: buy two", "get one FREE today"]
@@ -213,7 +215,7 @@ def test_missing_language_pack_names_the_debian_package(tmp_path, monkeypatch):
     registry = make_registry(
         load_entrypoints=False, extra_plugins=[("tesseract", mmcore_ocr_tesseract)]
     )
-    monkeypatch.setattr(mmcore.ocr.batch, "get_registry", lambda: registry)
+    monkeypatch.setattr(mmcore.ocr.engines, "get_registry", lambda: registry)
     csv = make_dataset(tmp_path, [10])
     out = tmp_path / "out.csv"
 
@@ -317,16 +319,18 @@ def test_resume_checks_image_hash_engine_and_lang(tmp_path, registry):
     identity = FakeEngine(FakeParams()).identity
 
     def sha(k):
-        return hashlib.sha256((tmp_path / "img" / f"{k}.png").read_bytes()).hexdigest()
+        return hashlib.sha1((tmp_path / "img" / f"{k}.png").read_bytes()).hexdigest()
 
     records = [
-        {"row": 0, "sha256": sha(0), "engine": identity, "lang": "eng", "text": "from partial"},
-        {"row": 1, "sha256": "0" * 64, "engine": identity, "lang": "eng", "text": "stale image"},
-        {"row": 2, "sha256": sha(2), "engine": identity, "lang": "kor", "text": "other lang"},
-        {"row": 3, "sha256": sha(3), "engine": "other|x|y|z", "lang": "eng", "text": "other"},
+        {"row": 0, "sha1": sha(0), "engine": identity, "lang": "eng", "text": "from partial"},
+        {"row": 1, "sha1": "0" * 40, "engine": identity, "lang": "eng", "text": "stale image"},
+        {"row": 2, "sha1": sha(2), "engine": identity, "lang": "kor", "text": "other lang"},
+        {"row": 3, "sha1": sha(3), "engine": "other|x|y|z", "lang": "eng", "text": "other"},
+        # an older version's record (keyed by sha256) is not trusted: the row is read again
+        {"row": 3, "sha256": hashlib.sha256(b"").hexdigest(), "engine": identity, "lang": "eng", "text": "old"},
     ]
     lines = [json.dumps(r) for r in records]
-    partial_path(out).write_text("\n".join(lines) + '\n{"row": 3, "sha2')  # cut by a kill
+    partial_path(out).write_text("\n".join(lines) + '\n{"row": 3, "sha1')  # cut by a kill
 
     summary = run_ocr(csv, out, engine="fake", lang="eng", workers=2, progress=False,
                       engine_params=(f"log={log}",))
@@ -379,8 +383,27 @@ def test_unknown_engine_and_bad_engine_param(tmp_path, registry):
 
     result = CliRunner().invoke(ocr_command, [str(csv), "-o", str(tmp_path / "o.csv"),
                                               "--engine", "fake", "--engine-param", "psm=3"])
-    assert result.exit_code == 1
-    assert "expected KEY=VALUE with KEY one of log, interrupt_on, fatal" in result.stderr
+    assert result.exit_code == 2  # a bad parameter, like a bad --set
+    assert result.stderr.splitlines() == [
+        "--engine-param: psm: unknown key; OCR engine 'fake' takes log, interrupt_on, fatal"
+    ]
+
+    result = CliRunner().invoke(ocr_command, [str(csv), "-o", str(tmp_path / "o.csv"),
+                                              "--engine", "fake", "--engine-param", "fatl=true"])
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        "--engine-param: fatl: unknown key (did you mean fatal?); OCR engine 'fake' takes log, interrupt_on, fatal"
+    ]
+
+    result = CliRunner().invoke(ocr_command, [str(csv), "-o", str(tmp_path / "o.csv"),
+                                              "--engine", "fake", "--engine-param", "interrupt_on=many"])
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == ["--engine-param: interrupt_on: must be an integer (got a string 'many')"]
+
+    result = CliRunner().invoke(ocr_command, [str(csv), "-o", str(tmp_path / "o.csv"),
+                                              "--engine", "fake", "--engine-param", "fatal"])
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == ["--engine-param fatal: expected KEY=VALUE"]
 
 
 # --------------------------------------------------------------------------- ocr_fill
@@ -412,3 +435,76 @@ def test_ocr_fill_reads_each_image_once_across_calls(tmp_path, registry):
     fill["lang"] = "kor"  # another language is another cache entry
     assert ocr_fill(paths[:1], [""], **fill) == ["word41 kor"]
     assert calls(log) == [41, 42, 41]
+
+
+# --------------------------------------------------------------------------- --engine-param = --set
+
+
+@attrs.frozen(kw_only=True)
+class ProbeParams:
+    count: int = 0
+    ratio: float = 0.5
+    flag: bool = False
+    word: str = ""
+    sizes: tuple[int, ...] = ()
+
+
+class ProbePlugin:
+    """One params class, registered as an OCR engine and as a head, so both parsers can be fed."""
+
+    @hookimpl
+    def register_ocr_engines(self, register):
+        register("probe", lambda params: params, ProbeParams)
+
+    @hookimpl
+    def register_heads(self, register):
+        register("probe", lambda params, in_dim: params, ProbeParams)
+
+
+@pytest.mark.parametrize(
+    "key,raw,expected",
+    [
+        ("count", "6", 6),
+        ("count", "6.0", "error"),
+        ("count", "'6'", "error"),
+        ("count", "six", "error"),
+        ("ratio", "1", 1.0),
+        ("ratio", "1e-3", 0.001),
+        ("flag", "true", True),
+        ("flag", "yes", "error"),  # the old --engine-param parser took yes/on/1 as true
+        ("flag", "1", "error"),
+        ("word", "eng", "eng"),
+        ("word", '"6"', "6"),
+        ("word", "6", "error"),
+        ("word", "a=b", "a=b"),
+        ("sizes", "[1, 2]", (1, 2)),
+    ],
+)
+def test_engine_param_reads_a_value_exactly_as_set_does(tiny_recipe, key, raw, expected):
+    import mmcore_fake_encoders
+
+    from mmcore.errors import RecipeError
+    from mmcore.ocr.engines import build_engine, parse_engine_params
+    from mmcore.recipe import load_recipe
+
+    registry = make_registry(
+        load_entrypoints=False, extra_plugins=[("fake", mmcore_fake_encoders), ("probe", ProbePlugin())]
+    )
+
+    def outcome(read):
+        try:
+            return read()
+        except RecipeError as exc:  # "<where>: <key path>: <message>": the message must agree
+            [line] = exc.problems
+            return "error", line.split(": ", 2)[2]
+
+    by_set = outcome(
+        lambda: load_recipe(tiny_recipe(), ["head.name=probe", f"head.params.{key}={raw}"], registry=registry).head.params
+    )
+    by_engine_param = outcome(lambda: build_engine("probe", parse_engine_params([f"{key}={raw}"]), registry=registry))
+
+    assert by_engine_param == by_set
+    if expected == "error":
+        assert by_set[0] == "error"
+    else:
+        assert by_set == ProbeParams(**{key: expected})

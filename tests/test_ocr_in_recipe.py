@@ -41,3 +41,55 @@ def test_unknown_ocr_engine_is_a_recipe_error(cli, tiny_recipe, demo_data, tmp_p
     result = cli("show", recipe, check=False)
     assert result.returncode == 2
     assert result.stderr.startswith(f"{recipe}: data.ocr.engine: unknown OCR engine 'tesseract5'; did you mean")
+
+
+class CountingHashlib:
+    """Stands in for ``hashlib`` inside mmcore.io: counts the files ``file_sha1`` hashes."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def sha1(self, *args, **kwargs):
+        import hashlib
+
+        self.calls += 1
+        return hashlib.sha1(*args, **kwargs)
+
+
+def test_a_run_hashes_each_image_once_for_checks_ocr_and_feature_cache(
+    tiny_recipe, demo_data, registry, tmp_path, monkeypatch
+):
+    import mmcore.io
+    from mmcore.commands.evaluate import evaluate_run
+    from mmcore.commands.run import run_training
+    from mmcore.data.csvs import load_splits
+    from mmcore.engine.features import ImageHashes
+    from mmcore.recipe import load_recipe
+
+    data = tmp_path / "blank"
+    _blank(demo_data, data)
+    log = tmp_path / "ocr.log"
+    monkeypatch.setenv("MMCORE_FAKE_OCR_LOG", str(log))
+    path = ocr_recipe(tiny_recipe, data, tmp_path / "cache")
+    recipe = load_recipe(path, registry=registry)
+    images = {str(p) for split in load_splits(recipe.data).values() for p in split.paths}
+    hashlib = CountingHashlib()
+    monkeypatch.setattr(mmcore.io, "hashlib", hashlib)
+    quiet = lambda *args, **kwargs: None  # noqa: E731
+
+    run_dir = run_training(recipe, recipe_path=path, out=tmp_path / "one", registry=registry, progress=False, echo=quiet)
+
+    assert hashlib.calls == len(images) == 128  # duplicate check, OCR fill, vision cache: one hash each
+    assert len(log.read_text().splitlines()) == 128  # the OCR stage did read every image
+    assert list((tmp_path / "cache").glob("v1/features/*/*.index.npy"))  # and the feature cache was filled
+    predictions = json.loads((run_dir / "test_predictions.json").read_text())
+    assert all(p["text"].startswith("tone ") for p in predictions)
+
+    hashlib.calls = 0
+    assert None not in ImageHashes.for_recipe(recipe)(sorted(images))
+    assert hashlib.calls == 0  # the next run knows every image from the cache's file records
+
+    evaluate_run(run_dir, out=tmp_path / "eval", registry=registry, progress=False, echo=quiet)
+    evaluated = json.loads((tmp_path / "eval" / "test_predictions.json").read_text())
+    assert [p["text"] for p in evaluated] == [p["text"] for p in predictions]  # eval has the OCR stage too
+    assert len(log.read_text().splitlines()) == 128  # ... served from the OCR cache

@@ -1,4 +1,4 @@
-"""``mmcore cache info`` and ``mmcore cache clear``: look at and empty the feature cache."""
+"""``mmcore cache info``, ``clear`` and ``verify [--repair]``: look at, empty and check the feature cache."""
 
 from __future__ import annotations
 
@@ -57,3 +57,30 @@ def clear(everything, encoder, directory):
     removed = clear_cache(root, encoder=encoder)
     what = f"of encoder {encoder!r} " if encoder else ""
     click.echo(f"removed {removed} feature spaces {what}from {root}")
+
+
+@cache_group.command()
+@click.option("--repair", is_flag=True, help="Remove what is damaged or left over (runs recompute those entries).")
+@click.option("--dir", "directory", type=click.Path(file_okay=False), default="", help=DIR_HELP)
+def verify(repair, directory):
+    """Check every chunk against its index and every file-hash record; exit 1 if problems remain.
+
+    \b
+    mmcore cache verify            # list damaged chunks, records and leftover files
+    mmcore cache verify --repair   # and remove them
+    """
+    import sys
+
+    from mmcore.engine.cache import cache_root, verify_cache
+
+    root = cache_root(directory)
+    report = verify_cache(root, repair=repair)
+    for line in report["problems"]:
+        click.echo(line)
+    click.echo(
+        f"checked {root}: {report['spaces']} feature spaces, {report['chunks']} sound chunks "
+        f"({report['entries']} entries), {report['records']} file-hash records; "
+        f"{len(report['problems'])} problems" + (f", {report['repaired']} files removed" if repair else "")
+    )
+    if report["remaining"]:
+        sys.exit(1)

@@ -14,7 +14,7 @@ SET_HELP = "Override a recipe key, e.g. --set train.batch_size=32 (repeatable)."
 
 
 class MmcoreGroup(click.Group):
-    """Turns MmcoreError into its one-line messages and an exit code, not a traceback."""
+    """Turns MmcoreError into its one-line messages and an exit code, not a traceback; Ctrl-C into 130."""
 
     def invoke(self, ctx):
         try:
@@ -23,6 +23,9 @@ class MmcoreGroup(click.Group):
             for line in str(exc).splitlines() or [type(exc).__name__]:
                 click.echo(line, err=True)
             sys.exit(exc.exit_code)
+        except KeyboardInterrupt:  # every command (eval, export, ...) exits 130 on Ctrl-C, like run
+            click.echo("interrupted", err=True)
+            sys.exit(130)
 
 
 @click.group(cls=MmcoreGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -88,8 +91,7 @@ def run(recipe, overrides, out, resume, nproc, sweeps, dry_run, quiet):
     mmcore run recipes/x.toml --sweep vision.name=resnet50,vit_base --sweep pooling.name=mean,attention
     mmcore run recipes/x.toml --nproc 2            # DDP through torchrun
     """
-    from mmcore.commands.run import check_resumable, run_training
-    from mmcore.engine.outputs import RECIPE_FILE
+    from mmcore.commands.run import resume_training, run_training
     from mmcore.recipe import load_recipe
 
     if nproc:
@@ -99,23 +101,18 @@ def run(recipe, overrides, out, resume, nproc, sweeps, dry_run, quiet):
         if overrides or out:
             raise click.UsageError("--resume continues a run as it was: no --set or --out")
         given = load_recipe(recipe) if recipe else None
-        check_resumable(resume, given)
-        loaded = load_recipe(Path(resume) / RECIPE_FILE)
-        run_training(loaded, recipe_path=Path(resume) / RECIPE_FILE, resume=resume, progress=not quiet, echo=click.echo)
+        resume_training(resume, given, progress=not quiet, echo=click.echo)
         return
     if not recipe:
         raise click.UsageError("missing RECIPE (or --resume RUN_DIR)")
     if sweeps:
-        import json
-
         from mmcore.commands.sweep import run_sweep
+        from mmcore.rundir import read_sweep
 
         sweep_dir = run_sweep(recipe, overrides, sweeps, out=out, dry_run=dry_run, progress=not quiet, echo=click.echo)
-        summary = Path(sweep_dir) / "sweep.json"
-        if not dry_run and summary.is_file():
-            points = json.loads(summary.read_text(encoding="utf-8")).get("points", [])
-            if any(point.get("state") != "completed" for point in points):
-                sys.exit(1)  # which ones failed, and why, was said above
+        record = None if dry_run else read_sweep(sweep_dir)
+        if record is not None and any(point.get("state") != "completed" for point in record.get("points", [])):
+            sys.exit(1)  # which ones failed, and why, was said above
         return
     if dry_run:
         raise click.UsageError("--dry-run lists a --sweep grid; to see a recipe use: mmcore show RECIPE")
@@ -156,34 +153,37 @@ def eval_(run_dir, data, out, quiet):
 @cli.command()
 @click.option("--data", "data_dir", default="demo_data", show_default=True, type=click.Path(file_okay=False),
               help="Where the generated dataset lives (made when missing).")
-@click.option("--recipe", default=None, type=click.Path(dir_okay=False), help="Recipe (default recipes/demo.toml).")
+@click.option("--recipe", default=None, type=click.Path(dir_okay=False),
+              help="Recipe (default: recipes/demo.toml here, else the one shipped with mmcore).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
 def demo(data_dir, recipe, overrides, quiet):
-    """Make a small ad-vs-not dataset and train the demo recipe on it (about two minutes on 2 CPU cores)."""
-    from pathlib import Path
-
+    """Make a small ad-vs-not dataset and train the demo recipe on it (about 2 minutes of CPU time on 2 cores)."""
     from mmcore.commands.demo import make_demo_dataset
     from mmcore.commands.run import run_training
     from mmcore.recipe import load_recipe
 
     recipe = Path(recipe) if recipe else _find_recipe("demo.toml")
     data = Path(data_dir)
+    # the recipe (and the plugins it names) is checked before any file is written
+    loaded = load_recipe(recipe, [f"data.base_dir={str(data.resolve())!r}", *overrides])
     if not (data / "test.csv").is_file():
         click.echo(f"making the demo dataset in {data}/ ...")
         make_demo_dataset(data)
-    loaded = load_recipe(recipe, [f"data.base_dir={str(data.resolve())!r}", *overrides])
     run_training(loaded, recipe_path=recipe, progress=not quiet, echo=click.echo)
 
 
 def _find_recipe(name):
-    """A recipe shipped in the repository's recipes/ folder (cwd first, then beside the package)."""
-    from pathlib import Path
+    """A shipped recipe: ``recipes/<name>`` in the current directory, else the copy inside the mmcore package."""
+    from importlib.resources import files
 
-    for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
-        if (base / "recipes" / name).is_file():
-            return base / "recipes" / name
-    raise MmcoreError(f"recipes/{name} not found; run from the mmcore repository or pass --recipe")
+    local = Path.cwd() / "recipes" / name
+    if local.is_file():
+        return local
+    shipped = files("mmcore") / "recipes" / name
+    if shipped.is_file():
+        return Path(str(shipped))
+    raise MmcoreError(f"recipes/{name} not found here nor in the mmcore package; pass --recipe")
 
 
 def plural(noun):

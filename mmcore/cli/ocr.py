@@ -45,7 +45,7 @@ class _CommandError(click.ClickException):
 )
 @click.option(
     "--engine-param", "engine_params", multiple=True, metavar="KEY=VALUE",
-    help="Engine parameter, e.g. --engine-param psm=6 (repeatable).",
+    help="Engine parameter, e.g. --engine-param psm=6 (repeatable); values are read as --set reads them.",
 )
 def ocr_command(
     input_path, output_path, engine, lang, only_missing, workers, base_dir, engine_params

@@ -15,9 +15,9 @@ import math
 from pathlib import Path
 
 import attrs
-import tomllib
 
 from mmcore.errors import MmcoreError
+from mmcore.rundir import RESULTS_FILE, STATUS_FILE, RunDir, read_sweep
 
 #: (column, where in results.json)
 METRIC_COLUMNS = (
@@ -67,30 +67,20 @@ def _dig(data, path):
     return data
 
 
-def _read_json(path):
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def _read_recipe(run_dir):
-    from mmcore.engine.outputs import RECIPE_FILE
-
+    """The run's saved recipe, flattened, or None when it has none (or it cannot be read)."""
     try:
-        return flatten(tomllib.loads((Path(run_dir) / RECIPE_FILE).read_text(encoding="utf-8")))
-    except (OSError, tomllib.TOMLDecodeError):
+        return flatten(RunDir(run_dir).recipe_data())
+    except MmcoreError:
         return None
 
 
 def expand_run_dirs(paths):
     """Run directories as given; a folder of runs (a sweep, an experiment) stands for its runs."""
-    from mmcore.engine.outputs import STATUS_FILE
-
     out = []
     for path in map(Path, paths):
-        if path.is_dir() and not (path / STATUS_FILE).exists():
-            children = sorted(p for p in path.iterdir() if (p / STATUS_FILE).is_file())
+        if path.is_dir() and not RunDir(path).is_run():
+            children = sorted(p for p in path.iterdir() if RunDir(p).is_run())
             if children:
                 out.extend(children)
                 continue
@@ -100,12 +90,10 @@ def expand_run_dirs(paths):
 
 def sweep_keys(paths):
     """The swept keys of any sweep folder among ``paths`` (its table shows them first)."""
-    from mmcore.commands.sweep import SWEEP_FILE
-
     keys = []
     for path in map(Path, paths):
-        record = _read_json(path / SWEEP_FILE) if path.is_dir() else None
-        if isinstance(record, dict):
+        record = read_sweep(path)
+        if record is not None:
             keys.extend(k for k in record.get("keys", []) if isinstance(k, str))
     return list(dict.fromkeys(keys))
 
@@ -123,8 +111,6 @@ def compare_runs(run_dirs, *, keys=()):
 
     ``keys`` (e.g. a sweep's axes) are shown first even where every run agrees.
     """
-    from mmcore.engine.outputs import read_status
-
     run_dirs = [Path(p) for p in run_dirs]
     if not run_dirs:
         raise MmcoreError("compare: give at least one run directory")
@@ -132,22 +118,22 @@ def compare_runs(run_dirs, *, keys=()):
     for name, run_dir in zip(_run_names(run_dirs), run_dirs):
         row = dict.fromkeys(FIXED_COLUMNS)
         row["run"] = name
-        status = read_status(run_dir) if run_dir.is_dir() else None
+        status = RunDir(run_dir).status() if run_dir.is_dir() else None
         if not run_dir.is_dir():
             row["status"] = "missing"
             notes.append(f"{name}: run directory not found")
         elif status is None:
             row["status"] = "unknown"
-            notes.append(f"{name}: not an mmcore run directory (no status.json)")
+            notes.append(f"{name}: not an mmcore run directory (no {STATUS_FILE})")
         else:
             row["status"] = status.get("state", "unknown")
             if row["status"] != "completed":
                 error = status.get("error")
                 notes.append(f"{name}: {row['status']}" + (f": {error}" if error else ""))
         if row["status"] == "completed":
-            results = _read_json(run_dir / "results.json")
+            results = RunDir(run_dir).results()
             if results is None:
-                notes.append(f"{name}: completed but results.json is missing or unreadable")
+                notes.append(f"{name}: completed but {RESULTS_FILE} is missing or unreadable")
             else:
                 for column, path in METRIC_COLUMNS:
                     row[column] = _dig(results, path)

@@ -11,9 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import attrs
-import tomllib
 
-from mmcore.errors import MmcoreError, RunError
+from mmcore.errors import MmcoreError
 
 OUTPUT_COLUMNS = ("score", "calibrated_score", "prediction")
 
@@ -34,49 +33,29 @@ class PredictSummary:
         return self.rows - self.scored
 
 
-def _run_modality(run_dir):
-    """``train.modality`` from the run's saved recipe, read before the model is built."""
-    from mmcore.engine.outputs import RECIPE_FILE
-
-    path = Path(run_dir) / RECIPE_FILE
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise RunError(f"{path}: cannot read the run's recipe ({exc})") from None
-    return (data.get("train") or {}).get("modality", "multimodal")
-
-
-def _read_frame(csv):
-    """The input CSV as strings, columns in their order (for writing it back out)."""
-    import pandas as pd
-
-    frame = pd.read_csv(csv, keep_default_na=False, dtype=str, encoding="utf-8-sig")
-    frame.columns = [str(c).strip() for c in frame.columns]
-    return frame
-
-
 def predict_csv(
     run_dir, input_csv, output, *, batch_size=None, base_dir=None, registry=None, progress=True, echo=print
 ):
     """Score every row of ``input_csv`` with the run in ``run_dir``; write ``output`` atomically."""
-    from mmcore.commands.evaluate import load_run, score_with_run
-    from mmcore.data.csvs import read_split
-    from mmcore.engine.outputs import require_completed, score_split
+    from mmcore.commands.evaluate import load_run, open_run, score_with_run
+    from mmcore.data import csvs
+    from mmcore.engine.outputs import score_split
     from mmcore.io import atomic_open
 
-    run_dir, input_csv, output = Path(run_dir), Path(input_csv), Path(output)
+    input_csv, output = Path(input_csv), Path(output)
     if output.exists() and output.is_dir():
         raise MmcoreError(f"-o {output} is a folder; give a CSV file name")
     if input_csv.is_file() and output.exists() and output.resolve() == input_csv.resolve():
         raise MmcoreError(f"-o {output}: is the input CSV; write the predictions to another file")
-    require_completed(run_dir)
+    run_dir = open_run(run_dir, echo=echo)  # completion (or a live run) checked once, here
     # Validate the data before the (possibly large) model is built.
-    modality = _run_modality(run_dir)
+    modality = (run_dir.recipe_data().get("train") or {}).get("modality", "multimodal")
     needs_text, needs_images = modality != "vision_only", modality != "text_only"
-    split = read_split(
+    split = csvs.read_split(
         input_csv, base_dir, require_label=False, require_text=needs_text, check_images=needs_images
     )
-    frame = _read_frame(input_csv)
+    frame = csvs._read_frame(input_csv)  # the columns as given, to write them back out
+    frame.columns = [str(c).strip() for c in frame.columns]
 
     pipeline, ckpt = load_run(run_dir, registry=registry, progress=progress)
     recipe = pipeline.recipe

@@ -9,37 +9,34 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
-import tomllib
-
 from mmcore.data.csvs import load_splits
 from mmcore.engine.checkpoint import read_checkpoint
-from mmcore.engine.outputs import LAST, RECIPE_FILE, write_status
+from mmcore.engine.features import ImageHashes
 from mmcore.engine.runtime import broadcast_object, init_distributed, is_main, world_size
 from mmcore.engine.training import Interrupted, TrainingRun
-from mmcore.errors import DataError, RunError
-from mmcore.io import write_text
-from mmcore.recipe import recipe_diff, recipe_to_dict, recipe_to_toml
+from mmcore.errors import DataError
+from mmcore.ocr.fill import ocr_stage
+from mmcore.rundir import LAST, RunDir
 
 
-def make_run_dir(recipe, out=None):
-    """``<output_dir>/<experiment>/<timestamp>`` (or ``out``), created empty."""
-    if out is not None:
-        run_dir = Path(out)
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise RunError(f"{run_dir}: output directory exists and is not empty")
-    else:
-        base = Path(recipe.output_dir) / recipe.experiment
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        run_dir = base / stamp
-        n = 1
-        while run_dir.exists():
-            n += 1
-            run_dir = base / f"{stamp}-{n}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+def resume_training(run_dir, recipe=None, *, registry=None, progress=True, echo=print):
+    """Continue a stopped run in its directory; ``recipe`` (optional) must be the one it was started with.
+
+    The lock comes first, so a second ``--resume`` of a live run is refused as such, whatever
+    the live run has written so far.
+    """
+    run_dir = RunDir(run_dir)
+    run_dir.require_exists()
+    with run_dir.lock(echo=echo):
+        run_dir.check_resumable(recipe)
+        loaded = run_dir.load_recipe(registry)
+        return run_training(
+            loaded, recipe_path=run_dir.recipe_file, registry=registry, progress=progress, echo=echo, resume=run_dir
+        )
 
 
 def run_training(recipe, *, recipe_path, out=None, registry=None, progress=True, echo=print, resume=None):
@@ -47,6 +44,7 @@ def run_training(recipe, *, recipe_path, out=None, registry=None, progress=True,
 
     ``resume``: a run directory whose ``last.ckpt`` holds the full training state; the run
     continues there and ends with the same predictions an uninterrupted run would give.
+    The run directory is locked while this process writes it (rank 0 only under torchrun).
     """
     if registry is None:
         from mmcore.plugins.manager import get_registry
@@ -58,43 +56,60 @@ def run_training(recipe, *, recipe_path, out=None, registry=None, progress=True,
     if not main:  # rank 0 alone talks and writes
         echo, progress = (lambda *args, **kwargs: None), False
     splits = load_splits(recipe.data)  # all data problems before anything heavy
-    duplicates = _check_images(recipe, splits, echo)
-    if resume is not None:
-        run_dir, state = Path(resume), read_checkpoint(Path(resume) / LAST)
-        echo(f"resuming {run_dir} from epoch {state['epoch']}, batch {state['batches_done']}")
-    else:
-        run_dir, state = broadcast_object(make_run_dir(recipe, out) if main else None), None
-        if main:
-            write_text(run_dir / RECIPE_FILE, recipe_to_toml(recipe))
+    hashes = ImageHashes.for_recipe(recipe)  # each image hashed once: checks, OCR, feature cache
+    duplicates = _check_images(recipe, splits, echo, hashes)
+    splits = ocr_stage(splits, recipe, registry=registry, hashes=hashes, progress=progress)
+    with contextlib.ExitStack() as held:
+        if resume is not None:
+            run_dir = resume if isinstance(resume, RunDir) else RunDir(resume)
+            held.enter_context(run_dir.lock(echo=echo))
+            if main:
+                run_dir.sweep_temp_files()  # what a killed atomic write left, now that nobody else writes here
+            state = read_checkpoint(run_dir.last)
+            echo(f"resuming {run_dir} from epoch {state['epoch']}, batch {state['batches_done']}")
+        else:
+            state = None
+            if main:
+                run_dir = RunDir.create(recipe, out)
+                held.enter_context(run_dir.lock(echo=echo))
+                run_dir.write_recipe(recipe)
+            run_dir = broadcast_object(run_dir if main else None)
+        return _train(recipe, registry, splits, run_dir, recipe_path, state, progress, echo, duplicates, started)
+
+
+def _train(recipe, registry, splits, run_dir, recipe_path, state, progress, echo, duplicates, started):
+    """The training run in its (locked) run directory, its status kept in ``status.json``."""
+    main = is_main()
     if world_size() > 1:
         echo(f"distributed: {world_size()} processes, global batch {recipe.train.batch_size}")
     if not main:
-        return _run_worker(recipe, registry, splits, run_dir, recipe_path, state)
-    write_status(run_dir, "running")
+        return _run_worker(recipe, registry, splits, run_dir.path, recipe_path, state)
+    write_status = run_dir.write_status
+    write_status("running")
     try:
         training = TrainingRun(
-            recipe, registry, splits, run_dir, recipe_path, progress, echo, duplicates=duplicates.counts()
+            recipe, registry, splits, run_dir.path, recipe_path, progress, echo, duplicates=duplicates.counts()
         )
         with _stop_on_signals(training, echo):
             if state is not None:
                 training.load_state(state)
             result = training.fit()
     except Interrupted:
-        write_status(run_dir, "interrupted")
+        write_status("interrupted")
         raise
     except KeyboardInterrupt:
-        write_status(run_dir, "interrupted")
+        write_status("interrupted")
         raise
     except BaseException as exc:
-        write_status(run_dir, "failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        write_status("failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         raise
     result["seconds"] = round(time.perf_counter() - started, 2)
-    write_status(run_dir, "completed", seconds=result["seconds"])
-    echo(summary_screen(result, run_dir))
-    return run_dir
+    write_status("completed", seconds=result["seconds"])
+    echo(summary_screen(result, run_dir.path))
+    return run_dir.path
 
 
-def _check_images(recipe, splits, echo):
+def _check_images(recipe, splits, echo, hashes):
     """Before a run directory exists: images that cannot be used (header scan) and leakage."""
     from mmcore.data.checks import find_duplicates, scan_images
 
@@ -102,11 +117,11 @@ def _check_images(recipe, splits, echo):
         bad = [
             line
             for name in ("train", "val", "test")
-            for line in scan_images(splits[name], max_pixels=recipe.data.max_image_pixels)
+            for line in scan_images(splits[name], max_pixels=recipe.data.max_image_pixels, formats=recipe.data.image_formats)
         ]
         if bad:
             raise DataError(bad + ['set data.on_bad_image = "skip" to leave such images out (counted in results.json)'])
-    duplicates = find_duplicates(splits)
+    duplicates = find_duplicates(splits, hashes)
     for line in duplicates.warnings():
         echo(line)
     return duplicates
@@ -121,30 +136,6 @@ def _run_worker(recipe, registry, splits, run_dir, recipe_path, state):
             training.load_state(state)
         training.fit()
     return run_dir
-
-
-def check_resumable(run_dir, recipe=None):
-    """The recipe of a run that can be resumed; refuses missing, finished or foreign runs."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise RunError(f"{run_dir}: run directory not found")
-    from mmcore.engine.outputs import read_status
-
-    status = read_status(run_dir)
-    if status is None or not (run_dir / RECIPE_FILE).is_file():
-        raise RunError(f"{run_dir}: not an mmcore run directory (no status.json / {RECIPE_FILE})")
-    if status.get("state") == "completed":
-        raise RunError(f"{run_dir}: run already completed; nothing to resume (start a new run instead)")
-    if not (run_dir / LAST).is_file():
-        raise RunError(f"{run_dir}: no {LAST} to resume from (the run stopped before its first checkpoint); start it again")
-    saved = tomllib.loads((run_dir / RECIPE_FILE).read_text(encoding="utf-8"))
-    if recipe is not None and recipe_to_dict(recipe) != saved:
-        differing = recipe_diff(saved, recipe_to_dict(recipe))
-        raise RunError(
-            f"{run_dir}: this run was started with another recipe (differs at {', '.join(differing[:5])}); "
-            f"resume it without a recipe: mmcore run --resume {run_dir}"
-        )
-    return saved
 
 
 class _stop_on_signals:
@@ -185,24 +176,33 @@ class _stop_on_signals:
 
 
 def summary_screen(results, run_dir):
-    """The one-screen summary printed at the end of a run."""
+    """The one-screen summary printed at the end of a run: the run's decisions, not the raw model at 0.5."""
     test = (results.get("test") or {}).get("at_threshold") or {}
-    half = (results.get("test") or {}).get("at_0.5") or {}
+    intervals = (results.get("test") or {}).get("intervals") or {}
     decision = results.get("decision", {})
+    threshold = decision.get("threshold", 0.5)
 
     def fmt(value):
         return "n/a" if value is None else f"{value:.4f}"
 
+    def interval(name):
+        bounds = intervals.get(name)
+        return f" (95% CI {bounds[0]:.3f}-{bounds[1]:.3f})" if bounds else ""
+
+    calibration = f"temperature {decision.get('temperature', 1.0):.3g}"
+    if results.get("test"):
+        calibration += f", test ECE {fmt(results['test'].get('ece_raw'))} raw -> {fmt(results['test'].get('ece_calibrated'))}"
     lines = [
         "",
         f"== {results['experiment']} ==  ({results.get('seconds', 0):.1f} s)",
         f"run dir        {run_dir}",
         f"selected epoch {results['selected_epoch']} of {results['epochs_trained']} "
         f"({results['selection_metric']} = {fmt(results['val'].get(results['selection_metric']))})",
-        f"threshold      {decision.get('threshold', 0.5):.4f}  ({decision.get('description', '')})",
-        f"test AUROC     {fmt(test.get('auroc'))}   AUPRC {fmt(test.get('auprc'))}",
-        f"test F1        {fmt(test.get('f1'))} at threshold, {fmt(half.get('f1'))} at 0.5",
+        f"threshold      {threshold:.4f}  ({decision.get('description', '')})",
+        f"test AUROC     {fmt(test.get('auroc'))}{interval('auroc')}   AUPRC {fmt(test.get('auprc'))}",
+        f"test F1        {fmt(test.get('f1'))}{interval('f1')} at threshold {threshold:.4f} on the calibrated score",
         f"test accuracy  {fmt(test.get('accuracy'))}   precision {fmt(test.get('precision'))}   recall {fmt(test.get('recall'))}",
+        f"calibration    {calibration}",
         f"reports        {Path(run_dir) / 'report.html'}  {Path(run_dir) / 'test_report.md'}",
     ]
     skipped = results.get("skipped_images") or {}

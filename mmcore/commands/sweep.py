@@ -20,8 +20,8 @@ from pathlib import Path
 import attrs
 
 from mmcore.errors import MmcoreError, RecipeError, RunError
+from mmcore.rundir import SWEEP_FILE, RunDir, make_directory
 
-SWEEP_FILE = "sweep.json"
 #: longest ``key=value,...`` part of a point's directory name
 MAX_NAME = 120
 
@@ -144,12 +144,10 @@ def _sweep_dir(recipe_path, overrides, loaded, out, registry):
 
 def _mark_failed(point, message):
     """A failed point's directory holds ``status.json`` = failed, whatever stage it failed at."""
-    from mmcore.engine.outputs import read_status, write_status
-
-    point.directory.mkdir(parents=True, exist_ok=True)
-    status = read_status(point.directory)
+    run_dir = RunDir(make_directory(point.directory))
+    status = run_dir.status()
     if status is None or status.get("state") != "failed":
-        write_status(point.directory, "failed", error=message, overrides=list(point.overrides))
+        run_dir.write_status("failed", error=message, overrides=list(point.overrides))
 
 
 def _release_memory():
@@ -191,7 +189,7 @@ def run_sweep(recipe_path, overrides, sweeps, *, out=None, dry_run=False, regist
             echo(f"  {point.directory.name}{note}")
         return sweep_dir
 
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    make_directory(sweep_dir, "sweep directory")
     record = {
         "recipe": str(recipe_path),
         "overrides": overrides,

@@ -1,8 +1,10 @@
 """Checks across splits and images before a run: leakage (the same image in two splits) and
 image headers (empty, not an image, too large) — cheap enough to run on every ``mmcore run``.
 
-Nothing is cached: the files are hashed (sha1 of their bytes) each time, which reads the whole
-dataset once; a few thousand ad images take well under a second from a warm disk.
+The files are hashed (sha1 of their bytes, the feature cache's content key) by the ``hashes``
+a run passes in, so the duplicate check, the OCR fill and the feature cache hash each file once
+per run; alone, :func:`hash_files` reads the whole dataset once (a few thousand ad images take
+well under a second from a warm disk).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import attrs
 
-from mmcore.data.images import DEFAULT_MAX_IMAGE_PIXELS, BadImageError, open_checked
+from mmcore.data.images import DEFAULT_FORMATS, DEFAULT_MAX_IMAGE_PIXELS, BadImageError, open_checked, open_image_file
 from mmcore.io import file_sha1
 
 #: later splits are compared with earlier ones: test with val and train, val with train
@@ -63,8 +65,18 @@ class DuplicateReport:
         return sum(o.count for o in self.overlaps)
 
 
-def find_duplicates(splits):
+def hash_files(paths):
+    """The sha1 of each file's bytes (None where unreadable), read by a few threads."""
+    paths = list(paths)
+    with ThreadPoolExecutor(max_workers=min(_THREADS, max(1, len(paths)))) as pool:
+        return list(pool.map(file_sha1, paths))
+
+
+def find_duplicates(splits, hashes=hash_files):
     """Images whose content appears in two splits (``{"train": Split, "val": ..., "test": ...}``).
+
+    ``hashes(paths)`` gives the files' content keys (a run's shared
+    :class:`~mmcore.engine.features.ImageHashes`, or :func:`hash_files`).
 
     Each later split is compared with each earlier one (order: train, val, test, then any other
     names in the order given). Rows are counted in the later split; the same file listed twice
@@ -72,8 +84,7 @@ def find_duplicates(splits):
     """
     names = [n for n in SPLIT_ORDER if n in splits] + [n for n in splits if n not in SPLIT_ORDER]
     paths = sorted({str(p) for name in names for p in splits[name].paths})
-    with ThreadPoolExecutor(max_workers=min(_THREADS, max(1, len(paths)))) as pool:
-        digests = dict(zip(paths, pool.map(file_sha1, paths)))
+    digests = dict(zip(paths, hashes(paths)))
     labels = _csv_labels(splits, names)
     first_row = {}  # per split: digest -> (row, raw path) of its first occurrence
     for name in names:
@@ -113,21 +124,18 @@ def _csv_labels(splits, names):
     return {name: str(splits[name].csv) for name in names}
 
 
-def scan_images(split, *, max_pixels=DEFAULT_MAX_IMAGE_PIXELS):
+def scan_images(split, *, max_pixels=DEFAULT_MAX_IMAGE_PIXELS, formats=DEFAULT_FORMATS):
     """Header-only check of every image of ``split`` -> problem lines ``<csv>: row N: <path>: <reason>``.
 
-    Finds missing, empty, non-image and too-large files without decoding pixels (a corrupt
-    or truncated body is only found when decoding, during the run).
+    Finds missing, empty, non-image, not-allowed-format and too-large files without decoding
+    pixels (a corrupt or truncated body is only found when decoding, during the run). Files
+    are opened exactly as the run opens them (:func:`~mmcore.data.images.open_image_file`).
     """
 
     def check(index):
         try:
-            with open(split.paths[index], "rb") as handle:
-                open_checked(handle, max_pixels=max_pixels)
-        except FileNotFoundError:
-            reason = "image not found"
-        except OSError as exc:
-            reason = f"cannot read file ({exc.strerror or exc})"
+            with open_image_file(split.paths[index]) as handle:
+                open_checked(handle, max_pixels=max_pixels, formats=formats)
         except BadImageError as exc:
             reason = str(exc)
         else:

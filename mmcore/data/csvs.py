@@ -6,12 +6,14 @@ naming the file and the row (rows are counted from 1, the header not included).
 
 from __future__ import annotations
 
+import codecs
 import re
 from pathlib import Path
 
 import attrs
 import numpy as np
 
+from mmcore.data.images import image_file_problem
 from mmcore.errors import DataError, closest
 
 REQUIRED_COLUMNS = ("local_image_path", "label", "text_info")
@@ -70,34 +72,35 @@ def _limited(problems, what, csv):
 
 def read_split(csv, base_dir=None, *, require_label=True, require_text=True, check_images=True):
     """Read one CSV into a :class:`Split`, or raise :class:`DataError` listing every problem."""
+    needed = {"local_image_path": True, "label": require_label, "text_info": require_text}
+    frame = read_table(
+        csv,
+        required=[c for c in REQUIRED_COLUMNS if needed[c]],
+        optional=[c for c in REQUIRED_COLUMNS if not needed[c]],
+    )
+    return split_from_table(frame, csv, base_dir, require_label=require_label, check_images=check_images)
+
+
+def split_from_table(frame, csv, base_dir=None, *, require_label=True, check_images=True):
+    """A :class:`Split` from a frame :func:`read_table` gave (so a caller that also needs the
+    frame, e.g. to write it back out with scores, reads the CSV once)."""
     csv = Path(csv)
-    frame = _read_frame(csv)
-    frame.columns = [str(c).strip() for c in frame.columns]
-    required = ["local_image_path"]
-    if require_label:
-        required.append("label")
-    if require_text:
-        required.append("text_info")
-    missing = [c for c in required if c not in frame.columns]
-    if missing:
-        raise DataError(_missing_column_problems(csv, missing, list(frame.columns)))
     if len(frame) == 0:
         raise DataError(f"{csv}: no rows")
-
     base = Path(base_dir) if base_dir else csv.parent
     paths, texts, labels, rows, raw_paths = [], [], [], [], []
     bad_labels, missing_images, empty_paths = [], [], []
     has_label = "label" in frame.columns
     has_text = "text_info" in frame.columns
-    for index, record in enumerate(frame.itertuples(index=False), start=1):
-        record = record._asdict()
+    for index, record in enumerate(frame.to_dict("records"), start=1):
         raw = str(record["local_image_path"]).strip()
         if not raw:
             empty_paths.append(f"{csv}: row {index}: empty local_image_path")
             continue
         path = Path(raw) if Path(raw).is_absolute() else base / raw
-        if check_images and not path.is_file():
-            missing_images.append(f"{csv}: row {index}: image not found: {path}")
+        problem = image_file_problem(path) if check_images else None  # never raises (ENAMETOOLONG, EACCES)
+        if problem is not None:
+            missing_images.append(f"{csv}: row {index}: {problem}: {path}")
         label = None
         if has_label:
             label = parse_label(record["label"])
@@ -160,52 +163,144 @@ def load_splits(data_config, *, names=("train", "val", "test")):
     return splits
 
 
-def _read_frame(csv):
-    """The CSV as a frame of strings; encoding and syntax problems name the line."""
+# ---------------------------------------------------------------- the one CSV reader
+
+#: delimiters a CSV saved by a spreadsheet in another locale may use instead of the comma
+OTHER_DELIMITERS = {";": "';'", "\t": "a tab", "|": "'|'"}
+
+
+def read_table(path, *, required=(), optional=()):
+    """A comma-separated UTF-8 CSV as a frame of strings (column names stripped, every column kept).
+
+    ``required`` columns must be present; ``optional`` ones are known but may be missing (both
+    are used to hint at a renamed column or a missing header). Every problem is a
+    :class:`DataError` of one line naming the file: unreadable or empty file, another encoding
+    (UTF-16/32 named, a legacy code page guessed, the bad byte's offset in the file), another
+    delimiter (named), a syntax error (its line), missing columns (one line each).
+    """
     import io
 
     import pandas as pd
 
+    path = Path(path)
+    known = _known_columns(required, optional)
+    text = _decode(path, _read_bytes(path), known)
+    _check_delimiter(path, text, known)
     try:
-        data = csv.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{csv}: file not found") from None
-    except IsADirectoryError:
-        raise DataError(f"{csv}: is a directory, not a CSV file") from None
-    except OSError as exc:
-        raise DataError(f"{csv}: cannot read ({exc.strerror or exc})") from None
-    if not data.strip():
-        raise DataError(
-            f"{csv}: file is empty (expected a header: {','.join(REQUIRED_COLUMNS)})"
-        )
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DataError(_not_utf8(csv, data, exc)) from None
-    try:
-        return pd.read_csv(io.StringIO(text), keep_default_na=False, dtype=str)
+        frame = pd.read_csv(io.StringIO(text), keep_default_na=False, dtype=str)
     except pd.errors.EmptyDataError:
-        raise DataError(
-            f"{csv}: file is empty (expected a header: {','.join(REQUIRED_COLUMNS)})"
-        ) from None
+        raise DataError(_empty(path, known)) from None
     except pd.errors.ParserError as exc:
-        raise DataError(_parse_problem(csv, str(exc))) from None
+        raise DataError(_parse_problem(path, str(exc))) from None
+    frame.columns = [str(c).strip() for c in frame.columns]
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise DataError(_missing_column_problems(path, missing, list(frame.columns), known))
+    return frame
 
 
-def _not_utf8(csv, data, exc):
-    line = data.count(b"\n", 0, exc.start) + 1
-    byte = data[exc.start]
+def _known_columns(required, optional):
+    """Required and optional columns, in the order a split's header has them."""
+    known = list(dict.fromkeys([*required, *optional]))
+    order = {c: i for i, c in enumerate(REQUIRED_COLUMNS)}
+    return sorted(known, key=lambda c: order.get(c, len(order)))
+
+
+def _empty(path, known):
+    return f"{path}: file is empty (expected a header: {','.join(known)})"
+
+
+def _read_bytes(path):
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory, not a CSV file") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+# (BOM, name) longest first: the UTF-32-LE BOM starts with the UTF-16-LE one
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "UTF-32"),
+    (codecs.BOM_UTF32_BE, "UTF-32"),
+    (codecs.BOM_UTF16_LE, "UTF-16"),
+    (codecs.BOM_UTF16_BE, "UTF-16"),
+)
+
+
+def _decode(path, data, known):
+    """The file's text; any encoding but UTF-8 (with or without BOM) is one line saying which."""
+    if not data.strip():
+        raise DataError(_empty(path, known))
+    wide = _wide_encoding(data)
+    if wide is not None:
+        excel = " (Excel's 'Unicode Text')" if wide == "UTF-16" else ""
+        raise DataError(f"{path}: not UTF-8 text: it is {wide}{excel}; re-save it as UTF-8 (Excel: CSV UTF-8)")
+    skip = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[skip:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(_not_utf8(path, data, skip + exc.start, skip)) from None
+
+
+def _wide_encoding(data):
+    """``"UTF-16"`` / ``"UTF-32"`` when ``data`` is in one of them (BOM or not), else None.
+
+    Without a BOM the NUL bytes give it away: the header is ASCII, so UTF-16 has a NUL in every
+    other byte and UTF-32 three in every four (UTF-8 text never holds NUL).
+    """
+    for bom, name in _BOMS:
+        if data.startswith(bom):
+            return name
+    sample = data[:128]  # the header's first characters: ASCII in a split CSV
+    sample = sample[: len(sample) - len(sample) % 4]
+    if len(sample) < 8 or b"\0" not in sample:
+        return None
+    zero = [sample[k::4].count(0) / (len(sample) // 4) for k in range(4)]
+    if (zero[2] > 0.9 and zero[3] > 0.9) or (zero[0] > 0.9 and zero[1] > 0.9):
+        return "UTF-32"
+    if (zero[1] > 0.5 and zero[3] > 0.5) or (zero[0] > 0.5 and zero[2] > 0.5):
+        return "UTF-16"
+    return None
+
+
+def _not_utf8(path, data, offset, skip):
+    """``offset`` counts from the start of the file (a UTF-8 BOM included)."""
+    line = data.count(b"\n", 0, offset) + 1
     hint = "re-save it as UTF-8"
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return f"{csv}: not UTF-8 text: it is UTF-16 (Excel's 'Unicode Text'); re-save it as UTF-8 (Excel: CSV UTF-8)"
     for legacy, label in (("cp949", "CP949/EUC-KR (Korean Windows/Excel)"), ("cp1252", "Windows-1252")):
         try:
-            data.decode(legacy)
+            data[skip:].decode(legacy)
         except UnicodeDecodeError:
             continue
         hint = f"it looks like {label}; re-save it as UTF-8 (Excel: CSV UTF-8)"
         break
-    return f"{csv}: line {line}: not UTF-8 text (byte 0x{byte:02x} at offset {exc.start}); {hint}"
+    return f"{path}: line {line}: not UTF-8 text (byte 0x{data[offset]:02x} at offset {offset}); {hint}"
+
+
+def _check_delimiter(path, text, known):
+    """Refuse, naming it, a header that splits on ';', a tab or '|' but not on commas.
+
+    pandas would read such a file as one column and report every column missing, with a wrong
+    rename hint; the header alone tells: its known column names appear only when split on the
+    other delimiter (or, without a header, only that delimiter splits the first line).
+    """
+    header = text.split("\n", 1)[0].rstrip("\r")
+    commas = _fields(header, ",")
+    if any(c in commas for c in known):
+        return
+    for delimiter, name in OTHER_DELIMITERS.items():
+        fields = _fields(header, delimiter)
+        if any(c in fields for c in known) or (len(commas) == 1 and len(fields) > 1):
+            raise DataError(f"{path}: the delimiter is {name}, not ','; save it as a comma-separated CSV")
+
+
+def _fields(line, delimiter):
+    import csv
+
+    return [field.strip() for field in next(csv.reader([line], delimiter=delimiter), [])]
 
 
 def _parse_problem(csv, message):
@@ -223,18 +318,18 @@ def _parse_problem(csv, message):
     return f"{csv}: cannot parse CSV ({message.removeprefix('Error tokenizing data. ')})"
 
 
-def _missing_column_problems(csv, missing, found):
+def _missing_column_problems(csv, missing, found, known):
     """One line per missing column; a column that looks like it (a rename) is pointed out."""
     shown = ", ".join(found) or "(none)"
-    candidates = [c for c in found if c not in REQUIRED_COLUMNS]
+    candidates = [c for c in found if c not in known]
     problems = []
     for column in missing:
         hint = ""
         match = _close_column(column, candidates)
         if match:
             hint = f"; rename {match!r} to {column!r}"
-        elif not any(c in found for c in REQUIRED_COLUMNS):
-            hint = f"; the first line must be the header {','.join(REQUIRED_COLUMNS)}"
+        elif not any(c in found for c in known):
+            hint = f"; the first line must be the header {','.join(known)}"
         problems.append(f"{csv}: missing column {column!r} (found: {shown}){hint}")
     return problems
 

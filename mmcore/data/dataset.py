@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mmcore.data.images import BadImageError, load_rgb
+from mmcore.data.images import DEFAULT_FORMATS, BadImageError, load_rgb
 
 
 class SampleDataset(Dataset):
@@ -36,6 +36,7 @@ class SampleDataset(Dataset):
         text_features=None,
         needs_image=True,
         max_image_pixels=89_478_485,
+        image_formats=DEFAULT_FORMATS,
     ):
         self.split = split
         self.preprocessing = preprocessing
@@ -45,6 +46,7 @@ class SampleDataset(Dataset):
         self.text_features = text_features
         self.needs_image = needs_image and vision_features is None
         self.max_image_pixels = max_image_pixels
+        self.image_formats = tuple(image_formats)
 
     def __len__(self):
         return len(self.split)
@@ -71,6 +73,7 @@ class SampleDataset(Dataset):
                     self.split.paths[index],
                     target_size=self.preprocessing.target_size,
                     max_pixels=self.max_image_pixels,
+                    formats=self.image_formats,
                 )
             except BadImageError as exc:
                 item["error"] = f"{self.split.csv}: row {self.split.rows[index]}: {self.split.paths[index]}: {exc}"

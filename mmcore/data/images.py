@@ -1,5 +1,16 @@
 """Decoding images robustly: any mode Pillow reads becomes RGB, big JPEGs decode at reduced scale.
 
+Every image mmcore reads (training, cache fill, eval, predict, OCR, the header scan, the
+report's thumbnails) is opened here, so the same rules hold everywhere:
+
+- only the formats of an allow-list (``data.image_formats``, default JPEG, PNG, GIF, WebP,
+  BMP, TIFF) are handed to Pillow (``Image.open(fp, formats=...)``), so a file that is
+  really EPS never reaches the plugin that would start Ghostscript on it;
+- EXIF orientation is applied (``ImageOps.exif_transpose``): a phone photo taken upright
+  reaches the encoders and OCR upright;
+- a path that is not a regular file (a directory, a FIFO, a device) is refused before it is
+  opened (opening a FIFO would block).
+
 A bad image raises :class:`BadImageError` with a short reason ("empty file (0 bytes)", "not an
 image Pillow can read", "corrupt or truncated image (...)", "image too large (...)"); the
 dataset prefixes it with the CSV, row and path.
@@ -8,16 +19,24 @@ dataset prefixes it with the CSV, row and path.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 import threading
 
-from mmcore.errors import DataError
+from mmcore.errors import DataError, os_error_reason
 
 #: Pillow's own default limit; ``data.max_image_pixels`` replaces Pillow's check.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 #: bump when decoding changes what pixels an image gives (cached features depend on it);
 #: 2: 16-bit images on a fixed 0..65535 scale (was: each image's own maximum)
-DECODE_VERSION = 2
+#: 3: EXIF orientation applied
+DECODE_VERSION = 3
+#: the formats handed to Pillow unless ``data.image_formats`` says otherwise
+DEFAULT_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+#: formats whose Pillow plugin starts an external program (EPS: Ghostscript) — never allowed
+FORBIDDEN_FORMATS = frozenset({"EPS"})
+_ORIENTATION = 0x0112
 _INT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
@@ -25,29 +44,40 @@ class BadImageError(DataError):
     """An image that cannot be used (missing, corrupt, truncated, not an image, too big)."""
 
 
-def load_rgb(path, *, target_size=None, max_pixels=DEFAULT_MAX_IMAGE_PIXELS):
-    """Open ``path`` (a path or a binary file object) as an RGB PIL image.
+def load_rgb(path, *, target_size=None, max_pixels=DEFAULT_MAX_IMAGE_PIXELS, formats=DEFAULT_FORMATS):
+    """Open ``path`` (a path or a binary file object) as an upright RGB PIL image.
 
-    The size is checked against ``max_pixels`` from the header, before anything is decoded.
-    ``target_size`` (h, w): a JPEG larger than it is decoded at a reduced scale with
-    ``Image.draft`` (never smaller than the target). Palette/alpha images are flattened on
-    white, CMYK and 16-bit images converted, animated images give their first frame.
+    The size is checked against ``max_pixels`` from the header, before anything is decoded;
+    only ``formats`` are tried. ``target_size`` (h, w): a JPEG larger than it is decoded at a
+    reduced scale with ``Image.draft`` (never smaller than the target). EXIF orientation is
+    applied; palette/alpha images are flattened on white, CMYK and 16-bit images converted,
+    animated images give their first frame.
     """
-    with _open_file(path) as handle:
-        image = open_checked(handle, max_pixels=max_pixels)
+    with open_image_file(path) as handle:
+        image = open_checked(handle, max_pixels=max_pixels, formats=formats)
         return _decode(image, target_size)
 
 
-def open_checked(handle, *, max_pixels=DEFAULT_MAX_IMAGE_PIXELS):
-    """Read only the header of an open binary file -> a lazy PIL image within ``max_pixels``."""
+def open_checked(handle, *, max_pixels=DEFAULT_MAX_IMAGE_PIXELS, formats=DEFAULT_FORMATS):
+    """Read only the header of an open binary file -> a lazy PIL image within ``max_pixels``.
+
+    Only the plugins of ``formats`` see the bytes; a file of another format Pillow knows is
+    refused by name ("image format EPS is not allowed ...").
+    """
     from PIL import Image, UnidentifiedImageError
 
     if _remaining_bytes(handle) == 0:
         raise BadImageError("empty file (0 bytes)")
+    allowed = [f for f in (name.upper() for name in formats) if f not in FORBIDDEN_FORMATS]
     try:
         with _pillow_size_guard_lifted():  # no DecompressionBombWarning either: checked below
-            image = Image.open(handle)
+            image = Image.open(handle, formats=allowed)
     except UnidentifiedImageError:
+        found = _sniff_format(handle)
+        if found is not None and found not in allowed:
+            raise BadImageError(
+                f"image format {found} is not allowed (data.image_formats: {', '.join(allowed)})"
+            ) from None
         raise BadImageError("not an image Pillow can read") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as exc:
         raise BadImageError(f"corrupt or truncated image ({_reason(exc)})") from None
@@ -62,17 +92,61 @@ def open_checked(handle, *, max_pixels=DEFAULT_MAX_IMAGE_PIXELS):
     return image
 
 
+def _sniff_format(handle):
+    """The format a file's first bytes claim, by Pillow's own signature checks (no plugin opens it).
+
+    Only for the message: the ``_accept`` functions compare magic bytes and run nothing.
+    """
+    from PIL import Image
+
+    try:
+        handle.seek(0)
+        prefix = handle.read(16)
+    except (OSError, ValueError):
+        return None
+    Image.init()
+    for name in Image.ID:
+        accept = Image.OPEN[name][1]
+        with contextlib.suppress(Exception):
+            if accept is not None and accept(prefix):
+                return name
+    return None
+
+
+def orientation(image):
+    """The EXIF orientation (1..8) of an opened image; 1 when it has none or it cannot be read."""
+    try:
+        value = int(image.getexif().get(_ORIENTATION, 1))
+    except Exception:  # noqa: BLE001 - a damaged EXIF block must not make the image unreadable
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def upright(image):
+    """``image`` turned as its EXIF orientation says (``ImageOps.exif_transpose``); as is when upright."""
+    from PIL import ImageOps
+
+    if orientation(image) == 1:
+        return image
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 - unreadable orientation data: use the pixels as stored
+        return image
+
+
 def _decode(image, target_size):
     from PIL import Image
 
     try:
         if target_size is not None and image.format == "JPEG":
             th, tw = target_size
+            if orientation(image) >= 5:  # turned by 90 degrees: the stored image is (th, tw) wide
+                th, tw = tw, th
             image.draft("RGB", (tw, th))
         image.seek(0)
         with _pillow_size_guard_lifted():
             image.load()
-        return to_rgb(image)
+        return to_rgb(upright(image))
     except Image.DecompressionBombError as exc:  # a frame larger than the header said
         raise BadImageError(f"image too large ({_reason(exc)})") from None
     except MemoryError:
@@ -124,19 +198,46 @@ def _high_depth_to_rgb(image):
     return Image.fromarray(gray).convert("RGB")
 
 
+def image_file_problem(path):
+    """Why ``path`` cannot be read as an image file (None when it is a regular file).
+
+    ``os.stat`` only: a missing file, a directory, a FIFO or device, a name too long, a
+    permission problem become a reason, never an exception.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        return _os_reason(exc)
+    except ValueError:  # an embedded NUL byte
+        return "not a valid file name"
+    if stat.S_ISDIR(mode):
+        return "is a directory, not an image file"
+    if not stat.S_ISREG(mode):
+        return "not a regular file (a device, FIFO or socket)"
+    return None
+
+
+def _os_reason(exc):
+    if exc.errno == errno.ENOENT:
+        return "image not found"
+    if exc.errno == errno.EISDIR:
+        return "is a directory, not an image file"
+    return f"cannot read file ({os_error_reason(exc)[0]})"
+
+
 @contextlib.contextmanager
-def _open_file(path):
+def open_image_file(path):
+    """Open an image path for reading (a file object passes through); problems are :class:`BadImageError`."""
     if hasattr(path, "read"):
         yield path
         return
+    problem = image_file_problem(path)
+    if problem is not None:
+        raise BadImageError(problem)
     try:
         handle = open(path, "rb")
-    except FileNotFoundError:
-        raise BadImageError("image not found") from None
-    except IsADirectoryError:
-        raise BadImageError("is a directory, not an image file") from None
     except OSError as exc:
-        raise BadImageError(f"cannot read file ({exc.strerror or exc})") from None
+        raise BadImageError(_os_reason(exc)) from None
     with handle:
         yield handle
 

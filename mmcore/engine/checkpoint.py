@@ -8,6 +8,7 @@ Frozen pretrained encoder weights are not copied: they are reloaded from their i
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -84,9 +85,8 @@ def read_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RunError(
-            f"{path}: not a loadable mmcore checkpoint ({first[:200]}); only tensors and plain "
+            f"{path}: not a loadable mmcore checkpoint ({_refusal(exc)}); only tensors and plain "
             f"types are accepted"
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
@@ -97,6 +97,28 @@ def read_checkpoint(path):
             f"({__version__}, format {FORMAT_VERSION}); upgrade mmcore"
         )
     return ckpt
+
+
+_GLOBAL = re.compile(r"unsupported (?:global: )?GLOBAL ([\w.]+)|Unsupported operand (\d+)|unsupported class ([\w.]+)", re.I)
+
+
+def _refusal(exc):
+    """What torch's safe loader refused and why, in our words.
+
+    torch's own message advises re-running with ``weights_only=False``, i.e. letting the file
+    run code; that advice is never passed on.
+    """
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    match = _GLOBAL.search(text)
+    if match and match.group(2):
+        return f"its pickle data uses operation {match.group(2)}, which the safe loader does not allow: refused"
+    if match:
+        what = match.group(1) or match.group(3)
+        return f"it refers to {what}, which is code, not data: refused without running it"
+    if "weights_only" in text or "WeightsUnpickler" in text:
+        return "it holds objects other than tensors and plain types: refused without running them"
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return " ".join(first.split())[:200]
 
 
 def load_model_state(model, ckpt, *, path="checkpoint"):

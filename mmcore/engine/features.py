@@ -12,8 +12,8 @@ import torch
 from tqdm.auto import tqdm
 
 from mmcore.data.dataset import SampleDataset, make_loader
-from mmcore.data.images import DECODE_VERSION
-from mmcore.engine.cache import FeatureStore, FileHashes, text_key, weights_fingerprint
+from mmcore.data.images import DECODE_VERSION, DEFAULT_FORMATS
+from mmcore.engine.cache import FeatureStore, FileHashes, cache_root, text_key, weights_fingerprint
 from mmcore.engine.runtime import autocast, to_device
 
 
@@ -71,6 +71,36 @@ def image_keys(root, split):
     return FileHashes(root).keys(split.paths)
 
 
+class ImageHashes:
+    """The content keys (sha1 of the bytes) of one run's image files, each file hashed once.
+
+    Called as ``hashes(paths)``, it is shared by the duplicate check, the OCR fill and (through
+    the cache's file records, which it writes when ``root`` is given) the feature cache, so a
+    run reads each image's bytes for hashing once. Without ``root`` (cache off) the keys live
+    only in memory.
+    """
+
+    def __init__(self, root=None):
+        self._files = FileHashes(root) if root is not None else None
+        self._known = {}
+
+    @classmethod
+    def for_recipe(cls, recipe):
+        """Remembered in the recipe's cache when the cache is on, else in memory only."""
+        return cls(cache_root(recipe.cache.dir) if recipe.cache.enabled else None)
+
+    def __call__(self, paths):
+        """The key of each path (None where the file cannot be read), in order."""
+        from mmcore.data.checks import hash_files
+
+        paths = [str(p) for p in paths]
+        new = list(dict.fromkeys(p for p in paths if p not in self._known))
+        if new:
+            keys = self._files.keys(new) if self._files is not None else hash_files(new)
+            self._known.update(zip(new, keys))
+        return [self._known[p] for p in paths]
+
+
 def _shard(positions, keys, shard):
     """This rank's part of ``positions``.
 
@@ -96,6 +126,7 @@ def fill_vision_cache(
     dtype,
     num_workers,
     max_image_pixels,
+    image_formats=DEFAULT_FORMATS,
     shard=(0, 1),
     progress=True,
     on_wait=None,
@@ -116,7 +147,8 @@ def fill_vision_cache(
         if not todo:
             return [], [], 0
         dataset = SampleDataset(
-            split.subset(todo), preprocessing=encoder.preprocessing, max_image_pixels=max_image_pixels
+            split.subset(todo), preprocessing=encoder.preprocessing, max_image_pixels=max_image_pixels,
+            image_formats=image_formats,
         )
         loader = make_loader(
             dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda"

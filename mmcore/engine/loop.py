@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import numpy as np
@@ -88,8 +89,11 @@ class Trainer:
         progress=True,
         channels_last=False,
         on_step=None,
+        last_checkpoint=None,
     ):
         self.model = model
+        #: where the resumable state is saved (the NaN stop says whether one exists yet)
+        self.last_checkpoint = last_checkpoint
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.loss_fn = loss_fn
@@ -108,6 +112,11 @@ class Trainer:
         self.stop_requested = False
         self.batches_done = 0
         self.loss_totals = (0.0, 0)
+
+    def _kept(self):
+        if self.last_checkpoint is not None and not os.path.isfile(self.last_checkpoint):
+            return " before any checkpoint was written"
+        return ", the last good checkpoint is kept"
 
     def train_epoch(self, loader, epoch, epochs, *, skip_batches=0, totals=(0.0, 0)):
         """One pass over ``loader`` from batch ``skip_batches`` on.
@@ -149,7 +158,7 @@ class Trainer:
                     if self.on_nan == "stop":
                         raise NonFiniteLoss(
                             f"non-finite loss ({loss.item()}) at step {self.global_step + 1} "
-                            f"(epoch {epoch}, batch {i + 1}); stopped, the last good checkpoint is kept "
+                            f"(epoch {epoch}, batch {i + 1}); stopped{self._kept()} "
                             f"(set train.on_nan = \"skip\" to skip such batches)"
                         )
                     self.skipped_nan_steps += 1

@@ -13,7 +13,7 @@ import attrs
 import torch
 
 from mmcore.data.dataset import SampleDataset, make_loader
-from mmcore.engine.cache import cache_root, text_key
+from mmcore.engine.cache import CacheUnavailable, cache_root, probe_cache, text_key, warn
 from mmcore.engine.features import fill_text_cache, fill_vision_cache, image_keys, is_frozen, text_store, vision_store
 from mmcore.engine.runtime import autocast_dtype, barrier, rank, resolve_device, seed_everything, world_size
 from mmcore.errors import RecipeError
@@ -55,6 +55,8 @@ class Pipeline:
         self._stores = {}
         #: what the feature stage reported ("vision features train.csv: 500/500 from cache ...")
         self.cache_log = []
+        #: None until the cache directory was probed; then "" (usable) or the line saying why not
+        self.cache_problem = None
 
     # -- what is cached -------------------------------------------------------------------
 
@@ -66,12 +68,31 @@ class Pipeline:
             and self.model.vision is not None
             and is_frozen(self.model.vision)
             and self.augmentation is None
+            and self._cache_usable()
         )
 
     @property
     def cache_text(self):
         """Text encoders are always frozen and texts fixed: cached whenever the cache is on."""
-        return self.recipe.cache.enabled and self.model.text is not None
+        return self.recipe.cache.enabled and self.model.text is not None and self._cache_usable()
+
+    def _cache_usable(self):
+        """Probe the cache directory once; a cache that cannot be written turns caching off."""
+        if self.cache_problem is None:
+            self.cache_problem = ""
+            try:
+                probe_cache(self.cache_root)
+            except CacheUnavailable as exc:
+                self._cache_failed(exc)
+        return not self.cache_problem
+
+    def _cache_failed(self, exc):
+        """``cache.required``: stop with the line; else warn once and go on without the cache."""
+        if self.recipe.cache.required:
+            raise exc
+        self.cache_problem = str(exc)
+        self._feature_cache.clear()
+        warn(f"warning: {exc}; continuing without the feature cache (cache.required = true would stop here)")
 
     @property
     def cache_root(self):
@@ -115,6 +136,7 @@ class Pipeline:
             dtype=self.dtype,
             num_workers=self.recipe.data.num_workers,
             max_image_pixels=self.recipe.data.max_image_pixels,
+            image_formats=self.recipe.data.image_formats,
             progress=self.progress,
             on_wait=self._on_wait(f"vision features {split.csv.name}"),
         )
@@ -153,50 +175,34 @@ class Pipeline:
     def eval_batch_size(self):
         return self.recipe.eval.batch_size or self.recipe.train.batch_size
 
-    def fill_missing_text(self, split):
-        """``data.ocr``: empty ``text_info`` filled by OCR of the image (cached by image content)."""
-        ocr = self.recipe.data.ocr
-        if ocr is None or self.model.text is None or all(t.strip() for t in split.texts):
-            return split
-        from mmcore.ocr.batch import ocr_fill
-
-        texts = ocr_fill(
-            list(split.paths), list(split.texts), ocr.engine, ocr.lang,
-            cache_root(self.recipe.cache.dir), registry=self.registry, progress=self.progress,
-        )
-        return attrs.evolve(split, texts=tuple(" ".join(t.split()) for t in texts))
-
     def fit_encoders(self, train_split):
         """Fit encoders that learn from the training split (``fits_on_train``) on its texts.
 
-        Runs before any feature is computed or cached, so the cache identity includes the fit.
-        ``eval`` and ``predict`` never call this: they load the fitted state from the checkpoint.
+        The split's texts are final (the OCR stage ran before). This runs before any feature is
+        computed or cached, so the cache identity includes the fit. ``eval`` and ``predict`` never
+        call it: they load the fitted state from the checkpoint.
         """
         text = self.model.text
         if text is None or not getattr(text, "fits_on_train", False):
             return
-        split = self.fill_missing_text(train_split)
-        text.fit(list(split.texts))
+        text.fit(list(train_split.texts))
         self._stores.pop("text", None)  # its identity changed with the fit
-        self._log(f"text encoder {text.name}: fitted on {len(split)} training texts")
+        self._log(f"text encoder {text.name}: fitted on {len(train_split)} training texts")
 
     def dataset(self, split, *, train=False):
         """A dataset for ``split``; bad images found by the feature pass go through ``bad``.
 
         Returns ``(dataset, split, errors)``: with cached vision features, images that could
         not be read are left out of the returned split and reported in ``errors``. Cached
-        features are read from memory-mapped files, never loaded whole.
+        features are read from memory-mapped files, never loaded whole. Empty texts are filled
+        (``data.ocr``) before, by the run's OCR stage (:func:`mmcore.ocr.fill.ocr_stage`).
         """
-        vision_features = lengths = text_features = None
-        errors = []
-        split = self.fill_missing_text(split)
-        if self.cache_vision:
-            vision_features, keep, errors = self._vision_features(split)
-            if len(keep) < len(split):
-                split = split.subset(keep)
-            lengths = vision_features.lengths
-        if self.cache_text:
-            text_features = self._text_features(split)
+        try:
+            split, vision_features, lengths, text_features, errors = self._cached_inputs(split)
+        except CacheUnavailable as exc:  # the disk filled up (or went away) while filling
+            self._cache_failed(exc)
+            vision_features = lengths = text_features = None
+            errors = []
         dataset = SampleDataset(
             split,
             preprocessing=self.model.vision.preprocessing if self.model.vision is not None else None,
@@ -206,8 +212,22 @@ class Pipeline:
             text_features=text_features,
             needs_image=self.model.vision is not None,
             max_image_pixels=self.recipe.data.max_image_pixels,
+            image_formats=self.recipe.data.image_formats,
         )
         return dataset, split, errors
+
+    def _cached_inputs(self, split):
+        """(split, vision features, their lengths, text features, errors) from the feature cache."""
+        vision_features = lengths = text_features = None
+        errors = []
+        if self.cache_vision:
+            vision_features, keep, errors = self._vision_features(split)
+            if len(keep) < len(split):
+                split = split.subset(keep)
+            lengths = vision_features.lengths
+        if self.cache_text:
+            text_features = self._text_features(split)
+        return split, vision_features, lengths, text_features, errors
 
     def loader(self, dataset, *, train=False, sampler=None, batch_sampler=None, seed=None):
         batch_size = self.recipe.train.batch_size if train else self.eval_batch_size

@@ -16,7 +16,7 @@ import torch
 from mmcore.engine.checkpoint import load_model_state, make_checkpoint, read_checkpoint, save_checkpoint
 from mmcore.engine.loggers import Loggers
 from mmcore.engine.loop import BadImages, Trainer, sigmoid, total_steps
-from mmcore.engine.outputs import BEST, LAST, write_evaluation
+from mmcore.engine.outputs import write_evaluation
 from mmcore.engine.pipeline import Pipeline
 from mmcore.engine.runtime import barrier, is_main, world_size
 from mmcore.engine.runtime import rank as runtime_rank
@@ -27,7 +27,8 @@ from mmcore.evaluation.metrics import binary_metrics
 from mmcore.evaluation.threshold import parse_threshold_rule, tune_threshold
 from mmcore.model.classifier import build_component
 from mmcore.model.trainability import parameter_groups, trainable_summary
-from mmcore.recipe import recipe_diff, recipe_to_dict
+from mmcore.recipe import recipe_to_dict
+from mmcore.rundir import BEST, LAST, require_same_recipe
 
 
 def metric_mode(metric):
@@ -169,6 +170,7 @@ class TrainingRun:
             progress=self.progress,
             channels_last=pipeline.channels_last,
             on_step=self._on_step,
+            last_checkpoint=self.run_dir / LAST,
         )
 
     # -- state ------------------------------------------------------------------------------
@@ -201,9 +203,7 @@ class TrainingRun:
             save_checkpoint(self.run_dir / LAST, self.state_dict(epoch_complete=epoch_complete))
 
     def load_state(self, state):
-        if state.get("recipe") != self.recipe_dict:
-            differing = recipe_diff(state.get("recipe") or {}, self.recipe_dict)
-            raise RunError(f"{self.run_dir / LAST}: saved with another recipe (differs at {', '.join(differing[:5])})")
+        require_same_recipe(state.get("recipe"), self.recipe_dict, where=self.run_dir / LAST, said="saved with another recipe")
         load_model_state(self.pipeline.model, state, path=str(self.run_dir / LAST))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -334,6 +334,7 @@ class TrainingRun:
             summary=summary,
             history=self.history,
             title=f"mmcore — {recipe.experiment}",
+            pipeline=self.pipeline,
         )
         ckpt = make_checkpoint(
             model, recipe_dict=self.recipe_dict, epoch=self.best_epoch, metrics=self.best_metrics,

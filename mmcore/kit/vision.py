@@ -24,6 +24,7 @@ import attrs
 import torch
 
 from mmcore.interfaces import Preprocessing, TokenOutput, VisionEncoder
+from mmcore.kit.deps import require
 from mmcore.kit.weights import load_pretrained
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -102,6 +103,7 @@ def torchvision_preprocessing(weights_id):
 
 def timm_preprocessing(model, *, size=None):
     """The eval transform of a timm model's pretrained config (``size`` overrides the input size)."""
+    require("timm", "this vision encoder")
     from timm.data import resolve_data_config
 
     config = resolve_data_config(model=model)
@@ -264,6 +266,7 @@ TIMM_TINY = {
 
 def timm_family(model_name):
     """The timm module that defines ``model_name`` (``vision_transformer``, ``resnet``, ...)."""
+    require("timm", "this vision encoder")
     import timm
 
     architecture = timm.models.split_model_name_tag(model_name)[0]
@@ -276,6 +279,7 @@ def build_timm_model(model_name, params, *, component, **kwargs):
     ``model_name`` may carry a pretrained tag (``vit_base_patch16_224.augreg2_in21k_ft_in1k``),
     which is also where the preprocessing comes from; ``kwargs`` go to ``timm.create_model``.
     """
+    require("timm", "this vision encoder")
     import timm
 
     kwargs = {"num_classes": 0, **kwargs}

@@ -6,6 +6,7 @@ import re
 import attrs
 
 from mmcore.errors import MmcoreError
+from mmcore.plugins.known import install_hint
 
 #: kind -> (hook name, human name, plugin folder prefix for the install hint)
 KINDS = {
@@ -101,8 +102,11 @@ class Registry:
         close = difflib.get_close_matches(str(name), names, n=1, cutoff=0.6)
         if close:
             message += f"; did you mean {close[0]!r}?"
-        message += f" installed: {', '.join(names) if names else '(none)'}."
-        if folder:
+        message += f" installed: {', '.join(names)}." if names else f" No {human} plugin is installed."
+        hint = install_hint(kind, name)
+        if hint:
+            message += f" {hint}"
+        elif folder:
             message += f" More: pip install ./plugins/{folder}-<name>"
         for dist, reason in sorted(self.broken.items()):
             message += f" (not loaded: {dist}, {reason})"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import typing
 from typing import Any
 
@@ -10,6 +11,7 @@ import cattrs
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
 from mmcore.errors import RecipeError, did_you_mean
+from mmcore.recipe.legacy import legacy_hint
 from mmcore.validators import FieldError
 
 
@@ -29,6 +31,8 @@ def _strict(expected, name):
             return float(value)
         if type(value) is not expected:
             raise StrictTypeError(f"must be {name} (got {_type_name(value)} {value!r})")
+        if expected is float and not math.isfinite(value):  # nan passes every `value <= 0` check
+            raise StrictTypeError(f"must be a finite number (got {value!r})")
         return value
 
     return hook
@@ -83,7 +87,8 @@ def _problems(exc, path):
     if isinstance(exc, ForbiddenExtraKeysError):
         known = [a.name for a in attrs.fields(exc.cl)]
         for key in sorted(exc.extra_fields):
-            yield _join(path, key), f"unknown key{did_you_mean(key, known)}"
+            hint = legacy_hint(_join(path, key))
+            yield _join(path, key), f"unknown key{hint or did_you_mean(key, known)}"
         return
     if isinstance(exc, (ClassValidationError, IterableValidationError)):
         with_notes, without = exc.group_exceptions()

@@ -11,15 +11,45 @@ reported as one line: ``recipes/x.toml: train.lr: unknown key (did you mean lear
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import attrs
 import tomllib
 
-from mmcore.errors import RecipeError
+from mmcore.errors import RecipeError, os_error_reason
 from mmcore.plugins.registry import UnknownComponentError
 from mmcore.recipe.convert import Source, _join, src, structure, unstructure
 from mmcore.recipe.schema import COMPONENT_KINDS, ENV_RE, Component, DataConfig, Recipe
+
+#: a recipe is a small text file; anything bigger is a mistake (``extends = "/dev/zero"``)
+MAX_RECIPE_BYTES = 1 << 20
+
+
+def _read_recipe_text(path, where):
+    """The text of a recipe file; a missing, non-regular, unreadable or oversized one is one line.
+
+    ``where`` is the start of the line (``PATH`` or ``PARENT: extends``). Only regular files
+    are opened (a FIFO would block, a device read forever), and at most ``MAX_RECIPE_BYTES``.
+    """
+    try:
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "is a directory" if stat.S_ISDIR(mode) else "is not a regular file"
+            raise RecipeError(f"{where}: {path} {kind}; name a TOML recipe file")
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_RECIPE_BYTES + 1)
+    except FileNotFoundError:
+        raise RecipeError(f"{where}: recipe file not found: {path}") from None
+    except OSError as exc:
+        reason, advice = os_error_reason(exc)
+        raise RecipeError(f"{where}: cannot read {path} ({reason}); {advice}") from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{where}: {path} is larger than {MAX_RECIPE_BYTES >> 20} MiB; a recipe is a small TOML file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 def _read_toml(path, chain=()):
@@ -27,13 +57,7 @@ def _read_toml(path, chain=()):
     if path.resolve() in chain:
         cycle = " -> ".join(str(p) for p in (*chain, path.resolve()))
         raise RecipeError(f"{chain[-1] if chain else path}: extends: cycle ({cycle})")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        where = f"{chain[-1]}: extends" if chain else f"{path}"
-        raise RecipeError(f"{where}: recipe file not found: {path}") from None
-    except UnicodeDecodeError as exc:
-        raise RecipeError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    text = _read_recipe_text(path, f"{chain[-1]}: extends" if chain else f"{path}")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -93,9 +117,18 @@ def apply_overrides(data, overrides):
             and node.get("name") != value
         ):
             node.pop("params", None)  # another component's params would not fit the new one
+        if parts[0] in COMPONENT_KINDS and len(parts) > 2 and "name" not in data[parts[0]]:
+            # a param of a component the recipe leaves at its default: that default is meant
+            data[parts[0]]["name"] = default_component_name(parts[0])
         node[parts[-1]] = value
         keys.append(".".join(parts))
     return data, keys
+
+
+def default_component_name(kind):
+    """The component a recipe gets when it has no ``[kind]`` table (``scheduler`` -> ``cosine_warmup``)."""
+    default = attrs.fields_dict(Recipe)[kind].default
+    return default.factory().name
 
 
 def expand_env(data, source, strict=True, path=""):

@@ -7,11 +7,42 @@ from typing import Any
 
 import attrs
 
+from mmcore.data.images import DEFAULT_FORMATS
 from mmcore.model.trainability import LoraConfig
-from mmcore.validators import FieldError, at_least, in_range, one_of, positive
+from mmcore.validators import FieldError, at_least, at_most, in_range, one_of, positive
 
 MODALITIES = ("multimodal", "vision_only", "text_only")
 ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+#: counts (epochs, batch sizes, steps, dimensions) reach torch and C code as 32-bit ints
+MAX_COUNT = 2**31 - 1
+#: numpy's seed (and the sampler's) takes 0..2**32-1
+MAX_SEED = 2**32 - 1
+
+
+def _count(*checks):
+    """Validators of an integer count: ``checks`` plus the 32-bit bound its consumers accept."""
+    return [*checks, at_most(MAX_COUNT)]
+
+
+def _image_formats(instance, attribute, value):
+    from mmcore.data.images import FORBIDDEN_FORMATS
+
+    if not value:
+        raise FieldError(attribute.name, "must name at least one format (e.g. [\"JPEG\", \"PNG\"])")
+    known = _pillow_formats()
+    for name in value:
+        if name.upper() in FORBIDDEN_FORMATS:
+            raise FieldError(attribute.name, f"{name} is never allowed: Pillow decodes it by starting an external program")
+        if name.upper() not in known:
+            readable = ", ".join(sorted(known - FORBIDDEN_FORMATS))
+            raise FieldError(attribute.name, f"unknown image format {name!r} (Pillow reads: {readable})")
+
+
+def _pillow_formats():
+    from PIL import Image
+
+    Image.init()
+    return set(Image.OPEN)
 
 
 @attrs.frozen(kw_only=True)
@@ -39,10 +70,14 @@ class DataConfig:
     val: str = "val.csv"
     test: str = "test.csv"
     #: loader worker processes; -1 = one per CPU core
-    num_workers: int = attrs.field(default=-1, validator=at_least(0, allow=(-1,)))
+    num_workers: int = attrs.field(default=-1, validator=_count(at_least(0, allow=(-1,))))
     on_bad_image: str = attrs.field(default="error", validator=one_of("error", "skip"))
     #: images with more pixels are refused (decompression-bomb guard)
-    max_image_pixels: int = attrs.field(default=89_478_485, validator=positive)
+    max_image_pixels: int = attrs.field(default=89_478_485, validator=[positive, at_most(2**62)])
+    #: the image formats handed to Pillow; anything else is a bad image (EPS is never allowed)
+    image_formats: tuple[str, ...] = attrs.field(
+        default=DEFAULT_FORMATS, converter=lambda names: tuple(str(n).upper() for n in names), validator=_image_formats
+    )
     ocr: OcrConfig | None = None
 
 
@@ -50,7 +85,7 @@ class DataConfig:
 class EarlyStopping:
     """Stop when ``metric`` has not improved for ``patience`` epochs (0 = never stop early)."""
 
-    patience: int = attrs.field(default=3, validator=at_least(0))
+    patience: int = attrs.field(default=3, validator=_count(at_least(0)))
     metric: str = "val_auroc"
 
 
@@ -61,28 +96,28 @@ class TrainConfig:
     modality: str = attrs.field(default="multimodal", validator=one_of(*MODALITIES))
     freeze_backbone: bool = True
     #: 0 = all frozen, N = top N blocks trainable, -1 = all
-    finetune_layers: int = attrs.field(default=0, validator=at_least(0, allow=(-1,)))
+    finetune_layers: int = attrs.field(default=0, validator=_count(at_least(0, allow=(-1,))))
     lora: LoraConfig = attrs.field(factory=LoraConfig)
-    epochs: int = attrs.field(default=10, validator=positive)
-    batch_size: int = attrs.field(default=32, validator=positive)
+    epochs: int = attrs.field(default=10, validator=_count(positive))
+    batch_size: int = attrs.field(default=32, validator=_count(positive))
     learning_rate: float = attrs.field(default=1e-4, validator=positive)
     backbone_lr: float = attrs.field(default=1e-5, validator=positive)
     lora_lr: float = attrs.field(default=1e-4, validator=positive)
     weight_decay: float = attrs.field(default=0.01, validator=at_least(0))
-    grad_accum_steps: int = attrs.field(default=1, validator=positive)
+    grad_accum_steps: int = attrs.field(default=1, validator=_count(positive))
     #: max gradient norm; 0 disables clipping
     grad_clip: float = attrs.field(default=1.0, validator=at_least(0))
     precision: str = attrs.field(default="auto", validator=one_of("auto", "bf16", "fp32"))
     device: str = "auto"
     deterministic: bool = False
     #: linear projection before the head in vision_only / text_only (0 = none)
-    projection_dim: int = attrs.field(default=0, validator=at_least(0))
+    projection_dim: int = attrs.field(default=0, validator=_count(at_least(0)))
     #: probability of dropping one modality per sample during training (multimodal)
     modality_dropout: float = attrs.field(default=0.0, validator=in_range(0.0, 1.0))
     balanced_sampler: bool = False
     on_nan: str = attrs.field(default="stop", validator=one_of("stop", "skip"))
     #: also write last.ckpt every N optimizer steps (0 = only at epoch ends)
-    checkpoint_every_steps: int = attrs.field(default=0, validator=at_least(0))
+    checkpoint_every_steps: int = attrs.field(default=0, validator=_count(at_least(0)))
     early_stopping: EarlyStopping = attrs.field(factory=EarlyStopping)
 
 
@@ -102,7 +137,7 @@ class EvalConfig:
     #: "f1" | "youden" | {precision = 0.95} | {recall = 0.9} | a number in (0, 1)
     threshold: Any = attrs.field(default="f1", validator=_threshold_rule)
     calibrate: bool = True
-    batch_size: int = attrs.field(default=0, validator=at_least(0))
+    batch_size: int = attrs.field(default=0, validator=_count(at_least(0)))
 
 
 @attrs.frozen(kw_only=True)
@@ -112,6 +147,9 @@ class CacheConfig:
     enabled: bool = True
     #: "" = the user's cache directory (~/.cache/mmcore or $MMCORE_CACHE_DIR)
     dir: str = ""
+    #: false: a cache that cannot be written (full, read-only, missing disk) is a warning and
+    #: the run continues without it; true: the run stops with that line
+    required: bool = False
 
 
 @attrs.frozen(kw_only=True)
@@ -132,7 +170,7 @@ class Recipe:
 
     experiment: str = "default"
     description: str = ""
-    seed: int = 42
+    seed: int = attrs.field(default=42, validator=in_range(0, MAX_SEED, high_inclusive=True))
     output_dir: str = "runs"
     data: DataConfig = attrs.field(factory=DataConfig)
     vision: Component = _component("siglip2_so400m")

@@ -1,0 +1,143 @@
+"""OCR as a stage of a run: empty ``text_info`` filled from the image (recipe key ``data.ocr``).
+
+:func:`ocr_stage` runs before datasets are built (``run``, ``eval`` and ``predict`` call it), so
+the texts the model, the text-feature cache and the reports see are the filled ones. Results
+are cached as one JSON file per (image content, engine identity, language) under
+``<cache dir>/ocr/``, so each image is read once across runs. Images are keyed by the sha1 of
+their bytes, the feature cache's content key, taken from the run's shared hashes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import attrs
+
+from mmcore.errors import MmcoreError
+from mmcore.io import write_text
+from mmcore.ocr.engines import ImageReader, build_engine, check_engine, read_images
+
+#: part of every cache entry's name: bump it when what an entry means changes
+#: (2: keyed by the sha1 of the image, which the feature cache uses, instead of a sha256)
+CACHE_VERSION = 2
+
+
+def ocr_stage(splits, recipe, *, registry=None, hashes=None, progress=True):
+    """``{name: Split}`` with empty texts filled by the recipe's ``data.ocr`` engine.
+
+    Does nothing without ``data.ocr``, for ``vision_only`` runs (no text branch) and for splits
+    whose texts are all there. ``hashes`` are the run's shared image keys
+    (:class:`~mmcore.engine.features.ImageHashes`; by default one for this recipe).
+    """
+    ocr = recipe.data.ocr
+    if ocr is None or recipe.train.modality == "vision_only":
+        return dict(splits)
+    if all(text.strip() for split in splits.values() for text in split.texts):
+        return dict(splits)
+    if hashes is None:
+        from mmcore.engine.features import ImageHashes
+
+        hashes = ImageHashes.for_recipe(recipe)
+    from mmcore.engine.cache import cache_root
+
+    filled = {}
+    for name, split in splits.items():
+        texts = ocr_fill(
+            split.paths, split.texts, ocr.engine, ocr.lang, cache_root(recipe.cache.dir),
+            registry=registry, hashes=hashes, progress=progress,
+        )
+        filled[name] = attrs.evolve(split, texts=tuple(" ".join(t.split()) for t in texts))
+    return filled
+
+
+def cache_file(cache_dir, image_key, identity, lang):
+    """Where the text of the image with content key ``image_key`` (sha1 bytes) is cached."""
+    engine_key = hashlib.sha1(f"{CACHE_VERSION}\n{identity}\n{lang}".encode()).hexdigest()[:16]
+    return Path(cache_dir) / "ocr" / f"{image_key.hex()}-{engine_key}.json"
+
+
+def ocr_fill(
+    paths,
+    texts,
+    engine_name,
+    lang,
+    cache_dir,
+    workers=None,
+    *,
+    engine_params=None,
+    registry=None,
+    hashes=None,
+    progress=True,
+    on_error=None,
+):
+    """Return ``texts`` with every empty entry filled by OCR of the matching image.
+
+    Identical images (duplicates are common in ad data) are read once. Unreadable images keep
+    "" and are reported through ``on_error(path, message)`` (default: one line on stderr); they
+    are not cached, so a fixed file is read next time. ``hashes(paths)`` gives the images'
+    content keys (default :func:`mmcore.data.checks.hash_files`).
+    """
+    texts = ["" if t is None else str(t) for t in texts]
+    paths = list(paths)
+    if len(paths) != len(texts):
+        raise ValueError(f"ocr_fill: {len(paths)} paths but {len(texts)} texts")
+    todo = [i for i, text in enumerate(texts) if not text.strip()]
+    if not todo:
+        return texts
+    on_error = on_error or (lambda path, message: print(f"{path}: {message}", file=sys.stderr))
+    if hashes is None:
+        from mmcore.data.checks import hash_files as hashes
+
+    engine = build_engine(engine_name, engine_params, registry=registry, source="data.ocr")
+    identity = engine.identity
+    keys = dict(zip(todo, hashes([paths[i] for i in todo])))
+    jobs, seen = [], set()
+    for i in todo:
+        key = keys[i]
+        if key is not None:
+            cached = _cached_text(cache_file(cache_dir, key, identity, lang))
+            if cached is not None:
+                texts[i] = cached
+                continue
+            if key in seen:
+                continue  # a copy of an image already queued: it gets that image's text
+            seen.add(key)
+        jobs.append((i, paths[i]))  # an unreadable file too: reading it names the reason
+    if not jobs:
+        return texts
+
+    check_engine(engine, lang)
+    by_key = {}
+    workers = workers or os.cpu_count() or 1
+    results = read_images(jobs, ImageReader(engine, lang), workers, progress=progress, desc="ocr (fill)")
+    with contextlib.closing(results):
+        for result in results:
+            if result.fatal:
+                raise MmcoreError(result.error)
+            if result.error is not None:
+                on_error(paths[result.key], result.error)
+                continue
+            key = keys[result.key]
+            if key is None:  # became readable after hashing: use the text, do not cache it
+                texts[result.key] = result.text
+                continue
+            by_key[key] = result.text
+            entry = {"image_sha1": key.hex(), "engine": identity, "lang": lang, "text": result.text}
+            write_text(cache_file(cache_dir, key, identity, lang), json.dumps(entry, ensure_ascii=False))
+    for i in todo:
+        if keys[i] in by_key:
+            texts[i] = by_key[keys[i]]
+    return texts
+
+
+def _cached_text(path):
+    """The cached text, or None when there is no entry (a damaged entry is simply recomputed)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))["text"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
