@@ -21,8 +21,9 @@ def _scores(path):
 def ngram_runs(tmp_path_factory, demo_data):
     """Two finished runs through the real CLI: text_only ngrams, and multimodal with concat(fake_text, ngrams)."""
     import tomli_w
-    from conftest import mmcore_cli
     from tiny import tiny_recipe_data
+
+    from conftest import mmcore_cli
 
     tmp = tmp_path_factory.mktemp("ngrams")
     runs = {}
