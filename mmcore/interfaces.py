@@ -20,6 +20,8 @@ import attrs
 import torch
 from torch import nn
 
+from mmcore.validators import FieldError
+
 
 class TokenOutput(NamedTuple):
     """Encoder output: ``tokens`` [B, N, D] and ``mask`` [B, N] (bool, True = a real token)."""
@@ -87,10 +89,19 @@ class Preprocessing:
         return {key: torch.stack([item[key] for item in items]) for key in items[0]}
 
 
+#: the ``weights`` of an encoder that loads none (built from its params alone)
+NO_WEIGHTS = "none"
+
+
 def identity_string(name, weights, revision, extra):
-    """``name|weights|revision|<hash of extra>`` — stable across processes and versions."""
+    """``name|weights|revision|<hash of extra>`` — stable across processes and versions.
+
+    A missing revision reads ``main`` (the hub's default branch), or ``-`` for an encoder
+    with :data:`NO_WEIGHTS`: ``char_ngrams|none|-|3f2a...``.
+    """
     blob = json.dumps(extra, sort_keys=True, default=str).encode()
-    return f"{name}|{weights}|{revision or 'main'}|{hashlib.sha256(blob).hexdigest()[:16]}"
+    shown = revision or ("-" if weights == NO_WEIGHTS else "main")
+    return f"{name}|{weights}|{shown}|{hashlib.sha256(blob).hexdigest()[:16]}"
 
 
 class VisionEncoder(nn.Module):
@@ -146,7 +157,8 @@ class TextEncoder(nn.Module):
     """Base class for text encoders (always frozen in mmcore).
 
     Subclasses set ``name``, ``out_dim``, ``weights``, ``revision`` and implement
-    :meth:`encode`. ``forward`` runs :meth:`encode` without gradients.
+    :meth:`encode`. ``forward`` runs :meth:`encode` without gradients; :attr:`device` says
+    where to put the tensors ``encode`` makes (an encoder without parameters needs no dummy buffer).
     """
 
     name: str = ""
@@ -156,8 +168,19 @@ class TextEncoder(nn.Module):
     #: texts per forward pass when embedding a whole dataset
     batch_size: int = 64
 
+    def __init__(self):
+        super().__init__()
+        # follows .to(device) even in an encoder without parameters, so that :attr:`device` is
+        # right; not persistent: checkpoints and state dicts do not change
+        self.register_buffer("_device_anchor", torch.empty(0), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        """Where this encoder lives (it follows ``.to(device)``, parameters or not)."""
+        return self._device_anchor.device
+
     def encode(self, texts: list[str]) -> torch.Tensor:
-        """Embed a batch of strings -> float tensor [B, out_dim] on this module's device."""
+        """Embed a batch of strings -> float tensor [B, out_dim] on :attr:`device`."""
         raise NotImplementedError
 
     #: True for encoders whose state is fitted on the training split (e.g. n-gram statistics):
@@ -226,3 +249,25 @@ class EncoderParams:
 @attrs.frozen(kw_only=True)
 class NoParams:
     """Params of a component that takes none (``[fusion] name = "concat"``)."""
+
+
+def _loads_nothing(instance, attribute, value):
+    if attribute.name == "pretrained" and value:
+        raise FieldError("pretrained", "this encoder has no pretrained weights (it is built from its params); remove the key")
+    if attribute.name != "pretrained" and value is not None:
+        raise FieldError(attribute.name, f"this encoder loads no weights, so it takes no {attribute.name} (got {value!r}); remove the key")
+
+
+@attrs.frozen(kw_only=True)
+class NoWeightsParams(EncoderParams):
+    """Params base of an encoder that loads nothing (a hashing vectorizer, a fixed random projection).
+
+    ``pretrained`` defaults to false, and ``pretrained = true``, ``weights`` or ``revision`` in a
+    recipe are errors naming the key (``recipe.toml: text.params.weights: this encoder loads no
+    weights ...``), found by ``mmcore show`` before anything runs. Set the encoder's ``weights``
+    to :data:`NO_WEIGHTS`; its identity then reads ``name|none|-|...``.
+    """
+
+    pretrained: bool = attrs.field(default=False, validator=_loads_nothing)
+    weights: str | None = attrs.field(default=None, validator=_loads_nothing)
+    revision: str | None = attrs.field(default=None, validator=_loads_nothing)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from mmcore.interfaces import TextEncoder, TokenOutput, VisionEncoder
+from mmcore.kit.health import feature_problem
 from mmcore.model.trainability import LoraConfig, apply_trainability, lora_target_names
 from mmcore.plugins import get_registry, make_registry
 from mmcore.recipe.convert import structure
@@ -42,7 +43,18 @@ __all__ = [
     "check_ocr_engine",
     "build",
     "sample_images",
+    "encode_samples",
+    "feature_problem",
 ]
+
+
+#: what a dead-encoder failure suggests
+DEAD_HINT = (
+    "the encoder is dead: check its weights, and that random builds (tiny, pretrained = false) give varied "
+    "features (BatchNorm CNNs: mmcore.calibrate_batchnorm)"
+)
+#: distinct, non-empty texts the text check embeds (their features must differ)
+DISTINCT_TEXTS = ["50% OFF all shoes today — shop now", "grandma's apple pie, step by step", "Call 555-0100 for a free quote"]
 
 
 def build(kind, name, params=None, registry=None):
@@ -115,9 +127,11 @@ def check_vision_encoder(name, params=None, registry=None):
 
     Checks: it is a VisionEncoder; preprocessing is picklable and runs on PIL images of
     different shapes; the output is TokenOutput with tokens [2, N, out_dim] and a bool mask
-    [2, N] with real tokens in every row; finite values; a batch of 2 gives each image the
-    same pooled features as that image alone (padding is masked); every pooling + fusion +
-    head runs; gradients reach the last block and one optimizer step changes it; blocks() are submodules; LoRA targets exist in
+    [2, N] with real tokens in every row; finite values that are neither near zero nor the
+    same for both images (a dead encoder); a batch of 2 gives each image the same pooled
+    features as that image alone (padding is masked); every pooling + fusion + head runs;
+    gradients reach the last block, one optimizer step changes it and the features stay
+    finite; blocks() are submodules; LoRA targets exist in
     the blocks; the identity string is stable across builds. Returns the encoder.
     """
     encoder = build("vision", name, params, registry)
@@ -141,6 +155,8 @@ def check_vision_encoder(name, params=None, registry=None):
     )
     assert mask.any(dim=1).all(), f"{name}: every image needs at least one real token"
     assert torch.isfinite(tokens[mask]).all(), f"{name}: non-finite tokens"
+    problem = feature_problem(_masked_mean(tokens, mask), inputs="images")
+    assert problem is None, f"{name}: vision features are {problem}; {DEAD_HINT}"
     if encoder.has_cls_token:
         assert mask[:, 0].all(), f"{name}: has_cls_token but token 0 is masked"
 
@@ -180,6 +196,10 @@ def check_vision_encoder(name, params=None, registry=None):
     before = [p.detach().clone() for p in last]
     torch.optim.SGD(encoder.parameters(), lr=0.1).step()
     assert any(not torch.equal(b, p.detach()) for b, p in zip(before, last)), f"{name}: a training step changed nothing"
+    with torch.no_grad():
+        stepped = encoder(**batch)
+    problem = feature_problem(_masked_mean(stepped.tokens, stepped.mask), inputs="images")
+    assert problem is None or not problem.startswith("not finite"), f"{name}: after one training step, vision features are {problem}"
     identity = encoder.identity
     assert isinstance(identity, str) and name in identity, f"{name}: identity must be a string naming the encoder"
     again = build("vision", name, params, registry)
@@ -189,7 +209,8 @@ def check_vision_encoder(name, params=None, registry=None):
 
 
 def check_text_encoder(name, params=None, registry=None):
-    """Build ``name`` and check the text contract: [2, out_dim], finite, no grad, batch-invariant.
+    """Build ``name`` and check the text contract: [2, out_dim], finite, no grad, batch-invariant,
+    distinct texts give features that are neither near zero nor all the same (a dead encoder).
 
     Empty strings must work (OCR text is often empty). Returns the encoder.
     """
@@ -208,6 +229,8 @@ def check_text_encoder(name, params=None, registry=None):
     for i, text in enumerate(texts):
         alone = encoder([text])[0]
         assert torch.allclose(alone, out[i], atol=1e-4), f"{name}: text {i} alone differs from in a batch"
+    problem = feature_problem(encoder(DISTINCT_TEXTS), inputs="texts")
+    assert problem is None, f"{name}: text features are {problem}; {DEAD_HINT}"
     identity = encoder.identity
     assert isinstance(identity, str) and name in identity, f"{name}: identity must be a string naming the encoder"
     again = build("text", name, params, registry)

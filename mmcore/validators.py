@@ -65,3 +65,18 @@ def at_most(maximum):
             raise FieldError(attribute.name, f"must be <= {maximum} (got {value!r})")
 
     return check
+
+
+def at_least_field(other):
+    """The value must be >= the value of the field ``other`` (``max_n`` >= ``min_n``).
+
+    attrs runs validators after every field is set, so the other field is there; the message
+    names this field, so a recipe error reads ``text.params.max_n: must be >= min_n (4) (got 2)``.
+    """
+
+    def check(instance, attribute, value):
+        bound = getattr(instance, other)
+        if value is not None and bound is not None and value < bound:
+            raise FieldError(attribute.name, f"must be >= {other} ({bound!r}) (got {value!r})")
+
+    return check

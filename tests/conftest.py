@@ -83,3 +83,31 @@ def tiny_recipe(tmp_path, demo_data):
         return path
 
     return make
+
+
+@pytest.fixture(scope="session")
+def exportable_run(tmp_path_factory, demo_data):
+    """One finished run every export/serve test shares: fake_cnn + a tiny MiniLM (real tokenizer), 1 epoch."""
+    import tomli_w
+    from tiny import tiny_recipe_data
+
+    from mmcore.commands.run import run_training
+    from mmcore.recipe import load_recipe
+
+    tmp = tmp_path_factory.mktemp("exportable")
+    recipe = tmp / "exportable.toml"
+    recipe.write_text(tomli_w.dumps(tiny_recipe_data(
+        demo_data, experiment="exportable", text={"name": "minilm", "params": {"tiny": True}},
+        pooling={"name": "attention"}, cache={"dir": str(tmp / "cache")}, logging={"tensorboard": False},
+    )), encoding="utf-8")
+    return run_training(load_recipe(recipe), recipe_path=recipe, out=tmp / "run", progress=False, echo=lambda line: None)
+
+
+@pytest.fixture(scope="session")
+def exported_bundle(tmp_path_factory, exportable_run):
+    """``mmcore export`` of ``exportable_run`` (ONNX, parity on its validation split)."""
+    from mmcore.commands.export import export_run
+
+    out = tmp_path_factory.mktemp("bundle") / "bundle"
+    export_run(exportable_run, out, progress=False, echo=lambda line: None)
+    return out

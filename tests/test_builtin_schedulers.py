@@ -44,6 +44,12 @@ def lr_sequence(scheduler, steps=TOTAL):
     return rates
 
 
+def warmup_shifted(theirs, warmup):
+    """transformers' rates (one more than needed) with warmup one step ahead: step k uses theirs at k + 1
+    during warmup (so the first step is not wasted at 0), theirs at k afterwards."""
+    return [theirs[k + 1] if k < warmup else theirs[k] for k in range(len(theirs) - 1)]
+
+
 def assert_same_rates(ours, theirs):
     assert len(ours) == len(theirs)
     for step, (a, b) in enumerate(zip(ours, theirs)):
@@ -58,7 +64,21 @@ def test_builtin_schedulers(registry):
 def test_cosine_warmup_matches_transformers(registry, ratio, warmup):
     ours = build(registry, "scheduler", "cosine_warmup", optimizer(), TOTAL, warmup_ratio=ratio)
     theirs = transformers.get_cosine_schedule_with_warmup(optimizer(), warmup, TOTAL)
-    assert_same_rates(lr_sequence(ours), lr_sequence(theirs))
+    rates = lr_sequence(ours)
+    assert_same_rates(rates, warmup_shifted(lr_sequence(theirs, TOTAL + 1), warmup))
+    # the first optimizer step runs at lr / warmup, never at 0
+    assert rates[0] == pytest.approx([1e-3 / max(warmup, 1), 2e-5 / max(warmup, 1)], rel=1e-12)
+
+
+def test_cosine_warmup_lr_of_each_step_by_hand(registry):
+    """4 warmup steps of 10: 1/4, 2/4, 3/4, 1, then cosine from its top over the 6 left."""
+    import math
+
+    rates = [r[0] for r in lr_sequence(build(registry, "scheduler", "cosine_warmup", optimizer(), 10, warmup_steps=4), 10)]
+    expected = [1e-3 * f for f in (0.25, 0.5, 0.75, 1.0)]
+    expected += [1e-3 * 0.5 * (1 + math.cos(math.pi * (k - 4) / 6)) for k in range(4, 10)]
+    assert rates == pytest.approx(expected, rel=1e-12)
+    assert min(rates) > 0
 
 
 def test_cosine_warmup_steps_override_the_ratio(registry):
@@ -66,7 +86,7 @@ def test_cosine_warmup_steps_override_the_ratio(registry):
         registry, "scheduler", "cosine_warmup", optimizer(), TOTAL, warmup_ratio=0.5, warmup_steps=3
     )
     theirs = transformers.get_cosine_schedule_with_warmup(optimizer(), 3, TOTAL)
-    assert_same_rates(lr_sequence(ours), lr_sequence(theirs))
+    assert_same_rates(lr_sequence(ours), warmup_shifted(lr_sequence(theirs, TOTAL + 1), 3))
 
 
 def test_cosine_warmup_min_lr_ratio(registry):
@@ -77,7 +97,7 @@ def test_cosine_warmup_min_lr_ratio(registry):
         optimizer(), 5, TOTAL, min_lr_rate=0.1
     )
     rates = lr_sequence(ours)
-    assert_same_rates(rates, lr_sequence(theirs))
+    assert_same_rates(rates, warmup_shifted(lr_sequence(theirs, TOTAL + 1), 5))
     assert rates[-1][0] > 1e-4  # the floor is 10% of 1e-3
 
 

@@ -118,8 +118,7 @@ def test_compose_mounts_project_and_data_as_the_host_user():
         for line in ("- .:/workspace", "- ${DATA_DIR}:/data", 'user: "${USER_UID}:${USER_GID}"'):
             assert line in text
         return
-    (name,) = data["services"]
-    service = data["services"][name]
+    service = data["services"]["mmcore"]
     assert service["user"] == "${USER_UID}:${USER_GID}"
     assert ".:/workspace" in service["volumes"] and "${DATA_DIR}:/data" in service["volumes"]
     assert service["working_dir"] == "/workspace"

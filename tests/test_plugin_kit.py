@@ -17,16 +17,28 @@ import tomllib
 import torch
 from click.testing import CliRunner
 
-from mmcore import hookimpl, testing
+from mmcore import (
+    NO_WEIGHTS,
+    EncoderParams,
+    FeatureMapEncoder,
+    NoWeightsParams,
+    OcrEngine,
+    TextEncoder,
+    calibrate_batchnorm,
+    hookimpl,
+    square_preprocessing,
+    testing,
+    torchvision_preprocessing,
+)
 from mmcore.cli.new_plugin import new_plugin_command
-from mmcore.interfaces import EncoderParams, OcrEngine
+from mmcore.kit.health import feature_problem
 from mmcore.plugins import hookspecs
+from mmcore.plugins.kinds import KIND_TABLE
 from mmcore.plugins.manager import make_registry
-from mmcore.plugins.registry import KINDS
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "plugins.md"
-HOOK_KIND = {hook: kind for kind, (hook, _, _) in KINDS.items()}
+HOOK_KIND = {kind.hook: kind.name for kind in KIND_TABLE}
 CHECKS = {
     "vision": testing.check_vision_encoder,
     "text": testing.check_text_encoder,
@@ -38,6 +50,70 @@ CHECKS = {
     "augmentation": testing.check_augmentation,
     "ocr": testing.check_ocr_engine,
 }
+
+
+# --- plugins use mmcore's face only ------------------------------------------------------
+
+PUBLIC_MODULES = {"mmcore", "mmcore.testing"}
+
+
+def private_imports(source, where):
+    """``where:line: module`` for each import of mmcore other than its face, and each face name that does not exist."""
+    import ast
+
+    import mmcore
+
+    problems = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            modules = [(alias.name, ()) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            modules = [(node.module, [alias.name for alias in node.names])]
+        else:
+            continue
+        for module, names in modules:
+            if module.split(".")[0] != "mmcore":
+                continue
+            if module not in PUBLIC_MODULES:
+                problems.append(f"{where}:{node.lineno}: imports private module {module}")
+            elif module == "mmcore":
+                problems += [f"{where}:{node.lineno}: mmcore has no public name {n}" for n in names if n not in mmcore.__all__]
+    return problems
+
+
+def template_sources():
+    """``{label: python source}`` of every file new-plugin writes, for every kind and template."""
+    from mmcore.commands.new_plugin import TEMPLATES, plugin_files, plugin_names
+
+    sources = {}
+    for template, kind in TEMPLATES:
+        names = plugin_names("face_check", kind, template=template)
+        for relative, text in plugin_files(names).items():
+            if relative.endswith(".py"):
+                sources[f"new-plugin --from {template} --kind {kind}: {relative}"] = text
+    return sources
+
+
+def test_plugins_and_templates_import_only_mmcores_face():
+    files = sorted((REPO / "plugins").glob("*/**/*.py"))
+    assert len(files) >= 18  # every shipped plugin's module and tests
+    problems = []
+    for path in files:
+        problems += private_imports(path.read_text(encoding="utf-8"), path.relative_to(REPO))
+    for label, source in template_sources().items():
+        problems += private_imports(source, label)
+    for i, block in enumerate(re.findall(r"```python\n(.*?)```", DOCS.read_text(encoding="utf-8"), re.S)):
+        problems += private_imports(block, f"docs/plugins.md python block {i + 1}")
+    assert problems == []
+
+
+def test_a_private_import_is_reported():
+    source = "import attrs\nfrom mmcore import hookimpl, Nope\nfrom mmcore.kit.vision import FeatureMapEncoder\nimport mmcore.errors\n"
+    assert private_imports(source, "p.py") == [
+        "p.py:2: mmcore has no public name Nope",
+        "p.py:3: imports private module mmcore.kit.vision",
+        "p.py:4: imports private module mmcore.errors",
+    ]
 
 
 # --- docs/plugins.md ---------------------------------------------------------------------
@@ -389,11 +465,11 @@ seed = 1
 base_dir = "{data}"
 num_workers = 0
 [vision]
-name = "kit_conv"
-params = {{ width = 8, depth = 2, image_size = 32 }}
+name = "{vision}"
+params = {vision_params}
 [text]
-name = "kit_words"
-params = {{ dim = 16, buckets = 512 }}
+name = "{text}"
+params = {text_params}
 [pooling]
 name = "mean"
 [fusion]
@@ -413,54 +489,318 @@ progress = false
 tensorboard = false
 """
 
+#: (args of new-plugin, folder it writes under plugins/): one per template
+GENERATED = [
+    (["kit_conv", "--kind", "vision"], "vision-kit-conv"),
+    (["kit_words", "--kind", "text"], "text-kit-words"),
+    (["mobilenet_v3_small", "--from", "torchvision"], "vision-mobilenet"),
+    (["kit_timm", "--from", "timm"], "vision-kit-timm"),
+    (["kit_hf", "--from", "hf-text"], "text-kit-hf"),
+    (["kit_st", "--from", "sentence-transformers", "--package", "acme-text-st"], "acme-text-st"),
+]
+#: (vision, vision params, text, text params) trained once each: every template, and the docs' walkthrough
+TRAINED = [
+    ("kit_conv", "{ width = 8, depth = 2, image_size = 32 }", "kit_words", "{ dim = 16, buckets = 512 }"),
+    ("mobilenet_v3_small", "{ tiny = true }", "kit_hf", "{ tiny = true }"),
+    ("kit_timm", "{ tiny = true }", "kit_st", "{ tiny = true }"),
+    ("docs_mobilenet", "{ tiny = true }", "char_ngrams", "{ dim = 64, min_n = 2, max_n = 3 }"),
+]
+
+TRAIN_ALL = """
+import json, sys
+from mmcore.commands.run import run_training
+from mmcore.plugins import get_registry
+from mmcore.recipe import load_recipe
+
+registry = get_registry()
+for recipe, out in zip(sys.argv[1::2], sys.argv[2::2]):
+    run_training(load_recipe(recipe), recipe_path=recipe, out=out, registry=registry, progress=False,
+                 echo=lambda line: print(line, flush=True))
+print(json.dumps(sorted({(r.package, r.name) for r in registry.all() if r.package != "mmcore"})))
+"""
+
+
+def docs_walkthrough_packages(root):
+    """The docs' two example plugins as package folders: their python blocks and pyproject blocks.
+
+    The vision example is renamed docs_mobilenet, so that it installs beside the template's
+    mobilenet_v3_small (the same name twice is an error, rightly)."""
+    text = DOCS.read_text(encoding="utf-8")
+    walkthrough = sections(text)["Walkthrough: two plugins end to end"]
+    vision_toml, text_toml = re.findall(r"```toml\n(.*?)```", walkthrough, re.S)[:2]
+    packages = {
+        "vision-mobilenet": (vision_toml.replace("mmcore-vision-mobilenet", "docs-vision-mobilenet")
+                             .replace("mmcore_vision_mobilenet", "docs_vision_mobilenet"),
+                             example("register_vision_encoders").replace('NAME = "mobilenet_v3_small"', 'NAME = "docs_mobilenet"')),
+        "text-char-ngrams": (text_toml, example("register_text_encoders")),
+    }
+    folders = []
+    for folder, (pyproject, module) in packages.items():
+        project = tomllib.loads(pyproject)
+        (module_name,) = project["project"]["entry-points"]["mmcore"].values()
+        (root / folder / "src" / module_name).mkdir(parents=True)
+        (root / folder / "pyproject.toml").write_text("[build-system]\nrequires = [\"setuptools>=68\"]\n"
+                                                      "build-backend = \"setuptools.build_meta\"\n\n" + pyproject)
+        (root / folder / "src" / module_name / "__init__.py").write_text(module)
+        folders.append(root / folder)
+    return folders
+
 
 @pytest.mark.slow
-def test_generated_plugins_install_pass_their_tests_and_train(tmp_path, demo_data):
-    """Generate a vision plugin (the standalone command) and a text plugin, pip install them into
-    a private folder (not the shared venv, so parallel tests never see them), run their own
-    tests, then train a recipe that names both."""
+def test_every_template_and_the_docs_walkthrough_install_pass_their_tests_and_train(tmp_path, demo_data):
+    """Generate one package per new-plugin template (one through the standalone command), build
+    the docs' two example plugins, pip install all of them in one step into a private folder (not
+    the shared venv, so parallel tests never see them), run the generated packages' own tests, then
+    train four recipes that name them all, in one process loading them through their entry points."""
     code = "from mmcore.cli.new_plugin import new_plugin_command; new_plugin_command()"
-    subprocess.run([sys.executable, "-c", code, "kit_conv", "--kind", "vision"], cwd=tmp_path,
-                   check=True, capture_output=True, timeout=120)
-    text_dir = tmp_path / "plugins" / "text-kit-words"
-    assert new_plugin("kit_words", "--kind", "text", "--dir", text_dir).exit_code == 0
-    vision_dir = tmp_path / "plugins" / "vision-kit-conv"
+    first_args, _ = GENERATED[0]
+    subprocess.run([sys.executable, "-c", code, *first_args], cwd=tmp_path, check=True, capture_output=True, timeout=120)
+    for args, folder in GENERATED[1:]:
+        result = new_plugin(*args, "--dir", tmp_path / "plugins" / folder)
+        assert result.exit_code == 0, result.output
+    generated = [tmp_path / "plugins" / folder for _, folder in GENERATED]
+    docs_packages = docs_walkthrough_packages(tmp_path / "docs")
     site = tmp_path / "site"
     pip = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
-           "--disable-pip-version-check", "-q", "--target", str(site), str(vision_dir), str(text_dir)]
-    installed = subprocess.run(pip, capture_output=True, text=True, timeout=300)
+           "--disable-pip-version-check", "-q", "--target", str(site), *map(str, generated + docs_packages)]
+    installed = subprocess.run(pip, capture_output=True, text=True, timeout=600)
     assert installed.returncode == 0, installed.stderr
-    assert {p.name for p in site.glob("*.dist-info")} == {
-        "mmcore_vision_kit_conv-0.1.0.dist-info", "mmcore_text_kit_words-0.1.0.dist-info"
-    }
+    dists = ["mmcore-vision-kit-conv", "mmcore-text-kit-words", "mmcore-vision-mobilenet", "mmcore-vision-kit-timm",
+             "mmcore-text-kit-hf", "acme-text-st", "docs-vision-mobilenet", "mmcore-text-char-ngrams"]
     env = {
         **os.environ,
-        "PYTHONPATH": str(site),
+        "PYTHONPATH": os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])]),
         "MMCORE_CACHE_DIR": str(tmp_path / "cache"),
-        # only these two (and the built-ins): fast, and proves they load through their entry points
-        "MMCORE_LOAD_PLUGINS": "mmcore-vision-kit-conv,mmcore-text-kit-words",
+        "OMP_NUM_THREADS": "1",
+        # only these (and the built-ins): fast, and proves they load through their entry points
+        "MMCORE_LOAD_PLUGINS": ",".join(dists),
     }
-
     tests = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", vision_dir / "tests", text_dir / "tests"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *[str(p / "tests") for p in generated]],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
     )
     assert tests.returncode == 0, tests.stdout + tests.stderr
-    assert re.search(r"\b11 passed\b", tests.stdout), tests.stdout
+    assert re.search(r"\b30 passed\b", tests.stdout), tests.stdout
 
-    recipe = tmp_path / "kit.toml"
-    recipe.write_text(RECIPE.format(data=demo_data))
-    run = subprocess.run(
-        [sys.executable, "-m", "mmcore", "run", str(recipe), "--out", str(tmp_path / "run"), "--quiet"],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
+    args = []
+    for i, (vision, vision_params, text, text_params) in enumerate(TRAINED):
+        recipe = tmp_path / f"kit{i}.toml"
+        recipe.write_text(RECIPE.format(data=demo_data, vision=vision, vision_params=vision_params,
+                                        text=text, text_params=text_params))
+        args += [str(recipe), str(tmp_path / f"run{i}")]
+    run = subprocess.run([sys.executable, "-c", TRAIN_ALL, *args], env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout + run.stderr
-    out = tmp_path / "run"
-    assert json.loads((out / "status.json").read_text())["state"] == "completed"
-    results = json.loads((out / "results.json").read_text())
-    assert results["epochs_trained"] == 1 and 0.0 <= results["test"]["at_threshold"]["auroc"] <= 1.0
-    assert len(json.loads((out / "test_predictions.json").read_text())) == 32
-    ckpt = torch.load(out / "checkpoint_best.ckpt", weights_only=True)
-    assert ckpt["encoders"]["vision"].startswith("kit_conv|random|")
-    assert ckpt["encoders"]["text"].startswith("kit_words|random|")
-    assert "vision.net.blocks.1.conv.weight" in ckpt["model"]
+    registered = json.loads(run.stdout.splitlines()[-1])
+    assert registered == sorted([
+        ["acme-text-st", "kit_st"], ["docs-vision-mobilenet", "docs_mobilenet"], ["mmcore-text-char-ngrams", "char_ngrams"],
+        ["mmcore-text-kit-hf", "kit_hf"], ["mmcore-text-kit-words", "kit_words"], ["mmcore-vision-kit-conv", "kit_conv"],
+        ["mmcore-vision-kit-timm", "kit_timm"], ["mmcore-vision-mobilenet", "mobilenet_v3_small"],
+    ])
+    assert "features are" not in run.stdout  # no template gives a dead encoder
+    for i, (vision, _, text, _) in enumerate(TRAINED):
+        out = tmp_path / f"run{i}"
+        assert json.loads((out / "status.json").read_text())["state"] == "completed"
+        results = json.loads((out / "results.json").read_text())
+        assert results["epochs_trained"] == 1 and 0.0 <= results["test"]["at_threshold"]["auroc"] <= 1.0
+        assert len(json.loads((out / "test_predictions.json").read_text())) == 32
+        encoders = torch.load(out / "checkpoint_best.ckpt", weights_only=True)["encoders"]
+        assert encoders["vision"].startswith(f"{vision}|random|") and encoders["text"].split("|")[0] == text
+    assert torch.load(tmp_path / "run3" / "checkpoint_best.ckpt", weights_only=True)["encoders"]["text"].startswith(
+        "char_ngrams|none|-|"
+    )
+    # the docs' cross-field check and NoWeightsParams, found by `mmcore show` before anything runs
+    recipe = tmp_path / "kit3.toml"
+    for key, message in [
+        ("text.params.max_n=1", "text.params.max_n: must be >= min_n (2) (got 1)"),
+        ("text.params.weights=x", "text.params.weights: this encoder loads no weights, so it takes no weights (got 'x'); remove the key"),
+    ]:
+        show = subprocess.run([sys.executable, "-m", "mmcore", "show", str(recipe), "--set", key],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert (show.returncode, show.stdout) == (2, "")
+        assert show.stderr.splitlines() == [f"{recipe} (--set {key.split('=')[0]}): {message}"]
+
+
+def test_package_sets_every_name(tmp_path):
+    result = new_plugin("mobilenet_v3_small", "--from", "torchvision", "--package", "acme-vision-mobile",
+                        "--dir", tmp_path / "pkg")
+    assert result.exit_code == 0, result.output
+    root = tmp_path / "pkg"
+    files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    assert files == [".gitignore", "README.md", "pyproject.toml", "src/acme_vision_mobile/__init__.py",
+                     "tests/test_acme_vision_mobile.py"]
+    project = tomllib.loads((root / "pyproject.toml").read_text())
+    assert project["project"]["name"] == "acme-vision-mobile"
+    assert project["project"]["entry-points"] == {"mmcore": {"acme-vision-mobile": "acme_vision_mobile"}}
+    assert project["project"]["dependencies"] == ["mmcore>=0.1.0", "torchvision>=0.19"]
+    test = (root / "tests" / "test_acme_vision_mobile.py").read_text()
+    assert '.package == "acme-vision-mobile"' in test and "mmmcore-vision" not in test
+    module = (root / "src" / "acme_vision_mobile" / "__init__.py").read_text()
+    assert module.startswith('"""acme-vision-mobile: the ``mobilenet_v3_small`` vision encoder')
+    assert 'WEIGHTS_ID = "MobileNet_V3_Small_Weights.IMAGENET1K_V1"' in module
+    assert result.output.splitlines()[0] == (
+        f"wrote {root}/ (acme-vision-mobile, module acme_vision_mobile, vision encoder 'mobilenet_v3_small')"
+    )
+
+
+def test_the_default_package_is_named_after_the_family(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert new_plugin("mobilenet_v3_small", "--from", "torchvision").exit_code == 0
+    assert new_plugin("vit_base", "--from", "timm").exit_code == 0
+    project = tomllib.loads((tmp_path / "plugins" / "vision-mobilenet" / "pyproject.toml").read_text())
+    assert project["project"]["name"] == "mmcore-vision-mobilenet"
+    module = (tmp_path / "plugins" / "vision-vit" / "src" / "mmcore_vision_vit" / "__init__.py").read_text()
+    assert 'MODEL_NAME = "resnet18.a1_in1k"  # a timm model name' in module  # vit_base is not one of timm's names
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["x", "--from", "torchvision", "--kind", "text"], "new-plugin: --from torchvision makes a vision encoder, not --kind text"),
+        (["x"], "new-plugin: --from plain needs --kind (vision or text)"),
+        (["x", "--kind", "text", "--package", "Acme_Text"],
+         "new-plugin: --package 'Acme_Text' must be lowercase letters and digits, words joined by single hyphens "
+         "(like mmcore-vision-acme): it is the distribution, the entry point and, with _ for -, the import name"),
+    ],
+)
+def test_new_plugin_refuses_bad_template_options_in_one_line(tmp_path, args, message):
+    result = CliRunner().invoke(new_plugin_command, [*args, "--dir", str(tmp_path / "x")])
+    assert (result.exit_code, result.output) == (2, message + "\n")
+    assert not (tmp_path / "x").exists()
+
+
+# --- a dead encoder fails the contract and is warned about at run start ----------------------
+
+
+@attrs.frozen(kw_only=True)
+class WidthParams(EncoderParams):
+    width: int = 8  # what the tiny recipe passes; the dead encoder ignores it
+
+
+class ConstantEncoder(FeatureMapEncoder):
+    """Sees only a tensor of ones: the same features for every image (a dead encoder)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(out_dim=8, name="constant_cnn", weights="random", preprocessing=square_preprocessing(32), **kwargs)
+        self.block = torch.nn.Conv2d(3, 8, 3, padding=1)
+
+    def feature_map(self, pixel_values):
+        return self.block(torch.ones_like(pixel_values)) + 1.0
+
+    def blocks(self):
+        return [self.block]
+
+
+class ConstantText(TextEncoder):
+    name, out_dim, weights = "constant_text", 4, NO_WEIGHTS
+
+    def encode(self, texts):
+        return torch.ones(len(texts), self.out_dim, device=self.device)
+
+
+def dead_plugin():
+    module = types.ModuleType("dead")
+
+    @hookimpl
+    def register_vision_encoders(register):
+        register("constant_cnn", lambda params: ConstantEncoder(), WidthParams)
+
+        def mobilenet(params):  # random weights, default BatchNorm statistics: dies by the last block
+            from torchvision.models import mobilenet_v3_small
+
+            return MobileNet(mobilenet_v3_small(), name="mobilenet_v3_small", weights="random",
+                             preprocessing=torchvision_preprocessing("MobileNet_V3_Small_Weights.IMAGENET1K_V1", size=64))
+
+        register("mobilenet_v3_small", mobilenet, EncoderParams)
+
+    @hookimpl
+    def register_text_encoders(register):
+        register("constant_text", lambda params: ConstantText(), NoWeightsParams)
+
+    module.register_vision_encoders = register_vision_encoders
+    module.register_text_encoders = register_text_encoders
+    return module
+
+
+class MobileNet(FeatureMapEncoder):
+    def __init__(self, model, **kwargs):
+        super().__init__(out_dim=model.features[-1].out_channels, **kwargs)
+        self.features = model.features
+
+    def feature_map(self, pixel_values):
+        return self.features(pixel_values)
+
+    def blocks(self):
+        return list(self.features)[1:]
+
+
+@pytest.fixture(scope="module")
+def dead_registry():
+    return make_registry(load_entrypoints=False, extra_plugins=[("dead", dead_plugin())])
+
+
+def test_an_encoder_of_constants_fails_the_contract_with_what_was_seen(dead_registry):
+    with pytest.raises(AssertionError) as info:
+        testing.check_vision_encoder("constant_cnn", {}, registry=dead_registry)
+    assert str(info.value) == (
+        "constant_cnn: vision features are near-constant across 2 distinct images (relative spread 0.0e+00); "
+        + testing.DEAD_HINT
+    )
+    with pytest.raises(AssertionError) as info:
+        testing.check_text_encoder("constant_text", {}, registry=dead_registry)
+    assert str(info.value) == (
+        "constant_text: text features are near-constant across 3 distinct texts (relative spread 0.0e+00); "
+        + testing.DEAD_HINT
+    )
+
+
+def test_mobilenet_v3_at_random_weights_fails_the_contract_and_calibrated_norms_revive_it(dead_registry):
+    torch.manual_seed(0)
+    with pytest.raises(AssertionError) as info:
+        testing.check_vision_encoder("mobilenet_v3_small", {}, registry=dead_registry)
+    assert re.fullmatch(
+        r"mobilenet_v3_small: vision features are near zero \(largest RMS \d\.\de-(08|09|10) over 2 images\); "
+        + re.escape(testing.DEAD_HINT),
+        str(info.value),
+    ), str(info.value)
+    encoder = testing.build("vision", "mobilenet_v3_small", {}, dead_registry)
+    calibrate_batchnorm(encoder.features, 64)
+    with torch.no_grad():
+        pooled = testing.encode_samples(encoder).tokens.mean(dim=1)
+    assert testing.feature_problem(pooled) is None and float(pooled.pow(2).mean().sqrt()) > 0.01
+
+
+def test_nan_after_a_training_step_is_named():
+    assert feature_problem(torch.tensor([[1.0, float("nan")], [0.5, 0.2]]), inputs="images") == (
+        "not finite (NaN or inf for 1 of 2 images)"
+    )
+
+
+def test_a_run_warns_on_its_first_batch_of_dead_features(tiny_recipe, dead_registry, tmp_path):
+    from mmcore.commands.run import run_training
+    from mmcore.recipe import load_recipe
+
+    path = tiny_recipe(vision={"name": "constant_cnn"}, text={"name": "constant_text"}, cache={"enabled": False})
+    lines = []
+    run_training(load_recipe(path, registry=dead_registry), recipe_path=path, out=tmp_path / "run",
+                 registry=dead_registry, progress=False, echo=lines.append)
+    warnings = [line for line in lines if line.startswith("warning:")]
+    assert warnings == [
+        "warning: vision features are near-constant across 8 distinct images (relative spread 0.0e+00) on the first "
+        "batch (vision encoder 'constant_cnn', weights random); the model cannot learn from them: check the "
+        "encoder's weights before trusting its results",
+        "warning: text features are near-constant across 8 distinct texts (relative spread 0.0e+00) on the first "
+        "batch (text encoder 'constant_text', weights none); the model cannot learn from them: check the "
+        "encoder's weights before trusting its results",
+    ]
+
+
+def test_a_healthy_run_gives_no_feature_warning(tiny_recipe, registry, tmp_path):
+    from mmcore.commands.run import run_training
+    from mmcore.recipe import load_recipe
+
+    path = tiny_recipe()
+    lines = []
+    run_training(load_recipe(path, registry=registry), recipe_path=path, out=tmp_path / "run",
+                 registry=registry, progress=False, echo=lines.append)
+    assert not [line for line in lines if "features are" in line]
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "completed"

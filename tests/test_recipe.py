@@ -55,7 +55,8 @@ def test_unknown_component(recipe_file, registry):
     path = recipe_file(BASE.replace('"fake_cnn"', '"fake_cnm"'))
     assert problems(path, registry) == [
         f"{path}: vision.name: unknown vision encoder 'fake_cnm'; did you mean 'fake_cnn'? "
-        "installed: fake_cnn, fake_vit. More: pip install ./plugins/vision-<name>"
+        "installed: fake_cnn, fake_vit. More: pip install the package that provides it "
+        "(plugins are named mmcore-vision-<name>); `mmcore plugins` lists what is installed"
     ]
 
 

@@ -5,8 +5,10 @@ import pytest
 
 from mmcore import hookimpl
 from mmcore.plugins import hookspecs
-from mmcore.plugins.manager import make_plugin_manager, make_registry
-from mmcore.plugins.registry import KINDS, DuplicateComponentError, UnknownComponentError
+from mmcore.plugins.hookspecs import hookspec
+from mmcore.plugins.kinds import KIND_TABLE, KINDS
+from mmcore.plugins.manager import collect, make_plugin_manager, make_registry
+from mmcore.plugins.registry import DuplicateComponentError, Registry, UnknownComponentError
 
 
 def test_builtins_register_through_the_hooks():
@@ -21,9 +23,68 @@ def test_builtins_register_through_the_hooks():
     assert registry.get("pooling", "mean").package == "mmcore"
 
 
-def test_every_kind_has_a_hookspec():
-    for hook_name, _, _ in KINDS.values():
-        assert hasattr(hookspecs, hook_name)
+def test_every_kind_has_a_hookspec_and_every_hookspec_a_kind():
+    specs = sorted(name for name in dir(hookspecs) if hasattr(getattr(hookspecs, name), "mmcore_spec"))
+    assert specs == sorted(kind.hook for kind in KIND_TABLE)
+    assert getattr(hookspecs, "register_heads").__doc__.startswith(
+        "Call ``register(name, factory, params_cls)`` for each head.\n\n``factory(params, in_dim) -> nn.Module``"
+    )
+
+
+def test_recipe_component_tables_come_from_the_kind_table():
+    from mmcore.recipe.schema import COMPONENT_KINDS, Recipe
+
+    assert set(COMPONENT_KINDS) == set(KINDS) - {"ocr"}
+    assert set(COMPONENT_KINDS) <= {field.name for field in attrs.fields(Recipe)}
+
+
+def test_registry_gets_its_packages_and_broken_plugins_in_its_constructor():
+    registry = Registry({"p": ("mmcore-vision-p", "1.2")}, {"mmcore-vision-q": "ImportError: no"})
+    assert registry.packages == {"p": ("mmcore-vision-p", "1.2")}
+    assert registry.unknown_message("vision", "x").endswith("(not loaded: mmcore-vision-q, ImportError: no)")
+
+
+def test_installed_plugin_versions_come_from_pluggys_distinfo(monkeypatch):
+    monkeypatch.setenv("MMCORE_LOAD_PLUGINS", "mmcore-fake-encoders")
+    pm, packages, broken = make_plugin_manager()
+    ((plugin, dist),) = pm.list_plugin_distinfo()
+    assert pm.get_name(plugin) == "mmcore-fake-encoders"
+    assert packages["mmcore-fake-encoders"] == ("mmcore-fake-encoders", dist.version) and broken == {}
+
+
+class _GrownSpecs:
+    """register_heads as a later mmcore might declare it: a second parameter."""
+
+    @hookspec
+    def register_heads(self, register, core_version):
+        pass
+
+
+class _OldHeadPlugin:
+    @hookimpl
+    def register_heads(self, register):  # written before the hook grew
+        register("old_head", lambda p, d: None, _P)
+
+
+class _NewHeadPlugin:
+    @hookimpl
+    def register_heads(self, core_version, register):  # any order: pluggy calls by keyword
+        register(f"head_for_{core_version}", lambda p, d: None, _P)
+
+
+def test_a_hook_can_gain_a_parameter_without_breaking_a_plugin_that_does_not_take_it():
+    import pluggy
+
+    pm = pluggy.PluginManager("mmcore")
+    pm.add_hookspecs(_GrownSpecs)
+    pm.register(_OldHeadPlugin(), name="old")
+    pm.register(_NewHeadPlugin(), name="new")
+    pm.check_pending()
+    registry = collect(pm, {"old": ("mmcore-head-old", "1"), "new": ("mmcore-head-new", "2")},
+                       arguments={"core_version": "v9"})
+    assert registry.names("head") == ["head_for_v9", "old_head"]
+    assert registry.get("head", "old_head").package == "mmcore-head-old"
+    assert registry.get("head", "head_for_v9").package == "mmcore-head-new"
 
 
 def test_unknown_name_message_has_did_you_mean_installed_and_hint(registry):
@@ -31,7 +92,8 @@ def test_unknown_name_message_has_did_you_mean_installed_and_hint(registry):
         registry.get("vision", "fake_cnm")
     assert str(info.value) == (
         "unknown vision encoder 'fake_cnm'; did you mean 'fake_cnn'? installed: fake_cnn, fake_vit. "
-        "More: pip install ./plugins/vision-<name>"
+        "More: pip install the package that provides it (plugins are named mmcore-vision-<name>); "
+        "`mmcore plugins` lists what is installed"
     )
 
 

@@ -16,7 +16,13 @@ from mmcore.validators import at_least, in_range
 
 
 class CosineFactor:
-    """Linear warmup from 0 to 1 over ``warmup`` steps, then a half cosine down to ``floor``."""
+    """Linear warmup to 1 over ``warmup`` steps, then a half cosine down to ``floor``.
+
+    ``step`` k is the k-th optimizer step (from 0), and the factor is the one that step
+    uses. Warmup is ``(k + 1) / warmup``: transformers' ``get_cosine_schedule_with_warmup``
+    at k + 1, so the first step runs at ``lr / warmup`` rather than at 0 (a wasted step);
+    from step ``warmup`` on it is transformers' cosine at k (the peak is used twice).
+    """
 
     def __init__(self, warmup, total, floor):
         self.warmup = warmup
@@ -25,7 +31,7 @@ class CosineFactor:
 
     def __call__(self, step):
         if step < self.warmup:
-            return step / max(1, self.warmup)
+            return (step + 1) / self.warmup
         progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
         cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
         return self.floor + (1.0 - self.floor) * cosine

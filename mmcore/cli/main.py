@@ -43,8 +43,8 @@ def cli():
 @cli.command()
 def plugins():
     """List installed plugin packages and the components each registers."""
+    from mmcore.plugins.kinds import KINDS
     from mmcore.plugins.manager import get_registry
-    from mmcore.plugins.registry import KINDS
 
     registry = get_registry()
     by_package = {}
@@ -58,7 +58,7 @@ def plugins():
         for kind in KINDS:
             names = by_package[package].get(kind)
             if names:
-                click.echo(f"  {plural(KINDS[kind][1]):<16} {', '.join(sorted(names))}")
+                click.echo(f"  {plural(KINDS[kind].human):<16} {', '.join(sorted(names))}")
 
 
 @cli.command()
@@ -193,11 +193,13 @@ def plural(noun):
 def _add_commands():
     from mmcore.cli.cache import cache_group
     from mmcore.cli.compare import compare_command
+    from mmcore.cli.export import export_command
     from mmcore.cli.new_plugin import new_plugin_command
     from mmcore.cli.ocr import ocr_command
     from mmcore.cli.predict import predict_command
+    from mmcore.cli.serve import serve_command
 
-    for command in (predict_command, compare_command, ocr_command, cache_group, new_plugin_command):
+    for command in (predict_command, compare_command, ocr_command, cache_group, new_plugin_command, export_command, serve_command):
         cli.add_command(command)
 
 

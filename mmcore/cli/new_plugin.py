@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from mmcore.commands.new_plugin import KINDS, ScaffoldError, _already_registered, plugin_names, write_plugin
+from mmcore.commands.new_plugin import KINDS, SOURCES, ScaffoldError, _already_registered, plugin_names, write_plugin
 
 
 class _OneLineError(click.ClickException):
@@ -22,20 +22,34 @@ class _OneLineError(click.ClickException):
 
 @click.command("new-plugin")
 @click.argument("name")
-@click.option("--kind", required=True, type=click.Choice(KINDS), help="What the plugin provides.")
+@click.option("--kind", type=click.Choice(KINDS), help="What the plugin provides (needed with --from plain, the default).")
+@click.option(
+    "--from",
+    "template",
+    type=click.Choice(SOURCES),
+    default="plain",
+    show_default=True,
+    help="What the package wraps: a model of its own (plain) or a library's model.",
+)
+@click.option(
+    "--package",
+    help="Distribution name, also the entry point and (with _ for -) the import name "
+    "(default: mmcore-<kind>-<family of NAME>, e.g. mmcore-vision-mobilenet).",
+)
 @click.option(
     "--dir",
     "directory",
     type=click.Path(path_type=Path),
-    help="Folder to create (default: plugins/<kind>-<name> in the current directory).",
+    help="Folder to create (default: plugins/<package without mmcore-> in the current directory).",
 )
-def new_plugin_command(name, kind, directory):
+def new_plugin_command(name, kind, template, package, directory):
     """Write a new plugin package providing the encoder NAME, ready to pip install and test."""
     try:
-        names = plugin_names(name, kind)
-        target = write_plugin(name, kind, directory)
+        names = plugin_names(name, kind, template=template, package=package)
+        target = write_plugin(name, names.kind, directory, template=template, package=package)
     except ScaffoldError as exc:
         raise _OneLineError(str(exc), exc.exit_code) from None
+    kind = names.kind
     click.echo(f"wrote {target}/ ({names.dist}, module {names.module}, {kind} encoder {name!r})")
     owner = _already_registered(names)
     if owner is not None:

@@ -29,7 +29,7 @@ def _fail(exc):
               help="Folder that relative image paths start from [default: the CSV's folder].")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def predict_command(run_dir, input_csv, output, batch_size, base_dir, quiet):
-    """Score INPUT.csv (local_image_path[,label][,text_info]) with the finished run in RUN_DIR.
+    """Score INPUT.csv (local_image_path[,label][,text_info]) with the finished run (or export bundle) in RUN_DIR.
 
     \b
     mmcore predict runs/demo/20261128-101500 new_ads.csv -o scored.csv
@@ -38,6 +38,14 @@ def predict_command(run_dir, input_csv, output, batch_size, base_dir, quiet):
     text_info may be left out for vision_only runs.
     """
     try:
+        from mmcore.export.bundle import is_bundle
+
+        if is_bundle(run_dir):  # an export bundle: scored by onnxruntime (mmcore.export.predict)
+            from mmcore.export.predict import predict_bundle
+
+            predict_bundle(run_dir, input_csv, output, batch_size=batch_size, base_dir=base_dir,
+                           progress=not quiet, echo=click.echo)
+            return
         predict_csv(
             run_dir, input_csv, output, batch_size=batch_size, base_dir=base_dir,
             progress=not quiet, echo=click.echo,

@@ -7,9 +7,10 @@ from pathlib import Path
 
 from mmcore.data.csvs import read_split, resolve_csv
 from mmcore.engine.checkpoint import load_model_state, read_checkpoint
-from mmcore.engine.loop import BadImages, Trainer
+from mmcore.engine.inference import predict
 from mmcore.engine.outputs import write_evaluation
 from mmcore.engine.pipeline import Pipeline
+from mmcore.engine.policies import BadImages
 from mmcore.errors import DataError
 from mmcore.ocr.fill import ocr_stage
 from mmcore.recipe import recipe_to_dict
@@ -57,12 +58,10 @@ def score_with_run(pipeline, split, name, *, progress=True, desc=None):
     dataset, split, errors = pipeline.dataset(split)
     if errors:
         bad_images.check({"errors": errors}, name)
-    trainer = Trainer(
-        model=pipeline.model, optimizer=None, scheduler=None, loss_fn=None,
-        device=pipeline.device, dtype=pipeline.dtype, bad_images=bad_images,
-        progress=progress, channels_last=pipeline.channels_last,
+    indices, logits, labels = predict(
+        pipeline.model, pipeline.loader(dataset), device=pipeline.device, dtype=pipeline.dtype,
+        bad_images=bad_images, split_name=name, desc=desc, progress=progress, channels_last=pipeline.channels_last,
     )
-    indices, logits, labels = trainer.predict(pipeline.loader(dataset), name, desc=desc)
     return split, indices, logits, labels, bad_images
 
 

@@ -43,6 +43,12 @@ def _encoder_dropped_keys(model):
     return dropped
 
 
+def model_state_keys(model):
+    """The keys of ``model.state_dict()`` a checkpoint carries (see :func:`model_state`)."""
+    dropped = _encoder_dropped_keys(model)
+    return [key for key in model.state_dict() if key not in dropped]
+
+
 def model_state(model):
     """The part of ``model.state_dict()`` a checkpoint must carry (detached CPU tensors)."""
     dropped = _encoder_dropped_keys(model)

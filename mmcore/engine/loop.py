@@ -1,47 +1,28 @@
-"""The training and evaluation loops (plain PyTorch)."""
+"""The training epoch: batches through a :class:`~mmcore.engine.step.TrainStep`, the policies and
+the bookkeeping a checkpoint needs (plain PyTorch).
+
+The loop never waits on the device between log points: the loss sum and the NaN check
+stay device tensors and are read once per ``log_every`` optimizer steps, before a
+checkpoint is written and at the epoch's end (:meth:`Trainer.settle`).
+"""
 
 from __future__ import annotations
 
 import math
-import os
 import time
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mmcore.engine.runtime import all_gather_objects, any_rank, autocast, to_device
-from mmcore.errors import DataError, RunError
+from mmcore.engine.inference import predict, sigmoid
+from mmcore.engine.policies import BadImages, NanPolicy, NonFiniteLoss
+from mmcore.engine.runtime import any_rank
+from mmcore.engine.step import TrainStep
 
+__all__ = ["BadImages", "NonFiniteLoss", "Trainer", "predict", "set_train_mode", "sigmoid", "total_steps"]
 
-class BadImages:
-    """Applies ``data.on_bad_image``: stop with the rows, or skip them and count them."""
-
-    def __init__(self, policy):
-        self.policy = policy
-        self.skipped = {}
-
-    def check(self, batch, split_name):
-        if not batch["errors"]:
-            return
-        if self.policy == "error":
-            raise DataError(
-                batch["errors"]
-                + ["set data.on_bad_image = \"skip\" to leave such images out (counted in results.json)"]
-            )
-        for message in batch["errors"]:
-            self.skipped.setdefault(split_name, {})[message] = True
-
-    def counts(self):
-        return {name: len(messages) for name, messages in self.skipped.items()}
-
-
-def _prepare(batch, device, channels_last):
-    batch = to_device(batch, device)
-    vision = batch.get("vision")
-    if channels_last and vision is not None and vision["pixel_values"].dim() == 4:
-        vision["pixel_values"] = vision["pixel_values"].contiguous(memory_format=torch.channels_last)
-    return batch
+#: optimizer steps between two reads of the loss (as Lightning's log_every_n_steps)
+LOG_EVERY = 50
 
 
 def set_train_mode(model):
@@ -60,17 +41,14 @@ def set_train_mode(model):
             freeze_norm_statistics(encoder)
 
 
-class NonFiniteLoss(RunError):
-    """The loss became NaN/inf and ``train.on_nan = "stop"``."""
-
-
-def _group_lrs(optimizer):
-    """One learning rate per named parameter group (head, backbone, lora)."""
-    return {group.get("name", str(i)): group["lr"] for i, group in enumerate(optimizer.param_groups)}
+def group_sizes(num_batches, accum):
+    """Batches in each accumulation group of an epoch: full groups, then the partial rest."""
+    full, rest = divmod(num_batches, accum)
+    return [accum] * full + ([rest] if rest else [])
 
 
 class Trainer:
-    """One optimizer/scheduler/loss over a model; ``train_epoch`` and ``predict``."""
+    """Training epochs of one model/optimizer/scheduler/loss; ``train_epoch``."""
 
     def __init__(
         self,
@@ -89,144 +67,118 @@ class Trainer:
         progress=True,
         channels_last=False,
         on_step=None,
+        log_every=LOG_EVERY,
         last_checkpoint=None,
     ):
         self.model = model
-        #: where the resumable state is saved (the NaN stop says whether one exists yet)
-        self.last_checkpoint = last_checkpoint
         self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.loss_fn = loss_fn
+        self.step = TrainStep(
+            model, optimizer, scheduler, loss_fn, device=device, dtype=dtype, grad_clip=grad_clip,
+            channels_last=channels_last,
+        )
         self.device = device
-        self.dtype = dtype
         self.grad_accum_steps = grad_accum_steps
-        self.grad_clip = grad_clip
-        self.on_nan = on_nan
+        self.nan = NanPolicy(on_nan, device, last_checkpoint)
         self.bad_images = bad_images or BadImages("error")
         self.writer = writer
         self.progress = progress
-        self.channels_last = channels_last
         self.on_step = on_step
+        self.log_every = log_every
         self.global_step = 0
-        self.skipped_nan_steps = 0
         self.stop_requested = False
         self.batches_done = 0
         self.loss_totals = (0.0, 0)
+        self._loss_sum = None
 
-    def _kept(self):
-        if self.last_checkpoint is not None and not os.path.isfile(self.last_checkpoint):
-            return " before any checkpoint was written"
-        return ", the last good checkpoint is kept"
+    @property
+    def skipped_nan_steps(self):
+        """Batches left out because their loss was not finite (``train.on_nan = "skip"``)."""
+        return self.nan.skipped
+
+    @skipped_nan_steps.setter
+    def skipped_nan_steps(self, value):
+        self.nan.skipped = value
+
+    def settle(self):
+        """Read the device state back: raise for a bad loss (``stop``), update ``loss_totals``.
+
+        Called on every rank (it may all-reduce) at log points, before a checkpoint is
+        written and at the epoch's end.
+        """
+        self.nan.raise_if_bad()
+        if self._loss_sum is not None:
+            self.loss_totals = (float(self._loss_sum.item()), self._loss_n)
+        return self.loss_totals
 
     def train_epoch(self, loader, epoch, epochs, *, skip_batches=0, totals=(0.0, 0)):
-        """One pass over ``loader`` from batch ``skip_batches`` on.
+        """One pass over ``loader``, which yields the epoch's batches from batch ``skip_batches`` on.
 
         Returns ``(mean loss, completed)``; ``completed`` is False when a stop was requested
         (SIGINT/SIGTERM): the loop then ends right after an optimizer step, so the state
         (``batches_done``, ``loss_totals``) is consistent for a checkpoint.
         """
-        model = self.model
-        set_train_mode(model)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        total_loss, total_n = totals
+        set_train_mode(self.model)
+        accum = self.grad_accum_steps
+        num_batches = skip_batches + len(loader)
+        sizes = group_sizes(num_batches, accum)
+        self._loss_sum = torch.tensor(float(totals[0]), dtype=torch.float64, device=self.device)
+        self._loss_n = int(totals[1])
+        self.loss_totals = (float(totals[0]), self._loss_n)
+        self.batches_done = skip_batches
+        self.nan.start_epoch(epoch, skip_batches, self.global_step, accum)
+        self.optimizer.zero_grad(set_to_none=True)
         seen, started = 0, time.perf_counter()
         bar = tqdm(
-            total=len(loader),
-            initial=skip_batches,
-            desc=f"epoch {epoch}/{epochs}",
-            unit="batch",
-            disable=not self.progress,
-            leave=False,
+            total=num_batches, initial=skip_batches, desc=f"epoch {epoch}/{epochs}", unit="batch",
+            disable=not self.progress, leave=False,
         )
-        accum = self.grad_accum_steps
-        self.optimizer.zero_grad(set_to_none=True)
-        num_batches = len(loader)
-        self.batches_done = skip_batches
-        iterator = iter(loader)
-        for i in range(num_batches):
-            batch = next(iterator)
-            if i < skip_batches:
-                continue  # already trained on before the resume: same batch order, skipped
+        for i, batch in enumerate(loader, start=skip_batches):
             bar.update(1)
+            group = i // accum
+            last_of_group = i + 1 == group * accum + sizes[group]
             self.bad_images.check(batch, "train")
-            if batch["size"]:
-                batch = _prepare(batch, self.device, self.channels_last)
-                with autocast(self.device, self.dtype):
-                    logits = model(batch)
-                loss = self.loss_fn(logits.float(), batch["label"])
-                if not torch.isfinite(loss):
-                    if self.on_nan == "stop":
-                        raise NonFiniteLoss(
-                            f"non-finite loss ({loss.item()}) at step {self.global_step + 1} "
-                            f"(epoch {epoch}, batch {i + 1}); stopped{self._kept()} "
-                            f"(set train.on_nan = \"skip\" to skip such batches)"
-                        )
-                    self.skipped_nan_steps += 1
-                    self.optimizer.zero_grad(set_to_none=True)
-                else:
-                    (loss / accum).backward()
+            if self.bad_images.empty_anywhere(batch):
+                self.nan.observe(None)
+            else:
+                # the last, partial group is weighted by its real size
+                loss, trained = self.step.micro_step(
+                    batch, weight=1.0 / sizes[group], sync=last_of_group, skip=self.nan.skip
+                )
+                self.nan.observe(loss)
+                if trained:
                     n = batch["size"]
-                    total_loss += loss.item() * n
-                    total_n += n
+                    self._loss_sum += loss.double() * n
+                    self._loss_n += n
                     seen += n
-            if (i + 1) % accum == 0 or i + 1 == num_batches:
-                if self.grad_clip > 0 and trainable:
-                    torch.nn.utils.clip_grad_norm_(trainable, self.grad_clip)
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+            if last_of_group:
+                lrs, _ = self.step.optimizer_step()
                 self.global_step += 1
                 self.batches_done = i + 1
-                self.loss_totals = (total_loss, total_n)
-                if self.writer is not None and total_n:
-                    self.writer.add_scalar("train/loss", total_loss / total_n, self.global_step)
-                    for name, lr in _group_lrs(self.optimizer).items():
+                if self.writer is not None:
+                    for name, lr in lrs.items():  # the rate this step used
                         self.writer.add_scalar(f"lr/{name}", lr, self.global_step)
+                if self.global_step % self.log_every == 0:
+                    self._log(bar, seen, started)
                 if self.on_step is not None:
                     self.on_step(epoch, i + 1)
                 if any_rank(self.stop_requested):
                     bar.close()
-                    return total_loss / max(total_n, 1), False
-            rate = seen / max(time.perf_counter() - started, 1e-9)
-            bar.set_postfix(loss=f"{total_loss / max(total_n, 1):.4f}", rate=f"{rate:.0f}/s", refresh=False)
+                    total, n = self.settle()
+                    return total / max(n, 1), False
+        self._log(bar, seen, started)
         bar.close()
-        self.loss_totals = (total_loss, total_n)
-        return total_loss / max(total_n, 1), True
+        total, n = self.loss_totals
+        return total / max(n, 1), True
 
-    @torch.no_grad()
-    def predict(self, loader, split_name="eval", desc=None):
-        """Logits, labels and dataset indices for every sample, gathered on the CPU."""
-        model = self.model
-        model.eval()
-        indices, logits, labels = [], [], []
-        bar = tqdm(total=len(loader), desc=desc or split_name, unit="batch", disable=not self.progress, leave=False)
-        for batch in loader:
-            bar.update(1)
-            self.bad_images.check(batch, split_name)
-            if not batch["size"]:
-                continue
-            index, label = batch["index"], batch["label"]
-            batch = _prepare(batch, self.device, self.channels_last)
-            with autocast(self.device, self.dtype):
-                out = model(batch)
-            logits.append(out.float().cpu())
-            indices.append(index)
-            labels.append(label)
-        bar.close()
-        local = (
-            torch.cat(indices).numpy() if indices else np.zeros(0, dtype=np.int64),
-            torch.cat(logits).double().numpy() if logits else np.zeros(0),
-            torch.cat(labels).numpy() if labels else np.zeros(0),
-        )
-        parts = all_gather_objects(local)  # each rank scored its own shard; everyone gets all
-        index = np.concatenate([p[0] for p in parts])
-        order = np.argsort(index, kind="stable")
-        return index[order], np.concatenate([p[1] for p in parts])[order], np.concatenate([p[2] for p in parts])[order]
-
-
-def sigmoid(logits):
-    return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
+    def _log(self, bar, seen, started):
+        total, n = self.settle()
+        if self.writer is not None and n:
+            self.writer.add_scalar("train/loss", total / n, self.global_step)
+        rate = seen / max(time.perf_counter() - started, 1e-9)
+        bar.set_postfix(loss=f"{total / max(n, 1):.4f}", rate=f"{rate:.0f}/s", refresh=False)
 
 
 def total_steps(num_batches, grad_accum_steps, epochs):
+    """Optimizer steps of a whole run."""
     return max(1, math.ceil(num_batches / grad_accum_steps) * epochs)
+

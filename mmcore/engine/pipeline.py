@@ -16,6 +16,7 @@ from mmcore.data.dataset import SampleDataset, make_loader
 from mmcore.engine.cache import CacheUnavailable, cache_root, probe_cache, text_key, warn
 from mmcore.engine.features import fill_text_cache, fill_vision_cache, image_keys, is_frozen, text_store, vision_store
 from mmcore.engine.runtime import autocast_dtype, barrier, rank, resolve_device, seed_everything, world_size
+from mmcore.engine.sampling import derive_seed
 from mmcore.errors import RecipeError
 from mmcore.model.classifier import build_classifier, build_component
 from mmcore.model.trainability import TrainabilityError, apply_trainability
@@ -33,6 +34,8 @@ class Pipeline:
         # Encoders built with random weights must come out the same in `run` and `eval`.
         seed_everything(recipe.seed, recipe.train.deterministic)
         model = build_classifier(recipe, registry, source=source)
+        if model.text is not None:
+            freeze_text_encoder(model.text)
         if model.vision is not None:
             train = recipe.train
             try:
@@ -51,6 +54,7 @@ class Pipeline:
         self.augmentation = None
         if model.vision is not None:
             self.augmentation = build_component(registry, "augmentation", recipe.augmentation)
+        fold_rank_into_seed(recipe.seed, recipe.train.deterministic)
         self._feature_cache = {}
         self._stores = {}
         #: what the feature stage reported ("vision features train.csv: 500/500 from cache ...")
@@ -241,6 +245,24 @@ class Pipeline:
             batch_sampler=batch_sampler,
             pin_memory=self.device.type == "cuda",
         )
+
+
+def freeze_text_encoder(encoder):
+    """The one place text encoders are frozen: no gradients, eval mode (the engine's
+    ``set_train_mode`` keeps frozen encoders in eval mode after every ``model.train()``)."""
+    encoder.requires_grad_(False)
+    encoder.eval()
+    return encoder
+
+
+def fold_rank_into_seed(seed, deterministic=False):
+    """After the model is built (identically on every rank): give each rank its own random
+    stream, so dropout and modality-dropout masks differ across ranks.
+
+    Rank 0 keeps the stream it has, so a one-process run is unchanged by this.
+    """
+    if rank() > 0:
+        seed_everything(derive_seed(seed, 0, rank()), deterministic)
 
 
 def _plain(params):

@@ -83,14 +83,49 @@ def is_distributed():
 
 
 def init_distributed():
-    """Join torchrun's process group when launched by torchrun (NCCL on GPU, gloo on CPU)."""
+    """Join torchrun's process group when launched by torchrun.
+
+    On CUDA the group has two backends, ``cpu:gloo,cuda:nccl``, bound to this rank's device
+    (``device_id``): CUDA tensors go through NCCL, and small host-side flags (a stop request)
+    through gloo without waiting on the GPU. On CPU it is gloo alone.
+    """
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ or is_distributed():
         return False
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    torch.distributed.init_process_group(backend=backend)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        torch.distributed.init_process_group(backend="cpu:gloo,cuda:nccl", device_id=device)
+    else:
+        torch.distributed.init_process_group(backend="gloo")
     return True
+
+
+#: device types each process-group backend can run collectives on (NCCL: CUDA only)
+BACKEND_DEVICES = {"gloo": ("cpu",), "nccl": ("cuda",), "mpi": ("cpu", "cuda"), "ucc": ("cpu", "cuda")}
+
+
+def backend_name():
+    """The process group's backend string, e.g. ``gloo``, ``nccl`` or ``cpu:gloo,cuda:nccl``."""
+    return str(torch.distributed.get_backend())
+
+
+def backend_devices(backend=None):
+    """Device types the backend can run collectives on (``cpu:gloo,cuda:nccl`` -> cpu and cuda)."""
+    backend = backend_name() if backend is None else backend
+    if ":" in backend:
+        return tuple(part.split(":", 1)[0] for part in backend.split(","))
+    return BACKEND_DEVICES.get(backend, ("cpu",))
+
+
+def collective_device(prefer=None):
+    """Where a tensor handed to a collective must live: ``prefer``'s device when the backend
+    supports it, else the CPU when it does, else the current CUDA device (NCCL alone)."""
+    devices = backend_devices()
+    if prefer is not None and torch.device(prefer).type in devices:
+        return torch.device(prefer)
+    if "cpu" in devices:
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def barrier():
@@ -103,7 +138,7 @@ def broadcast_object(value):
     if not is_distributed():
         return value
     box = [value]
-    torch.distributed.broadcast_object_list(box, src=0)
+    torch.distributed.broadcast_object_list(box, src=0, device=_object_device())
     return box[0]
 
 
@@ -116,10 +151,59 @@ def all_gather_objects(value):
     return out
 
 
+def _object_device():
+    """Object collectives pickle into a byte tensor: put it where the backend runs."""
+    return collective_device()
+
+
 def any_rank(flag):
-    """True when ``flag`` is True on any rank (keeps ranks in step, e.g. for a stop request)."""
+    """True when ``flag`` is True on any rank (keeps ranks in step, e.g. for a stop request).
+
+    ``flag`` is a Python bool or a tensor; a tensor stays on its device when the backend
+    supports it, so a CUDA flag under ``cpu:gloo,cuda:nccl`` goes through NCCL, a host flag
+    through gloo. Reading the answer waits for the flag's device: call it where a host
+    decision is needed anyway.
+    """
     if not is_distributed():
         return bool(flag)
-    tensor = torch.tensor([1 if flag else 0])
+    if isinstance(flag, torch.Tensor):
+        device = collective_device(flag.device)
+        tensor = flag.detach().reshape(1).to(device=device, dtype=torch.int32)
+    else:
+        tensor = torch.tensor([1 if flag else 0], dtype=torch.int32, device=collective_device())
     torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
     return bool(tensor.item())
+
+
+def all_reduce_(tensor, op="sum"):
+    """In-place all-reduce of ``tensor`` (``sum``, ``min`` or ``max``) on a device the backend
+    supports; a no-op without a process group. Returns ``tensor``."""
+    if not is_distributed():
+        return tensor
+    ops = {"sum": torch.distributed.ReduceOp.SUM, "min": torch.distributed.ReduceOp.MIN,
+           "max": torch.distributed.ReduceOp.MAX}
+    work = _collective_copy(tensor)
+    torch.distributed.all_reduce(work, op=ops[op])
+    if work is not tensor:
+        tensor.copy_(work)
+    return tensor
+
+
+def _collective_copy(tensor):
+    """``tensor`` itself when a collective can take it (its device supported, contiguous), else a copy that can."""
+    device = collective_device(tensor.device)
+    if tensor.device == device and tensor.is_contiguous():
+        return tensor
+    return tensor.to(device).contiguous()
+
+
+def broadcast_tensors_(tensors, src=0):
+    """Rank ``src``'s values into ``tensors`` in place, on every rank (no-op alone)."""
+    if not is_distributed():
+        return tensors
+    for tensor in tensors:
+        work = _collective_copy(tensor)
+        torch.distributed.broadcast(work, src=src)
+        if work is not tensor:
+            tensor.copy_(work)
+    return tensors

@@ -6,6 +6,7 @@ threshold on validation) and the test evaluation written into the run directory.
 
 from __future__ import annotations
 
+import io
 import random
 import time
 from pathlib import Path
@@ -13,18 +14,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmcore.engine.checkpoint import load_model_state, make_checkpoint, read_checkpoint, save_checkpoint
+from mmcore.engine.checkpoint import load_model_state, make_checkpoint, model_state_keys, read_checkpoint, save_checkpoint
+from mmcore.engine.inference import predict, sigmoid
 from mmcore.engine.loggers import Loggers
-from mmcore.engine.loop import BadImages, Trainer, sigmoid, total_steps
+from mmcore.engine.loop import Trainer, total_steps
 from mmcore.engine.outputs import write_evaluation
 from mmcore.engine.pipeline import Pipeline
-from mmcore.engine.runtime import barrier, is_main, world_size
+from mmcore.engine.policies import BadImages
+from mmcore.engine.runtime import all_gather_objects, broadcast_tensors_, is_main, world_size
 from mmcore.engine.runtime import rank as runtime_rank
-from mmcore.engine.sampling import EpochBatchSampler, ShardSampler, balanced_weights
+from mmcore.engine.sampling import EpochBatchSampler, SeededItems, ShardSampler, balanced_weights, derive_seed
 from mmcore.errors import MmcoreError, RunError
 from mmcore.evaluation.calibration import fit_temperature
 from mmcore.evaluation.metrics import binary_metrics
 from mmcore.evaluation.threshold import parse_threshold_rule, tune_threshold
+from mmcore.kit.health import first_batch_problems
 from mmcore.model.classifier import build_component
 from mmcore.model.trainability import parameter_groups, trainable_summary
 from mmcore.recipe import recipe_to_dict
@@ -80,6 +84,14 @@ def _set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _gather_rng_states():
+    """Every rank's RNG state, in rank order (tensors travel as ``torch.save`` bytes: object
+    collectives do not unpickle tensors reliably)."""
+    buffer = io.BytesIO()
+    torch.save(_rng_state(), buffer)
+    return [torch.load(io.BytesIO(blob), weights_only=True) for blob in all_gather_objects(buffer.getvalue())]
+
+
 class TrainingRun:
     """Everything one training run holds; its state round-trips through ``last.ckpt``."""
 
@@ -104,6 +116,7 @@ class TrainingRun:
         self.best_metrics = {}
         self.since_best = 0
         self.history = []
+        self.best_state = None  # rank 0: the selected epoch's model state, kept in memory
         self._setup(splits)
 
     def _setup(self, splits):
@@ -126,17 +139,25 @@ class TrainingRun:
                 f"{self.recipe_path}: train.batch_size: the global batch ({recipe.train.batch_size}) must be "
                 f"divisible by the number of processes ({world})"
             )
+        # random augmentation seeded per sample (by its place in the epoch): a resumed epoch can
+        # start at the sampler and still see the very augmentations an uninterrupted one would
+        seeded = train_dataset.augmentation is not None
         self.batch_sampler = EpochBatchSampler(
             len(train_dataset), recipe.train.batch_size, seed=recipe.seed, weights=weights,
-            rank=rank, world_size=world,
+            rank=rank, world_size=world, seeded=seeded,
         )
-        self.train_loader = pipeline.loader(train_dataset, train=True, batch_sampler=self.batch_sampler)
+        self.train_loader = pipeline.loader(
+            SeededItems(train_dataset) if seeded else train_dataset, train=True, batch_sampler=self.batch_sampler
+        )
         self.val_loader = pipeline.loader(
             self.datasets["val"][0], sampler=ShardSampler(len(self.datasets["val"][0]), rank, world)
         )
         self.test_loader = pipeline.loader(
             self.datasets["test"][0], sampler=ShardSampler(len(self.datasets["test"][0]), rank, world)
         )
+        if self.main:  # a dead encoder (features near zero or constant) is said before training on it
+            for line in first_batch_problems(model, self.datasets["val"][0], self.val_loader.collate_fn, device=pipeline.device):
+                self.echo(line)
         self.loss_fn = build_component(self.registry, "loss", recipe.loss, _label_counts(train_split))
         groups = parameter_groups(
             model,
@@ -175,7 +196,7 @@ class TrainingRun:
 
     # -- state ------------------------------------------------------------------------------
 
-    def state_dict(self, *, epoch_complete):
+    def state_dict(self, *, epoch_complete, rng_ranks=None):
         trainer = self.trainer
         return make_checkpoint(
             self.pipeline.model,
@@ -192,6 +213,8 @@ class TrainingRun:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "rng": _rng_state(),
+                # every rank's own stream (ranks > 0 draw their own dropout masks)
+                **({"rng_ranks": rng_ranks} if rng_ranks and len(rng_ranks) > 1 else {}),
                 "best": {"value": self.best_value, "epoch": self.best_epoch, "metrics": self.best_metrics},
                 "since_best": self.since_best,
                 "history": self.history,
@@ -199,8 +222,12 @@ class TrainingRun:
         )
 
     def save_last(self, *, epoch_complete):
+        """Write last.ckpt (rank 0); called on every rank, as it reads the loop's device state
+        (a bad loss raises here, before anything is written) and gathers every rank's RNG."""
+        self.trainer.settle()
+        rng_ranks = _gather_rng_states() if world_size() > 1 else None
         if self.main:
-            save_checkpoint(self.run_dir / LAST, self.state_dict(epoch_complete=epoch_complete))
+            save_checkpoint(self.run_dir / LAST, self.state_dict(epoch_complete=epoch_complete, rng_ranks=rng_ranks))
 
     def load_state(self, state):
         require_same_recipe(state.get("recipe"), self.recipe_dict, where=self.run_dir / LAST, said="saved with another recipe")
@@ -219,7 +246,30 @@ class TrainingRun:
         else:
             self.epoch, self.skip_batches = state["epoch"], state["batches_done"]
             self.loss_totals = tuple(state["loss_totals"])
-        _set_rng_state(state["rng"])
+        rng_ranks = state.get("rng_ranks") or []
+        rank = runtime_rank()
+        _set_rng_state(rng_ranks[rank] if len(rng_ranks) == world_size() else state["rng"])
+
+    def predict(self, loader, split_name):
+        """Logits of a split with the model as it is now (no optimizer involved)."""
+        pipeline = self.pipeline
+        return predict(
+            pipeline.model, loader, device=pipeline.device, dtype=pipeline.dtype, bad_images=self.bad_images,
+            split_name=split_name, progress=self.progress, channels_last=pipeline.channels_last,
+        )
+
+    def _load_best(self):
+        """The selected epoch's weights on every rank: rank 0 holds them (in memory, or in
+        checkpoint_best.ckpt after a resume) and broadcasts them; no other rank reads a file,
+        so ranks need no shared output directory."""
+        path, model = self.run_dir / BEST, self.pipeline.model
+        if self.main:
+            ckpt = {"model": self.best_state} if self.best_state is not None else read_checkpoint(path)
+            load_model_state(model, ckpt, path=str(path))
+        if world_size() > 1:
+            # in place, tensor by tensor on the model's device: what a checkpoint carries
+            carried = set(model_state_keys(model))
+            broadcast_tensors_([value for key, value in model.state_dict().items() if key in carried])
 
     def _on_step(self, epoch, batches_done):
         every = self.recipe.train.checkpoint_every_steps
@@ -238,8 +288,8 @@ class TrainingRun:
                 break
             epoch = self.epoch
             epoch_start = time.perf_counter()
-            self.batch_sampler.set_epoch(epoch)
-            self.train_loader.generator.manual_seed(recipe.seed * 1_000_003 + epoch)  # worker seeds
+            self.batch_sampler.set_epoch(epoch, start=self.skip_batches)  # a resumed epoch skips what it did
+            self.train_loader.generator.manual_seed(derive_seed(recipe.seed, epoch, runtime_rank()))  # worker seeds
             train_loss, completed = trainer.train_epoch(
                 self.train_loader, epoch, recipe.train.epochs, skip_batches=self.skip_batches, totals=self.loss_totals
             )
@@ -252,7 +302,7 @@ class TrainingRun:
                 )
                 stop.exit_code = 128 + int(self.stop_signal or 2)
                 raise stop
-            _, val_logits, val_labels = trainer.predict(self.val_loader, "val")
+            _, val_logits, val_labels = self.predict(self.val_loader, "val")
             metrics = epoch_metrics(val_logits, val_labels, self.loss_fn)
             if metric not in metrics:
                 raise MmcoreError(
@@ -274,10 +324,9 @@ class TrainingRun:
             if improved:
                 self.best_value, self.best_epoch, self.best_metrics = value, epoch, metrics
                 if self.main:
-                    save_checkpoint(
-                        self.run_dir / BEST,
-                        make_checkpoint(model, recipe_dict=self.recipe_dict, epoch=epoch, metrics=metrics),
-                    )
+                    best = make_checkpoint(model, recipe_dict=self.recipe_dict, epoch=epoch, metrics=metrics)
+                    save_checkpoint(self.run_dir / BEST, best)
+                    self.best_state = best["model"]
                 self.since_best = 0
             else:
                 self.since_best += 1
@@ -296,11 +345,10 @@ class TrainingRun:
     def finish(self):
         """Load the best epoch, fit the decision on validation, evaluate the test split, write outputs."""
         recipe, trainer, model = self.recipe, self.trainer, self.pipeline.model
-        barrier()  # rank 0 has written the best checkpoint
-        load_model_state(model, read_checkpoint(self.run_dir / BEST), path=str(self.run_dir / BEST))
-        _, val_logits, val_labels = trainer.predict(self.val_loader, "val")
+        self._load_best()
+        _, val_logits, val_labels = self.predict(self.val_loader, "val")
         decision = fit_decision(recipe, val_logits, val_labels)
-        test_indices, test_logits, test_labels = trainer.predict(self.test_loader, "test")
+        test_indices, test_logits, test_labels = self.predict(self.test_loader, "test")
         if not self.main:
             return {}
         summary = {

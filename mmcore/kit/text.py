@@ -105,12 +105,6 @@ class FrozenTextEncoder(TextEncoder):
         # Always eval: a training loop's model.train() must not turn dropout on here.
         return super().train(False)
 
-    @property
-    def device(self):
-        for tensor in self.parameters():
-            return tensor.device
-        return torch.device("cpu")
-
     def embed(self, texts: list[str]) -> torch.Tensor:
         """One batch of strings (prefix already added) -> [B, out_dim] on :attr:`device`."""
         raise NotImplementedError

@@ -25,14 +25,13 @@ import torch
 
 from mmcore.interfaces import Preprocessing, TokenOutput, VisionEncoder
 from mmcore.kit.deps import require
-from mmcore.kit.weights import load_pretrained
+from mmcore.kit.weights import WEIGHT_FILE_SUFFIXES, is_local_path, load_pretrained
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 #: file names looked for, in this order, when ``params.weights`` is a directory
 WEIGHT_FILE_NAMES = ("model.safetensors", "pytorch_model.bin", "model.pth", "model.pt")
-WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
 
 
 def _positive_int(instance, attribute, value):
@@ -83,18 +82,24 @@ def square_preprocessing(size, *, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpol
     )
 
 
-def torchvision_preprocessing(weights_id):
-    """The eval transform of torchvision weights ``weights_id`` (``ResNet50_Weights.IMAGENET1K_V2``).
+def torchvision_preprocessing(weights_id, *, size=None):
+    """The eval transform of torchvision weights ``weights_id`` (``"ResNet50_Weights.IMAGENET1K_V2"``).
 
-    Read from the weights enum's metadata, so it needs no download.
+    Mean, std, interpolation, resize and crop come from the weights enum's own ``transforms()``
+    (no download): for ``MobileNet_V3_Small_Weights.IMAGENET1K_V1`` that is resize 256, crop 224,
+    ImageNet mean/std, bilinear. ``size`` crops to another side (a ``tiny`` build's 64 px),
+    scaling the resize by the same factor.
     """
     from torchvision.models import get_weight
 
     transform = get_weight(weights_id).transforms()
     crop = transform.crop_size[0]
+    resize = transform.resize_size[0]
+    if size is not None:
+        resize, crop = max(size, round(resize * size / crop)), size
     return ResizeCropPreprocessing(
         size=(crop, crop),
-        resize_size=transform.resize_size[0],
+        resize_size=resize,
         mean=tuple(transform.mean),
         std=tuple(transform.std),
         interpolation=transform.interpolation.value,
@@ -121,21 +126,37 @@ def timm_preprocessing(model, *, size=None):
     return ResizeCropPreprocessing(resize_size=math.floor(size / crop_pct), **common)
 
 
+@torch.no_grad()
+def calibrate_batchnorm(model, image_size, *, seed=0, batch_size=8):
+    """Re-estimate the BatchNorm statistics of a randomly initialised ``model`` on seeded noise; returns it.
+
+    With its default running statistics (mean 0, variance 1) a random MobileNetV3 or EfficientNet
+    in eval mode shrinks its input block by block, to features near 1e-8 that are the same for
+    every image: a dead encoder (:mod:`mmcore.testing` refuses it). Measuring the statistics on
+    one batch of ``image_size`` noise images (drawn from ``seed``, so every build is the same)
+    keeps a random build alive. Only for random builds: pretrained weights bring their own.
+    """
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return model
+    was_training = model.training
+    saved = [(m, m.momentum) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average: one batch sets the statistics exactly
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(batch_size, 3, image_size, image_size, generator=generator)
+    model.train()
+    try:
+        model(noise)
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+        model.train(was_training)
+    return model
+
+
 # --- where the weights come from ---------------------------------------------------------
-
-
-def is_local_path(weights):
-    """True when ``params.weights`` names a file or directory rather than a hub/library id."""
-    if weights.startswith("hf-hub:"):
-        return False
-    path = Path(weights).expanduser()
-    return (
-        "/" in weights
-        or "\\" in weights
-        or weights.startswith(("~", "."))
-        or path.suffix in WEIGHT_FILE_SUFFIXES
-        or path.exists()
-    )
 
 
 def local_weights_file(weights):

@@ -100,10 +100,7 @@ def build_encoders(recipe, registry):
     modality = recipe.train.modality
     vision = build_component(registry, "vision", recipe.vision) if modality != "text_only" else None
     text = build_component(registry, "text", recipe.text) if modality != "vision_only" else None
-    if text is not None:
-        text.requires_grad_(False)
-        text.eval()
-    return vision, text
+    return vision, text  # the engine's Pipeline freezes the text encoder
 
 
 def build_classifier(recipe, registry, *, source="recipe", encoders=None):

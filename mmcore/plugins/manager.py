@@ -10,7 +10,8 @@ import pluggy
 
 from mmcore.errors import MmcoreError
 from mmcore.plugins import hookspecs
-from mmcore.plugins.registry import KINDS, Registry
+from mmcore.plugins.kinds import KIND_TABLE
+from mmcore.plugins.registry import Registry
 
 ENTRY_POINT_GROUP = "mmcore"
 
@@ -54,12 +55,18 @@ def _entry_points():
     return seen
 
 
+def _first_line(exc):
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def make_plugin_manager(load_entrypoints=True, extra_plugins=()):
     """A plugin manager with the hookspecs, the built-ins and (optionally) installed plugins.
 
     ``extra_plugins`` are ``(name, module_or_object)`` pairs registered explicitly (tests).
-    Returns ``(pm, packages, broken)``: ``packages`` maps plugin name -> (distribution, version),
-    ``broken`` maps distribution -> why it failed to load (such plugins are skipped with a warning).
+    Returns ``(pm, packages, broken)``: ``packages`` maps plugin name -> (distribution, version)
+    (installed plugins' from ``pm.list_plugin_distinfo()``), ``broken`` maps distribution -> why
+    it failed to load (such plugins are skipped with a warning).
     """
     pm = pluggy.PluginManager("mmcore")
     pm.add_hookspecs(hookspecs)
@@ -71,24 +78,23 @@ def make_plugin_manager(load_entrypoints=True, extra_plugins=()):
         packages[module_name] = ("mmcore", __version__)
     if load_entrypoints:
         allowed = _allowed_plugins()
-        for name, (dist_name, version, ep) in sorted(_entry_points().items()):
+        for name, (dist_name, _, _) in sorted(_entry_points().items()):
             if allowed is not None and name not in allowed and dist_name not in allowed:
                 continue
-            if pm.get_plugin(name) is not None:
-                continue
             try:
-                plugin = ep.load()
+                # pluggy loads, registers and records the distribution of this one entry point
+                pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=name)
+            except pluggy.PluginValidationError:
+                raise  # a misspelled hook is the plugin author's bug: say so, do not skip
             except Exception as exc:  # a broken plugin must not take the others down with it
-                reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-                broken[dist_name] = reason
+                broken[dist_name] = reason = _first_line(exc)
                 print(
                     f"warning: plugin {dist_name} failed to load ({reason}); skipped. Reinstall it, "
                     f"or leave it out with MMCORE_LOAD_PLUGINS",
                     file=sys.stderr,
                 )
-                continue
-            pm.register(plugin, name=name)
-            packages[name] = (dist_name, version)
+        for plugin, dist in pm.list_plugin_distinfo():
+            packages[pm.get_name(plugin)] = (dist.metadata["Name"], dist.version)
     for name, plugin in extra_plugins:
         pm.register(plugin, name=name)
         packages[name] = (name, "")
@@ -96,16 +102,25 @@ def make_plugin_manager(load_entrypoints=True, extra_plugins=()):
     return pm, packages, broken
 
 
-def collect(pm, packages, broken=None):
-    """Call every plugin's hooks with a ``register`` bound to that plugin's package."""
-    registry = Registry()
-    for kind, (hook_name, _, _) in KINDS.items():
-        for impl in getattr(pm.hook, hook_name).get_hookimpls():
+def collect(pm, packages, broken=None, *, arguments=None):
+    """A :class:`Registry` of what every plugin registers, each name credited to its package.
+
+    Hooks are called by keyword through pluggy, one plugin at a time (``subset_hook_caller``)
+    so that its ``register`` knows the package. ``arguments`` are further keyword arguments
+    for hooks that take them: pluggy hands each implementation only those it names, so a hook
+    can gain a parameter without breaking the plugins written before it.
+    """
+    registry = Registry(packages, broken)
+    plugins = pm.get_plugins()
+    for kind in KIND_TABLE:
+        hook = getattr(pm.hook, kind.hook, None)
+        if hook is None:
+            continue
+        for impl in hook.get_hookimpls():
             package = packages.get(impl.plugin_name, (impl.plugin_name, ""))[0]
-            register = registry.register_function(kind, package)
-            impl.function(*[register for _ in impl.argnames])
-    registry.packages = packages
-    registry.broken = dict(broken or {})
+            others = [plugin for plugin in plugins if plugin is not impl.plugin]
+            caller = pm.subset_hook_caller(kind.hook, remove_plugins=others)
+            caller(register=registry.register_function(kind.name, package), **(arguments or {}))
     return registry
 
 

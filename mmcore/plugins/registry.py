@@ -6,20 +6,19 @@ import re
 import attrs
 
 from mmcore.errors import MmcoreError
+from mmcore.plugins.kinds import KINDS
 from mmcore.plugins.known import install_hint
 
-#: kind -> (hook name, human name, plugin folder prefix for the install hint)
-KINDS = {
-    "vision": ("register_vision_encoders", "vision encoder", "vision"),
-    "text": ("register_text_encoders", "text encoder", "text"),
-    "pooling": ("register_poolings", "pooling", None),
-    "fusion": ("register_fusions", "fusion", None),
-    "head": ("register_heads", "head", None),
-    "loss": ("register_losses", "loss", None),
-    "scheduler": ("register_schedulers", "scheduler", None),
-    "augmentation": ("register_augmentations", "augmentation", None),
-    "ocr": ("register_ocr_engines", "OCR engine", "ocr"),
-}
+#: the kinds third parties publish packages for (the unknown-name message says how to find them)
+PUBLISHED_KINDS = ("vision", "text", "ocr")
+
+
+def find_plugins_hint(kind):
+    """How to get a ``kind`` component nobody installed: where plugins come from, not a repository path."""
+    return (
+        f"More: pip install the package that provides it (plugins are named mmcore-{kind}-<name>); "
+        f"`mmcore plugins` lists what is installed"
+    )
 
 NAME_RE = re.compile(r"^[a-z0-9_]+$")
 
@@ -46,11 +45,12 @@ class Registration:
 class Registry:
     """Components by kind and name, each with the package that provided it."""
 
-    def __init__(self):
+    def __init__(self, packages=None, broken=None):
         self._by_kind = {kind: {} for kind in KINDS}
-        self.packages = {}
+        #: plugin name -> (distribution, version)
+        self.packages = dict(packages or {})
         #: distribution -> why it failed to load (skipped plugins)
-        self.broken = {}
+        self.broken = dict(broken or {})
 
     def register_function(self, kind, package):
         """The ``register(name, factory, params_cls)`` callable handed to one plugin's hook."""
@@ -63,15 +63,15 @@ class Registry:
     def add(self, kind, name, factory, params_cls, package):
         """Add one component; a name registered twice for a kind is an error naming both packages."""
         if not NAME_RE.match(name):
-            raise MmcoreError(f"{package}: {KINDS[kind][1]} name {name!r} must match [a-z0-9_]+")
+            raise MmcoreError(f"{package}: {KINDS[kind].human} name {name!r} must match [a-z0-9_]+")
         if not attrs.has(params_cls):
             raise MmcoreError(
-                f"{package}: {KINDS[kind][1]} {name!r}: params_cls must be an attrs class"
+                f"{package}: {KINDS[kind].human} {name!r}: params_cls must be an attrs class"
             )
         existing = self._by_kind[kind].get(name)
         if existing is not None:
             raise DuplicateComponentError(
-                f"{KINDS[kind][1]} {name!r} is registered by both {existing.package} and "
+                f"{KINDS[kind].human} {name!r} is registered by both {existing.package} and "
                 f"{package}; uninstall one of them"
             )
         self._by_kind[kind][name] = Registration(kind, name, factory, params_cls, package)
@@ -92,11 +92,12 @@ class Registry:
             raise UnknownComponentError(self.unknown_message(kind, name)) from None
 
     def has(self, kind, name):
+        """True when some package registered ``name`` for ``kind``."""
         return name in self._by_kind[kind]
 
     def unknown_message(self, kind, name):
         """``unknown vision encoder 'resnet5'; did you mean 'resnet50'? installed: ...``"""
-        _, human, folder = KINDS[kind]
+        human = KINDS[kind].human
         names = self.names(kind)
         message = f"unknown {human} {name!r}"
         close = difflib.get_close_matches(str(name), names, n=1, cutoff=0.6)
@@ -106,8 +107,8 @@ class Registry:
         hint = install_hint(kind, name)
         if hint:
             message += f" {hint}"
-        elif folder:
-            message += f" More: pip install ./plugins/{folder}-<name>"
+        elif kind in PUBLISHED_KINDS:
+            message += " " + find_plugins_hint(kind)
         for dist, reason in sorted(self.broken.items()):
             message += f" (not loaded: {dist}, {reason})"
         return message

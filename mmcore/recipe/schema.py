@@ -9,6 +9,7 @@ import attrs
 
 from mmcore.data.images import DEFAULT_FORMATS
 from mmcore.model.trainability import LoraConfig
+from mmcore.plugins.kinds import KIND_TABLE
 from mmcore.validators import FieldError, at_least, at_most, in_range, one_of, positive
 
 MODALITIES = ("multimodal", "vision_only", "text_only")
@@ -187,14 +188,5 @@ class Recipe:
     logging: LoggingConfig = attrs.field(factory=LoggingConfig)
 
 
-#: recipe key -> registry kind, for every component table
-COMPONENT_KINDS = {
-    "vision": "vision",
-    "text": "text",
-    "pooling": "pooling",
-    "fusion": "fusion",
-    "head": "head",
-    "loss": "loss",
-    "scheduler": "scheduler",
-    "augmentation": "augmentation",
-}
+#: recipe key -> registry kind, for every component table (from the one list of kinds)
+COMPONENT_KINDS = {kind.name: kind.name for kind in KIND_TABLE if kind.in_recipe}

@@ -12,7 +12,7 @@ import mmcore_text_sentence_transformers as plugin
 import pytest
 import torch
 
-from mmcore import FieldError, WeightsError
+from mmcore import FieldError, WeightsError, local_weights_hint
 from mmcore.testing import check_text_encoder, get_registry
 
 DIST = "mmcore-text-sentence-transformers"
@@ -187,17 +187,14 @@ def test_random_full_size_minilm_has_the_real_architecture():
     assert encoder([SHOES_A]).shape == (1, 384)
 
 
-def test_failed_download_is_one_actionable_line(tmp_path):
+def test_a_local_model_that_fails_to_load_names_the_path_tried(tmp_path):
     missing = str(tmp_path / "no-such-model")
     with pytest.raises(WeightsError) as info:
         build("labse", weights=missing)
     message = str(info.value)
     assert "\n" not in message
     assert message.startswith(f"text encoder 'labse': could not load weights {missing!r} (")
-    assert message.endswith(
-        "download them where you have network and set params.weights to that local "
-        "directory, or set params.pretrained = false for random weights"
-    )
+    assert message.endswith(local_weights_hint(missing))
 
 
 def test_params_are_validated():

@@ -4,7 +4,7 @@ import mmcore_vision_efficientnet
 import pytest
 import torch
 
-from mmcore import WEIGHTS_HINT, ResizeCropPreprocessing, WeightsError
+from mmcore import WEIGHTS_HINT, ResizeCropPreprocessing, WeightsError, local_weights_hint
 from mmcore.testing import build, check_vision_encoder, encode_samples, get_registry
 
 TINY = {"pretrained": False, "tiny": True}
@@ -86,5 +86,5 @@ def test_missing_local_file_fails_in_one_line(tmp_path):
         build("vision", "efficientnet", {"weights": str(missing)})
     assert str(info.value) == (
         f"vision encoder 'efficientnet': could not load weights {str(missing)!r} "
-        f"(no such file or directory: {missing})" + WEIGHTS_HINT
+        f"(no such file or directory: {missing})" + local_weights_hint(missing)
     )

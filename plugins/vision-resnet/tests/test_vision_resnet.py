@@ -4,7 +4,7 @@ import mmcore_vision_resnet
 import pytest
 import torch
 
-from mmcore import WEIGHTS_HINT, ResizeCropPreprocessing, WeightsError
+from mmcore import WEIGHTS_HINT, ResizeCropPreprocessing, WeightsError, local_weights_hint
 from mmcore.testing import build, check_vision_encoder, encode_samples, get_registry, sample_images
 
 NAMES = ("resnet18", "resnet50", "resnet101")
@@ -142,7 +142,7 @@ def test_missing_local_directory_fails_in_one_line(tmp_path):
         build("vision", "resnet50", {"weights": str(missing)})
     assert str(info.value) == (
         f"vision encoder 'resnet50': could not load weights {str(missing)!r} "
-        f"(no such file or directory: {missing})" + WEIGHTS_HINT
+        f"(no such file or directory: {missing})" + local_weights_hint(missing)
     )
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mmcore import WEIGHTS_HINT, MmcoreError, WeightsError
+from mmcore import WEIGHTS_HINT, MmcoreError, WeightsError, local_weights_hint
 from mmcore.testing import build, check_vision_encoder, encode_samples, get_registry
 
 
@@ -102,5 +102,5 @@ def test_local_checkpoint_loads_and_missing_one_fails(tmp_path):
         build("vision", "timm", {"model_name": "resnet50", "weights": str(missing)})
     assert str(info.value) == (
         f"vision encoder 'timm': could not load weights {str(missing)!r} "
-        f"(no such file or directory: {missing})" + WEIGHTS_HINT
+        f"(no such file or directory: {missing})" + local_weights_hint(missing)
     )

@@ -4,7 +4,7 @@ import mmcore_vision_vgg
 import pytest
 import torch
 
-from mmcore import WEIGHTS_HINT, ResizeCropPreprocessing, WeightsError
+from mmcore import WEIGHTS_HINT, ResizeCropPreprocessing, WeightsError, local_weights_hint
 from mmcore.testing import build, check_vision_encoder, encode_samples, get_registry
 
 TINY = {"pretrained": False, "tiny": True}
@@ -93,5 +93,5 @@ def test_missing_local_directory_fails_in_one_line(tmp_path):
         build("vision", "vgg16", {"weights": str(missing)})
     assert str(info.value) == (
         f"vision encoder 'vgg16': could not load weights {str(missing)!r} "
-        f"(no such file or directory: {missing})" + WEIGHTS_HINT
+        f"(no such file or directory: {missing})" + local_weights_hint(missing)
     )

@@ -4,7 +4,7 @@ import mmcore_vision_vit
 import pytest
 import torch
 
-from mmcore import WEIGHTS_HINT, ResizeCropPreprocessing, WeightsError
+from mmcore import WEIGHTS_HINT, ResizeCropPreprocessing, WeightsError, local_weights_hint
 from mmcore.testing import build, check_vision_encoder, encode_samples, get_registry
 
 NAMES = ("vit", "vit_base", "vit_large")
@@ -99,5 +99,5 @@ def test_missing_local_directory_fails_in_one_line(tmp_path):
         build("vision", "vit", {"weights": str(missing)})
     assert str(info.value) == (
         f"vision encoder 'vit': could not load weights {str(missing)!r} "
-        f"(no such file or directory: {missing})" + WEIGHTS_HINT
+        f"(no such file or directory: {missing})" + local_weights_hint(missing)
     )

@@ -10,7 +10,15 @@ imported by the factory.
 
 import attrs
 
-from mmcore import EncoderParams, FeatureMapEncoder, build_torchvision_model, hookimpl, square_preprocessing, torchvision_preprocessing
+from mmcore import (
+    EncoderParams,
+    FeatureMapEncoder,
+    build_torchvision_model,
+    calibrate_batchnorm,
+    hookimpl,
+    square_preprocessing,
+    torchvision_preprocessing,
+)
 
 #: mmcore name -> the torchvision weights it loads when ``pretrained = true``
 WEIGHTS = {"efficientnet": "EfficientNet_V2_L_Weights.IMAGENET1K_V1"}
@@ -53,7 +61,8 @@ def tiny_efficientnet():
         MBConvConfig(6, 3, 2, 40, 48, 1),
         MBConvConfig(6, 3, 1, 48, 64, 1),
     ]
-    return EfficientNet(stages, dropout=0.0, last_channel=1280)
+    # default BatchNorm statistics would leave a random EfficientNet's features near zero
+    return calibrate_batchnorm(EfficientNet(stages, dropout=0.0, last_channel=1280), TINY_IMAGE_SIZE)
 
 
 def build_efficientnet(params):

@@ -1,0 +1,109 @@
+"""`mmcore serve` throughput and latency with the demo model: dynamic batching on vs off.
+
+    python bench/serve.py [--work /tmp/mmcore-bench-serve] [--requests 96] [--concurrency 1,8,32]
+
+Serves the exported demo bundle twice (``--max-batch 32 --max-wait-ms 10``, then
+``--max-batch 1``: no batching), sends ``--requests`` multipart /predict requests at each
+concurrency from one asyncio client, and prints requests/s, p50 and p99 latency, and the
+batched/unbatched throughput ratio (goal: >= 2x at concurrency 32 on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _demo_bundle import demo_bundle  # noqa: E402
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start(bundle, *flags):
+    """``mmcore serve`` in a subprocess -> (process, url) once /ready answers."""
+    import httpx
+
+    port = _free_port()
+    process = subprocess.Popen([sys.executable, "-m", "mmcore", "serve", str(bundle), "--port", str(port),
+                                "--log-level", "warning", *flags], env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    process.kill()
+    sys.exit("mmcore serve did not become ready")
+
+
+async def load(url, payloads, concurrency):
+    """Send every payload with at most ``concurrency`` in flight -> (seconds, latencies)."""
+    import httpx
+
+    gate = asyncio.Semaphore(concurrency)
+    latencies = []
+
+    async def one(client, image, text):
+        async with gate:
+            started = time.perf_counter()
+            response = await client.post(f"{url}/predict", files={"image": ("a.jpg", image, "image/jpeg")},
+                                         data={"text": text})
+            response.raise_for_status()
+            latencies.append(time.perf_counter() - started)
+
+    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=concurrency)) as client:
+        await one(client, *payloads[0])  # warm-up
+        latencies.clear()
+        started = time.perf_counter()
+        await asyncio.gather(*(one(client, image, text) for image, text in payloads))
+        return time.perf_counter() - started, sorted(latencies)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default="/tmp/mmcore-bench-serve")
+    parser.add_argument("--requests", type=int, default=96)
+    parser.add_argument("--concurrency", default="1,8,32")
+    args = parser.parse_args()
+
+    from mmcore.data.csvs import read_split
+
+    _, bundle, data = demo_bundle(args.work)
+    split = read_split(data / "test.csv", require_label=False)
+    payloads = [(split.paths[i % len(split)].read_bytes(), split.texts[i % len(split)]) for i in range(args.requests)]
+    levels = [int(c) for c in args.concurrency.split(",")]
+    results = {}
+    for mode, flags in (("batched", ["--max-batch", "32", "--max-wait-ms", "10"]), ("unbatched", ["--max-batch", "1"])):
+        process, url = start(bundle, *flags)
+        try:
+            for level in levels:
+                seconds, latencies = asyncio.run(load(url, payloads, level))
+                results[mode, level] = (len(latencies) / seconds, latencies[len(latencies) // 2],
+                                        latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))])
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=120)
+    print(f"demo bundle {bundle}, {args.requests} requests per level, {os.cpu_count()} CPUs")
+    print(f"{'concurrency':>11}  {'mode':>9}  {'req/s':>7}  {'p50 ms':>7}  {'p99 ms':>7}")
+    for level in levels:
+        for mode in ("batched", "unbatched"):
+            rps, p50, p99 = results[mode, level]
+            print(f"{level:>11}  {mode:>9}  {rps:>7.1f}  {1000 * p50:>7.1f}  {1000 * p99:>7.1f}")
+        print(f"{'':>11}  {'ratio':>9}  {results['batched', level][0] / results['unbatched', level][0]:>6.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""``mmcore export``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from mmcore.export.onnx import FORMATS
+
+
+@click.command("export")
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Bundle folder to write (must not exist; written only when parity passes).")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="onnx", show_default=True,
+              help="The fused model's graph: ONNX (onnxruntime), or TorchScript where ONNX cannot express the model.")
+@click.option("--data", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="CSV of rows for the parity gate [default: the run's validation split].")
+@click.option("--base-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder that --data's relative image paths start from [default: the CSV's folder].")
+@click.option("--rows", type=click.IntRange(min=1), default=64, show_default=True, help="Rows the parity gate scores.")
+@click.option("--score-tol", type=click.FloatRange(min=0), default=None,
+              help="Largest |Δ score| allowed (raw and calibrated) [default: 1e-4; 2e-2 for a bf16 run].")
+@click.option("--agreement", type=click.FloatRange(0, 1), default=1.0, show_default=True,
+              help="Smallest share of rows whose decision at the tuned threshold must agree.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def export_command(run_dir, out, fmt, data, base_dir, rows, score_tol, agreement, quiet):
+    """Export the finished run in RUN_DIR to a self-contained bundle, checked against the run.
+
+    \b
+    mmcore export runs/demo/20261128-101500 --out bundles/demo
+    mmcore predict bundles/demo new.csv -o scored.csv
+    mmcore serve bundles/demo --port 8000
+    """
+    from mmcore.commands.export import export_run
+
+    export_run(run_dir, out, fmt=fmt, data=data, rows=rows, base_dir=base_dir, score_tol=score_tol,
+               min_agreement=agreement, progress=not quiet, echo=click.echo)

@@ -1,0 +1,50 @@
+"""Inference: a model's logits over a loader, with no optimizer in sight (validation, test, eval, predict)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mmcore.engine.runtime import all_gather_objects, autocast
+from mmcore.engine.step import prepare_batch
+
+
+@torch.no_grad()
+def predict(model, loader, *, device, dtype, bad_images, split_name="eval", desc=None, progress=True,
+            channels_last=False):
+    """Logits, labels and dataset indices for every sample, gathered on the CPU in index order.
+
+    Each rank scores its own shard; every rank gets all of them. Bad images go through
+    ``bad_images`` (a :class:`~mmcore.engine.policies.BadImages`).
+    """
+    model.eval()
+    indices, logits, labels = [], [], []
+    bar = tqdm(total=len(loader), desc=desc or split_name, unit="batch", disable=not progress, leave=False)
+    for batch in loader:
+        bar.update(1)
+        bad_images.check(batch, split_name)
+        if not batch["size"]:
+            continue
+        index, label = batch["index"], batch["label"]
+        batch = prepare_batch(batch, device, channels_last)
+        with autocast(device, dtype):
+            out = model(batch)
+        logits.append(out.float())  # stays on the device: one copy to the host at the end
+        indices.append(index)
+        labels.append(label)
+    bar.close()
+    local = (
+        torch.cat(indices).numpy() if indices else np.zeros(0, dtype=np.int64),
+        torch.cat(logits).cpu().double().numpy() if logits else np.zeros(0),
+        torch.cat(labels).numpy() if labels else np.zeros(0),
+    )
+    parts = all_gather_objects(local)
+    index = np.concatenate([p[0] for p in parts])
+    order = np.argsort(index, kind="stable")
+    return index[order], np.concatenate([p[1] for p in parts])[order], np.concatenate([p[2] for p in parts])[order]
+
+
+def sigmoid(logits):
+    """Probabilities from logits (float64, numpy)."""
+    return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))

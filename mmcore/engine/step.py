@@ -1,0 +1,110 @@
+"""The training step, in the shape of Lightning Fabric's loop.
+
+One micro-batch: autocast forward, loss, ``backward(loss * weight)`` — under DDP's
+``no_sync`` while the accumulation group is not complete, so gradients are all-reduced once
+per optimizer step, not once per micro-batch. One optimizer step: clipping, optimizer and
+scheduler step, zeroed gradients. Nothing here reads a value back to the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from mmcore.engine.runtime import all_reduce_, autocast, to_device, world_size
+
+
+def prepare_batch(batch, device, channels_last=False):
+    """The batch's tensors on ``device`` (non-blocking from pinned memory), pixels channels-last when asked."""
+    batch = to_device(batch, device)
+    vision = batch.get("vision")
+    if channels_last and vision is not None and vision["pixel_values"].dim() == 4:
+        vision["pixel_values"] = vision["pixel_values"].contiguous(memory_format=torch.channels_last)
+    return batch
+
+
+def group_lrs(optimizer):
+    """One learning rate per named parameter group (head, backbone, lora)."""
+    return {group.get("name", str(i)): group["lr"] for i, group in enumerate(optimizer.param_groups)}
+
+
+def is_ddp(model):
+    """Whether ``model`` is wrapped in DistributedDataParallel."""
+    return isinstance(model, torch.nn.parallel.DistributedDataParallel)
+
+
+class TrainStep:
+    """``micro_step`` per batch, ``optimizer_step`` per accumulation group.
+
+    ``model`` may be wrapped in DistributedDataParallel; the step then runs the forward and
+    backward of every micro-batch but the group's last under ``no_sync``. When the group's
+    last backward did not run (the batch was skipped on every rank), the gradients are
+    all-reduced by hand before the optimizer step, so ranks never drift apart.
+    """
+
+    def __init__(self, model, optimizer, scheduler, loss_fn, *, device, dtype, grad_clip=0.0, channels_last=False):
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.loss_fn = loss_fn
+        self.device = device
+        self.dtype = dtype
+        self.grad_clip = grad_clip
+        self.channels_last = channels_last
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self._synced = False  # did this group's gradients go through DDP's all-reduce?
+        self._accumulated = False  # did any backward run in this group?
+
+    def accumulating(self, sync):
+        """DDP's ``no_sync`` unless ``sync`` (the group's last micro-batch); a no-op otherwise."""
+        if sync or not is_ddp(self.model):
+            return contextlib.nullcontext()
+        return self.model.no_sync()
+
+    def loss(self, batch):
+        """The float32 loss of one batch (forward under autocast), still on the device."""
+        batch = prepare_batch(batch, self.device, self.channels_last)
+        with autocast(self.device, self.dtype):
+            logits = self.model(batch)
+        return self.loss_fn(logits.float(), batch["label"])
+
+    def micro_step(self, batch, *, weight, sync, skip=None):
+        """Forward and ``backward(loss * weight)`` of one batch.
+
+        ``skip(loss) -> bool`` (the NaN policy) may veto the backward after the forward; it
+        must answer the same on every rank. Returns ``(detached loss, backward ran)``.
+        """
+        with self.accumulating(sync):
+            loss = self.loss(batch)
+            if skip is not None and skip(loss):
+                return loss.detach(), False
+            (loss * weight).backward()
+        self._accumulated = True
+        self._synced = self._synced or sync
+        return loss.detach(), True
+
+    def optimizer_step(self):
+        """Clip, optimizer step, scheduler step, zero grads; returns ``(lrs used, grad norm or None)``.
+
+        The learning rates are those the optimizer step used (read before the scheduler
+        moves them on); the gradient norm stays a device tensor.
+        """
+        if is_ddp(self.model) and self._accumulated and not self._synced:
+            self._all_reduce_gradients()
+        lrs = group_lrs(self.optimizer)
+        norm = None
+        if self.grad_clip > 0 and self.trainable:
+            norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._synced = self._accumulated = False
+        return lrs, norm
+
+    def _all_reduce_gradients(self):
+        """What DDP's backward would have done: average the gradients over the ranks."""
+        world = world_size()
+        for param in self.trainable:
+            if param.grad is not None:
+                all_reduce_(param.grad, "sum").div_(world)

@@ -1,0 +1,201 @@
+"""One scoring interface over a bundle (onnxruntime / TorchScript) and a run directory (PyTorch).
+
+``mmcore predict`` on a bundle, the parity gate and ``mmcore serve`` use it: decoded images
+are preprocessed one by one (:meth:`Scorer.preprocess`, parallel-safe), then scored as a
+batch with their texts (:meth:`Scorer.logits`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import tomllib
+
+from mmcore.errors import RunError
+from mmcore.export import bundle as B
+
+DEFAULT_DECISION = {"threshold": 0.5, "temperature": 1.0, "description": "0.5 (no decision saved)"}
+
+
+class Scorer:
+    """What bundle and run scorers share; subclasses set the attributes and implement :meth:`logits`."""
+
+    kind = ""
+    #: the resolved recipe as plain data
+    recipe_data: dict
+    decision: dict
+    preprocessing = None
+    source: Path
+
+    @property
+    def modality(self):
+        return (self.recipe_data.get("train") or {}).get("modality", "multimodal")
+
+    @property
+    def uses_vision(self):
+        return self.modality != "text_only"
+
+    @property
+    def uses_text(self):
+        return self.modality != "vision_only"
+
+    @property
+    def data_config(self):
+        return self.recipe_data.get("data") or {}
+
+    @property
+    def max_image_pixels(self):
+        from mmcore.data.images import DEFAULT_MAX_IMAGE_PIXELS
+
+        return int(self.data_config.get("max_image_pixels") or DEFAULT_MAX_IMAGE_PIXELS)
+
+    @property
+    def ocr(self):
+        """The recipe's ``data.ocr`` table (engine, lang) or None."""
+        return self.data_config.get("ocr") or None
+
+    def load_image(self, source):
+        """A path or binary file -> RGB PIL image (BadImageError with the reason)."""
+        from mmcore.data.images import load_rgb
+
+        target = self.preprocessing.target_size if self.preprocessing is not None else None
+        return load_rgb(source, target_size=target, max_pixels=self.max_image_pixels)
+
+    def preprocess(self, image):
+        """RGB PIL image -> the vision encoder's input tensors for one image."""
+        return self.preprocessing(image)
+
+    def logits(self, vision_items, texts):
+        """Per-image inputs (from :meth:`preprocess`, or None) and texts (or None) -> float64 logits [B]."""
+        raise NotImplementedError
+
+    def decide(self, logits):
+        """Logits -> (raw score, calibrated score, prediction) arrays at the run's decision."""
+        from mmcore.engine.outputs import score_split
+
+        raw, calibrated, predicted, _ = score_split(
+            np.asarray(logits, dtype=np.float64), None,
+            temperature=float(self.decision["temperature"]), threshold=float(self.decision["threshold"]),
+        )
+        return raw, calibrated, predicted
+
+    def metadata(self):
+        """Model, recipe summary, decision and versions (``GET /metadata``)."""
+        recipe = self.recipe_data
+        return {
+            "source": str(self.source),
+            "kind": self.kind,
+            "experiment": recipe.get("experiment"),
+            "modality": self.modality,
+            "vision": (recipe.get("vision") or {}).get("name") if self.uses_vision else None,
+            "text": (recipe.get("text") or {}).get("name") if self.uses_text else None,
+            "pooling": (recipe.get("pooling") or {}).get("name") if self.uses_vision else None,
+            "fusion": (recipe.get("fusion") or {}).get("name") if self.modality == "multimodal" else None,
+            "threshold": float(self.decision["threshold"]),
+            "temperature": float(self.decision["temperature"]),
+            "threshold_rule": self.decision.get("description"),
+            "ocr": self.ocr,
+            "versions": B.versions(),
+        }
+
+
+class BundleScorer(Scorer):
+    """An export bundle scored with onnxruntime (or TorchScript): no run directory, no training data."""
+
+    kind = "bundle"
+
+    def __init__(self, folder, *, device=None, verify=True, load_graph=True):
+        from mmcore.export.onnx import GraphRunner
+
+        folder = Path(folder)
+        self.source = folder
+        self.manifest = B.read_manifest(folder, verify=verify)
+        self.recipe_data = tomllib.loads((folder / B.RECIPE).read_text(encoding="utf-8"))
+        self.decision = {**DEFAULT_DECISION, **_read_json(folder / B.DECISION)}
+        graph = self.manifest["graph"]
+        self.input_names = graph["inputs"]
+        self.vision_names = graph["vision_inputs"]
+        if self.uses_vision:
+            self.preprocessing = B.rebuild_preprocessing(_read_json(folder / B.PREPROCESSING), source=folder / B.PREPROCESSING)
+        self.tokenizer = self.text = None
+        if self.uses_text:
+            from transformers import AutoTokenizer
+
+            self.text = _read_json(folder / B.TEXT)
+            self.tokenizer = AutoTokenizer.from_pretrained(str(folder / B.TOKENIZER))
+        # load_graph=False: the tokenizer/preprocessing half only (the exporter, before the graph exists)
+        self.runner = GraphRunner(folder / graph["file"], graph["format"], device=device) if load_graph else None
+
+    def tokenize(self, texts):
+        """Strings -> the graph's token inputs as int64 arrays (the encoder's prefix and max_length)."""
+        prefix = self.text.get("prefix", "")
+        batch = self.tokenizer(
+            [prefix + ("" if t is None else str(t)) for t in texts], padding=True, truncation=True,
+            max_length=self.text["max_length"], return_tensors="np",
+        )
+        return {name: np.asarray(batch[name], dtype=np.int64) for name in self.text["inputs"]}
+
+    def logits(self, vision_items, texts):
+        """Collate, tokenize and run the graph."""
+        feeds = {}
+        if self.uses_vision:
+            collated = self.preprocessing.collate(vision_items)
+            feeds.update({name: collated[name].numpy() for name in self.vision_names})
+        if self.uses_text:
+            feeds.update(self.tokenize(texts))
+        return self.runner({name: feeds[name] for name in self.input_names})
+
+
+class RunScorer(Scorer):
+    """A finished run directory scored with its PyTorch model, from raw images (no feature cache)."""
+
+    kind = "run"
+
+    def __init__(self, run_dir, *, registry=None):
+        from mmcore.commands.evaluate import load_run
+        from mmcore.recipe import recipe_to_dict
+
+        self.source = Path(run_dir)
+        self.pipeline, ckpt = load_run(run_dir, registry=registry, progress=False)
+        self.pipeline.model.eval()
+        self.recipe_data = recipe_to_dict(self.pipeline.recipe)
+        self.decision = {**DEFAULT_DECISION, **(ckpt.get("decision") or {})}
+        vision = self.pipeline.model.vision
+        self.preprocessing = vision.preprocessing if vision is not None else None
+
+    def logits(self, vision_items, texts):
+        """The run's own forward (device, autocast, channels_last as in ``Trainer.predict``)."""
+        import torch
+
+        from mmcore.engine.loop import _prepare
+        from mmcore.engine.runtime import autocast
+
+        pipeline = self.pipeline
+        batch = {}
+        if self.uses_vision:
+            batch["vision"] = self.preprocessing.collate(vision_items)
+        if self.uses_text:
+            batch["text"] = list(texts)
+        batch = _prepare(batch, pipeline.device, pipeline.channels_last)
+        with torch.no_grad(), autocast(pipeline.device, pipeline.dtype):
+            out = pipeline.model(batch)
+        return out.float().cpu().double().numpy().reshape(-1)
+
+
+def open_scorer(path, *, registry=None, device=None):
+    """A :class:`BundleScorer` for a bundle folder, else a :class:`RunScorer` for a run directory."""
+    path = Path(path)
+    if B.is_bundle(path):
+        return BundleScorer(path, device=device)
+    if not path.is_dir():
+        raise RunError(f"{path}: neither a run directory nor an export bundle (not found)")
+    return RunScorer(path, registry=registry)
+
+
+def _read_json(path):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RunError(f"{path}: cannot read ({exc})") from None

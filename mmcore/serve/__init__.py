@@ -1,0 +1,1 @@
+"""``mmcore serve``: HTTP scoring with dynamic batching (FastAPI + uvicorn)."""
