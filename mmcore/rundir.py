@@ -564,3 +564,13 @@ def _parse(data):
     except (UnicodeDecodeError, ValueError):
         return None
     return record if isinstance(record, dict) else None
+
+
+def read_status(path):
+    """``status.json`` of the run directory at ``path`` (None when missing or unreadable)."""
+    return RunDir(path).status()
+
+
+def write_status(path, state, **extra):
+    """Write ``status.json`` of the run directory at ``path`` (see :meth:`RunDir.write_status`)."""
+    RunDir(path).write_status(state, **extra)

@@ -50,8 +50,8 @@ def serve_command(source, host, port, workers, max_batch, max_wait_ms, max_body_
     """
     import uvicorn
 
-    from mmcore.engine.outputs import require_completed
     from mmcore.export.bundle import is_bundle, read_manifest
+    from mmcore.rundir import RunDir
     from mmcore.serve.app import CONFIG_ENV, ServeConfig
 
     # refuse a wrong folder here, as one line, before any worker starts
@@ -60,7 +60,7 @@ def serve_command(source, host, port, workers, max_batch, max_wait_ms, max_body_
     elif not source.is_dir():
         raise MmcoreError(f"{source}: neither a run directory nor an export bundle (not found)")
     else:
-        require_completed(source)
+        RunDir(source).require_completed()
     config = ServeConfig(
         source=str(source.resolve()), max_batch=max_batch, max_wait_ms=max_wait_ms,
         max_body_bytes=int(max_body_mb * 1024 * 1024), max_text_chars=max_text_chars,

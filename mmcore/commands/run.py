@@ -39,8 +39,10 @@ def resume_training(run_dir, recipe=None, *, registry=None, progress=True, echo=
         )
 
 
-def run_training(recipe, *, recipe_path, out=None, registry=None, progress=True, echo=print, resume=None):
+def run_training(recipe, *, recipe_path, out=None, registry=None, progress=True, echo=print, resume=None, on_epoch_end=None):
     """Train, select, calibrate and evaluate; returns the run directory.
+
+    ``on_epoch_end(epoch, metrics)``: see :class:`TrainingRun`; returning True ends training early.
 
     ``resume``: a run directory whose ``last.ckpt`` holds the full training state; the run
     continues there and ends with the same predictions an uninterrupted run would give.
@@ -74,21 +76,22 @@ def run_training(recipe, *, recipe_path, out=None, registry=None, progress=True,
                 held.enter_context(run_dir.lock(echo=echo))
                 run_dir.write_recipe(recipe)
             run_dir = broadcast_object(run_dir if main else None)
-        return _train(recipe, registry, splits, run_dir, recipe_path, state, progress, echo, duplicates, started)
+        return _train(recipe, registry, splits, run_dir, recipe_path, state, progress, echo, duplicates, started, on_epoch_end)
 
 
-def _train(recipe, registry, splits, run_dir, recipe_path, state, progress, echo, duplicates, started):
+def _train(recipe, registry, splits, run_dir, recipe_path, state, progress, echo, duplicates, started, on_epoch_end=None):
     """The training run in its (locked) run directory, its status kept in ``status.json``."""
     main = is_main()
     if world_size() > 1:
         echo(f"distributed: {world_size()} processes, global batch {recipe.train.batch_size}")
     if not main:
-        return _run_worker(recipe, registry, splits, run_dir.path, recipe_path, state)
+        return _run_worker(recipe, registry, splits, run_dir.path, recipe_path, state, on_epoch_end)
     write_status = run_dir.write_status
     write_status("running")
     try:
         training = TrainingRun(
-            recipe, registry, splits, run_dir.path, recipe_path, progress, echo, duplicates=duplicates.counts()
+            recipe, registry, splits, run_dir.path, recipe_path, progress, echo, duplicates=duplicates.counts(),
+            on_epoch_end=on_epoch_end,
         )
         with _stop_on_signals(training, echo):
             if state is not None:
@@ -127,10 +130,10 @@ def _check_images(recipe, splits, echo, hashes):
     return duplicates
 
 
-def _run_worker(recipe, registry, splits, run_dir, recipe_path, state):
+def _run_worker(recipe, registry, splits, run_dir, recipe_path, state, on_epoch_end=None):
     """Ranks > 0: the same training in lock-step, writing nothing."""
     quiet = lambda *args, **kwargs: None  # noqa: E731
-    training = TrainingRun(recipe, registry, splits, run_dir, recipe_path, False, quiet)
+    training = TrainingRun(recipe, registry, splits, run_dir, recipe_path, False, quiet, on_epoch_end=on_epoch_end)
     with _stop_on_signals(training, quiet):
         if state is not None:
             training.load_state(state)

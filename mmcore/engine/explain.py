@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from mmcore.engine.loop import _prepare
 from mmcore.engine.runtime import autocast
+from mmcore.engine.step import prepare_batch
 
 SALIENCY_LIMIT = 50  # misclassified images given an overlay (each needs a backward pass)
 SALIENCY_SIZE = 320
@@ -62,7 +62,7 @@ def _modality_pass(model, loader, pipeline, *, keep_text_for, text_vectors):
         if not batch["size"]:
             continue
         index = batch["index"]
-        batch = _prepare(batch, pipeline.device, pipeline.channels_last)
+        batch = prepare_batch(batch, pipeline.device, pipeline.channels_last)
         with autocast(pipeline.device, pipeline.dtype):
             vision = model.vision_features(batch)
             text = model.text_features(batch).to(vision.dtype)

@@ -95,7 +95,11 @@ def _gather_rng_states():
 class TrainingRun:
     """Everything one training run holds; its state round-trips through ``last.ckpt``."""
 
-    def __init__(self, recipe, registry, splits, run_dir, recipe_path, progress, echo, duplicates=None):
+    def __init__(self, recipe, registry, splits, run_dir, recipe_path, progress, echo, duplicates=None, on_epoch_end=None):
+        """``on_epoch_end(epoch, metrics)``: called on every rank after each epoch's validation (its
+        checkpoints written) with that epoch's validation metrics; returning True stops training
+        there and the run finishes with its best epoch so far (``mmcore tune`` prunes with it)."""
+        self.on_epoch_end = on_epoch_end
         self.recipe = recipe
         self.registry = registry
         self.run_dir = Path(run_dir)
@@ -335,6 +339,9 @@ class TrainingRun:
                 self.echo(f"epoch {epoch}: train_loss={train_loss:.4f} {shown}{' *' if improved else ''}")
             self.save_last(epoch_complete=True)
             self.epoch += 1
+            if self.on_epoch_end is not None and self.on_epoch_end(epoch, dict(metrics)):
+                self.echo(f"stopped after epoch {epoch} by on_epoch_end (best epoch {self.best_epoch})")
+                break
             if patience and self.since_best >= patience:
                 self.echo(f"early stopping: {metric} has not improved for {patience} epochs (best epoch {self.best_epoch})")
                 break

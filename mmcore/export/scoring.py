@@ -169,8 +169,8 @@ class RunScorer(Scorer):
         """The run's own forward (device, autocast, channels_last as in ``Trainer.predict``)."""
         import torch
 
-        from mmcore.engine.loop import _prepare
         from mmcore.engine.runtime import autocast
+        from mmcore.engine.step import prepare_batch
 
         pipeline = self.pipeline
         batch = {}
@@ -178,7 +178,7 @@ class RunScorer(Scorer):
             batch["vision"] = self.preprocessing.collate(vision_items)
         if self.uses_text:
             batch["text"] = list(texts)
-        batch = _prepare(batch, pipeline.device, pipeline.channels_last)
+        batch = prepare_batch(batch, pipeline.device, pipeline.channels_last)
         with torch.no_grad(), autocast(pipeline.device, pipeline.dtype):
             out = pipeline.model(batch)
         return out.float().cpu().double().numpy().reshape(-1)

@@ -1,0 +1,171 @@
+"""``mmcore tune RECIPE --space SPACE.toml --trials N``: hyperparameter search on Optuna.
+
+Each trial is an ordinary run directory inside one study directory
+(``<output_dir>/<experiment>/tune-<study>/`` by default, the study named after the space file);
+the objective is the recipe's ``train.early_stopping.metric`` (its direction from the metric),
+reported every epoch so the pruner can stop bad trials early. Running the same command again
+continues the study; ``--jobs K`` runs K trials at once; ``--storage URL`` shares the study with
+other ``mmcore tune`` processes or machines. The study machinery is :mod:`mmcore.tune.study`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from mmcore.errors import MmcoreError, RecipeError, RunError
+from mmcore.tune.study import (
+    CONFIG_FILE,
+    DB_FILE,
+    ENV_CONFIG,
+    HEARTBEAT,
+    TuneConfig,
+    die_with_parent,
+    gpu_slots,
+    logical_trials,
+    make_pruner,
+    make_sampler,
+    make_storage,
+    masked,
+    study_lock,
+    summarize,
+    visible_gpus,
+    work,
+)
+
+
+def run_tune(
+    recipe_path,
+    space_path,
+    *,
+    trials=None,
+    overrides=(),
+    sampler="tpe",
+    pruner="median",
+    jobs=1,
+    storage=None,
+    study=None,
+    out=None,
+    nproc=None,
+    seed=None,
+    heartbeat=HEARTBEAT,
+    registry=None,
+    progress=True,
+    echo=print,
+):
+    """Run (or continue) a study; returns its record (``study.json``: trials, values, the best).
+
+    The space is checked against the recipe before anything runs; ``--sampler``/``--pruner``
+    take Optuna's keyword arguments after a colon (``median:n_startup_trials=1``).
+    """
+    from mmcore.engine.training import metric_mode
+    from mmcore.recipe import recipe_to_dict
+    from mmcore.tune.space import check_space, load_space
+
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        raise MmcoreError("mmcore tune needs Optuna: pip install 'mmcore[tune]' (or pip install 'optuna>=4')") from None
+    if registry is None:
+        from mmcore.plugins.manager import get_registry
+
+        registry = get_registry()
+    if jobs < 1:
+        raise RecipeError(f"--jobs {jobs}: must be at least 1")
+    space = load_space(space_path)
+    base = check_space(space, recipe_path, overrides, registry=registry)
+    metric = base.train.early_stopping.metric
+    direction = "maximize" if metric_mode(metric) == "max" else "minimize"
+    if sampler.partition(":")[0].strip().lower() == "grid":
+        size = space.grid_size()
+        if trials is not None and trials > size:
+            echo(f"--trials {trials}: the grid has {size} points; running {size}")
+        trials = min(trials or size, size)
+    elif trials is None:
+        raise RecipeError("--trials: give the number of trials (only --sampler grid knows its own)")
+    if trials < 1:
+        raise RecipeError(f"--trials {trials}: must be at least 1")
+    make_sampler(sampler, space, seed)  # bad sampler/pruner options: one line, before anything is written
+    make_pruner(pruner, base.train.epochs)
+    name = study or Path(space_path).stem
+    study_dir = Path(out) if out else Path(base.output_dir) / base.experiment / f"tune-{name}"
+    study_dir = study_dir.resolve()
+    url = storage or f"sqlite:///{study_dir / DB_FILE}"
+    config = TuneConfig(
+        recipe=str(Path(recipe_path).resolve()), space=str(Path(space_path).resolve()), study_dir=str(study_dir),
+        study_name=name, storage=url, trials=trials, metric=metric, direction=direction, epochs=base.train.epochs,
+        overrides=tuple(overrides), sampler=sampler, pruner=pruner, nproc=nproc, seed=seed, heartbeat=heartbeat,
+        progress=progress and jobs == 1,
+    )
+    identity = {"recipe": recipe_to_dict(base), "space": space.to_dict(), "metric": metric, "direction": direction}
+    identity = json.loads(json.dumps(identity))  # as tune.json holds it (tuples are lists there)
+    done = _open_study(config, identity)
+    echo(f"tune {recipe_path}: study {name!r}, {trials} trials ({sampler} sampler, {pruner} pruner, {jobs} at a time), "
+         f"{direction} {metric} -> {study_dir}")
+    if done:
+        echo(f"continuing the study: {done} trials already finished")
+    if jobs == 1:
+        work(config, registry=registry, echo=echo)
+    else:
+        run_workers(config, jobs, echo=echo)
+    return summarize(config, echo=echo)
+
+
+def _open_study(config, identity):
+    """Create the study (or check that an existing one searches the same thing); returns its finished trials."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from mmcore.io import write_json
+    from mmcore.recipe import recipe_diff
+
+    study_dir = Path(config.study_dir)
+    with study_lock(study_dir):  # two processes starting at once create the storage once
+        record_path = study_dir / CONFIG_FILE
+        if record_path.is_file():
+            saved = json.loads(record_path.read_text(encoding="utf-8"))
+            differing = recipe_diff(saved.get("recipe") or {}, identity["recipe"])
+            if saved.get("space") != identity["space"]:
+                differing.insert(0, "the search space")
+            if differing:
+                raise RunError(
+                    f"{study_dir}: this study was started with another recipe or space (differs at "
+                    f"{', '.join(differing[:5])}); give --study NAME for a new study"
+                )
+        write_json(record_path, {**identity, "study": config.study_name, "storage": masked(config.storage),
+                                 "recipe_path": config.recipe, "space_path": config.space, "overrides": list(config.overrides)})
+        storage = make_storage(config.storage)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(study_name=config.study_name, storage=storage, direction=config.direction,
+                                    load_if_exists=True)
+        if study.direction.name.lower() != config.direction:
+            raise RunError(f"{masked(config.storage)}: study {config.study_name!r} exists and is to "
+                           f"{study.direction.name.lower()}, not {config.direction} {config.metric}")
+        finished = (TrialState.COMPLETE, TrialState.PRUNED)
+        return sum(1 for group in logical_trials(study.get_trials(deepcopy=False)).values() if group[-1].state in finished)
+
+
+def run_workers(config, jobs, *, echo=print):
+    """``jobs`` worker processes on this study (one GPU group each when there are several GPUs)."""
+    env = {**os.environ, ENV_CONFIG: config.to_json()}
+    processes = []
+    for index, devices in enumerate(gpu_slots(jobs, config.nproc, visible_gpus())):
+        worker_env = dict(env)
+        if devices is not None:
+            worker_env["CUDA_VISIBLE_DEVICES"] = devices
+        echo(f"job {index}: started" + (f" on CUDA_VISIBLE_DEVICES={devices}" if devices else ""))
+        processes.append(subprocess.Popen([sys.executable, "-m", "mmcore.tune", "worker", str(index)],
+                                          env=worker_env, preexec_fn=die_with_parent))
+    try:
+        codes = [p.wait() for p in processes]
+    except KeyboardInterrupt:
+        for p in processes:  # they got the same Ctrl-C: let them write last.ckpt and requeue their trials
+            p.wait()
+        echo("tune interrupted; run the same command again to continue the study")
+        raise
+    failed = [f"job {i} exited with status {code}" for i, code in enumerate(codes) if code]
+    if failed:
+        echo("; ".join(failed) + " (its lines are above); the finished trials are kept")
