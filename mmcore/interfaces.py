@@ -183,9 +183,26 @@ class TextEncoder(nn.Module):
         """Embed a batch of strings -> float tensor [B, out_dim] on :attr:`device`."""
         raise NotImplementedError
 
+    #: True for encoders whose state is fitted on the training split (e.g. n-gram statistics):
+    #: a run calls :meth:`fit` on the training texts before anything is encoded
+    fits_on_train: bool = False
+
     def forward(self, texts: list[str]) -> torch.Tensor:
         with torch.no_grad():
             return self.encode(list(texts)).float()
+
+    def fit(self, texts: list[str]) -> None:
+        """Fit the encoder's state on the training texts (only called when ``fits_on_train``).
+
+        Keep the fitted state in tensors registered as buffers (no pickle): the run's checkpoints
+        carry them, so ``eval``, ``predict``, ``export`` and ``serve`` restore them without fitting
+        again. Name them in :meth:`fitted_state_keys`, and put a digest of them in
+        :meth:`identity_extra` so the feature cache never mixes two fits.
+        """
+
+    def fitted_state_keys(self) -> list[str]:
+        """``state_dict`` keys that hold fitted state (always saved, even for pretrained encoders)."""
+        return []
 
     def identity_extra(self) -> dict:
         """Anything beyond name/weights/revision that changes the embedding (prefixes, pooling)."""

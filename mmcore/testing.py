@@ -219,6 +219,9 @@ def check_text_encoder(name, params=None, registry=None):
     assert isinstance(encoder.out_dim, int) and encoder.out_dim > 0, f"{name}: out_dim must be a positive int"
     encoder.eval()
     texts = ["50% OFF all shoes today — shop now", ""]
+    fit_texts = [*texts, "grandma's birthday photos", "cheap meds, no prescription"]
+    if encoder.fits_on_train:  # fitted on the training split before a run encodes anything
+        encoder.fit(fit_texts)
     out = encoder(texts)
     assert out.shape == (2, encoder.out_dim), f"{name}: expected [2, {encoder.out_dim}] (got {tuple(out.shape)})"
     assert torch.isfinite(out).all(), f"{name}: non-finite embedding"
@@ -230,7 +233,10 @@ def check_text_encoder(name, params=None, registry=None):
     assert problem is None, f"{name}: text features are {problem}; {DEAD_HINT}"
     identity = encoder.identity
     assert isinstance(identity, str) and name in identity, f"{name}: identity must be a string naming the encoder"
-    assert build("text", name, params, registry).identity == identity, f"{name}: identity is not stable"
+    again = build("text", name, params, registry)
+    if again.fits_on_train:
+        again.fit(fit_texts)
+    assert again.identity == identity, f"{name}: identity is not stable"
     return encoder
 
 

@@ -30,7 +30,10 @@ def _encoder_dropped_keys(model):
             continue
         params = dict(encoder.named_parameters())
         trains = any(p.requires_grad for p in params.values())
+        fitted = set(encoder.fitted_state_keys()) if hasattr(encoder, "fitted_state_keys") else set()
         for key in encoder.state_dict():
+            if key in fitted:
+                continue  # fitted on this run's training split: only the checkpoint has it
             param = params.get(key)
             if param is not None and param.requires_grad:
                 continue

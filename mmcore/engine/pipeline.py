@@ -195,6 +195,20 @@ class Pipeline:
     def eval_batch_size(self):
         return self.recipe.eval.batch_size or self.recipe.train.batch_size
 
+    def fit_encoders(self, train_split):
+        """Fit encoders that learn from the training split (``fits_on_train``) on its texts.
+
+        The split's texts are final (the OCR stage ran before). This runs before any feature is
+        computed or cached, so the cache identity includes the fit. ``eval`` and ``predict`` never
+        call it: they load the fitted state from the checkpoint.
+        """
+        text = self.model.text
+        if text is None or not getattr(text, "fits_on_train", False):
+            return
+        text.fit(list(train_split.texts))
+        self._stores.pop("text", None)  # its identity changed with the fit
+        self._log(f"text encoder {text.name}: fitted on {len(train_split)} training texts")
+
     def dataset(self, split, *, train=False):
         """A dataset for ``split``; bad images found by the feature pass go through ``bad``.
 

@@ -135,6 +135,7 @@ class TrainingRun:
         recipe = self.recipe
         pipeline = self.pipeline = Pipeline(recipe, self.registry, source=str(self.recipe_path), progress=self.progress)
         model = pipeline.model
+        pipeline.fit_encoders(splits["train"])
         self.bad_images = BadImages(recipe.data.on_bad_image)
         self.datasets = {}
         for name in ("train", "val", "test"):

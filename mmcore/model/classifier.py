@@ -14,6 +14,8 @@ a pooled vector, ``vision_tokens``/``vision_mask`` = a token sequence, ``text_fe
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -81,7 +83,16 @@ def _drop_modality(vision, text, p):
 def build_component(registry, kind, component, *args, **kwargs):
     """Call a registered factory with the component's structured params."""
     registration = registry.get(kind, component.name)
+    if _takes_registry(registration.factory):
+        kwargs["registry"] = registry  # composite components build their parts through it
     return registration.factory(component.params, *args, **kwargs)
+
+
+def _takes_registry(factory):
+    try:
+        return "registry" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def build_encoders(recipe, registry):

@@ -23,6 +23,7 @@ BUILTIN_MODULES = (
     "mmcore.builtin.schedulers",
     "mmcore.builtin.augmentations",
     "mmcore.builtin.text_none",
+    "mmcore.builtin.text_concat",
 )
 
 
