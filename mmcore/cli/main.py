@@ -196,8 +196,9 @@ def _add_commands():
     from mmcore.cli.new_plugin import new_plugin_command
     from mmcore.cli.ocr import ocr_command
     from mmcore.cli.predict import predict_command
+    from mmcore.cli.shard import shard_command
 
-    for command in (predict_command, compare_command, ocr_command, cache_group, new_plugin_command):
+    for command in (predict_command, compare_command, ocr_command, cache_group, new_plugin_command, shard_command):
         cli.add_command(command)
 
 
