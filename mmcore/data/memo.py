@@ -206,20 +206,23 @@ class FileFacts:
 
 
 class _Remembered:
-    """stat key -> :class:`ImageFacts` over loaded records, built lazily per key (a warm start of a
-    million files builds one dict of positions, not a million objects up front)."""
+    """stat key -> :class:`ImageFacts` over loaded records: the columns become lists once (C speed),
+    each fact object is made only when its key is asked for."""
 
     def __init__(self, records):
         from mmcore.engine.cache import StatRecords
 
-        self.records = records
         self.index = StatRecords.lookup(records) if records is not None and len(records) else {}
+        if self.index:
+            self.sha1 = records["sha1"].tolist()
+            self.format = records["format"].tolist()
+            self.width = records["width"].tolist()
+            self.height = records["height"].tolist()
+            self.problem = records["problem"].tolist()
 
     def get(self, key):
         i = self.index.get(key)
         if i is None:
             return None
-        row = self.records[i]
-        problem = bytes(row["problem"]).decode("utf-8", "replace") or None
-        return ImageFacts(bytes(row["sha1"]).ljust(20, b"\0"), bytes(row["format"]).decode(), int(row["width"]),
-                          int(row["height"]), problem)
+        problem = self.problem[i].decode("utf-8", "replace") or None
+        return ImageFacts(self.sha1[i].ljust(20, b"\0"), self.format[i].decode(), self.width[i], self.height[i], problem)
