@@ -372,6 +372,11 @@ def load_shard_splits(data_config, *, names=("train", "val", "test"), cache=None
     copied; with ``enabled = false`` indexes are kept in memory only (remote shards still need a
     directory: the cache's). ``index``: a :class:`ShardIndex` to use instead (tests look at it).
     """
+    if getattr(data_config, "ocr", None) is not None:
+        raise DataError(
+            'data.ocr: OCR fill is not available with data.format = "webdataset"; fill the texts first '
+            "(mmcore ocr on the CSV), then write the shards with mmcore shard"
+        )
     if index is None:
         from mmcore.engine.cache import FORMAT, cache_root
 
