@@ -82,6 +82,11 @@ def save_torch(path, obj):
     return Path(path)
 
 
+def bytes_sha1(data):
+    """sha1 of bytes already read (20 bytes): the same content key :func:`file_sha1` gives for a file."""
+    return hashlib.sha1(data).digest()
+
+
 def file_sha1(path, block=1 << 20):
     """sha1 of a file's bytes (20 bytes), or None when it cannot be read (other checks report that)."""
     digest = hashlib.sha1()

@@ -7,14 +7,6 @@ import click
 DIR_HELP = "Cache directory (default: $MMCORE_CACHE_DIR or ~/.cache/mmcore)."
 
 
-def human_bytes(n):
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
 @click.group("cache")
 def cache_group():
     """The on-disk cache of frozen-encoder features (shared by every run)."""
@@ -23,24 +15,43 @@ def cache_group():
 @cache_group.command()
 @click.option("--dir", "directory", type=click.Path(file_okay=False), default="", help=DIR_HELP)
 def info(directory):
-    """Feature spaces (one per encoder identity and stored form), entries and sizes."""
-    from mmcore.engine.cache import cache_info, cache_root
+    """Feature spaces (one per encoder identity and stored form): entries, size, size per entry; free space."""
+    from mmcore.engine.cache import cache_info, cache_root, human_bytes, records_info
 
     root = cache_root(directory)
     spaces = cache_info(root)
     click.echo(f"cache directory {root}")
     if not spaces:
         click.echo("empty")
+        _free_line(root)
         return
     total = 0
     for space in spaces:
         total += space["bytes"]
+        stored = space["stored"] + (f" {space['token_storage']}" if space.get("token_storage") else "")
         click.echo(
-            f"{space['encoder']:<20} {space['stored']:<6} {space['dtype']:<8} "
-            f"{space['entries']:>9} entries {human_bytes(space['bytes']):>10}  {space['key']}"
+            f"{space['encoder']:<20} {stored:<13} {space['dtype']:<8} "
+            f"{space['entries']:>9} entries {human_bytes(space['bytes']):>10} "
+            f"({human_bytes(space['bytes_per_entry'])}/entry)  {space['key']}"
         )
         click.echo(f"  identity {space['identity']}")
-    click.echo(f"total {len(spaces)} feature spaces, {human_bytes(total)}")
+    extra = records_info(root)
+    click.echo(
+        f"total {len(spaces)} feature spaces, {human_bytes(total)}; file hashes {human_bytes(extra['files'])}, "
+        f"image checks {human_bytes(extra['checks'])}, shard indexes {human_bytes(extra['shards'])}, "
+        f"copied shards {human_bytes(extra['spool'])}"
+    )
+    _free_line(root)
+
+
+def _free_line(root):
+    """``12.3 GiB free on that disk``: what a feature pass is compared with (nothing when unknown)."""
+    from mmcore.engine.cache import free_bytes, human_bytes
+
+    try:
+        click.echo(f"{human_bytes(free_bytes(root))} free on that disk")
+    except OSError:
+        pass
 
 
 @cache_group.command()

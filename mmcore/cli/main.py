@@ -208,10 +208,11 @@ def _add_commands():
     from mmcore.cli.ocr import ocr_command
     from mmcore.cli.predict import predict_command
     from mmcore.cli.serve import serve_command
+    from mmcore.cli.shard import shard_command
     from mmcore.cli.tune import tune_command
 
     commands = (predict_command, compare_command, ocr_command, cache_group, new_plugin_command, export_command, serve_command,
-                tune_command)
+                tune_command, shard_command)
     for command in commands:
         cli.add_command(command)
 

@@ -57,7 +57,7 @@ def run_training(recipe, *, recipe_path, out=None, registry=None, progress=True,
     main = is_main()
     if not main:  # rank 0 alone talks and writes
         echo, progress = (lambda *args, **kwargs: None), False
-    splits = load_splits(recipe.data)  # all data problems before anything heavy
+    splits = load_splits(recipe.data, cache=recipe.cache)  # all data problems before anything heavy
     hashes = ImageHashes.for_recipe(recipe)  # each image hashed once: checks, OCR, feature cache
     duplicates = _check_images(recipe, splits, echo, hashes)
     splits = ocr_stage(splits, recipe, registry=registry, hashes=hashes, progress=progress)
@@ -113,14 +113,21 @@ def _train(recipe, registry, splits, run_dir, recipe_path, state, progress, echo
 
 
 def _check_images(recipe, splits, echo, hashes):
-    """Before a run directory exists: images that cannot be used (header scan) and leakage."""
+    """Before a run directory exists: images that cannot be used (header scan) and leakage.
+
+    Both come from ``hashes.facts`` (one read per file ever, remembered by stat key: a warm
+    start stats each file and reads none), fetched in one pass for every split.
+    """
     from mmcore.data.checks import find_duplicates, scan_images
 
+    hashes.facts([path for name in splits for path in splits[name].paths])
     if recipe.data.on_bad_image == "error" and recipe.train.modality != "text_only":
         bad = [
             line
             for name in ("train", "val", "test")
-            for line in scan_images(splits[name], max_pixels=recipe.data.max_image_pixels, formats=recipe.data.image_formats)
+            for line in scan_images(
+                splits[name], max_pixels=recipe.data.max_image_pixels, formats=recipe.data.image_formats, facts=hashes.facts
+            )
         ]
         if bad:
             raise DataError(bad + ['set data.on_bad_image = "skip" to leave such images out (counted in results.json)'])

@@ -124,13 +124,23 @@ def _csv_labels(splits, names):
     return {name: str(splits[name].csv) for name in names}
 
 
-def scan_images(split, *, max_pixels=DEFAULT_MAX_IMAGE_PIXELS, formats=DEFAULT_FORMATS):
-    """Header-only check of every image of ``split`` -> problem lines ``<csv>: row N: <path>: <reason>``.
+def scan_images(split, *, max_pixels=DEFAULT_MAX_IMAGE_PIXELS, formats=DEFAULT_FORMATS, facts=None):
+    """Header-only check of every image of ``split`` -> problem lines ``<csv>: row N: <path>: <reason>``
+    (``<shard>: sample <key>: <reason>`` for WebDataset samples).
 
     Finds missing, empty, non-image, not-allowed-format and too-large files without decoding
     pixels (a corrupt or truncated body is only found when decoding, during the run). Files
     are opened exactly as the run opens them (:func:`~mmcore.data.images.open_image_file`).
+    ``facts``: a run's :class:`~mmcore.data.memo.FileFacts` (``facts(paths)``), whose
+    remembered header facts make a warm scan read no file.
     """
+    if facts is not None:
+        found = facts(split.paths)
+        return [
+            where(split, i) + f": {reason}"
+            for i, fact in enumerate(found)
+            if (reason := fact.reason(max_pixels)) is not None
+        ]
 
     def check(index):
         try:
@@ -140,7 +150,15 @@ def scan_images(split, *, max_pixels=DEFAULT_MAX_IMAGE_PIXELS, formats=DEFAULT_F
             reason = str(exc)
         else:
             return None
-        return f"{split.csv}: row {split.rows[index]}: {split.paths[index]}: {reason}"
+        return where(split, index) + f": {reason}"
 
     with ThreadPoolExecutor(max_workers=min(_THREADS, max(1, len(split)))) as pool:
         return [line for line in pool.map(check, range(len(split))) if line is not None]
+
+
+def where(split, index):
+    """How a problem line names a sample: ``<csv>: row N: <path>``, or ``<shard>: sample <key>``."""
+    path = split.paths[index]
+    if hasattr(path, "shard"):  # a WebDataset sample names itself (shard and key)
+        return str(path)
+    return f"{split.csv}: row {split.rows[index]}: {path}"

@@ -140,17 +140,26 @@ def resolve_csv(name, base_dir):
     return Path(base_dir) / path
 
 
-def load_splits(data_config, *, names=("train", "val", "test")):
-    """Validate every split named in the recipe, collecting problems from all of them."""
-    splits, problems = {}, []
-    for name in names:
-        csv = resolve_csv(getattr(data_config, name), data_config.base_dir)
-        try:
-            splits[name] = read_split(csv, data_config.base_dir or csv.parent)
-        except DataError as exc:
-            problems.extend(exc.problems)
-    if problems:
-        raise DataError(problems)
+def load_splits(data_config, *, names=("train", "val", "test"), cache=None):
+    """Validate every split named in the recipe, collecting problems from all of them.
+
+    ``data.format = "webdataset"``: the splits are shard URLs (:mod:`mmcore.data.webdataset`;
+    ``cache``, the recipe's ``[cache]``, says where shard indexes are remembered).
+    """
+    if getattr(data_config, "format", "csv") == "webdataset":
+        from mmcore.data.webdataset import load_shard_splits
+
+        splits = load_shard_splits(data_config, names=names, cache=cache)
+    else:
+        splits, problems = {}, []
+        for name in names:
+            csv = resolve_csv(getattr(data_config, name), data_config.base_dir)
+            try:
+                splits[name] = read_split(csv, data_config.base_dir or csv.parent)
+            except DataError as exc:
+                problems.extend(exc.problems)
+        if problems:
+            raise DataError(problems)
     for name in ("train", "val"):
         if name in splits:
             classes = set(splits[name].labels)

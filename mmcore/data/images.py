@@ -81,7 +81,12 @@ def open_checked(handle, *, max_pixels=DEFAULT_MAX_IMAGE_PIXELS, formats=DEFAULT
         raise BadImageError("not an image Pillow can read") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as exc:
         raise BadImageError(f"corrupt or truncated image ({_reason(exc)})") from None
-    width, height = image.size
+    check_size(*image.size, max_pixels=max_pixels)
+    return image
+
+
+def check_size(width, height, *, max_pixels=DEFAULT_MAX_IMAGE_PIXELS):
+    """Raise :class:`BadImageError` for a header size above ``max_pixels`` (or not positive)."""
     if width * height > max_pixels:
         raise BadImageError(
             f"image too large ({width}x{height} = {width * height} pixels > "
@@ -89,7 +94,6 @@ def open_checked(handle, *, max_pixels=DEFAULT_MAX_IMAGE_PIXELS, formats=DEFAULT
         )
     if width <= 0 or height <= 0:
         raise BadImageError(f"corrupt image (size {width}x{height})")
-    return image
 
 
 def _sniff_format(handle):
@@ -227,9 +231,14 @@ def _os_reason(exc):
 
 @contextlib.contextmanager
 def open_image_file(path):
-    """Open an image path for reading (a file object passes through); problems are :class:`BadImageError`."""
+    """Open an image path for reading (a file object passes through, a sample of a WebDataset shard
+    opens its bytes); problems are :class:`BadImageError`."""
     if hasattr(path, "read"):
         yield path
+        return
+    if hasattr(path, "open_bytes"):  # mmcore.data.webdataset.ShardMember
+        with path.open_bytes() as handle:
+            yield handle
         return
     problem = image_file_problem(path)
     if problem is not None:

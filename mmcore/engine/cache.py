@@ -45,6 +45,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -137,6 +138,50 @@ def cache_root(configured=""):
     return Path(base) / "mmcore"
 
 
+def human_bytes(n):
+    """``1.6 GiB``: a byte count for people (binary units)."""
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def free_bytes(root):
+    """Free bytes on the filesystem that holds (or will hold) ``root``: ``shutil.disk_usage`` of
+    its nearest existing ancestor (tests replace this function to inject a figure)."""
+    path = Path(root).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+class CacheTooSmall(RunError):
+    """A feature pass that would not fit the cache's free space (it stops before writing)."""
+
+
+def check_space(root, *, rows, row_bytes, what, options):
+    """Refuse a pass of ``rows`` new entries of ``row_bytes`` each when the disk cannot hold them.
+
+    One line: how much it needs, how much is free, and ``options`` (what to change instead).
+    A pass that fits returns the projected bytes.
+    """
+    need = int(rows * (row_bytes + INDEX_DTYPE.itemsize))
+    if need <= 0:
+        return 0
+    try:
+        free = free_bytes(root)
+    except OSError:  # the directory's problem is reported by the probe and the writes
+        return need
+    if need > free:
+        raise CacheTooSmall(
+            f"feature cache {root}: {what} needs {human_bytes(need)} ({rows} entries x {human_bytes(row_bytes)}), "
+            f"{human_bytes(free)} free; options: {options}"
+        )
+    return need
+
+
 def text_key(text):
     """A text's content key (20 bytes)."""
     return hashlib.sha1(text.encode("utf-8")).digest()
@@ -148,10 +193,15 @@ def _key(stored):
     return stored.ljust(20, b"\0")
 
 
-def _stat_key(path):
-    st = os.stat(path)
+def stat_key(path, st=None):
+    """A file's stat key (20 bytes): its absolute path, size, mtime and ctime; ``os.stat`` only
+    (none when the caller already has the file's ``st``)."""
+    st = os.stat(path) if st is None else st
     blob = f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
     return hashlib.sha1(blob.encode("utf-8", "surrogateescape")).digest()
+
+
+_stat_key = stat_key  # the name tests and older callers use
 
 
 def weights_fingerprint(module):
@@ -325,38 +375,86 @@ def _exclusive_file_lock(lock, on_wait=None, poll=0.05):
 # ---------------------------------------------------------------- image content keys
 
 
-class FileHashes:
-    """Content keys of image files, remembered under their stat keys.
+class StatRecords:
+    """Fixed-size records keyed by a file's stat key, in content-named ``.npy`` files of one directory.
 
     Each record file is named by the sha1 of its contents, so a damaged one (cut short, bytes
-    changed) is recognised, dropped with a warning and its images hashed again.
+    changed) is recognised, dropped with a warning and its files looked at again. New records
+    are added as a new file; past ``MAX_FILE_RECORDS`` files everything is merged into one
+    (under a lock), so a warm lookup reads a few files whatever the dataset's size.
     """
+
+    def __init__(self, directory, dtype, what, again="looked at again"):
+        self.dir = Path(directory)
+        self.dtype = np.dtype(dtype)
+        #: how a dropped file is described ("file-hash records") and what then happens to its images
+        self.what, self.again = what, again
+
+    def load(self):
+        """``(records, files)``: every sound record (one structured array, later files win) and their files."""
+        parts, files = [], []
+        if self.dir.is_dir():
+            for path in sorted(self.dir.glob("*.npy")):
+                records, problem = read_records(path, self.dtype)
+                if records is None:
+                    if problem is not None:
+                        _drop([path], f"warning: feature cache: dropped damaged {self.what} {path} "
+                                      f"({problem}); those images are {self.again}")
+                    continue
+                files.append(path)
+                parts.append(records)
+        records = np.concatenate(parts) if parts else np.zeros(0, dtype=self.dtype)
+        return records, files
+
+    @staticmethod
+    def lookup(records):
+        """stat key -> position in ``records`` (the last record of a key wins)."""
+        return dict(zip(map(_key, records["stat"].tolist()), range(len(records))))
+
+    def save(self, new, old=None, files=()):
+        """Add the structured array ``new``; with many record files, merge them with ``old`` into one."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        sweep_leftovers(self.dir)
+        if len(files) >= MAX_FILE_RECORDS:
+            with file_lock(self.dir / ".merge.lock"):
+                merged = np.concatenate([old, new]) if old is not None and len(old) else new
+                _, last = np.unique(merged["stat"][::-1], return_index=True)  # one record per stat key, the newest
+                written = self._write(merged[::-1][np.sort(last)])
+                for path in files:
+                    if path != written:
+                        with contextlib.suppress(FileNotFoundError):
+                            path.unlink()
+        else:
+            self._write(new)
+
+    def _write(self, array):
+        array = np.ascontiguousarray(np.sort(array, order="stat"))
+        path = self.dir / f"{hashlib.sha1(array.tobytes()).hexdigest()}.npy"
+        _write_atomic(path, array)
+        return path
+
+
+class FileHashes:
+    """Content keys of image files, remembered under their stat keys (:class:`StatRecords`)."""
 
     def __init__(self, root):
         self.root = Path(root)
         self.dir = self.root / FORMAT / "files"
+        self.records = StatRecords(self.dir, FILE_DTYPE, "file-hash records", "hashed again")
 
-    def _records(self):
-        known, files = {}, []
-        if self.dir.is_dir():
-            for path in sorted(self.dir.glob("*.npy")):
-                records, problem = read_records(path)
-                if records is None:
-                    if problem is not None:
-                        _drop([path], f"warning: feature cache: dropped damaged file-hash records {path} "
-                                      f"({problem}); those images are hashed again")
-                    continue
-                files.append(path)
-                known.update(zip(map(_key, records["stat"].tolist()), map(_key, records["sha1"].tolist())))
-        return known, files
+    def known(self):
+        """stat key -> sha1 of every remembered file."""
+        records, _ = self.records.load()
+        return dict(zip(map(_key, records["stat"].tolist()), map(_key, records["sha1"].tolist())))
 
     def keys(self, paths):
         """The sha1 of each file's bytes (None for a file that cannot be read)."""
-        known, files = self._records()
+        records, files = self.records.load()
+        known = dict(zip(map(_key, records["stat"].tolist()), map(_key, records["sha1"].tolist())))
         out, new = [], {}
         for path in paths:
             try:
-                stat = _stat_key(path)
+                stat = stat_key(path)
             except (OSError, ValueError):
                 out.append(None)
                 continue
@@ -367,33 +465,19 @@ class FileHashes:
                     new[stat] = digest
             out.append(digest)
         if new:
-            with cache_io(self.root):
-                self._save(new, known, files)
+            self.remember(new, records, files)
         return out
 
-    def _save(self, new, known, files):
-        self.dir.mkdir(parents=True, exist_ok=True)
-        sweep_leftovers(self.dir)
-        if len(files) >= MAX_FILE_RECORDS:  # merge everything into one record file
-            with file_lock(self.dir / ".merge.lock"):
-                merged = {**known, **new}
-                written = self._write(merged)
-                for path in files:
-                    if path != written:
-                        with contextlib.suppress(FileNotFoundError):
-                            path.unlink()
-        else:
-            self._write(new)
-
-    def _write(self, records):
-        array = np.array(sorted(records.items()), dtype=FILE_DTYPE)
-        path = self.dir / f"{hashlib.sha1(array.tobytes()).hexdigest()}.npy"
-        _write_atomic(path, array)
-        return path
+    def remember(self, new, records=None, files=None):
+        """Add ``{stat key: sha1}`` records (hashes another pass computed)."""
+        if records is None:
+            records, files = self.records.load()
+        with cache_io(self.root):
+            self.records.save(np.array(sorted(new.items()), dtype=FILE_DTYPE), records, files)
 
 
-def read_records(path):
-    """``(records, None)`` for a sound file-hash record file, else ``(None, problem)``.
+def read_records(path, dtype=FILE_DTYPE):
+    """``(records, None)`` for a sound record file (of ``dtype``: file hashes by default), else ``(None, problem)``.
 
     ``problem`` is None when the file simply vanished (a concurrent merge removed it).
     Files named by a 40-hex sha1 must match it; older (uuid-named) files are checked for
@@ -405,7 +489,7 @@ def read_records(path):
         return None, None
     except (OSError, ValueError, EOFError) as exc:
         return None, f"unreadable: {_short(exc)}"
-    if records.dtype != FILE_DTYPE or records.ndim != 1:
+    if records.dtype != dtype or records.ndim != 1:
         return None, f"unexpected contents ({records.dtype}, shape {records.shape})"
     stem = Path(path).stem
     if _DIGEST_NAME.match(stem) and hashlib.sha1(records.tobytes()).hexdigest() != stem:
@@ -505,7 +589,25 @@ class FeatureStore:
         """A memory-mapped :class:`FeatureView` of ``keys`` (all must be present)."""
         index = self.index()
         entries = [index[key] for key in keys]
-        return FeatureView(self.dir, entries, tokens=self.description.get("stored") == "tokens")
+        return FeatureView(self.dir, entries, tokens=self.tokens, storage=self.storage)
+
+    @property
+    def tokens(self):
+        return self.description.get("stored") == "tokens"
+
+    @property
+    def storage(self):
+        """How token sequences are stored: ``fp16`` (as computed), ``int8`` or ``pooled`` (:data:`TOKEN_STORAGES`)."""
+        return self.description.get("token_storage", "fp16") if self.tokens else "fp16"
+
+    def encode(self, row):
+        """One computed output as it is stored in this space (float16, or the compact token form)."""
+        row = np.asarray(row)
+        if self.tokens and self.storage == "pooled":
+            row = pool_tokens(row)
+        if self.tokens and self.storage == "int8":
+            return quantize_int8(row)
+        return np.ascontiguousarray(row, dtype=np.float16)
 
 
 #: the largest finite float16: a feature above it would be stored as inf
@@ -544,7 +646,7 @@ class ChunkWriter:
         self.written = 0
 
     def add(self, key, row):
-        row = np.ascontiguousarray(row, dtype=np.float16)
+        row = self.store.encode(row)
         self.keys.append(key)
         self.rows.append(row)
         self.nbytes += row.nbytes
@@ -576,16 +678,17 @@ class ChunkWriter:
 class FeatureView:
     """Per-sample rows read from memory-mapped chunk files (never loaded whole).
 
-    ``view[i]`` is a float16 array ([D], or [T_i, D] for tokens); ``lengths`` is the token
-    count per sample (None for vectors). Pickles as paths, so loader workers map the files
+    ``view[i]`` is a float16 array ([D], or [T_i, D] for tokens; float32 for int8-stored tokens,
+    dequantized); ``lengths`` is the stored token count per sample (None for vectors). Pickles as paths, so loader workers map the files
     themselves.
     """
 
-    def __init__(self, directory, entries, *, tokens):
+    def __init__(self, directory, entries, *, tokens, storage="fp16"):
         self.dir = Path(directory)
         self.chunks = np.array([chunk for chunk, _, _ in entries], dtype=object)
         self.offsets = np.array([offset for _, offset, _ in entries], dtype=np.int64)
         self.lengths = np.array([length for _, _, length in entries], dtype=np.int64) if tokens else None
+        self.storage = storage
         self._maps = {}
 
     def __len__(self):
@@ -605,15 +708,82 @@ class FeatureView:
         offset = int(self.offsets[i])
         if self.lengths is None:
             return data[offset]
-        return data[offset : offset + int(self.lengths[i])]
+        rows = data[offset : offset + int(self.lengths[i])]
+        return dequantize_int8(rows) if self.storage == "int8" else rows
 
     def subset(self, keep):
         """Only the rows at positions ``keep``."""
         view = FeatureView.__new__(FeatureView)
-        view.dir, view._maps = self.dir, {}
+        view.dir, view._maps, view.storage = self.dir, {}, self.storage
         view.chunks, view.offsets = self.chunks[keep], self.offsets[keep]
         view.lengths = self.lengths[keep] if self.lengths is not None else None
         return view
+
+
+# ---------------------------------------------------------------- compact token storage
+
+#: ``cache.token_storage``: how token sequences (attention pooling) are stored
+TOKEN_STORAGES = ("fp16", "int8", "pooled")
+#: int8 rows carry their float16 scale in two extra int8 columns
+INT8_EXTRA = 2
+
+
+def quantize_int8(tokens):
+    """[T, D] floats -> [T, D + 2] int8: per token, ``round(x / scale)`` with ``scale = max|x| / 127``,
+    the scale stored as float16 in the last two columns. Error per value <= max|x| / 254 (+ the
+    scale's float16 rounding, 1/2048 relative)."""
+    tokens = np.asarray(tokens, dtype=np.float32)
+    peak = np.abs(tokens).max(axis=1, keepdims=True) if tokens.size else np.zeros((len(tokens), 1), np.float32)
+    scale = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float16)
+    quantized = np.clip(np.rint(tokens / scale.astype(np.float32)), -127, 127).astype(np.int8)
+    return np.ascontiguousarray(np.concatenate([quantized, scale.view(np.int8)], axis=1))
+
+
+def dequantize_int8(rows):
+    """[T, D + 2] int8 rows of :func:`quantize_int8` -> [T, D] float32."""
+    rows = np.asarray(rows)
+    scale = np.ascontiguousarray(rows[:, -INT8_EXTRA:]).view(np.float16).astype(np.float32)
+    return rows[:, :-INT8_EXTRA].astype(np.float32) * scale
+
+
+def pool_tokens(tokens):
+    """A token sequence on a square grid (optionally after one CLS token) -> the grid 2x2 mean-pooled
+    (an odd side keeps its last row/column as smaller windows); any other length: groups of 4 in order.
+    About 4x fewer tokens to store; the CLS token is kept as it is."""
+    tokens = np.asarray(tokens, dtype=np.float32)
+    count, dim = tokens.shape
+    cls = 0
+    side = math.isqrt(count)
+    if side * side != count and count > 1 and math.isqrt(count - 1) ** 2 == count - 1:
+        cls, side = 1, math.isqrt(count - 1)
+    grid = tokens[cls:]
+    if side >= 2 and side * side == len(grid):
+        half = (side + 1) // 2
+        sums = np.zeros((half * 2, half * 2, dim), np.float32)
+        counts = np.zeros((half * 2, half * 2, 1), np.float32)
+        sums[:side, :side] = grid.reshape(side, side, dim)
+        counts[:side, :side] = 1
+        sums = sums.reshape(half, 2, half, 2, dim).sum(axis=(1, 3))
+        counts = counts.reshape(half, 2, half, 2, 1).sum(axis=(1, 3))
+        pooled = (sums / counts).reshape(half * half, dim)
+    else:
+        groups = (len(grid) + 3) // 4
+        pooled = np.stack([grid[4 * g : 4 * g + 4].mean(axis=0) for g in range(groups)]) if groups else grid
+    return np.concatenate([tokens[:cls], pooled], axis=0)
+
+
+def stored_row_bytes(description, tokens_per_row=None):
+    """Bytes one entry of a space takes on disk (``tokens_per_row``: the encoder's output length)."""
+    dim = int(description.get("dim") or 0)
+    if description.get("stored") != "tokens":
+        return dim * 2
+    count = int(tokens_per_row or 1)
+    storage = description.get("token_storage", "fp16")
+    if storage == "pooled":
+        count = len(pool_tokens(np.zeros((count, 1), np.float32)))
+    if storage == "int8":
+        return count * (dim + INT8_EXTRA)
+    return count * dim * 2
 
 
 # ---------------------------------------------------------------- verification
@@ -657,10 +827,12 @@ def check_chunk(directory, chunk, description=None):
         return None, (data_path, f"unreadable: {_short(exc)}")
     if size != need:
         return None, (data_path, f"{size} bytes, its header needs {need}")
-    if dtype != np.float16 or len(shape) != 2:
-        return None, (data_path, f"expected float16 rows, found {dtype} of shape {shape}")
+    int8 = (description or {}).get("stored") == "tokens" and (description or {}).get("token_storage") == "int8"
+    expected = np.int8 if int8 else np.float16
+    if dtype != expected or len(shape) != 2:
+        return None, (data_path, f"expected {np.dtype(expected).name} rows, found {dtype} of shape {shape}")
     dim = (description or {}).get("dim")
-    if isinstance(dim, int) and shape[1] != dim:
+    if isinstance(dim, int) and shape[1] != dim + (INT8_EXTRA if int8 else 0):
         return None, (data_path, f"rows of {shape[1]} values, the encoder gives {dim}")
     if len(records):
         offsets, lengths = records["offset"], records["length"]
@@ -721,13 +893,18 @@ def verify_cache(root, *, repair=False):
                 continue
             if _old_enough(data, now):
                 problem(f"{data}: data file without an index (a fill killed before its commit)", data)
-    files = root / FORMAT / "files"
-    for path in sorted(files.glob("*.npy")) if files.is_dir() else []:
-        records, bad = read_records(path)
-        if records is not None:
-            report["records"] += 1
-        elif bad is not None:
-            problem(f"{path}: damaged file-hash records ({bad})", path)
+    from mmcore.data.memo import CHECK_DTYPE
+
+    record_dirs = [(root / FORMAT / "files", FILE_DTYPE, "file-hash records")]
+    checks = root / FORMAT / "checks"
+    record_dirs += [(d, CHECK_DTYPE, "image-check records") for d in sorted(checks.iterdir()) if d.is_dir()] if checks.is_dir() else []
+    for directory, dtype, what in record_dirs:
+        for path in sorted(directory.glob("*.npy")) if directory.is_dir() else []:
+            records, bad = read_records(path, dtype)
+            if records is not None:
+                report["records"] += 1
+            elif bad is not None:
+                problem(f"{path}: damaged {what} ({bad})", path)
     for tmp in sorted((root / FORMAT).rglob(".*.tmp")) if (root / FORMAT).is_dir() else []:
         if is_leftover(tmp, now):
             problem(f"{tmp}: temporary file of an interrupted write", tmp)
@@ -768,19 +945,28 @@ def cache_info(root):
             for path in directory.glob("*.index.npy"):
                 with contextlib.suppress(OSError, ValueError):
                     entries += len(np.load(path, mmap_mode="r"))
+            size = _dir_size(directory)
             spaces.append(
                 {
                     "key": directory.name,
                     "encoder": meta.get("encoder", "?"),
                     "identity": meta.get("identity", "?"),
                     "stored": meta.get("stored", "?"),
+                    "token_storage": meta.get("token_storage", "fp16") if meta.get("stored") == "tokens" else None,
                     "dtype": meta.get("dtype", "?"),
                     "entries": entries,
-                    "bytes": _dir_size(directory),
+                    "bytes": size,
+                    "bytes_per_entry": size / entries if entries else 0,
                     "path": str(directory),
                 }
             )
     return spaces
+
+
+def records_info(root):
+    """``{"files": bytes, "checks": bytes, "shards": bytes, "spool": bytes}``: what the cache holds beside features."""
+    base = Path(root) / FORMAT
+    return {name: _dir_size(base / name) if (base / name).is_dir() else 0 for name in ("files", "checks", "shards", "spool")}
 
 
 def clear_cache(root, *, encoder=None):

@@ -12,7 +12,18 @@ import torch
 
 from mmcore.data.dataset import SampleDataset, make_loader
 from mmcore.data.images import DECODE_VERSION, DEFAULT_FORMATS
-from mmcore.engine.cache import FeatureStore, FileHashes, as_float16, cache_root, text_key, weights_fingerprint
+from mmcore.engine.cache import (
+    TOKEN_STORAGES,
+    FeatureStore,
+    FileHashes,
+    as_float16,
+    cache_root,
+    check_space,
+    human_bytes,
+    stored_row_bytes,
+    text_key,
+    weights_fingerprint,
+)
 from mmcore.engine.progress import progress_bar
 from mmcore.engine.runtime import autocast, to_device
 
@@ -30,11 +41,12 @@ def _dtype_name(dtype):
     return "fp32" if dtype is None else str(dtype).removeprefix("torch.")
 
 
-def vision_store(root, model, *, dtype, pooling_spec):
+def vision_store(root, model, *, dtype, pooling_spec, token_storage="fp16"):
     """The feature space of ``model.vision`` (+ pooling when vectors are stored) under ``root``.
 
     ``pooling_spec`` describes the pooling (e.g. its recipe name and params); it is part of the
-    key only when pooled vectors are stored.
+    key only when pooled vectors are stored. ``token_storage`` (``cache.token_storage``) is the
+    stored form of token sequences, part of the key when it is not the plain ``fp16``.
     """
     encoder, pooling = model.vision, model.pooling
     stored = "tokens" if pooling_trains(pooling) else "vector"
@@ -49,6 +61,8 @@ def vision_store(root, model, *, dtype, pooling_spec):
         "pooling": None if stored == "tokens" else {"spec": pooling_spec, "class": type(pooling).__qualname__},
         "dim": encoder.out_dim,
     }
+    if stored == "tokens" and token_storage != "fp16":  # fp16 spaces keep the key they always had
+        description["token_storage"] = token_storage
     return FeatureStore(root, description)
 
 
@@ -67,54 +81,85 @@ def text_store(root, encoder, *, dtype=None):
 
 
 def image_keys(root, split):
-    """Content keys (sha1 of the bytes) of the split's images; None where unreadable."""
+    """Content keys (sha1 of the bytes) of the split's images; None where unreadable.
+
+    Samples of WebDataset shards carry theirs (hashed when the shard was indexed).
+    """
+    if split.paths and hasattr(split.paths[0], "facts"):
+        return [path.facts.sha1 for path in split.paths]
     return FileHashes(root).keys(split.paths)
 
 
 class ImageHashes:
-    """The content keys (sha1 of the bytes) of one run's image files, each file hashed once.
+    """The content keys (sha1 of the bytes) of one run's image files, each file read once.
 
-    Called as ``hashes(paths)``, it is shared by the duplicate check, the OCR fill and (through
-    the cache's file records, which it writes when ``root`` is given) the feature cache, so a
-    run reads each image's bytes for hashing once. Without ``root`` (cache off) the keys live
-    only in memory.
+    Called as ``hashes(paths)``, it is shared by the header scan, the duplicate check, the OCR
+    fill and (through the cache's file records, which it writes when ``root`` is given) the
+    feature cache. Its :attr:`facts` (:class:`~mmcore.data.memo.FileFacts`) remember each
+    file's hash and header facts by stat key, so a warm start reads no image. Without
+    ``root`` (cache off) they live only in memory.
     """
 
-    def __init__(self, root=None):
-        self._files = FileHashes(root) if root is not None else None
-        self._known = {}
+    def __init__(self, root=None, formats=DEFAULT_FORMATS):
+        from mmcore.data.memo import FileFacts
+
+        self.facts = FileFacts(root, formats)
 
     @classmethod
     def for_recipe(cls, recipe):
         """Remembered in the recipe's cache when the cache is on, else in memory only."""
-        return cls(cache_root(recipe.cache.dir) if recipe.cache.enabled else None)
+        root = cache_root(recipe.cache.dir) if recipe.cache.enabled else None
+        return cls(root, recipe.data.image_formats)
 
     def __call__(self, paths):
         """The key of each path (None where the file cannot be read), in order."""
-        from mmcore.data.checks import hash_files
-
-        paths = [str(p) for p in paths]
-        new = list(dict.fromkeys(p for p in paths if p not in self._known))
-        if new:
-            keys = self._files.keys(new) if self._files is not None else hash_files(new)
-            self._known.update(zip(new, keys))
-        return [self._known[p] for p in paths]
+        return [facts.sha1 for facts in self.facts(paths)]
 
 
-def _shard(positions, keys, shard, reshard=False):
+def _shard(positions, keys, shard, reshard=False, groups=None):
     """This rank's part of ``positions``.
 
     The partition is of all the keys (not of what is missing when a rank happens to look),
     so ranks that start at different moments still agree on it. With ``reshard`` it is of the
     keys at ``positions``: what is left after a sharded pass, which every rank of the group
-    sees the same once they all passed a barrier.
+    sees the same once they all passed a barrier. With ``groups`` (one name per position: the
+    WebDataset shard of each sample) whole groups are dealt out instead, so each rank reads its
+    own shards.
     """
     rank, world = shard
     if world == 1:
         return positions
+    if groups is not None and not reshard:
+        mine = set(sorted(set(groups))[rank::world])
+        return [i for i in positions if groups[i] in mine]
     pool = (keys[i] for i in positions) if reshard else keys
     mine = set(sorted({key or b"" for key in pool})[rank::world])
     return [i for i in positions if (keys[i] or b"") in mine]
+
+
+def _shard_groups(split):
+    """The shard URL of each sample of a WebDataset split (None for a CSV split)."""
+    if split.paths and hasattr(split.paths[0], "shard"):
+        return [path.url for path in split.paths]
+    return None
+
+
+def check_vision_space(store, split, todo, first_row):
+    """Refuse (:class:`~mmcore.engine.cache.CacheTooSmall`) a pass of ``todo`` rows the disk cannot hold.
+
+    ``first_row``: one computed output, which says how long a token sequence is.
+    """
+    tokens = first_row.shape[0] if store.tokens else None
+    row_bytes = stored_row_bytes(store.description, tokens)
+    options = "another cache.dir with room, or cache.enabled = false"
+    if store.tokens:
+        alternatives = [
+            f'"{form}" ({human_bytes(len(todo) * stored_row_bytes({**store.description, "token_storage": form}, tokens))})'
+            for form in TOKEN_STORAGES if form != store.storage
+        ]
+        options = f"cache.token_storage = {' or '.join(alternatives)}, " + options
+    what = f"vision features of {len(todo)} images of {split.csv.name} ({store.storage if store.tokens else 'vectors'})"
+    return check_space(store.root, rows=len(todo), row_bytes=row_bytes, what=what, options=options)
 
 
 @torch.no_grad()
@@ -148,7 +193,7 @@ def fill_vision_cache(
     store_tokens = store.description["stored"] == "tokens"
     store.ensure()
     with store.lock(shard, on_wait=on_wait):
-        todo = _shard(store.missing(keys, refresh=True), keys, shard, reshard)
+        todo = _shard(store.missing(keys, refresh=True), keys, shard, reshard, _shard_groups(split))
         if not todo:
             return [], [], 0
         dataset = SampleDataset(
@@ -178,6 +223,8 @@ def fill_vision_cache(
                     result = out.tokens if store_tokens else pooling(out.tokens, out.mask)
                 result = as_float16(result, store).cpu().numpy()
                 mask = out.mask.cpu().numpy() if store_tokens else None
+                if not writer.written and not writer.rows:  # before anything is stored: will it fit?
+                    check_vision_space(store, split, todo, result[0][mask[0]] if store_tokens else result[0])
                 for j, local in enumerate(batch["index"].tolist()):
                     key = keys[todo[local]]
                     writer.add(key, result[j][mask[j]] if store_tokens else result[j])
@@ -210,6 +257,10 @@ def fill_text_cache(
         todo = _shard(sorted(first.values()), keys, shard, reshard)
         if not todo:
             return 0
+        check_space(
+            store.root, rows=len(todo), row_bytes=stored_row_bytes(store.description), what=f"{desc} ({len(todo)} texts)",
+            options="another cache.dir with room, or cache.enabled = false",
+        )
         batch_size = max(1, getattr(encoder, "batch_size", 64))
         writer = store.writer()
         was_training = encoder.training

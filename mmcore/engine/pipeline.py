@@ -129,7 +129,9 @@ class Pipeline:
         if self._stores.get("vision") is None:
             pooling = self.recipe.pooling
             spec = {"name": pooling.name, "params": _plain(pooling.params)}
-            self._stores["vision"] = vision_store(self.cache_root, self.model, dtype=self.dtype, pooling_spec=spec)
+            self._stores["vision"] = vision_store(
+                self.cache_root, self.model, dtype=self.dtype, pooling_spec=spec, token_storage=self.recipe.cache.token_storage
+            )
         return self._stores["vision"]
 
     def _text_store(self):

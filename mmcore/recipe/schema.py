@@ -67,6 +67,8 @@ class DataConfig:
     """Where the CSVs and images are, and how the loader reads them."""
 
     base_dir: str = "${DATA_DIR}"
+    #: "csv": train/val/test are CSVs; "webdataset": they are tar shard URLs (brace patterns, pipe:, fsspec)
+    format: str = attrs.field(default="csv", validator=one_of("csv", "webdataset"))
     train: str = "train.csv"
     val: str = "val.csv"
     test: str = "test.csv"
@@ -175,6 +177,9 @@ class CacheConfig:
     #: false: a cache that cannot be written (full, read-only, missing disk) is a warning and
     #: the run continues without it; true: the run stops with that line
     required: bool = False
+    #: how token sequences (attention pooling) are stored: "fp16", "int8" (per-token scale) or
+    #: "pooled" (2x2-pooled token grid, ~4x smaller); part of the cache identity
+    token_storage: str = attrs.field(default="fp16", validator=one_of("fp16", "int8", "pooled"))
 
 
 @attrs.frozen(kw_only=True)

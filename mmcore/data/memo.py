@@ -1,0 +1,228 @@
+"""What the checks before a run learn about each image file, remembered by its stat key.
+
+A run start looks at every image twice: the header scan (empty, not an image, format not
+allowed, too large) and the content hash (duplicate / leakage check, OCR cache, feature
+cache). Both depend on the file's bytes only, so both are remembered under the file's stat
+key (absolute path, size, mtime_ns, ctime_ns: the key the feature cache's file-hash records
+use) in ``<cache>/v1/checks/<formats>/``: a warm start costs one ``os.stat`` per file and reads
+no image. A changed file has a new stat key and is read again (once: the hash and the
+header scan share one read).
+
+What is remembered is the header's facts (format, width, height) or the reason the header is
+unusable; ``data.max_image_pixels`` is applied to the facts on every run, so changing it needs
+no rescan. Changing ``data.image_formats`` does (another set of records): a format outside
+the allow-list must never reach Pillow.
+
+Under torchrun the cold work is shared: the files no rank knows are split between the ranks,
+each reads its share, and the results are gathered, so every rank ends with every fact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import stat as stat_module
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import attrs
+import numpy as np
+
+from mmcore.data.images import DEFAULT_FORMATS, BadImageError, check_size, image_file_problem, open_checked
+from mmcore.errors import os_error_reason
+from mmcore.io import bytes_sha1
+
+CHECK_DTYPE = np.dtype(
+    [("stat", "S20"), ("sha1", "S20"), ("format", "S8"), ("width", "<i8"), ("height", "<i8"), ("problem", "S200")]
+)
+#: the header scan reads at most this many bytes of a file beyond what hashing it needs
+_THREADS = 8
+#: no size limit while scanning: ``data.max_image_pixels`` is applied to the remembered size
+_NO_LIMIT = 2**62
+
+
+@attrs.frozen
+class ImageFacts:
+    """What one image file's bytes say: their sha1, and the header's format and size or why it is unusable."""
+
+    sha1: bytes | None
+    format: str = ""
+    width: int = 0
+    height: int = 0
+    #: a reason the file cannot be used whatever the size limit (None: the header is fine)
+    problem: str | None = None
+
+    def reason(self, max_pixels):
+        """Why the image cannot be used under ``max_pixels`` (None when it can), as the header scan says it."""
+        if self.problem is not None:
+            return self.problem
+        try:
+            check_size(self.width, self.height, max_pixels=max_pixels)
+        except BadImageError as exc:
+            return str(exc)
+        return None
+
+
+def examine_bytes(data, formats=DEFAULT_FORMATS):
+    """:class:`ImageFacts` of an image's bytes: one sha1 and one header read (no pixels decoded)."""
+    digest = bytes_sha1(data)
+    try:
+        image = open_checked(io.BytesIO(data), max_pixels=_NO_LIMIT, formats=formats)
+    except BadImageError as exc:
+        return ImageFacts(digest, problem=str(exc))
+    with image:
+        return ImageFacts(digest, image.format or "", int(image.size[0]), int(image.size[1]))
+
+
+def examine_file(path, formats=DEFAULT_FORMATS):
+    """:class:`ImageFacts` of a file, reading it once (the problem of a file that cannot be read)."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        return ImageFacts(None, problem=image_file_problem(path) or f"cannot read file ({os_error_reason(exc)[0]})")
+    return examine_bytes(data, formats)
+
+
+def formats_key(formats):
+    """The directory name of one image allow-list's records."""
+    names = ",".join(sorted({f.upper() for f in formats}))
+    return hashlib.sha1(names.encode()).hexdigest()[:16]
+
+
+class FileFacts:
+    """:class:`ImageFacts` of image files, remembered under their stat keys in the cache directory.
+
+    ``facts(paths)`` answers every path; without ``root`` (cache off) the facts are computed
+    each run and kept in memory only. Hashes it computes also go to the feature cache's
+    file-hash records, so the feature pass finds them too. Paths may also be samples of
+    WebDataset shards (they carry their facts, remembered with the shard's index).
+    """
+
+    def __init__(self, root=None, formats=DEFAULT_FORMATS):
+        from mmcore.engine.cache import FORMAT, FileHashes, StatRecords
+
+        self.formats = tuple(f.upper() for f in formats)
+        self.root = Path(root) if root is not None else None
+        self._records = None
+        self._hashes = None
+        if self.root is not None:
+            directory = self.root / FORMAT / "checks" / formats_key(self.formats)
+            self._records = StatRecords(directory, CHECK_DTYPE, "image-check records", "checked again")
+            self._hashes = FileHashes(self.root)
+        self._known = {}  # str(path) -> ImageFacts, for this process
+        #: files this process read for their facts (the cold work; tests and the bench look at it)
+        self.examined = 0
+
+    def facts(self, paths):
+        """The :class:`ImageFacts` of each path, in order.
+
+        Under torchrun every rank must call this with the same paths (it gathers across ranks).
+        """
+        paths = list(paths)
+        names = [str(p) for p in paths]
+        todo = {}
+        for path, name in zip(paths, names):
+            if name not in self._known and name not in todo:
+                carried = getattr(path, "facts", None)
+                if carried is not None:
+                    self._known[name] = carried
+                else:
+                    todo[name] = path
+        if todo:  # decided on what this process knows, the same on every rank: ranks gather together
+            self._known.update(self._lookup(list(todo)))
+        return [self._known[name] for name in names]
+
+    __call__ = facts
+
+    def _lookup(self, names):
+        """Facts of files not known in this process: remembered ones by stat key, the rest read."""
+        from mmcore.engine.cache import CacheUnavailable, cache_io, stat_key
+
+        out, unknown, keys = {}, [], {}
+        records = files = None
+        if self._records is not None:
+            try:
+                records, files = self._records.load()
+            except OSError:
+                records = None
+        remembered = _Remembered(records)
+        for name in names:
+            try:
+                st = os.stat(name)
+            except (OSError, ValueError):
+                out[name] = ImageFacts(None, problem=image_file_problem(name) or "cannot read file")
+                continue
+            if not stat_module.S_ISREG(st.st_mode):
+                out[name] = ImageFacts(None, problem=image_file_problem(name))
+                continue
+            key = stat_key(name, st)
+            facts = remembered.get(key)
+            if facts is None:
+                unknown.append(name)
+                keys[name] = key
+            else:
+                out[name] = facts
+        computed = self._examine_shared(unknown)
+        out.update(computed)
+        mine = {name: facts for name, facts in computed.items() if name in keys and facts.sha1 is not None}
+        if mine and self._records is not None:
+            rows = np.array(
+                [(keys[n], f.sha1, f.format.encode(), f.width, f.height, (f.problem or "").encode("utf-8")[:200])
+                 for n, f in mine.items()],
+                dtype=CHECK_DTYPE,
+            )
+            try:
+                with cache_io(self.root):
+                    self._records.save(rows, records, files or [])
+                self._hashes.remember({keys[n]: f.sha1 for n, f in mine.items()})
+            except CacheUnavailable as exc:  # the checks still hold; the next run reads again
+                from mmcore.engine.cache import warn
+
+                warn(f"warning: {exc}; image checks are not remembered")
+        return out
+
+    def _examine_shared(self, names):
+        """Read ``names`` for their facts; under torchrun each rank reads its share of every rank's list."""
+        from mmcore.engine.runtime import all_gather_objects, rank, world_size
+
+        world = world_size()
+        if world == 1:
+            return self._examine(names)
+        everything = sorted(set().union(*all_gather_objects(names)))
+        share = everything[rank()::world]
+        gathered = {}
+        for part in all_gather_objects(self._examine(share)):
+            gathered.update(part)
+        return {name: gathered[name] for name in names}
+
+    def _examine(self, names):
+        if not names:
+            return {}
+        self.examined += len(names)
+        with ThreadPoolExecutor(max_workers=min(_THREADS, len(names))) as pool:
+            return dict(zip(names, pool.map(lambda n: examine_file(n, self.formats), names)))
+
+
+class _Remembered:
+    """stat key -> :class:`ImageFacts` over loaded records: the columns become lists once (C speed),
+    each fact object is made only when its key is asked for."""
+
+    def __init__(self, records):
+        from mmcore.engine.cache import StatRecords
+
+        self.index = StatRecords.lookup(records) if records is not None and len(records) else {}
+        if self.index:
+            self.sha1 = records["sha1"].tolist()
+            self.format = records["format"].tolist()
+            self.width = records["width"].tolist()
+            self.height = records["height"].tolist()
+            self.problem = records["problem"].tolist()
+
+    def get(self, key):
+        i = self.index.get(key)
+        if i is None:
+            return None
+        problem = self.problem[i].decode("utf-8", "replace") or None
+        return ImageFacts(self.sha1[i].ljust(20, b"\0"), self.format[i].decode(), self.width[i], self.height[i], problem)
