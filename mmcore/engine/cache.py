@@ -429,11 +429,22 @@ def _drop(paths, line):
 # ---------------------------------------------------------------- feature spaces
 
 
+def row_dtype(description):
+    """The numpy dtype of a space's rows: ``description["row_dtype"]`` (default float16)."""
+    return np.dtype((description or {}).get("row_dtype", "float16"))
+
+
 class FeatureStore:
-    """One feature space: per-sample float16 vectors ([D]) or token sequences ([T, D])."""
+    """One feature space: per-sample float16 vectors ([D]) or token sequences ([T, D]).
+
+    A space whose description says ``row_dtype = "uint8"`` holds flat uint8 rows instead:
+    the decoded-image cache (resized pixels, see :func:`mmcore.engine.features.decoded_store`).
+    """
 
     def __init__(self, root, description):
         self.description = dict(description)
+        #: what each row is stored as: float16 features, or uint8 pixels (the decoded-image cache)
+        self.row_dtype = row_dtype(self.description)
         self.key = space_key(self.description)
         self.root = Path(root)
         self.dir = self.root / FORMAT / "features" / self.key
@@ -519,7 +530,7 @@ class ChunkWriter:
         self.written = 0
 
     def add(self, key, row):
-        row = np.ascontiguousarray(row, dtype=np.float16)
+        row = np.ascontiguousarray(row, dtype=self.store.row_dtype)
         self.keys.append(key)
         self.rows.append(row)
         self.nbytes += row.nbytes
@@ -632,8 +643,9 @@ def check_chunk(directory, chunk, description=None):
         return None, (data_path, f"unreadable: {_short(exc)}")
     if size != need:
         return None, (data_path, f"{size} bytes, its header needs {need}")
-    if dtype != np.float16 or len(shape) != 2:
-        return None, (data_path, f"expected float16 rows, found {dtype} of shape {shape}")
+    expected = row_dtype(description)
+    if dtype != expected or len(shape) != 2:
+        return None, (data_path, f"expected {expected} rows, found {dtype} of shape {shape}")
     dim = (description or {}).get("dim")
     if isinstance(dim, int) and shape[1] != dim:
         return None, (data_path, f"rows of {shape[1]} values, the encoder gives {dim}")

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from mmcore.engine.loop import _prepare
 from mmcore.engine.runtime import autocast
+from mmcore.engine.step import prepare_batch as _prepare
 
 SALIENCY_LIMIT = 50  # misclassified images given an overlay (each needs a backward pass)
 SALIENCY_SIZE = 320

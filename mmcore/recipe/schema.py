@@ -120,6 +120,12 @@ class TrainConfig:
     #: also write last.ckpt every N optimizer steps (0 = only at epoch ends)
     checkpoint_every_steps: int = attrs.field(default=0, validator=_count(at_least(0)))
     early_stopping: EarlyStopping = attrs.field(factory=EarlyStopping)
+    #: recompute the vision encoder's activations in backward (full fine-tuning of big encoders)
+    gradient_checkpointing: bool = False
+    #: TF32 matmuls and convolutions on Ampere+ GPUs (no effect on the CPU)
+    tf32: bool = True
+    #: cudnn autotuning for fixed input shapes (off when ``deterministic``)
+    cudnn_benchmark: bool = True
 
 
 def _threshold_rule(instance, attribute, value):
@@ -151,6 +157,9 @@ class CacheConfig:
     #: false: a cache that cannot be written (full, read-only, missing disk) is a warning and
     #: the run continues without it; true: the run stops with that line
     required: bool = False
+    #: decoded-image cache for runs that train the vision encoder: "auto" (on when the vision
+    #: encoder trains and its preprocessing and augmentation allow it), true, false
+    decoded_images: Any = attrs.field(default="auto", validator=one_of("auto", True, False))
 
 
 @attrs.frozen(kw_only=True)
