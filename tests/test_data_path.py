@@ -194,3 +194,23 @@ def test_gpu_benchmark_dry_run_on_cpu(tmp_path):
     assert "[uint8 loader] 16 images" in out.stdout
     assert out.stdout.count("engine/raw  img/s") == 2
     assert "summary: frozen " in out.stdout
+
+
+def test_gradient_checkpointing_hf_encoder_trains_the_same():
+    """SigLIP2 (HF): checkpointing is switched on and the gradients equal those without it."""
+    from mmcore_vision_siglip2 import Siglip2Params
+    from mmcore_vision_siglip2.encoders import build_encoder
+
+    grads = {}
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        encoder = build_encoder("siglip2_base", Siglip2Params(tiny=True, pretrained=False))
+        encoder.train()
+        if checkpointing:
+            assert enable_gradient_checkpointing(encoder) and encoder.model.is_activation_checkpointing
+        torch.manual_seed(1)
+        size = encoder.preprocessing.size
+        pixels = torch.randn(2, 3, *size)
+        encoder(pixel_values=pixels).tokens.square().mean().backward()
+        grads[checkpointing] = torch.cat([p.grad.flatten() for p in encoder.parameters() if p.grad is not None])
+    torch.testing.assert_close(grads[True], grads[False])

@@ -322,14 +322,20 @@ def apply_backend_settings(train, device):
 def enable_gradient_checkpointing(encoder):
     """Turn on activation checkpointing in a trainable vision encoder -> whether it could.
 
-    HF models (``gradient_checkpointing_enable``, non-reentrant) and timm models
+    HF models (``activation_checkpointing_enable``, or ``gradient_checkpointing_enable`` before
+    transformers 5; non-reentrant) and timm models
     (``set_grad_checkpointing``) are found on the encoder or its wrapped ``model``; an encoder
     with neither gets one warning line and trains without it.
     """
     for module in (encoder, getattr(encoder, "model", None)):
         if module is None:
             continue
-        if getattr(module, "supports_gradient_checkpointing", True) and hasattr(module, "gradient_checkpointing_enable"):
+        if not getattr(module, "supports_gradient_checkpointing", True):
+            continue
+        if hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5.x names it so
+            module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            return True
+        if hasattr(module, "gradient_checkpointing_enable"):
             module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             return True
         if hasattr(module, "set_grad_checkpointing"):
