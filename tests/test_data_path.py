@@ -99,7 +99,7 @@ def test_decoded_image_cache_same_predictions_and_invalidation(registry, tmp_pat
     assert sum(1 for line in out.output.splitlines() if line.startswith("fake_cnn") and " pixels " in line) == 2
 
 
-def test_decoded_cache_decisions(registry, tmp_path, capsys):
+def test_decoded_cache_decisions(registry, tmp_path):
     cache = tmp_path / "cache"
     assert make_pipeline(registry, cache, augmentation="weak").cache_decoded  # keeps_size augmentations
     assert not make_pipeline(registry, cache, decoded=False).cache_decoded
