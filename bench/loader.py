@@ -5,7 +5,8 @@
 Generates JPEGs (``--size`` px, larger than the encoder's input so ``Image.draft`` applies),
 measures one core decoding + preprocessing in this process, then the real DataLoader
 (``make_loader``: one worker per core, prefetching) over the same files. Target: the loader
-reaches ~ workers x the single-core rate (minus worker start-up).
+reaches ~ workers x the single-core rate (minus worker start-up). Last rows: the loader
+handing over uint8 pixels (what training does; the model normalises on the device) vs float32.
 """
 
 from __future__ import annotations
@@ -73,6 +74,19 @@ def main():
     print(f"loader, whole pass          {seen / total:8.1f} img/s   {seen / total / (single * workers):.2f} of ideal "
           f"(first batch after {first:.2f} s: worker start-up)")
     print(f"loader, after first batch   {steady:8.1f} img/s   {steady / (single * workers):.2f} of ideal")
+
+    # the same loader handing over uint8 pixels (normalised on the device by the model) vs float32
+    rates = {}
+    for name, uint8 in (("float32", False), ("uint8", True)):
+        loader = make_loader(SampleDataset(split, preprocessing=preprocessing, uint8_pixels=uint8),
+                             batch_size=args.batch, num_workers=workers)
+        started = time.perf_counter()
+        pixels = 0
+        for batch in loader:
+            pixels += batch["vision"]["pixel_values"].nbytes
+        rates[name] = len(split) / (time.perf_counter() - started)
+        print(f"loader, {name:<7} pixels      {rates[name]:8.1f} img/s   {pixels / len(split) / 1024:.0f} KiB per image")
+    print(f"uint8 / float32 loader throughput {rates['uint8'] / rates['float32']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -60,8 +60,8 @@ class Preprocessing:
         data["type"] = type(self).__qualname__
         return data
 
-    def __call__(self, image):
-        """PIL RGB image -> ``{"pixel_values": float tensor [3, H, W]}`` normalized."""
+    def resized(self, image):
+        """PIL RGB image -> the resized uint8 tensor [3, H, W] (everything but normalisation)."""
         from torchvision.transforms import v2
         from torchvision.transforms.v2 import functional as F
 
@@ -80,9 +80,24 @@ class Preprocessing:
             img = F.resize(img, [nh, nw], interpolation=interpolation, antialias=True)
             top, left = (h - nh) // 2, (w - nw) // 2
             img = F.pad(img, [left, top, w - nw - left, h - nh - top], fill=0)
-        pixels = F.to_dtype(img, torch.float32, scale=True)
-        pixels = F.normalize(pixels, list(self.mean), list(self.std))
-        return {"pixel_values": pixels}
+        return img
+
+    def normalize(self, pixels):
+        """uint8 pixels [..., 3, H, W] (any device) -> float32 normalized, as :meth:`__call__` gives."""
+        from torchvision.transforms.v2 import functional as F
+
+        return F.normalize(F.to_dtype(pixels, torch.float32, scale=True), list(self.mean), list(self.std))
+
+    @property
+    def uint8_pixels(self):
+        """True when the output is ``normalize(resized(image))``: loaders may hand over uint8
+        pixels and normalise on the device. A subclass that overrides :meth:`__call__` (NaFlex)
+        keeps float loading."""
+        return type(self).__call__ is Preprocessing.__call__
+
+    def __call__(self, image):
+        """PIL RGB image -> ``{"pixel_values": float tensor [3, H, W]}`` normalized."""
+        return {"pixel_values": self.normalize(self.resized(image))}
 
     def collate(self, items):
         """A list of per-image dicts -> one batch dict (stacked tensors)."""

@@ -90,7 +90,8 @@ def test_second_pipeline_reads_everything_from_disk_via_memmap(registry, tmp_pat
     raw_dataset, _, _ = raw.dataset(split)
     item = raw_dataset[5]
     with torch.no_grad():
-        out = raw.model.vision(pixel_values=item["vision"]["pixel_values"][None])
+        pixels = raw.model.vision.preprocessing.normalize(item["vision"]["pixel_values"][None])  # uint8 from the loader
+        out = raw.model.vision(pixel_values=pixels)
         expected = raw.model.pooling(out.tokens, out.mask)[0].numpy()
     np.testing.assert_allclose(dataset2[5]["vision_feature"].numpy(), expected, rtol=2e-3, atol=2e-3)
     text = raw.model.text([split.texts[5]])[0].numpy()

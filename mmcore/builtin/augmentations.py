@@ -47,6 +47,9 @@ class ResizedCropKeepSize:
 class Augmentation:
     """A picklable ``PIL.Image -> PIL.Image`` (RGB) wrapper around a transforms.v2 pipeline."""
 
+    #: the output has the input's size: it may run on the decoded-image cache's resized pixels
+    keeps_size = True
+
     def __init__(self, transforms):
         from torchvision.transforms import v2
 

@@ -94,16 +94,20 @@ class AttentionPooling(nn.Module):
         self.attention = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
 
     def forward(self, tokens, mask=None):
-        mask = _full_mask(tokens, mask)
         # cached tokens may be half precision; autocast (if on) lowers them again for the matmuls
         tokens = tokens.to(self.query.dtype)
+        query = self.query.expand(tokens.shape[0], -1, -1)
+        if mask is None:
+            # every token is real (a fixed-length batch): no padding mask, so the fused
+            # scaled-dot-product kernels apply
+            return self.attention(query, tokens, tokens, need_weights=False)[0][:, 0]
+        mask = _full_mask(tokens, mask)
         # zero the padding so that even NaN/inf there cannot reach the output through 0 * x
         tokens = tokens.masked_fill(~mask.unsqueeze(-1), 0.0)
         ignore = ~mask
         # a sample without any real token would give NaN (softmax over nothing): let it attend
         # to its zeroed tokens instead
         ignore = ignore & mask.any(dim=1, keepdim=True)
-        query = self.query.expand(tokens.shape[0], -1, -1)
         pooled, _ = self.attention(
             query, tokens, tokens, key_padding_mask=ignore, need_weights=False
         )

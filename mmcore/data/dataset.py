@@ -3,6 +3,13 @@
 Each item carries either the encoder's raw input (``vision``: what the encoder's
 preprocessing made) or precomputed features (``vision_feature`` / ``text_feature`` from
 the feature cache), so training, evaluation and prediction share one forward.
+
+Bytes through worker IPC are what a loader pays for, so items stay small: with
+``uint8_pixels`` the workers hand over resized uint8 pixels (a quarter of float32's bytes)
+and the model normalises them on the device (:func:`device_pixels`, called in the
+classifier's input path); cached features stay float16 and are upcast on the device
+(:func:`mmcore.engine.step.prepare_batch`). With a decoded-image cache (``decoded_images``) the workers read the resized pixels from
+memory-mapped chunks instead of decoding the file; augmentation is applied after it.
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ class SampleDataset(Dataset):
         needs_image=True,
         max_image_pixels=89_478_485,
         image_formats=DEFAULT_FORMATS,
+        uint8_pixels=False,
+        decoded_images=None,
     ):
         self.split = split
         self.preprocessing = preprocessing
@@ -47,6 +56,16 @@ class SampleDataset(Dataset):
         self.needs_image = needs_image and vision_features is None
         self.max_image_pixels = max_image_pixels
         self.image_formats = tuple(image_formats)
+        # only a preprocessing that is exactly normalize(resized(image)) may split in two
+        self.uint8_pixels = bool(uint8_pixels and preprocessing is not None and preprocessing.uint8_pixels)
+        #: a FeatureView of flat uint8 rows (``preprocessing.resized`` of each image), or None
+        self.decoded_images = decoded_images if self.uint8_pixels else None
+
+    @property
+    def needs_workers(self):
+        """Whether loader workers pay off: decoding, augmentation, or token sequences to batch
+        (indexing a memmap of vectors is faster in-process)."""
+        return self.needs_image or self.vision_lengths is not None
 
     def __len__(self):
         return len(self.split)
@@ -62,12 +81,13 @@ class SampleDataset(Dataset):
             feature = np.asarray(self.vision_features[index])
             if self.vision_lengths is not None:
                 feature = feature[: int(self.vision_lengths[index])]
-            item["vision_feature"] = torch.from_numpy(feature.astype(np.float32))
+            # one copy out of the memmap, still float16: upcast on the device (prepare_batch)
+            item["vision_feature"] = torch.from_numpy(np.array(feature))
         if self.text_features is not None:
-            item["text_feature"] = torch.from_numpy(
-                np.asarray(self.text_features[index]).astype(np.float32)
-            )
-        if self.needs_image:
+            item["text_feature"] = torch.from_numpy(np.array(self.text_features[index]))
+        if self.needs_image and self.decoded_images is not None:
+            item["vision"] = {"pixel_values": self._decoded(index)}
+        elif self.needs_image:
             try:
                 image = load_rgb(
                     self.split.paths[index],
@@ -80,8 +100,26 @@ class SampleDataset(Dataset):
                 return item
             if self.augmentation is not None:
                 image = self.augmentation(image)
-            item["vision"] = self.preprocessing(image)
+            if self.uint8_pixels:
+                item["vision"] = {"pixel_values": self.preprocessing.resized(image)}
+            else:
+                item["vision"] = self.preprocessing(image)
         return item
+
+    def _decoded(self, index):
+        """The cached resized pixels of sample ``index`` (uint8 [3, H, W]), augmented when training."""
+        h, w = self.preprocessing.size
+        pixels = torch.from_numpy(np.array(self.decoded_images[index])).reshape(3, h, w)
+        if self.augmentation is None:
+            return pixels
+        from torchvision.transforms.v2 import functional as F
+
+        # the builtin augmentations keep the image's size: the result is at the working size
+        image = self.augmentation(F.to_pil_image(pixels))
+        pixels = F.pil_to_tensor(image)
+        if tuple(pixels.shape[-2:]) != (h, w):
+            pixels = F.resize(pixels, [h, w], antialias=True)
+        return pixels
 
 
 class Collate:
@@ -111,13 +149,29 @@ class Collate:
         return batch
 
 
+def device_pixels(vision, preprocessing):
+    """The encoder's inputs with uint8 ``pixel_values`` normalised (where they are: on the
+    device after the copy); float pixels (a NaFlex preprocessing, explain's gradients) pass."""
+    pixels = vision.get("pixel_values")
+    if pixels is None or pixels.dtype != torch.uint8:
+        return vision
+    return {**vision, "pixel_values": preprocessing.normalize(pixels)}
+
+
 def _stack_padded(features, prefix):
-    """Vectors stack; token sequences of different lengths are padded, with a mask."""
+    """Vectors stack; token sequences of different lengths are padded, with a mask.
+
+    Sequences all of one length (a fixed-resolution encoder: always 729 tokens) stack as they
+    are, with no copy into a padded buffer and no mask (``None``): pooling then runs mask-free,
+    which lets fused attention kernels apply.
+    """
     if features[0].dim() == 1:
         return {f"{prefix}_feature": torch.stack(features)}
     longest = max(f.shape[0] for f in features)
+    if all(f.shape[0] == longest for f in features):
+        return {f"{prefix}_tokens": torch.stack(features), f"{prefix}_mask": None}
     dim = features[0].shape[1]
-    tokens = torch.zeros(len(features), longest, dim)
+    tokens = torch.zeros(len(features), longest, dim, dtype=features[0].dtype)
     mask = torch.zeros(len(features), longest, dtype=torch.bool)
     for i, f in enumerate(features):
         tokens[i, : f.shape[0]] = f
@@ -162,7 +216,7 @@ def make_loader(
     pin_memory=False,
     drop_last=False,
 ):
-    """A DataLoader with seeded workers (and none when items are cached features).
+    """A DataLoader with seeded workers (and none when items are cached feature vectors).
 
     With a ``batch_sampler`` (training) workers are not persistent: each epoch's workers are
     seeded from ``loader.generator``, which the engine reseeds per epoch, so augmentation
@@ -170,8 +224,8 @@ def make_loader(
     """
     if num_workers < 0:
         num_workers = default_num_workers()
-    if not getattr(dataset, "needs_image", True):
-        num_workers = 0  # cached features: indexing a memmap is faster in-process
+    if not getattr(dataset, "needs_workers", getattr(dataset, "needs_image", True)):
+        num_workers = 0  # cached vectors: indexing a memmap is faster in-process
     batches = len(batch_sampler) if batch_sampler is not None else len(dataset) // max(1, batch_size)
     num_workers = min(num_workers, max(1, batches))
     generator = torch.Generator()

@@ -513,11 +513,22 @@ def _drop(paths, line):
 # ---------------------------------------------------------------- feature spaces
 
 
+def row_dtype(description):
+    """The numpy dtype of a space's rows: ``description["row_dtype"]`` (default float16)."""
+    return np.dtype((description or {}).get("row_dtype", "float16"))
+
+
 class FeatureStore:
-    """One feature space: per-sample float16 vectors ([D]) or token sequences ([T, D])."""
+    """One feature space: per-sample float16 vectors ([D]) or token sequences ([T, D]).
+
+    A space whose description says ``row_dtype = "uint8"`` holds flat uint8 rows instead:
+    the decoded-image cache (resized pixels, see :func:`mmcore.engine.features.decoded_store`).
+    """
 
     def __init__(self, root, description):
         self.description = dict(description)
+        #: what each row is stored as: float16 features, or uint8 pixels (the decoded-image cache)
+        self.row_dtype = row_dtype(self.description)
         self.key = space_key(self.description)
         self.root = Path(root)
         self.dir = self.root / FORMAT / "features" / self.key
@@ -607,7 +618,7 @@ class FeatureStore:
             row = pool_tokens(row)
         if self.tokens and self.storage == "int8":
             return quantize_int8(row)
-        return np.ascontiguousarray(row, dtype=np.float16)
+        return np.ascontiguousarray(row, dtype=self.row_dtype)
 
 
 #: the largest finite float16: a feature above it would be stored as inf
@@ -828,9 +839,9 @@ def check_chunk(directory, chunk, description=None):
     if size != need:
         return None, (data_path, f"{size} bytes, its header needs {need}")
     int8 = (description or {}).get("stored") == "tokens" and (description or {}).get("token_storage") == "int8"
-    expected = np.int8 if int8 else np.float16
+    expected = np.dtype(np.int8) if int8 else row_dtype(description)
     if dtype != expected or len(shape) != 2:
-        return None, (data_path, f"expected {np.dtype(expected).name} rows, found {dtype} of shape {shape}")
+        return None, (data_path, f"expected {expected.name} rows, found {dtype} of shape {shape}")
     dim = (description or {}).get("dim")
     if isinstance(dim, int) and shape[1] != dim + (INT8_EXTRA if int8 else 0):
         return None, (data_path, f"rows of {shape[1]} values, the encoder gives {dim}")

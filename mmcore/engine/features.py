@@ -8,9 +8,13 @@ encoders always give one vector per text. Outputs go to a :class:`~mmcore.engine
 
 from __future__ import annotations
 
+import queue
+import threading
+import weakref
+
 import torch
 
-from mmcore.data.dataset import SampleDataset, make_loader
+from mmcore.data.dataset import SampleDataset, device_pixels, make_loader
 from mmcore.data.images import DECODE_VERSION, DEFAULT_FORMATS
 from mmcore.engine.cache import (
     TOKEN_STORAGES,
@@ -25,7 +29,28 @@ from mmcore.engine.cache import (
     weights_fingerprint,
 )
 from mmcore.engine.progress import progress_bar
-from mmcore.engine.runtime import autocast, to_device
+from mmcore.engine.runtime import autocast, broadcast_object, is_main, world_size
+from mmcore.engine.step import prepare_batch
+
+#: module -> its weights fingerprint, computed once per process (the encoders it keys are frozen)
+_FINGERPRINTS = weakref.WeakKeyDictionary()
+
+
+def run_fingerprint(module):
+    """:func:`~mmcore.engine.cache.weights_fingerprint` of ``module``, once per run.
+
+    Hashing 400M parameters takes seconds: it is computed once per module and process, and
+    under torchrun by rank 0 only and broadcast (every rank built the same weights, seeded).
+    Only for frozen encoders, whose weights do not change during the run.
+    """
+    known = _FINGERPRINTS.get(module)
+    if known is None:
+        if world_size() > 1:
+            known = broadcast_object(weights_fingerprint(module) if is_main() else None)
+        else:
+            known = weights_fingerprint(module)
+        _FINGERPRINTS[module] = known
+    return known
 
 
 def is_frozen(module):
@@ -55,7 +80,7 @@ def vision_store(root, model, *, dtype, pooling_spec, token_storage="fp16"):
         "encoder": encoder.name,
         "identity": encoder.identity,
         "decode_version": DECODE_VERSION,
-        "weights_sha1": weights_fingerprint(encoder),
+        "weights_sha1": run_fingerprint(encoder),
         "dtype": _dtype_name(dtype),
         "stored": stored,
         "pooling": None if stored == "tokens" else {"spec": pooling_spec, "class": type(pooling).__qualname__},
@@ -72,10 +97,34 @@ def text_store(root, encoder, *, dtype=None):
         "kind": "text",
         "encoder": encoder.name,
         "identity": encoder.identity,
-        "weights_sha1": weights_fingerprint(encoder),
+        "weights_sha1": run_fingerprint(encoder),
         "dtype": _dtype_name(dtype),
         "stored": "vector",
         "dim": encoder.out_dim,
+    }
+    return FeatureStore(root, description)
+
+
+def decoded_store(root, encoder):
+    """The decoded-image space of ``encoder``'s preprocessing: each image decoded and resized
+    once (``preprocessing.resized``), stored as flat uint8 rows of 3 x H x W.
+
+    Keyed like the feature cache: the file's content key per entry; the preprocessing's
+    description and :data:`DECODE_VERSION` name the space, so a changed file or preprocessing
+    is never served stale pixels. The weights play no part (pixels do not depend on them).
+    """
+    preprocessing = encoder.preprocessing
+    h, w = preprocessing.size
+    description = {
+        "kind": "decoded",
+        "encoder": encoder.name,
+        "identity": f"pixels {h}x{w} of {encoder.name}",
+        "preprocessing": preprocessing.describe(),
+        "decode_version": DECODE_VERSION,
+        "dtype": "uint8",
+        "row_dtype": "uint8",
+        "stored": "pixels",
+        "dim": 3 * h * w,
     }
     return FeatureStore(root, description)
 
@@ -198,15 +247,16 @@ def fill_vision_cache(
             return [], [], 0
         dataset = SampleDataset(
             split.subset(todo), preprocessing=encoder.preprocessing, max_image_pixels=max_image_pixels,
-            image_formats=image_formats,
+            image_formats=image_formats, uint8_pixels=True,
         )
         loader = make_loader(
             dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda"
         )
         writer = store.writer(**({"chunk_rows": chunk_rows} if chunk_rows else {}))
+        background = BackgroundWriter(writer)
         was_training = encoder.training
         encoder.eval()
-        errors, bad = [], []
+        errors, bad, checked = [], [], False
         bar = progress_bar(progress, total=len(dataset), desc=f"vision features {split.csv.name}", unit="img")
         try:
             for batch in loader:
@@ -215,21 +265,26 @@ def fill_vision_cache(
                 bar.update(batch["size"] + len(batch["bad_indices"]))
                 if not batch["size"]:
                     continue
-                vision = to_device(batch["vision"], device)
-                if encoder.channels_last and vision["pixel_values"].dim() == 4:
-                    vision["pixel_values"] = vision["pixel_values"].contiguous(memory_format=torch.channels_last)
+                vision = device_pixels(prepare_batch(batch, device, encoder.channels_last)["vision"],
+                                       encoder.preprocessing)
                 with autocast(device, dtype):
                     out = encoder(**vision)
                     result = out.tokens if store_tokens else pooling(out.tokens, out.mask)
-                result = as_float16(result, store).cpu().numpy()
-                mask = out.mask.cpu().numpy() if store_tokens else None
-                if not writer.written and not writer.rows:  # before anything is stored: will it fit?
-                    check_vision_space(store, split, todo, result[0][mask[0]] if store_tokens else result[0])
-                for j, local in enumerate(batch["index"].tolist()):
-                    key = keys[todo[local]]
-                    writer.add(key, result[j][mask[j]] if store_tokens else result[j])
+                # fp16 on the device (half the bytes to copy; values float16 cannot hold are refused),
+                # into pinned memory without waiting
+                result = as_float16(result, store)
+                if not checked:  # before anything is stored: will it fit?
+                    first = result[0][out.mask[0]] if store_tokens else result[0]
+                    check_vision_space(store, split, todo, first.float().cpu().numpy())
+                    checked = True
+                rows = _to_host(result)
+                mask = _to_host(out.mask) if store_tokens else None
+                batch_keys = [keys[todo[local]] for local in batch["index"].tolist()]
+                background.put(batch_keys, rows, mask)
+            background.close()
             writer.flush()
         except BaseException:
+            background.close(raise_error=False)
             _save_partial(writer)
             raise
         finally:
@@ -239,6 +294,117 @@ def fill_vision_cache(
 
 
 @torch.no_grad()
+def fill_decoded_cache(split, store, keys, *, preprocessing, num_workers, max_image_pixels,
+                       image_formats=DEFAULT_FORMATS, batch_size=64, shard=(0, 1), progress=True, on_wait=None):
+    """Decode and resize the images of ``split`` that ``store`` lacks -> (errors, bad positions, written).
+
+    The loader workers decode in parallel; the rows (``preprocessing.resized``, uint8) go to
+    the store as they come. Like :func:`fill_vision_cache`: sharded under torchrun, completed
+    chunks survive an interruption.
+    """
+    store.ensure()
+    with store.lock(shard, on_wait=on_wait):
+        todo = _shard(store.missing(keys, refresh=True), keys, shard)
+        if not todo:
+            return [], [], 0
+        dataset = SampleDataset(
+            split.subset(todo), preprocessing=preprocessing, max_image_pixels=max_image_pixels,
+            image_formats=image_formats, uint8_pixels=True,
+        )
+        loader = make_loader(dataset, batch_size=batch_size, num_workers=num_workers)
+        writer = store.writer()
+        errors, bad = [], []
+        try:
+            for batch in progress_bar(progress, iterable=loader, desc=f"decoded images {split.csv.name}", unit="batch"):
+                errors.extend(batch["errors"])
+                bad.extend(todo[i] for i in batch["bad_indices"])
+                if not batch["size"]:
+                    continue
+                pixels = batch["vision"]["pixel_values"].reshape(batch["size"], -1).numpy()
+                for j, local in enumerate(batch["index"].tolist()):
+                    writer.add(keys[todo[local]], pixels[j])
+            writer.flush()
+        except BaseException:
+            _save_partial(writer)
+            raise
+        return errors, sorted(bad), writer.written
+
+
+def _to_host(tensor):
+    """``tensor`` copied to the host: into pinned memory without waiting on CUDA (the writer
+    thread waits for the copy), a plain view on the CPU. -> (host tensor, CUDA event or None)."""
+    if tensor.device.type != "cuda":
+        return tensor.detach(), None
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
+class BackgroundWriter:
+    """Rows of computed batches -> a :class:`~mmcore.engine.cache.ChunkWriter`, on a thread.
+
+    The main thread only queues (host tensor, event) pairs and goes on with the next batch;
+    the thread waits for each copy, splits the batch into rows (a token row is cut to its real
+    tokens only where the mask is not all true) and commits chunks. A bounded queue keeps
+    memory in check; an error in the thread is raised in the main thread at the next call.
+    """
+
+    def __init__(self, writer, *, depth=4):
+        self.writer = writer
+        self._queue = queue.Queue(maxsize=depth)
+        self._error = None
+        self._thread = threading.Thread(target=self._run, name="mmcore-cache-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, keys, rows, mask=None):
+        """Queue one batch: ``rows`` and ``mask`` as :func:`_to_host` gives them."""
+        self._raise()
+        self._queue.put((keys, rows, mask))
+
+    def _run(self):
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is not None:
+                continue  # drain: the main thread reports the error
+            try:
+                self._write(*item)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+                self._error = exc
+
+    def _write(self, keys, rows, mask):
+        rows = _wait(rows).numpy()
+        mask = _wait(mask).numpy() if mask is not None else None
+        for j, key in enumerate(keys):
+            if mask is None or mask[j].all():
+                self.writer.add(key, rows[j])
+            else:
+                self.writer.add(key, rows[j][mask[j]])
+
+    def close(self, raise_error=True):
+        """Write what is queued and stop the thread (idempotent)."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        if raise_error:
+            self._raise()
+
+    def _raise(self):
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
+def _wait(pair):
+    tensor, event = pair
+    if event is not None:
+        event.synchronize()
+    return tensor
+
+
 def fill_text_cache(
     encoder, texts, store, *, device=None, dtype=None, progress=True, desc="text features", on_wait=None,
     shard=(0, 1), reshard=False,

@@ -15,7 +15,16 @@ import torch
 
 from mmcore.data.dataset import SampleDataset, make_loader
 from mmcore.engine.cache import CacheUnavailable, cache_root, probe_cache, text_key, warn
-from mmcore.engine.features import fill_text_cache, fill_vision_cache, image_keys, is_frozen, text_store, vision_store
+from mmcore.engine.features import (
+    decoded_store,
+    fill_decoded_cache,
+    fill_text_cache,
+    fill_vision_cache,
+    image_keys,
+    is_frozen,
+    text_store,
+    vision_store,
+)
 from mmcore.engine.runtime import (
     all_gather_objects,
     autocast_dtype,
@@ -62,6 +71,9 @@ class Pipeline:
             if self.batchnorm == "frozen" and rank() == 0 and progress:
                 print("note: trainable BatchNorm under DDP without CUDA: its running statistics are frozen "
                       "(SyncBatchNorm needs GPUs; see docs/distributed.md)", file=sys.stderr, flush=True)
+        apply_backend_settings(recipe.train, self.device)
+        if recipe.train.gradient_checkpointing and model.vision is not None and not is_frozen(model.vision):
+            enable_gradient_checkpointing(model.vision)
         self.model = model.to(self.device)
         self.channels_last = bool(model.vision is not None and model.vision.channels_last)
         if self.channels_last:
@@ -89,6 +101,28 @@ class Pipeline:
             and self.augmentation is None
             and self._cache_usable()
         )
+
+    @property
+    def cache_decoded(self):
+        """Decoded-image cache: the vision encoder trains (its features cannot be cached) and
+        the pixels before augmentation are a plain function of the file (``cache.decoded_images``)."""
+        setting = self.recipe.cache.decoded_images
+        vision = self.model.vision
+        if setting is False or vision is None or not self.recipe.cache.enabled or self.cache_vision:
+            return False
+        if setting == "auto" and is_frozen(vision):
+            return False  # frozen with augmentation: decoding is cheap next to the frozen forward
+        why = None
+        if not vision.preprocessing.uint8_pixels:
+            why = f"the preprocessing of {vision.name!r} ({type(vision.preprocessing).__name__}) is not a plain resize"
+        elif self.augmentation is not None and not getattr(self.augmentation, "keeps_size", False):
+            why = "the augmentation does not declare keeps_size = True"
+        if why is not None:
+            if setting is True and not getattr(self, "_decoded_warned", False):
+                self._decoded_warned = True
+                warn(f"warning: cache.decoded_images = true: {why}; images are decoded every epoch")
+            return False
+        return self._cache_usable()
 
     @property
     def cache_text(self):
@@ -176,6 +210,39 @@ class Pipeline:
         self._feature_cache[key] = (view, keep, errors)
         return self._feature_cache[key]
 
+    def _decoded_images(self, split):
+        """(view of the split's decoded pixels, kept positions, errors); decodes what is missing."""
+        key = ("decoded", split.csv, split.paths)
+        if key in self._feature_cache:
+            return self._feature_cache[key]
+        if self._stores.get("decoded") is None:
+            self._stores["decoded"] = decoded_store(self.cache_root, self.model.vision)
+        store = self._stores["decoded"]
+        keys = image_keys(self.cache_root, split)
+        cached = len(split) - len(store.missing(keys, refresh=True))
+        fill = dict(
+            preprocessing=self.model.vision.preprocessing,
+            num_workers=self.recipe.data.num_workers,
+            max_image_pixels=self.recipe.data.max_image_pixels,
+            image_formats=self.recipe.data.image_formats,
+            batch_size=self.eval_batch_size,
+            progress=self.progress,
+            on_wait=self._on_wait(f"decoded images {split.csv.name}"),
+        )
+        if world_size() > 1:
+            fill_decoded_cache(split, store, keys, shard=(rank(), world_size()), **fill)
+            barrier()
+        errors, bad, _ = fill_decoded_cache(split, store, keys, **fill)
+        self._log(
+            f"decoded images {split.csv.name}: {cached}/{len(split)} from cache"
+            + (f", {len(bad)} unreadable" if bad else "")
+            + f" ({store.dir})"
+        )
+        skip = set(bad)
+        keep = [i for i in range(len(split)) if i not in skip]
+        self._feature_cache[key] = (store.view([keys[i] for i in keep]), keep, errors)
+        return self._feature_cache[key]
+
     def _text_features(self, split):
         store = self._text_store()
         keys = [text_key(text) for text in split.texts]
@@ -221,9 +288,16 @@ class Pipeline:
         """
         try:
             split, vision_features, lengths, text_features, errors = self._cached_inputs(split)
+            decoded = None
+            if self.cache_decoded:
+                decoded, keep, decode_errors = self._decoded_images(split)
+                if len(keep) < len(split):
+                    split = split.subset(keep)
+                    text_features = text_features.subset(keep) if text_features is not None else None
+                errors = errors + decode_errors
         except CacheUnavailable as exc:  # the disk filled up (or went away) while filling
             self._cache_failed(exc)
-            vision_features = lengths = text_features = None
+            vision_features = lengths = text_features = decoded = None
             errors = []
         dataset = SampleDataset(
             split,
@@ -235,6 +309,8 @@ class Pipeline:
             needs_image=self.model.vision is not None,
             max_image_pixels=self.recipe.data.max_image_pixels,
             image_formats=self.recipe.data.image_formats,
+            uint8_pixels=True,
+            decoded_images=decoded,
         )
         return dataset, split, errors
 
@@ -263,6 +339,45 @@ class Pipeline:
             batch_sampler=batch_sampler,
             pin_memory=self.device.type == "cuda",
         )
+
+
+def apply_backend_settings(train, device):
+    """``train.tf32`` and ``train.cudnn_benchmark`` (off under ``deterministic``), set where the
+    engine picks its device: they only matter on CUDA, and are the documented defaults there."""
+    if device.type != "cuda":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = bool(train.tf32)
+    torch.backends.cudnn.allow_tf32 = bool(train.tf32)
+    torch.backends.cudnn.benchmark = bool(train.cudnn_benchmark and not train.deterministic)
+
+
+def enable_gradient_checkpointing(encoder):
+    """Turn on activation checkpointing in a trainable vision encoder -> whether it could.
+
+    HF models (``activation_checkpointing_enable``, or ``gradient_checkpointing_enable`` before
+    transformers 5; non-reentrant) and timm models
+    (``set_grad_checkpointing``) are found on the encoder or its wrapped ``model``; an encoder
+    with neither gets one warning line and trains without it.
+    """
+    for module in (encoder, getattr(encoder, "model", None)):
+        if module is None:
+            continue
+        if not getattr(module, "supports_gradient_checkpointing", True):
+            continue
+        if hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5.x names it so
+            module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            return True
+        if hasattr(module, "gradient_checkpointing_enable"):
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            return True
+        if hasattr(module, "set_grad_checkpointing"):
+            module.set_grad_checkpointing(True)
+            return True
+    warn(
+        f"warning: train.gradient_checkpointing = true: vision encoder {encoder.name!r} supports neither "
+        "gradient_checkpointing_enable (HF) nor set_grad_checkpointing (timm); training without it"
+    )
+    return False
 
 
 def freeze_text_encoder(encoder):

@@ -108,6 +108,7 @@ class SeededItems(Dataset):
 
     # what make_loader reads from a dataset
     needs_image = property(lambda self: self.dataset.needs_image)
+    needs_workers = property(lambda self: getattr(self.dataset, "needs_workers", self.dataset.needs_image))
     preprocessing = property(lambda self: self.dataset.preprocessing)
 
     def __len__(self):

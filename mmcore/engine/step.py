@@ -14,11 +14,22 @@ import torch
 
 from mmcore.engine.runtime import all_reduce_, autocast, to_device, world_size
 
+#: cached features that arrive as float16 (half the bytes through the loader) and are upcast here
+HALF_FEATURES = ("vision_feature", "vision_tokens", "text_feature")
+
 
 def prepare_batch(batch, device, channels_last=False):
-    """The batch's tensors on ``device`` (non-blocking from pinned memory), pixels channels-last when asked."""
+    """The batch's tensors on ``device`` (non-blocking from pinned memory), pixels channels-last when asked.
+
+    float16 cached features are upcast here, on the device, and uint8 pixels stay uint8 (the
+    classifier normalises them, :func:`mmcore.data.dataset.device_pixels`), so the host only
+    ever copies the small form.
+    """
     batch = to_device(batch, device)
     vision = batch.get("vision")
+    for key in HALF_FEATURES:
+        if batch.get(key) is not None and batch[key].dtype == torch.float16:
+            batch[key] = batch[key].float()
     if channels_last and vision is not None and vision["pixel_values"].dim() == 4:
         vision["pixel_values"] = vision["pixel_values"].contiguous(memory_format=torch.channels_last)
     return batch

@@ -58,17 +58,15 @@ class ResizeCropPreprocessing(Preprocessing):
         h, w = self.size
         return (max(h, self.resize_size), max(w, self.resize_size))
 
-    def __call__(self, image):
-        """PIL RGB image -> ``{"pixel_values": float tensor [3, H, W]}`` normalized."""
+    def resized(self, image):
+        """PIL RGB image -> the resized and cropped uint8 tensor [3, H, W]."""
         from torchvision.transforms import v2
         from torchvision.transforms.v2 import functional as F
 
         interpolation = getattr(v2.InterpolationMode, self.interpolation.upper())
         img = F.pil_to_tensor(image)
         img = F.resize(img, self.resize_size, interpolation=interpolation, antialias=True)
-        img = F.center_crop(img, list(self.size))
-        pixels = F.to_dtype(img, torch.float32, scale=True)
-        return {"pixel_values": F.normalize(pixels, list(self.mean), list(self.std))}
+        return F.center_crop(img, list(self.size))
 
 
 def square_preprocessing(size, *, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bilinear"):

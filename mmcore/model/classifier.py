@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from mmcore.builtin.projection import UnimodalProjection
+from mmcore.data.dataset import device_pixels
 from mmcore.errors import RecipeError
 
 
@@ -51,7 +52,7 @@ class Classifier(nn.Module):
             return batch["vision_feature"]
         if "vision_tokens" in batch:
             return self.pooling(batch["vision_tokens"], batch["vision_mask"])
-        out = self.vision(**batch["vision"])
+        out = self.vision(**device_pixels(batch["vision"], self.vision.preprocessing))
         return self.pooling(out.tokens, out.mask)
 
     def text_features(self, batch):

@@ -146,6 +146,12 @@ class TrainConfig:
     layer_decay: float = attrs.field(default=1.0, validator=[positive, at_most(1.0)])
     #: torch.compile the model for training: true (inductor) or a backend name (one warning and eager on failure)
     compile: bool | str = attrs.field(default=False, validator=lambda _i, a, v: _compile_backend(a, v))
+    #: recompute the vision encoder's activations in backward (full fine-tuning of big encoders)
+    gradient_checkpointing: bool = False
+    #: TF32 matmuls and convolutions on Ampere+ GPUs (no effect on the CPU)
+    tf32: bool = True
+    #: cudnn autotuning for fixed input shapes (off when ``deterministic``)
+    cudnn_benchmark: bool = True
 
 
 def _threshold_rule(instance, attribute, value):
@@ -180,6 +186,9 @@ class CacheConfig:
     #: how token sequences (attention pooling) are stored: "fp16", "int8" (per-token scale) or
     #: "pooled" (2x2-pooled token grid, ~4x smaller); part of the cache identity
     token_storage: str = attrs.field(default="fp16", validator=one_of("fp16", "int8", "pooled"))
+    #: decoded-image cache for runs that train the vision encoder: "auto" (on when the vision
+    #: encoder trains and its preprocessing and augmentation allow it), true, false
+    decoded_images: Any = attrs.field(default="auto", validator=one_of("auto", True, False))
 
 
 @attrs.frozen(kw_only=True)
