@@ -19,7 +19,7 @@ def test_builtins_register_through_the_hooks():
     assert registry.names("loss") == ["bce", "focal"]
     assert registry.names("scheduler") == ["constant", "cosine", "cosine_warmup"]
     assert registry.names("augmentation") == ["none", "strong", "weak"]
-    assert registry.names("text") == ["none"]
+    assert registry.names("text") == ["concat", "none"]
     assert registry.get("pooling", "mean").package == "mmcore"
 
 
