@@ -39,15 +39,16 @@ def replace(src, dst, *args, **kwargs):  # between a temporary file's write and 
     return real_replace(src, dst, *args, **kwargs)
 os.replace = replace
 from mmcore.engine.loop import Trainer
-train_epoch, predict = Trainer.train_epoch, Trainer.predict
+from mmcore.engine.training import TrainingRun
+train_epoch, predict = Trainer.train_epoch, TrainingRun.predict
 def epoch(self, *args, **kwargs):
     mark("epoch")
     return train_epoch(self, *args, **kwargs)
-def evaluate(self, loader, split_name="eval", *args, **kwargs):
+def evaluate(self, loader, split_name, *args, **kwargs):
     if split_name == "test":
         mark("eval")
     return predict(self, loader, split_name, *args, **kwargs)
-Trainer.train_epoch, Trainer.predict = epoch, evaluate
+Trainer.train_epoch, TrainingRun.predict = epoch, evaluate
 from mmcore.cli.main import main
 sys.argv = ["mmcore", *sys.argv[1:]]
 main()
@@ -167,7 +168,9 @@ def test_a_full_disk_on_the_cache_degrades_and_on_the_output_fails_with_one_line
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert warnings == [
         f"warning: {cache}: feature cache: no space left on device; free some space or choose another disk; "
-        "continuing without the feature cache (cache.required = true would stop here)"
+        "image checks are not remembered",
+        f"warning: {cache}: feature cache: no space left on device; free some space or choose another disk; "
+        "continuing without the feature cache (cache.required = true would stop here)",
     ]
     results = json.loads((tmp_path / "a" / "results.json").read_text())
     assert results["feature_cache"] == {"vision": False, "text": False}

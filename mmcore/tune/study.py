@@ -352,7 +352,7 @@ def run_trial(config, study, storage, space, trial, frozen, *, registry=None, ec
 
     from mmcore.commands.sweep import _first_line, _release_memory
     from mmcore.engine.training import Interrupted
-    from mmcore.rundir import read_status, write_status
+    from mmcore.rundir import RECIPE_FILE, read_status, write_status
     from mmcore.tune.space import toml_value
 
     root = root_number(frozen)
@@ -394,7 +394,7 @@ def run_trial(config, study, storage, space, trial, frozen, *, registry=None, ec
             return
         finally:
             _release_memory()
-    recipe_text = (trial_dir / "recipe.toml").read_text(encoding="utf-8")
+    recipe_text = (trial_dir / RECIPE_FILE).read_text(encoding="utf-8")
     trial.set_user_attr("recipe", recipe_text)  # best.toml on any machine that shares the storage
     if outcome["state"] == "pruned":
         study.tell(trial, state=TrialState.PRUNED)
@@ -559,7 +559,7 @@ def summarize(config, *, echo=print):
 
     from mmcore.commands.compare import compare_runs, to_markdown, write_comparison
     from mmcore.io import write_json, write_text
-    from mmcore.rundir import read_status, write_status
+    from mmcore.rundir import RECIPE_FILE, read_status, write_status
     from mmcore.tune.space import load_space
 
     study, _ = load_study(config, heartbeat=False)
@@ -615,7 +615,7 @@ def summarize(config, *, echo=print):
         root = root_number(best)
         recipe_text = best.user_attrs.get("recipe")
         if recipe_text is None:
-            recipe_text = (config.trial_dir(root) / "recipe.toml").read_text(encoding="utf-8")
+            recipe_text = (config.trial_dir(root) / RECIPE_FILE).read_text(encoding="utf-8")
         write_text(study_dir / BEST_FILE, recipe_text)
         record["best"] = {"trial": root, "dir": config.trial_dir(root).name, "value": best.value,
                           "params": next(e["params"] for e in entries if e["trial"] == root)}

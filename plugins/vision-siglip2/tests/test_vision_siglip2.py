@@ -295,8 +295,7 @@ def test_missing_weights_is_one_actionable_line(tmp_path):
     assert "\n" not in message
     assert message.startswith(f"vision encoder 'siglip2_base': could not load weights '{empty}' (")
     assert message.endswith(
-        "download them where you have network and set params.weights to that local directory, "
-        "or set params.pretrained = false for random weights"
+        "set params.weights to a weights file or a folder holding one, or set params.pretrained = false for random weights"
     )
 
 
