@@ -19,6 +19,7 @@ from mmcore.errors import DataError, MmcoreError
 from mmcore.export import bundle as B
 from mmcore.export import onnx as G
 from mmcore.export import parity as P
+from mmcore.rundir import RunDir
 
 DEFAULT_ROWS = 64
 
@@ -107,7 +108,7 @@ def export_run(run_dir, out, *, fmt="onnx", data=None, rows=DEFAULT_ROWS, base_d
             _write_json(tmp / B.PREPROCESSING, B.describe_preprocessing(preprocessing))
             vision_names = list(preprocessing.collate([preprocessing(_blank_image())]))
         B.write_weights(model, tmp / B.WEIGHTS)
-        shutil.copyfile(run_dir / "recipe.toml", tmp / B.RECIPE)
+        shutil.copyfile(RunDir(run_dir).recipe_file, tmp / B.RECIPE)
         decision = ckpt.get("decision") or {"threshold": 0.5, "temperature": 1.0, "description": "0.5 (no decision saved)"}
         _write_json(tmp / B.DECISION, decision)
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import attrs
 
 from mmcore.errors import RunError
+from mmcore.rundir import RECIPE_FILE
 
 MANIFEST = "manifest.json"
 BUNDLE_FORMAT = 1
@@ -37,7 +38,7 @@ PREPROCESSING = "preprocessing.json"
 TEXT = "text.json"
 TOKENIZER = "tokenizer"
 PARITY = "parity.json"
-RECIPE = "recipe.toml"
+RECIPE = RECIPE_FILE  # the resolved recipe, named as in a run directory
 
 
 def is_bundle(path):

@@ -414,13 +414,13 @@ def _fmt(value):
 
 def _prepare_dir(trial_dir, echo):
     """What to do with a trial's directory: "train" it, "resume" it, or None (already finished)."""
-    from mmcore.rundir import LAST, RECIPE_FILE, read_status
+    from mmcore.rundir import LAST, RECIPE_FILE, RESULTS_FILE, read_status
 
     if not trial_dir.exists():
         return "train"
     status = read_status(trial_dir) or {}
     state = status.get("state")
-    if state in ("completed", "pruned") and (trial_dir / "results.json").is_file():
+    if state in ("completed", "pruned") and (trial_dir / RESULTS_FILE).is_file():
         echo(f"{trial_dir.name}: already {state} (its process died before telling the study); not trained again")
         return None
     if state in ("running", "interrupted", "failed") and (trial_dir / LAST).is_file() and (trial_dir / RECIPE_FILE).is_file():
@@ -502,11 +502,11 @@ def train_trial(config, trial, trial_dir, overrides, *, resume, registry=None, e
 
 def _outcome(config, trial_dir):
     """How a trial's run ended, from its directory: state, objective value, epoch pruned at."""
-    from mmcore.rundir import read_status
+    from mmcore.rundir import RESULTS_FILE, read_status
 
     status = read_status(trial_dir) or {}
     try:
-        results = json.loads((trial_dir / "results.json").read_text(encoding="utf-8"))
+        results = json.loads((trial_dir / RESULTS_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         raise RunError(f"{trial_dir}: results.json is missing or unreadable") from None
     value = (results.get("val") or {}).get(config.metric)
