@@ -46,21 +46,9 @@ class TextGraph(nn.Module):
         if self.sentence_transformers:
             vectors = self.encoder.model(dict(batch))["sentence_embedding"]
         else:
-            vectors = _pooled(self.encoder, batch)
+            vectors = self.encoder.pooled(batch)
         vectors = vectors.float()
         return F.normalize(vectors, dim=-1) if self.encoder.normalize else vectors
-
-
-def _pooled(encoder, batch):
-    """:meth:`TransformersTextEncoder.embed` without the tokenizer (same pooling modes)."""
-    output = encoder.backbone(**batch)
-    if encoder.pooling == "pooler":
-        return output.pooler_output
-    hidden = output.last_hidden_state
-    if encoder.pooling == "cls":
-        return hidden[:, 0]
-    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
 
 def text_tokenizer(encoder):

@@ -144,6 +144,11 @@ class TransformersTextEncoder(FrozenTextEncoder):
                                return_tensors="pt")
         batch = {key: value.to(self.device) for key, value in batch.items()
                  if key in ("input_ids", "attention_mask", "token_type_ids")}
+        return self.pooled(batch)
+
+    def pooled(self, batch):
+        """The backbone's output for token ``batch`` pooled to one vector per text (``self.pooling``);
+        also what an exported graph computes, with tokenization outside it."""
         output = self.backbone(**batch)
         if self.pooling == "pooler":
             return output.pooler_output
