@@ -121,6 +121,7 @@ def _child_epoch(recipe_path):
     from mmcore.data.csvs import load_splits
     from mmcore.engine.pipeline import Pipeline
     from mmcore.engine.sampling import EpochBatchSampler
+    from mmcore.engine.step import prepare_batch
     from mmcore.plugins.manager import get_registry
     from mmcore.recipe import load_recipe
 
@@ -136,6 +137,7 @@ def _child_epoch(recipe_path):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     started = time.perf_counter()
     for batch in loader:
+        batch = prepare_batch(batch, pipeline.device)  # float16 cached features upcast, as the engine does
         logits = model(batch).reshape(-1)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch["label"])
         optimizer.zero_grad()

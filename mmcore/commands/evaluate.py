@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
-from mmcore.data.csvs import read_split, resolve_csv
+import attrs
+
+from mmcore.data.csvs import load_splits, read_split, resolve_csv
 from mmcore.engine.checkpoint import load_model_state, read_checkpoint
 from mmcore.engine.inference import predict
 from mmcore.engine.outputs import write_evaluation
@@ -65,16 +68,26 @@ def score_with_run(pipeline, split, name, *, progress=True, desc=None):
     return split, indices, logits, labels, bad_images
 
 
+def eval_split(recipe, data=None):
+    """``(split, where)`` to evaluate: ``data`` (a CSV; or shard URLs when the run reads
+    WebDataset shards) or, by default, the run's own test split, from where it trained."""
+    if getattr(recipe.data, "format", "csv") == "webdataset" and not (data and str(data).lower().endswith(".csv")):
+        data_config = attrs.evolve(recipe.data, test=str(data)) if data else recipe.data
+        return load_splits(data_config, names=("test",), cache=recipe.cache)["test"], Path(str(data_config.test))
+    csv = Path(data) if data else resolve_csv(recipe.data.test, recipe.data.base_dir)
+    return read_split(csv, recipe.data.base_dir if not data else None), csv
+
+
 def evaluate_run(run_dir, *, data=None, out=None, registry=None, progress=True, echo=print):
     """Re-score a CSV (default: the run's test split) with a finished (or live) run's model."""
     run_dir = open_run(run_dir, echo=echo)
     pipeline, ckpt = load_run(run_dir, registry=registry, progress=progress)
     recipe = pipeline.recipe
-    csv = Path(data) if data else resolve_csv(recipe.data.test, recipe.data.base_dir)
-    split = read_split(csv, recipe.data.base_dir if not data else None)
+    split, csv = eval_split(recipe, data)
     if split.labels is None:
         raise DataError(f"{csv}: eval needs labels in every row (use mmcore predict for unlabeled data)")
-    out_dir = Path(out) if out else run_dir.path / EVAL_DIR / f"{csv.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    stem = re.sub(r"[^\w.-]+", "_", csv.stem)  # a shard pattern's braces stay out of the name
+    out_dir = Path(out) if out else run_dir.path / EVAL_DIR / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     split, indices, logits, labels, bad_images = score_with_run(pipeline, split, "eval", progress=progress)
     decision = ckpt.get("decision") or {"threshold": 0.5, "temperature": 1.0, "description": "0.5 (no decision saved)"}
     summary = {

@@ -118,9 +118,18 @@ def _check_images(recipe, splits, echo, hashes):
     Both come from ``hashes.facts`` (one read per file ever, remembered by stat key: a warm
     start stats each file and reads none), fetched in one pass for every split.
     """
+    from mmcore.data.bulk import paused_gc
+
+    with paused_gc():  # per-row facts, digests and messages: no reference cycles among them
+        return _check_images_unpaused(recipe, splits, echo, hashes)
+
+
+def _check_images_unpaused(recipe, splits, echo, hashes):
     from mmcore.data.checks import find_duplicates, scan_images
 
-    hashes.facts([path for name in splits for path in splits[name].paths])
+    paths = [path for split in splits.values() for path in split.paths]
+    stats = [st for split in splits.values() for st in (split.stats or [None] * len(split))]
+    hashes.facts(paths, stats)  # with the stats the CSV read took: a warm start stats each file once
     if recipe.data.on_bad_image == "error" and recipe.train.modality != "text_only":
         bad = [
             line

@@ -7,13 +7,15 @@ naming the file and the row (rows are counted from 1, the header not included).
 from __future__ import annotations
 
 import codecs
+import os
 import re
 from pathlib import Path
 
 import attrs
 import numpy as np
 
-from mmcore.data.images import image_file_problem
+from mmcore.data.bulk import paused_gc
+from mmcore.data.images import image_file_stat
 from mmcore.errors import DataError, closest
 
 REQUIRED_COLUMNS = ("local_image_path", "label", "text_info")
@@ -32,6 +34,9 @@ class Split:
     labels: tuple[int, ...] | None
     rows: tuple[int, ...]
     raw_paths: tuple[str, ...]
+    #: the ``os.stat`` of each path taken while reading the CSV (None when not checked, or after
+    #: :meth:`subset`): the run's image checks reuse it, so a warm start stats each file once
+    stats: tuple | None = attrs.field(default=None, eq=False, repr=False)
 
     def __len__(self):
         return len(self.paths)
@@ -50,6 +55,7 @@ class Split:
             labels=pick(self.labels) if self.labels is not None else None,
             rows=pick(self.rows),
             raw_paths=pick(self.raw_paths),
+            stats=None,
         )
 
 
@@ -73,12 +79,13 @@ def _limited(problems, what, csv):
 def read_split(csv, base_dir=None, *, require_label=True, require_text=True, check_images=True):
     """Read one CSV into a :class:`Split`, or raise :class:`DataError` listing every problem."""
     needed = {"local_image_path": True, "label": require_label, "text_info": require_text}
-    frame = read_table(
-        csv,
-        required=[c for c in REQUIRED_COLUMNS if needed[c]],
-        optional=[c for c in REQUIRED_COLUMNS if not needed[c]],
-    )
-    return split_from_table(frame, csv, base_dir, require_label=require_label, check_images=check_images)
+    with paused_gc():
+        frame = read_table(
+            csv,
+            required=[c for c in REQUIRED_COLUMNS if needed[c]],
+            optional=[c for c in REQUIRED_COLUMNS if not needed[c]],
+        )
+        return split_from_table(frame, csv, base_dir, require_label=require_label, check_images=check_images)
 
 
 def split_from_table(frame, csv, base_dir=None, *, require_label=True, check_images=True):
@@ -87,31 +94,38 @@ def split_from_table(frame, csv, base_dir=None, *, require_label=True, check_ima
     csv = Path(csv)
     if len(frame) == 0:
         raise DataError(f"{csv}: no rows")
+    with paused_gc():  # the per-row objects hold no cycles
+        return _split_from_table(frame, csv, base_dir, require_label=require_label, check_images=check_images)
+
+
+def _split_from_table(frame, csv, base_dir, *, require_label, check_images):
     base = Path(base_dir) if base_dir else csv.parent
-    paths, texts, labels, rows, raw_paths = [], [], [], [], []
+    paths, texts, labels, rows, raw_paths, stats = [], [], [], [], [], []
     bad_labels, missing_images, empty_paths = [], [], []
-    has_label = "label" in frame.columns
-    has_text = "text_info" in frame.columns
-    for index, record in enumerate(frame.to_dict("records"), start=1):
-        raw = str(record["local_image_path"]).strip()
+    columns = {name: frame[name].tolist() for name in ("local_image_path", "label", "text_info") if name in frame.columns}
+    raws, label_values, text_values = columns["local_image_path"], columns.get("label"), columns.get("text_info")
+    for index, raw in enumerate(raws, start=1):
+        raw = str(raw).strip()
         if not raw:
             empty_paths.append(f"{csv}: row {index}: empty local_image_path")
             continue
-        path = Path(raw) if Path(raw).is_absolute() else base / raw
-        problem = image_file_problem(path) if check_images else None  # never raises (ENAMETOOLONG, EACCES)
+        path = Path(raw) if os.path.isabs(raw) else base / raw  # one parse of the name per row
+        st, problem = image_file_stat(path) if check_images else (None, None)  # never raises (ENAMETOOLONG, EACCES)
         if problem is not None:
             missing_images.append(f"{csv}: row {index}: {problem}: {path}")
         label = None
-        if has_label:
-            label = parse_label(record["label"])
-            if label is None and (require_label or str(record["label"]).strip()):
+        if label_values is not None:
+            value = label_values[index - 1]
+            label = parse_label(value)
+            if label is None and (require_label or str(value).strip()):
                 bad_labels.append(
-                    f"{csv}: row {index}: bad label {record['label']!r} "
+                    f"{csv}: row {index}: bad label {value!r} "
                     f"(expected True/False, 1/0 or true/false)"
                 )
         paths.append(path)
         raw_paths.append(raw)
-        texts.append(" ".join(str(record["text_info"]).split()) if has_text else "")
+        stats.append(st)
+        texts.append(" ".join(str(text_values[index - 1]).split()) if text_values is not None else "")
         labels.append(label)
         rows.append(index)
     problems = (
@@ -121,7 +135,7 @@ def split_from_table(frame, csv, base_dir=None, *, require_label=True, check_ima
     )
     if problems:
         raise DataError(problems)
-    keep_labels = has_label and all(label is not None for label in labels)
+    keep_labels = label_values is not None and all(label is not None for label in labels)
     return Split(
         csv=csv,
         paths=tuple(paths),
@@ -129,6 +143,7 @@ def split_from_table(frame, csv, base_dir=None, *, require_label=True, check_ima
         labels=tuple(labels) if keep_labels else None,
         rows=tuple(rows),
         raw_paths=tuple(raw_paths),
+        stats=tuple(stats) if check_images else None,
     )
 
 

@@ -208,17 +208,23 @@ def image_file_problem(path):
     ``os.stat`` only: a missing file, a directory, a FIFO or device, a name too long, a
     permission problem become a reason, never an exception.
     """
+    return image_file_stat(path)[1]
+
+
+def image_file_stat(path):
+    """``(os.stat_result or None, problem or None)``: :func:`image_file_problem` that also hands
+    back the one ``stat`` it took, so a caller can reuse it (the warm-start checks do)."""
     try:
-        mode = os.stat(path).st_mode
+        st = os.stat(path)
     except OSError as exc:
-        return _os_reason(exc)
+        return None, _os_reason(exc)
     except ValueError:  # an embedded NUL byte
-        return "not a valid file name"
-    if stat.S_ISDIR(mode):
-        return "is a directory, not an image file"
-    if not stat.S_ISREG(mode):
-        return "not a regular file (a device, FIFO or socket)"
-    return None
+        return None, "not a valid file name"
+    if stat.S_ISDIR(st.st_mode):
+        return st, "is a directory, not an image file"
+    if not stat.S_ISREG(st.st_mode):
+        return st, "not a regular file (a device, FIFO or socket)"
+    return st, None
 
 
 def _os_reason(exc):

@@ -29,6 +29,7 @@ from pathlib import Path
 import attrs
 import numpy as np
 
+from mmcore.data.bulk import paused_gc
 from mmcore.data.images import DEFAULT_FORMATS, BadImageError, check_size, image_file_problem, open_checked
 from mmcore.errors import os_error_reason
 from mmcore.io import bytes_sha1
@@ -115,29 +116,35 @@ class FileFacts:
         #: files this process read for their facts (the cold work; tests and the bench look at it)
         self.examined = 0
 
-    def facts(self, paths):
+    def facts(self, paths, stats=None):
         """The :class:`ImageFacts` of each path, in order.
 
+        ``stats``: the ``os.stat`` of each path when the caller already took it (a
+        :class:`~mmcore.data.csvs.Split` carries them), so a warm start stats each file once.
         Under torchrun every rank must call this with the same paths (it gathers across ranks).
         """
         paths = list(paths)
         names = [str(p) for p in paths]
+        stats = [None] * len(paths) if stats is None else list(stats)
         todo = {}
-        for path, name in zip(paths, names):
+        for path, name, st in zip(paths, names, stats):
             if name not in self._known and name not in todo:
                 carried = getattr(path, "facts", None)
                 if carried is not None:
                     self._known[name] = carried
                 else:
-                    todo[name] = path
+                    todo[name] = st
         if todo:  # decided on what this process knows, the same on every rank: ranks gather together
-            self._known.update(self._lookup(list(todo)))
+            with paused_gc():
+                self._known.update(self._lookup(todo))
         return [self._known[name] for name in names]
 
     __call__ = facts
 
     def _lookup(self, names):
-        """Facts of files not known in this process: remembered ones by stat key, the rest read."""
+        """Facts of files not known in this process: remembered ones by stat key, the rest read.
+
+        ``names``: file name -> its ``os.stat`` when already taken (else None: stat it here)."""
         from mmcore.engine.cache import CacheUnavailable, cache_io, stat_key
 
         out, unknown, keys = {}, [], {}
@@ -148,9 +155,9 @@ class FileFacts:
             except OSError:
                 records = None
         remembered = _Remembered(records)
-        for name in names:
+        for name, st in names.items():
             try:
-                st = os.stat(name)
+                st = os.stat(name) if st is None else st
             except (OSError, ValueError):
                 out[name] = ImageFacts(None, problem=image_file_problem(name) or "cannot read file")
                 continue
