@@ -34,7 +34,7 @@ class Split:
     labels: tuple[int, ...] | None
     rows: tuple[int, ...]
     raw_paths: tuple[str, ...]
-    #: the ``os.stat`` of each path taken while reading the CSV (None when not checked, or after
+    #: the ``stat`` (a FileStat) of each path taken while reading the CSV (None when not checked, or after
     #: :meth:`subset`): the run's image checks reuse it, so a warm start stats each file once
     stats: tuple | None = attrs.field(default=None, eq=False, repr=False)
 

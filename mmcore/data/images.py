@@ -23,6 +23,7 @@ import errno
 import os
 import stat
 import threading
+from typing import NamedTuple
 
 from mmcore.errors import DataError, os_error_reason
 
@@ -211,11 +212,22 @@ def image_file_problem(path):
     return image_file_stat(path)[1]
 
 
+class FileStat(NamedTuple):
+    """The part of an ``os.stat_result`` the checks and the cache's stat key use: about 200 bytes
+    kept per row instead of 640."""
+
+    st_mode: int
+    st_size: int
+    st_mtime_ns: int
+    st_ctime_ns: int
+
+
 def image_file_stat(path):
-    """``(os.stat_result or None, problem or None)``: :func:`image_file_problem` that also hands
-    back the one ``stat`` it took, so a caller can reuse it (the warm-start checks do)."""
+    """``(FileStat or None, problem or None)``: :func:`image_file_problem` that also hands back
+    the one ``stat`` it took, so a caller can reuse it (the warm-start checks do)."""
     try:
-        st = os.stat(path)
+        full = os.stat(path)
+        st = FileStat(full.st_mode, full.st_size, full.st_mtime_ns, full.st_ctime_ns)
     except OSError as exc:
         return None, _os_reason(exc)
     except ValueError:  # an embedded NUL byte
