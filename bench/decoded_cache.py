@@ -92,6 +92,23 @@ def per_image(args, data, cache):
     print(f"per image: cached / decode = {timings['decoded-image cache'] / timings['decode + resize']:.3f}x")
 
 
+def as_png(data):
+    """Rewrite the generated JPEGs as PNGs (screenshots and banners often are), CSVs updated."""
+    from PIL import Image
+
+    for csv in Path(data).glob("*.csv"):
+        lines = csv.read_text().splitlines()
+        out = [lines[0]]
+        for line in lines[1:]:
+            name, rest = line.split(",", 1)
+            png = name[: -len(".jpg")] + ".png"
+            with Image.open(Path(data) / name) as image:
+                image.save(Path(data) / png)
+            (Path(data) / name).unlink()
+            out.append(f"{png},{rest}")
+        csv.write_text("\n".join(out) + "\n")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=256)
@@ -101,6 +118,8 @@ def main():
     parser.add_argument("--encoder", default="resnet18")
     parser.add_argument("--full", action="store_true", help="the full-size encoder (default: its tiny build)")
     parser.add_argument("--vision-only", action="store_true", help="no text encoder")
+    parser.add_argument("--format", choices=("jpeg", "png"), default="jpeg",
+                        help="image files: JPEG (decoded at reduced scale by draft()) or PNG (no draft: a full decode)")
     args = parser.parse_args()
 
     import torch
@@ -109,7 +128,9 @@ def main():
 
     work = Path(tempfile.mkdtemp(prefix="mmcore-decoded-"))
     data = make_demo_dataset(work / "data", n_train=args.images, n_val=2, n_test=2, size=(args.size, args.size))
-    print(f"{args.images} JPEGs of {args.size} px, {args.encoder}{'' if args.full else ' (tiny)'} fine-tuned, "
+    if args.format == "png":
+        as_png(data)
+    print(f"{args.images} {args.format.upper()}s of {args.size} px, {args.encoder}{'' if args.full else ' (tiny)'} fine-tuned, "
           f"weak augmentation, batch {args.batch}, {args.workers} workers, {os.cpu_count()} CPUs, torch {torch.__version__}")
     per_image(args, data, work / "cache-items")
     rows = {}
