@@ -50,9 +50,8 @@ def child(recipe, out, flush, demo=False):
 
 def demo_recipe_text(data_dir, epochs, cache_dir):
     """The shipped demo recipe, on ``data_dir``, with its own cache, ``epochs`` and no early stop."""
-    import tomllib
-
     import tomli_w
+    import tomllib
 
     data = tomllib.loads((REPO / "mmcore" / "recipes" / "demo.toml").read_text(encoding="utf-8"))
     data["data"]["base_dir"] = str(data_dir)

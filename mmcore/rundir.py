@@ -47,14 +47,21 @@ EVAL_DIR = "eval"
 TEMP_FILE_RE = re.compile(r"^\..+\..+\.tmp$")
 
 
-def require_same_recipe(saved, current, *, where, said, then=""):
-    """The drift check: raise ``<where>: <said> (differs at a.b, c.d)<then>`` when the recipes differ."""
+def require_same_recipe(saved, current, *, where, said, then="", added_ok=False):
+    """The drift check: raise ``<where>: <said> (differs at a.b, c.d)<then>`` when the recipes differ.
+
+    ``added_ok``: for two records of the same run (its checkpoint and its ``recipe.toml``),
+    keys the saved one lacks are not drift: an older mmcore wrote it, and the current one
+    reads the run's recipe with those keys at their defaults. A run trained before a key
+    existed stays usable by eval, predict, export, serve and resume.
+    """
     from mmcore.recipe import recipe_diff
 
     if saved == current:
         return
-    differing = recipe_diff(saved or {}, current)
-    raise RunError(f"{where}: {said} (differs at {', '.join(differing[:5])}){then}")
+    differing = recipe_diff(saved or {}, current, added_ok=added_ok and bool(saved))
+    if differing:
+        raise RunError(f"{where}: {said} (differs at {', '.join(differing[:5])}){then}")
 
 
 def _read_json(path):

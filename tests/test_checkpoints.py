@@ -1,5 +1,6 @@
 """Checkpoints are data: loaded with weights_only=True, and a foreign one is explained, not dumped."""
 
+import json
 import shutil
 
 import pytest
@@ -47,3 +48,27 @@ def test_eval_with_another_runs_checkpoint_says_what_differs(cli, tiny_recipe, t
         "(differs at vision.params.width)"
     )
     assert "Traceback" not in result.stderr
+
+
+def test_a_run_from_an_older_mmcore_stays_usable_when_keys_were_added(cli, tiny_recipe, tmp_path):
+    """A checkpoint whose recipe lacks keys this mmcore added (their defaults apply) is not drift;
+    a changed value still is."""
+    recipe = tiny_recipe("a.toml")
+    run = tmp_path / "run"
+    cli("run", recipe, "--out", run, "--quiet")
+    ckpt_path = run / "checkpoint_best.ckpt"
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    old = dict(ckpt)
+    old["recipe"] = {**ckpt["recipe"], "cache": dict(ckpt["recipe"]["cache"]), "train": dict(ckpt["recipe"]["train"])}
+    del old["recipe"]["cache"]["decoded_images"]  # as written before the decoded-image cache existed
+    del old["recipe"]["train"]["compile"]  # ... and before train.compile
+    torch.save(old, ckpt_path)
+    cli("eval", run, "--out", tmp_path / "eval", "--quiet")
+    scores = json.loads((tmp_path / "eval" / "test_predictions.json").read_text())
+    assert scores == json.loads((run / "test_predictions.json").read_text())
+
+    old["recipe"]["train"] = {**old["recipe"]["train"], "batch_size": old["recipe"]["train"]["batch_size"] + 1}
+    torch.save(old, ckpt_path)
+    result = cli("eval", run, "--quiet", check=False)
+    assert result.returncode == 4
+    assert result.stderr.strip() == f"{ckpt_path}: checkpoint was trained with another recipe (differs at train.batch_size)"

@@ -43,7 +43,8 @@ def load_run(run_dir, *, registry=None, progress=True, echo=print):
     recipe = run_dir.load_recipe(registry)
     ckpt = read_checkpoint(run_dir.best)
     require_same_recipe(
-        ckpt.get("recipe"), recipe_to_dict(recipe), where=run_dir.best, said="checkpoint was trained with another recipe"
+        ckpt.get("recipe"), recipe_to_dict(recipe), where=run_dir.best, said="checkpoint was trained with another recipe",
+        added_ok=True,
     )
     pipeline = Pipeline(recipe, registry, source=str(run_dir.recipe_file), progress=progress)
     load_model_state(pipeline.model, ckpt, path=str(run_dir.best))

@@ -251,7 +251,8 @@ class TrainingRun:
             save_checkpoint(self.run_dir / LAST, self.state_dict(epoch_complete=epoch_complete, rng_ranks=rng_ranks))
 
     def load_state(self, state):
-        require_same_recipe(state.get("recipe"), self.recipe_dict, where=self.run_dir / LAST, said="saved with another recipe")
+        require_same_recipe(state.get("recipe"), self.recipe_dict, where=self.run_dir / LAST, said="saved with another recipe",
+                            added_ok=True)
         load_model_state(self.pipeline.model, state, path=str(self.run_dir / LAST))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

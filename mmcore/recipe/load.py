@@ -302,14 +302,19 @@ def recipe_to_toml(recipe):
     return tomli_w.dumps(recipe_to_dict(recipe))
 
 
-def recipe_diff(a, b, prefix=""):
-    """Dotted key paths whose values differ between two recipe dicts."""
+def recipe_diff(a, b, prefix="", *, added_ok=False):
+    """Dotted key paths whose values differ between two recipe dicts.
+
+    ``added_ok``: keys that only ``b`` has are not differences (``a`` was written by an mmcore
+    that did not know them, and ``b`` holds their defaults)."""
     keys = sorted(set(a) | set(b))
     out = []
     for key in keys:
         path = f"{prefix}{key}"
+        if added_ok and key not in a:
+            continue
         if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
-            out.extend(recipe_diff(a[key], b[key], path + "."))
+            out.extend(recipe_diff(a[key], b[key], path + ".", added_ok=added_ok))
         elif a.get(key) != b.get(key):
             out.append(path)
     return out
