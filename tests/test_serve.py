@@ -263,3 +263,27 @@ def test_a_run_dir_served_with_ocr_and_sigterm_during_a_request(exportable_run, 
         assert running.process.wait(timeout=60) == 0
     finally:
         running.stop()
+
+
+def test_two_workers_share_the_port_and_answer_alike(exported_bundle, test_rows, predicted):
+    """--workers 2: two processes behind one socket (stateless: either answers any request the
+    same), and SIGTERM stops both with exit 0."""
+    threshold = json.loads((exported_bundle / "decision.json").read_text())["threshold"]
+    running = Server(exported_bundle, "--workers", "2")
+    try:
+        answers = {}  # pid -> (row, answer)
+        deadline = time.monotonic() + 120
+        for attempt in range(200):  # new connections until both processes have answered (bounded)
+            if len(answers) == 2 or time.monotonic() > deadline:
+                break
+            row = test_rows[attempt % len(test_rows)]
+            with httpx.Client(timeout=60) as client:  # a fresh connection each time
+                pid = client.get(f"{running.url}/metadata").json()["serving"]["pid"]
+                if pid not in answers:
+                    answers[pid] = (row, _post_multipart(client, running.url, row).json())
+        assert len(answers) == 2, "only one worker process answered"
+        assert running.process.pid not in answers  # the supervisor serves nothing itself
+        for row, answer in answers.values():
+            _assert_same(answer, predicted[row["local_image_path"]], threshold)
+    finally:
+        assert running.stop() == 0
