@@ -6,6 +6,10 @@ Serves the exported demo bundle twice (``--max-batch 32 --max-wait-ms 10``, then
 ``--max-batch 1``: no batching), sends ``--requests`` multipart /predict requests at each
 concurrency from one asyncio client, and prints requests/s, p50 and p99 latency, and the
 batched/unbatched throughput ratio (goal: >= 2x at concurrency 32 on 2 CPU cores).
+
+It also times the bundle's ``model.onnx`` alone in this process (onnxruntime, the server's
+session, as the server opens it) at batch 1 and at batch 32: the per-row speed-up of the model itself is the
+ceiling of what any batching can give on this machine.
 """
 
 from __future__ import annotations
@@ -72,6 +76,31 @@ async def load(url, payloads, concurrency):
         return time.perf_counter() - started, sorted(latencies)
 
 
+def model_ceiling(bundle, seconds=3.0):
+    """ms per row of the bundle's ONNX model alone at batch 1 and 32 (the batching ceiling)."""
+    import numpy as np
+
+    from mmcore.export.onnx import GraphRunner
+
+    runner = GraphRunner(Path(bundle) / "model.onnx", "onnx", device="cpu")  # as the server opens it
+    shapes = {i.name: i.shape for i in runner.session.get_inputs()}
+    out = {}
+    for batch in (1, 32):
+        feed = {}
+        for name, shape in shapes.items():
+            if name == "pixel_values":
+                feed[name] = np.random.default_rng(0).random((batch, *shape[1:]), dtype=np.float32)
+            else:  # token inputs: 16 tokens
+                feed[name] = (np.zeros if name == "token_type_ids" else np.ones)((batch, 16), dtype=np.int64)
+        runner(feed)
+        calls, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            runner(feed)
+            calls += 1
+        out[batch] = (time.perf_counter() - started) / calls / batch * 1000
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="/tmp/mmcore-bench-serve")
@@ -96,7 +125,10 @@ def main():
         finally:
             process.send_signal(signal.SIGTERM)
             process.wait(timeout=120)
+    ceiling = model_ceiling(bundle)
     print(f"demo bundle {bundle}, {args.requests} requests per level, {os.cpu_count()} CPUs")
+    print(f"model alone (onnxruntime): {ceiling[1]:.1f} ms per row at batch 1, {ceiling[32]:.1f} ms per row at batch 32: "
+          f"batching's ceiling here {ceiling[1] / ceiling[32]:.2f}x")
     print(f"{'concurrency':>11}  {'mode':>9}  {'req/s':>7}  {'p50 ms':>7}  {'p99 ms':>7}")
     for level in levels:
         for mode in ("batched", "unbatched"):
