@@ -64,6 +64,35 @@ def require_same_recipe(saved, current, *, where, said, then="", added_ok=False)
         raise RunError(f"{where}: {said} (differs at {', '.join(differing[:5])}){then}")
 
 
+TRACEBACK_FILE = "traceback.txt"
+
+
+def first_line(exc):
+    """An error in one line: its first, and how many more there were."""
+    lines = str(exc).strip().splitlines()
+    if not lines:
+        return type(exc).__name__
+    return lines[0] + (f" (and {len(lines) - 1} more lines)" if len(lines) > 1 else "")
+
+
+def failure_message(exc, directory):
+    """One line for a sweep point or trial that failed with ``exc`` (call it in the ``except``).
+
+    A user's mistake (an :class:`~mmcore.errors.MmcoreError`) is its own message; a crash (out of
+    memory, a bug) is prefixed with its type and its traceback is kept in
+    ``directory/traceback.txt``, beside the run's status."""
+    import traceback
+
+    from mmcore.errors import MmcoreError
+
+    message = first_line(exc)
+    if isinstance(exc, MmcoreError):
+        return message
+    make_directory(directory)
+    write_text(Path(directory) / TRACEBACK_FILE, traceback.format_exc())
+    return f"{type(exc).__name__}: {message}"
+
+
 def _read_json(path):
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))

@@ -10,17 +10,15 @@ is recorded as failed and the sweep goes on; Ctrl-C stops the sweep. The sweep e
 
 from __future__ import annotations
 
-import gc
 import itertools
 import re
 import time
-import traceback
 from pathlib import Path
 
 import attrs
 
-from mmcore.errors import MmcoreError, RecipeError, RunError
-from mmcore.rundir import SWEEP_FILE, RunDir, make_directory
+from mmcore.errors import RecipeError, RunError
+from mmcore.rundir import SWEEP_FILE, RunDir, failure_message, first_line, make_directory
 
 #: longest ``key=value,...`` part of a point's directory name
 MAX_NAME = 120
@@ -100,14 +98,6 @@ def grid_points(axes, sweep_dir):
     ]
 
 
-def _first_line(exc):
-    """An error in one line: its first, and how many more there were."""
-    lines = str(exc).strip().splitlines()
-    if not lines:
-        return type(exc).__name__
-    return lines[0] + (f" (and {len(lines) - 1} more lines)" if len(lines) > 1 else "")
-
-
 def _load_points(recipe_path, overrides, points, registry):
     """Each point's recipe, or the RecipeError that fails it alone."""
     from mmcore.recipe import load_recipe
@@ -150,21 +140,11 @@ def _mark_failed(point, message):
         run_dir.write_status("failed", error=message, overrides=list(point.overrides))
 
 
-def _release_memory():
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:  # pragma: no cover
-        pass
-
-
 def run_sweep(recipe_path, overrides, sweeps, *, out=None, dry_run=False, registry=None, progress=True, echo=print):
     """Train every point of the ``--sweep`` grid; returns the sweep directory."""
     from mmcore.commands.compare import compare_runs, to_markdown, write_comparison
     from mmcore.commands.run import run_training
+    from mmcore.engine.runtime import release_memory
     from mmcore.io import write_json
 
     if registry is None:
@@ -185,7 +165,7 @@ def run_sweep(recipe_path, overrides, sweeps, *, out=None, dry_run=False, regist
         echo(f"sweep of {recipe_path}: {total} runs (nothing trained) -> {sweep_dir}")
         for point in points:
             problem = loaded[point.number]
-            note = f"  [recipe error: {_first_line(problem)}]" if isinstance(problem, Exception) else ""
+            note = f"  [recipe error: {first_line(problem)}]" if isinstance(problem, Exception) else ""
             echo(f"  {point.directory.name}{note}")
         return sweep_dir
 
@@ -218,18 +198,13 @@ def run_sweep(recipe_path, overrides, sweeps, *, out=None, dry_run=False, regist
             echo(f"sweep interrupted at point {point.number}/{total}; finished points are in {sweep_dir}")
             raise
         except Exception as exc:  # noqa: BLE001 - one point's failure must not end the sweep
-            message = _first_line(exc)
-            if not isinstance(exc, MmcoreError):
-                # a crash (e.g. out of memory): keep the traceback beside the point's status
-                message = f"{type(exc).__name__}: {message}"
-                point.directory.mkdir(parents=True, exist_ok=True)
-                (point.directory / "traceback.txt").write_text(traceback.format_exc(), encoding="utf-8")
+            message = failure_message(exc, point.directory)
             _mark_failed(point, message)
             entry.update(state="failed", error=message)
             failed.append((point, message))
             echo(f"sweep point {point.number}/{total} ({point.label}) failed: {message}")
         finally:
-            _release_memory()
+            release_memory()
         write_json(sweep_dir / SWEEP_FILE, record)
 
     comparison = compare_runs([p.directory for p in points], keys=[key for key, _ in axes])

@@ -242,3 +242,12 @@ def broadcast_tensors_(tensors, src=0):
         if work is not tensor:
             tensor.copy_(work)
     return tensors
+
+
+def release_memory():
+    """Between the runs of one process (sweep points, trials): collect garbage, empty CUDA's cache."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

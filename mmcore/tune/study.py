@@ -23,13 +23,12 @@ import socket
 import sys
 import threading
 import time
-import traceback
 import warnings
 from pathlib import Path
 
 import attrs
 
-from mmcore.errors import MmcoreError, RecipeError, RunError
+from mmcore.errors import RecipeError, RunError
 
 #: seconds between a running trial's liveness records in the storage
 HEARTBEAT = 10
@@ -350,9 +349,9 @@ def run_trial(config, study, storage, space, trial, frozen, *, registry=None, ec
     """Train one Optuna trial (``frozen``: its stored record) as a run directory and tell Optuna how it ended."""
     from optuna.trial import TrialState
 
-    from mmcore.commands.sweep import _first_line, _release_memory
+    from mmcore.engine.runtime import release_memory
     from mmcore.engine.training import Interrupted
-    from mmcore.rundir import RECIPE_FILE, read_status, write_status
+    from mmcore.rundir import RECIPE_FILE, failure_message, read_status, write_status
     from mmcore.tune.space import toml_value
 
     root = root_number(frozen)
@@ -379,11 +378,7 @@ def run_trial(config, study, storage, space, trial, frozen, *, registry=None, ec
             echo(f"trial {root} interrupted; run the same mmcore tune command again to continue it")
             raise
         except Exception as exc:  # noqa: BLE001 - one trial's failure must not end the study
-            message = _first_line(exc)
-            if not isinstance(exc, MmcoreError):
-                message = f"{type(exc).__name__}: {message}"
-                trial_dir.mkdir(parents=True, exist_ok=True)
-                (trial_dir / "traceback.txt").write_text(traceback.format_exc(), encoding="utf-8")
+            message = failure_message(exc, trial_dir)
             trial_dir.mkdir(parents=True, exist_ok=True)
             status = read_status(trial_dir)
             if status is None or status.get("state") != "failed":
@@ -393,7 +388,7 @@ def run_trial(config, study, storage, space, trial, frozen, *, registry=None, ec
             echo(f"trial {root} failed: {message}")
             return
         finally:
-            _release_memory()
+            release_memory()
     recipe_text = (trial_dir / RECIPE_FILE).read_text(encoding="utf-8")
     trial.set_user_attr("recipe", recipe_text)  # best.toml on any machine that shares the storage
     if outcome["state"] == "pruned":
