@@ -5,9 +5,11 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
+import mmcore
 from mmcore.engine.progress import SmoothedRate, wants_third_party_silence
 
 
@@ -64,8 +66,8 @@ def test_quiet_silences_transformers_loading_weights_bar(tmp_path):
     script = textwrap.dedent(
         f"""
         import sys
-        from mmcore.cli.main import _progress
-        assert _progress(False) is True  # not quiet, but stderr is a pipe: no third-party bars either
+        from mmcore.engine.progress import progress_for
+        assert progress_for(False) is True  # not quiet, but stderr is a pipe: no third-party bars either
         from transformers import AutoModel, BertConfig, BertModel
         from transformers.utils import logging
         config = BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8, vocab_size=20)
@@ -75,7 +77,7 @@ def test_quiet_silences_transformers_loading_weights_bar(tmp_path):
         logging.enable_progress_bar()
         AutoModel.from_pretrained({str(tmp_path / "tiny")!r})
         print("@@quiet-again", file=sys.stderr, flush=True)
-        _progress(True)
+        progress_for(True)
         AutoModel.from_pretrained({str(tmp_path / "tiny")!r})
         """
     )
@@ -88,3 +90,14 @@ def test_quiet_silences_transformers_loading_weights_bar(tmp_path):
     assert "Loading weights" in shown and "\r" in shown
     for text in (quiet, quiet_again):
         assert "Loading weights" not in text and "Writing model shards" not in text and "\r" not in text
+
+
+def test_every_command_with_quiet_silences_third_party_bars_the_same_way():
+    """``--quiet`` means no bars at all, the libraries' included: each command hands its flag to
+    ``progress_for`` (a bare ``not quiet`` would leave transformers' bars on a terminal)."""
+    cli = Path(mmcore.__file__).parent / "cli"
+    bare = [f"{path.name}:{n}" for path in sorted(cli.glob("*.py"))
+            for n, line in enumerate(path.read_text().splitlines(), 1) if "progress=not quiet" in line]
+    assert bare == []
+    quiet_commands = [path.name for path in cli.glob("*.py") if '"--quiet"' in path.read_text()]
+    assert quiet_commands and all("progress_for(quiet)" in (cli / name).read_text() for name in quiet_commands)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from mmcore.export.onnx import FORMATS
+from mmcore.engine.progress import progress_for
+from mmcore.export import FORMATS
 
 
 @click.command("export")
@@ -36,4 +37,4 @@ def export_command(run_dir, out, fmt, data, base_dir, rows, score_tol, agreement
     from mmcore.commands.export import export_run
 
     export_run(run_dir, out, fmt=fmt, data=data, rows=rows, base_dir=base_dir, score_tol=score_tol,
-               min_agreement=agreement, progress=not quiet, echo=click.echo)
+               min_agreement=agreement, progress=progress_for(quiet), echo=click.echo)

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from mmcore import __version__
+from mmcore.engine.progress import progress_for
 from mmcore.errors import MmcoreError
 
 SET_HELP = "Override a recipe key, e.g. --set train.batch_size=32 (repeatable)."
@@ -101,7 +102,7 @@ def run(recipe, overrides, out, resume, nproc, sweeps, dry_run, quiet):
         if overrides or out:
             raise click.UsageError("--resume continues a run as it was: no --set or --out")
         given = load_recipe(recipe) if recipe else None
-        resume_training(resume, given, progress=_progress(quiet), echo=click.echo)
+        resume_training(resume, given, progress=progress_for(quiet), echo=click.echo)
         return
     if not recipe:
         raise click.UsageError("missing RECIPE (or --resume RUN_DIR)")
@@ -109,7 +110,7 @@ def run(recipe, overrides, out, resume, nproc, sweeps, dry_run, quiet):
         from mmcore.commands.sweep import run_sweep
         from mmcore.rundir import read_sweep
 
-        sweep_dir = run_sweep(recipe, overrides, sweeps, out=out, dry_run=dry_run, progress=_progress(quiet), echo=click.echo)
+        sweep_dir = run_sweep(recipe, overrides, sweeps, out=out, dry_run=dry_run, progress=progress_for(quiet), echo=click.echo)
         record = None if dry_run else read_sweep(sweep_dir)
         if record is not None and any(point.get("state") != "completed" for point in record.get("points", [])):
             sys.exit(1)  # which ones failed, and why, was said above
@@ -117,17 +118,7 @@ def run(recipe, overrides, out, resume, nproc, sweeps, dry_run, quiet):
     if dry_run:
         raise click.UsageError("--dry-run lists a --sweep grid; to see a recipe use: mmcore show RECIPE")
     loaded = load_recipe(recipe, overrides)
-    run_training(loaded, recipe_path=recipe, out=out, progress=_progress(quiet), echo=click.echo)
-
-
-def _progress(quiet):
-    """``progress`` for a command: off with ``--quiet``; third-party bars (weights downloads and
-    loading) off too when quiet or when stderr is no terminal, where they would fill a log."""
-    from mmcore.engine.progress import silence_third_party_progress, wants_third_party_silence
-
-    if wants_third_party_silence(quiet):
-        silence_third_party_progress(chatter=quiet)
-    return not quiet
+    run_training(loaded, recipe_path=recipe, out=out, progress=progress_for(quiet), echo=click.echo)
 
 
 def _exec_torchrun(nproc):
@@ -157,7 +148,7 @@ def eval_(run_dir, data, out, quiet):
     """Re-score a CSV with a finished run's model (results.json, test_predictions.json, test_report.md)."""
     from mmcore.commands.evaluate import evaluate_run
 
-    evaluate_run(run_dir, data=data, out=out, progress=_progress(quiet), echo=click.echo)
+    evaluate_run(run_dir, data=data, out=out, progress=progress_for(quiet), echo=click.echo)
 
 
 @cli.command()
@@ -180,7 +171,7 @@ def demo(data_dir, recipe, overrides, quiet):
     if not (data / "test.csv").is_file():
         click.echo(f"making the demo dataset in {data}/ ...")
         make_demo_dataset(data)
-    run_training(loaded, recipe_path=recipe, progress=_progress(quiet), echo=click.echo)
+    run_training(loaded, recipe_path=recipe, progress=progress_for(quiet), echo=click.echo)
 
 
 def _find_recipe(name):

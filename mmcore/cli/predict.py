@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from mmcore.commands.predict import predict_csv
+from mmcore.engine.progress import progress_for
 from mmcore.errors import MmcoreError
 
 
@@ -44,11 +45,11 @@ def predict_command(run_dir, input_csv, output, batch_size, base_dir, quiet):
             from mmcore.export.predict import predict_bundle
 
             predict_bundle(run_dir, input_csv, output, batch_size=batch_size, base_dir=base_dir,
-                           progress=not quiet, echo=click.echo)
+                           progress=progress_for(quiet), echo=click.echo)
             return
         predict_csv(
             run_dir, input_csv, output, batch_size=batch_size, base_dir=base_dir,
-            progress=not quiet, echo=click.echo,
+            progress=progress_for(quiet), echo=click.echo,
         )
     except MmcoreError as exc:
         _fail(exc)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from mmcore.cli.main import SET_HELP
+from mmcore.engine.progress import progress_for
 
 
 @click.command("tune")
@@ -47,7 +48,7 @@ def tune_command(recipe, space, trials, sampler, pruner, jobs, storage, study, o
 
     record = run_tune(
         recipe, space, trials=trials, overrides=overrides, sampler=sampler, pruner=pruner, jobs=jobs, storage=storage,
-        study=study, out=out, nproc=nproc, seed=seed, heartbeat=heartbeat or HEARTBEAT, progress=not quiet,
+        study=study, out=out, nproc=nproc, seed=seed, heartbeat=heartbeat or HEARTBEAT, progress=progress_for(quiet),
         echo=click.echo,
     )
     if any(entry["state"] == "fail" for entry in record["trials"]):

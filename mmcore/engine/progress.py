@@ -80,3 +80,11 @@ def silence_third_party_progress(chatter=True):
         transformers_logging.disable_progress_bar()
         if chatter:
             transformers_logging.set_verbosity_error()
+
+
+def progress_for(quiet):
+    """``progress`` for a command: off with ``--quiet``; third-party bars (weights downloads and
+    loading) off too when quiet or when stderr is no terminal, where they would fill a log."""
+    if wants_third_party_silence(quiet):
+        silence_third_party_progress(chatter=quiet)
+    return not quiet

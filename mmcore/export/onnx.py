@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmcore.errors import RunError
+from mmcore.export import FORMATS  # noqa: F401 - defined without torch for the CLI, re-exported here
 
-FORMATS = ("onnx", "torchscript")
 GRAPH_FILES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
 OPSET = 18
 
