@@ -21,7 +21,7 @@ from mmcore.recipe import recipe_from_dict
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make_pipeline(registry, cache_dir, *, decoded="auto", image_size=32, augmentation="none", **train):
+def make_pipeline(registry, cache_dir, *, decoded="auto", image_size=32, augmentation="none", one_pass=False, **train):
     data = {
         "seed": 5,
         "data": {"base_dir": "", "num_workers": 0},
@@ -33,7 +33,7 @@ def make_pipeline(registry, cache_dir, *, decoded="auto", image_size=32, augment
         "cache": {"dir": str(cache_dir), "decoded_images": decoded},
         "logging": {"tensorboard": False, "progress": False},
     }
-    return Pipeline(recipe_from_dict(data, registry=registry), registry, progress=False)
+    return Pipeline(recipe_from_dict(data, registry=registry), registry, progress=False, one_pass=one_pass)
 
 
 def logits_of(pipeline, dataset):
@@ -106,6 +106,9 @@ def test_decoded_cache_decisions(registry, tmp_path):
     frozen = make_pipeline(registry, cache, augmentation="weak", freeze_backbone=True)
     assert not frozen.cache_decoded  # "auto": only when the vision encoder trains
     assert make_pipeline(registry, cache, decoded=True, augmentation="weak", freeze_backbone=True).cache_decoded
+    # eval / predict / export / serve score each row once: "auto" does not write pixels never read again
+    assert not make_pipeline(registry, cache, one_pass=True).cache_decoded
+    assert make_pipeline(registry, cache, decoded=True, one_pass=True).cache_decoded  # unless asked for
 
 
 def test_augmentation_applies_after_the_decoded_cache(registry, tmp_path, demo_data):

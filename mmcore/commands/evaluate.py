@@ -46,7 +46,7 @@ def load_run(run_dir, *, registry=None, progress=True, echo=print):
         ckpt.get("recipe"), recipe_to_dict(recipe), where=run_dir.best, said="checkpoint was trained with another recipe",
         added_ok=True,
     )
-    pipeline = Pipeline(recipe, registry, source=str(run_dir.recipe_file), progress=progress)
+    pipeline = Pipeline(recipe, registry, source=str(run_dir.recipe_file), progress=progress, one_pass=True)
     load_model_state(pipeline.model, ckpt, path=str(run_dir.best))
     return pipeline, ckpt
 

@@ -43,10 +43,13 @@ from mmcore.model.trainability import TrainabilityError, apply_trainability, dis
 class Pipeline:
     """The classifier built from a recipe, on its device, and how each split is fed to it."""
 
-    def __init__(self, recipe, registry, *, source="recipe", progress=True):
+    def __init__(self, recipe, registry, *, source="recipe", progress=True, one_pass=False):
         self.recipe = recipe
         self.registry = registry
         self.progress = progress
+        #: scoring each row once (eval, predict, export's parity gate, serve): a decoded-image
+        #: cache would cost a write per image and never be read again, so "auto" leaves it off
+        self.one_pass = one_pass
         self.device = resolve_device(recipe.train.device)
         self.dtype = autocast_dtype(recipe.train.precision, self.device)
         # Encoders built with random weights must come out the same in `run` and `eval`.
@@ -110,7 +113,7 @@ class Pipeline:
         vision = self.model.vision
         if setting is False or vision is None or not self.recipe.cache.enabled or self.cache_vision:
             return False
-        if setting == "auto" and is_frozen(vision):
+        if setting == "auto" and (is_frozen(vision) or self.one_pass):
             return False  # frozen with augmentation: decoding is cheap next to the frozen forward
         why = None
         if not vision.preprocessing.uint8_pixels:
