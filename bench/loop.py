@@ -20,7 +20,6 @@ removes is a GPU's, where each ``.item()`` drains the queue of launched kernels.
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import statistics
 import sys
