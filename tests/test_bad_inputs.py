@@ -925,6 +925,8 @@ def test_sigint_exits_130_like_run(tmp_path, command, target):
     module, name = target.rsplit(".", 1)
     script = (
         "import os, signal, sys, time, importlib\n"
+        # as in a terminal, also when the suite runs as a background job (which ignores SIGINT)
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         f"module = importlib.import_module({module!r})\n"
         "def work(*args, **kwargs):\n"
         "    os.kill(os.getpid(), signal.SIGINT)\n"
