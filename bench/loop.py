@@ -4,7 +4,7 @@
     python bench/loop.py --only syncs         # steps/s, loss read every step vs every LOG_EVERY steps
     python bench/loop.py --only ddp           # 2 gloo processes, accumulation 4: no_sync vs an all-reduce per micro-step
 
-1. **Host syncs**: the engine's ``Trainer.train_epoch`` on a small MLP (where a sync is a visible
+1. **Host syncs**: the engine's ``Trainer.train_epoch`` on a small MLP (``--small`` wide: a sync is a visible
    part of a step) with ``log_every = 1`` (the loss and the NaN check read on the host after
    every optimizer step, as the loop did before) and with the engine's ``LOG_EVERY`` (read
    once per interval, the NaN policy still naming the step). Variants alternate.
@@ -59,14 +59,15 @@ def bce(logits, labels):
 def syncs(args):
     from mmcore.engine.loop import LOG_EVERY, Trainer
 
-    data = batches(args.steps, args.batch, args.width)
-    print(f"host syncs: MLP {args.width}->{args.hidden}->{args.hidden}->1, batch {args.batch}, {args.steps} steps "
+    width = hidden = args.small
+    data = batches(args.steps, args.batch, width)
+    print(f"host syncs: MLP {width}->{hidden}->{hidden}->1, batch {args.batch}, {args.steps} steps "
           f"x {args.repeats} repeats, {torch.get_num_threads()} threads, torch {torch.__version__}")
     times = {1: [], LOG_EVERY: []}
     for _ in range(args.repeats):
         for every in times:
             torch.manual_seed(0)
-            model = Mlp(args.width, args.hidden)
+            model = Mlp(width, hidden)
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
             trainer = Trainer(model=model, optimizer=optimizer, scheduler=scheduler, loss_fn=bce,
@@ -144,8 +145,9 @@ def ddp(args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=("syncs", "ddp"))
-    parser.add_argument("--width", type=int, default=256)
-    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--small", type=int, default=64, help="width of the host-syncs MLP (small: the sync shows)")
+    parser.add_argument("--width", type=int, default=256, help="input width of the DDP MLP")
+    parser.add_argument("--hidden", type=int, default=1024, help="hidden width of the DDP MLP (its gradients)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps per syncs repeat")
     parser.add_argument("--groups", type=int, default=30, help="optimizer steps per DDP repeat")
