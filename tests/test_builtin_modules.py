@@ -43,7 +43,7 @@ def test_pooling_contract(registry, name):
     assert pooling.trainable == any(p.requires_grad for p in pooling.parameters())
 
 
-@pytest.mark.parametrize("name", ["gated", "concat"])
+@pytest.mark.parametrize("name", ["gated", "concat", "late"])
 def test_fusion_contract(registry, name):
     fusion = build(registry, "fusion", name, 12, 7)
     out = fusion(torch.randn(2, 12), torch.randn(2, 7))
@@ -53,7 +53,7 @@ def test_fusion_contract(registry, name):
 
 def test_every_builtin_pooling_fusion_head_is_tested(registry):
     assert registry.names("pooling") == ["attention", "cls", "mean"]
-    assert registry.names("fusion") == ["concat", "gated"]
+    assert registry.names("fusion") == ["concat", "gated", "late"]
     assert registry.names("head") == ["mlp"]
 
 

@@ -1,13 +1,14 @@
-"""Multimodal fusions: ``gated`` (Gated Multimodal Unit) and ``concat``."""
+"""Multimodal fusions: ``gated`` (Gated Multimodal Unit), ``concat`` and ``late`` (one head per modality)."""
 
 import attrs
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmcore.builtin.heads import ACTIVATIONS, MlpHead, _positive_sizes
 from mmcore.interfaces import NoParams
 from mmcore.plugins.hookspecs import hookimpl
-from mmcore.validators import positive
+from mmcore.validators import at_least, in_range, one_of, positive
 
 
 @attrs.frozen(kw_only=True)
@@ -46,8 +47,6 @@ def build_gated(params, vision_dim, text_dim):
     return GatedMultimodalUnit(vision_dim, text_dim, dim=params.dim, bias=params.bias)
 
 
-
-
 class ConcatFusion(nn.Module):
     """L2-normalize each modality, then concatenate."""
 
@@ -63,7 +62,52 @@ def build_concat(params, vision_dim, text_dim):
     return ConcatFusion(vision_dim, text_dim)
 
 
+@attrs.frozen(kw_only=True)
+class LateParams:
+    """Late fusion: each modality's own head, then the recipe's head on the two logits.
+
+    ``hidden``: hidden sizes of each modality's head (``[]`` = linear); ``dropout`` after each
+    hidden layer; ``aux_weight``: weight of each modality's own loss, added in training to the
+    loss of the fused logit (0 = the fused loss alone), so each branch learns to classify by itself.
+    """
+
+    hidden: tuple[int, ...] = attrs.field(default=(), converter=tuple, validator=_positive_sizes)
+    dropout: float = attrs.field(default=0.0, validator=in_range(0.0, 1.0))
+    activation: str = attrs.field(default="gelu", validator=one_of(*ACTIVATIONS))
+    aux_weight: float = attrs.field(default=1.0, validator=at_least(0))
+
+
+class LateFusion(nn.Module):
+    """L2-normalise each modality, score it with its own head: ``[B, 2]`` = (image logit, text logit).
+
+    The recipe's head (``mlp`` with ``hidden = []``: a learned weighted sum) turns the two
+    logits into one. ``aux_weight`` is read by the classifier, which keeps the two logits of a
+    training forward for the per-modality losses (:meth:`Classifier.auxiliary_logits`).
+    """
+
+    out_dim = 2
+
+    def __init__(self, vision_dim, text_dim, hidden=(), dropout=0.0, activation="gelu", aux_weight=1.0):
+        super().__init__()
+        self.vision = MlpHead(vision_dim, hidden=hidden, dropout=dropout, activation=activation)
+        self.text = MlpHead(text_dim, hidden=hidden, dropout=dropout, activation=activation)
+        self.aux_weight = aux_weight
+
+    def forward(self, vision, text):
+        return torch.stack(
+            [self.vision(F.normalize(vision, dim=-1)), self.text(F.normalize(text, dim=-1))], dim=-1
+        )
+
+
+def build_late(params, vision_dim, text_dim):
+    return LateFusion(
+        vision_dim, text_dim, hidden=params.hidden, dropout=params.dropout,
+        activation=params.activation, aux_weight=params.aux_weight,
+    )
+
+
 @hookimpl
 def register_fusions(register):
     register("gated", build_gated, GatedParams)
     register("concat", build_concat, NoParams)
+    register("late", build_late, LateParams)
