@@ -8,7 +8,7 @@ from torch import nn
 from mmcore.builtin.heads import ACTIVATIONS, MlpHead, _positive_sizes
 from mmcore.interfaces import NoParams
 from mmcore.plugins.hookspecs import hookimpl
-from mmcore.validators import at_least, in_range, one_of, positive
+from mmcore.validators import FieldError, at_least, in_range, one_of, positive
 
 
 @attrs.frozen(kw_only=True)
@@ -68,13 +68,21 @@ class LateParams:
 
     ``hidden``: hidden sizes of each modality's head (``[]`` = linear); ``dropout`` after each
     hidden layer; ``aux_weight``: weight of each modality's own loss, added in training to the
-    loss of the fused logit (0 = the fused loss alone), so each branch learns to classify by itself.
+    loss of the fused logit (0 = the fused loss alone), so each branch learns to classify by itself;
+    ``detach``: the fused logit's loss trains only the recipe's head (the combination), each
+    branch learns from its own loss alone — so a combining weight that starts negative cannot
+    push a branch the wrong way.
     """
 
     hidden: tuple[int, ...] = attrs.field(default=(), converter=tuple, validator=_positive_sizes)
     dropout: float = attrs.field(default=0.0, validator=in_range(0.0, 1.0))
     activation: str = attrs.field(default="gelu", validator=one_of(*ACTIVATIONS))
     aux_weight: float = attrs.field(default=1.0, validator=at_least(0))
+    detach: bool = True
+
+    def __attrs_post_init__(self):
+        if self.detach and self.aux_weight == 0:
+            raise FieldError("aux_weight", "must be > 0 with detach = true (nothing would train the modality heads)")
 
 
 class LateFusion(nn.Module):
@@ -87,11 +95,13 @@ class LateFusion(nn.Module):
 
     out_dim = 2
 
-    def __init__(self, vision_dim, text_dim, hidden=(), dropout=0.0, activation="gelu", aux_weight=1.0):
+    def __init__(self, vision_dim, text_dim, hidden=(), dropout=0.0, activation="gelu", aux_weight=1.0, detach=True):
         super().__init__()
         self.vision = MlpHead(vision_dim, hidden=hidden, dropout=dropout, activation=activation)
         self.text = MlpHead(text_dim, hidden=hidden, dropout=dropout, activation=activation)
         self.aux_weight = aux_weight
+        #: read by the classifier: the head sees the two logits detached from the branches
+        self.detach_combination = detach
 
     def forward(self, vision, text):
         return torch.stack(
@@ -102,7 +112,7 @@ class LateFusion(nn.Module):
 def build_late(params, vision_dim, text_dim):
     return LateFusion(
         vision_dim, text_dim, hidden=params.hidden, dropout=params.dropout,
-        activation=params.activation, aux_weight=params.aux_weight,
+        activation=params.activation, aux_weight=params.aux_weight, detach=params.detach,
     )
 
 

@@ -74,6 +74,8 @@ class Classifier(nn.Module):
         aux_weight = getattr(self.fusion, "aux_weight", 0.0)
         if self.training and aux_weight > 0:  # late fusion: each modality's logit gets its own loss
             self._auxiliary = (aux_weight, fused.unbind(-1))
+        if self.training and getattr(self.fusion, "detach_combination", False):
+            fused = fused.detach()  # the fused logit's loss trains the combining head only (saliency needs the graph)
         return self.head(fused)
 
     def auxiliary_logits(self):
