@@ -108,6 +108,19 @@ class LateFusion(nn.Module):
             [self.vision(F.normalize(vision, dim=-1)), self.text(F.normalize(text, dim=-1))], dim=-1
         )
 
+    @torch.no_grad()
+    def initialize_head(self, head):
+        """Start a linear combining head (``mlp`` with ``hidden = []``) as the plain sum of the two logits.
+
+        A random init can give a modality a negative weight, and on a small training split the
+        head may not recover before the epoch is selected; other heads keep their own init.
+        """
+        linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+        if len(linears) == 1 and linears[0].in_features == self.out_dim:
+            linears[0].weight.fill_(1.0)
+            if linears[0].bias is not None:
+                linears[0].bias.zero_()
+
 
 def build_late(params, vision_dim, text_dim):
     return LateFusion(

@@ -141,6 +141,8 @@ def build_classifier(recipe, registry, *, source="recipe", encoders=None):
         projection = UnimodalProjection(in_dim, recipe.train.projection_dim or None)
         head_in = projection.out_dim
     head = build_component(registry, "head", recipe.head, head_in)
+    if hasattr(fusion, "initialize_head"):  # late fusion: the combining head starts as the plain sum
+        fusion.initialize_head(head)
     return Classifier(
         modality=modality,
         vision=vision,
