@@ -43,7 +43,7 @@ def test_pooling_contract(registry, name):
     assert pooling.trainable == any(p.requires_grad for p in pooling.parameters())
 
 
-@pytest.mark.parametrize("name", ["gated", "concat"])
+@pytest.mark.parametrize("name", ["gated", "concat", "late"])
 def test_fusion_contract(registry, name):
     fusion = build(registry, "fusion", name, 12, 7)
     out = fusion(torch.randn(2, 12), torch.randn(2, 7))
@@ -53,7 +53,7 @@ def test_fusion_contract(registry, name):
 
 def test_every_builtin_pooling_fusion_head_is_tested(registry):
     assert registry.names("pooling") == ["attention", "cls", "mean"]
-    assert registry.names("fusion") == ["concat", "gated"]
+    assert registry.names("fusion") == ["concat", "gated", "late"]
     assert registry.names("head") == ["mlp"]
 
 
@@ -219,6 +219,40 @@ def test_concat_fusion_normalizes_then_concatenates(registry):
     # an all-zero text vector (no OCR text) stays zero instead of becoming NaN
     out = fusion(x_v, torch.zeros(3, 4))
     assert torch.equal(out[:, 6:], torch.zeros(3, 4))
+
+
+def test_late_fusion_scores_each_modality_with_its_own_head(registry):
+    fusion = build(registry, "fusion", "late", 6, 4, hidden=(5,), aux_weight=0.5)
+    assert fusion.out_dim == 2 and fusion.aux_weight == 0.5
+    x_v, x_t = torch.randn(3, 6) * 7, torch.randn(3, 4) * 0.1
+    out = fusion(x_v, x_t)
+    torch.testing.assert_close(out[:, 0], fusion.vision(F.normalize(x_v, dim=-1)))
+    torch.testing.assert_close(out[:, 1], fusion.text(F.normalize(x_t, dim=-1)))
+    # each logit sees its own modality only
+    torch.testing.assert_close(fusion(x_v, torch.randn(3, 4))[:, 0], out[:, 0])
+    torch.testing.assert_close(fusion(torch.randn(3, 6), x_t)[:, 1], out[:, 1])
+
+
+def test_late_fusion_starts_a_linear_head_as_the_plain_sum(registry):
+    from mmcore.builtin.heads import MlpHead
+
+    fusion = build(registry, "fusion", "late", 6, 4)
+    head = MlpHead(2, hidden=())
+    fusion.initialize_head(head)
+    logits = torch.randn(5, 2)
+    torch.testing.assert_close(head(logits), logits.sum(-1))
+    deep = MlpHead(2, hidden=(3,))
+    before = [p.clone() for p in deep.parameters()]
+    fusion.initialize_head(deep)  # an MLP head keeps its own init
+    assert all(torch.equal(a, b) for a, b in zip(before, deep.parameters()))
+
+
+def test_late_fusion_params_are_validated(registry):
+    params_cls = registry.get("fusion", "late").params_cls
+    with pytest.raises(FieldError, match=r"^must be >= 0 \(got -1\.0\)$"):
+        params_cls(aux_weight=-1.0)
+    with pytest.raises(FieldError, match=r"^sizes must be > 0"):
+        params_cls(hidden=(0,))
 
 
 # --- head --------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ def test_bad_recipes_exit_non_zero_with_one_line_each(cli, recipe_file):
     cases = {
         "[train]\nlerning_rate = 0.1\n": "train.lerning_rate: unknown key (did you mean learning_rate?)",
         "[train]\nepochs = \"ten\"\n": "train.epochs: must be an integer (got a string 'ten')",
-        "[fusion]\nname = \"gmu\"\n": "fusion.name: unknown fusion 'gmu' installed: concat, gated.",
+        "[fusion]\nname = \"gmu\"\n": "fusion.name: unknown fusion 'gmu' installed: concat, gated, late.",
         "[loss]\nname = \"focal\"\nparams = { gamma = -1.0 }\n": "loss.params.gamma: must be >= 0 (got -1.0)",
     }
     for i, (extra, expected) in enumerate(cases.items()):

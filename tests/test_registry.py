@@ -14,7 +14,7 @@ from mmcore.plugins.registry import DuplicateComponentError, Registry, UnknownCo
 def test_builtins_register_through_the_hooks():
     registry = make_registry(load_entrypoints=False)
     assert registry.names("pooling") == ["attention", "cls", "mean"]
-    assert registry.names("fusion") == ["concat", "gated"]
+    assert registry.names("fusion") == ["concat", "gated", "late"]
     assert registry.names("head") == ["mlp"]
     assert registry.names("loss") == ["bce", "focal"]
     assert registry.names("scheduler") == ["constant", "cosine", "cosine_warmup"]

@@ -75,6 +75,95 @@ def test_modality_dropout_trains_end_to_end(cli, tiny_recipe, tmp_path):
     assert pr.tensor_proto.tensor_shape.dim[0].size == 6  # TP, FP, TN, FN, precision, recall
 
 
+def _late_classifier(aux_weight, detach=False):
+    from mmcore.builtin.fusion import LateFusion
+    from mmcore.builtin.heads import MlpHead
+    from mmcore.model.classifier import Classifier
+
+    torch.manual_seed(0)
+    return Classifier(
+        modality="multimodal", vision=None, pooling=None, text=None, projection=None,
+        fusion=LateFusion(5, 3, aux_weight=aux_weight, detach=detach), head=MlpHead(2, hidden=()),
+    )
+
+
+@pytest.mark.parametrize("aux_weight", [0.0, 0.7])
+def test_late_fusion_adds_each_modalitys_own_loss_in_training_only(aux_weight):
+    from mmcore.engine.step import TrainStep
+
+    model = _late_classifier(aux_weight)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    bce = torch.nn.BCEWithLogitsLoss()
+    step = TrainStep(model, optimizer, scheduler, bce, device=torch.device("cpu"), dtype=None)
+    batch = {"vision_feature": torch.randn(8, 5), "text_feature": torch.randn(8, 3),
+             "label": torch.tensor([0.0, 1.0] * 4)}
+    model.train()
+    loss = step.loss(dict(batch))
+    with torch.no_grad():
+        branches = model.fusion(batch["vision_feature"], batch["text_feature"])
+        fused = bce(model.head(branches), batch["label"])
+        expected = fused + aux_weight * (bce(branches[:, 0], batch["label"]) + bce(branches[:, 1], batch["label"]))
+    torch.testing.assert_close(loss, expected)
+    assert model.auxiliary_logits() is None  # read once, then forgotten
+    model.eval()
+    torch.testing.assert_close(step.loss(dict(batch)), fused)  # validation loss: the fused logit's alone
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_late_fusion_detach_leaves_the_branches_to_their_own_losses(detach):
+    from mmcore.engine.step import TrainStep
+
+    model = _late_classifier(0.5, detach=detach).train()
+    with torch.no_grad():
+        model.head.layers[0].weight.copy_(torch.tensor([[0.8, -0.6]]))  # a combining weight that starts negative
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    bce = torch.nn.BCEWithLogitsLoss()
+    step = TrainStep(model, optimizer, scheduler, bce, device=torch.device("cpu"), dtype=None)
+    batch = {"vision_feature": torch.randn(8, 5), "text_feature": torch.randn(8, 3),
+             "label": torch.tensor([0.0, 1.0] * 4)}
+    step.loss(dict(batch)).backward()
+    text_weight = model.fusion.text.layers[0].weight
+    got, head_grad = text_weight.grad.clone(), model.head.layers[0].weight.grad.clone()
+    model.zero_grad()
+    branch = model.fusion.text(torch.nn.functional.normalize(batch["text_feature"], dim=-1))
+    (0.5 * bce(branch, batch["label"])).backward()
+    own = text_weight.grad
+    assert torch.allclose(got, own) == detach  # detached: the text head learns from its own loss alone
+    assert head_grad.abs().sum() > 0  # the combination still learns from the fused loss
+
+
+def test_late_fusion_detach_needs_an_aux_weight(registry):
+    from mmcore.validators import FieldError
+
+    with pytest.raises(FieldError, match=r"must be > 0 with detach = true"):
+        registry.get("fusion", "late").params_cls(aux_weight=0.0)
+    assert registry.get("fusion", "late").params_cls(aux_weight=0.0, detach=False).aux_weight == 0.0
+
+
+def test_late_fusion_trains_end_to_end_and_predict_reproduces_its_scores(cli, tiny_recipe, tmp_path, demo_data):
+    import csv
+    from pathlib import Path
+
+    import tomli_w
+    import tomllib
+
+    path = tiny_recipe(head={"params": {"hidden": []}}, train={"epochs": 2, "modality_dropout": 0.2})
+    recipe = tomllib.loads(path.read_text())
+    recipe["fusion"] = {"name": "late", "params": {"aux_weight": 1.0}}  # the GMU's dim would be an unknown key
+    path.write_text(tomli_w.dumps(recipe))
+    out = tmp_path / "run"
+    cli("run", path, "--out", out, "--quiet")
+    assert 'name = "late"' in (out / "recipe.toml").read_text()
+    expected = {Path(p["path"]).name: p["score"] for p in json.loads((out / "test_predictions.json").read_text())}
+    cli("predict", out, Path(demo_data) / "test.csv", "-o", tmp_path / "scored.csv", "--quiet")
+    with open(tmp_path / "scored.csv", newline="") as f:
+        predicted = {Path(row["local_image_path"]).name: float(row["score"]) for row in csv.DictReader(f)}
+    assert predicted.keys() == expected.keys()
+    assert max(abs(predicted[k] - expected[k]) for k in expected) < 1e-6
+
+
 @pytest.mark.parametrize("pos_weight,expected", [("auto", 48 / 16), (2.5, 2.5)])
 def test_pos_weight_auto_comes_from_the_train_label_ratio(pos_weight, expected, registry):
     from mmcore.recipe.convert import structure

@@ -40,6 +40,13 @@ def group_lrs(optimizer):
     return {group.get("name", str(i)): group["lr"] for i, group in enumerate(optimizer.param_groups)}
 
 
+def _inner_model(model):
+    """The classifier inside DistributedDataParallel and the compile wrapper."""
+    while not hasattr(model, "auxiliary_logits") and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
 def is_ddp(model):
     """Whether ``model`` is wrapped in DistributedDataParallel."""
     return isinstance(model, torch.nn.parallel.DistributedDataParallel)
@@ -79,7 +86,13 @@ class TrainStep:
         batch = prepare_batch(batch, self.device, self.channels_last)
         with autocast(self.device, self.dtype):
             logits = self.model(batch)
-        return self.loss_fn(logits.float(), batch["label"])
+        loss = self.loss_fn(logits.float(), batch["label"])
+        auxiliary_logits = getattr(_inner_model(self.model), "auxiliary_logits", None)
+        auxiliary = auxiliary_logits() if auxiliary_logits is not None else None
+        if auxiliary is not None:
+            weight, per_modality = auxiliary
+            loss = loss + weight * sum(self.loss_fn(m.float(), batch["label"]) for m in per_modality)
+        return loss
 
     def micro_step(self, batch, *, weight, sync, skip=None):
         """Forward and ``backward(loss * weight)`` of one batch.

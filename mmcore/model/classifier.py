@@ -37,6 +37,7 @@ class Classifier(nn.Module):
         self.projection = projection
         self.head = head
         self.modality_dropout = modality_dropout
+        self._auxiliary = None
 
     @property
     def uses_vision(self):
@@ -69,7 +70,22 @@ class Classifier(nn.Module):
         text = self.text_features(batch).to(vision.dtype)
         if self.training and self.modality_dropout > 0:
             vision, text = _drop_modality(vision, text, self.modality_dropout)
-        return self.head(self.fusion(vision, text))
+        fused = self.fusion(vision, text)
+        aux_weight = getattr(self.fusion, "aux_weight", 0.0)
+        if self.training and aux_weight > 0:  # late fusion: each modality's logit gets its own loss
+            self._auxiliary = (aux_weight, fused.unbind(-1))
+        if self.training and getattr(self.fusion, "detach_combination", False):
+            fused = fused.detach()  # the fused logit's loss trains the combining head only (saliency needs the graph)
+        return self.head(fused)
+
+    def auxiliary_logits(self):
+        """``(weight, per-modality logits)`` of the last training forward (then forgotten), or None.
+
+        Set by a fusion with an ``aux_weight`` (``late``): the training step adds
+        ``weight * loss(logits_m)`` for each modality ``m`` to the loss of the fused logit.
+        """
+        auxiliary, self._auxiliary = self._auxiliary, None
+        return auxiliary
 
 
 def _drop_modality(vision, text, p):
@@ -125,6 +141,8 @@ def build_classifier(recipe, registry, *, source="recipe", encoders=None):
         projection = UnimodalProjection(in_dim, recipe.train.projection_dim or None)
         head_in = projection.out_dim
     head = build_component(registry, "head", recipe.head, head_in)
+    if hasattr(fusion, "initialize_head"):  # late fusion: the combining head starts as the plain sum
+        fusion.initialize_head(head)
     return Classifier(
         modality=modality,
         vision=vision,
