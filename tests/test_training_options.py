@@ -87,17 +87,23 @@ def _late_classifier(aux_weight, detach=False):
     )
 
 
-@pytest.mark.parametrize("aux_weight", [0.0, 0.7])
-def test_late_fusion_adds_each_modalitys_own_loss_in_training_only(aux_weight):
+def _late_step(model):
+    """(TrainStep over ``model`` with BCE, the BCE, a batch of cached features for it)."""
     from mmcore.engine.step import TrainStep
 
-    model = _late_classifier(aux_weight)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     bce = torch.nn.BCEWithLogitsLoss()
     step = TrainStep(model, optimizer, scheduler, bce, device=torch.device("cpu"), dtype=None)
     batch = {"vision_feature": torch.randn(8, 5), "text_feature": torch.randn(8, 3),
              "label": torch.tensor([0.0, 1.0] * 4)}
+    return step, bce, batch
+
+
+@pytest.mark.parametrize("aux_weight", [0.0, 0.7])
+def test_late_fusion_adds_each_modalitys_own_loss_in_training_only(aux_weight):
+    model = _late_classifier(aux_weight)
+    step, bce, batch = _late_step(model)
     model.train()
     loss = step.loss(dict(batch))
     with torch.no_grad():
@@ -112,17 +118,10 @@ def test_late_fusion_adds_each_modalitys_own_loss_in_training_only(aux_weight):
 
 @pytest.mark.parametrize("detach", [True, False])
 def test_late_fusion_detach_leaves_the_branches_to_their_own_losses(detach):
-    from mmcore.engine.step import TrainStep
-
     model = _late_classifier(0.5, detach=detach).train()
     with torch.no_grad():
         model.head.layers[0].weight.copy_(torch.tensor([[0.8, -0.6]]))  # a combining weight that starts negative
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    bce = torch.nn.BCEWithLogitsLoss()
-    step = TrainStep(model, optimizer, scheduler, bce, device=torch.device("cpu"), dtype=None)
-    batch = {"vision_feature": torch.randn(8, 5), "text_feature": torch.randn(8, 3),
-             "label": torch.tensor([0.0, 1.0] * 4)}
+    step, bce, batch = _late_step(model)
     step.loss(dict(batch)).backward()
     text_weight = model.fusion.text.layers[0].weight
     got, head_grad = text_weight.grad.clone(), model.head.layers[0].weight.grad.clone()
