@@ -141,7 +141,8 @@ def _exec_torchrun(nproc):
 
 @cli.command("eval")
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--data", type=click.Path(dir_okay=False), help="CSV to score (default: the run's test split).")
+@click.option("--data", type=click.Path(dir_okay=False),
+              help="CSV to score, or shard URLs for a shard-trained run (default: the run's test split).")
 @click.option("--out", type=click.Path(file_okay=False), help="Where to write (default RUN_DIR/eval/<csv>-<time>).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def eval_(run_dir, data, out, quiet):

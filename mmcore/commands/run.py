@@ -13,6 +13,7 @@ import contextlib
 import time
 from pathlib import Path
 
+from mmcore.data.bulk import paused_gc
 from mmcore.data.csvs import load_splits
 from mmcore.engine.checkpoint import read_checkpoint
 from mmcore.engine.features import ImageHashes
@@ -112,19 +113,13 @@ def _train(recipe, registry, splits, run_dir, recipe_path, state, progress, echo
     return run_dir.path
 
 
+@paused_gc()  # per-row facts, digests and messages: no reference cycles among them
 def _check_images(recipe, splits, echo, hashes):
     """Before a run directory exists: images that cannot be used (header scan) and leakage.
 
     Both come from ``hashes.facts`` (one read per file ever, remembered by stat key: a warm
     start stats each file and reads none), fetched in one pass for every split.
     """
-    from mmcore.data.bulk import paused_gc
-
-    with paused_gc():  # per-row facts, digests and messages: no reference cycles among them
-        return _check_images_unpaused(recipe, splits, echo, hashes)
-
-
-def _check_images_unpaused(recipe, splits, echo, hashes):
     from mmcore.data.checks import find_duplicates, scan_images
 
     paths = [path for split in splits.values() for path in split.paths]

@@ -11,12 +11,12 @@ def paused_gc():
     """The cyclic garbage collector paused while a block allocates per-row objects (paths, stats,
     facts) that hold no reference cycles: at 100k rows its full passes over the growing heap
     cost about as much as the work itself (``python bench/scale.py --large``). Reference
-    counting still frees everything; the collector runs again on leaving."""
-    if not gc.isenabled():
-        yield
-        return
+    counting still frees everything; the collector runs again on leaving (if it ran before).
+    Also a decorator: ``@paused_gc()``."""
+    enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
-        gc.enable()
+        if enabled:
+            gc.enable()

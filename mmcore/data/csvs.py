@@ -76,29 +76,25 @@ def _limited(problems, what, csv):
     return problems
 
 
+@paused_gc()  # the per-row objects (frame cells, paths, stats) hold no cycles
 def read_split(csv, base_dir=None, *, require_label=True, require_text=True, check_images=True):
     """Read one CSV into a :class:`Split`, or raise :class:`DataError` listing every problem."""
     needed = {"local_image_path": True, "label": require_label, "text_info": require_text}
-    with paused_gc():
-        frame = read_table(
-            csv,
-            required=[c for c in REQUIRED_COLUMNS if needed[c]],
-            optional=[c for c in REQUIRED_COLUMNS if not needed[c]],
-        )
-        return split_from_table(frame, csv, base_dir, require_label=require_label, check_images=check_images)
+    frame = read_table(
+        csv,
+        required=[c for c in REQUIRED_COLUMNS if needed[c]],
+        optional=[c for c in REQUIRED_COLUMNS if not needed[c]],
+    )
+    return split_from_table(frame, csv, base_dir, require_label=require_label, check_images=check_images)
 
 
+@paused_gc()
 def split_from_table(frame, csv, base_dir=None, *, require_label=True, check_images=True):
     """A :class:`Split` from a frame :func:`read_table` gave (so a caller that also needs the
     frame, e.g. to write it back out with scores, reads the CSV once)."""
     csv = Path(csv)
     if len(frame) == 0:
         raise DataError(f"{csv}: no rows")
-    with paused_gc():  # the per-row objects hold no cycles
-        return _split_from_table(frame, csv, base_dir, require_label=require_label, check_images=check_images)
-
-
-def _split_from_table(frame, csv, base_dir, *, require_label, check_images):
     base = Path(base_dir) if base_dir else csv.parent
     paths, texts, labels, rows, raw_paths, stats = [], [], [], [], [], []
     bad_labels, missing_images, empty_paths = [], [], []

@@ -72,6 +72,8 @@ class TrainStep:
         self.channels_last = channels_last
         self.ema = ema  # a WeightEMA, updated after each optimizer step
         self.trainable = [p for p in model.parameters() if p.requires_grad]
+        #: the classifier's per-modality logits of a training forward (late fusion), found once
+        self._auxiliary_logits = getattr(_inner_model(model), "auxiliary_logits", None)
         self._synced = False  # did this group's gradients go through DDP's all-reduce?
         self._accumulated = False  # did any backward run in this group?
 
@@ -87,8 +89,7 @@ class TrainStep:
         with autocast(self.device, self.dtype):
             logits = self.model(batch)
         loss = self.loss_fn(logits.float(), batch["label"])
-        auxiliary_logits = getattr(_inner_model(self.model), "auxiliary_logits", None)
-        auxiliary = auxiliary_logits() if auxiliary_logits is not None else None
+        auxiliary = self._auxiliary_logits() if self._auxiliary_logits is not None else None
         if auxiliary is not None:
             weight, per_modality = auxiliary
             loss = loss + weight * sum(self.loss_fn(m.float(), batch["label"]) for m in per_modality)
