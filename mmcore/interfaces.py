@@ -136,6 +136,10 @@ class VisionEncoder(nn.Module):
     lora_target_modules: tuple[str, ...] = ()
     #: True for CNNs: the engine converts the model and inputs to channels_last
     channels_last: bool = False
+    #: False for a fixed feature extractor (colour histograms, texture statistics): it has no
+    #: parameters, is always frozen (so its output is cached) and a recipe that asks it to
+    #: train (``finetune_layers``, ``freeze_backbone = false``, LoRA) is an error naming the key
+    trainable: bool = True
     preprocessing: Preprocessing
     weights: str = "random"
     revision: str | None = None

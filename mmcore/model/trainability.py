@@ -13,6 +13,9 @@ this module derives every training mode, so no plugin writes freezing code:
 ``-1``                 either            all
 =====================  ================  ==============================================
 
+An encoder with ``trainable = False`` (a fixed feature extractor: histograms, no parameters)
+takes only the first row; any setting that asks it to learn is an error naming the key.
+
 With ``lora.enabled`` the base weights are always frozen (``freeze_backbone`` is then
 irrelevant) and peft LoRA adapters on the top ``lora.target_layers`` blocks are the only
 trainable encoder parameters. LoRA together with ``finetune_layers != 0`` is an error: the
@@ -73,6 +76,9 @@ def apply_trainability(
             f"vision encoder {_label(encoder)} already has LoRA adapters; "
             "apply_trainability must run once, on a freshly built encoder"
         )
+    if not getattr(encoder, "trainable", True):
+        _refuse_training(encoder, freeze_backbone=freeze_backbone, finetune_layers=finetune_layers, lora=lora)
+        return encoder
     if lora.enabled:
         if finetune_layers != 0:
             raise TrainabilityError(
@@ -93,6 +99,22 @@ def apply_trainability(
         if norm is not None:
             norm.requires_grad_(True)
     return encoder
+
+
+def _refuse_training(encoder, *, freeze_backbone, finetune_layers, lora):
+    """A fixed feature extractor learns nothing: say which key asks it to."""
+    if lora.enabled:
+        key, value = "train.lora.enabled", "true"
+    elif finetune_layers != 0:
+        key, value = "train.finetune_layers", str(finetune_layers)
+    elif not freeze_backbone:
+        key, value = "train.freeze_backbone", "false"
+    else:
+        return
+    raise TrainabilityError(
+        f"{key}: vision encoder {_label(encoder)} is a fixed feature extractor with nothing to train "
+        f"(got {value}); use freeze_backbone = true, finetune_layers = 0 and no LoRA"
+    )
 
 
 def lora_target_names(encoder, lora: LoraConfig) -> list[str]:
