@@ -29,10 +29,11 @@ def open_run(run_dir, *, echo=print):
     return run_dir
 
 
-def load_run(run_dir, *, registry=None, progress=True, echo=print):
+def load_run(run_dir, *, registry=None, progress=True, echo=print, use_cache=True):
     """Rebuild a run's model from its recipe and best checkpoint -> (pipeline, ckpt).
 
     ``run_dir``: a path (checked here) or a :class:`RunDir` already checked with :func:`open_run`.
+    ``use_cache=False``: score without the feature cache (see :class:`~mmcore.engine.pipeline.Pipeline`).
     """
     if registry is None:
         from mmcore.plugins.manager import get_registry
@@ -46,7 +47,8 @@ def load_run(run_dir, *, registry=None, progress=True, echo=print):
         ckpt.get("recipe"), recipe_to_dict(recipe), where=run_dir.best, said="checkpoint was trained with another recipe",
         added_ok=True,
     )
-    pipeline = Pipeline(recipe, registry, source=str(run_dir.recipe_file), progress=progress, one_pass=True)
+    pipeline = Pipeline(recipe, registry, source=str(run_dir.recipe_file), progress=progress, one_pass=True,
+                        use_cache=use_cache)
     load_model_state(pipeline.model, ckpt, path=str(run_dir.best))
     return pipeline, ckpt
 

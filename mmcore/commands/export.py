@@ -1,8 +1,9 @@
 """``mmcore export``: a finished run -> a self-contained bundle, refused unless it passes parity.
 
-Order matters: the run scores the parity rows first (its own pipeline, untouched), then the
-bundle is written into a hidden temporary folder, scored through onnxruntime and compared;
-only a bundle that passes is renamed to ``--out`` (see :mod:`mmcore.export.bundle`).
+Order matters: the run scores the parity rows first (its own pipeline, untouched, without the
+float16 feature cache: the model itself), then the bundle is written into a hidden temporary
+folder, scored through onnxruntime and compared; only a bundle that passes is renamed to
+``--out`` (see :mod:`mmcore.export.bundle`).
 """
 
 from __future__ import annotations
@@ -77,7 +78,9 @@ def export_run(run_dir, out, *, fmt="onnx", data=None, rows=DEFAULT_ROWS, base_d
         raise MmcoreError(f"--format {fmt}: expected one of {', '.join(G.FORMATS)}")
     if out.exists():
         raise MmcoreError(f"--out {out}: already exists; remove it or choose another folder")
-    pipeline, ckpt = load_run(run_dir, registry=registry, progress=progress)
+    # the model itself, in float32 from the raw rows: the feature cache stores float16, whose rounding
+    # (up to 1/2048 of each feature) no graph should be blamed or excused for
+    pipeline, ckpt = load_run(run_dir, registry=registry, progress=progress, use_cache=False)
     recipe, model = pipeline.recipe, pipeline.model
     if score_tol is None:
         score_tol = P.FP32_SCORE_TOL if pipeline.dtype is None else P.BF16_SCORE_TOL

@@ -43,13 +43,16 @@ from mmcore.model.trainability import TrainabilityError, apply_trainability, dis
 class Pipeline:
     """The classifier built from a recipe, on its device, and how each split is fed to it."""
 
-    def __init__(self, recipe, registry, *, source="recipe", progress=True, one_pass=False):
+    def __init__(self, recipe, registry, *, source="recipe", progress=True, one_pass=False, use_cache=True):
         self.recipe = recipe
         self.registry = registry
         self.progress = progress
         #: scoring each row once (eval, predict, export's parity gate, serve): a decoded-image
         #: cache would cost a write per image and never be read again, so "auto" leaves it off
         self.one_pass = one_pass
+        #: False: every encoder runs on the raw rows in float32, nothing read from or written to the
+        #: feature cache (whose float16 rows round each feature; the export's parity gate wants the model itself)
+        self.use_cache = use_cache
         self.device = resolve_device(recipe.train.device)
         self.dtype = autocast_dtype(recipe.train.precision, self.device)
         # Encoders built with random weights must come out the same in `run` and `eval`.
@@ -98,7 +101,7 @@ class Pipeline:
     def cache_vision(self):
         """A frozen vision encoder with deterministic input: compute its outputs once."""
         return (
-            self.recipe.cache.enabled
+            self.caching
             and self.model.vision is not None
             and is_frozen(self.model.vision)
             and self.augmentation is None
@@ -111,7 +114,7 @@ class Pipeline:
         the pixels before augmentation are a plain function of the file (``cache.decoded_images``)."""
         setting = self.recipe.cache.decoded_images
         vision = self.model.vision
-        if setting is False or vision is None or not self.recipe.cache.enabled or self.cache_vision:
+        if setting is False or vision is None or not self.caching or self.cache_vision:
             return False
         if setting == "auto" and (is_frozen(vision) or self.one_pass):
             return False  # frozen with augmentation: decoding is cheap next to the frozen forward
@@ -128,9 +131,14 @@ class Pipeline:
         return self._cache_usable()
 
     @property
+    def caching(self):
+        """The recipe's ``cache.enabled``, unless this pipeline was made with ``use_cache=False``."""
+        return self.use_cache and self.recipe.cache.enabled
+
+    @property
     def cache_text(self):
         """Text encoders are always frozen and texts fixed: cached whenever the cache is on."""
-        return self.recipe.cache.enabled and self.model.text is not None and self._cache_usable()
+        return self.caching and self.model.text is not None and self._cache_usable()
 
     def _cache_usable(self):
         """Probe the cache directory once; a cache that cannot be written turns caching off."""

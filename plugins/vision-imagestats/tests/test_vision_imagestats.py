@@ -55,7 +55,7 @@ def _lbp_numpy(gray):
     centre = gray[1:-1, 1:-1]
     code = np.zeros_like(centre, dtype=int)
     for bit, (oy, ox) in enumerate(((-1, -1), (-1, 0), (-1, 1), (0, 1), (1, 1), (1, 0), (1, -1), (0, -1))):
-        code |= (gray[1 + oy : h - 1 + oy, 1 + ox : w - 1 + ox] >= centre + 1 / 255).astype(int) << bit
+        code |= (gray[1 + oy : h - 1 + oy, 1 + ox : w - 1 + ox] >= centre + 0.5 / 255).astype(int) << bit
     return np.bincount(code.ravel(), minlength=256) / code.size
 
 

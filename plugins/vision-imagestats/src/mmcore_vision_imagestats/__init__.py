@@ -14,11 +14,12 @@ resized image (``size`` x ``size``):
 ``gradient``
     gradient magnitude, 8 bins (on its square root).
 ``orientation``
-    gradient direction, 8 bins over [0, pi), weighted by magnitude.
+    gradient direction (modulo pi), 8 bins centred on 0, pi/8, ..., weighted by magnitude.
 ``layout``
     where the edges are: gradient energy in a 4 x 4 grid of cells.
 ``lbp``
-    local binary patterns: each pixel's 8 neighbours brighter or not, 256 codes (texture).
+    local binary patterns: which of each pixel's 8 neighbours is brighter (by at least half a grey
+    level), 256 codes (texture).
 
 Each block is a distribution (its bins sum to 1); the encoder returns its square root (the
 Hellinger map, under which a linear head compares histograms well), so every block has unit
@@ -132,9 +133,13 @@ class _Statistics(torch.nn.Module):
         return _histogram(_levels(torch.sqrt(magnitude / 1.5), 8), 8)  # |grad| <= sqrt(2)
 
     def _orientation(self, rgb, gray, dx, dy, magnitude):
-        angle = torch.atan2(dy, dx)
-        angle = torch.where(angle < 0, angle + math.pi, angle)  # direction, not sign: [0, pi)
-        return _histogram(_levels(angle / math.pi, 8), 8, magnitude + 1e-6)
+        # where there is no gradient the angle is undefined (ONNX's atan2 gives NaN for 0/0): 0 there,
+        # and its weight is ~0 anyway. Bins are centred on 0, pi/8, ...: horizontal, vertical and
+        # diagonal edges (common in rendered images) sit mid-bin, not on a boundary a rounding could flip
+        angle = torch.where(magnitude > 0, torch.atan2(dy, dx), torch.zeros_like(magnitude))
+        position = angle / math.pi * 8 + 0.5  # in [-7.5, 8.5]
+        index = torch.floor(position).long() % 8  # direction, not sign: angle and angle - pi share a bin
+        return _histogram(index, 8, magnitude + 1e-6)
 
     def _layout(self, rgb, gray, dx, dy, magnitude):
         b, h, w = magnitude.shape
@@ -148,7 +153,8 @@ class _Statistics(torch.nn.Module):
         code = torch.zeros_like(centre, dtype=torch.long)
         for bit, (oy, ox) in enumerate(_NEIGHBOURS):
             neighbour = gray[:, 1 + oy : h - 1 + oy, 1 + ox : w - 1 + ox]
-            code = code + (neighbour >= centre + 1 / 255).long() * (1 << bit)
+            # half a grey level: a neighbour one level brighter counts, equal ones (flat areas) do not
+            code = code + (neighbour >= centre + 0.5 / 255).long() * (1 << bit)
         return _histogram(code, 256)
 
 
