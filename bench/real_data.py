@@ -3,6 +3,7 @@
     python bench/real_data.py --quick          # 1 seed, a few minutes on 2 cores
     python bench/real_data.py                  # 3 seeds, every recipe (about an hour on 2 cores)
     python bench/real_data.py --datasets dredze --seeds 5 --data-root ../shared/data
+    python bench/real_data.py --datasets multioff --recipes multimodal --set 'vision.name="imagestats"' ...
 
 For each dataset (``dredze``: Dredze image spam; ``multioff``: offensive memes) it trains the
 recipes ``recipes/<dataset>_{multimodal,vision_only,text_only}.toml`` (each a real ``mmcore run``
@@ -10,8 +11,10 @@ in a subprocess, one per seed) and computes, in this process on the same splits:
 
 - TF-IDF of words (1-2) + character n-grams (2-5, ``char_wb``), logistic regression;
 - all-MiniLM-L6-v2 embeddings (the real model, offline) + logistic regression;
+- image statistics (the ``imagestats`` encoder's histograms of each image) + logistic regression;
+- a classical multimodal reference: TF-IDF and image statistics side by side, one logistic regression;
 
-both fit on train with ``C`` chosen on validation AUROC. Every choice is made on validation;
+each fit on train with ``C`` chosen on validation AUROC. Every choice is made on validation;
 each final model scores the test split once. The table: test AUROC / AUPRC / F1 (F1 at the
 threshold each run tuned on validation; for the references, at the max-F1 threshold on
 validation), mean +- std over seeds, the mean of each seed's bootstrap 95% interval for AUROC,
@@ -39,12 +42,13 @@ C_GRID = (0.03, 0.1, 0.3, 1, 3, 10, 30, 100)
 
 
 def load_split(root, name):
+    """``(texts, labels, image paths)`` of one split."""
     import pandas as pd
 
     frame = pd.read_csv(root / f"{name}.csv", keep_default_na=False)
     texts = [" ".join(str(t).split()) for t in frame["text_info"]]
     labels = frame["label"].astype(str).str.lower().isin(("true", "1")).astype(int).to_numpy()
-    return texts, labels
+    return texts, labels, [root / p for p in frame["local_image_path"]]
 
 
 def bootstrap_auroc(labels, scores, *, n=1000, seed=0):
@@ -75,8 +79,8 @@ def logistic_reference(features, splits):
     from sklearn.metrics import average_precision_score, roc_auc_score
 
     start = time.perf_counter()
-    (tr, ytr), (va, yva), (te, yte) = splits
-    xtr, xva, xte = features(tr, va, te)
+    (_, ytr, _), (_, yva, _), (_, yte, _) = splits
+    xtr, xva, xte = features(*splits)
     best = None
     for c in C_GRID:
         model = LogisticRegression(C=c, max_iter=5000).fit(xtr, ytr)
@@ -96,24 +100,60 @@ def logistic_reference(features, splits):
     }
 
 
-def tfidf_features(tr, va, te):
+def tfidf_features(*splits):
     from scipy.sparse import hstack
     from sklearn.feature_extraction.text import TfidfVectorizer
 
-    words = TfidfVectorizer(analyzer="word", ngram_range=(1, 2), sublinear_tf=True).fit(tr)
-    chars = TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True).fit(tr)
-    return [hstack([words.transform(x), chars.transform(x)]).tocsr() for x in (tr, va, te)]
+    texts = [split[0] for split in splits]
+    words = TfidfVectorizer(analyzer="word", ngram_range=(1, 2), sublinear_tf=True).fit(texts[0])
+    chars = TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True).fit(texts[0])
+    return [hstack([words.transform(x), chars.transform(x)]).tocsr() for x in texts]
+
+
+_IMAGE_FEATURES = {}
+
+
+def image_statistics(*splits):
+    """The ``imagestats`` encoder (default params) on every image, decoded as mmcore decodes it:
+    unit-norm square roots of histograms, as the recipes' heads see them."""
+    import torch
+
+    from mmcore.data.images import load_rgb
+    from mmcore.testing import build
+
+    encoder = build("vision", "imagestats")
+    pre = encoder.preprocessing
+    out = []
+    for _, _, paths in splits:
+        key = tuple(map(str, paths))
+        if key not in _IMAGE_FEATURES:
+            rows = []
+            for i in range(0, len(paths), 64):
+                batch = pre.collate([pre(load_rgb(p, target_size=pre.target_size)) for p in paths[i : i + 64]])
+                with torch.no_grad():
+                    rows.append(encoder(**batch).tokens[:, 0].numpy())
+            _IMAGE_FEATURES[key] = np.concatenate(rows)
+        out.append(_IMAGE_FEATURES[key])
+    return out
+
+
+def tfidf_and_image_statistics(*splits):
+    """TF-IDF and the image statistics side by side, one LR (each block has unit norm: neither drowns the other)."""
+    from scipy.sparse import csr_matrix, hstack
+
+    text, image = tfidf_features(*splits), image_statistics(*splits)
+    return [hstack([t, csr_matrix(i)]).tocsr() for t, i in zip(text, image)]
 
 
 def _batched(encoder, texts, size=256):
     return np.concatenate([encoder(texts[i : i + size]).numpy() for i in range(0, len(texts), size)])
 
 
-def minilm_features_batched(tr, va, te):
+def minilm_features_batched(*splits):
     from mmcore.testing import build
 
     encoder = build("text", "minilm")
-    return [_batched(encoder, x) for x in (tr, va, te)]
+    return [_batched(encoder, split[0]) for split in splits]
 
 
 def run_recipe(recipe, data_dir, out, seed, overrides):
@@ -130,11 +170,11 @@ def run_recipe(recipe, data_dir, out, seed, overrides):
     return json.loads((out / "results.json").read_text()), seconds, out
 
 
-def mmcore_rows(dataset, data_dir, seeds, out_root, quick, kinds=RECIPES):
+def mmcore_rows(dataset, data_dir, seeds, out_root, quick, kinds=RECIPES, extra=()):
     rows = {}
     for kind in kinds:
         recipe = REPO / "recipes" / f"{dataset}_{kind}.toml"
-        overrides = ["train.epochs=4"] if quick else []
+        overrides = (["train.epochs=4"] if quick else []) + list(extra)
         metrics = {"auroc": [], "auprc": [], "f1": [], "ci": [], "val_auroc": [], "seconds": []}
         for seed in seeds:
             results, seconds, run_dir = run_recipe(recipe, data_dir, out_root / dataset / f"{kind}-seed{seed}", seed, overrides)
@@ -149,7 +189,7 @@ def mmcore_rows(dataset, data_dir, seeds, out_root, quick, kinds=RECIPES):
             metrics["ci"].append(bootstrap_auroc(labels, scores))
             metrics["seconds"].append(seconds)
             print(f"  {dataset} {kind} seed {seed}: test AUROC {test['auroc']:.4f} ({seconds:.0f} s)", file=sys.stderr, flush=True)
-        metrics["note"] = f"recipes/{recipe.name}"
+        metrics["note"] = f"recipes/{recipe.name}" + "".join(f" --set {o}" for o in extra)
         rows[f"mmcore {kind}"] = metrics
     return rows
 
@@ -204,8 +244,10 @@ def main():
     parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--out", type=Path, default=REPO / "bench_runs" / "real_data")
     parser.add_argument("--json", type=Path, default=None, help="also write every figure as JSON")
-    parser.add_argument("--references-only", action="store_true", help="only the scikit-learn references (a minute)")
+    parser.add_argument("--references-only", action="store_true", help="only the scikit-learn references (minutes: MiniLM embeds every text, each image is decoded)")
     parser.add_argument("--recipes", default=",".join(RECIPES), help="which recipes to train (default: all three)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a recipe override for every run (as mmcore run --set), e.g. to measure a variant")
     args = parser.parse_args()
     seeds = [0] if args.quick else list(range(args.seeds))
     all_rows = {}
@@ -218,9 +260,11 @@ def main():
         rows = {
             "TF-IDF words+chars + LR": logistic_reference(tfidf_features, splits),
             "MiniLM + LR": logistic_reference(minilm_features_batched, splits),
+            "image statistics + LR": logistic_reference(image_statistics, splits),
+            "TF-IDF + image statistics + LR": logistic_reference(tfidf_and_image_statistics, splits),
         }
         if not args.references_only:
-            rows.update(mmcore_rows(dataset, data_dir, seeds, args.out, args.quick, args.recipes.split(",")))
+            rows.update(mmcore_rows(dataset, data_dir, seeds, args.out, args.quick, args.recipes.split(","), args.overrides))
         all_rows[dataset] = rows
     print(table(all_rows))
     if not args.references_only:

@@ -115,3 +115,20 @@ def test_predict_matches_eval_on_real_data(dredze_run, tmp_path):
     assert [r["local_image_path"] for r in scored] == [p["path"] for p in evaluated]
     assert max(abs(float(r["score"]) - p["score"]) for r, p in zip(scored, evaluated)) < 1e-6
     assert [r["prediction"] == "True" for r in scored] == [p["prediction"] for p in evaluated]
+
+
+def test_the_image_statistics_recipe_separates_spam_images_on_real_data(tmp_path):
+    """`recipes/dredze_vision_only.toml` (imagestats, frozen, a linear head) on the whole real split.
+
+    The histograms are computed once and cached; the ResNet18 trained from scratch that this recipe
+    replaced reached test AUROC 0.968 +- 0.012 (docs/results.md): a broken block would fall below it.
+    """
+    pytest.importorskip("mmcore_vision_imagestats")
+    out = tmp_path / "run"
+    mmcore_cli("run", REPO / "recipes" / "dredze_vision_only.toml", "--out", out, "--quiet",
+               "--set", "data.num_workers=0", "--set", f"cache.dir={str(tmp_path / 'cache')!r}",
+               env={"DATA_DIR": str(DREDZE)})
+    results = json.loads((out / "results.json").read_text())
+    assert results["feature_cache"]["vision"] is True
+    assert results["trainable_parameters"]["vision"]["total"] == 0
+    assert results["test"]["at_threshold"]["auroc"] > 0.98

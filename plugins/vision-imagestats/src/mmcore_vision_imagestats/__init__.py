@@ -51,6 +51,8 @@ BLOCKS = {
     "lbp": 256,
 }
 
+#: bumped whenever a block is computed differently: part of the identity, so no cache serves old features
+FEATURES_VERSION = 2
 _LUMA = (0.299, 0.587, 0.114)
 #: (dy, dx) of the 8 neighbours, one bit each, clockwise from the top left
 _NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, 1), (1, 1), (1, 0), (1, -1), (0, -1))
@@ -191,7 +193,8 @@ class ImageStatsEncoder(VisionEncoder):
 
         return identity_string(
             self.name, self.weights, None,
-            {"params": attrs.asdict(self.params), "preprocessing": self.preprocessing.describe(), "out_dim": self.out_dim},
+            {"params": attrs.asdict(self.params), "preprocessing": self.preprocessing.describe(), "out_dim": self.out_dim,
+             "version": FEATURES_VERSION},
         )
 
 
