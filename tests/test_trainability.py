@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from mmcore.interfaces import Preprocessing, TokenOutput, VisionEncoder
+from mmcore.interfaces import NoParams, Preprocessing, TokenOutput, VisionEncoder
 from mmcore.model.trainability import (
     LoraConfig,
     TrainabilityError,
@@ -16,6 +16,7 @@ from mmcore.model.trainability import (
     parameter_groups,
     trainable_summary,
 )
+from mmcore.plugins.hookspecs import hookimpl
 from mmcore.validators import FieldError
 
 DIM = 8
@@ -512,3 +513,84 @@ def test_freeze_norm_statistics_keeps_frozen_batchnorm_running_stats():
     encoder(pixel_values=torch.randn(2, 3, 8, 8) + 3.0)
     assert torch.equal(frozen_bn.running_mean, frozen_mean)
     assert not torch.equal(trained_bn.running_mean, trained_mean)
+
+
+class FixedHistogram(VisionEncoder):
+    """A fixed feature extractor: no parameters, ``trainable = False``."""
+
+    name = "fixed_histogram"
+    out_dim = 4
+    trainable = False
+
+    def __init__(self):
+        super().__init__()
+        self.preprocessing = Preprocessing(size=(8, 8))
+        self.statistics = nn.Identity()
+
+    def forward(self, pixel_values):
+        counts = torch.stack([(pixel_values > t).float().mean(dim=(1, 2, 3)) for t in (-0.5, 0.0, 0.5, 0.9)], dim=1)
+        return TokenOutput(counts[:, None], torch.ones(counts.shape[0], 1, dtype=torch.bool))
+
+    def blocks(self):
+        return [self.statistics]
+
+
+@pytest.mark.parametrize(
+    ("settings", "key", "value"),
+    [
+        ({"finetune_layers": -1}, "train.finetune_layers", "-1"),
+        ({"finetune_layers": 2}, "train.finetune_layers", "2"),
+        ({"freeze_backbone": False}, "train.freeze_backbone", "false"),
+        ({"lora": LoraConfig(enabled=True)}, "train.lora.enabled", "true"),
+    ],
+)
+def test_a_fixed_extractor_asked_to_train_names_the_key(settings, key, value):
+    kwargs = {"freeze_backbone": True, "finetune_layers": 0, "lora": LoraConfig(), **settings}
+    with pytest.raises(TrainabilityError) as failure:
+        apply_trainability(FixedHistogram(), **kwargs)
+    assert str(failure.value) == (
+        f"{key}: vision encoder 'fixed_histogram' is a fixed feature extractor with nothing to train (got {value}); "
+        "use freeze_backbone = true, finetune_layers = 0 and no LoRA"
+    )
+
+
+class _Plugin:
+    """A plugin object registering one vision encoder class under its name."""
+
+    def __init__(self, cls):
+        self.cls = cls
+
+    @hookimpl
+    def register_vision_encoders(self, register):
+        register(self.cls.name, lambda params: self.cls(), NoParams)
+
+
+def _registry_with(cls):
+    from mmcore.plugins.manager import make_registry
+
+    return make_registry(load_entrypoints=False, extra_plugins=[(cls.name, _Plugin(cls))])
+
+
+def test_a_fixed_extractor_frozen_is_fine_and_passes_its_contract():
+    from mmcore.testing import check_vision_encoder
+
+    encoder = apply_trainability(FixedHistogram(), freeze_backbone=True, finetune_layers=0, lora=LoraConfig())
+    assert list(encoder.parameters()) == []
+    check_vision_encoder("fixed_histogram", registry=_registry_with(FixedHistogram))
+
+
+class FixedWithWeights(FixedHistogram):
+    """Says ``trainable = False`` but carries a parameter: the contract check refuses it."""
+
+    name = "fixed_with_weights"
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+
+
+def test_the_contract_refuses_a_fixed_extractor_with_parameters():
+    from mmcore.testing import check_vision_encoder
+
+    with pytest.raises(AssertionError, match="trainable = False, but the encoder has parameters"):
+        check_vision_encoder("fixed_with_weights", registry=_registry_with(FixedWithWeights))

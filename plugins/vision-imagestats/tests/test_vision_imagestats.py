@@ -91,25 +91,6 @@ def test_an_image_gives_the_same_vector_alone_and_in_a_batch():
 
 
 @pytest.mark.parametrize(
-    ("settings", "key"),
-    [
-        ({"finetune_layers": -1}, "train.finetune_layers"),
-        ({"freeze_backbone": False}, "train.freeze_backbone"),
-        ({"lora": {"enabled": True}}, "train.lora.enabled"),
-    ],
-)
-def test_asking_it_to_train_is_an_error_naming_the_key(settings, key):
-    from mmcore.model.trainability import LoraConfig, TrainabilityError, apply_trainability
-
-    encoder = build("vision", "imagestats", {"size": 32})
-    kwargs = {"freeze_backbone": True, "finetune_layers": 0, "lora": LoraConfig()}
-    kwargs.update({k: (LoraConfig(**v) if k == "lora" else v) for k, v in settings.items()})
-    with pytest.raises(TrainabilityError, match=rf"^{key}: vision encoder .*imagestats.* is a fixed feature extractor with nothing to train"):
-        apply_trainability(encoder, **kwargs)
-    apply_trainability(encoder, freeze_backbone=True, finetune_layers=0, lora=LoraConfig())  # frozen: fine
-
-
-@pytest.mark.parametrize(
     ("params", "message"),
     [
         ({"size": 8}, r"vision\.params\.size: must be a whole number of pixels >= 16 \(got 8\)"),
