@@ -77,7 +77,7 @@ def versions():
 
     found = {"python": platform.python_version()}
     for name in ("mmcore", "torch", "torchvision", "onnx", "onnxruntime", "transformers", "tokenizers",
-                 "sentence-transformers", "safetensors", "pillow"):
+                 "sentence-transformers", "scikit-learn", "safetensors", "pillow"):
         try:
             found[name] = version(name)
         except PackageNotFoundError:
