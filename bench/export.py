@@ -45,14 +45,14 @@ def main():
     run, bundle, data = demo_bundle(args.work)
     onnx, torch_run = BundleScorer(bundle, device="cpu"), RunScorer(run)
     split = read_split(data / "test.csv", require_label=False)
-    fused = FusedModel(torch_run.pipeline.model.to("cpu").eval(), onnx.vision_names, onnx.manifest["graph"]["text_inputs"])
+    fused = FusedModel(torch_run.pipeline.model.to("cpu").eval(), onnx.vision_names)
     print(f"demo model ({onnx.metadata()['vision']} + {onnx.metadata()['text']}), {torch.get_num_threads()} CPU threads")
     print(f"{'batch':>5}  {'PyTorch ms':>10}  {'onnxruntime ms':>14}  {'speed-up':>8}")
     for size in [int(b) for b in args.batches.split(",")]:
         rows = [i % len(split) for i in range(size)]
         items = [onnx.preprocess(onnx.load_image(split.paths[i])) for i in rows]
         texts = [split.texts[i] for i in rows]
-        feeds = {**{k: v.numpy() for k, v in onnx.preprocessing.collate(items).items()}, **onnx.tokenize(texts)}
+        feeds = {**{k: v.numpy() for k, v in onnx.preprocessing.collate(items).items()}, **onnx.text_feeds(texts)}
         feeds = {name: feeds[name] for name in onnx.input_names}
         tensors = [torch.from_numpy(feeds[name]) for name in onnx.input_names]
 

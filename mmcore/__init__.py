@@ -20,6 +20,7 @@ _FACE = {
     # the interfaces a plugin implements
     "VisionEncoder": "mmcore.interfaces",
     "TextEncoder": "mmcore.interfaces",
+    "HostFeaturizer": "mmcore.interfaces",
     "OcrEngine": "mmcore.interfaces",
     "TokenOutput": "mmcore.interfaces",
     "Preprocessing": "mmcore.interfaces",

@@ -223,6 +223,25 @@ class TextEncoder(nn.Module):
         """``state_dict`` keys that hold fitted state (always saved, even for pretrained encoders)."""
         return []
 
+    def host_features(self) -> HostFeaturizer | None:
+        """The string half of an encoder that has no Hugging Face tokenizer, or None.
+
+        ``mmcore export`` keeps string work outside the ONNX graph. Encoders built on
+        :mod:`mmcore.kit.text` keep a tokenizer there; an encoder that turns strings into
+        vectors some other way (hashed n-grams) is exportable when it splits itself in two:
+        a :class:`HostFeaturizer` (strings -> named float32 arrays, stored in the bundle as
+        data) and :meth:`encode_features` (those arrays as tensors -> the embedding, traced into
+        the graph with the encoder's buffers). Make :meth:`encode` call exactly
+        ``encode_features`` on the featurizer's output, so training, ``predict`` and the bundle
+        share one computation.
+        """
+        return None
+
+    def encode_features(self, **features: torch.Tensor) -> torch.Tensor:
+        """The tensor half (see :meth:`host_features`): the featurizer's arrays as float tensors
+        [B, n], by name -> [B, out_dim]. Tensor operations only, so that it traces into ONNX."""
+        raise NotImplementedError(f"{type(self).__name__} has no host featurizer (host_features)")
+
     def identity_extra(self) -> dict:
         """Anything beyond name/weights/revision that changes the embedding (prefixes, pooling)."""
         return {}
@@ -235,6 +254,27 @@ class TextEncoder(nn.Module):
             self.revision,
             {"out_dim": self.out_dim, **self.identity_extra()},
         )
+
+
+class HostFeaturizer:
+    """The host side of an exportable text encoder without a tokenizer (see
+    :meth:`TextEncoder.host_features`): strings -> ``{name: float32 array [B, n]}``.
+
+    Subclass it as a frozen attrs class whose fields are plain JSON data (str, int, float, bool
+    and lists of them): an export bundle stores its module, class and fields, never a pickle,
+    and rebuilds it from them, so the plugin that defines it must be installed where the bundle
+    is scored. Fitted state does not belong here: keep it in the encoder's buffers, where the
+    graph carries it.
+    """
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The arrays :meth:`__call__` returns, in the order the graph takes them."""
+        raise NotImplementedError
+
+    def __call__(self, texts: list[str]) -> dict:
+        """A batch of strings -> ``{name: np.ndarray float32 [B, n]}`` for every name in :attr:`names`."""
+        raise NotImplementedError
 
 
 class OcrEngine:

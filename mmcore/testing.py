@@ -235,7 +235,9 @@ def check_text_encoder(name, params=None, registry=None):
     """Build ``name`` and check the text contract: [2, out_dim], finite, no grad, batch-invariant,
     distinct texts give features that are neither near zero nor all the same (a dead encoder).
 
-    Empty strings must work (OCR text is often empty). Returns the encoder.
+    Empty strings must work (OCR text is often empty). An encoder with ``host_features()`` must
+    split exactly: ``encode == encode_features(featurizer(texts))``, the featurizer rebuilt from
+    its JSON fields giving the same arrays. Returns the encoder.
     """
     encoder = build("text", name, params, registry)
     assert isinstance(encoder, TextEncoder), f"{name}: factory must return a TextEncoder"
@@ -254,6 +256,7 @@ def check_text_encoder(name, params=None, registry=None):
         assert torch.allclose(alone, out[i], atol=1e-4), f"{name}: text {i} alone differs from in a batch"
     problem = feature_problem(encoder(DISTINCT_TEXTS), inputs="texts")
     assert problem is None, f"{name}: text features are {problem}; {DEAD_HINT}"
+    _check_host_featurizer(name, encoder, texts)
     identity = encoder.identity
     assert isinstance(identity, str) and name in identity, f"{name}: identity must be a string naming the encoder"
     again = build("text", name, params, registry)
@@ -261,6 +264,38 @@ def check_text_encoder(name, params=None, registry=None):
         again.fit(fit_texts)
     assert again.identity == identity, f"{name}: identity is not stable"
     return encoder
+
+
+def _check_host_featurizer(name, encoder, texts):
+    """When the encoder offers ``host_features()`` (export without a tokenizer): named float32 arrays,
+    a featurizer that survives the bundle's JSON round trip, and ``encode == encode_features(featurizer(texts))``."""
+    import json
+
+    import attrs
+
+    from mmcore.export.bundle import describe_object, rebuild_object
+
+    featurizer = encoder.host_features()
+    if featurizer is None:
+        return
+    assert attrs.has(type(featurizer)), f"{name}: host_features() must return an attrs object (a bundle stores its fields)"
+    arrays = featurizer(texts)
+    assert set(arrays) == set(featurizer.names), f"{name}: the featurizer gives {sorted(arrays)}, its names say {list(featurizer.names)}"
+    for key, array in arrays.items():
+        assert isinstance(array, np.ndarray) and array.dtype == np.float32 and array.ndim == 2 and len(array) == len(texts), (
+            f"{name}: featurizer array {key!r} must be float32 [B, n] (got {type(array).__name__} "
+            f"{getattr(array, 'dtype', '')} {getattr(array, 'shape', '')})")
+    try:
+        described = json.loads(json.dumps(describe_object(featurizer)))
+    except TypeError as exc:
+        raise AssertionError(f"{name}: the featurizer's fields must be plain JSON data ({exc})") from None
+    again = rebuild_object(described, source=name, what="host featurizer")(texts)
+    for key, array in arrays.items():
+        assert np.array_equal(again[key], array), f"{name}: the featurizer rebuilt from its fields gives another {key!r}"
+    tensors = {key: torch.from_numpy(array).to(encoder.device) for key, array in arrays.items()}
+    with torch.no_grad():
+        split = encoder.encode_features(**tensors).float()
+    _same(split, encoder(texts), f"{name}: encode must equal encode_features(host_features()(texts))")
 
 
 def _masked_mean(tokens, mask):

@@ -161,3 +161,29 @@ def test_agreement_ignores_rows_on_the_threshold_but_not_real_flips():
     far_flip = compare(Stub([0.0, -2.0]), split, np.array([0.0, 2.0]), score_tol=0.3, min_agreement=1.0)
     assert not far_flip.passed and far_flip.worst_row == 3
     assert "decision agreement 0.0000 < 1; worst: val.csv row 3 (b.jpg)" in far_flip.failure_line("out")
+
+
+def test_a_single_tokenizer_bundle_keeps_the_format_1_layout(exported_bundle):
+    """One text encoder with a tokenizer: bundle format 1, text.json's four keys, tokenizer/ — what older mmcore reads."""
+    manifest = json.loads((exported_bundle / MANIFEST).read_text())
+    assert manifest["bundle_format"] == 1
+    text = json.loads((exported_bundle / "text.json").read_text())
+    assert set(text) == {"name", "prefix", "max_length", "inputs"}
+    assert text["inputs"] == manifest["graph"]["text_inputs"] == ["input_ids", "token_type_ids", "attention_mask"]
+    assert (exported_bundle / "tokenizer" / "tokenizer_config.json").is_file()
+    assert not (exported_bundle / "tokenizers").exists()
+
+
+def test_a_featurizer_that_is_not_installed_is_one_line(tmp_path):
+    """A bundle's host featurizer is rebuilt from module + class + fields: a missing plugin says so, naming the file."""
+    from mmcore.errors import RunError
+    from mmcore.export.text import HostText
+
+    (tmp_path / "text.json").write_text(json.dumps({"name": "ngrams", "inputs": ["word_tf"], "featurizer": {
+        "module": "mmcore_text_gone", "class": "NgramFeaturizer", "fields": {}}}))
+    with pytest.raises(RunError) as failure:
+        HostText(tmp_path)
+    line = str(failure.value)
+    assert line.startswith(f"{tmp_path / 'text.json'}: featurizer: text featurizer class mmcore_text_gone.NgramFeaturizer "
+                           "is not importable (")
+    assert line.endswith("; install the plugin that made this bundle") and "\n" not in line

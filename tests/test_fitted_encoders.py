@@ -19,7 +19,8 @@ def _scores(path):
 
 @pytest.fixture(scope="module")
 def ngram_runs(tmp_path_factory, demo_data):
-    """Two finished runs through the real CLI: text_only ngrams, and multimodal with concat(fake_text, ngrams)."""
+    """Three finished runs through the real CLI: text_only ngrams, multimodal with concat(fake_text, ngrams), and
+    the exportable multimodal concat(minilm tiny, ngrams) (the shipped real-data recipes' text, at test size)."""
     import tomli_w
     from tiny import tiny_recipe_data
 
@@ -31,6 +32,11 @@ def ngram_runs(tmp_path_factory, demo_data):
         "text_only": dict(text={"name": "ngrams", "params": {"n_features": 256}}, train={"modality": "text_only", "epochs": 2}),
         "multimodal": dict(
             text={"name": "concat", "params": {"encoders": [{"name": "fake_text"}, {"name": "ngrams", "params": {"n_features": 128}}]}},
+            train={"epochs": 2},
+        ),
+        "concat_minilm": dict(
+            text={"name": "concat", "params": {"encoders": [
+                {"name": "minilm", "params": {"tiny": True}}, {"name": "ngrams", "params": {"n_features": 128}}]}},
             train={"epochs": 2},
         ),
     }.items():
@@ -92,3 +98,90 @@ def test_concat_params_errors_name_their_key(recipe_file, cli):
     assert result.stderr.strip().splitlines()[-1].endswith(
         "text.params.encoders: must list at least two text encoders ({ name = ..., params = {...} })"
     )
+
+
+def _predicted_scores(csv_path):
+    with open(csv_path, newline="") as f:
+        return {row["local_image_path"].rsplit("/", 1)[-1]: float(row["score"]) for row in csv.DictReader(f)}
+
+
+@pytest.fixture(scope="module")
+def ngram_bundles(ngram_runs, tmp_path_factory):
+    """``mmcore export`` (the real CLI, ONNX, the parity gate on the validation split) of the exportable runs."""
+    from conftest import mmcore_cli
+
+    tmp = tmp_path_factory.mktemp("ngram-bundles")
+    bundles = {}
+    for name in ("text_only", "concat_minilm"):
+        mmcore_cli("export", ngram_runs[name], "--out", tmp / name, "--quiet")
+        bundles[name] = tmp / name
+    return bundles
+
+
+@pytest.mark.parametrize("name", ["text_only", "concat_minilm"])
+def test_export_passes_parity_and_the_bundle_predicts_the_run_scores(ngram_runs, ngram_bundles, name, tmp_path, demo_data):
+    """The featurizer in text.json (no pickle), the fitted IDF in the weights, and the run's test scores through onnxruntime."""
+    from safetensors.torch import load_file
+
+    from conftest import mmcore_cli
+
+    run, bundle = ngram_runs[name], ngram_bundles[name]
+    parity = json.loads((bundle / "parity.json").read_text())
+    assert parity["passed"] is True and parity["rows_compared"] == 32
+    assert parity["max_abs_score_diff"] <= 1e-4 and parity["decision_agreement"] == 1.0
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["bundle_format"] == 2
+    text = json.loads((bundle / "text.json").read_text())
+    if name == "text_only":
+        assert manifest["graph"]["inputs"] == ["word_tf", "char_tf"]
+        featurizer = text["featurizer"]
+        assert not (bundle / "tokenizer").exists()
+        idf_key = "text.idf_char"
+    else:
+        assert manifest["graph"]["text_inputs"] == ["text0.input_ids", "text0.token_type_ids", "text0.attention_mask",
+                                                    "text1.word_tf", "text1.char_tf"]
+        assert (bundle / "tokenizers" / "text0" / "tokenizer_config.json").is_file()
+        featurizer = text["parts"][1]["featurizer"]
+        idf_key = "text.parts.1.idf_char"
+    assert (featurizer["module"], featurizer["class"]) == ("mmcore_text_ngrams", "NgramFeaturizer")
+    assert "idf" not in json.dumps(featurizer)  # the fitted state is in the graph's weights, not on the host side
+    ckpt = torch.load(run / "checkpoint_best.ckpt", weights_only=True)
+    assert torch.equal(load_file(str(bundle / "model.safetensors"))[idf_key], ckpt["model"][idf_key].cpu())
+
+    mmcore_cli("predict", bundle, demo_data / "test.csv", "-o", tmp_path / "scored.csv", "--quiet")
+    expected = {k.rsplit("/", 1)[-1]: v for k, v in _scores(run / "test_predictions.json").items()}
+    predicted = _predicted_scores(tmp_path / "scored.csv")
+    assert predicted.keys() == expected.keys()
+    assert max(abs(predicted[k] - expected[k]) for k in expected) < 1e-4
+
+
+def test_serve_scores_a_concat_bundle_as_predict_does(ngram_bundles, tmp_path, demo_data):
+    """One request to ``mmcore serve BUNDLE`` (tokenizer + featurizer on the host): predict's score for that row."""
+    import httpx
+    from test_serve import Server
+
+    from conftest import mmcore_cli
+
+    bundle = ngram_bundles["concat_minilm"]
+    mmcore_cli("predict", bundle, demo_data / "test.csv", "-o", tmp_path / "scored.csv", "--quiet")
+    with open(tmp_path / "scored.csv", newline="") as f:
+        row = next(r for r in csv.DictReader(f) if r["text_info"].strip())
+    server = Server(bundle)
+    try:
+        response = httpx.post(f"{server.url}/predict", timeout=60, data={"text": row["text_info"]},
+                              files={"image": ("ad.jpg", (demo_data / row["local_image_path"]).read_bytes(), "image/jpeg")})
+    finally:
+        assert server.stop() == 0
+    assert response.status_code == 200, response.text
+    assert response.json()["score"] == pytest.approx(float(row["score"]), abs=1e-6)
+
+
+def test_a_concat_with_a_part_that_cannot_be_exported_is_refused_in_one_line(ngram_runs, tmp_path, cli):
+    """concat(fake_text, ngrams): fake_text has no tokenizer and no host featurizer; the line names the concat entry."""
+    out = tmp_path / "never"
+    result = cli("export", ngram_runs["multimodal"], "--out", out, "--quiet", check=False)
+    assert result.returncode != 0
+    line = result.stderr.strip()
+    assert "\n" not in line and "Traceback" not in line
+    assert line.startswith("text.params.encoders[0] ('fake_text'): cannot be exported: "), line
+    assert not out.exists() and list(tmp_path.iterdir()) == []

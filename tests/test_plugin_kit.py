@@ -193,6 +193,40 @@ def test_docs_example_is_a_working_plugin(hook, monkeypatch):
     CHECKS[kind](registration.name, {"tiny": True} if kind == "vision" else {}, registry=registry)
 
 
+def test_docs_exportable_text_encoder_passes_the_contract_and_exports(monkeypatch):
+    """The host featurizer example of 'Making a text encoder exportable' is a working, exportable encoder."""
+    from mmcore.export.onnx import plan_text
+    from mmcore.plugins.hookspecs import hookimpl
+    from mmcore.testing import check_text_encoder
+
+    text = DOCS.read_text(encoding="utf-8")
+    section = text[text.index("### Making a text encoder exportable"):]
+    source = example("register_text_encoders") + "\n" + re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    module = load_module("docs_exportable_text", source)
+    monkeypatch.setitem(sys.modules, module.__name__, module)  # the bundle rebuilds the featurizer by module name
+
+    class Plugin:
+        @hookimpl
+        def register_text_encoders(register):
+            register("char_ngrams", module.ExportableCharNgrams, module.CharNgramParams)
+
+    registry = make_registry(load_entrypoints=False, extra_plugins=[("docs-exportable-text", Plugin)])
+    encoder = check_text_encoder("char_ngrams", {"dim": 64}, registry=registry)
+    (part,) = plan_text(encoder).parts
+    assert part.names == ("char_counts",) and part.featurizer is encoder.featurizer
+
+
+def test_a_text_encoder_whose_split_differs_from_encode_fails_the_contract(monkeypatch):
+    """check_text_encoder catches an encode() that is not encode_features(featurizer(texts)): its bundle would differ."""
+    from mmcore.testing import check_text_encoder
+
+    ngrams = pytest.importorskip("mmcore_text_ngrams")
+    real = ngrams.NgramTextEncoder.encode
+    monkeypatch.setattr(ngrams.NgramTextEncoder, "encode", lambda self, texts: 2 * real(self, texts))
+    with pytest.raises(AssertionError, match=r"^ngrams: encode must equal encode_features\(host_features\(\)\(texts\)\) \(max diff"):
+        check_text_encoder("ngrams", {"n_features": 64})
+
+
 # --- mmcore.testing: built-ins pass, broken components fail with the rule they break -------
 
 OTHER_KINDS = ("pooling", "fusion", "head", "loss", "scheduler", "augmentation")

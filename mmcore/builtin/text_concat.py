@@ -6,6 +6,9 @@ next to a sentence embedding::
     [text]
     name = "concat"
     params.encoders = [{ name = "minilm" }, { name = "ngrams", params = { n_features = 4096 } }]
+
+``mmcore export`` ships it when every part is exportable on its own (a tokenizer or a host
+featurizer, see :mod:`mmcore.export.text`); the graph computes each part, then :meth:`combine`.
 """
 
 from __future__ import annotations
@@ -53,7 +56,12 @@ class ConcatTextEncoder(TextEncoder):
         self.fits_on_train = any(getattr(part, "fits_on_train", False) for part in parts)
 
     def encode(self, texts):
-        return torch.cat([F.normalize(part.encode(texts).float(), dim=-1) for part in self.parts], dim=-1)
+        return self.combine([part.encode(texts) for part in self.parts])
+
+    def combine(self, vectors):
+        """The parts' embeddings, in order -> this encoder's: each L2-normalised, concatenated.
+        The exported graph calls it too, on the parts' traced embeddings."""
+        return torch.cat([F.normalize(vector.float(), dim=-1) for vector in vectors], dim=-1)
 
     def fit(self, texts):
         for part in self.parts:

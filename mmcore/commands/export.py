@@ -20,6 +20,7 @@ from mmcore.errors import DataError, MmcoreError
 from mmcore.export import bundle as B
 from mmcore.export import onnx as G
 from mmcore.export import parity as P
+from mmcore.export.text import write_text_side
 from mmcore.rundir import RunDir
 
 DEFAULT_ROWS = 64
@@ -64,7 +65,7 @@ def _example_inputs(fused, scorer, split):
     if scorer.uses_text:
         # different lengths: the token axis must not be traced as a constant
         texts = [split.texts[picks[0]] or "x", (split.texts[picks[1]] or "") + " and more words"]
-        tensors.update({k: torch.from_numpy(v) for k, v in scorer.tokenize(texts).items()})
+        tensors.update({k: torch.from_numpy(v) for k, v in scorer.text_feeds(texts).items()})
     return tuple(tensors[name] for name in fused.input_names)
 
 
@@ -84,6 +85,8 @@ def export_run(run_dir, out, *, fmt="onnx", data=None, rows=DEFAULT_ROWS, base_d
     recipe, model = pipeline.recipe, pipeline.model
     if score_tol is None:
         score_tol = P.FP32_SCORE_TOL if pipeline.dtype is None else P.BF16_SCORE_TOL
+    # a text encoder that cannot leave its string work on the host is refused before any scoring
+    plan = G.plan_text(model.text) if model.uses_text else None
 
     # 1. the PyTorch run's own scores of the parity rows (before anything is touched)
     split = parity_rows(pipeline, data, rows, base_dir)
@@ -99,12 +102,8 @@ def export_run(run_dir, out, *, fmt="onnx", data=None, rows=DEFAULT_ROWS, base_d
     tmp.mkdir()
     try:
         model = model.to("cpu").eval()
-        text_names = []
-        if model.uses_text:
-            tokenizer, text_names = G.text_tokenizer(model.text)
-            tokenizer.save_pretrained(str(tmp / B.TOKENIZER))
-            _write_json(tmp / B.TEXT, {"name": model.text.name, "prefix": getattr(model.text, "prefix", ""),
-                                       "max_length": int(model.text.max_length), "inputs": text_names})
+        if plan is not None:
+            _write_json(tmp / B.TEXT, write_text_side(tmp, plan))
         vision_names = []
         if model.uses_vision:
             preprocessing = model.vision.preprocessing
@@ -115,22 +114,23 @@ def export_run(run_dir, out, *, fmt="onnx", data=None, rows=DEFAULT_ROWS, base_d
         decision = ckpt.get("decision") or {"threshold": 0.5, "temperature": 1.0, "description": "0.5 (no decision saved)"}
         _write_json(tmp / B.DECISION, decision)
 
-        fused = G.FusedModel(model, vision_names, text_names)
+        fused = G.FusedModel(model, vision_names, plan)
         graph_file = G.GRAPH_FILES[fmt]
         info = {
+            "bundle_format": B.TOKENIZER_ONLY_FORMAT if plan is None or plan.single_tokenizer else B.BUNDLE_FORMAT,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "run_dir": str(run_dir.resolve()),
             "experiment": recipe.experiment,
             "modality": recipe.train.modality,
             "selected_epoch": ckpt.get("epoch"),
             "graph": {"format": fmt, "file": graph_file, "inputs": fused.input_names,
-                      "vision_inputs": vision_names, "text_inputs": text_names, "output": "logit",
+                      "vision_inputs": vision_names, "text_inputs": list(fused.text_names), "output": "logit",
                       "opset": G.OPSET if fmt == "onnx" else None},
         }
         B.write_manifest(tmp, info)  # provisional: the scorer below reads the graph description
         from mmcore.export.scoring import BundleScorer
 
-        # the tokenizer and preprocessing of the bundle itself make the example inputs
+        # the host side (tokenizers, featurizers) and preprocessing of the bundle itself make the example inputs
         probe = BundleScorer(tmp, verify=False, load_graph=False)
         example = _example_inputs(fused, probe, kept)
         try:

@@ -8,10 +8,16 @@ BUNDLE_DIR/
   recipe.toml           the run's fully resolved recipe
   decision.json         threshold, the rule that chose it, temperature
   preprocessing.json    the vision encoder's preprocessing (class + every field)
-  text.json             prefix, max_length and token inputs of the text encoder
-  tokenizer/            the text encoder's tokenizer files
+  text.json             how the host turns strings into the graph's text inputs (see mmcore.export.text)
+  tokenizer/            the text encoder's tokenizer files (one encoder with a tokenizer)
+  tokenizers/text0/     ... or one folder per tokenizer part of a concat text encoder
   parity.json           the parity gate's figures (bundle vs the PyTorch run)
 ```
+
+``bundle_format`` 1 is a bundle whose text encoder (if any) is one tokenizer encoder; 2 adds
+host featurizers and ``concat`` text encoders. An export writes the oldest format that holds
+what it exports, so an older mmcore still opens the bundles it can score and refuses the others
+in one line.
 
 A bundle is written into a hidden temporary folder beside ``BUNDLE_DIR`` and renamed into
 place only after the parity gate passed, so a folder named ``BUNDLE_DIR`` is always complete.
@@ -31,12 +37,16 @@ from mmcore.errors import RunError
 from mmcore.rundir import RECIPE_FILE
 
 MANIFEST = "manifest.json"
-BUNDLE_FORMAT = 1
+#: the newest bundle format this mmcore reads (see the module docstring)
+BUNDLE_FORMAT = 2
+#: the format of bundles whose text side is one tokenizer (or no text)
+TOKENIZER_ONLY_FORMAT = 1
 WEIGHTS = "model.safetensors"
 DECISION = "decision.json"
 PREPROCESSING = "preprocessing.json"
 TEXT = "text.json"
 TOKENIZER = "tokenizer"
+TOKENIZERS = "tokenizers"
 PARITY = "parity.json"
 RECIPE = RECIPE_FILE  # the resolved recipe, named as in a run directory
 
@@ -67,7 +77,7 @@ def versions():
 
     found = {"python": platform.python_version()}
     for name in ("mmcore", "torch", "torchvision", "onnx", "onnxruntime", "transformers", "tokenizers",
-                 "sentence-transformers", "safetensors", "pillow"):
+                 "sentence-transformers", "scikit-learn", "safetensors", "pillow"):
         try:
             found[name] = version(name)
         except PackageNotFoundError:
@@ -83,22 +93,37 @@ def write_weights(model, path):
     save_file(state, str(path), metadata={"format": "pt"})
 
 
+def describe_object(obj):
+    """An attrs object as data: its class (module + name) and every field (no pickle)."""
+    cls = type(obj)
+    return {"module": cls.__module__, "class": cls.__qualname__, "fields": attrs.asdict(obj, recurse=False)}
+
+
+def rebuild_object(data, *, source, what):
+    """The inverse of :func:`describe_object` (lists back to tuples for the attrs fields);
+    ``what`` names the object in the one-line error (``preprocessing class``)."""
+    try:
+        cls = getattr(importlib.import_module(data["module"]), data["class"])
+    except (ImportError, AttributeError, KeyError, TypeError) as exc:
+        module, name = (data.get("module"), data.get("class")) if isinstance(data, dict) else (None, None)
+        raise RunError(f"{source}: {what} {module}.{name} is not importable ({exc}); "
+                       "install the plugin that made this bundle") from None
+    fields = {key: tuple(value) if isinstance(value, list) else value for key, value in data.get("fields", {}).items()}
+    try:
+        return cls(**fields)
+    except (TypeError, ValueError) as exc:
+        raise RunError(f"{source}: {what} {data['module']}.{data['class']} cannot be rebuilt from its fields "
+                       f"({exc}); install the plugin version that made this bundle") from None
+
+
 def describe_preprocessing(preprocessing):
-    """The preprocessing object as data: its class (module + name) and every attrs field."""
-    cls = type(preprocessing)
-    return {"module": cls.__module__, "class": cls.__qualname__,
-            "fields": attrs.asdict(preprocessing, recurse=False), "describe": preprocessing.describe()}
+    """The preprocessing object as data: its class (module + name), every attrs field and its describe()."""
+    return {**describe_object(preprocessing), "describe": preprocessing.describe()}
 
 
 def rebuild_preprocessing(data, *, source):
-    """The inverse of :func:`describe_preprocessing` (lists back to tuples for the attrs fields)."""
-    try:
-        cls = getattr(importlib.import_module(data["module"]), data["class"])
-    except (ImportError, AttributeError, KeyError) as exc:
-        raise RunError(f"{source}: preprocessing class {data.get('module')}.{data.get('class')} "
-                       f"is not importable ({exc}); install the plugin that made this bundle") from None
-    fields = {key: tuple(value) if isinstance(value, list) else value for key, value in data["fields"].items()}
-    return cls(**fields)
+    """The inverse of :func:`describe_preprocessing`."""
+    return rebuild_object(data, source=source, what="preprocessing class")
 
 
 def write_manifest(folder, info):

@@ -119,32 +119,26 @@ class BundleScorer(Scorer):
         self.vision_names = graph["vision_inputs"]
         if self.uses_vision:
             self.preprocessing = B.rebuild_preprocessing(_read_json(folder / B.PREPROCESSING), source=folder / B.PREPROCESSING)
-        self.tokenizer = self.text = None
+        self.host_text = None
         if self.uses_text:
-            from transformers import AutoTokenizer
+            from mmcore.export.text import HostText
 
-            self.text = _read_json(folder / B.TEXT)
-            self.tokenizer = AutoTokenizer.from_pretrained(str(folder / B.TOKENIZER))
-        # load_graph=False: the tokenizer/preprocessing half only (the exporter, before the graph exists)
+            self.host_text = HostText(folder)
+        # load_graph=False: the host half only (the exporter, before the graph exists)
         self.runner = GraphRunner(folder / graph["file"], graph["format"], device=device) if load_graph else None
 
-    def tokenize(self, texts):
-        """Strings -> the graph's token inputs as int64 arrays (the encoder's prefix and max_length)."""
-        prefix = self.text.get("prefix", "")
-        batch = self.tokenizer(
-            [prefix + ("" if t is None else str(t)) for t in texts], padding=True, truncation=True,
-            max_length=self.text["max_length"], return_tensors="np",
-        )
-        return {name: np.asarray(batch[name], dtype=np.int64) for name in self.text["inputs"]}
+    def text_feeds(self, texts):
+        """Strings -> the graph's text inputs: token ids (int64) and/or host features (float32)."""
+        return self.host_text.feeds(texts)
 
     def logits(self, vision_items, texts):
-        """Collate, tokenize and run the graph."""
+        """Collate, make the text inputs and run the graph."""
         feeds = {}
         if self.uses_vision:
             collated = self.preprocessing.collate(vision_items)
             feeds.update({name: collated[name].numpy() for name in self.vision_names})
         if self.uses_text:
-            feeds.update(self.tokenize(texts))
+            feeds.update(self.text_feeds(texts))
         return self.runner({name: feeds[name] for name in self.input_names})
 
 
