@@ -55,6 +55,18 @@ def mmcore_cli(*args, cwd=None, env=None, check=True, timeout=600):
     return result
 
 
+def scores_by_image(path):
+    """``{image file name: score}`` of a run's ``test_predictions.json`` or a ``mmcore predict`` CSV."""
+    import csv
+    import json
+
+    path = Path(path)
+    if path.suffix == ".json":
+        return {row["path"].rsplit("/", 1)[-1]: row["score"] for row in json.loads(path.read_text())}
+    with open(path, newline="") as f:
+        return {row["local_image_path"].rsplit("/", 1)[-1]: float(row["score"]) for row in csv.DictReader(f)}
+
+
 @pytest.fixture
 def cli():
     """``cli("run", recipe, ...)`` runs the mmcore CLI in a subprocess."""

@@ -100,11 +100,6 @@ def test_concat_params_errors_name_their_key(recipe_file, cli):
     )
 
 
-def _predicted_scores(csv_path):
-    with open(csv_path, newline="") as f:
-        return {row["local_image_path"].rsplit("/", 1)[-1]: float(row["score"]) for row in csv.DictReader(f)}
-
-
 @pytest.fixture(scope="module")
 def ngram_bundles(ngram_runs, tmp_path_factory):
     """``mmcore export`` (the real CLI, ONNX, the parity gate on the validation split) of the exportable runs."""
@@ -123,7 +118,7 @@ def test_export_passes_parity_and_the_bundle_predicts_the_run_scores(ngram_runs,
     """The featurizer in text.json (no pickle), the fitted IDF in the weights, and the run's test scores through onnxruntime."""
     from safetensors.torch import load_file
 
-    from conftest import mmcore_cli
+    from conftest import mmcore_cli, scores_by_image
 
     run, bundle = ngram_runs[name], ngram_bundles[name]
     parity = json.loads((bundle / "parity.json").read_text())
@@ -149,8 +144,8 @@ def test_export_passes_parity_and_the_bundle_predicts_the_run_scores(ngram_runs,
     assert torch.equal(load_file(str(bundle / "model.safetensors"))[idf_key], ckpt["model"][idf_key].cpu())
 
     mmcore_cli("predict", bundle, demo_data / "test.csv", "-o", tmp_path / "scored.csv", "--quiet")
-    expected = {k.rsplit("/", 1)[-1]: v for k, v in _scores(run / "test_predictions.json").items()}
-    predicted = _predicted_scores(tmp_path / "scored.csv")
+    expected = scores_by_image(run / "test_predictions.json")
+    predicted = scores_by_image(tmp_path / "scored.csv")
     assert predicted.keys() == expected.keys()
     assert max(abs(predicted[k] - expected[k]) for k in expected) < 1e-4
 

@@ -6,21 +6,13 @@ the parity gate and the bundle scores as the run did; a recipe that asks it to t
 line naming the file and the key.
 """
 
-import csv
 import json
 
 import pytest
 
+from conftest import scores_by_image
+
 pytest.importorskip("mmcore_vision_imagestats")
-
-
-def _scores(path):
-    return {row["path"].rsplit("/", 1)[-1]: row["score"] for row in json.loads(path.read_text())}
-
-
-def _predicted(path):
-    with open(path, newline="") as f:
-        return {row["local_image_path"].rsplit("/", 1)[-1]: float(row["score"]) for row in csv.DictReader(f)}
 
 
 @pytest.fixture(scope="module")
@@ -61,12 +53,12 @@ def test_eval_and_predict_reproduce_the_run_from_raw_images(stats_run, tmp_path,
     from conftest import mmcore_cli
 
     _, run = stats_run
-    expected = _scores(run / "test_predictions.json")
+    expected = scores_by_image(run / "test_predictions.json")
     mmcore_cli("eval", run, "--out", tmp_path / "eval", "--quiet")
-    again = _scores(tmp_path / "eval" / "test_predictions.json")
+    again = scores_by_image(tmp_path / "eval" / "test_predictions.json")
     assert again.keys() == expected.keys() and max(abs(again[k] - expected[k]) for k in expected) < 1e-6
     mmcore_cli("predict", run, demo_data / "test.csv", "-o", tmp_path / "scored.csv", "--quiet")
-    predicted = _predicted(tmp_path / "scored.csv")
+    predicted = scores_by_image(tmp_path / "scored.csv")
     assert predicted.keys() == expected.keys() and max(abs(predicted[k] - expected[k]) for k in expected) < 1e-5
 
 
@@ -79,8 +71,8 @@ def test_export_passes_parity_and_the_bundle_scores_as_the_run(stats_run, tmp_pa
     parity = json.loads((bundle / "parity.json").read_text())
     assert parity["passed"] is True and parity["max_abs_score_diff"] <= 1e-4
     mmcore_cli("predict", bundle, demo_data / "test.csv", "-o", tmp_path / "scored.csv", "--quiet")
-    expected = _scores(run / "test_predictions.json")
-    predicted = _predicted(tmp_path / "scored.csv")
+    expected = scores_by_image(run / "test_predictions.json")
+    predicted = scores_by_image(tmp_path / "scored.csv")
     assert predicted.keys() == expected.keys() and max(abs(predicted[k] - expected[k]) for k in expected) < 1e-4
 
 
@@ -90,8 +82,8 @@ def test_asking_it_to_train_is_one_line_naming_the_file_and_key(stats_run, tmp_p
     recipe, _ = stats_run
     result = mmcore_cli("run", recipe, "--out", tmp_path / "never", "--set", "train.finetune_layers=-1", check=False)
     assert result.returncode == 2
-    assert result.stderr.strip() == (
-        f"{recipe}: train.finetune_layers: vision encoder 'imagestats' is a fixed feature extractor with nothing "
+    assert result.stderr.strip() == (  # found at load, from the params class: no run directory is made
+        f"{recipe} (--set train.finetune_layers): train.finetune_layers: vision encoder 'imagestats' is a fixed feature extractor with nothing "
         "to train (got -1); use freeze_backbone = true, finetune_layers = 0 and no LoRA"
     )
     assert not (tmp_path / "never").exists()

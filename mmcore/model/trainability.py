@@ -77,7 +77,11 @@ def apply_trainability(
             "apply_trainability must run once, on a freshly built encoder"
         )
     if not getattr(encoder, "trainable", True):
-        _refuse_training(encoder, freeze_backbone=freeze_backbone, finetune_layers=finetune_layers, lora=lora)
+        problem = fixed_extractor_problem(
+            _label(encoder), freeze_backbone=freeze_backbone, finetune_layers=finetune_layers, lora_enabled=lora.enabled
+        )
+        if problem:
+            raise TrainabilityError(problem[1])
         return encoder
     if lora.enabled:
         if finetune_layers != 0:
@@ -101,18 +105,22 @@ def apply_trainability(
     return encoder
 
 
-def _refuse_training(encoder, *, freeze_backbone, finetune_layers, lora):
-    """A fixed feature extractor learns nothing: say which key asks it to."""
-    if lora.enabled:
+def fixed_extractor_problem(label, *, freeze_backbone, finetune_layers, lora_enabled):
+    """``(key, line)`` when settings ask a fixed feature extractor (``trainable = False``) to learn, else None.
+
+    Shared by :func:`apply_trainability` and the recipe's load-time check (which knows the
+    encoder only by its params class), so both say the same line.
+    """
+    if lora_enabled:
         key, value = "train.lora.enabled", "true"
     elif finetune_layers != 0:
         key, value = "train.finetune_layers", str(finetune_layers)
     elif not freeze_backbone:
         key, value = "train.freeze_backbone", "false"
     else:
-        return
-    raise TrainabilityError(
-        f"{key}: vision encoder {_label(encoder)} is a fixed feature extractor with nothing to train "
+        return None
+    return key, (
+        f"{key}: vision encoder {label} is a fixed feature extractor with nothing to train "
         f"(got {value}); use freeze_backbone = true, finetune_layers = 0 and no LoRA"
     )
 

@@ -283,12 +283,23 @@ def _check_metadata(recipe, resolved, source):
     reports them and ``mmcore run`` stops before the run directory exists."""
     from mmcore.builtin.pooling import cls_token_problem
 
+    from mmcore.model.trainability import fixed_extractor_problem
+
     vision, pooling = resolved.get("vision"), resolved.get("pooling")
-    if vision is None or pooling is None or pooling.name != "cls" or recipe.train.modality == "text_only":
+    if vision is None or recipe.train.modality == "text_only":
         return []
-    if declared_has_cls_token(vision.params) is False:
-        return [f"{src(source, 'pooling.name')}: pooling.name: {cls_token_problem(f'vision encoder {vision.name!r}')}"]
-    return []
+    problems = []
+    if getattr(vision.params, "trainable", True) is False:  # a fixed feature extractor's params say so
+        train = recipe.train
+        problem = fixed_extractor_problem(
+            repr(vision.name), freeze_backbone=train.freeze_backbone, finetune_layers=train.finetune_layers,
+            lora_enabled=train.lora.enabled,
+        )
+        if problem:
+            problems.append(f"{src(source, problem[0])}: {problem[1]}")
+    if pooling is not None and pooling.name == "cls" and declared_has_cls_token(vision.params) is False:
+        problems.append(f"{src(source, 'pooling.name')}: pooling.name: {cls_token_problem(f'vision encoder {vision.name!r}')}")
+    return problems
 
 
 def recipe_to_dict(recipe):

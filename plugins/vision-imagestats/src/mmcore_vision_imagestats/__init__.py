@@ -80,6 +80,10 @@ class ImageStatsParams(NoWeightsParams):
     """``size``: the square the image is resized to (squashed) before its statistics are taken;
     ``features``: which blocks to compute, in this order (all by default)."""
 
+    #: said before anything is built: a recipe that asks it to train is refused at load (mmcore show)
+    trainable = False
+    has_cls_token = False
+
     size: int = attrs.field(default=128, validator=_size)
     features: tuple[str, ...] = attrs.field(factory=lambda: tuple(BLOCKS), converter=tuple, validator=_features)
 
