@@ -151,6 +151,7 @@ def test_two_gloo_ranks_read_disjoint_shards_covering_every_sample_once(demo_dat
     script = tmp_path / "ranks.py"
     script.write_text(textwrap.dedent(f"""
         import json
+        import torch
         from mmcore.data.webdataset import ShardIndex, read_shards
         from mmcore.engine.runtime import init_distributed, rank
         init_distributed()
@@ -159,6 +160,7 @@ def test_two_gloo_ranks_read_disjoint_shards_covering_every_sample_once(demo_dat
         out = {{"read": index.read_here, "samples": [p.url + "#" + p.key for p in split.paths]}}
         with open({str(tmp_path)!r} + f"/rank{{rank()}}.json", "w") as handle:
             json.dump(out, handle)
+        torch.distributed.destroy_process_group()
     """))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(

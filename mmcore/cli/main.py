@@ -27,6 +27,17 @@ class MmcoreGroup(click.Group):
         except KeyboardInterrupt:  # every command (eval, export, ...) exits 130 on Ctrl-C, like run
             click.echo("interrupted", err=True)
             sys.exit(130)
+        finally:
+            _leave_process_group()
+
+
+def _leave_process_group():
+    """Under torchrun, leave the process group before the interpreter exits (see
+    :func:`~mmcore.engine.runtime.shutdown_distributed`); a command that never imported torch has none."""
+    if "torch" in sys.modules:
+        from mmcore.engine.runtime import shutdown_distributed
+
+        shutdown_distributed()
 
 
 @click.group(cls=MmcoreGroup, context_settings={"help_option_names": ["-h", "--help"]})

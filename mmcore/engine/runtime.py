@@ -127,6 +127,17 @@ def init_distributed(timeout_s=DEFAULT_DIST_TIMEOUT_S):
     return True
 
 
+def shutdown_distributed():
+    """Leave the process group (what :func:`init_distributed` joined), if any.
+
+    A process that exits with its gloo group still up can abort in the group's destructor
+    ("terminate called without an active exception", exit -6) after finishing its work:
+    torchrun then reports the rank failed.
+    """
+    if is_distributed():
+        torch.distributed.destroy_process_group()
+
+
 def local_world_size():
     """Processes on this machine under torchrun (``LOCAL_WORLD_SIZE``); 1 otherwise."""
     try:
