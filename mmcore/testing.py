@@ -205,12 +205,18 @@ def check_vision_encoder(name, params=None, registry=None):
         stepped = encoder(**batch)
     problem = feature_problem(_masked_mean(stepped.tokens, stepped.mask), inputs="images")
     assert problem is None or not problem.startswith("not finite"), f"{name}: after one training step, vision features are {problem}"
+    _check_identity(name, encoder, params, registry)
+    encoder.eval()
+    return encoder
+
+
+def _check_identity(name, encoder, params, registry):
+    """The identity names the encoder and is the same on another build; returns that build."""
     identity = encoder.identity
     assert isinstance(identity, str) and name in identity, f"{name}: identity must be a string naming the encoder"
     again = build("vision", name, params, registry)
     assert again.identity == identity, f"{name}: identity is not stable across builds"
-    encoder.eval()
-    return encoder
+    return again
 
 
 def _check_fixed_extractor(name, encoder, batch, params, registry):
@@ -223,10 +229,7 @@ def _check_fixed_extractor(name, encoder, batch, params, registry):
     logits = _pipeline(encoder, out, None)
     for value in logits:
         assert value.shape == (2,) and torch.isfinite(value).all(), f"{name}: pipeline gave bad logits"
-    identity = encoder.identity
-    assert isinstance(identity, str) and name in identity, f"{name}: identity must be a string naming the encoder"
-    again = build("vision", name, params, registry)
-    assert again.identity == identity, f"{name}: identity is not stable across builds"
+    again = _check_identity(name, encoder, params, registry)
     with torch.no_grad():
         torch.testing.assert_close(again(**batch).tokens, out.tokens, msg=f"{name}: a fixed extractor must give the same output on every build")
 

@@ -282,7 +282,6 @@ def _check_metadata(recipe, resolved, source):
     """Checks that need only the plugins' metadata, no model: done at load, so ``mmcore show``
     reports them and ``mmcore run`` stops before the run directory exists."""
     from mmcore.builtin.pooling import cls_token_problem
-
     from mmcore.model.trainability import fixed_extractor_problem
 
     vision, pooling = resolved.get("vision"), resolved.get("pooling")

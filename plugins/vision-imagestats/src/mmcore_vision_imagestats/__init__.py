@@ -37,7 +37,9 @@ import math
 import attrs
 import torch
 
-from mmcore import FieldError, NO_WEIGHTS, NoWeightsParams, Preprocessing, TokenOutput, VisionEncoder, hookimpl
+from mmcore import (
+    NO_WEIGHTS, FieldError, NoWeightsParams, Preprocessing, TokenOutput, VisionEncoder, hookimpl, identity_string,
+)
 
 #: block name -> number of bins
 BLOCKS = {
@@ -184,8 +186,7 @@ class ImageStatsEncoder(VisionEncoder):
         self.out_dim = sum(BLOCKS[name] for name in params.features)
 
     def forward(self, pixel_values):
-        features = self.statistics(pixel_values)
-        tokens = features.unsqueeze(1).to(pixel_values.dtype if pixel_values.is_floating_point() else torch.float32)
+        tokens = self.statistics(pixel_values).unsqueeze(1)  # float32 whatever the input: counts need no less
         return TokenOutput(tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device))
 
     def blocks(self):
@@ -193,8 +194,6 @@ class ImageStatsEncoder(VisionEncoder):
 
     @property
     def identity(self):
-        from mmcore import identity_string
-
         return identity_string(
             self.name, self.weights, None,
             {"params": attrs.asdict(self.params), "preprocessing": self.preprocessing.describe(), "out_dim": self.out_dim,
