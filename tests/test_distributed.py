@@ -246,6 +246,26 @@ def test_what_a_node_local_cache_lacks_is_resharded_among_that_nodes_ranks(tmp_p
     assert [r["missing"] for r in ranks] == [0, 0, 0]
 
 
+def test_a_rank_that_takes_the_lock_late_still_computes_only_its_part_of_what_was_left(tmp_path):
+    from mmcore_fake_encoders import FakeText, FakeTextParams
+
+    from mmcore.engine.cache import text_key
+    from mmcore.engine.features import fill_text_cache, text_store
+
+    # two ranks of one node share a store that lacks 20 texts after the sharded pass; rank 0
+    # gets the store's lock first and fills its half: rank 1, after it, must still fill only
+    # its own half of the 20 (not half of the 10 it finds missing, which would leave 5 to the
+    # unsharded pass of one rank: CI saw 10 and 5)
+    encoder = FakeText(FakeTextParams())
+    texts = [f"ad text number {i}" for i in range(20)]
+    store = text_store(tmp_path / "node", encoder)
+    left = sorted(text_key(t) for t in texts)
+    first = fill_text_cache(encoder, texts, store, progress=False, shard=(0, 2), reshard=left)
+    second = fill_text_cache(encoder, texts, store, progress=False, shard=(1, 2), reshard=left)
+    assert (first, second) == (10, 10)
+    assert store.missing([text_key(t) for t in texts], refresh=True) == []
+
+
 def test_text_features_are_equal_with_the_cache_on_and_off(registry, tiny_recipe, tmp_path):
     import torch
 

@@ -165,23 +165,24 @@ class ImageHashes:
         return [facts.sha1 for facts in self.facts(paths)]
 
 
-def _shard(positions, keys, shard, reshard=False, groups=None):
+def _shard(positions, keys, shard, reshard=None, groups=None):
     """This rank's part of ``positions``.
 
     The partition is of all the keys (not of what is missing when a rank happens to look),
-    so ranks that start at different moments still agree on it. With ``reshard`` it is of the
-    keys at ``positions``: what is left after a sharded pass, which every rank of the group
-    sees the same once they all passed a barrier. With ``groups`` (one name per position: the
-    WebDataset shard of each sample) whole groups are dealt out instead, so each rank reads its
-    own shards.
+    so ranks that start at different moments still agree on it. With ``reshard`` (the keys
+    left after a sharded pass, which every rank of the group saw the same after a barrier)
+    it is of those keys instead: a rank that takes the store's lock after another rank of
+    its group filled its part still takes only its own part. With ``groups`` (one name per
+    position: the WebDataset shard of each sample) whole groups are dealt out instead, so
+    each rank reads its own shards.
     """
     rank, world = shard
     if world == 1:
         return positions
-    if groups is not None and not reshard:
+    if groups is not None and reshard is None:
         mine = set(sorted(set(groups))[rank::world])
         return [i for i in positions if groups[i] in mine]
-    pool = (keys[i] for i in positions) if reshard else keys
+    pool = keys if reshard is None else reshard
     mine = set(sorted({key or b"" for key in pool})[rank::world])
     return [i for i in positions if (keys[i] or b"") in mine]
 
@@ -225,7 +226,7 @@ def fill_vision_cache(
     max_image_pixels,
     image_formats=DEFAULT_FORMATS,
     shard=(0, 1),
-    reshard=False,
+    reshard=None,
     progress=True,
     on_wait=None,
     chunk_rows=None,
@@ -235,8 +236,8 @@ def fill_vision_cache(
     ``keys`` are the images' content keys (:func:`image_keys`). With ``shard = (rank,
     world_size)`` only that rank's part of the missing images is computed (ranks fill
     disjoint parts at once; call again with the default shard after a barrier to pick up
-    what is left, e.g. bad images); ``reshard`` partitions what is missing now instead of
-    all the keys (see :func:`_shard`). Completed chunks survive an interruption.
+    what is left, e.g. bad images); ``reshard`` (the keys left after a sharded pass) is
+    partitioned instead of all the keys (see :func:`_shard`). Completed chunks survive an interruption.
     """
     encoder, pooling = model.vision, model.pooling
     store_tokens = store.description["stored"] == "tokens"
@@ -407,7 +408,7 @@ def _wait(pair):
 
 def fill_text_cache(
     encoder, texts, store, *, device=None, dtype=None, progress=True, desc="text features", on_wait=None,
-    shard=(0, 1), reshard=False,
+    shard=(0, 1), reshard=None,
 ):
     """Embed the distinct texts ``store`` lacks, in the encoder's batch size -> how many were computed.
 

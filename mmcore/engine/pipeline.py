@@ -427,7 +427,7 @@ def fill_in_parallel(fill, store, keys):
     mine = _digest(left)
     group = [r for r, theirs in enumerate(all_gather_objects(mine)) if theirs == mine]
     if left:
-        fill(shard=(group.index(rank()), len(group)), reshard=True)
+        fill(shard=(group.index(rank()), len(group)), reshard=left)
     barrier()
 
 
