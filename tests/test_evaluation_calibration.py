@@ -58,3 +58,18 @@ def test_temperature_is_positive_even_for_anti_correlated_logits():
 def test_bad_temperature_is_an_error():
     with pytest.raises(ValueError, match="temperature must be > 0"):
         apply_temperature([0.0], 0)
+
+
+def test_the_engines_sigmoid_is_exact_and_silent_for_extreme_logits():
+    import warnings
+
+    from mmcore.engine.inference import sigmoid
+
+    # a pruned tuning trial's diverged head gives logits of -1e4: no overflow warning, exact 0 and 1
+    logits = np.array([-1e4, -800.0, -2.0, 0.0, 3.0, 800.0, 1e4])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = sigmoid(logits)
+    assert got[1:-1] == pytest.approx([0.0, 1 / (1 + np.exp(2.0)), 0.5, 1 / (1 + np.exp(-3.0)), 1.0], abs=1e-300)
+    assert got[0] == 0.0 and got[-1] == 1.0 and got.dtype == np.float64
+    assert float(sigmoid(0.0)) == 0.5

@@ -46,5 +46,7 @@ def predict(model, loader, *, device, dtype, bad_images, split_name="eval", desc
 
 
 def sigmoid(logits):
-    """Probabilities from logits (float64, numpy)."""
-    return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
+    """Probabilities from logits (float64, numpy), without overflow for logits far below zero."""
+    logits = np.asarray(logits, dtype=np.float64)
+    small = np.exp(-np.abs(logits))
+    return np.where(logits >= 0, 1.0 / (1.0 + small), small / (1.0 + small))
