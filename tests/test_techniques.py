@@ -2,8 +2,10 @@
 
 import json
 import signal
+import tomllib
 
 import pytest
+import tomli_w
 import torch
 from test_resume import _scores, _start, _wait_for_checkpoint
 
@@ -171,3 +173,33 @@ def test_compile_trains_to_the_same_scores_and_a_failing_compile_warns_once_and_
     assert len(depths) >= 3
     for depth in depths:
         assert scalars[f"lr/backbone.depth{depth}"] == pytest.approx([lr * 0.5**depth for lr in top], rel=1e-6)
+
+
+def test_a_one_member_soup_of_a_batch_norm_network_is_exactly_its_best_epoch(cli, tiny_recipe, tmp_path):
+    # resnet18 tiny trained from scratch (batch norm in train mode): the soup keeps each epoch's
+    # running statistics with its weights, so a greedy soup of one member is the best epoch
+    # itself, not its weights under the last epoch's statistics
+    train = {"epochs": 4, "freeze_backbone": False, "finetune_layers": -1, "learning_rate": 0.03,
+             "early_stopping": {"patience": 0}}
+
+    def recipe(name, **more):
+        path = tiny_recipe(name, train={**train, **more})
+        data = tomllib.loads(path.read_text())
+        data["vision"] = {"name": "resnet18", "params": {"pretrained": False, "tiny": True}}
+        path.write_text(tomli_w.dumps(data))
+        return path
+
+    plain, souped = tmp_path / "plain", tmp_path / "soup"
+    cli("run", recipe("plain.toml"), "--out", plain, "--quiet")
+    cli("run", recipe("soup.toml", soup="greedy", soup_k=1), "--out", souped, "--quiet")
+
+    a, b = (json.loads((run / "results.json").read_text()) for run in (plain, souped))
+    assert a["selected_epoch"] < 4  # otherwise the last epoch's statistics would be the right ones anyway
+    assert b["soup"]["members"][0]["epoch"] == a["selected_epoch"]
+    best_a, best_b = (torch.load(run / "checkpoint_best.ckpt", weights_only=True)["model"] for run in (plain, souped))
+    stats = [name for name in best_a if name.endswith("running_mean")]
+    assert stats and best_a.keys() == best_b.keys()
+    for name in best_a:
+        assert torch.equal(best_a[name], best_b[name]), name
+    assert b["val"][a["selection_metric"]] == a["val"][a["selection_metric"]]
+    assert b["test"] == a["test"]

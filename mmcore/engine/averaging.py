@@ -1,8 +1,10 @@
 """Weight averaging: an EMA of the trainable weights, and checkpoint soups over the top epochs.
 
-Both work on the trainable parameters only (by name, as in ``model.named_parameters()``):
-frozen weights are the same in every member, and buffers (batch-norm statistics) are not
-weights that an average of optimizer steps says anything about.
+The EMA works on the trainable parameters only (by name, as in ``model.named_parameters()``):
+frozen weights are the same in every step. A soup member is an epoch's trainable parameters
+*and* its buffers (batch-norm statistics), averaged alike: weights averaged
+under another epoch's statistics are not the model any epoch validated, so without them a
+one-member soup of a network with batch norm would not even be its best epoch.
 """
 
 from __future__ import annotations
@@ -17,17 +19,25 @@ def trainable_named(model):
     return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
 
 
-def trainable_state(model):
-    """The trainable parameters as detached CPU copies (what a soup keeps per epoch)."""
-    return {name: p.detach().to("cpu", copy=True) for name, p in trainable_named(model)}
+def soup_named(model):
+    """``[(name, tensor)]`` of what a soup averages: the trainable parameters, then the
+    buffers the state dict saves (batch-norm running statistics and counters)."""
+    saved = model.state_dict(keep_vars=True).keys()
+    buffers = [(name, b) for name, b in model.named_buffers() if name in saved]
+    return trainable_named(model) + buffers
+
+
+def soup_state(model):
+    """What a soup keeps of an epoch (:func:`soup_named`), as detached CPU copies."""
+    return {name: t.detach().to("cpu", copy=True) for name, t in soup_named(model)}
 
 
 @torch.no_grad()
-def load_trainable_(model, state):
-    """Copy ``state`` (name -> tensor) into the model's trainable parameters, in place."""
-    params = dict(trainable_named(model))
+def load_soup_state_(model, state):
+    """Copy ``state`` (name -> tensor, from :func:`soup_state`) into the model, in place."""
+    tensors = dict(soup_named(model))
     for name, value in state.items():
-        params[name].copy_(value)
+        tensors[name].copy_(value)
 
 
 class WeightEMA:
@@ -77,10 +87,12 @@ class WeightEMA:
 
 
 def average_states(states):
-    """The uniform average of trainable states (name -> tensor), in float64 then back to each dtype."""
+    """The uniform average of soup states (name -> tensor), in float64 then back to each dtype;
+    an integer tensor (a batch counter) is the first state's."""
     first = states[0]
     return {
         name: (sum(s[name].double() for s in states) / len(states)).to(first[name].dtype)
+        if first[name].is_floating_point() else first[name].clone()
         for name in first
     }
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmcore.engine.averaging import WeightEMA, average_states, greedy_soup, load_trainable_, trainable_state
+from mmcore.engine.averaging import WeightEMA, average_states, greedy_soup, load_soup_state_, soup_state
 from mmcore.engine.cache import warn
 from mmcore.engine.checkpoint import load_model_state, make_checkpoint, model_state_keys, read_checkpoint, save_checkpoint
 from mmcore.engine.inference import predict, sigmoid
@@ -402,7 +402,8 @@ class TrainingRun:
         return self.ema.applied() if kind == "ema" else contextlib.nullcontext()
 
     def _offer_to_soup(self, value, epoch, kind, better):
-        """Keep this epoch's ``kind`` weights if they are among the top ``soup_k`` (CPU copies, trainable only)."""
+        """Keep this epoch's ``kind`` weights if they are among the top ``soup_k`` (CPU copies of
+        the trainable weights and the batch-norm statistics)."""
         if value is None:
             return
         k, pool = self.recipe.train.soup_k, self.soup_pool
@@ -410,7 +411,7 @@ class TrainingRun:
         if place >= k:
             return
         with self._weights(kind):
-            state = trainable_state(self.pipeline.model)
+            state = soup_state(self.pipeline.model)
         pool.insert(place, {"value": value, "epoch": epoch, "weights": kind, "state": state})
         del pool[k:]
 
@@ -419,7 +420,7 @@ class TrainingRun:
         model, pool, method = self.pipeline.model, self.soup_pool, self.recipe.train.soup
 
         def validate(state):
-            load_trainable_(model, state)
+            load_soup_state_(model, state)
             _, logits, labels = self.predict(self.val_loader, "val")
             return epoch_metrics(logits, labels, self.loss_fn)
 
@@ -429,7 +430,7 @@ class TrainingRun:
         else:
             soup, chosen = average_states(states), list(range(len(states)))
             metrics = validate(soup)
-        load_trainable_(model, soup)
+        load_soup_state_(model, soup)
         self.best_metrics = metrics
         self.soup = {
             "method": method,
