@@ -52,6 +52,46 @@ def test_ema_equals_a_hand_computed_ema_after_k_steps():
     assert all(torch.equal(p, raw[name]) for name, p in model.named_parameters())  # restored exactly
 
 
+def test_the_ema_follows_batch_norm_statistics_like_the_weights_and_resumes_older_checkpoints():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    decay = 0.8
+    ema = WeightEMA(model, decay)
+    hand = {name: t.detach().clone() for name, t in model.state_dict().items() if t.is_floating_point()}
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(5):  # a forward in train mode moves the running statistics; then a weight step
+        model(torch.randn(16, 3, generator=generator) * 3 + 1)
+        with torch.no_grad():
+            model[0].weight.add_(0.1)
+        ema.update()
+        current = model.state_dict()
+        hand = {name: decay * value + (1 - decay) * current[name] for name, value in hand.items()}
+    state = ema.state_dict()
+    assert set(state) == set(hand) == {"0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var"}
+    for name, value in hand.items():
+        torch.testing.assert_close(state[name], value, rtol=0, atol=1e-6)
+    raw = {name: t.clone() for name, t in model.state_dict().items()}
+    assert not torch.allclose(raw["1.running_mean"], state["1.running_mean"], atol=1e-3)
+    model.eval()
+    x = torch.randn(8, 3, generator=generator)
+    with ema.applied():  # validated under the EMA statistics: the same as a model built from the EMA state
+        assert torch.equal(model[1].running_var, state["1.running_var"])
+        inside = model(x)
+    twin = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)).eval()
+    twin.load_state_dict({**raw, **state})
+    torch.testing.assert_close(inside, twin(x), rtol=0, atol=0)
+    assert all(torch.equal(t, raw[name]) for name, t in model.state_dict().items())  # restored exactly
+
+    # a last.ckpt written before the EMA followed the statistics: they start from the model's
+    older = {name: value for name, value in state.items() if "running" not in name}
+    resumed = WeightEMA(model, decay)
+    resumed.load_state_dict(older)
+    after = resumed.state_dict()
+    assert torch.equal(after["1.running_mean"], raw["1.running_mean"]) and torch.equal(after["0.weight"], state["0.weight"])
+    with pytest.raises(KeyError, match="lacks 1 weights"):
+        resumed.load_state_dict({name: value for name, value in state.items() if name != "0.bias"})
+
+
 def test_soups_by_value():
     members = [{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 0.0])}, {"w": torch.tensor([100.0, 100.0])}]
     assert torch.equal(average_states(members[:2])["w"], torch.tensor([2.0, 1.0]))

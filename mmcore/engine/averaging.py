@@ -1,7 +1,8 @@
 """Weight averaging: an EMA of the trainable weights, and checkpoint soups over the top epochs.
 
-The EMA works on the trainable parameters only (by name, as in ``model.named_parameters()``):
-frozen weights are the same in every step. A soup member is an epoch's trainable parameters
+Both work on the trainable parameters (by name, as in ``model.named_parameters()``; frozen
+weights are the same in every step) and on the buffers the state dict saves. The EMA follows
+the batch-norm statistics like the weights. A soup member is an epoch's trainable parameters
 *and* its buffers (batch-norm statistics), averaged alike: weights averaged
 under another epoch's statistics are not the model any epoch validated, so without them a
 one-member soup of a network with batch norm would not even be its best epoch.
@@ -43,41 +44,51 @@ def load_soup_state_(model, state):
 class WeightEMA:
     """``ema = decay * ema + (1 - decay) * weights`` after every optimizer step, on the weights' device.
 
-    The update is one fused ``_foreach_lerp_`` (no host sync); the shadow starts as the
-    weights the run starts from.
+    The trainable weights and the floating-point buffers the state dict saves (batch-norm
+    running statistics) follow the average alike, as in timm's ``ModelEmaV3`` and torch's
+    ``AveragedModel(use_buffers=True)``: the EMA weights are validated under statistics that
+    match them, not under the raw weights' latest ones. The update is one fused
+    ``_foreach_lerp_`` (no host sync); the shadow starts as the weights the run starts from.
     """
 
     def __init__(self, model, decay):
         self.decay = float(decay)
         named = trainable_named(model)
-        self.names = [name for name, _ in named]
-        self.params = [p for _, p in named]
-        self.shadow = [p.detach().clone() for p in self.params]
+        saved = model.state_dict(keep_vars=True).keys()
+        buffers = [(name, b) for name, b in model.named_buffers() if b.is_floating_point() and name in saved]
+        self.weight_names = [name for name, _ in named]
+        self.names = self.weight_names + [name for name, _ in buffers]
+        self.params = [t for _, t in named] + [b for _, b in buffers]
+        self.shadow = [t.detach().clone() for t in self.params]
 
     @torch.no_grad()
     def update(self):
-        """One EMA step towards the current weights."""
+        """One EMA step towards the current weights (and statistics)."""
         if self.params:
             torch._foreach_lerp_(self.shadow, self.params, 1.0 - self.decay)
 
     def state_dict(self):
-        """The shadow weights by name, on the CPU (for ``last.ckpt``)."""
+        """The shadow weights and statistics by name, on the CPU (for ``last.ckpt``)."""
         return {name: t.detach().to("cpu", copy=True) for name, t in zip(self.names, self.shadow)}
 
     @torch.no_grad()
     def load_state_dict(self, state):
-        """Restore the shadow weights saved by :meth:`state_dict` (exactly)."""
-        missing = sorted(set(self.names) - set(state))
+        """Restore the shadow saved by :meth:`state_dict` (exactly).
+
+        Statistics a checkpoint lacks (one written before the EMA followed them) start from
+        the model's current ones; a missing weight is an error.
+        """
+        missing = sorted(set(self.weight_names) - set(state))
         if missing:
             raise KeyError(f"EMA state lacks {len(missing)} weights (e.g. {missing[0]})")
-        for name, t in zip(self.names, self.shadow):
-            t.copy_(state[name])
+        for name, t, current in zip(self.names, self.shadow, self.params):
+            t.copy_(state[name] if name in state else current)
 
     @contextlib.contextmanager
     def applied(self):
-        """The model holds the EMA weights inside the block, its own weights again after it."""
+        """The model holds the EMA weights and statistics inside the block, its own again after it."""
         with torch.no_grad():
-            backup = [p.detach().clone() for p in self.params]
+            backup = [t.detach().clone() for t in self.params]
             torch._foreach_copy_(self.params, self.shadow)
         try:
             yield
