@@ -229,7 +229,18 @@ def main():
         from mmcore.cli.main import main as cli
 
         sys.argv = ["mmcore", *sys.argv[2:]]
-        cli()
+        try:
+            cli()
+        except SystemExit as done:
+            # the DDP wrapper must not outlive the command, not even as uncollected garbage: it
+            # would keep the process group alive until interpreter teardown (see
+            # Trainer.release_data_parallel); counted before any collection
+            import gc
+
+            alive = sum(isinstance(o, torch.nn.parallel.DistributedDataParallel) for o in gc.get_objects())
+            print(f"rank {dist.get_rank() if dist.is_initialized() else os.environ['RANK']}: "
+                  f"DistributedDataParallel objects alive after the command: {alive}", flush=True)
+            raise SystemExit(done.code) from None
         return
     if sys.argv[1] == "reshard":
         out = sys.argv[2]

@@ -38,6 +38,8 @@ def test_torchrun_two_processes_match_one_process_and_only_rank0_writes(cli, tin
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("== ddp ==") == 1  # one summary: rank 0 alone talks
     assert "distributed: 2 processes, global batch 16" in result.stdout
+    for rank in (0, 1):  # DDP unhooked and dropped when training ended, not left for interpreter teardown
+        assert f"rank {rank}: DistributedDataParallel objects alive after the command: 0" in result.stdout
 
     single = json.loads((tmp_path / "single" / "results.json").read_text())
     ddp = json.loads((tmp_path / "ddp" / "results.json").read_text())
@@ -306,3 +308,36 @@ def test_a_feature_above_float16_max_is_refused_naming_the_encoder(tmp_path):
         "stores; scale its output down or set cache.enabled = false"
     )
     assert store.missing([text_key(t) for t in texts], refresh=True) == [0, 1]  # no inf stored
+
+
+def test_the_trainer_unhooks_and_drops_ddp_when_training_ends(tmp_path):
+    import gc
+    import weakref
+
+    import torch
+    import torch.distributed as dist
+
+    from mmcore.engine.loop import Trainer
+
+    # one gloo process: DDP's hooks on the parameters keep the wrapper (and so the group) in a
+    # reference cycle; released, it goes at once, with the collector off
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        plain = torch.nn.Linear(3, 1)
+        wrapped = torch.nn.parallel.DistributedDataParallel(plain)
+        optimizer = torch.optim.SGD(plain.parameters(), lr=0.1)
+        trainer = Trainer(model=wrapped, optimizer=optimizer, scheduler=None, loss_fn=torch.nn.BCEWithLogitsLoss(),
+                          device=torch.device("cpu"), dtype=None)
+        gone = weakref.ref(wrapped)
+        del wrapped
+        gc.disable()
+        try:
+            trainer.release_data_parallel()
+            assert trainer.model is plain and trainer.step.model is plain
+            assert gone() is None
+        finally:
+            gc.enable()
+        plain(torch.ones(2, 3)).sum().backward()  # the parameters' hooks are gone with it
+        assert plain.weight.grad is not None
+    finally:
+        dist.destroy_process_group()

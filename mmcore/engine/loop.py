@@ -18,7 +18,7 @@ from mmcore.engine.inference import predict, sigmoid
 from mmcore.engine.policies import BadImages, NanPolicy, NonFiniteLoss
 from mmcore.engine.progress import SmoothedRate, progress_bar
 from mmcore.engine.runtime import any_rank, world_size
-from mmcore.engine.step import TrainStep
+from mmcore.engine.step import TrainStep, is_ddp
 
 __all__ = ["BadImages", "NonFiniteLoss", "Trainer", "predict", "set_train_mode", "sigmoid", "total_steps"]
 
@@ -98,6 +98,19 @@ class Trainer:
         self.rate = SmoothedRate()
         #: the smoothed training throughput of the whole job (all ranks), samples/s
         self.samples_per_s = None
+
+    def release_data_parallel(self):
+        """Training is over: unhook the DDP wrapper and train (or score) the plain model from now on.
+
+        DDP's reducer hooks each trainable parameter's gradient accumulator, and those hooks
+        keep the wrapper, and through it the process group, alive in a cycle through C++ that
+        Python's garbage collector cannot see: the group would outlive
+        ``destroy_process_group`` until the interpreter tears down, where a gloo rank can abort
+        ("terminate called without an active exception", exit -6) after its work is done.
+        """
+        if is_ddp(self.model):
+            self.model._remove_autograd_hooks()
+            self.model = self.step.model = self.model.module
 
     @property
     def skipped_nan_steps(self):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 import random
 
@@ -135,6 +136,7 @@ def shutdown_distributed():
     torchrun then reports the rank failed.
     """
     if is_distributed():
+        gc.collect()  # garbage that still holds the group (a DDP wrapper in a cycle) goes first
         torch.distributed.destroy_process_group()
 
 

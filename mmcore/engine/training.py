@@ -305,6 +305,21 @@ class TrainingRun:
     # -- training ---------------------------------------------------------------------------
 
     def fit(self):
+        try:
+            self._train_epochs()
+        finally:
+            self.trainer.release_data_parallel()
+        recipe = self.recipe
+        metric = recipe.train.early_stopping.metric
+        mode = metric_mode(metric)
+        if self.best_epoch == 0:
+            raise RunError(f"{metric} was never computed (validation has one class?); no checkpoint selected")
+        if recipe.train.soup != "none" and self.soup_pool:
+            self._make_soup(metric, _better(mode))
+        return self.finish()
+
+    def _train_epochs(self):
+        """Epochs until ``train.epochs``, early stopping, a stop request or ``on_epoch_end``."""
         recipe, trainer, model = self.recipe, self.trainer, self.pipeline.model
         metric = recipe.train.early_stopping.metric
         mode = metric_mode(metric)
@@ -389,11 +404,6 @@ class TrainingRun:
             if patience and self.since_best >= patience:
                 self.echo(f"early stopping: {metric} has not improved for {patience} epochs (best epoch {self.best_epoch})")
                 break
-        if self.best_epoch == 0:
-            raise RunError(f"{metric} was never computed (validation has one class?); no checkpoint selected")
-        if recipe.train.soup != "none" and self.soup_pool:
-            self._make_soup(metric, _better(mode))
-        return self.finish()
 
     # -- EMA and soups ----------------------------------------------------------------------
 
