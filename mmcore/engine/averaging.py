@@ -20,12 +20,16 @@ def trainable_named(model):
     return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
 
 
+def saved_buffers(model):
+    """``[(name, buffer)]`` of the buffers the state dict saves (not a non-persistent one)."""
+    saved = model.state_dict(keep_vars=True).keys()
+    return [(name, b) for name, b in model.named_buffers() if name in saved]
+
+
 def soup_named(model):
     """``[(name, tensor)]`` of what a soup averages: the trainable parameters, then the
     buffers the state dict saves (batch-norm running statistics and counters)."""
-    saved = model.state_dict(keep_vars=True).keys()
-    buffers = [(name, b) for name, b in model.named_buffers() if name in saved]
-    return trainable_named(model) + buffers
+    return trainable_named(model) + saved_buffers(model)
 
 
 def soup_state(model):
@@ -54,8 +58,7 @@ class WeightEMA:
     def __init__(self, model, decay):
         self.decay = float(decay)
         named = trainable_named(model)
-        saved = model.state_dict(keep_vars=True).keys()
-        buffers = [(name, b) for name, b in model.named_buffers() if b.is_floating_point() and name in saved]
+        buffers = [(name, b) for name, b in saved_buffers(model) if b.is_floating_point()]
         self.weight_names = [name for name, _ in named]
         self.names = self.weight_names + [name for name, _ in buffers]
         self.params = [t for _, t in named] + [b for _, b in buffers]

@@ -102,11 +102,11 @@ class Trainer:
     def release_data_parallel(self):
         """Training is over: unhook the DDP wrapper and train (or score) the plain model from now on.
 
-        DDP's reducer hooks each trainable parameter's gradient accumulator, and those hooks
-        keep the wrapper, and through it the process group, alive in a cycle through C++ that
-        Python's garbage collector cannot see: the group would outlive
-        ``destroy_process_group`` until the interpreter tears down, where a gloo rank can abort
-        ("terminate called without an active exception", exit -6) after its work is done.
+        DDP's reducer hooks each trainable parameter's gradient accumulator, which puts the
+        wrapper in a reference cycle: until a garbage collection happens to run, it keeps the
+        process group alive past ``destroy_process_group``, possibly until the interpreter
+        tears down, where a gloo rank can abort ("terminate called without an active
+        exception", exit -6) after its work is done. Unhooked, it goes as soon as it is dropped.
         """
         if is_ddp(self.model):
             self.model._remove_autograd_hooks()
