@@ -236,7 +236,8 @@ def test_timm_weights_are_the_hub_repo_their_tag_names(blocked_network, caches, 
     assert (found.state, found.path) == ("cached", str(snapshot))
 
 
-def test_an_encoder_that_declares_nothing_is_not_checked(registry):
+def test_an_encoder_that_declares_nothing_is_not_checked_but_loads_offline(registry, blocked_network):
+    import huggingface_hub.constants
     from tiny import TINY_RECIPE
 
     from mmcore.recipe.load import recipe_from_dict
@@ -248,6 +249,9 @@ def test_an_encoder_that_declares_nothing_is_not_checked(registry):
         "vision (vision encoder 'fake_cnn'): its plugin declares no weights: checked when it is built",
         "text (text encoder 'fake_text'): its plugin declares no weights: checked when it is built",
     ]
+    # it may read the hub when it is built: without network, only from the cache, at once
+    assert blocked_network == [("huggingface.co", 443)]
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is True
 
 
 # ---------------------------------------------------------------- declarations agree with the factories

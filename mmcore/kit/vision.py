@@ -7,7 +7,9 @@
 - :func:`build_timm_encoder`: a whole :class:`TimmEncoder` (the vit and timm plugins).
 - :func:`build_torchvision_model` / :func:`build_timm_model`: one model with hub weights by
   id, a local weights file or directory, or random weights (``pretrained = false``, ``tiny``),
-  every failure to load turned into one actionable line by :func:`mmcore.kit.weights.load_pretrained`.
+  every failure to load turned into one actionable line by :func:`mmcore.kit.weights.load_pretrained`;
+  what each loads, declared without loading: :func:`mmcore.kit.weights.torchvision_weights` and
+  :func:`~mmcore.kit.weights.timm_weights` (both read :func:`~mmcore.kit.weights.library_weights_source`).
 - :func:`torchvision_preprocessing` / :func:`timm_preprocessing`: the eval transform the
   weights were trained with, as a picklable :class:`ResizeCropPreprocessing`.
 

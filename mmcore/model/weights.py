@@ -12,7 +12,7 @@ from __future__ import annotations
 import attrs
 
 from mmcore.errors import RecipeError
-from mmcore.kit.hub import offline_by_env, resolve_weights
+from mmcore.kit.hub import hub_online, offline_by_env, resolve_weights
 from mmcore.kit.weights import PartRef
 from mmcore.plugins.kinds import KINDS
 from mmcore.plugins.registry import UnknownComponentError
@@ -93,8 +93,14 @@ def _collect(registry, kind, key, name, params, source, needed, undeclared):
 
 
 def weights_report(recipe, registry, *, source="recipe"):
-    """Every weight the recipe's encoders declare, looked up on this machine (one network probe at most)."""
+    """Every weight the recipe's encoders declare, looked up on this machine (one network probe at most).
+
+    An encoder that declares nothing may still read the Hugging Face hub when it is built: the hub
+    is probed for it too, so that without network its libraries read only their cache, at once.
+    """
     needed, undeclared = needed_weights(recipe, registry, source=source)
+    if undeclared:
+        hub_online()
     found = resolve_weights([item.ref for item in needed])
     return WeightsReport(resolved=list(zip(needed, found)), undeclared=undeclared)
 
