@@ -168,6 +168,13 @@ def test_random_weights_need_nothing(blocked_network, real_registry):
     assert blocked_network == []
 
 
+def test_an_encoder_on_no_weights_params_needs_nothing(blocked_network, real_registry):
+    report = require_weights(default_recipe("vision.name='imagestats'", "text.params.pretrained=false"),
+                             real_registry, source="r.toml")
+    assert (report.resolved, report.undeclared) == ([], [])
+    assert blocked_network == []
+
+
 def test_a_local_directory_counts_when_it_exists(blocked_network, real_registry, tmp_path):
     present, absent = tmp_path / "siglip", tmp_path / "nothing-here"
     present.mkdir()

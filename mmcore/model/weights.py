@@ -12,6 +12,7 @@ from __future__ import annotations
 import attrs
 
 from mmcore.errors import RecipeError
+from mmcore.interfaces import NoWeightsParams
 from mmcore.kit.hub import hub_online, offline_by_env, resolve_weights
 from mmcore.kit.weights import PartRef
 from mmcore.plugins.kinds import KINDS
@@ -77,7 +78,8 @@ def _collect(registry, kind, key, name, params, source, needed, undeclared):
 
     registration = registry.get(kind, name)
     if registration.weights is None:
-        undeclared.append(f"{key} ({KINDS[kind].human} {name!r})")
+        if not issubclass(registration.params_cls, NoWeightsParams):  # those say they load nothing
+            undeclared.append(f"{key} ({KINDS[kind].human} {name!r})")
         return
     for item in registration.weights(params):
         if not isinstance(item, PartRef):
