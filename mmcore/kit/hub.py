@@ -28,8 +28,6 @@ import attrs
 PROBE_TIMEOUT_S = 3.0
 #: the Hugging Face endpoint when ``HF_ENDPOINT`` is not set
 DEFAULT_HUB_ENDPOINT = "https://huggingface.co"
-#: where torchvision downloads its weights from
-TORCH_DOWNLOAD_HOST = "https://download.pytorch.org"
 #: one of these in a hub repo's snapshot means its weights were downloaded
 HUB_WEIGHT_FILES = (
     "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
@@ -164,16 +162,15 @@ def _resolve_hub(ref, repo_id, revision, required, any_of, *, fetch):
 
     def cached(name):
         found = try_to_load_from_cache(repo_id, name, cache_dir=cache, revision=revision)
-        return found if isinstance(found, str) else None
+        return found if isinstance(found, str) else None  # None, or the marker of a file known not to exist
 
     try:
-        cached("config.json")
+        found = [cached(name) for name in required]
+        found.append(next(filter(None, map(cached, any_of)), None) if any_of else "")
     except ValueError as exc:  # huggingface_hub's HFValidationError: not a repo id at all
         return Resolved(ref=ref, state="missing", problem=f"not a Hugging Face repo id nor an existing path ({exc})".splitlines()[0])
-    found = [cached(name) for name in required]
-    weights = next((path for path in map(cached, any_of) if path), None) if any_of else ""
-    if all(found) and weights is not None:
-        return Resolved(ref=ref, state="cached", path=str(Path(found[0] if found else weights).parent))
+    if None not in found:  # every required file, and a weights file when one is asked for
+        return Resolved(ref=ref, state="cached", path=str(Path(next(filter(None, found))).parent))
     return _downloadable(ref, hub_online(), hub_endpoint(), problem=f"not in the Hugging Face cache {cache}", fetch=fetch)
 
 
@@ -186,11 +183,11 @@ def _resolve_torch_url(ref, url, *, fetch):
     """A file torch.hub downloads from ``url``: in ``<torch hub>/checkpoints`` -> cached."""
     import torch.hub
 
+    parsed = urllib.parse.urlsplit(url)
     folder = Path(torch.hub.get_dir()) / "checkpoints"
-    path = folder / os.path.basename(urllib.parse.urlsplit(url).path)
+    path = folder / os.path.basename(parsed.path)
     if path.is_file():
         return Resolved(ref=ref, state="cached", path=str(path))
-    parsed = urllib.parse.urlsplit(url)
     server = f"{parsed.scheme}://{parsed.netloc}"
     online = not offline_by_env() and reachable(server)
     return _downloadable(ref, online, server, problem=f"not in the torch hub cache {folder}", fetch=fetch)

@@ -17,6 +17,7 @@ from mmcore.kit.hub import hub_online, offline_by_env, resolve_weights
 from mmcore.kit.weights import PartRef
 from mmcore.plugins.kinds import KINDS
 from mmcore.plugins.registry import UnknownComponentError
+from mmcore.recipe.convert import structure
 
 #: how a message names where a ref comes from
 SOURCE_LABELS = {"huggingface": "Hugging Face hub", "torchvision": "torchvision", "timm": "timm", "local": "local path"}
@@ -74,8 +75,6 @@ def needed_weights(recipe, registry, *, source="recipe"):
 
 def _collect(registry, kind, key, name, params, source, needed, undeclared):
     """Add what ``name`` at recipe key ``key`` declares; a :class:`PartRef` adds its part's declaration."""
-    from mmcore.recipe.convert import structure
-
     registration = registry.get(kind, name)
     if registration.weights is None:
         if not issubclass(registration.params_cls, NoWeightsParams):  # those say they load nothing

@@ -12,7 +12,15 @@ from functools import partial
 import attrs
 from torch import nn
 
-from mmcore import EncoderParams, FeatureMapEncoder, build_torchvision_model, hookimpl, square_preprocessing, torchvision_preprocessing, torchvision_weights
+from mmcore import (
+    EncoderParams,
+    FeatureMapEncoder,
+    build_torchvision_model,
+    hookimpl,
+    square_preprocessing,
+    torchvision_preprocessing,
+    torchvision_weights,
+)
 
 #: mmcore name -> the torchvision weights it loads when ``pretrained = true``
 WEIGHTS = {"vgg16": "VGG16_Weights.IMAGENET1K_V1"}
