@@ -44,6 +44,12 @@ _FACE = {
     "WEIGHTS_HINT": "mmcore.kit.weights",
     "load_pretrained": "mmcore.kit.weights",
     "local_weights_hint": "mmcore.kit.weights",
+    # what an encoder declares it loads: register(..., weights=fn), fn(params) -> [WeightRef | PartRef]
+    "WeightRef": "mmcore.kit.weights",
+    "PartRef": "mmcore.kit.weights",
+    "hub_weights": "mmcore.kit.weights",
+    "torchvision_weights": "mmcore.kit.weights",
+    "timm_weights": "mmcore.kit.weights",
     # vision glue (torchvision / timm)
     "IMAGENET_MEAN": "mmcore.kit.vision",
     "IMAGENET_STD": "mmcore.kit.vision",

@@ -20,6 +20,7 @@ from torch import nn
 
 from mmcore.errors import RecipeError
 from mmcore.interfaces import TextEncoder, identity_string
+from mmcore.kit.weights import PartRef
 from mmcore.plugins.hookspecs import hookimpl
 from mmcore.validators import FieldError
 
@@ -95,6 +96,15 @@ def build_concat(params, *, registry):
     return ConcatTextEncoder(parts)
 
 
+def concat_weights(params):
+    """The union of the parts' weights: each part as a :class:`~mmcore.kit.weights.PartRef`."""
+    return [
+        PartRef(kind="text", name=part["name"], params=part.get("params", {}), key=f"params.encoders[{i}]")
+        for i, part in enumerate(params.encoders)
+    ]
+
+
 @hookimpl
 def register_text_encoders(register):
-    register("concat", build_concat, ConcatParams)
+    register("concat", build_concat, ConcatParams,
+             weights=concat_weights)

@@ -76,11 +76,21 @@ def plugins():
 @cli.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
-def show(recipe, overrides):
+@click.option("--weights", "check_weights", is_flag=True,
+              help="Also find the pretrained weights it needs (as # comments); exit 2 naming every missing one.")
+def show(recipe, overrides, check_weights):
     """Print the fully resolved RECIPE as TOML (nothing is trained)."""
     from mmcore.recipe import load_recipe, recipe_to_toml
 
-    click.echo(recipe_to_toml(load_recipe(recipe, overrides, strict_env=False)), nl=False)
+    loaded = load_recipe(recipe, overrides, strict_env=False)
+    click.echo(recipe_to_toml(loaded), nl=False)
+    if check_weights:
+        from mmcore.model.weights import require_weights
+        from mmcore.plugins.manager import get_registry
+
+        report = require_weights(loaded, get_registry(), source=recipe)
+        for line in report.lines():
+            click.echo(f"# weights: {line}")
 
 
 @cli.command()

@@ -15,6 +15,7 @@ from mmcore.engine.outputs import write_evaluation
 from mmcore.engine.pipeline import Pipeline
 from mmcore.engine.policies import BadImages
 from mmcore.errors import DataError
+from mmcore.model.weights import require_weights
 from mmcore.ocr.fill import ocr_stage
 from mmcore.recipe import recipe_to_dict
 from mmcore.rundir import EVAL_DIR, RunDir, require_same_recipe
@@ -47,6 +48,7 @@ def load_run(run_dir, *, registry=None, progress=True, echo=print, use_cache=Tru
         ckpt.get("recipe"), recipe_to_dict(recipe), where=run_dir.best, said="checkpoint was trained with another recipe",
         added_ok=True,
     )
+    require_weights(recipe, registry, source=str(run_dir.recipe_file))  # frozen pretrained encoders reload from their ids
     pipeline = Pipeline(recipe, registry, source=str(run_dir.recipe_file), progress=progress, one_pass=True,
                         use_cache=use_cache)
     load_model_state(pipeline.model, ckpt, path=str(run_dir.best))

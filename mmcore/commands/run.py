@@ -20,6 +20,7 @@ from mmcore.engine.features import ImageHashes
 from mmcore.engine.runtime import broadcast_object, init_distributed, is_main, world_size
 from mmcore.engine.training import Interrupted, TrainingRun
 from mmcore.errors import DataError
+from mmcore.model.weights import require_weights
 from mmcore.ocr.fill import ocr_stage
 from mmcore.rundir import LAST, RunDir
 
@@ -58,6 +59,7 @@ def run_training(recipe, *, recipe_path, out=None, registry=None, progress=True,
     main = is_main()
     if not main:  # rank 0 alone talks and writes
         echo, progress = (lambda *args, **kwargs: None), False
+    require_weights(recipe, registry, source=str(recipe_path))  # every missing model in one message, before any data
     splits = load_splits(recipe.data, cache=recipe.cache)  # all data problems before anything heavy
     hashes = ImageHashes.for_recipe(recipe)  # each image hashed once: checks, OCR, feature cache
     duplicates = _check_images(recipe, splits, echo, hashes)

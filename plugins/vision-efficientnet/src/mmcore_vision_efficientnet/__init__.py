@@ -8,6 +8,8 @@ empty; the blocks are depthwise convolutions): use ``finetune_layers``. torchvis
 imported by the factory.
 """
 
+from functools import partial
+
 import attrs
 
 from mmcore import (
@@ -18,6 +20,7 @@ from mmcore import (
     hookimpl,
     square_preprocessing,
     torchvision_preprocessing,
+    torchvision_weights,
 )
 
 #: mmcore name -> the torchvision weights it loads when ``pretrained = true``
@@ -88,4 +91,5 @@ def build_efficientnet(params):
 
 @hookimpl
 def register_vision_encoders(register):
-    register("efficientnet", build_efficientnet, EfficientNetParams)
+    register("efficientnet", build_efficientnet, EfficientNetParams,
+             weights=partial(torchvision_weights, weights_id=WEIGHTS["efficientnet"]))

@@ -6,9 +6,19 @@ the residual blocks of layer1..layer4 in order (resnet18: 8, resnet50: 16, resne
 the top blocks (peft supports ``Conv2d``). torchvision is imported by the factory.
 """
 
+from functools import partial
+
 import attrs
 
-from mmcore import EncoderParams, FeatureMapEncoder, build_torchvision_model, hookimpl, square_preprocessing, torchvision_preprocessing
+from mmcore import (
+    EncoderParams,
+    FeatureMapEncoder,
+    build_torchvision_model,
+    hookimpl,
+    square_preprocessing,
+    torchvision_preprocessing,
+    torchvision_weights,
+)
 
 #: mmcore name -> the torchvision weights it loads when ``pretrained = true``
 WEIGHTS = {
@@ -87,4 +97,5 @@ def _factory(name):
 @hookimpl
 def register_vision_encoders(register):
     for name in WEIGHTS:
-        register(name, _factory(name), ResNetParams)
+        register(name, _factory(name), ResNetParams,
+                 weights=partial(torchvision_weights, weights_id=WEIGHTS[name]))

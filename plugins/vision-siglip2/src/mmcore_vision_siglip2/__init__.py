@@ -4,9 +4,11 @@ Importing this module is cheap: transformers is imported by the factories, when 
 is built.
 """
 
+from functools import partial
+
 import attrs
 
-from mmcore import EncoderParams, at_least, hookimpl
+from mmcore import EncoderParams, at_least, hookimpl, hub_weights
 
 #: mmcore name -> Hugging Face hub id of the pretrained weights
 HUB_IDS = {
@@ -59,6 +61,8 @@ def _factory(name):
 def register_vision_encoders(register):
     """The four SigLIP 2 encoders: two fixed-resolution, two NaFlex."""
     for name in FIXED_NAMES:
-        register(name, _factory(name), Siglip2Params)
+        register(name, _factory(name), Siglip2Params,
+                 weights=partial(hub_weights, default_id=HUB_IDS[name]))
     for name in NAFLEX_NAMES:
-        register(name, _factory(name), Siglip2NaflexParams)
+        register(name, _factory(name), Siglip2NaflexParams,
+                 weights=partial(hub_weights, default_id=HUB_IDS[name]))

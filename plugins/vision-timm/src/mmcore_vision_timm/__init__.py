@@ -8,7 +8,7 @@ H*W tokens. ``tiny = true`` builds a miniature of the model's own family for tes
 
 import attrs
 
-from mmcore import EncoderParams, MmcoreError, build_timm_encoder, did_you_mean, hookimpl
+from mmcore import EncoderParams, MmcoreError, build_timm_encoder, did_you_mean, hookimpl, timm_weights
 
 DEFAULT_MODEL = "convnext_base.fb_in22k_ft_in1k"
 
@@ -46,6 +46,12 @@ def build_timm(params):
     return build_timm_encoder("timm", params.model_name, params)
 
 
+def timm_model_weights(params):
+    """The pretrained weights of ``params.model_name`` (``params.weights`` replaces them)."""
+    return timm_weights(params, params.model_name)
+
+
 @hookimpl
 def register_vision_encoders(register):
-    register("timm", build_timm, TimmParams)
+    register("timm", build_timm, TimmParams,
+             weights=timm_model_weights)

@@ -7,10 +7,20 @@ convolutions. LoRA is not offered (``lora_target_modules`` is empty): use ``fine
 torchvision is imported by the factory.
 """
 
+from functools import partial
+
 import attrs
 from torch import nn
 
-from mmcore import EncoderParams, FeatureMapEncoder, build_torchvision_model, hookimpl, square_preprocessing, torchvision_preprocessing
+from mmcore import (
+    EncoderParams,
+    FeatureMapEncoder,
+    build_torchvision_model,
+    hookimpl,
+    square_preprocessing,
+    torchvision_preprocessing,
+    torchvision_weights,
+)
 
 #: mmcore name -> the torchvision weights it loads when ``pretrained = true``
 WEIGHTS = {"vgg16": "VGG16_Weights.IMAGENET1K_V1"}
@@ -78,4 +88,5 @@ def build_vgg16(params):
 
 @hookimpl
 def register_vision_encoders(register):
-    register("vgg16", build_vgg16, VggParams)
+    register("vgg16", build_vgg16, VggParams,
+             weights=partial(torchvision_weights, weights_id=WEIGHTS["vgg16"]))

@@ -9,9 +9,11 @@ block's attention linears ``attn.qkv`` and ``attn.proj`` (``lora_target_modules`
 ``("qkv", "proj")``). timm is imported by the factory.
 """
 
+from functools import partial
+
 import attrs
 
-from mmcore import EncoderParams, build_timm_encoder, hookimpl
+from mmcore import EncoderParams, build_timm_encoder, hookimpl, timm_weights
 
 #: mmcore name -> the timm model (with its pretrained tag) loaded from the Hugging Face hub
 #: (``timm/<name>``) when ``pretrained = true``
@@ -39,4 +41,5 @@ def _factory(name):
 @hookimpl
 def register_vision_encoders(register):
     for name in WEIGHTS:
-        register(name, _factory(name), VitParams)
+        register(name, _factory(name), VitParams,
+                 weights=partial(timm_weights, model_name=WEIGHTS[name]))
