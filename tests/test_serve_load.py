@@ -118,6 +118,8 @@ def test_good_and_bad_requests_mixed_and_memory_returns(server, rows, predicted)
     assert grown_mb < LARGE / 2 * one_image_mb, f"peak RSS grew {grown_mb:.0f} MB with {LARGE} large images in flight"
 
     after = _settled_rss_kib(pid)
+    print(f"\n{len(requests)} requests in {elapsed:.1f} s; RSS {before / 1024:.0f} MB before, peak +{grown_mb:.0f} MB, "
+          f"{after / 1024:.0f} MB after")  # the figures of docs/serving.md (pytest -s shows them)
     assert after <= 1.2 * before, f"RSS {before / 1024:.0f} MB before the load, {after / 1024:.0f} MB after"
     # and the large images' memory went back to the system (measured: +1 to +9 MB; without the
     # server's idle collection and malloc_trim, +62 MB)
