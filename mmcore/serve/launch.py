@@ -57,7 +57,7 @@ def serve(source, *, host="127.0.0.1", port=8000, workers=1, device="auto", text
     """
     from mmcore.engine.progress import progress_for
     from mmcore.serve.devices import resolve_device
-    from mmcore.serve.process import bind_listener
+    from mmcore.serve.process import address, bind_listener
     from mmcore.textsource import text_rule
 
     kind, recipe = source_recipe(source, while_training=while_training, echo=echo)
@@ -75,6 +75,7 @@ def serve(source, *, host="127.0.0.1", port=8000, workers=1, device="auto", text
         supervisor_pid=os.getpid() if workers > 1 else None, slots_dir=slots, **limits,
     )
     config.to_environment()  # worker processes are fresh interpreters: they read it from there
+    echo(f"mmcore serve: {source} on http://{address(host, port)} ({workers} worker{'s' if workers > 1 else ''}, device {device})")
     try:
         _run_uvicorn(sock, workers=workers, access_log=access_log, log_level=log_level)
     finally:

@@ -36,6 +36,11 @@ class PortError(MmcoreError):
     """The address cannot be listened on (busy, not local, not permitted): exit 1."""
 
 
+def address(host, port):
+    """``host:port`` as a URL writes it (``[::1]:8000`` for IPv6)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def bind_listener(host, port):
     """A TCP socket bound to ``host:port`` (IPv6 when ``host`` has a colon), inheritable by workers."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -45,7 +50,7 @@ def bind_listener(host, port):
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+        where = address(host, port)
         if exc.errno == errno.EADDRINUSE:
             raise PortError(f"mmcore serve: {where}: address already in use; stop what listens there "
                             f"or choose another --port") from None
