@@ -133,6 +133,8 @@ class BundleScorer(Scorer):
         self.runner = GraphRunner(folder / graph["file"], graph["format"], device=device) if load_graph else None
 
     def placement(self):
+        if self.runner is None:  # the host half only: nothing runs anywhere yet
+            return {"device": None, "providers": []}
         providers = list(self.runner.providers)
         return {"device": "cuda" if providers[0].startswith(("CUDA", "cuda")) else "cpu", "providers": providers}
 
