@@ -41,7 +41,7 @@ def start(bundle, *flags):
 
     port = _free_port()
     process = subprocess.Popen([sys.executable, "-m", "mmcore", "serve", str(bundle), "--port", str(port),
-                                "--log-level", "warning", *flags], env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                "--log-level", "warning", "--text", "optional", *flags], env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:

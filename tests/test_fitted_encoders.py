@@ -153,7 +153,7 @@ def test_export_passes_parity_and_the_bundle_predicts_the_run_scores(ngram_runs,
 def test_serve_scores_a_concat_bundle_as_predict_does(ngram_bundles, tmp_path, demo_data):
     """One request to ``mmcore serve BUNDLE`` (tokenizer + featurizer on the host): predict's score for that row."""
     import httpx
-    from test_serve import Server
+    from serving import Server
 
     from conftest import mmcore_cli
 
@@ -161,7 +161,7 @@ def test_serve_scores_a_concat_bundle_as_predict_does(ngram_bundles, tmp_path, d
     mmcore_cli("predict", bundle, demo_data / "test.csv", "-o", tmp_path / "scored.csv", "--quiet")
     with open(tmp_path / "scored.csv", newline="") as f:
         row = next(r for r in csv.DictReader(f) if r["text_info"].strip())
-    server = Server(bundle)
+    server = Server(bundle, "--text", "required")
     try:
         response = httpx.post(f"{server.url}/predict", timeout=60, data={"text": row["text_info"]},
                               files={"image": ("ad.jpg", (demo_data / row["local_image_path"]).read_bytes(), "image/jpeg")})

@@ -30,11 +30,12 @@ def open_run(run_dir, *, echo=print):
     return run_dir
 
 
-def load_run(run_dir, *, registry=None, progress=True, echo=print, use_cache=True):
+def load_run(run_dir, *, registry=None, progress=True, echo=print, use_cache=True, device=None):
     """Rebuild a run's model from its recipe and best checkpoint -> (pipeline, ckpt).
 
     ``run_dir``: a path (checked here) or a :class:`RunDir` already checked with :func:`open_run`.
     ``use_cache=False``: score without the feature cache (see :class:`~mmcore.engine.pipeline.Pipeline`).
+    ``device``: where to build the model instead of the recipe's ``train.device`` ("cpu", "cuda:1").
     """
     if registry is None:
         from mmcore.plugins.manager import get_registry
@@ -49,6 +50,8 @@ def load_run(run_dir, *, registry=None, progress=True, echo=print, use_cache=Tru
         added_ok=True,
     )
     require_weights(recipe, registry, source=str(run_dir.recipe_file))  # frozen pretrained encoders reload from their ids
+    if device is not None:  # after the drift check: where it runs is not what it is
+        recipe = attrs.evolve(recipe, train=attrs.evolve(recipe.train, device=device))
     pipeline = Pipeline(recipe, registry, source=str(run_dir.recipe_file), progress=progress, one_pass=True,
                         use_cache=use_cache)
     load_model_state(pipeline.model, ckpt, path=str(run_dir.best))

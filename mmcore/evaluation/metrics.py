@@ -12,6 +12,12 @@ import numpy as np
 
 ECE_BINS = 15
 
+#: Fixed upper edges of the calibrated-score histogram (Prometheus ``le`` buckets; ``+Inf``
+#: follows): ``mmcore serve``'s ``mmcore_calibrated_score`` and any drift comparison use these
+#: same edges, so two histograms of one model always line up. Finer at both ends, where the
+#: scores of a confident classifier gather.
+SCORE_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+
 
 def check_scores_labels(scores, labels, *, what="scores", probabilities=True, purpose="evaluate"):
     """Return ``(scores, labels)`` as 1-D float64 / int64 arrays, or raise ValueError saying why not.

@@ -98,7 +98,12 @@ class Scorer:
             "threshold_rule": self.decision.get("description"),
             "ocr": self.ocr,
             "versions": B.versions(),
+            **self.placement(),
         }
+
+    def placement(self):
+        """Where the model runs: ``{"device": "cpu" | "cuda:N", "providers": [...]}``."""
+        raise NotImplementedError
 
 
 class BundleScorer(Scorer):
@@ -127,6 +132,12 @@ class BundleScorer(Scorer):
         # load_graph=False: the host half only (the exporter, before the graph exists)
         self.runner = GraphRunner(folder / graph["file"], graph["format"], device=device) if load_graph else None
 
+    def placement(self):
+        if self.runner is None:  # the host half only: nothing runs anywhere yet
+            return {"device": None, "providers": []}
+        providers = list(self.runner.providers)
+        return {"device": "cuda" if providers[0].startswith(("CUDA", "cuda")) else "cpu", "providers": providers}
+
     def text_feeds(self, texts):
         """Strings -> the graph's text inputs: token ids (int64) and/or host features (float32)."""
         return self.host_text.feeds(texts)
@@ -147,17 +158,20 @@ class RunScorer(Scorer):
 
     kind = "run"
 
-    def __init__(self, run_dir, *, registry=None):
+    def __init__(self, run_dir, *, registry=None, device=None):
         from mmcore.commands.evaluate import load_run
         from mmcore.recipe import recipe_to_dict
 
         self.source = Path(run_dir)
-        self.pipeline, ckpt = load_run(run_dir, registry=registry, progress=False)
+        self.pipeline, ckpt = load_run(run_dir, registry=registry, progress=False, device=device)
         self.pipeline.model.eval()
         self.recipe_data = recipe_to_dict(self.pipeline.recipe)
         self.decision = {**DEFAULT_DECISION, **(ckpt.get("decision") or {})}
         vision = self.pipeline.model.vision
         self.preprocessing = vision.preprocessing if vision is not None else None
+
+    def placement(self):
+        return {"device": str(self.pipeline.device), "providers": ["torch"]}
 
     def logits(self, vision_items, texts):
         """The run's own forward (device, autocast, channels_last as in ``Trainer.predict``)."""
@@ -185,7 +199,7 @@ def open_scorer(path, *, registry=None, device=None):
         return BundleScorer(path, device=device)
     if not path.is_dir():
         raise RunError(f"{path}: neither a run directory nor an export bundle (not found)")
-    return RunScorer(path, registry=registry)
+    return RunScorer(path, registry=registry, device=device)
 
 
 def _read_json(path):

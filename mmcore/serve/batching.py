@@ -4,6 +4,9 @@ Requests put their preprocessed inputs on a queue and await a future. One worker
 the first waiting item, then waits at most ``max_wait`` seconds for more, up to
 ``max_batch`` items, and scores them in one call on a single scoring thread (the event
 loop keeps accepting requests meanwhile). ``max_batch = 1`` turns batching off.
+
+A batch mixes the rows of several clients, so a batch that fails is scored again row by row:
+only the row that fails gets the error, every other row its logit.
 """
 
 from __future__ import annotations
@@ -80,18 +83,33 @@ class Batcher:
                     batch.append(await asyncio.wait_for(self._queue.get(), remaining))
                 except asyncio.TimeoutError:
                     break
-            started = time.perf_counter()
             try:
-                logits = await loop.run_in_executor(self._executor, self.score, batch)
-            except Exception as exc:  # a server-side failure answers every waiting request
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
-            else:
-                self.on_batch(len(batch), time.perf_counter() - started)
-                for item, logit in zip(batch, logits):
-                    if not item.future.done():
-                        item.future.set_result(float(logit))
+                await self._score_batch(loop, batch)
             finally:
                 for _ in batch:
                     self._queue.task_done()
+
+    async def _score_batch(self, loop, batch):
+        started = time.perf_counter()
+        try:
+            logits = await loop.run_in_executor(self._executor, self.score, batch)
+        except Exception as exc:  # noqa: BLE001 - any scoring failure is answered, never lost
+            if len(batch) == 1:
+                _answer(batch[0], error=exc)
+                return
+            for item in batch:  # one row's failure must not fail the other clients' rows
+                await self._score_batch(loop, [item])
+            return
+        self.on_batch(len(batch), time.perf_counter() - started)
+        for item, logit in zip(batch, logits, strict=True):
+            _answer(item, logit=float(logit))
+
+
+def _answer(item, *, logit=None, error=None):
+    """Resolve an item's future (unless its request is gone: cancelled by a disconnect)."""
+    if item.future.done():
+        return
+    if error is not None:
+        item.future.set_exception(error)
+    else:
+        item.future.set_result(logit)
