@@ -429,42 +429,6 @@ def test_a_read_only_cache_with_cache_required_stops_with_one_line(registry, tmp
     assert info.value.exit_code == 4
 
 
-def test_without_flock_an_exclusive_lock_file_serializes_and_stale_ones_are_taken_over(tmp_path, monkeypatch):
-    import errno
-    import subprocess
-    import sys
-    import threading
-
-    from mmcore.engine import cache as cache_module
-
-    def no_flock(*args, **kwargs):
-        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
-
-    monkeypatch.setattr(cache_module.fcntl, "flock", no_flock)
-    path = tmp_path / "fill.lock"
-    excl = tmp_path / "fill.lock.excl"
-    events = []
-    with cache_module.file_lock(path):
-        assert excl.read_text() == f"{os.getpid()} {os.uname().nodename}"
-
-        def second():
-            with cache_module.file_lock(path, on_wait=lambda: events.append("waited")):
-                events.append("held")
-
-        thread = threading.Thread(target=second)
-        thread.start()
-        thread.join(0.3)
-        assert events == ["waited"]  # blocked while the first holds it
-    thread.join(5)
-    assert events == ["waited", "held"] and not excl.exists()
-
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
-    excl.write_text(f"{dead} {os.uname().nodename}")  # a killed holder on this host
-    with cache_module.file_lock(path, on_wait=lambda: events.append("waited again")):
-        assert excl.read_text() == f"{os.getpid()} {os.uname().nodename}"
-    assert events == ["waited", "held"]
-
-
 def test_keys_ending_in_a_nul_byte_are_found_again(tmp_path, monkeypatch):
     """numpy's S20 fields drop trailing NUL bytes: 1 image in 256 was hashed and encoded again each run."""
     import hashlib

@@ -150,23 +150,18 @@ class ShardIndex:
         return self.spool / f"{hashlib.sha1(url.encode()).hexdigest()[:24]}.tar"
 
     def _stage(self, url, target):
-        from mmcore.engine.cache import _tmp_name
+        from mmcore.io import atomic_write
 
         self.read_here.append(url)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise DataError(f"{target.parent}: cannot copy shards here ({os_error_reason(exc)[0]})") from None
-        tmp = _tmp_name(target)
         try:
-            with _open_url(url) as source, open(tmp, "wb") as sink:
+            with _open_url(url) as source, atomic_write(target, "wb") as sink:
                 shutil.copyfileobj(source, sink, 1 << 20)
-            os.replace(tmp, target)
         except (OSError, ValueError) as exc:
             raise DataError(f"{url}: cannot read shard ({_short(exc)})") from None
-        finally:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
 
     def samples(self, urls):
         """``{url: [sample dict, ...]}`` for every URL (remembered, or read: shared across torchrun ranks).
@@ -233,7 +228,8 @@ class ShardIndex:
 
     def _read(self, url):
         """Read one shard sequentially -> its sample dicts (remembered when there is a cache)."""
-        from mmcore.engine.cache import CacheUnavailable, _write_text_atomic, cache_io, warn
+        from mmcore.engine.cache import CacheUnavailable, cache_io, warn
+        from mmcore.io import atomic_write
 
         local = self.local_path(url)
         if is_local(url):
@@ -246,7 +242,8 @@ class ShardIndex:
             try:
                 with cache_io(self.root):
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    _write_text_atomic(path, json.dumps({"version": INDEX_VERSION, "url": url, "samples": samples}))
+                    with atomic_write(path, "w", encoding="utf-8") as handle:
+                        handle.write(json.dumps({"version": INDEX_VERSION, "url": url, "samples": samples}))
             except CacheUnavailable as exc:
                 warn(f"warning: {exc}; shard indexes are not remembered")
         return samples

@@ -41,15 +41,12 @@ without the cache, or stops with that line when ``cache.required = true``.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import hashlib
 import json
 import math
 import os
 import re
 import shutil
-import socket
 import sys
 import time
 import uuid
@@ -58,7 +55,9 @@ from pathlib import Path
 import numpy as np
 
 from mmcore.errors import RunError, os_error_line, os_error_reason
-from mmcore.io import file_sha1
+from mmcore.io import atomic_write, file_sha1, temp_name
+from mmcore.store.leftovers import is_leftover, old_enough, sweep_leftovers
+from mmcore.store.locks import file_lock
 
 FORMAT = "v1"
 INDEX_DTYPE = np.dtype([("key", "S20"), ("offset", "<i8"), ("length", "<i4")])
@@ -68,12 +67,6 @@ CHUNK_ROWS = 2048
 CHUNK_BYTES = 128 * 2**20
 #: merge the file-hash records when there are more record files than this
 MAX_FILE_RECORDS = 16
-#: errnos of a filesystem without ``flock``: fall back to ``O_EXCL`` lock files
-NO_FLOCK = frozenset(e for e in (errno.ENOSYS, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", None), errno.ENOLCK) if e)
-#: an ``O_EXCL`` lock file of another host is taken over after this long without change
-FOREIGN_LOCK_STALE_S = 24 * 3600
-#: ``cache verify --repair`` removes orphaned and temporary files older than this (a live fill's are newer)
-STALE_FILE_S = 600
 _DIGEST_NAME = re.compile(r"^[0-9a-f]{40}$")
 
 
@@ -116,7 +109,7 @@ def probe_cache(root):
     with cache_io(root):
         directory = root / FORMAT
         directory.mkdir(parents=True, exist_ok=True)
-        probe = _tmp_name(directory / "probe")
+        probe = temp_name(directory / "probe")
         try:
             with open(probe, "wb") as handle:
                 handle.write(b"mmcore")
@@ -223,153 +216,10 @@ def space_key(description):
     return hashlib.sha1(blob).hexdigest()[:24]
 
 
-def _tmp_name(path):
-    """``.<name>~<host>~<pid>~<uuid>.tmp`` beside ``path``: whose it is, so a dead writer's can be swept."""
-    return path.with_name(f".{path.name}~{socket.gethostname()}~{os.getpid()}~{uuid.uuid4().hex}.tmp")
-
-
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's, alive
-        return True
-    return True
-
-
-def is_leftover(tmp, now=None):
-    """True for a temporary file of a killed write: its writer (this host) is dead, or it is old."""
-    parts = tmp.name.removesuffix(".tmp").split("~")
-    if len(parts) == 4 and parts[1] == socket.gethostname() and parts[2].isdigit():
-        return not _pid_alive(int(parts[2]))
-    now = time.time() if now is None else now
-    return _old_enough(tmp, now)
-
-
-def sweep_leftovers(directory):
-    """Remove the temporary files of killed writes in ``directory`` (best effort) -> how many."""
-    removed = 0
-    for tmp in Path(directory).glob(".*.tmp"):
-        if is_leftover(tmp):
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-                removed += 1
-    return removed
-
-
-def _write_atomic(path, array):
-    """``np.save`` to a temporary name in the same directory, then ``os.replace``."""
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "wb") as handle:
-            np.save(handle, array, allow_pickle=False)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _write_text_atomic(path, text):
-    tmp = _tmp_name(path)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-@contextlib.contextmanager
-def file_lock(path, on_wait=None):
-    """Hold an exclusive lock on ``path``: an ``flock`` (released by the kernel if the process
-    dies), or, where the filesystem has none, an ``O_EXCL`` lock file (:func:`_exclusive_file_lock`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as handle:
-        try:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if on_wait is not None:
-                    on_wait()
-                fcntl.flock(handle, fcntl.LOCK_EX)
-        except OSError as exc:
-            if exc.errno not in NO_FLOCK:
-                raise
-            locked = False
-        else:
-            locked = True
-        if locked:
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-            return
-    with _exclusive_file_lock(path.with_name(path.name + ".excl"), on_wait):
-        yield
-
-
-def _lock_owner():
-    return f"{os.getpid()} {socket.gethostname()}"
-
-
-def _stale(lock):
-    """True when the lock file's holder is gone: a dead PID on this host, or no change for a day elsewhere."""
-    try:
-        text = lock.read_text(encoding="utf-8")
-        age = time.time() - lock.stat().st_mtime
-    except (OSError, UnicodeDecodeError):
-        return False, None
-    pid, _, host = text.strip().partition(" ")
-    if host != socket.gethostname():
-        return age > FOREIGN_LOCK_STALE_S, text
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True, text
-    except (ValueError, PermissionError):
-        return False, text
-    return False, text
-
-
-@contextlib.contextmanager
-def _exclusive_file_lock(lock, on_wait=None, poll=0.05):
-    """A lock file created with ``O_CREAT | O_EXCL`` holding ``PID host``; removed on release.
-
-    A stale one (its process is gone) is taken over: renamed away atomically, and put back if
-    what was renamed turns out to be a fresh lock another process took meanwhile.
-    """
-    waited = False
-    while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            stale, text = _stale(lock)
-            if stale:
-                away = lock.with_name(f"{lock.name}.{uuid.uuid4().hex}.stale")
-                with contextlib.suppress(OSError):
-                    os.rename(lock, away)
-                    if away.read_text(encoding="utf-8") != text:  # not the one judged stale: give it back
-                        with contextlib.suppress(OSError):
-                            os.link(away, lock)
-                    away.unlink()
-                continue
-            if not waited and on_wait is not None:
-                on_wait()
-            waited = True
-            time.sleep(poll)
-            continue
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(_lock_owner())
-        break
-    try:
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            lock.unlink()
+def save_array(path, array):
+    """``np.save`` atomically (:func:`mmcore.io.atomic_write`; an ``OSError`` reaches the caller)."""
+    with atomic_write(path, "wb") as handle:
+        np.save(handle, array, allow_pickle=False)
 
 
 # ---------------------------------------------------------------- image content keys
@@ -430,7 +280,7 @@ class StatRecords:
     def _write(self, array):
         array = np.ascontiguousarray(np.sort(array, order="stat"))
         path = self.dir / f"{hashlib.sha1(array.tobytes()).hexdigest()}.npy"
-        _write_atomic(path, array)
+        save_array(path, array)
         return path
 
 
@@ -541,9 +391,8 @@ class FeatureStore:
             self.dir.mkdir(parents=True, exist_ok=True)
             meta = self.dir / "meta.json"
             if not meta.exists():
-                _write_text_atomic(
-                    meta, json.dumps({"created": time.time(), **self.description}, indent=1, default=str)
-                )
+                with atomic_write(meta, "w", encoding="utf-8") as handle:
+                    handle.write(json.dumps({"created": time.time(), **self.description}, indent=1, default=str))
 
     @contextlib.contextmanager
     def lock(self, shard=(0, 1), on_wait=None):
@@ -677,8 +526,8 @@ class ChunkWriter:
         index["length"] = lengths
         chunk = uuid.uuid4().hex
         with cache_io(self.store.root):
-            _write_atomic(self.store.dir / f"{chunk}.npy", data)
-            _write_atomic(self.store.dir / f"{chunk}.index.npy", index)  # the commit
+            save_array(self.store.dir / f"{chunk}.npy", data)
+            save_array(self.store.dir / f"{chunk}.index.npy", index)  # the commit
         index_map = self.store.index()
         for key, offset, length in zip(self.keys, offsets.tolist(), lengths.tolist()):
             index_map[key] = (chunk, offset, length)
@@ -853,13 +702,6 @@ def check_chunk(directory, chunk, description=None):
     return records, None
 
 
-def _old_enough(path, now):
-    try:
-        return now - path.stat().st_mtime > STALE_FILE_S
-    except OSError:
-        return False
-
-
 def verify_cache(root, *, repair=False):
     """Check a whole cache -> ``{"spaces", "chunks", "entries", "records", "problems", "repaired", "remaining"}``.
 
@@ -902,7 +744,7 @@ def verify_cache(root, *, repair=False):
             name = data.name
             if name.endswith(".index.npy") or name[: -len(".npy")] in committed:
                 continue
-            if _old_enough(data, now):
+            if old_enough(data, now):
                 problem(f"{data}: data file without an index (a fill killed before its commit)", data)
     from mmcore.data.memo import CHECK_DTYPE
 
