@@ -13,10 +13,11 @@ from click.testing import CliRunner
 
 from mmcore.cli.cache import cache_group
 from mmcore.data.csvs import read_split
-from mmcore.engine.cache import FeatureStore, FeatureView, cache_root
 from mmcore.engine.features import fill_vision_cache, image_keys, vision_store
 from mmcore.engine.pipeline import Pipeline
 from mmcore.recipe import recipe_from_dict
+from mmcore.store.features import FeatureStore, FeatureView
+from mmcore.store.root import cache_root
 
 
 def make_recipe(registry, cache_dir, *, pooling="mean", vision_params=None, seed=42, enabled=True, **train):
@@ -315,7 +316,7 @@ def test_truncated_chunk_is_dropped_with_one_warning_and_recomputed(registry, tm
 
 
 def test_index_pointing_past_its_chunk_is_dropped(registry, tmp_path, split, capsys):
-    from mmcore.engine.cache import check_chunk
+    from mmcore.store.chunks import check_chunk
 
     cache = tmp_path / "cache"
     pipeline_for(registry, cache)[0].dataset(split)
@@ -332,7 +333,7 @@ def test_index_pointing_past_its_chunk_is_dropped(registry, tmp_path, split, cap
 
 
 def test_damaged_file_hash_records_are_dropped_and_rehashed(registry, tmp_path, split, capsys):
-    from mmcore.engine.cache import FileHashes, read_records
+    from mmcore.store.records import FileHashes, read_records
 
     cache = tmp_path / "cache"
     keys = FileHashes(cache).keys(split.paths)
@@ -374,23 +375,23 @@ def test_cache_verify_lists_damage_and_repair_removes_it(registry, tmp_path, spl
     assert not data.exists() and not index.exists() and not orphan.exists() and not tmp.exists()
     result = runner.invoke(cache_group, ["verify", "--dir", str(cache)])
     assert result.exit_code == 0 and result.output.splitlines() == [
-        f"checked {cache}: 2 feature spaces, 1 sound chunks ({len(set(split.texts))} entries), 1 file-hash records; 0 problems"
+        f"checked {cache}: 2 feature spaces, 1 sound chunks ({len(set(split.texts))} entries), 1 file-hash records, 0 image-check records; 0 problems"
     ]
 
 
 def _full_disk_on_chunks(monkeypatch):
     import errno
 
-    from mmcore.engine import cache as cache_module
+    from mmcore import io as io_module
 
-    real = cache_module.os.replace
+    real = io_module.os.replace
 
     def replace(src, dst, *args, **kwargs):
         if str(dst).endswith(".npy") and "features" in str(dst):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(src, dst, *args, **kwargs)
 
-    monkeypatch.setattr(cache_module.os, "replace", replace)
+    monkeypatch.setattr(io_module.os, "replace", replace)
 
 
 def test_a_full_cache_disk_is_one_warning_and_the_run_goes_on_without_it(registry, tmp_path, split, capsys, monkeypatch):
@@ -411,13 +412,13 @@ def test_a_full_cache_disk_is_one_warning_and_the_run_goes_on_without_it(registr
 def test_a_read_only_cache_with_cache_required_stops_with_one_line(registry, tmp_path, split, monkeypatch):
     import errno
 
-    from mmcore.engine import cache as cache_module
-    from mmcore.engine.cache import CacheUnavailable
+    from mmcore.store import root as root_module
+    from mmcore.store.root import CacheUnavailable
 
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
-    monkeypatch.setattr(cache_module.Path, "mkdir", read_only)
+    monkeypatch.setattr(root_module.Path, "mkdir", read_only)
     recipe = recipe_from_dict(
         {**_as_dict(make_recipe(registry, tmp_path / "cache")), "cache": {"dir": str(tmp_path / "cache"), "required": True}},
         registry=registry,
@@ -434,21 +435,22 @@ def test_keys_ending_in_a_nul_byte_are_found_again(tmp_path, monkeypatch):
     import hashlib
     import itertools
 
-    import mmcore.engine.cache as cache
-    from mmcore.engine.cache import FileHashes
+    import mmcore.store.records as records_module
+    from mmcore.store.keys import stat_key
+    from mmcore.store.records import FileHashes
 
     content = next(b for b in (str(i).encode() for i in itertools.count()) if hashlib.sha1(b).digest()[-1] == 0)
     for i in itertools.count():  # a file whose stat key ends in NUL as well
         path = tmp_path / f"{i}.jpg"
         path.write_bytes(content)
-        if cache._stat_key(path)[-1] == 0:
+        if stat_key(path)[-1] == 0:
             break
         path.unlink()
     root = tmp_path / "cache"
     [key] = FileHashes(root).keys([path])
     assert key == hashlib.sha1(content).digest()
 
-    monkeypatch.setattr(cache, "file_sha1", lambda path: pytest.fail("hashed again"))
+    monkeypatch.setattr(records_module, "file_sha1", lambda path: pytest.fail("hashed again"))
     assert FileHashes(root).keys([path]) == [key]  # stat key and sha1 both found in the records
     store = FeatureStore(root, {"kind": "test"})
     writer = store.writer()

@@ -188,3 +188,37 @@ def test_a_forked_child_does_not_keep_a_flock_alive(tmp_path):
         finally:
             os.kill(child, 9)
             os.waitpid(child, 0)
+
+
+# ---------------------------------------------------------------- token codecs
+
+
+def test_pooling_keeps_a_cls_token_only_when_the_encoder_declares_one():
+    """pool_tokens guessed a CLS token from the count: 17 tokens of a CNN lost none of their
+    grid, 16 tokens of a ViT-like encoder (CLS + 15) were pooled as a 4x4 grid."""
+    import numpy as np
+
+    from mmcore.store.tokens import pool_tokens
+
+    tokens = np.arange(17 * 2, dtype=np.float32).reshape(17, 2)
+    cnn = pool_tokens(tokens, has_cls_token=False)  # 17 patch tokens: groups of 4 in order, no CLS kept
+    assert cnn.shape == (5, 2) and np.allclose(cnn[0], tokens[:4].mean(axis=0))
+    vit = pool_tokens(tokens[:16], has_cls_token=True)  # CLS + 15: the CLS kept whole, the rest in groups
+    assert vit.shape == (5, 2) and np.allclose(vit[0], tokens[0]) and np.allclose(vit[1], tokens[1:5].mean(axis=0))
+    grid = pool_tokens(tokens[:16], has_cls_token=False)  # a 4x4 grid: 2x2 windows
+    assert grid.shape == (4, 2) and np.allclose(grid[0], tokens[[0, 1, 4, 5]].mean(axis=0))
+
+
+def test_a_pooled_token_space_carries_the_encoders_cls_trait(registry, tmp_path):
+    from mmcore.engine.features import vision_store
+    from mmcore.model.classifier import build_classifier
+    from mmcore.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict(
+        {"vision": {"name": "fake_cnn"}, "text": {"name": "fake_text"}, "pooling": {"name": "attention"}},
+        registry=registry,
+    )
+    model = build_classifier(recipe, registry)
+    pooled = vision_store(tmp_path, model, dtype=None, pooling_spec="attention", token_storage="pooled")
+    assert pooled.description["has_cls_token"] is model.vision.has_cls_token is False
+    assert "has_cls_token" not in vision_store(tmp_path, model, dtype=None, pooling_spec="attention").description

@@ -38,8 +38,9 @@ import attrs
 
 from mmcore.data.csvs import Split, _limited, parse_label
 from mmcore.data.images import DEFAULT_FORMATS, BadImageError
-from mmcore.data.memo import ImageFacts, examine_bytes, formats_key
+from mmcore.data.memo import ImageFacts, examine_bytes
 from mmcore.errors import DataError, os_error_reason
+from mmcore.store.facts import formats_key
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 LABEL_EXTENSIONS = ("cls",)
@@ -126,7 +127,7 @@ class ShardIndex:
     """
 
     def __init__(self, root=None, formats=DEFAULT_FORMATS, spool=None):
-        from mmcore.engine.cache import FORMAT
+        from mmcore.store.root import FORMAT
 
         self.formats = tuple(f.upper() for f in formats)
         self.root = Path(root) if root is not None else None
@@ -199,7 +200,7 @@ class ShardIndex:
         return found
 
     def _memo_path(self, url):
-        from mmcore.engine.cache import stat_key
+        from mmcore.store.keys import stat_key
 
         if self.dir is None:
             return None
@@ -228,7 +229,7 @@ class ShardIndex:
 
     def _read(self, url):
         """Read one shard sequentially -> its sample dicts (remembered when there is a cache)."""
-        from mmcore.engine.cache import CacheUnavailable, cache_io, warn
+        from mmcore.store.root import CacheUnavailable, cache_io, warn
         from mmcore.io import atomic_write
 
         local = self.local_path(url)
@@ -375,7 +376,7 @@ def load_shard_splits(data_config, *, names=("train", "val", "test"), cache=None
             "(mmcore ocr on the CSV), then write the shards with mmcore shard"
         )
     if index is None:
-        from mmcore.engine.cache import FORMAT, cache_root
+        from mmcore.store.root import FORMAT, cache_root
 
         root = cache_root(cache.dir if cache is not None else "")
         enabled = cache.enabled if cache is not None else True

@@ -43,7 +43,7 @@ def ocr_stage(splits, recipe, *, registry=None, hashes=None, progress=True):
         from mmcore.engine.features import ImageHashes
 
         hashes = ImageHashes.for_recipe(recipe)
-    from mmcore.engine.cache import cache_root
+    from mmcore.store.root import cache_root
 
     filled = {}
     for name, split in splits.items():
