@@ -222,3 +222,19 @@ def test_a_pooled_token_space_carries_the_encoders_cls_trait(registry, tmp_path)
     pooled = vision_store(tmp_path, model, dtype=None, pooling_spec="attention", token_storage="pooled")
     assert pooled.description["has_cls_token"] is model.vision.has_cls_token is False
     assert "has_cls_token" not in vision_store(tmp_path, model, dtype=None, pooling_spec="attention").description
+
+
+# ---------------------------------------------------------------- the tenants
+
+
+def test_every_tenant_is_named_in_cache_clear_help_and_has_a_version_or_says_who_records_it():
+    from click.testing import CliRunner
+
+    from mmcore.cli.cache import cache_group
+    from mmcore.store.tenants import TENANTS
+
+    help_text = " ".join(CliRunner().invoke(cache_group, ["clear", "--help"]).output.split())
+    names = [t.name for t in TENANTS]
+    assert ", ".join(names) in help_text  # the help lists them without importing the store at start-up
+    assert len(set(names)) == len(names) and all(t.paths for t in TENANTS)
+    assert [t.name for t in TENANTS if t.verify is not None] == ["features", "file-facts", "ocr"]

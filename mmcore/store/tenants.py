@@ -20,6 +20,7 @@ from mmcore.errors import os_error_line
 from mmcore.store.facts import CHECKS_DIR, verify_file_facts
 from mmcore.store.features import FEATURES_DIR, count_spaces, remove_spaces, verify_features
 from mmcore.store.leftovers import is_leftover
+from mmcore.store.ocr import OCR_DIR, OCR_VERSION, verify_ocr
 from mmcore.store.records import FILES_DIR
 from mmcore.store.root import FORMAT
 
@@ -60,6 +61,8 @@ TENANTS = (
            count=count_spaces),
     Tenant(name="file-facts", title="file facts", paths=(FILES_DIR, CHECKS_DIR), version=1, verify=verify_file_facts,
            summary="{file_hash_records} file-hash records, {image_check_records} image-check records"),
+    Tenant(name="ocr", title="OCR texts", paths=(OCR_DIR,), version=OCR_VERSION, verify=verify_ocr,
+           summary="{ocr_texts} OCR texts", count=count_files("*.json")),
     Tenant(name="shard-indexes", title="shard indexes", paths=(f"{FORMAT}/shards",), version=None, count=count_files("*/*.json")),
     Tenant(name="copied-shards", title="copied shards", paths=(f"{FORMAT}/spool",), version=None, count=count_files("*.tar")),
 )
