@@ -379,6 +379,73 @@ def test_cache_verify_lists_damage_and_repair_removes_it(registry, tmp_path, spl
     ]
 
 
+def test_swapped_chunk_files_are_caught_by_verify_and_a_run_recomputes_them(registry, tmp_path, split, capsys):
+    """Issue 26: two same-shaped chunk files swapped passed `verify --repair` with 0 problems, and the
+    run served one image's features for another's."""
+    cache = tmp_path / "cache"
+    pipeline, count = pipeline_for(registry, cache)
+    store = pipeline._vision_store()  # the run's own space
+    keys = image_keys(cache, split)
+    args = dict(batch_size=8, device=torch.device("cpu"), dtype=None, num_workers=0, max_image_pixels=10**8, progress=False)
+    fill_vision_cache(pipeline.model, split, store, keys, chunk_rows=8, **args)  # 8 chunks of 8 images
+    truth = store.view(keys)
+    before = [np.asarray(truth[i]).tolist() for i in range(len(split))]
+    first, second = sorted(store.dir.glob("*.index.npy"))[:2]
+    data = [index.with_name(index.name.replace(".index.npy", ".npy")) for index in (first, second)]
+    a, b = data[0].read_bytes(), data[1].read_bytes()
+    data[0].write_bytes(b)
+    data[1].write_bytes(a)
+
+    result = CliRunner().invoke(cache_group, ["verify", "--dir", str(cache)])
+    assert result.exit_code == 1
+    swapped = "damaged chunk (its index is not the one it was sealed with (chunk files swapped or copied))"
+    assert result.output.splitlines()[:2] == [f"{data[0]}: {swapped}", f"{data[1]}: {swapped}"]
+    assert result.output.splitlines()[-1].endswith("; 2 problems")
+
+    capsys.readouterr()
+    again, count = pipeline_for(registry, cache)
+    dataset, _, errors = again.dataset(split)
+    assert errors == [] and count.images == 16  # the two chunks' images computed again, the rest reused
+    assert [np.asarray(dataset.vision_features[i]).tolist() for i in range(len(split))] == before
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: feature cache: dropped damaged chunk {path} ({swapped[15:-1]}); its entries are recomputed"
+                        for path in data]
+
+
+def test_a_swapped_meta_json_is_detected_and_written_again(registry, tmp_path, split, capsys):
+    """Issue 26: a space's meta.json was never checked against its key, so a swapped one made verify
+    judge the space's chunks by another space's description and info name the wrong encoder."""
+    cache = tmp_path / "cache"
+    pipeline_for(registry, cache)[0].dataset(split)
+    vision, text = sorted((cache / "v1" / "features").iterdir(), key=lambda p: '"fake_cnn"' not in (p / "meta.json").read_text())
+    vision_meta, text_meta = (vision / "meta.json").read_bytes(), (text / "meta.json").read_bytes()
+    (vision / "meta.json").write_bytes(text_meta)
+    (text / "meta.json").write_bytes(vision_meta)
+
+    result = CliRunner().invoke(cache_group, ["verify", "--dir", str(cache)])
+    assert result.exit_code == 1
+    assert sorted(result.output.splitlines()[:2]) == sorted([
+        f"{vision / 'meta.json'}: describes another feature space ({text.name})",
+        f"{text / 'meta.json'}: describes another feature space ({vision.name})",
+    ])
+    info = CliRunner().invoke(cache_group, ["info", "--dir", str(cache)]).output
+    assert "fake_cnn" not in info and "fake_text" not in info  # neither encoder is named from the other's file
+    assert f"identity ? (meta.json: describes another feature space ({text.name}); see mmcore cache verify)" in info
+
+    capsys.readouterr()
+    again, count = pipeline_for(registry, cache)
+    again.dataset(split)
+    assert count.images == 0  # the chunks are sealed for their own space: still used
+    warnings = sorted(line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:"))
+    assert warnings == sorted([
+        f"warning: feature cache: {vision / 'meta.json'}: describes another feature space ({text.name}); "
+        "written again from this run's description",
+        f"warning: feature cache: {text / 'meta.json'}: describes another feature space ({vision.name}); "
+        "written again from this run's description",
+    ])
+    assert CliRunner().invoke(cache_group, ["verify", "--dir", str(cache)]).exit_code == 0
+
+
 def _full_disk_on_chunks(monkeypatch):
     import errno
 

@@ -3,7 +3,8 @@
 What is stored follows the pooling: one vector per image when pooling has no parameters
 (mean, cls), the token sequence (its real tokens only) when pooling trains (attention). Text
 encoders always give one vector per text. Outputs go to a :class:`~mmcore.store.features.FeatureStore`
-(float16, memory-mapped when read); only inputs without an entry are computed.
+(float16, or int8 tokens with ``cache.token_storage = "int8"``; memory-mapped when read); only inputs
+without an entry are computed.
 """
 
 from __future__ import annotations

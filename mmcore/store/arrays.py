@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from mmcore.io import atomic_write
@@ -15,17 +13,14 @@ def save_array(path, array):
         np.save(handle, array, allow_pickle=False)
 
 
-def npy_header(path):
-    """``(shape, dtype, data offset, file size)`` from a ``.npy`` header, reading nothing else."""
-    with open(path, "rb") as handle:
-        version = np.lib.format.read_magic(handle)
-        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-        if version not in read_header:
-            raise ValueError(f"unsupported .npy version {version}")
-        shape, _, dtype = read_header[version](handle)
-        offset = handle.tell()
-        size = os.fstat(handle.fileno()).st_size
-    return shape, dtype, offset, size
+def read_npy_header(handle):
+    """``(shape, dtype, data offset)`` from the ``.npy`` header of an open binary file, reading nothing else."""
+    version = np.lib.format.read_magic(handle)
+    read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    if version not in read_header:
+        raise ValueError(f"unsupported .npy version {version}")
+    shape, _, dtype = read_header[version](handle)
+    return shape, dtype, handle.tell()
 
 
 def payload_bytes(shape, dtype):

@@ -4,7 +4,8 @@ Layout under the cache directory::
 
     v1/features/<space>/meta.json          what this feature space is: encoder identity, stored form
     v1/features/<space>/<chunk>.npy        one chunk of rows, memory-mapped (float16 features;
-                                           int8 rows for int8-stored tokens; uint8 pixels)
+                                           int8 rows for int8-stored tokens; uint8 pixels),
+                                           sealed with what it holds (mmcore.store.chunks)
     v1/features/<space>/<chunk>.index.npy  that chunk's sample keys, offsets and lengths
 
 A *feature space* is everything that decides an encoder output except the input: the encoder
@@ -17,8 +18,11 @@ description. Inside a space, entries are per sample, keyed by the input's conten
 Fillers of one space serialize on the store's lock (:mod:`mmcore.store.locks`) and re-read the
 index once they hold it, so a second run started alongside computes only what the first did
 not. The cache verifies what it maps and never lets damage fail a run: each committed chunk is
-checked against its index when first read in a process (:func:`~mmcore.store.chunks.check_chunk`);
-a damaged one is dropped with one warning line naming the file, and its entries are recomputed.
+checked against its index and its seal when first read in a process
+(:func:`~mmcore.store.chunks.check_chunk`); a damaged one is dropped with one warning line
+naming the file, and its entries are recomputed. ``meta.json`` must describe the space its
+folder is named for (the key is the hash of the description): one that describes another
+space (swapped, copied) is written again from the run's description, with one warning line.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from mmcore.store.chunks import (
     CHUNK_BYTES,
     CHUNK_ROWS,
     INDEX_SUFFIX,
+    UNSEALED,
     check_chunk,
     chunk_files,
     committed_chunks,
@@ -46,7 +51,7 @@ from mmcore.store.chunks import (
 from mmcore.store.keys import read_key, space_key
 from mmcore.store.leftovers import old_enough, sweep_leftovers
 from mmcore.store.locks import file_lock
-from mmcore.store.root import FORMAT, cache_io, drop_damaged, short_error
+from mmcore.store.root import FORMAT, cache_io, drop_damaged, short_error, warn
 from mmcore.store.tokens import INT8_EXTRA, dequantize_int8, pool_tokens, quantize_int8
 
 #: the feature spaces' directory under the cache root
@@ -57,30 +62,47 @@ FLOAT16_MAX = 65504.0
 
 
 class FeatureStore:
-    """One feature space: per-sample float16 vectors ([D]) or token sequences ([T, D]).
+    """One feature space: per-sample vectors ([D]) or token sequences ([T, D]).
 
-    A space whose description says ``row_dtype = "uint8"`` holds flat uint8 rows instead:
-    the decoded-image cache (resized pixels, see :func:`mmcore.engine.features.decoded_store`).
+    Rows are float16, or int8 with a per-token scale where the description says
+    ``token_storage = "int8"``. A space whose description says ``row_dtype = "uint8"`` holds
+    flat uint8 rows instead: the decoded-image cache (resized pixels, see
+    :func:`mmcore.engine.features.decoded_store`).
     """
 
     def __init__(self, root, description):
         self.description = dict(description)
-        #: what each row is stored as: float16 features, or uint8 pixels (the decoded-image cache)
+        #: what each row is computed as: float16 features, or uint8 pixels (the decoded-image cache)
         self.row_dtype = row_dtype(self.description)
         self.key = space_key(self.description)
         self.root = Path(root)
         self.dir = self.root / FEATURES_DIR / self.key
         self._index = None
         self._checked = {}  # chunk id -> (index records, None): verified once per process
+        self._meta_checked = False
 
     def ensure(self):
         """Create the space's directory and ``meta.json`` (:class:`CacheUnavailable` if it cannot)."""
+        self._check_meta()
         with cache_io(self.root):
             self.dir.mkdir(parents=True, exist_ok=True)
-            meta = self.dir / META_FILE
-            if not meta.exists():
-                with atomic_write(meta, "w", encoding="utf-8") as handle:
-                    handle.write(json.dumps({"created": time.time(), **self.description}, indent=1, default=str))
+            if not (self.dir / META_FILE).exists():
+                self._write_meta()
+
+    def _write_meta(self):
+        with atomic_write(self.dir / META_FILE, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps({"created": time.time(), **self.description}, indent=1, default=str))
+
+    def _check_meta(self):
+        """Once per process: a ``meta.json`` that does not describe this space is written again (one warning)."""
+        if self._meta_checked:
+            return
+        self._meta_checked = True
+        _, problem = read_meta(self.dir)
+        if problem is not None:
+            warn(f"warning: feature cache: {self.dir / META_FILE}: {problem}; written again from this run's description")
+            with contextlib.suppress(OSError):  # a read-only cache keeps it; the chunks are checked by their seals
+                self._write_meta()
 
     @contextlib.contextmanager
     def lock(self, shard=(0, 1), on_wait=None):
@@ -100,12 +122,15 @@ class FeatureStore:
         one warning naming the file; its samples then count as missing and are recomputed.
         """
         if self._index is None or refresh:
-            index = {}
+            self._check_meta()
+            index, unsealed = {}, []
             checked = self._checked  # committed chunks never change: each is checked once
             for chunk in committed_chunks(self.dir):
                 records, problem = checked.get(chunk) or check_chunk(self.dir, chunk, self.description)
                 if records is None:
-                    if problem is not None:
+                    if problem is not None and problem[1] == UNSEALED:
+                        unsealed.append(chunk)
+                    elif problem is not None:
                         bad, why = problem
                         drop_damaged(
                             chunk_files(self.dir, chunk),
@@ -115,6 +140,12 @@ class FeatureStore:
                 checked[chunk] = (records, None)
                 for key, offset, length in zip(records["key"].tolist(), records["offset"].tolist(), records["length"].tolist()):
                     index[read_key(key)] = (chunk, offset, length)
+            if unsealed:
+                drop_damaged(
+                    [path for chunk in unsealed for path in chunk_files(self.dir, chunk)],
+                    f"warning: feature cache: {self.dir}: dropped {len(unsealed)} chunks written by an older mmcore "
+                    "without a seal of what they hold; their entries are recomputed",
+                )
             self._checked = checked
             self._index = index
         return self._index
@@ -286,19 +317,32 @@ def count_spaces(root, paths=None):
 
 
 def read_meta(directory):
-    """A space's ``meta.json`` as a dict (``{}`` when it cannot be read)."""
+    """``(description, None)`` from a space's ``meta.json`` when it describes the space its folder
+    is named for; ``(None, problem)`` when it is unreadable or describes another; ``(None, None)``
+    when there is none."""
+    path = Path(directory) / META_FILE
     try:
-        meta = json.loads((Path(directory) / META_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return meta if isinstance(meta, dict) else {}
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError) as exc:
+        return None, f"unreadable ({short_error(exc)})"
+    if not isinstance(meta, dict):
+        return None, "not a feature space's description"
+    description = {key: value for key, value in meta.items() if key != "created"}
+    key = space_key(description)
+    if key != Path(directory).name:
+        return None, f"describes another feature space ({key})"
+    return description, None
 
 
 def feature_spaces(root):
     """One dict per feature space: key, encoder, identity, stored form, entries, bytes."""
     spaces = []
     for directory in _spaces(root):
-        meta = read_meta(directory)
+        meta, problem = read_meta(directory)
+        if meta is None:  # unknown, or not to be trusted: shown as such, never cleared as another encoder's
+            meta = {"identity": f"? (meta.json: {problem}; see mmcore cache verify)" if problem else "?"}
         entries = 0
         for chunk in committed_chunks(directory):
             with contextlib.suppress(OSError, ValueError):
@@ -332,22 +376,20 @@ def remove_spaces(root, encoder=None):
 
 
 def verify_features(root, checkup):
-    """The tenant's check: every committed chunk against its index and the space's description,
-    ``meta.json`` readable, and no data file without an index (a fill killed before its commit)."""
+    """The tenant's check: ``meta.json`` describes the space its folder is named for; every committed
+    chunk matches its index, the space's description and its seal, its rows hashed in full; no
+    data file without an index (a fill killed before its commit)."""
     for directory in _spaces(root):
         checkup.count("spaces")
-        description = None
-        try:
-            description = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            pass
-        except (OSError, ValueError) as exc:
-            checkup.problem(f"{directory / META_FILE}: unreadable ({short_error(exc)})", directory / META_FILE)
+        description, problem = read_meta(directory)
+        if problem is not None:  # the next run writes it again from its own description
+            checkup.problem(f"{directory / META_FILE}: {problem}", directory / META_FILE)
         committed = set(committed_chunks(directory))
         for chunk in sorted(committed):
-            records, bad = check_chunk(directory, chunk, description)
+            records, bad = check_chunk(directory, chunk, description, full=True)
             if bad is not None:
-                checkup.problem(f"{bad[0]}: damaged chunk ({bad[1]})", *chunk_files(directory, chunk))
+                what = "chunk" if bad[1] == UNSEALED else "damaged chunk"
+                checkup.problem(f"{bad[0]}: {what} ({bad[1]})", *chunk_files(directory, chunk))
             elif records is not None:
                 checkup.count("chunks")
                 checkup.count("entries", len(records))

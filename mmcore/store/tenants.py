@@ -17,6 +17,7 @@ from pathlib import Path
 import attrs
 
 from mmcore.errors import os_error_line
+from mmcore.store.chunks import CHUNK_FORMAT
 from mmcore.store.facts import CHECKS_DIR, verify_file_facts
 from mmcore.store.features import FEATURES_DIR, count_spaces, remove_spaces, verify_features
 from mmcore.store.leftovers import is_leftover
@@ -56,7 +57,7 @@ def count_files(pattern):
 
 
 TENANTS = (
-    Tenant(name="features", title="feature spaces", paths=(FEATURES_DIR,), version=1, verify=verify_features,
+    Tenant(name="features", title="feature spaces", paths=(FEATURES_DIR,), version=CHUNK_FORMAT, verify=verify_features,
            summary="{spaces} feature spaces, {chunks} sound chunks ({entries} entries)",
            count=count_spaces),
     Tenant(name="file-facts", title="file facts", paths=(FILES_DIR, CHECKS_DIR), version=1, verify=verify_file_facts,
