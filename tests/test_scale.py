@@ -15,7 +15,8 @@ from mmcore.data.memo import FileFacts
 from mmcore.engine.features import ImageHashes
 from mmcore.engine.pipeline import Pipeline
 from mmcore.recipe import recipe_from_dict
-from mmcore.store.features import FeatureStore, feature_spaces
+from mmcore.store.features import FeatureStore
+from mmcore.store.spaces import feature_spaces
 from mmcore.store.space import CacheTooSmall
 from mmcore.store.tokens import dequantize_int8, pool_tokens, quantize_int8
 

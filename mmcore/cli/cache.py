@@ -24,7 +24,7 @@ def _size_line(tenant):
 @click.option("--dir", "directory", type=click.Path(file_okay=False), default="", help=DIR_HELP)
 def info(directory):
     """Feature spaces (one per encoder identity and stored form): entries, size, size per entry; the other tenants; free space."""
-    from mmcore.store.features import feature_spaces
+    from mmcore.store.spaces import feature_spaces
     from mmcore.store.root import cache_root
     from mmcore.store.space import human_bytes
     from mmcore.store.tenants import tenants_info

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -40,7 +39,6 @@ from mmcore.io import atomic_write
 from mmcore.store.chunks import (
     CHUNK_BYTES,
     CHUNK_ROWS,
-    INDEX_SUFFIX,
     UNSEALED,
     check_chunk,
     chunk_files,
@@ -49,7 +47,7 @@ from mmcore.store.chunks import (
     write_chunk,
 )
 from mmcore.store.keys import read_key, space_key
-from mmcore.store.leftovers import old_enough, sweep_leftovers
+from mmcore.store.leftovers import sweep_leftovers
 from mmcore.store.locks import file_lock
 from mmcore.store.root import FORMAT, cache_io, drop_damaged, short_error, warn
 from mmcore.store.tokens import INT8_EXTRA, dequantize_int8, pool_tokens, quantize_int8
@@ -303,19 +301,6 @@ def stored_row_bytes(description, tokens_per_row=None, *, has_cls_token=False):
     return count * dim * 2
 
 
-# ---------------------------------------------------------------- the tenant: info, clear, verify
-
-
-def _spaces(root):
-    features = Path(root) / FEATURES_DIR
-    return sorted(p for p in features.iterdir() if p.is_dir()) if features.is_dir() else []
-
-
-def count_spaces(root, paths=None):
-    """How many feature spaces the cache under ``root`` holds (the tenant's count)."""
-    return len(_spaces(root))
-
-
 def read_meta(directory):
     """``(description, None)`` from a space's ``meta.json`` when it describes the space its folder
     is named for; ``(None, problem)`` when it is unreadable or describes another; ``(None, None)``
@@ -334,67 +319,3 @@ def read_meta(directory):
     if key != Path(directory).name:
         return None, f"describes another feature space ({key})"
     return description, None
-
-
-def feature_spaces(root):
-    """One dict per feature space: key, encoder, identity, stored form, entries, bytes."""
-    spaces = []
-    for directory in _spaces(root):
-        meta, problem = read_meta(directory)
-        if meta is None:  # unknown, or not to be trusted: shown as such, never cleared as another encoder's
-            meta = {"identity": f"? (meta.json: {problem}; see mmcore cache verify)" if problem else "?"}
-        entries = 0
-        for chunk in committed_chunks(directory):
-            with contextlib.suppress(OSError, ValueError):
-                entries += len(np.load(chunk_files(directory, chunk)[0], mmap_mode="r"))
-        size = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
-        spaces.append(
-            {
-                "key": directory.name,
-                "encoder": meta.get("encoder", "?"),
-                "identity": meta.get("identity", "?"),
-                "stored": meta.get("stored", "?"),
-                "token_storage": meta.get("token_storage", "fp16") if meta.get("stored") == "tokens" else None,
-                "dtype": meta.get("dtype", "?"),
-                "entries": entries,
-                "bytes": size,
-                "bytes_per_entry": size / entries if entries else 0,
-                "path": str(directory),
-            }
-        )
-    return spaces
-
-
-def remove_spaces(root, encoder=None):
-    """Remove every feature space (of ``encoder`` only, when given) -> how many were removed."""
-    removed = 0
-    for space in feature_spaces(root):
-        if encoder is None or space["encoder"] == encoder:
-            shutil.rmtree(space["path"], ignore_errors=True)
-            removed += 1
-    return removed
-
-
-def verify_features(root, checkup):
-    """The tenant's check: ``meta.json`` describes the space its folder is named for; every committed
-    chunk matches its index, the space's description and its seal, its rows hashed in full; no
-    data file without an index (a fill killed before its commit)."""
-    for directory in _spaces(root):
-        checkup.count("spaces")
-        description, problem = read_meta(directory)
-        if problem is not None:  # the next run writes it again from its own description
-            checkup.problem(f"{directory / META_FILE}: {problem}", directory / META_FILE)
-        committed = set(committed_chunks(directory))
-        for chunk in sorted(committed):
-            records, bad = check_chunk(directory, chunk, description, full=True)
-            if bad is not None:
-                what = "chunk" if bad[1] == UNSEALED else "damaged chunk"
-                checkup.problem(f"{bad[0]}: {what} ({bad[1]})", *chunk_files(directory, chunk))
-            elif records is not None:
-                checkup.count("chunks")
-                checkup.count("entries", len(records))
-        for data in sorted(directory.glob("*.npy")):
-            if data.name.endswith(INDEX_SUFFIX) or data.name[: -len(".npy")] in committed:
-                continue
-            if old_enough(data, checkup.now):
-                checkup.problem(f"{data}: data file without an index (a fill killed before its commit)", data)

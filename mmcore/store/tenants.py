@@ -19,10 +19,11 @@ import attrs
 from mmcore.errors import os_error_line
 from mmcore.store.chunks import CHUNK_FORMAT
 from mmcore.store.facts import CHECKS_DIR, verify_file_facts
-from mmcore.store.features import FEATURES_DIR, count_spaces, remove_spaces, verify_features
+from mmcore.store.features import FEATURES_DIR
 from mmcore.store.leftovers import is_leftover
 from mmcore.store.ocr import OCR_DIR, OCR_VERSION, verify_ocr
 from mmcore.store.records import FILES_DIR
+from mmcore.store.spaces import count_spaces, remove_spaces, verify_features
 from mmcore.store.root import FORMAT
 
 
