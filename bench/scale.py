@@ -227,9 +227,9 @@ def storage_table(work, n_train=400, epochs=6):
         subprocess.run([sys.executable, "-m", "mmcore", "run", str(recipe), "--out", str(out), "--quiet"], check=True,
                        env=env, capture_output=True)
         results = json.loads((out / "results.json").read_text())
-        from mmcore.engine.cache import cache_info
+        from mmcore.store.spaces import feature_spaces
 
-        vision = [s for s in cache_info(cache) if s["stored"] == "tokens"][0]
+        vision = [s for s in feature_spaces(cache) if s["stored"] == "tokens"][0]
         print(f"{storage:>8} {results['test']['at_threshold']['auroc']:>11.4f} {vision['bytes_per_entry']:>12.0f}")
 
 

@@ -22,13 +22,13 @@ import contextlib
 import errno
 import json
 import os
-import re
 import socket
 import time
 from pathlib import Path
 
 from mmcore.errors import RunError
-from mmcore.io import write_json, write_text
+from mmcore.io import is_temp_name, write_json, write_text
+from mmcore.store.locks import FileLock, LockBusy, describe_holder
 
 STATUS_FILE = "status.json"
 RECIPE_FILE = "recipe.toml"
@@ -43,8 +43,6 @@ LOCK_FILE = ".lock"
 #: sub-folder of a run directory where ``mmcore eval`` writes by default
 EVAL_DIR = "eval"
 
-#: what mmcore.io.atomic_open leaves behind when killed mid-write: ``.<name>.<random>.tmp``
-TEMP_FILE_RE = re.compile(r"^\..+\..+\.tmp$")
 
 
 def require_same_recipe(saved, current, *, where, said, then="", added_ok=False):
@@ -251,7 +249,7 @@ class RunDir:
         if status is not None and status.get("state") != "completed":
             holder = RunLock(self.path).live_holder()
             if holder is not None:
-                who = _describe(holder)
+                who = describe_holder(holder)
                 if not self.best.is_file():
                     raise RunError(
                         f"{self.path}: run in progress ({who}) and no checkpoint completed yet; "
@@ -331,7 +329,7 @@ class RunDir:
             if Path(root) == self.path:
                 dirs[:] = [d for d in dirs if d != EVAL_DIR]
             for name in files:
-                if TEMP_FILE_RE.match(name):
+                if is_temp_name(name):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(os.path.join(root, name))
                         removed.append(Path(root) / name)
@@ -347,31 +345,6 @@ def read_sweep(path):
 # ---------------------------------------------------------------- the lock
 
 
-def _describe(holder):
-    return f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}"
-
-
-def _pid_alive(pid):
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    except (OverflowError, ValueError, TypeError):
-        return False
-    return True
-
-
-def _is_live(holder):
-    """Whether a lock file's holder still runs: on this host, by its pid; on another, assume so."""
-    if not holder or "pid" not in holder:
-        return False
-    if holder.get("host") != socket.gethostname():
-        return True  # cannot check another machine's processes; its owner must remove the lock
-    return _pid_alive(holder["pid"])
-
-
 def _is_rank0():
     """Under torchrun only rank 0 writes the run directory (RANK is set before the process group exists)."""
     return os.environ.get("RANK", "0") == "0"
@@ -383,25 +356,24 @@ class RunLocked(RunError):
 
 #: locks this process holds, by run directory: taking one again is a no-op
 _HELD = {}
-#: flock errors that mean "this file system has no flock": fall back to O_EXCL lock files
-_NO_FLOCK = {errno.ENOSYS, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)}
 
 
 class RunLock:
-    """An advisory lock file (``.lock``, holding pid and host) in a run directory.
+    """The run directory's advisory lock (``.lock``, holding pid and host): the shared
+    :class:`~mmcore.store.locks.FileLock` with a run's policy on top.
 
-    ``fcntl.flock`` where the file system has it: the kernel releases it when the process dies,
-    so a killed run's lock is simply taken over. Elsewhere an ``O_EXCL`` lock file whose holder
-    is checked by pid: one whose process is gone on this host is broken and taken over.
+    Taking it never waits: a live holder is refused, naming it (:class:`RunLocked`). A killed
+    run's lock is taken over and said so (``echo``). Another host's lock file is never judged
+    stale (a run may last longer than any timeout; its owner removes it). A process that holds
+    it already takes it again as a no-op, and ranks > 0 of a torchrun job take nothing.
     """
 
     def __init__(self, run_dir, echo=None):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK_FILE
         self.echo = echo
-        self.fd = None
-        self.mode = None
         self.nested = False
+        self._lock = FileLock(self.path, foreign_stale_s=None)
 
     def __enter__(self):
         self.acquire()
@@ -411,6 +383,16 @@ class RunLock:
         self.release()
         return False
 
+    @property
+    def fd(self):
+        """The ``flock``ed descriptor while held that way (None otherwise)."""
+        return self._lock.fd
+
+    @property
+    def mode(self):
+        """``"flock"`` or ``"excl"`` (an ``O_EXCL`` lock file) while held, else None."""
+        return self._lock.mode
+
     # -- taking and giving back --------------------------------------------------------------
 
     def acquire(self):
@@ -419,11 +401,14 @@ class RunLock:
         if not _is_rank0() or key in _HELD:
             self.nested = True
             return self
-        previous = self._acquire_flock()
-        if previous is False:
-            previous = self._acquire_excl()
+        try:
+            previous = self._lock.acquire(wait=False)
+        except LockBusy as busy:
+            raise self._locked(busy.holder) from None
+        except OSError as exc:
+            raise RunError(f"{self.path}: cannot take the run directory's lock ({exc.strerror or exc})") from None
         if previous and previous.get("pid") != os.getpid() and self.echo is not None:
-            self.echo(f"{self.run_dir}: taking over the lock of {_describe(previous)}, which is no longer running")
+            self.echo(f"{self.run_dir}: taking over the lock of {describe_holder(previous)}, which is no longer running")
         _HELD[key] = self
         return self
 
@@ -432,117 +417,13 @@ class RunLock:
         if self.nested:
             return
         _HELD.pop(str(self.run_dir.resolve()), None)
-        if self.mode == "flock":
-            # unlink while still holding it: a process that opened the old file sees another inode and retries
-            with contextlib.suppress(OSError):
-                os.unlink(self.path)
-            os.close(self.fd)
-            self.fd = None
-        elif self.mode == "excl":
-            holder = self._read_holder()
-            if holder and holder.get("pid") == os.getpid():
-                with contextlib.suppress(OSError):
-                    os.unlink(self.path)
-        self.mode = None
-
-    def _record(self):
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        return (json.dumps(record) + "\n").encode()
-
-    def _acquire_flock(self):
-        """flock the lock file; the stale record found in it (or None), or False without flock."""
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - not POSIX
-            return False
-        while True:
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as exc:
-                raise RunError(f"{self.path}: cannot take the run directory's lock ({exc.strerror or exc})") from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise self._locked(self._read_holder(wait=True)) from None
-            except OSError as exc:
-                os.close(fd)
-                if exc.errno in _NO_FLOCK:
-                    return False
-                raise
-            try:
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)  # its holder removed that file while we opened it: take the new one
-        previous = _parse(os.pread(fd, 4096, 0))
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, self._record(), 0)
-        self.fd, self.mode = fd, "flock"
-        return previous
-
-    def _acquire_excl(self):
-        """Create the lock file with O_EXCL; break it first when its holder is gone."""
-        previous = None
-        for _ in range(50):
-            try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                holder = self._read_holder(wait=True)
-                if _is_live(holder):
-                    raise self._locked(holder) from None
-                previous = holder or previous
-                self._break_stale(holder)
-                continue
-            except OSError as exc:
-                raise RunError(f"{self.path}: cannot take the run directory's lock ({exc.strerror or exc})") from None
-            try:
-                os.write(fd, self._record())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            self.mode = "excl"
-            return previous
-        raise RunError(f"{self.path}: could not take the run directory's lock (it keeps changing); try again")
-
-    def _break_stale(self, holder):
-        """Remove a dead holder's lock file, one breaker at a time (``.lock.break``, made with O_EXCL)."""
-        guard = self.path.with_name(LOCK_FILE + ".break")
-        try:
-            os.close(os.open(guard, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-        except FileExistsError:
-            with contextlib.suppress(OSError):
-                if time.time() - guard.stat().st_mtime > 10:  # a breaker that died: its guard is abandoned
-                    guard.unlink()
-            time.sleep(0.05)
-            return
-        try:
-            if self._read_holder() == holder:  # still the stale one, not a lock taken meanwhile
-                with contextlib.suppress(FileNotFoundError):
-                    self.path.unlink()
-        finally:
-            with contextlib.suppress(OSError):
-                guard.unlink()
+        self._lock.release()
 
     # -- asking -----------------------------------------------------------------------------
 
-    def _read_holder(self, wait=False):
-        """The lock file's record; ``wait``: give a holder that just created it a moment to write it."""
-        for _ in range(20 if wait else 1):
-            try:
-                holder = _parse(self.path.read_bytes())
-            except OSError:
-                return None
-            if holder or not wait:
-                return holder
-            time.sleep(0.05)
-        return None
-
     def _locked(self, holder):
         return RunLocked(
-            f"{self.run_dir}: in use by a live mmcore run ({_describe(holder or {})}); "
+            f"{self.run_dir}: in use by a live mmcore run ({describe_holder(holder or {})}); "
             f"wait for it to end or stop it first"
         )
 
@@ -550,28 +431,7 @@ class RunLock:
         """The record of the live process holding this lock, or None (this process counts as live)."""
         if str(self.run_dir.resolve()) in _HELD:
             return {"pid": os.getpid(), "host": socket.gethostname()}
-        if not self.path.exists():
-            return None
-        try:
-            import fcntl
-
-            fd = os.open(self.path, os.O_RDONLY)
-        except (ImportError, OSError):
-            fcntl = fd = None
-        if fd is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return self._read_holder(wait=True) or {}
-            except OSError as exc:
-                if exc.errno not in _NO_FLOCK:
-                    raise
-            else:
-                return None  # nobody holds it: a killed run's leftover file
-            finally:
-                os.close(fd)
-        holder = self._read_holder()
-        return holder if _is_live(holder) else None
+        return self._lock.live_holder()
 
     def refuse_if_live(self):
         """Raise :class:`RunLocked` when a live process holds this run directory."""
@@ -580,26 +440,13 @@ class RunLock:
             raise self._locked(holder)
 
 
-def _close_in_child():
-    """Forked children (DataLoader workers) share a flocked file; they must not keep the lock alive."""
-    for lock in _HELD.values():
-        if lock.fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(lock.fd)
-            lock.fd = None
+def _forget_in_child():
+    """A forked child (a DataLoader worker) holds no run directory (the store closes its descriptor)."""
     _HELD.clear()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_close_in_child)
-
-
-def _parse(data):
-    try:
-        record = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
+    os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def read_status(path):

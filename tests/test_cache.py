@@ -13,10 +13,11 @@ from click.testing import CliRunner
 
 from mmcore.cli.cache import cache_group
 from mmcore.data.csvs import read_split
-from mmcore.engine.cache import FeatureStore, FeatureView, cache_root
 from mmcore.engine.features import fill_vision_cache, image_keys, vision_store
 from mmcore.engine.pipeline import Pipeline
 from mmcore.recipe import recipe_from_dict
+from mmcore.store.features import FeatureStore, FeatureView
+from mmcore.store.root import cache_root
 
 
 def make_recipe(registry, cache_dir, *, pooling="mean", vision_params=None, seed=42, enabled=True, **train):
@@ -315,7 +316,7 @@ def test_truncated_chunk_is_dropped_with_one_warning_and_recomputed(registry, tm
 
 
 def test_index_pointing_past_its_chunk_is_dropped(registry, tmp_path, split, capsys):
-    from mmcore.engine.cache import check_chunk
+    from mmcore.store.chunks import check_chunk
 
     cache = tmp_path / "cache"
     pipeline_for(registry, cache)[0].dataset(split)
@@ -332,7 +333,7 @@ def test_index_pointing_past_its_chunk_is_dropped(registry, tmp_path, split, cap
 
 
 def test_damaged_file_hash_records_are_dropped_and_rehashed(registry, tmp_path, split, capsys):
-    from mmcore.engine.cache import FileHashes, read_records
+    from mmcore.store.records import FileHashes, read_records
 
     cache = tmp_path / "cache"
     keys = FileHashes(cache).keys(split.paths)
@@ -374,23 +375,91 @@ def test_cache_verify_lists_damage_and_repair_removes_it(registry, tmp_path, spl
     assert not data.exists() and not index.exists() and not orphan.exists() and not tmp.exists()
     result = runner.invoke(cache_group, ["verify", "--dir", str(cache)])
     assert result.exit_code == 0 and result.output.splitlines() == [
-        f"checked {cache}: 2 feature spaces, 1 sound chunks ({len(set(split.texts))} entries), 1 file-hash records; 0 problems"
+        f"checked {cache}: 2 feature spaces, 1 sound chunks ({len(set(split.texts))} entries), 1 file-hash records, "
+        "0 image-check records, 0 OCR texts; 0 problems"
     ]
+
+
+def test_swapped_chunk_files_are_caught_by_verify_and_a_run_recomputes_them(registry, tmp_path, split, capsys):
+    """Issue 26: two same-shaped chunk files swapped passed `verify --repair` with 0 problems, and the
+    run served one image's features for another's."""
+    cache = tmp_path / "cache"
+    pipeline, count = pipeline_for(registry, cache)
+    store = pipeline._vision_store()  # the run's own space
+    keys = image_keys(cache, split)
+    args = dict(batch_size=8, device=torch.device("cpu"), dtype=None, num_workers=0, max_image_pixels=10**8, progress=False)
+    fill_vision_cache(pipeline.model, split, store, keys, chunk_rows=8, **args)  # 8 chunks of 8 images
+    truth = store.view(keys)
+    before = [np.asarray(truth[i]).tolist() for i in range(len(split))]
+    first, second = sorted(store.dir.glob("*.index.npy"))[:2]
+    data = [index.with_name(index.name.replace(".index.npy", ".npy")) for index in (first, second)]
+    a, b = data[0].read_bytes(), data[1].read_bytes()
+    data[0].write_bytes(b)
+    data[1].write_bytes(a)
+
+    result = CliRunner().invoke(cache_group, ["verify", "--dir", str(cache)])
+    assert result.exit_code == 1
+    swapped = "damaged chunk (its index is not the one it was sealed with (chunk files swapped or copied))"
+    assert result.output.splitlines()[:2] == [f"{data[0]}: {swapped}", f"{data[1]}: {swapped}"]
+    assert result.output.splitlines()[-1].endswith("; 2 problems")
+
+    capsys.readouterr()
+    again, count = pipeline_for(registry, cache)
+    dataset, _, errors = again.dataset(split)
+    assert errors == [] and count.images == 16  # the two chunks' images computed again, the rest reused
+    assert [np.asarray(dataset.vision_features[i]).tolist() for i in range(len(split))] == before
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: feature cache: dropped damaged chunk {path} ({swapped[15:-1]}); its entries are recomputed"
+                        for path in data]
+
+
+def test_a_swapped_meta_json_is_detected_and_written_again(registry, tmp_path, split, capsys):
+    """Issue 26: a space's meta.json was never checked against its key, so a swapped one made verify
+    judge the space's chunks by another space's description and info name the wrong encoder."""
+    cache = tmp_path / "cache"
+    pipeline_for(registry, cache)[0].dataset(split)
+    vision, text = sorted((cache / "v1" / "features").iterdir(), key=lambda p: '"fake_cnn"' not in (p / "meta.json").read_text())
+    vision_meta, text_meta = (vision / "meta.json").read_bytes(), (text / "meta.json").read_bytes()
+    (vision / "meta.json").write_bytes(text_meta)
+    (text / "meta.json").write_bytes(vision_meta)
+
+    result = CliRunner().invoke(cache_group, ["verify", "--dir", str(cache)])
+    assert result.exit_code == 1
+    assert sorted(result.output.splitlines()[:2]) == sorted([
+        f"{vision / 'meta.json'}: describes another feature space ({text.name})",
+        f"{text / 'meta.json'}: describes another feature space ({vision.name})",
+    ])
+    info = CliRunner().invoke(cache_group, ["info", "--dir", str(cache)]).output
+    assert "fake_cnn" not in info and "fake_text" not in info  # neither encoder is named from the other's file
+    assert f"identity ? (meta.json: describes another feature space ({text.name}); see mmcore cache verify)" in info
+
+    capsys.readouterr()
+    again, count = pipeline_for(registry, cache)
+    again.dataset(split)
+    assert count.images == 0  # the chunks are sealed for their own space: still used
+    warnings = sorted(line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:"))
+    assert warnings == sorted([
+        f"warning: feature cache: {vision / 'meta.json'}: describes another feature space ({text.name}); "
+        "written again from this run's description",
+        f"warning: feature cache: {text / 'meta.json'}: describes another feature space ({vision.name}); "
+        "written again from this run's description",
+    ])
+    assert CliRunner().invoke(cache_group, ["verify", "--dir", str(cache)]).exit_code == 0
 
 
 def _full_disk_on_chunks(monkeypatch):
     import errno
 
-    from mmcore.engine import cache as cache_module
+    from mmcore import io as io_module
 
-    real = cache_module.os.replace
+    real = io_module.os.replace
 
     def replace(src, dst, *args, **kwargs):
         if str(dst).endswith(".npy") and "features" in str(dst):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(src, dst, *args, **kwargs)
 
-    monkeypatch.setattr(cache_module.os, "replace", replace)
+    monkeypatch.setattr(io_module.os, "replace", replace)
 
 
 def test_a_full_cache_disk_is_one_warning_and_the_run_goes_on_without_it(registry, tmp_path, split, capsys, monkeypatch):
@@ -411,13 +480,13 @@ def test_a_full_cache_disk_is_one_warning_and_the_run_goes_on_without_it(registr
 def test_a_read_only_cache_with_cache_required_stops_with_one_line(registry, tmp_path, split, monkeypatch):
     import errno
 
-    from mmcore.engine import cache as cache_module
-    from mmcore.engine.cache import CacheUnavailable
+    from mmcore.store import root as root_module
+    from mmcore.store.root import CacheUnavailable
 
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
-    monkeypatch.setattr(cache_module.Path, "mkdir", read_only)
+    monkeypatch.setattr(root_module.Path, "mkdir", read_only)
     recipe = recipe_from_dict(
         {**_as_dict(make_recipe(registry, tmp_path / "cache")), "cache": {"dir": str(tmp_path / "cache"), "required": True}},
         registry=registry,
@@ -429,62 +498,27 @@ def test_a_read_only_cache_with_cache_required_stops_with_one_line(registry, tmp
     assert info.value.exit_code == 4
 
 
-def test_without_flock_an_exclusive_lock_file_serializes_and_stale_ones_are_taken_over(tmp_path, monkeypatch):
-    import errno
-    import subprocess
-    import sys
-    import threading
-
-    from mmcore.engine import cache as cache_module
-
-    def no_flock(*args, **kwargs):
-        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
-
-    monkeypatch.setattr(cache_module.fcntl, "flock", no_flock)
-    path = tmp_path / "fill.lock"
-    excl = tmp_path / "fill.lock.excl"
-    events = []
-    with cache_module.file_lock(path):
-        assert excl.read_text() == f"{os.getpid()} {os.uname().nodename}"
-
-        def second():
-            with cache_module.file_lock(path, on_wait=lambda: events.append("waited")):
-                events.append("held")
-
-        thread = threading.Thread(target=second)
-        thread.start()
-        thread.join(0.3)
-        assert events == ["waited"]  # blocked while the first holds it
-    thread.join(5)
-    assert events == ["waited", "held"] and not excl.exists()
-
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
-    excl.write_text(f"{dead} {os.uname().nodename}")  # a killed holder on this host
-    with cache_module.file_lock(path, on_wait=lambda: events.append("waited again")):
-        assert excl.read_text() == f"{os.getpid()} {os.uname().nodename}"
-    assert events == ["waited", "held"]
-
-
 def test_keys_ending_in_a_nul_byte_are_found_again(tmp_path, monkeypatch):
     """numpy's S20 fields drop trailing NUL bytes: 1 image in 256 was hashed and encoded again each run."""
     import hashlib
     import itertools
 
-    import mmcore.engine.cache as cache
-    from mmcore.engine.cache import FileHashes
+    import mmcore.store.records as records_module
+    from mmcore.store.keys import stat_key
+    from mmcore.store.records import FileHashes
 
     content = next(b for b in (str(i).encode() for i in itertools.count()) if hashlib.sha1(b).digest()[-1] == 0)
     for i in itertools.count():  # a file whose stat key ends in NUL as well
         path = tmp_path / f"{i}.jpg"
         path.write_bytes(content)
-        if cache._stat_key(path)[-1] == 0:
+        if stat_key(path)[-1] == 0:
             break
         path.unlink()
     root = tmp_path / "cache"
     [key] = FileHashes(root).keys([path])
     assert key == hashlib.sha1(content).digest()
 
-    monkeypatch.setattr(cache, "file_sha1", lambda path: pytest.fail("hashed again"))
+    monkeypatch.setattr(records_module, "file_sha1", lambda path: pytest.fail("hashed again"))
     assert FileHashes(root).keys([path]) == [key]  # stat key and sha1 both found in the records
     store = FeatureStore(root, {"kind": "test"})
     writer = store.writer()

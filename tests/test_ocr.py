@@ -437,6 +437,56 @@ def test_ocr_fill_reads_each_image_once_across_calls(tmp_path, registry):
     assert calls(log) == [41, 42, 41]
 
 
+def test_the_ocr_tenant_is_in_cache_info_verify_and_clear(tmp_path, registry):
+    """The OCR cache was unknown to `mmcore cache`; an entry swapped with another image's was used as it."""
+    from mmcore.cli.cache import cache_group
+
+    images = tmp_path / "img"
+    images.mkdir()
+    paths = [solid(images / "a.png", 41), solid(images / "b.png", 42), solid(images / "c.png", 43)]
+    log, cache = tmp_path / "calls.log", tmp_path / "cache"
+    fill = dict(engine_name="fake", lang="eng", cache_dir=cache, workers=1, engine_params={"log": str(log)},
+                registry=registry, progress=False)
+    assert ocr_fill(paths, ["", "", ""], **fill) == ["word41 eng", "word42 eng", "word43 eng"]
+    runner = CliRunner()
+
+    info = runner.invoke(cache_group, ["info", "--dir", str(cache)])
+    assert info.exit_code == 0 and "; OCR texts 3 entries, " in info.output.splitlines()[1]
+
+    a, b, c = sorted((cache / "ocr").glob("*.json"))
+    a_text, b_text = a.read_bytes(), b.read_bytes()
+    a.write_bytes(b_text)  # the two entries swapped: each names the other image
+    b.write_bytes(a_text)
+    c.write_bytes(c.read_bytes()[:-9])  # cut short
+    with pytest.raises(ValueError) as cut:
+        json.loads(c.read_text())
+    verify = runner.invoke(cache_group, ["verify", "--dir", str(cache)])
+    assert verify.exit_code == 1
+    assert verify.output.splitlines() == [
+        f"{a}: damaged OCR text (its contents are another image's or engine's text than its name says)",
+        f"{b}: damaged OCR text (its contents are another image's or engine's text than its name says)",
+        f"{c}: damaged OCR text (unreadable: {cut.value})",
+        f"checked {cache}: 0 feature spaces, 0 sound chunks (0 entries), 0 file-hash records, "
+        "0 image-check records, 0 OCR texts; 3 problems",
+    ]
+    assert ocr_fill(paths, ["", "", ""], **fill) == ["word41 eng", "word42 eng", "word43 eng"]  # not each other's
+    assert calls(log) == [41, 42, 43, 41, 42, 43]  # read again, and cached again
+    assert runner.invoke(cache_group, ["verify", "--dir", str(cache)]).output.splitlines()[-1].endswith(
+        "3 OCR texts; 0 problems")
+
+    size = sum(p.stat().st_size for p in (cache / "ocr").iterdir())
+    cleared = runner.invoke(cache_group, ["clear", "--tenant", "ocr", "--dir", str(cache)])
+    assert cleared.exit_code == 0 and cleared.output == f"emptied OCR texts ({size} B) in {cache}\n"
+    assert not (cache / "ocr").exists()
+    assert runner.invoke(cache_group, ["info", "--dir", str(cache)]).output.splitlines()[1] == "empty"
+    ocr_fill(paths, ["", "", ""], **fill)
+    cleared = runner.invoke(cache_group, ["clear", "--all", "--dir", str(cache)])
+    assert cleared.output.splitlines()[0] == f"removed 0 feature spaces from {cache}"
+    assert "OCR texts (" in cleared.output.splitlines()[1] and not (cache / "ocr").exists()
+    wrong = runner.invoke(cache_group, ["clear", "--tenant", "orc", "--dir", str(cache)])
+    assert wrong.exit_code == 2 and "--tenant orc: no such tenant (did you mean ocr?); tenants: features, file-facts, ocr" in wrong.output
+
+
 # --------------------------------------------------------------------------- --engine-param = --set
 
 

@@ -12,10 +12,13 @@ import pytest
 from mmcore.commands.run import _check_images
 from mmcore.data.csvs import read_split
 from mmcore.data.memo import FileFacts
-from mmcore.engine.cache import CacheTooSmall, FeatureStore, dequantize_int8, pool_tokens, quantize_int8
 from mmcore.engine.features import ImageHashes
 from mmcore.engine.pipeline import Pipeline
 from mmcore.recipe import recipe_from_dict
+from mmcore.store.features import FeatureStore
+from mmcore.store.spaces import feature_spaces
+from mmcore.store.space import CacheTooSmall
+from mmcore.store.tokens import dequantize_int8, pool_tokens, quantize_int8
 
 
 def _recipe(registry, data_dir, cache_dir, **cache):
@@ -138,10 +141,10 @@ def test_the_size_limit_applies_to_remembered_sizes_without_a_rescan(data, tmp_p
 
 
 def test_a_pass_beyond_the_free_space_is_refused_with_one_line(registry, data, tmp_path, monkeypatch):
-    import mmcore.engine.cache as cache_module
+    import mmcore.store.space as space_module
 
     cache = tmp_path / "cache"
-    monkeypatch.setattr(cache_module, "free_bytes", lambda root: 10_000)
+    monkeypatch.setattr(space_module, "free_bytes", lambda root: 10_000)
     pipeline = Pipeline(_recipe(registry, data, cache), registry, progress=False)
     split = read_split(data / "train.csv", data)
     with pytest.raises(CacheTooSmall) as caught:
@@ -165,7 +168,7 @@ def test_int8_tokens_round_trip_within_their_bound_and_change_the_identity(regis
     bound = np.abs(tokens).max(axis=1) * (1 / 254 + 1 / 1024)
     assert (error <= bound).all()
 
-    pooled = pool_tokens(tokens[:17])  # CLS + a 4x4 grid -> CLS + 2x2
+    pooled = pool_tokens(tokens[:17], has_cls_token=True)  # CLS + a 4x4 grid -> CLS + 2x2
     assert pooled.shape == (5, 64)
     np.testing.assert_allclose(pooled[0], tokens[0])
     np.testing.assert_allclose(pooled[1], tokens[[1, 2, 5, 6]].mean(axis=0), rtol=1e-6)
@@ -187,9 +190,7 @@ def test_int8_tokens_round_trip_within_their_bound_and_change_the_identity(regis
     for i in (0, 17):
         a, b = np.asarray(views["fp16"][i], np.float32), np.asarray(views["int8"][i], np.float32)
         assert a.shape == b.shape and np.abs(a - b).max() <= np.abs(a).max() / 100
-    from mmcore.engine.cache import cache_info
-
-    sizes = {space["token_storage"]: space["bytes_per_entry"] for space in cache_info(tmp_path / "cache")}
+    sizes = {space["token_storage"]: space["bytes_per_entry"] for space in feature_spaces(tmp_path / "cache")}
     assert sizes["int8"] < 0.6 * sizes["fp16"]
 
 

@@ -19,7 +19,6 @@ each reads its share, and the results are gathered, so every rank ends with ever
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import stat as stat_module
@@ -27,17 +26,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import attrs
-import numpy as np
 
 from mmcore.data.bulk import paused_gc
 from mmcore.data.images import DEFAULT_FORMATS, BadImageError, check_size, image_file_problem, open_checked
 from mmcore.errors import os_error_reason
 from mmcore.io import bytes_sha1
+from mmcore.store.facts import FactRecords, RememberedFacts
+from mmcore.store.keys import stat_key
+from mmcore.store.root import CacheUnavailable, warn
 
-CHECK_DTYPE = np.dtype(
-    [("stat", "S20"), ("sha1", "S20"), ("format", "S8"), ("width", "<i8"), ("height", "<i8"), ("problem", "S200")]
-)
-#: the header scan reads at most this many bytes of a file beyond what hashing it needs
+#: files read at once for their facts
 _THREADS = 8
 #: no size limit while scanning: ``data.max_image_pixels`` is applied to the remembered size
 _NO_LIMIT = 2**62
@@ -86,12 +84,6 @@ def examine_file(path, formats=DEFAULT_FORMATS):
     return examine_bytes(data, formats)
 
 
-def formats_key(formats):
-    """The directory name of one image allow-list's records."""
-    names = ",".join(sorted({f.upper() for f in formats}))
-    return hashlib.sha1(names.encode()).hexdigest()[:16]
-
-
 class FileFacts:
     """:class:`ImageFacts` of image files, remembered under their stat keys in the cache directory.
 
@@ -102,16 +94,10 @@ class FileFacts:
     """
 
     def __init__(self, root=None, formats=DEFAULT_FORMATS):
-        from mmcore.engine.cache import FORMAT, FileHashes, StatRecords
-
         self.formats = tuple(f.upper() for f in formats)
         self.root = Path(root) if root is not None else None
-        self._records = None
-        self._hashes = None
-        if self.root is not None:
-            directory = self.root / FORMAT / "checks" / formats_key(self.formats)
-            self._records = StatRecords(directory, CHECK_DTYPE, "image-check records", "checked again")
-            self._hashes = FileHashes(self.root)
+        #: where the facts are remembered (:mod:`mmcore.store.facts`); None: in memory only
+        self._records = FactRecords(self.root, self.formats) if self.root is not None else None
         self._known = {}  # str(path) -> ImageFacts, for this process
         #: files this process read for their facts (the cold work; tests and the bench look at it)
         self.examined = 0
@@ -145,16 +131,8 @@ class FileFacts:
         """Facts of files not known in this process: remembered ones by stat key, the rest read.
 
         ``names``: file name -> its ``os.stat`` when already taken (else None: stat it here)."""
-        from mmcore.engine.cache import CacheUnavailable, cache_io, stat_key
-
         out, unknown, keys = {}, [], {}
-        records = files = None
-        if self._records is not None:
-            try:
-                records, files = self._records.load()
-            except OSError:
-                records = None
-        remembered = _Remembered(records)
+        remembered = self._records.load() if self._records is not None else RememberedFacts()
         for name, st in names.items():
             try:
                 st = os.stat(name) if st is None else st
@@ -170,23 +148,15 @@ class FileFacts:
                 unknown.append(name)
                 keys[name] = key
             else:
-                out[name] = facts
+                out[name] = ImageFacts(*facts)
         computed = self._examine_shared(unknown)
         out.update(computed)
-        mine = {name: facts for name, facts in computed.items() if name in keys and facts.sha1 is not None}
+        mine = {keys[n]: (f.sha1, f.format, f.width, f.height, f.problem)
+                for n, f in computed.items() if n in keys and f.sha1 is not None}
         if mine and self._records is not None:
-            rows = np.array(
-                [(keys[n], f.sha1, f.format.encode(), f.width, f.height, (f.problem or "").encode("utf-8")[:200])
-                 for n, f in mine.items()],
-                dtype=CHECK_DTYPE,
-            )
             try:
-                with cache_io(self.root):
-                    self._records.save(rows, records, files or [])
-                self._hashes.remember({keys[n]: f.sha1 for n, f in mine.items()})
+                self._records.save(mine, remembered)
             except CacheUnavailable as exc:  # the checks still hold; the next run reads again
-                from mmcore.engine.cache import warn
-
                 warn(f"warning: {exc}; image checks are not remembered")
         return out
 
@@ -210,26 +180,3 @@ class FileFacts:
         self.examined += len(names)
         with ThreadPoolExecutor(max_workers=min(_THREADS, len(names))) as pool:
             return dict(zip(names, pool.map(lambda n: examine_file(n, self.formats), names)))
-
-
-class _Remembered:
-    """stat key -> :class:`ImageFacts` over loaded records: the columns become lists once (C speed),
-    each fact object is made only when its key is asked for."""
-
-    def __init__(self, records):
-        from mmcore.engine.cache import StatRecords
-
-        self.index = StatRecords.lookup(records) if records is not None and len(records) else {}
-        if self.index:
-            self.sha1 = records["sha1"].tolist()
-            self.format = records["format"].tolist()
-            self.width = records["width"].tolist()
-            self.height = records["height"].tolist()
-            self.problem = records["problem"].tolist()
-
-    def get(self, key):
-        i = self.index.get(key)
-        if i is None:
-            return None
-        problem = self.problem[i].decode("utf-8", "replace") or None
-        return ImageFacts(self.sha1[i].ljust(20, b"\0"), self.format[i].decode(), self.width[i], self.height[i], problem)

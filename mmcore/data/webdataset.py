@@ -38,8 +38,9 @@ import attrs
 
 from mmcore.data.csvs import Split, _limited, parse_label
 from mmcore.data.images import DEFAULT_FORMATS, BadImageError
-from mmcore.data.memo import ImageFacts, examine_bytes, formats_key
+from mmcore.data.memo import ImageFacts, examine_bytes
 from mmcore.errors import DataError, os_error_reason
+from mmcore.store.facts import formats_key
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 LABEL_EXTENSIONS = ("cls",)
@@ -126,7 +127,7 @@ class ShardIndex:
     """
 
     def __init__(self, root=None, formats=DEFAULT_FORMATS, spool=None):
-        from mmcore.engine.cache import FORMAT
+        from mmcore.store.root import FORMAT
 
         self.formats = tuple(f.upper() for f in formats)
         self.root = Path(root) if root is not None else None
@@ -150,23 +151,18 @@ class ShardIndex:
         return self.spool / f"{hashlib.sha1(url.encode()).hexdigest()[:24]}.tar"
 
     def _stage(self, url, target):
-        from mmcore.engine.cache import _tmp_name
+        from mmcore.io import atomic_write
 
         self.read_here.append(url)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise DataError(f"{target.parent}: cannot copy shards here ({os_error_reason(exc)[0]})") from None
-        tmp = _tmp_name(target)
         try:
-            with _open_url(url) as source, open(tmp, "wb") as sink:
+            with _open_url(url) as source, atomic_write(target, "wb") as sink:
                 shutil.copyfileobj(source, sink, 1 << 20)
-            os.replace(tmp, target)
         except (OSError, ValueError) as exc:
             raise DataError(f"{url}: cannot read shard ({_short(exc)})") from None
-        finally:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
 
     def samples(self, urls):
         """``{url: [sample dict, ...]}`` for every URL (remembered, or read: shared across torchrun ranks).
@@ -204,7 +200,7 @@ class ShardIndex:
         return found
 
     def _memo_path(self, url):
-        from mmcore.engine.cache import stat_key
+        from mmcore.store.keys import stat_key
 
         if self.dir is None:
             return None
@@ -233,7 +229,8 @@ class ShardIndex:
 
     def _read(self, url):
         """Read one shard sequentially -> its sample dicts (remembered when there is a cache)."""
-        from mmcore.engine.cache import CacheUnavailable, _write_text_atomic, cache_io, warn
+        from mmcore.store.root import CacheUnavailable, cache_io, warn
+        from mmcore.io import atomic_write
 
         local = self.local_path(url)
         if is_local(url):
@@ -246,7 +243,8 @@ class ShardIndex:
             try:
                 with cache_io(self.root):
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    _write_text_atomic(path, json.dumps({"version": INDEX_VERSION, "url": url, "samples": samples}))
+                    with atomic_write(path, "w", encoding="utf-8") as handle:
+                        handle.write(json.dumps({"version": INDEX_VERSION, "url": url, "samples": samples}))
             except CacheUnavailable as exc:
                 warn(f"warning: {exc}; shard indexes are not remembered")
         return samples
@@ -378,7 +376,7 @@ def load_shard_splits(data_config, *, names=("train", "val", "test"), cache=None
             "(mmcore ocr on the CSV), then write the shards with mmcore shard"
         )
     if index is None:
-        from mmcore.engine.cache import FORMAT, cache_root
+        from mmcore.store.root import FORMAT, cache_root
 
         root = cache_root(cache.dir if cache is not None else "")
         enabled = cache.enabled if cache is not None else True

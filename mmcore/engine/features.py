@@ -2,8 +2,9 @@
 
 What is stored follows the pooling: one vector per image when pooling has no parameters
 (mean, cls), the token sequence (its real tokens only) when pooling trains (attention). Text
-encoders always give one vector per text. Outputs go to a :class:`~mmcore.engine.cache.FeatureStore`
-(float16, memory-mapped when read); only inputs without an entry are computed.
+encoders always give one vector per text. Outputs go to a :class:`~mmcore.store.features.FeatureStore`
+(float16, or int8 tokens with ``cache.token_storage = "int8"``; memory-mapped when read); only inputs
+without an entry are computed.
 """
 
 from __future__ import annotations
@@ -16,28 +17,22 @@ import torch
 
 from mmcore.data.dataset import SampleDataset, device_pixels, make_loader
 from mmcore.data.images import DECODE_VERSION, DEFAULT_FORMATS
-from mmcore.engine.cache import (
-    TOKEN_STORAGES,
-    FeatureStore,
-    FileHashes,
-    as_float16,
-    cache_root,
-    check_space,
-    human_bytes,
-    stored_row_bytes,
-    text_key,
-    weights_fingerprint,
-)
 from mmcore.engine.progress import progress_bar
 from mmcore.engine.runtime import autocast, broadcast_object, is_main, world_size
 from mmcore.engine.step import prepare_batch
+from mmcore.store.features import FeatureStore, as_float16, stored_row_bytes
+from mmcore.store.keys import text_key, weights_fingerprint
+from mmcore.store.records import FileHashes
+from mmcore.store.root import cache_root
+from mmcore.store.space import check_space, human_bytes
+from mmcore.store.tokens import TOKEN_STORAGES
 
 #: module -> its weights fingerprint, computed once per process (the encoders it keys are frozen)
 _FINGERPRINTS = weakref.WeakKeyDictionary()
 
 
 def run_fingerprint(module):
-    """:func:`~mmcore.engine.cache.weights_fingerprint` of ``module``, once per run.
+    """:func:`~mmcore.store.keys.weights_fingerprint` of ``module``, once per run.
 
     Hashing 400M parameters takes seconds: it is computed once per module and process, and
     under torchrun by rank 0 only and broadcast (every rank built the same weights, seeded).
@@ -88,6 +83,8 @@ def vision_store(root, model, *, dtype, pooling_spec, token_storage="fp16"):
     }
     if stored == "tokens" and token_storage != "fp16":  # fp16 spaces keep the key they always had
         description["token_storage"] = token_storage
+    if stored == "tokens" and token_storage == "pooled":  # pooling keeps a CLS token whole: the encoder says if there is one
+        description["has_cls_token"] = encoder.has_cls_token
     return FeatureStore(root, description)
 
 
@@ -194,18 +191,22 @@ def _shard_groups(split):
     return None
 
 
-def check_vision_space(store, split, todo, first_row):
-    """Refuse (:class:`~mmcore.engine.cache.CacheTooSmall`) a pass of ``todo`` rows the disk cannot hold.
+def check_vision_space(store, split, todo, first_row, *, has_cls_token=False):
+    """Refuse (:class:`~mmcore.store.space.CacheTooSmall`) a pass of ``todo`` rows the disk cannot hold.
 
-    ``first_row``: one computed output, which says how long a token sequence is.
+    ``first_row``: one computed output, which says how long a token sequence is;
+    ``has_cls_token``: the encoder's trait (the pooled form keeps a CLS token whole).
     """
     tokens = first_row.shape[0] if store.tokens else None
-    row_bytes = stored_row_bytes(store.description, tokens)
+
+    def row_bytes_as(form):
+        return stored_row_bytes({**store.description, "token_storage": form}, tokens, has_cls_token=has_cls_token)
+
+    row_bytes = row_bytes_as(store.storage) if store.tokens else stored_row_bytes(store.description)
     options = "another cache.dir with room, or cache.enabled = false"
     if store.tokens:
         alternatives = [
-            f'"{form}" ({human_bytes(len(todo) * stored_row_bytes({**store.description, "token_storage": form}, tokens))})'
-            for form in TOKEN_STORAGES if form != store.storage
+            f'"{form}" ({human_bytes(len(todo) * row_bytes_as(form))})' for form in TOKEN_STORAGES if form != store.storage
         ]
         options = f"cache.token_storage = {' or '.join(alternatives)}, " + options
     what = f"vision features of {len(todo)} images of {split.csv.name} ({store.storage if store.tokens else 'vectors'})"
@@ -276,7 +277,7 @@ def fill_vision_cache(
                 result = as_float16(result, store)
                 if not checked:  # before anything is stored: will it fit?
                     first = result[0][out.mask[0]] if store_tokens else result[0]
-                    check_vision_space(store, split, todo, first.float().cpu().numpy())
+                    check_vision_space(store, split, todo, first.float().cpu().numpy(), has_cls_token=encoder.has_cls_token)
                     checked = True
                 rows = _to_host(result)
                 mask = _to_host(out.mask) if store_tokens else None
@@ -344,7 +345,7 @@ def _to_host(tensor):
 
 
 class BackgroundWriter:
-    """Rows of computed batches -> a :class:`~mmcore.engine.cache.ChunkWriter`, on a thread.
+    """Rows of computed batches -> a :class:`~mmcore.store.features.ChunkWriter`, on a thread.
 
     The main thread only queues (host tensor, event) pairs and goes on with the next batch;
     the thread waits for each copy, splits the batch into rows (a token row is cut to its real

@@ -14,7 +14,8 @@ import attrs
 import torch
 
 from mmcore.data.dataset import SampleDataset, make_loader
-from mmcore.engine.cache import CacheUnavailable, cache_root, probe_cache, text_key, warn
+from mmcore.store.keys import text_key
+from mmcore.store.root import CacheUnavailable, cache_root, probe_cache, warn
 from mmcore.engine.features import (
     decoded_store,
     fill_decoded_cache,

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from mmcore.engine.averaging import WeightEMA, average_states, greedy_soup, load_soup_state_, soup_state
-from mmcore.engine.cache import warn
+from mmcore.store.root import warn
 from mmcore.engine.checkpoint import load_model_state, make_checkpoint, model_state_keys, read_checkpoint, save_checkpoint
 from mmcore.engine.inference import predict, sigmoid
 from mmcore.engine.loggers import Loggers

@@ -29,7 +29,7 @@ def predict_bundle(bundle_dir, input_csv, output, *, batch_size=None, base_dir=N
     frame, split = read_input(input_csv, base_dir, require_text=scorer.uses_text, check_images=scorer.uses_vision)
     ocr = scorer.ocr
     if ocr and scorer.uses_text and not all(t.strip() for t in split.texts):
-        from mmcore.engine.cache import cache_root
+        from mmcore.store.root import cache_root
         from mmcore.ocr.fill import ocr_fill
 
         cache = cache_root((scorer.recipe_data.get("cache") or {}).get("dir"))

@@ -3,28 +3,22 @@
 :func:`ocr_stage` runs before datasets are built (``run``, ``eval`` and ``predict`` call it), so
 the texts the model, the text-feature cache and the reports see are the filled ones. Results
 are cached as one JSON file per (image content, engine identity, language) under
-``<cache dir>/ocr/``, so each image is read once across runs. Images are keyed by the sha1 of
-their bytes, the feature cache's content key, taken from the run's shared hashes.
+``<cache dir>/ocr/`` (the cache's OCR tenant, :mod:`mmcore.store.ocr`), so each image is read
+once across runs. Images are keyed by the sha1 of their bytes, the feature cache's content
+key, taken from the run's shared hashes.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 import sys
-from pathlib import Path
 
 import attrs
 
 from mmcore.errors import MmcoreError
-from mmcore.io import write_text
 from mmcore.ocr.engines import ImageReader, build_engine, check_engine, read_images
-
-#: part of every cache entry's name: bump it when what an entry means changes
-#: (2: keyed by the sha1 of the image, which the feature cache uses, instead of a sha256)
-CACHE_VERSION = 2
+from mmcore.store.ocr import OcrTexts
 
 
 def ocr_stage(splits, recipe, *, registry=None, hashes=None, progress=True):
@@ -43,7 +37,7 @@ def ocr_stage(splits, recipe, *, registry=None, hashes=None, progress=True):
         from mmcore.engine.features import ImageHashes
 
         hashes = ImageHashes.for_recipe(recipe)
-    from mmcore.engine.cache import cache_root
+    from mmcore.store.root import cache_root
 
     filled = {}
     for name, split in splits.items():
@@ -53,12 +47,6 @@ def ocr_stage(splits, recipe, *, registry=None, hashes=None, progress=True):
         )
         filled[name] = attrs.evolve(split, texts=tuple(" ".join(t.split()) for t in texts))
     return filled
-
-
-def cache_file(cache_dir, image_key, identity, lang):
-    """Where the text of the image with content key ``image_key`` (sha1 bytes) is cached."""
-    engine_key = hashlib.sha1(f"{CACHE_VERSION}\n{identity}\n{lang}".encode()).hexdigest()[:16]
-    return Path(cache_dir) / "ocr" / f"{image_key.hex()}-{engine_key}.json"
 
 
 def ocr_fill(
@@ -95,12 +83,13 @@ def ocr_fill(
 
     engine = build_engine(engine_name, engine_params, registry=registry, source="data.ocr")
     identity = engine.identity
+    cached_texts = OcrTexts(cache_dir)
     keys = dict(zip(todo, hashes([paths[i] for i in todo])))
     jobs, seen = [], set()
     for i in todo:
         key = keys[i]
         if key is not None:
-            cached = _cached_text(cache_file(cache_dir, key, identity, lang))
+            cached = cached_texts.get(key, identity, lang)
             if cached is not None:
                 texts[i] = cached
                 continue
@@ -127,17 +116,8 @@ def ocr_fill(
                 texts[result.key] = result.text
                 continue
             by_key[key] = result.text
-            entry = {"image_sha1": key.hex(), "engine": identity, "lang": lang, "text": result.text}
-            write_text(cache_file(cache_dir, key, identity, lang), json.dumps(entry, ensure_ascii=False))
+            cached_texts.put(key, identity, lang, result.text)
     for i in todo:
         if keys[i] in by_key:
             texts[i] = by_key[keys[i]]
     return texts
-
-
-def _cached_text(path):
-    """The cached text, or None when there is no entry (a damaged entry is simply recomputed)."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))["text"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None

@@ -121,16 +121,12 @@ def make_storage(url, heartbeat=None):
 
 @contextlib.contextmanager
 def study_lock(study_dir):
-    """One process of this machine at a time asks for trials (and creates the study)."""
-    import fcntl
+    """One process of this machine at a time asks for trials (and creates the study): the store's
+    :func:`~mmcore.store.locks.file_lock` (``flock``, or an ``O_EXCL`` lock file where there is none)."""
+    from mmcore.store.locks import file_lock
 
-    Path(study_dir).mkdir(parents=True, exist_ok=True)
-    with open(Path(study_dir) / LOCK_FILE, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with file_lock(Path(study_dir) / LOCK_FILE):
+        yield
 
 
 def root_number(trial):
