@@ -44,7 +44,7 @@ LOCK_FILE = ".lock"
 EVAL_DIR = "eval"
 
 #: what mmcore.io.atomic_open leaves behind when killed mid-write: ``.<name>.<random>.tmp``
-TEMP_FILE_RE = re.compile(r"^\..+\..+\.tmp$")
+TEMP_FILE_RE = re.compile(r"^\..+\..+\.tmp\Z")
 
 
 def require_same_recipe(saved, current, *, where, said, then="", added_ok=False):
