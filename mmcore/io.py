@@ -162,3 +162,37 @@ def file_sha1(path, block=1 << 20):
     except OSError:
         return None
     return digest.digest()
+
+
+def check_output_path(path, what, *, option="--out", folder=False):
+    """Refuse, in one line (:class:`RunError`), an output path that cannot be made: called by a
+    command before its work, so a mistyped ``--out`` is said at once, not after the scoring.
+
+    ``what`` names the output ("predictions CSV", "bundle folder"); ``folder``: the path is
+    a folder, so an existing file there is refused too. Only ``os.stat``: nothing is made.
+    ``path`` None (an option left out) passes.
+    """
+    import stat
+
+    from mmcore.errors import os_error_reason
+
+    if path is None:
+        return None
+    path = Path(path)
+    advice = f"give {option} a path whose parents are folders"
+    for candidate in (path, *path.parents):
+        try:
+            mode = os.stat(candidate).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # not there yet (made by the command), or under a file (found further up)
+        except OSError as exc:
+            reason, todo = os_error_reason(exc)
+            raise RunError(f"{path}: cannot write the {what}: {reason}; {todo}") from None
+        if candidate == path:
+            if folder and not stat.S_ISDIR(mode):
+                raise RunError(f"{path}: cannot write the {what}: it is a file; give {option} a folder")
+            continue
+        if not stat.S_ISDIR(mode):
+            raise RunError(f"{path}: cannot write the {what}: {candidate} is a file, not a folder; {advice}")
+        return path
+    return path

@@ -175,7 +175,8 @@ def test_csv_not_utf8_names_the_line_and_guesses_korean_excel(images):
     offset = len((HEADER + "a.jpg,True,sale\nb.jpg,False,").encode())
     assert problems(path) == [
         f"{path}: line 3: not UTF-8 text (byte 0x{'오'.encode('cp949')[0]:02x} at offset {offset}); "
-        "it looks like CP949/EUC-KR (Korean Windows/Excel); re-save it as UTF-8 (Excel: CSV UTF-8)"
+        "it looks like CP949/EUC-KR (Korean Windows/Excel); re-save it as UTF-8 (Excel: CSV UTF-8) or convert it: "
+        f"iconv -f CP949 -t UTF-8 {path} > {path.with_name('train.utf8.csv')}"
     ]
 
 
@@ -522,6 +523,16 @@ def recipe_cases(tmp_path, data):
     cases["extends_huge"] = (
         p, f"{p.resolve()}: extends: {tmp_path / 'huge_base.toml'} is larger than 1 MiB; a recipe is a small TOML file"
     )
+    p = r("deep_arrays", "x = " + "[" * 100_000 + "\n" + base)  # tomllib: a RecursionError of 2,990 lines
+    cases["deep_arrays"] = (p, f"{p}: line 1: nested more than 32 levels deep (tables, arrays or dotted keys)")
+    p = r("deep_dotted_key", "[train]\n" + "a" + ".a" * 100_000 + " = 1\n" + base)  # tomllib: gigabytes
+    cases["deep_dotted_key"] = (p, f"{p}: line 2: nested more than 32 levels deep (tables, arrays or dotted keys)")
+    p = r("deep_tables", "[" + ".".join(["t"] * 20) + "]\n" + ".".join(["k"] * 20) + " = 1\n" + base)
+    cases["deep_tables"] = (p, f"{p}: nested more than 32 levels deep (tables, arrays or dotted keys)")
+    for n in range(40):
+        r(f"chain{n}", f'extends = "chain{n + 1}.toml"\n')
+    r("chain40", base)
+    cases["deep_extends"] = (tmp_path / "chain0.toml", f"{(tmp_path / 'chain31.toml').resolve()}: extends: more than 32 recipes extend one another")
     p = r("eps_allowed", base.replace('on_bad_image = "error"', 'on_bad_image = "error"\nimage_formats = ["JPEG", "EPS"]'))
     cases["eps_allowed"] = (p, f"{p}: data.image_formats: EPS is never allowed: Pillow decodes it by starting an external program")
     p = r("unset_data_dir", base.replace(f'base_dir = "{data}"', 'base_dir = "${DATA_DIR}/ads"'))
@@ -537,7 +548,7 @@ def recipe_cases(tmp_path, data):
     [
         "unknown_key", "wrong_type", "unknown_component", "bad_param_value", "missing_extends", "extends_cycle", "unset_data_dir",
         "seed_too_big", "nan_learning_rate", "inf_weight_decay", "huge_batch", "extends_directory", "extends_dev_zero",
-        "extends_huge", "eps_allowed",
+        "extends_huge", "eps_allowed", "deep_arrays", "deep_dotted_key", "deep_tables", "deep_extends",
     ],
 )
 def test_recipe_problem_is_one_line_and_creates_no_run(tmp_path, images, monkeypatch, case):
@@ -939,3 +950,157 @@ def test_sigint_exits_130_like_run(tmp_path, command, target):
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 130, result.stderr
     assert "Traceback" not in result.stderr and "Aborted" not in result.stderr
+
+
+# ---------------------------------------------------------------- every input bounded (issue 26)
+
+
+def sparse_file(path, size=2 << 30):
+    """A file of ``size`` bytes that takes no disk space (``truncate``): reading it would take ``size`` of memory."""
+    with open(path, "wb") as handle:
+        handle.truncate(size)
+    return Path(path)
+
+
+def three_splits(directory, train_rows):
+    """train.csv with ``train_rows``, val.csv and test.csv with a.jpg and b.jpg."""
+    write(directory / "train.csv", HEADER + train_rows)
+    for name in ("val", "test"):
+        write(directory / f"{name}.csv", HEADER + "a.jpg,True,\nb.jpg,False,\n")
+    return directory / "train.csv"
+
+
+def test_an_image_file_over_max_image_bytes_stops_the_run_unread(images, tmp_path):
+    """A 2 GiB sparse file was read whole by 8 threads (2.67 GB) and the run went on: now the CSV read's
+    ``stat`` refuses it, one line naming the row and the file, before any image is opened."""
+    big = sparse_file(images / "big.jpg")
+    train = three_splits(images, "a.jpg,True,\nb.jpg,False,\nbig.jpg,True,\n")
+    expected = f"{train}: row 3: image file too large (2147483648 bytes > data.max_image_bytes = 50000000): {big}"
+    assert problems(train) == [expected]
+    recipe = write(tmp_path / "r.toml", RECIPE.format(data=images, on_bad_image="skip", cache=tmp_path / "cache"))
+    result = CliRunner().invoke(mmcore_group, ["run", str(recipe), "--out", str(tmp_path / "run"), "--quiet"])
+    assert (result.exit_code, result.stderr.splitlines()) == (3, [expected])
+    assert not (tmp_path / "run").exists()
+
+
+def test_max_image_bytes_is_the_recipe_key_and_every_reader_keeps_to_it(images):
+    from mmcore.data.checks import hash_files
+    from mmcore.data.images import read_image_bytes
+    from mmcore.recipe.schema import DataConfig
+
+    size = (images / "a.jpg").stat().st_size
+    train = write(images / "train.csv", HEADER + "a.jpg,True,\n")
+    assert problems(train, max_image_bytes=size - 1) == [
+        f"{train}: row 1: image file too large ({size} bytes > data.max_image_bytes = {size - 1}): {images / 'a.jpg'}"
+    ]
+    assert read_split(train, max_image_bytes=size).paths == (images / "a.jpg",)
+    assert DataConfig().max_image_bytes == 50_000_000
+    with pytest.raises(BadImageError, match=rf"^image file too large \({size} bytes > data.max_image_bytes = {size - 1}\)$"):
+        read_image_bytes(images / "a.jpg", size - 1)
+    assert read_image_bytes(images / "a.jpg", size) == (images / "a.jpg").read_bytes()
+    big = sparse_file(images / "big.jpg")
+    os.mkfifo(images / "pipe.jpg")  # hashing opened it and waited for a writer forever
+    assert hash_files([big, images / "pipe.jpg"]) == [None, None]
+
+
+def test_ocr_refuses_an_image_over_the_limit_unread(tmp_path):
+    from mmcore.ocr.engines import ImageReader
+
+    big = sparse_file(tmp_path / "big.png")
+    result = ImageReader(engine=None, lang="eng")(7, big)
+    assert (result.key, result.text, result.error) == (
+        7, None, "cannot read image: image file too large (2147483648 bytes > data.max_image_bytes = 50000000)"
+    )
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "directory"])
+def test_a_csv_that_is_a_fifo_a_device_or_a_directory_is_refused_unopened(tmp_path, kind):
+    path = {"fifo": tmp_path / "train.csv", "device": Path("/dev/zero"), "directory": tmp_path}[kind]
+    if kind == "fifo":
+        os.mkfifo(path)  # opening it would wait for a writer forever; /dev/zero would be read until killed
+    what = "is a directory" if kind == "directory" else "is not a regular file"
+    assert problems(path) == [f"{path}: {what}; name a CSV file"]
+    if kind != "directory":  # (click refuses a directory itself)
+        result = CliRunner().invoke(mmcore_group, ["shard", str(path), "--out", str(tmp_path / "shards")])
+        assert (result.exit_code, result.stderr.splitlines()) == (3, [f"{path}: {what}; name a CSV file"])
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_recipe_named_on_the_command_line_that_is_a_fifo_or_device_is_one_line(tmp_path, kind):
+    path = tmp_path / "r.toml" if kind == "fifo" else Path("/dev/zero")
+    if kind == "fifo":
+        os.mkfifo(path)
+    result = CliRunner().invoke(mmcore_group, ["show", str(path)])
+    assert (result.exit_code, result.stderr.splitlines()) == (2, [f"{path}: is not a regular file; name a TOML recipe file"])
+
+
+def test_set_values_and_key_paths_are_bounded_in_depth(tmp_path, images):
+    recipe = write(tmp_path / "r.toml", RECIPE.format(data=images, on_bad_image="error", cache=tmp_path / "cache"))
+    deep_value = CliRunner().invoke(mmcore_group, ["show", str(recipe), "--set", "train.x=" + "[" * 100_000])
+    assert (deep_value.exit_code, deep_value.stderr.splitlines()) == (
+        2, ["--set train.x: the value is nested more than 32 levels deep (with its key path)"]
+    )
+    key = "a" + ".a" * 100_000
+    deep_key = CliRunner().invoke(mmcore_group, ["show", str(recipe), "--set", f"{key}=1"])
+    assert (deep_key.exit_code, deep_key.stderr.splitlines()) == (
+        2, [f"--set {key[:60]}...: a key path of 100001 parts; recipe keys nest at most 32 deep"]
+    )
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["predict", "{missing}", "{csv}", "-o", "{blocker}/scored.csv"],
+        ["eval", "{missing}", "--out", "{blocker}/eval"],
+        ["export", "{missing}", "--out", "{blocker}/bundle"],
+        ["compare", "{missing}", "--out", "{blocker}/table"],
+        ["ocr", "{csv}", "-o", "{blocker}/ocr.csv"],
+        ["new-plugin", "mynet", "--kind", "vision", "--dir", "{blocker}/plugin"],
+    ],
+    ids=["predict", "eval", "export", "compare", "ocr", "new-plugin"],
+)
+def test_an_output_path_under_a_file_is_one_line_before_any_work(tmp_path, command):
+    """A 41-line FileExistsError after all the scoring; now said first: the run directory given does not even
+    exist, and the output path is what is named (``tune``: tests/test_tune.py)."""
+    blocker = write(tmp_path / "blocker", "a file where a folder is needed\n")
+    csv_path = write(tmp_path / "in.csv", HEADER + "a.jpg,True,\n")
+    args = [a.format(missing=tmp_path / "missing", csv=csv_path, blocker=blocker) for a in command]
+    result = CliRunner().invoke(mmcore_group, args)
+    out = Path(args[args.index("-o" if "-o" in args else "--out" if "--out" in args else "--dir") + 1])
+    option = "-o" if "-o" in args else "--dir" if "--dir" in args else "--out"
+    what = {"predict": "predictions CSV", "eval": "evaluation folder", "export": "bundle folder",
+            "compare": "comparison folder", "ocr": "OCR output CSV", "new-plugin": "plugin folder"}[command[0]]
+    assert (result.exit_code, result.stderr.splitlines()) == (
+        4, [f"{out}: cannot write the {what}: {blocker} is a file, not a folder; give {option} a path whose parents are folders"]
+    )
+
+
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("mynet\n", "new-plugin: name 'mynet\\n' must be lowercase letters and digits, words joined by single underscores "
+                    "(like my_encoder): it becomes the component name in recipes"),
+        ("n" * 300, f"new-plugin: name {'n' * 20!r}... is 300 characters long; at most 64 (it becomes file and folder names)"),
+    ],
+    ids=["trailing_newline", "300_characters"],
+)
+def test_new_plugin_refuses_a_trailing_newline_and_an_overlong_name(tmp_path, name, expected):
+    """The name regex's ``$`` let "mynet\\n" through (file names with a newline, an invalid pyproject.toml);
+    300 characters were a "File name too long" traceback."""
+    result = CliRunner().invoke(mmcore_group, ["new-plugin", name, "--kind", "vision", "--dir", str(tmp_path / "p")])
+    assert (result.exit_code, result.stderr.splitlines()) == (2, [expected])
+    assert not (tmp_path / "p").exists()
+
+
+def test_a_component_name_with_a_trailing_newline_is_refused_at_registration():
+    import attrs
+
+    from mmcore.errors import MmcoreError
+    from mmcore.plugins.registry import Registry
+
+    @attrs.frozen
+    class Params:
+        pass
+
+    with pytest.raises(MmcoreError, match=r"^pkg: vision encoder name 'net\\n' must match \[a-z0-9_\]\+$"):
+        Registry().add("vision", "net\n", object, Params, "pkg")

@@ -160,7 +160,8 @@ def test_a_bad_byte_after_a_bom_is_at_its_offset_in_the_file(images):
     assert csv.read_bytes()[offset] == "오".encode("cp949")[0]
     assert problems(csv) == [
         f"{csv}: line 3: not UTF-8 text (byte 0x{'오'.encode('cp949')[0]:02x} at offset {offset}); "
-        "it looks like CP949/EUC-KR (Korean Windows/Excel); re-save it as UTF-8 (Excel: CSV UTF-8)"
+        "it looks like CP949/EUC-KR (Korean Windows/Excel); re-save it as UTF-8 (Excel: CSV UTF-8) or convert it: "
+        f"iconv -f CP949 -t UTF-8 {csv} > {csv.with_name('s.utf8.csv')}"
     ]
 
 
@@ -174,3 +175,58 @@ def test_read_table_keeps_every_column_and_checks_only_the_required(images):
     with pytest.raises(DataError) as info:
         read_table(csv, required=("local_image_path", "label"))
     assert info.value.problems == [f"{csv}: missing column 'label' (found: id, local_image_path, source)"]
+
+
+#: ad texts as they are written in each language (three rows each)
+EAST_ASIAN_TEXTS = {
+    "japanese": ["本日限定セール！全品50%オフ、送料無料でお届けします", "新商品のご案内：今だけポイント10倍",
+                 "会員登録で500円クーポンをプレゼント"],
+    "korean": ["오늘만 특가 세일 전 품목 50% 할인 무료 배송 ㅋㅋ", "신상품 출시 기념 이벤트 진행 중", "회원 가입하고 特價 쿠폰 받으세요"],
+    "simplified": ["限时特价，全场五折，包邮到家，欢迎选购", "新品上市，会员专享优惠券", "注册即送五百元红包"],
+    "traditional": ["限時特價，全場五折，免運費到府，歡迎選購", "新品上市，會員專享優惠券", "註冊即送五百元紅包"],
+}
+
+
+@pytest.mark.parametrize(
+    "language,encoding,label,iconv",
+    [
+        ("japanese", "cp932", "Shift-JIS/CP932 (Japanese Windows/Excel)", "CP932"),
+        ("japanese", "shift_jis", "Shift-JIS/CP932 (Japanese Windows/Excel)", "CP932"),
+        ("japanese", "euc_jp", "EUC-JP (Japanese)", "EUC-JP"),
+        ("korean", "cp949", "CP949/EUC-KR (Korean Windows/Excel)", "CP949"),
+        ("korean", "euc_kr", "CP949/EUC-KR (Korean Windows/Excel)", "CP949"),
+        ("simplified", "gb18030", "GB18030/GBK (Simplified Chinese Windows/Excel)", "GB18030"),
+        ("simplified", "gbk", "GB18030/GBK (Simplified Chinese Windows/Excel)", "GB18030"),
+        ("traditional", "big5", "Big5/CP950 (Traditional Chinese Windows/Excel)", "CP950"),
+        ("traditional", "cp950", "Big5/CP950 (Traditional Chinese Windows/Excel)", "CP950"),
+    ],
+)
+def test_an_east_asian_code_page_is_named_with_the_command_that_converts_it(images, language, encoding, label, iconv):
+    """Shift-JIS was named CP949 (it decodes without error as Korean): the code page named is the one whose
+    letters are the language's common ones, and converting with the iconv command given reads as UTF-8."""
+    import subprocess
+
+    prefix = "local_image_path,label,text_info\na.jpg,True,sale\n"
+    body = "".join(f"{name},False,{text}\n" for name, text in zip(("a.jpg", "b.jpg", "a.jpg"), EAST_ASIAN_TEXTS[language]))
+    csv = images / "s.csv"
+    csv.write_bytes((prefix + body).encode(encoding))
+    offset = len(prefix.encode()) + len("a.jpg,False,".encode())
+    converted = images / "s.utf8.csv"
+    assert problems(csv, images) == [
+        f"{csv}: line 3: not UTF-8 text (byte 0x{csv.read_bytes()[offset]:02x} at offset {offset}); it looks like "
+        f"{label}; re-save it as UTF-8 (Excel: CSV UTF-8) or convert it: iconv -f {iconv} -t UTF-8 {csv} > {converted}"
+    ]
+    iconv_binary = subprocess.run(["sh", "-c", "command -v iconv"], capture_output=True, text=True).stdout.strip()
+    if iconv_binary:
+        subprocess.run(["sh", "-c", f"iconv -f {iconv} -t UTF-8 {csv} > {converted}"], check=True)
+        assert read_split(converted, images).texts[1:] == tuple(EAST_ASIAN_TEXTS[language])
+
+
+def test_a_western_code_page_is_still_named(images):
+    csv = images / "s.csv"
+    csv.write_bytes("local_image_path,label,text_info\na.jpg,True,Soldes d'été : -50 %\n".encode("cp1252"))
+    offset = len("local_image_path,label,text_info\na.jpg,True,Soldes d'".encode())
+    assert problems(csv, images) == [
+        f"{csv}: line 2: not UTF-8 text (byte 0xe9 at offset {offset}); it looks like Windows-1252 (Western European); "
+        f"re-save it as UTF-8 (Excel: CSV UTF-8) or convert it: iconv -f CP1252 -t UTF-8 {csv} > {images / 's.utf8.csv'}"
+    ]

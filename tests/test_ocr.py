@@ -354,7 +354,7 @@ def test_unreadable_images_are_reported_one_line_each(tmp_path, registry):
     assert sorted(lines) == sorted(summary.failed)
     assert len(lines) == 2
     assert any(line.startswith("img/1.png (row 2): cannot read image: ") for line in lines)
-    assert "img/2.png (row 3): cannot read image: No such file or directory" in lines
+    assert "img/2.png (row 3): cannot read image: image not found" in lines
     assert list(read_out(tmp_path / "out.csv")["text_info"]) == ["word31 eng", "", ""]
     assert calls(tmp_path / "log") == [31]
     assert csv.exists()
@@ -425,7 +425,7 @@ def test_ocr_fill_reads_each_image_once_across_calls(tmp_path, registry):
 
     assert texts == ["word41 eng", "has text", "word41 eng", ""]
     assert calls(log) == [41]
-    assert errors == [("missing.png", "cannot read image: No such file or directory")]
+    assert errors == [("missing.png", "cannot read image: image not found")]
     assert len(list((tmp_path / "cache" / "ocr").glob("*.json"))) == 1
 
     texts = ocr_fill(paths, ["", "", "", ""], **fill)  # b.png is new, a.png is cached

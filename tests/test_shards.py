@@ -175,3 +175,91 @@ def test_two_gloo_ranks_read_disjoint_shards_covering_every_sample_once(demo_dat
                    [s for s in r1["samples"] if s.split("#")[0] in r1["read"]]
     assert sorted(read_samples) == sorted(set(read_samples)) and len(read_samples) == 64  # every sample once
     assert r0["samples"] == r1["samples"]  # and every rank knows the whole split
+
+
+# ---------------------------------------------------------------- every input bounded (issue 26)
+
+
+def _sparse_tar(tmp_path, size):
+    """A shard whose ``000.jpg`` is a GNU sparse member of ``size`` zero bytes: 10 KB on disk."""
+    import shutil
+
+    if shutil.which("tar") is None:
+        pytest.skip("needs GNU tar to write a sparse member")
+    folder = tmp_path / "members"
+    folder.mkdir()
+    with open(folder / "000.jpg", "wb") as handle:
+        handle.truncate(size)
+    (folder / "000.cls").write_bytes(b"1")
+    shard = tmp_path / "sparse-000000.tar"
+    subprocess.run(["tar", "--sparse", "--format=gnu", "-cf", str(shard), "000.jpg", "000.cls"], cwd=folder, check=True)
+    return shard
+
+
+def _refused(shard, index=None):
+    """The problem lines reading ``shard`` gives (it must give some)."""
+    with pytest.raises(DataError) as caught:
+        read_shards("train", str(shard), index or ShardIndex(None))
+    return caught.value.problems
+
+
+def test_a_member_over_max_image_bytes_is_refused_from_its_header_unread(tmp_path, monkeypatch):
+    """A 10 KB shard holding a 2 GiB sparse member took 4.7 GB and ended "shorter than its index"."""
+    shard = _sparse_tar(tmp_path, 2 << 30)
+    assert shard.stat().st_size < 100_000
+    read = []
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", lambda self, member: read.append(member.name))
+    assert _refused(shard) == [
+        f"{shard}: sample 000: 000.jpg: too large (2147483648 bytes > data.max_image_bytes = 50000000); it is not read"
+    ]
+    assert read == []
+
+
+def test_a_sparse_member_within_the_limit_is_refused_too(tmp_path):
+    """Its bytes are not at its offset in the tar, where training reads them."""
+    shard = _sparse_tar(tmp_path, 1 << 20)
+    assert _refused(shard) == [
+        f"{shard}: sample 000: 000.jpg is a sparse tar member (tar --sparse); write the shards with mmcore shard"
+    ]
+
+
+def test_a_member_named_twice_for_a_key_is_refused(demo_data, tmp_path):
+    """Two 000.cls in one shard: the last silently won."""
+    image = next((demo_data / "images").glob("*.jpg")).read_bytes()
+    shard = _tar(tmp_path / "dup-000000.tar", [("000.jpg", image), ("000.cls", b"1"), ("000.CLS", b"0")])
+    assert _refused(shard) == [
+        f"{shard}: sample 000: 000.CLS is in the shard twice (the last would silently win); write each member of a sample once"
+    ]
+
+
+def test_a_remembered_index_is_held_to_a_lowered_limit(demo_data, tmp_path):
+    image = next((demo_data / "images").glob("*.jpg")).read_bytes()
+    shard = _tar(tmp_path / "s-000000.tar", [("000.jpg", image), ("000.cls", b"1")])
+    assert len(read_shards("train", str(shard), ShardIndex(tmp_path / "cache"))) == 1  # indexed and remembered
+    lowered = ShardIndex(tmp_path / "cache", max_bytes=len(image) - 1)
+    problems = _refused(shard, lowered)
+    assert lowered.read_here == []  # the remembered index answered
+    assert problems == [
+        f"{shard}: sample 000: 000.jpg: too large ({len(image)} bytes > data.max_image_bytes = {len(image) - 1}); it is not read"
+    ]
+
+
+def test_mmcore_shard_refuses_an_image_over_the_limit_unread(demo_data, tmp_path):
+    from click.testing import CliRunner
+
+    from mmcore.cli.main import cli
+
+    image = next((demo_data / "images").glob("*.jpg"))
+    big = tmp_path / "big.jpg"
+    with open(big, "wb") as handle:
+        handle.truncate(2 << 30)
+    csv = tmp_path / "train.csv"
+    csv.write_text(f"local_image_path,label,text_info\n{image},True,\n{big},False,\n")
+    result = CliRunner().invoke(cli, ["shard", str(csv), "--out", str(tmp_path / "shards")])
+    assert (result.exit_code, result.stderr.splitlines()) == (
+        3, [f"{csv}: row 2: image file too large (2147483648 bytes > data.max_image_bytes = 50000000): {big}"]
+    )
+    small = CliRunner().invoke(cli, ["shard", str(csv), "--out", str(tmp_path / "shards"), "--max-image-bytes", "10"])
+    assert small.stderr.splitlines()[0] == (
+        f"{csv}: row 1: image file too large ({image.stat().st_size} bytes > data.max_image_bytes = 10): {image}"
+    )

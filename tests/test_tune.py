@@ -14,7 +14,7 @@ import tomllib
 from optuna.trial import TrialState
 
 from mmcore.commands.tune import run_tune
-from mmcore.errors import RecipeError
+from mmcore.errors import RecipeError, RunError
 from mmcore.tune.space import load_space
 from mmcore.tune.study import gpu_slots, is_surplus, logical_trials, next_action, write_plots
 
@@ -327,3 +327,90 @@ def test_importance_needs_two_completed_trials(tmp_path):
     notes = write_plots(study, tmp_path)
     assert notes == ["importance.png not drawn: parameter importance needs at least 2 completed trials whose parameters differ"]
     assert (tmp_path / "history.png").read_bytes()[:8] == PNG and not (tmp_path / "importance.png").exists()
+
+
+# ---------------------------------------------------------------- every input bounded (issue 26)
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ('"train.seed" = { int = [0, 1000000000] }',
+         "the grid has 1000000001 points (train.seed (1000000001))"),
+        ('"train.learning_rate" = { uniform = [0.0, 1.0], points = 1000000000 }',
+         "the grid has 10^9 points (train.learning_rate (10^9))"),
+        ('"train.learning_rate" = { uniform = [0.0, 1.0], step = 1e-12 }',
+         "the grid has 1000000000001 points (train.learning_rate (1000000000001))"),
+        ('"train.seed" = { int = [1, 1000000] }\n"train.epochs" = { int = [1, 1000000] }\n'
+         '"pooling.name" = { choice = ["mean"] }',
+         "the grid has 10^12 points (train.seed (10^6) x train.epochs (10^6))"),
+    ],
+    ids=["int_range", "points", "tiny_step", "two_keys"],
+)
+def test_a_grid_is_counted_before_it_is_built(tmp_path, text, expected):
+    """Each of these built its whole grid in memory (until killed) before any check."""
+    space = load_space(_space(tmp_path, text + "\n"))
+    with pytest.raises(RecipeError) as err:
+        space.grid_size()
+    assert str(err.value) == (f"{space.path}: {expected}, more than 100000; give fewer points or a larger step, "
+                              "or use --sampler tpe or random with --trials")
+    with pytest.raises(RecipeError, match="more than 100000"):
+        space.grid()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "directory", "too_large", "deep"])
+def test_the_space_file_is_read_as_a_recipe_is(tmp_path, kind):
+    """`--space /dev/zero` read until killed, a FIFO hung, 100,000 brackets were a 2,990-line RecursionError."""
+    from click.testing import CliRunner
+
+    from mmcore.cli.main import cli
+
+    path = tmp_path / "space.toml"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "device":
+        path = "/dev/zero"
+    elif kind == "directory":
+        path = tmp_path
+    elif kind == "too_large":
+        path.write_text("# padding\n" * 120_000)
+    else:
+        path.write_text('"train.x" = { choice = [' + "[" * 100_000 + "\n")
+    expected = {
+        "fifo": f"{path}: is not a regular file; name a TOML search space file",
+        "device": "/dev/zero: is not a regular file; name a TOML search space file",
+        "directory": f"{path}: is a directory; name a TOML search space file",
+        "too_large": f"{path}: is larger than 1 MiB; a search space is a small TOML file",
+        "deep": f"{path}: line 1: nested more than 32 levels deep (tables, arrays or dotted keys)",
+    }[kind]
+    with pytest.raises(RecipeError) as err:
+        load_space(path)
+    assert str(err.value) == expected
+    result = CliRunner().invoke(cli, ["tune", str(tmp_path / "recipe.toml"), "--space", str(path), "--trials", "1"])
+    if kind != "directory":  # (click refuses a directory itself)
+        assert (result.exit_code, result.stderr.splitlines()) == (2, [expected])
+
+
+def test_a_read_only_storage_and_an_output_under_a_file_are_one_line(tune_recipe, tmp_path, registry):
+    """An existing read-only SQLite file was a 117-line Optuna traceback; --out under a file a FileExistsError."""
+    space = _space(tmp_path, '"pooling.name" = { choice = ["mean", "attention"] }\n')
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file\n")
+    with pytest.raises(RunError) as err:
+        run_tune(tune_recipe, space, trials=1, out=blocker / "study", registry=registry, progress=False, echo=print)
+    assert str(err.value) == (f"{blocker / 'study'}: cannot write the study directory: {blocker} is a file, not a folder; "
+                              "give --out a path whose parents are folders")
+    db = tmp_path / "shared.db"
+    optuna.create_study(study_name="space", storage=f"sqlite:///{db}")
+    # read-only as SQLite sees it (a chmod does not stop root, who may run this)
+    url = f"sqlite:///file:{db}?mode=ro&uri=true"
+    with pytest.raises(RunError) as err:
+        run_tune(tune_recipe, space, trials=1, storage=url, registry=registry, progress=False, echo=print)
+    assert str(err.value) == (f"{db}: the study's SQLite file is read-only; make it writable (chmod u+w {db}) "
+                              "or give --storage another file")
+    assert not _trial_dirs(tmp_path / "runs" / "tuned" / "tune-space")
+    if os.geteuid() != 0:  # the file's mode, checked before Optuna opens it
+        os.chmod(db, 0o444)
+        with pytest.raises(RunError, match=rf"^{re.escape(str(db))}: the study's SQLite file is read-only"):
+            run_tune(tune_recipe, space, trials=1, storage=f"sqlite:///{db}", registry=registry, progress=False,
+                     echo=print)

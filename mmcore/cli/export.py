@@ -8,6 +8,7 @@ import click
 
 from mmcore.engine.progress import progress_for
 from mmcore.export import FORMATS
+from mmcore.io import check_output_path
 
 
 @click.command("export")
@@ -36,5 +37,6 @@ def export_command(run_dir, out, fmt, data, base_dir, rows, score_tol, agreement
     """
     from mmcore.commands.export import export_run
 
+    check_output_path(out, "bundle folder")  # before the parity gate scores anything
     export_run(run_dir, out, fmt=fmt, data=data, rows=rows, base_dir=base_dir, score_tol=score_tol,
                min_agreement=agreement, progress=progress_for(quiet), echo=click.echo)

@@ -10,6 +10,7 @@ import click
 from mmcore import __version__
 from mmcore.engine.progress import progress_for
 from mmcore.errors import MmcoreError
+from mmcore.io import check_output_path
 
 SET_HELP = "Override a recipe key, e.g. --set train.batch_size=32 (repeatable)."
 
@@ -170,6 +171,7 @@ def eval_(run_dir, data, out, quiet):
     """Re-score a CSV with a finished run's model (results.json, test_predictions.json, test_report.md)."""
     from mmcore.commands.evaluate import evaluate_run
 
+    check_output_path(out, "evaluation folder", folder=True)  # before any scoring
     evaluate_run(run_dir, data=data, out=out, progress=progress_for(quiet), echo=click.echo)
 
 

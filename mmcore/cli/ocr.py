@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from mmcore.errors import MmcoreError
+from mmcore.io import check_output_path
 from mmcore.ocr.batch import partial_path, run_ocr
 
 
@@ -59,6 +60,7 @@ def ocr_command(
     A killed run continues where it stopped when run again with the same arguments.
     """
     try:
+        check_output_path(output_path, "OCR output CSV", option="-o")  # before any image is read
         summary = run_ocr(
             input_path,
             output_path,

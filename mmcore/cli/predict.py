@@ -10,6 +10,7 @@ import click
 from mmcore.commands.predict import predict_csv
 from mmcore.engine.progress import progress_for
 from mmcore.errors import MmcoreError
+from mmcore.io import check_output_path
 
 
 def _fail(exc):
@@ -39,6 +40,7 @@ def predict_command(run_dir, input_csv, output, batch_size, base_dir, quiet):
     text_info may be left out for vision_only runs.
     """
     try:
+        check_output_path(output, "predictions CSV", option="-o")  # before any scoring
         from mmcore.export.bundle import is_bundle
 
         if is_bundle(run_dir):  # an export bundle: scored by onnxruntime (mmcore.export.predict)

@@ -17,7 +17,9 @@ from mmcore.errors import MmcoreError
 @click.option("--size", default="1GB", show_default=True, help="Largest shard: 1GB, 500MB, 2GiB, or bytes.")
 @click.option("--base-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder that relative image paths start from [default: the CSV's folder].")
-def shard_command(csv, out_dir, size, base_dir):
+@click.option("--max-image-bytes", "max_image", default="50MB", show_default=True,
+              help="Largest image file (a recipe's data.max_image_bytes); a larger one is refused unread.")
+def shard_command(csv, out_dir, size, base_dir, max_image):
     """Write the rows of CSV (local_image_path[,label][,text_info]) as WebDataset tar shards.
 
     \b
@@ -29,12 +31,15 @@ def shard_command(csv, out_dir, size, base_dir):
     """
     from mmcore.data.shards import parse_size, write_shards
 
+    sizes = {}
+    for option, text in (("--size", size), ("--max-image-bytes", max_image)):
+        try:
+            sizes[option] = parse_size(text)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint=option) from None
     try:
-        max_bytes = parse_size(size)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--size") from None
-    try:
-        manifest = write_shards(csv, out_dir, max_bytes=max_bytes, base_dir=base_dir, echo=click.echo)
+        manifest = write_shards(csv, out_dir, max_bytes=sizes["--size"], base_dir=base_dir,
+                                max_image_bytes=sizes["--max-image-bytes"], echo=click.echo)
     except MmcoreError as exc:
         for line in str(exc).splitlines():
             click.echo(line, err=True)

@@ -83,7 +83,7 @@ def eval_split(recipe, data=None):
         data_config = attrs.evolve(recipe.data, test=str(data)) if data else recipe.data
         return load_splits(data_config, names=("test",), cache=recipe.cache)["test"], Path(str(data_config.test))
     csv = Path(data) if data else resolve_csv(recipe.data.test, recipe.data.base_dir)
-    return read_split(csv, recipe.data.base_dir if not data else None), csv
+    return read_split(csv, recipe.data.base_dir if not data else None, max_image_bytes=recipe.data.max_image_bytes), csv
 
 
 def evaluate_run(run_dir, *, data=None, out=None, registry=None, progress=True, echo=print):

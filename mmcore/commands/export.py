@@ -43,10 +43,11 @@ def parity_rows(pipeline, data, rows, base_dir=None):
     needs_text = recipe.train.modality != "vision_only"
     try:
         if data:
-            split = read_split(data, base_dir, require_label=False, require_text=needs_text)
+            split = read_split(data, base_dir, require_label=False, require_text=needs_text,
+                               max_image_bytes=recipe.data.max_image_bytes)
         else:
             split = read_split(resolve_csv(recipe.data.val, recipe.data.base_dir), recipe.data.base_dir,
-                               require_label=False, require_text=needs_text)
+                               require_label=False, require_text=needs_text, max_image_bytes=recipe.data.max_image_bytes)
     except DataError as exc:
         hint = "" if data else " (the run's validation split; choose rows with --data CSV)"
         raise DataError([f"{line}{hint}" for line in exc.problems]) from None

@@ -28,14 +28,18 @@ import attrs
 
 from mmcore import __version__
 from mmcore.errors import MmcoreError
+from mmcore.io import check_output_path
 
 KINDS = ("vision", "text")
 #: stricter than component names in general: the name also becomes a distribution name
-PLUGIN_NAME_RE = re.compile(r"^[a-z0-9]+(_[a-z0-9]+)*$")
+#: (``fullmatch``: ``$`` would let a trailing newline through into file names)
+PLUGIN_NAME_RE = re.compile(r"[a-z0-9]+(_[a-z0-9]+)*")
 #: a distribution name that is also a valid import name once "-" becomes "_"
-PACKAGE_RE = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
+PACKAGE_RE = re.compile(r"[a-z][a-z0-9]*(-[a-z0-9]+)*")
+#: the longest NAME or --package: they become folder and file names (``tests/test_<...>.py``)
+MAX_NAME_LENGTH = 64
 #: name parts that say a size or version, not a family (``vit_base``, ``mobilenet_v3_small``)
-SIZE_PART = re.compile(r"^(v?\d+[a-z]?|tiny|small|base|large|huge|giant|mini|micro|nano|xl|xxl|[a-z]\d+)$")
+SIZE_PART = re.compile(r"v?\d+[a-z]?|tiny|small|base|large|huge|giant|mini|micro|nano|xl|xxl|[a-z]\d+")
 
 
 @attrs.frozen
@@ -75,7 +79,7 @@ class ScaffoldError(MmcoreError):
 def family(name):
     """``mobilenet_v3_small`` -> ``mobilenet``, ``resnet50`` -> ``resnet``, ``char_ngrams`` unchanged."""
     parts = name.split("_")
-    while len(parts) > 1 and SIZE_PART.match(parts[-1]):
+    while len(parts) > 1 and SIZE_PART.fullmatch(parts[-1]):
         parts.pop()
     stem = "_".join(parts)
     if len(parts) == 1 and len(name.split("_")) == 1:
@@ -143,12 +147,16 @@ def plugin_names(name, kind=None, *, template="plain", package=None):
     if kind is not None and kind not in KINDS:
         raise ScaffoldError(f"new-plugin: --kind must be one of {', '.join(KINDS)} (got {kind!r})")
     kind = template_kind(template, kind)
-    if not PLUGIN_NAME_RE.match(name):
+    for option, value in (("name", name), ("--package", package)):
+        if value is not None and len(value) > MAX_NAME_LENGTH:
+            raise ScaffoldError(f"new-plugin: {option} {value[:20]!r}... is {len(value)} characters long; "
+                                f"at most {MAX_NAME_LENGTH} (it becomes file and folder names)")
+    if not PLUGIN_NAME_RE.fullmatch(name):
         raise ScaffoldError(
             f"new-plugin: name {name!r} must be lowercase letters and digits, words joined by "
             f"single underscores (like my_encoder): it becomes the component name in recipes"
         )
-    if package is not None and not PACKAGE_RE.match(package):
+    if package is not None and not PACKAGE_RE.fullmatch(package):
         raise ScaffoldError(
             f"new-plugin: --package {package!r} must be lowercase letters and digits, words joined by "
             f"single hyphens (like mmcore-vision-acme): it is the distribution, the entry point and, "
@@ -236,6 +244,7 @@ def write_plugin(name, kind=None, directory=None, *, template="plain", package=N
     current directory) and return its path. Refuses a folder that exists and is not empty."""
     names = plugin_names(name, kind, template=template, package=package)
     target = Path(directory) if directory is not None else Path("plugins") / names.folder
+    check_output_path(target, "plugin folder", option="--dir", folder=True)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise ScaffoldError(f"new-plugin: {target} already exists; remove it or choose another --dir")
     files = plugin_files(names)

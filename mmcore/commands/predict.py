@@ -12,6 +12,7 @@ from pathlib import Path
 
 import attrs
 
+from mmcore.data.images import DEFAULT_MAX_IMAGE_BYTES
 from mmcore.errors import MmcoreError
 from mmcore.io import atomic_open
 
@@ -50,7 +51,9 @@ def predict_csv(
     # Validate the data before the (possibly large) model is built.
     modality = (run_dir.recipe_data().get("train") or {}).get("modality", "multimodal")
     needs_text, needs_images = modality != "vision_only", modality != "text_only"
-    frame, split = read_input(input_csv, base_dir, require_text=needs_text, check_images=needs_images)
+    max_image_bytes = (run_dir.recipe_data().get("data") or {}).get("max_image_bytes", DEFAULT_MAX_IMAGE_BYTES)
+    frame, split = read_input(input_csv, base_dir, require_text=needs_text, check_images=needs_images,
+                              max_image_bytes=max_image_bytes)
 
     pipeline, ckpt = load_run(run_dir, registry=registry, progress=progress)
     recipe = pipeline.recipe
@@ -103,7 +106,7 @@ def write_scored_csv(output, frame, rows, raw, calibrated, predicted):
         frame.to_csv(handle, index=False)
 
 
-def read_input(input_csv, base_dir=None, *, require_text=True, check_images=True):
+def read_input(input_csv, base_dir=None, *, require_text=True, check_images=True, max_image_bytes=DEFAULT_MAX_IMAGE_BYTES):
     """The CSV to score, read once: ``(frame, split)`` — its columns as given, to be written back
     out with the scores, and the validated :class:`~mmcore.data.csvs.Split` to score."""
     from mmcore.data.csvs import REQUIRED_COLUMNS, read_table, split_from_table
@@ -114,5 +117,6 @@ def read_input(input_csv, base_dir=None, *, require_text=True, check_images=True
         required=[c for c in REQUIRED_COLUMNS if needed[c]],
         optional=[c for c in REQUIRED_COLUMNS if not needed[c]],
     )
-    split = split_from_table(frame, input_csv, base_dir, require_label=False, check_images=check_images)
+    split = split_from_table(frame, input_csv, base_dir, require_label=False, check_images=check_images,
+                             max_image_bytes=max_image_bytes)
     return frame, split

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from mmcore.errors import MmcoreError, RecipeError, RunError
+from mmcore.io import check_output_path
 from mmcore.tune.study import (
     CONFIG_FILE,
     DB_FILE,
@@ -30,6 +31,7 @@ from mmcore.tune.study import (
     make_sampler,
     make_storage,
     masked,
+    storage_errors,
     study_lock,
     summarize,
     visible_gpus,
@@ -92,7 +94,7 @@ def run_tune(
     make_pruner(pruner, base.train.epochs)
     name = study or Path(space_path).stem
     study_dir = Path(out) if out else Path(base.output_dir) / base.experiment / f"tune-{name}"
-    study_dir = study_dir.resolve()
+    study_dir = check_output_path(study_dir, "study directory", folder=True).resolve()
     url = storage or f"sqlite:///{study_dir / DB_FILE}"
     config = TuneConfig(
         recipe=str(Path(recipe_path).resolve()), space=str(Path(space_path).resolve()), study_dir=str(study_dir),
@@ -137,8 +139,9 @@ def _open_study(config, identity):
                                  "recipe_path": config.recipe, "space_path": config.space, "overrides": list(config.overrides)})
         storage = make_storage(config.storage)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = optuna.create_study(study_name=config.study_name, storage=storage, direction=config.direction,
-                                    load_if_exists=True)
+        with storage_errors(config.storage):  # a read-only SQLite file: one line, not Optuna's traceback
+            study = optuna.create_study(study_name=config.study_name, storage=storage, direction=config.direction,
+                                        load_if_exists=True)
         if study.direction.name.lower() != config.direction:
             raise RunError(f"{masked(config.storage)}: study {config.study_name!r} exists and is to "
                            f"{study.direction.name.lower()}, not {config.direction} {config.metric}")

@@ -13,7 +13,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import attrs
 
-from mmcore.data.images import DEFAULT_FORMATS, DEFAULT_MAX_IMAGE_PIXELS, BadImageError, open_checked, open_image_file
+from mmcore.data.images import (
+    DEFAULT_FORMATS,
+    DEFAULT_MAX_IMAGE_BYTES,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    BadImageError,
+    image_file_problem,
+    open_checked,
+    open_image_file,
+)
 from mmcore.io import file_sha1
 
 #: later splits are compared with earlier ones: test with val and train, val with train
@@ -65,11 +73,16 @@ class DuplicateReport:
         return sum(o.count for o in self.overlaps)
 
 
-def hash_files(paths):
-    """The sha1 of each file's bytes (None where unreadable), read by a few threads."""
+def hash_files(paths, max_bytes=DEFAULT_MAX_IMAGE_BYTES):
+    """The sha1 of each file's bytes, read by a few threads; None where unreadable, and unread
+    where its ``stat`` says it is not a regular file (a FIFO would block) or over ``max_bytes``."""
     paths = list(paths)
+
+    def digest(path):
+        return None if image_file_problem(path, max_bytes) is not None else file_sha1(path)
+
     with ThreadPoolExecutor(max_workers=min(_THREADS, max(1, len(paths)))) as pool:
-        return list(pool.map(file_sha1, paths))
+        return list(pool.map(digest, paths))
 
 
 def find_duplicates(splits, hashes=hash_files):

@@ -14,14 +14,21 @@ from pathlib import Path
 import attrs
 import numpy as np
 
+from mmcore.bounded import FileRules, read_regular_file
 from mmcore.data.bulk import paused_gc
-from mmcore.data.images import image_file_stat
+from mmcore.data.encodings import guess_encoding
+from mmcore.data.images import DEFAULT_MAX_IMAGE_BYTES, image_file_stat
 from mmcore.errors import DataError, closest
 
 REQUIRED_COLUMNS = ("local_image_path", "label", "text_info")
 TRUE_LABELS = {"true": 1, "1": 1, "1.0": 1}
 FALSE_LABELS = {"false": 0, "0": 0, "0.0": 0}
 MAX_LISTED = 10
+#: a split CSV is read whole (pandas); past this, write WebDataset shards (a million rows of ad
+#: text are a few hundred MB)
+MAX_CSV_BYTES = 2 << 30
+CSV_FILE = FileRules("file", "a CSV file", MAX_CSV_BYTES,
+                     "split it, or write WebDataset shards (mmcore shard) and set data.format = \"webdataset\"")
 
 
 @attrs.frozen
@@ -77,19 +84,26 @@ def _limited(problems, what, csv):
 
 
 @paused_gc()  # the per-row objects (frame cells, paths, stats) hold no cycles
-def read_split(csv, base_dir=None, *, require_label=True, require_text=True, check_images=True):
-    """Read one CSV into a :class:`Split`, or raise :class:`DataError` listing every problem."""
+def read_split(csv, base_dir=None, *, require_label=True, require_text=True, check_images=True,
+               max_image_bytes=DEFAULT_MAX_IMAGE_BYTES):
+    """Read one CSV into a :class:`Split`, or raise :class:`DataError` listing every problem.
+
+    ``check_images``: each image path must be a regular file of at most ``max_image_bytes``
+    (``data.max_image_bytes``), decided by the one ``stat`` taken per row; a larger file is a
+    row problem and its bytes are never read."""
     needed = {"local_image_path": True, "label": require_label, "text_info": require_text}
     frame = read_table(
         csv,
         required=[c for c in REQUIRED_COLUMNS if needed[c]],
         optional=[c for c in REQUIRED_COLUMNS if not needed[c]],
     )
-    return split_from_table(frame, csv, base_dir, require_label=require_label, check_images=check_images)
+    return split_from_table(frame, csv, base_dir, require_label=require_label, check_images=check_images,
+                            max_image_bytes=max_image_bytes)
 
 
 @paused_gc()
-def split_from_table(frame, csv, base_dir=None, *, require_label=True, check_images=True):
+def split_from_table(frame, csv, base_dir=None, *, require_label=True, check_images=True,
+                     max_image_bytes=DEFAULT_MAX_IMAGE_BYTES):
     """A :class:`Split` from a frame :func:`read_table` gave (so a caller that also needs the
     frame, e.g. to write it back out with scores, reads the CSV once)."""
     csv = Path(csv)
@@ -106,7 +120,8 @@ def split_from_table(frame, csv, base_dir=None, *, require_label=True, check_ima
             empty_paths.append(f"{csv}: row {index}: empty local_image_path")
             continue
         path = Path(raw) if os.path.isabs(raw) else base / raw  # one parse of the name per row
-        st, problem = image_file_stat(path) if check_images else (None, None)  # never raises (ENAMETOOLONG, EACCES)
+        # never raises (ENAMETOOLONG, EACCES); a file over max_image_bytes is refused here, unread
+        st, problem = image_file_stat(path, max_image_bytes) if check_images else (None, None)
         if problem is not None:
             missing_images.append(f"{csv}: row {index}: {problem}: {path}")
         label = None
@@ -166,7 +181,7 @@ def load_splits(data_config, *, names=("train", "val", "test"), cache=None):
         for name in names:
             csv = resolve_csv(getattr(data_config, name), data_config.base_dir)
             try:
-                splits[name] = read_split(csv, data_config.base_dir or csv.parent)
+                splits[name] = read_split(csv, data_config.base_dir or csv.parent, max_image_bytes=data_config.max_image_bytes)
             except DataError as exc:
                 problems.extend(exc.problems)
         if problems:
@@ -231,14 +246,8 @@ def _empty(path, known):
 
 
 def _read_bytes(path):
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a directory, not a CSV file") from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    """The CSV's bytes: a regular file (a FIFO or a device is refused unopened) of at most ``MAX_CSV_BYTES``."""
+    return read_regular_file(path, CSV_FILE, error=DataError)
 
 
 # (BOM, name) longest first: the UTF-32-LE BOM starts with the UTF-16-LE one
@@ -287,16 +296,16 @@ def _wide_encoding(data):
 
 
 def _not_utf8(path, data, offset, skip):
-    """``offset`` counts from the start of the file (a UTF-8 BOM included)."""
+    """``offset`` counts from the start of the file (a UTF-8 BOM included). The line names the
+    code page the bytes are most likely in (:func:`~mmcore.data.encodings.guess_encoding`) and
+    the ``iconv`` command that converts the file."""
     line = data.count(b"\n", 0, offset) + 1
     hint = "re-save it as UTF-8"
-    for legacy, label in (("cp949", "CP949/EUC-KR (Korean Windows/Excel)"), ("cp1252", "Windows-1252")):
-        try:
-            data[skip:].decode(legacy)
-        except UnicodeDecodeError:
-            continue
-        hint = f"it looks like {label}; re-save it as UTF-8 (Excel: CSV UTF-8)"
-        break
+    encoding = guess_encoding(data[skip:])
+    if encoding is not None:
+        converted = path.with_name(f"{path.stem}.utf8{path.suffix}")
+        hint = (f"it looks like {encoding.label}; re-save it as UTF-8 (Excel: CSV UTF-8) or convert it: "
+                f"iconv -f {encoding.iconv} -t UTF-8 {path} > {converted}")
     return f"{path}: line {line}: not UTF-8 text (byte 0x{data[offset]:02x} at offset {offset}); {hint}"
 
 

@@ -9,7 +9,8 @@ report's thumbnails) is opened here, so the same rules hold everywhere:
 - EXIF orientation is applied (``ImageOps.exif_transpose``): a phone photo taken upright
   reaches the encoders and OCR upright;
 - a path that is not a regular file (a directory, a FIFO, a device) is refused before it is
-  opened (opening a FIFO would block).
+  opened (opening a FIFO would block), and so is a file larger than ``data.max_image_bytes``
+  (default 50 MB): the ``stat`` that finds it also gives its size, so its bytes are never read.
 
 A bad image raises :class:`BadImageError` with a short reason ("empty file (0 bytes)", "not an
 image Pillow can read", "corrupt or truncated image (...)", "image too large (...)"); the
@@ -29,6 +30,8 @@ from mmcore.errors import DataError, os_error_reason
 
 #: Pillow's own default limit; ``data.max_image_pixels`` replaces Pillow's check.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+#: ``data.max_image_bytes``: an ad image is well under a few MB; a larger file is refused unread
+DEFAULT_MAX_IMAGE_BYTES = 50_000_000
 #: bump when decoding changes what pixels an image gives (cached features depend on it);
 #: 2: 16-bit images on a fixed 0..65535 scale (was: each image's own maximum)
 #: 3: EXIF orientation applied
@@ -203,13 +206,18 @@ def _high_depth_to_rgb(image):
     return Image.fromarray(gray).convert("RGB")
 
 
-def image_file_problem(path):
-    """Why ``path`` cannot be read as an image file (None when it is a regular file).
+def image_file_problem(path, max_bytes=None):
+    """Why ``path`` cannot be read as an image file (None when it is a regular file within ``max_bytes``).
 
-    ``os.stat`` only: a missing file, a directory, a FIFO or device, a name too long, a
-    permission problem become a reason, never an exception.
+    ``os.stat`` only: a missing file, a directory, a FIFO or device, a file over ``max_bytes``,
+    a name too long, a permission problem become a reason, never an exception.
     """
-    return image_file_stat(path)[1]
+    return image_file_stat(path, max_bytes)[1]
+
+
+def too_many_bytes(size, max_bytes):
+    """The reason for an image file (or shard member) of ``size`` bytes over ``max_bytes``."""
+    return f"image file too large ({size} bytes > data.max_image_bytes = {max_bytes})"
 
 
 class FileStat(NamedTuple):
@@ -222,7 +230,7 @@ class FileStat(NamedTuple):
     st_ctime_ns: int
 
 
-def image_file_stat(path):
+def image_file_stat(path, max_bytes=None):
     """``(FileStat or None, problem or None)``: :func:`image_file_problem` that also hands back
     the one ``stat`` it took, so a caller can reuse it (the warm-start checks do)."""
     try:
@@ -236,6 +244,8 @@ def image_file_stat(path):
         return st, "is a directory, not an image file"
     if not stat.S_ISREG(st.st_mode):
         return st, "not a regular file (a device, FIFO or socket)"
+    if max_bytes is not None and st.st_size > max_bytes:
+        return st, too_many_bytes(st.st_size, max_bytes)
     return st, None
 
 
@@ -248,9 +258,10 @@ def _os_reason(exc):
 
 
 @contextlib.contextmanager
-def open_image_file(path):
+def open_image_file(path, max_bytes=None):
     """Open an image path for reading (a file object passes through, a sample of a WebDataset shard
-    opens its bytes); problems are :class:`BadImageError`."""
+    opens its bytes); problems are :class:`BadImageError`. ``max_bytes``: a larger file is refused
+    unopened."""
     if hasattr(path, "read"):
         yield path
         return
@@ -258,7 +269,7 @@ def open_image_file(path):
         with path.open_bytes() as handle:
             yield handle
         return
-    problem = image_file_problem(path)
+    problem = image_file_problem(path, max_bytes)
     if problem is not None:
         raise BadImageError(problem)
     try:
@@ -267,6 +278,22 @@ def open_image_file(path):
         raise BadImageError(_os_reason(exc)) from None
     with handle:
         yield handle
+
+
+def read_image_bytes(path, max_bytes=DEFAULT_MAX_IMAGE_BYTES):
+    """The bytes of an image file of at most ``max_bytes`` (:class:`BadImageError` otherwise).
+
+    Refused before it is opened when its ``stat`` says it is not a regular file or too large;
+    at most ``max_bytes + 1`` bytes are read, so a file that grew since is refused too.
+    """
+    with open_image_file(path, max_bytes) as handle:
+        try:
+            data = handle.read(max_bytes + 1)
+        except OSError as exc:
+            raise BadImageError(_os_reason(exc)) from None
+    if len(data) > max_bytes:
+        raise BadImageError(f"image file too large (over data.max_image_bytes = {max_bytes} bytes)")
+    return data
 
 
 def _remaining_bytes(handle):

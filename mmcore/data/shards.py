@@ -18,7 +18,8 @@ The writing is
   a function of the CSV and ``--size`` only, so the result is the one an uninterrupted run gives.
 
 Images are scanned like a run's header scan first; any bad image stops before writing, with
-one line per row.
+one line per row. An image file larger than ``--max-image-bytes`` (``data.max_image_bytes``,
+default 50 MB) is one of them, refused from its ``stat`` without being read.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from pathlib import Path
 
 from mmcore.data.checks import scan_images
 from mmcore.data.csvs import read_split
-from mmcore.data.images import DEFAULT_FORMATS
+from mmcore.data.images import DEFAULT_FORMATS, DEFAULT_MAX_IMAGE_BYTES, BadImageError, read_image_bytes
 from mmcore.data.memo import FileFacts
 from mmcore.errors import DataError, RunError, os_error_line
 
@@ -51,7 +52,7 @@ def parse_size(text):
         raise ValueError(f"{text!r} is not a size (e.g. 1GB, 500MB, 2GiB)")
     size = int(float(match.group(1)) * _UNITS[unit])
     if size <= 0:
-        raise ValueError(f"{text!r}: a shard size must be positive")
+        raise ValueError(f"{text!r}: a size must be positive")
     return size
 
 
@@ -60,12 +61,14 @@ def _member_bytes(size):
     return _BLOCK + (size + _BLOCK - 1) // _BLOCK * _BLOCK
 
 
-def _sample_members(split, index, position, fact):
-    """(name, bytes) of one sample's members, the image read from its file."""
+def _sample_members(split, index, position, fact, max_image_bytes=DEFAULT_MAX_IMAGE_BYTES):
+    """(name, bytes) of one sample's members, the image read from its file (at most ``max_image_bytes``)."""
     key = f"{position:09d}"
     path = split.paths[index]
-    with open(path, "rb") as handle:
-        data = handle.read()
+    try:
+        data = read_image_bytes(path, max_image_bytes)
+    except BadImageError as exc:
+        raise DataError(f"{split.csv}: row {split.rows[index]}: {path}: {exc}") from None
     if hashlib.sha1(data).digest() != fact.sha1:
         raise DataError(f"{split.csv}: row {split.rows[index]}: {path}: changed while the shards were written")
     ext = _EXTENSIONS.get(fact.format, Path(path).suffix.lstrip(".").lower() or "jpg")
@@ -139,16 +142,18 @@ def _verify_tar(path, samples):
     return None
 
 
-def write_shards(csv, out_dir, *, max_bytes, base_dir=None, formats=DEFAULT_FORMATS, echo=print):
+def write_shards(csv, out_dir, *, max_bytes, base_dir=None, formats=DEFAULT_FORMATS, max_image_bytes=DEFAULT_MAX_IMAGE_BYTES,
+                 echo=print):
     """Write (or finish writing) the shards of ``csv`` into ``out_dir`` -> the manifest dict.
 
     ``manifest["pattern"]`` is the brace pattern to put in ``data.train`` (etc.) of a recipe
-    with ``data.format = "webdataset"``.
+    with ``data.format = "webdataset"``. ``max_bytes``: the largest shard; ``max_image_bytes``:
+    the largest image file (a larger one is a row problem, never read).
     """
     from mmcore.io import write_json
 
     csv, out_dir = Path(csv), Path(out_dir)
-    split = read_split(csv, base_dir or csv.parent, require_label=False, require_text=False)
+    split = read_split(csv, base_dir or csv.parent, require_label=False, require_text=False, max_image_bytes=max_image_bytes)
     facts_of = FileFacts(None, formats)
     bad = scan_images(split, formats=formats, facts=facts_of)
     if bad:
@@ -169,7 +174,7 @@ def write_shards(csv, out_dir, *, max_bytes, base_dir=None, formats=DEFAULT_FORM
         name = f"{csv.stem}-{number:06d}.tar"
         tmp = out_dir / f".{name}.{os.getpid()}.tmp"
         try:
-            samples = [_sample_members(split, i, i, facts[i]) for i in range(first, first + count)]
+            samples = [_sample_members(split, i, i, facts[i], max_image_bytes) for i in range(first, first + count)]
             _write_tar(tmp, samples)
             problem = _verify_tar(tmp, samples)
             if problem is not None:

@@ -11,7 +11,11 @@ The sample contract is the CSV's: per sample key, one image (``KEY.jpg``, ``.jpe
 ``.webp``, ``.gif``, ``.bmp``, ``.tif``/``.tiff``), a label (``KEY.cls``: True/False, 1/0,
 true/false) and a text (``KEY.txt``, UTF-8; missing = empty, filled by OCR when ``data.ocr``
 is set). ``mmcore shard`` writes such shards from a CSV. Problems are reported like a CSV's,
-every one at once, naming the shard and the sample key instead of the CSV and the row.
+every one at once, naming the shard and the sample key instead of the CSV and the row. A
+member named twice for one key (two ``KEY.cls``: which label holds?), a member larger than
+``data.max_image_bytes`` (refused from its tar header, unread) and a sparse member (its bytes
+are not where training reads them) make the shard unusable: one line naming the shard, the
+sample and the member.
 
 Each shard is read once, sequentially: its samples' image bytes are hashed (the feature
 cache's content key) and their headers scanned; the index (member offsets, hashes, header
@@ -37,7 +41,7 @@ from urllib.parse import urlparse
 import attrs
 
 from mmcore.data.csvs import Split, _limited, parse_label
-from mmcore.data.images import DEFAULT_FORMATS, BadImageError
+from mmcore.data.images import DEFAULT_FORMATS, DEFAULT_MAX_IMAGE_BYTES, BadImageError
 from mmcore.data.memo import ImageFacts, examine_bytes
 from mmcore.errors import DataError, os_error_reason
 from mmcore.store.facts import formats_key
@@ -126,14 +130,16 @@ class ShardIndex:
     ``read_here`` lists the shards this process read (indexed or staged), in order.
     """
 
-    def __init__(self, root=None, formats=DEFAULT_FORMATS, spool=None):
-        from mmcore.store.root import FORMAT
+from mmcore.data.images import DEFAULT_FORMATS, DEFAULT_MAX_IMAGE_BYTES, BadImageError
+from mmcore.data.memo import ImageFacts, examine_bytes
 
         self.formats = tuple(f.upper() for f in formats)
         self.root = Path(root) if root is not None else None
         self.dir = self.root / FORMAT / "shards" / formats_key(self.formats) if self.root is not None else None
         self.spool = Path(spool) if spool is not None else (self.root / FORMAT / "spool" if self.root else None)
         self.read_here = []
+        #: ``data.max_image_bytes``: no member larger than this is read
+        self.max_bytes = max_bytes
 
     def local_path(self, url):
         """Where the shard's bytes are on this machine: the path, or its spooled copy (made if missing)."""
@@ -237,7 +243,7 @@ class ShardIndex:
             self.read_here.append(url)
             if not os.path.isfile(local):
                 raise DataError(f"{url}: shard not found" if not os.path.exists(local) else f"{url}: not a file")
-        samples = _index_tar(url, local, self.formats)
+        samples = _index_tar(url, local, self.formats, self.max_bytes)
         path = self._memo_path(url)
         if path is not None:
             try:
@@ -265,14 +271,18 @@ def _open_url(url):
     return fsspec.open(url, "rb").open()
 
 
-def _index_tar(url, local, formats):
-    """Every sample of one uncompressed tar, in order: key, image member (offset, size), facts, label, text."""
-    samples, order = {}, []
+def _index_tar(url, local, formats, max_bytes=DEFAULT_MAX_IMAGE_BYTES):
+    """Every sample of one uncompressed tar, in order: key, image member (offset, size), facts, label, text.
+
+    Only the members read (images, labels, texts) are bounded by ``max_bytes``, from their tar
+    headers before a byte of them is read.
+    """
+    samples, order, names = {}, [], set()
     last = None
     try:
         with tarfile.open(local, mode="r:") as tar:
             for member in tar:
-                if not member.isfile():
+                if not member.isfile():  # sparse members too (checked below)
                     continue
                 directory, _, base = member.name.rpartition("/")
                 stem, dot, ext = base.partition(".")
@@ -280,6 +290,7 @@ def _index_tar(url, local, formats):
                     continue
                 key = f"{directory}/{stem}" if directory else stem
                 ext = ext.lower()
+                _check_member(url, key, member, ext, names, max_bytes)
                 sample = samples.get(key)
                 if sample is None:
                     sample = samples[key] = {"key": key, "images": []}
@@ -302,6 +313,26 @@ def _index_tar(url, local, formats):
     return [samples[key] for key in order]
 
 
+def _check_member(url, key, member, ext, names, max_bytes):
+    """Refuse a member named twice for its key, one larger than ``max_bytes`` or a sparse one (one line each)."""
+    name = f"{key}.{ext}"
+    if name in names:
+        raise DataError(f"{url}: sample {key}: {member.name} is in the shard twice (the last would silently "
+                        f"win); write each member of a sample once")
+    names.add(name)
+    read = ext in IMAGE_EXTENSIONS or ext in LABEL_EXTENSIONS or ext in TEXT_EXTENSIONS
+    if read and member.size > max_bytes:
+        raise DataError(f"{url}: sample {key}: {member_too_large(member.name, member.size, max_bytes)}")
+    if member.issparse():
+        raise DataError(f"{url}: sample {key}: {member.name} is a sparse tar member (tar --sparse); "
+                        f"write the shards with mmcore shard")
+
+
+def member_too_large(name, size, max_bytes):
+    """``NAME: too large (N bytes > data.max_image_bytes = M); it is not read``."""
+    return f"{name}: too large ({size} bytes > data.max_image_bytes = {max_bytes}); it is not read"
+
+
 def _short(exc):
     return (" ".join(str(exc).split()) or type(exc).__name__)[:160]
 
@@ -317,7 +348,7 @@ def read_shards(name, pattern, index, *, base_dir=None, require_label=True):
     if problems:
         raise DataError(problems)
     paths, texts, labels, rows, raw = [], [], [], [], []
-    no_image, bad_labels, two_images = [], [], []
+    no_image, bad_labels, two_images, too_large = [], [], [], []
     for url in urls:
         local = url if is_local(url) else str(index.spool_path(url))  # copied when first opened, if not yet
         for sample in found[url]:
@@ -330,6 +361,9 @@ def read_shards(name, pattern, index, *, base_dir=None, require_label=True):
                 two_images.append(f"{url}: sample {key}: more than one image ({names})")
                 continue
             member, offset, size, sha1, fmt, width, height, problem = sample["images"][0]
+            if size > index.max_bytes:  # an index remembered under a larger data.max_image_bytes
+                too_large.append(f"{url}: sample {key}: {member_too_large(member, size, index.max_bytes)}")
+                continue
             value = sample.get("label")
             parsed = parse_label(value) if value is not None else None
             if parsed is None and (require_label or value):
@@ -347,6 +381,7 @@ def read_shards(name, pattern, index, *, base_dir=None, require_label=True):
     problems = (
         _limited(no_image, "samples without an image", csv)
         + _limited(two_images, "samples with two images", csv)
+        + _limited(too_large, "images too large", csv)
         + _limited(bad_labels, "bad labels", csv)
     )
     if problems:
@@ -380,7 +415,8 @@ def load_shard_splits(data_config, *, names=("train", "val", "test"), cache=None
 
         root = cache_root(cache.dir if cache is not None else "")
         enabled = cache.enabled if cache is not None else True
-        index = ShardIndex(root if enabled else None, data_config.image_formats, spool=root / FORMAT / "spool")
+        index = ShardIndex(root if enabled else None, data_config.image_formats, spool=root / FORMAT / "spool",
+                           max_bytes=data_config.max_image_bytes)
     splits, problems = {}, []
     for name in names:
         try:

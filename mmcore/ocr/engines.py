@@ -14,11 +14,11 @@ import io
 import multiprocessing
 import signal
 import sys
-from pathlib import Path
 from typing import NamedTuple
 
 import attrs
 
+from mmcore.data.images import DEFAULT_MAX_IMAGE_BYTES
 from mmcore.errors import MmcoreError, RecipeError, did_you_mean
 from mmcore.plugins.manager import get_registry
 
@@ -123,16 +123,15 @@ class ImageReader:
     engine: object
     lang: str
     max_side: int = MAX_SIDE
+    #: ``data.max_image_bytes``: a larger file (or a FIFO, a device) is refused from its ``stat``, unread
+    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
 
     def __call__(self, key, path):
         """The :class:`OcrResult` of the image at ``path``, tagged with ``key``."""
-        from mmcore.data.images import BadImageError
+        from mmcore.data.images import BadImageError, read_image_bytes
 
         try:
-            data = Path(path).read_bytes()
-        except OSError as exc:
-            return OcrResult(key, None, f"cannot read image: {exc.strerror or exc}")
-        try:
+            data = read_image_bytes(path, self.max_bytes)
             image = decode_image(data, self.max_side)
         except BadImageError as exc:
             return OcrResult(key, None, f"cannot read image: {exc}")

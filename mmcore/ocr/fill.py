@@ -16,6 +16,7 @@ import sys
 
 import attrs
 
+from mmcore.data.images import DEFAULT_MAX_IMAGE_BYTES
 from mmcore.errors import MmcoreError
 from mmcore.ocr.engines import ImageReader, build_engine, check_engine, read_images
 from mmcore.store.ocr import OcrTexts
@@ -43,7 +44,7 @@ def ocr_stage(splits, recipe, *, registry=None, hashes=None, progress=True):
     for name, split in splits.items():
         texts = ocr_fill(
             split.paths, split.texts, ocr.engine, ocr.lang, cache_root(recipe.cache.dir),
-            registry=registry, hashes=hashes, progress=progress,
+            registry=registry, hashes=hashes, progress=progress, max_image_bytes=recipe.data.max_image_bytes,
         )
         filled[name] = attrs.evolve(split, texts=tuple(" ".join(t.split()) for t in texts))
     return filled
@@ -62,13 +63,15 @@ def ocr_fill(
     hashes=None,
     progress=True,
     on_error=None,
+    max_image_bytes=DEFAULT_MAX_IMAGE_BYTES,
 ):
     """Return ``texts`` with every empty entry filled by OCR of the matching image.
 
     Identical images (duplicates are common in ad data) are read once. Unreadable images keep
     "" and are reported through ``on_error(path, message)`` (default: one line on stderr); they
     are not cached, so a fixed file is read next time. ``hashes(paths)`` gives the images'
-    content keys (default :func:`mmcore.data.checks.hash_files`).
+    content keys (default :func:`mmcore.data.checks.hash_files`). A file over ``max_image_bytes``
+    (``data.max_image_bytes``) is unreadable, and not read.
     """
     texts = ["" if t is None else str(t) for t in texts]
     paths = list(paths)
@@ -103,7 +106,8 @@ def ocr_fill(
     check_engine(engine, lang)
     by_key = {}
     workers = workers or os.cpu_count() or 1
-    results = read_images(jobs, ImageReader(engine, lang), workers, progress=progress, desc="ocr (fill)")
+    reader = ImageReader(engine, lang, max_bytes=max_image_bytes)
+    results = read_images(jobs, reader, workers, progress=progress, desc="ocr (fill)")
     with contextlib.closing(results):
         for result in results:
             if result.fatal:

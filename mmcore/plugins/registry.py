@@ -20,7 +20,7 @@ def find_plugins_hint(kind):
         f"`mmcore plugins` lists what is installed"
     )
 
-NAME_RE = re.compile(r"^[a-z0-9_]+$")
+NAME_RE = re.compile(r"^[a-z0-9_]+\Z")  # \Z: "$" also matches before a final newline
 
 
 class UnknownComponentError(MmcoreError):

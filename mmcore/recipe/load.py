@@ -11,41 +11,30 @@ reported as one line: ``recipes/x.toml: train.lr: unknown key (did you mean lear
 from __future__ import annotations
 
 import os
-import stat
 from pathlib import Path
 
 import attrs
 import tomllib
 
-from mmcore.errors import RecipeError, os_error_reason
+from mmcore.bounded import MAX_NESTING, FileRules, NestingError, loads_toml, nesting_depth, read_regular_file
+from mmcore.errors import RecipeError
 from mmcore.plugins.registry import UnknownComponentError
 from mmcore.recipe.convert import Source, _join, src, structure, unstructure
 from mmcore.recipe.schema import COMPONENT_KINDS, ENV_RE, Component, DataConfig, Recipe
 
 #: a recipe is a small text file; anything bigger is a mistake (``extends = "/dev/zero"``)
 MAX_RECIPE_BYTES = 1 << 20
+RECIPE_FILE = FileRules("recipe file", "a TOML recipe file", MAX_RECIPE_BYTES, "a recipe is a small TOML file")
 
 
 def _read_recipe_text(path, where):
     """The text of a recipe file; a missing, non-regular, unreadable or oversized one is one line.
 
-    ``where`` is the start of the line (``PATH`` or ``PARENT: extends``). Only regular files
-    are opened (a FIFO would block, a device read forever), and at most ``MAX_RECIPE_BYTES``.
+    ``where`` is the start of the line (``PARENT: extends``), None for the recipe named on the
+    command line. Only regular files are opened (a FIFO would block, a device read forever),
+    and at most ``MAX_RECIPE_BYTES``.
     """
-    try:
-        mode = os.stat(path).st_mode
-        if not stat.S_ISREG(mode):
-            kind = "is a directory" if stat.S_ISDIR(mode) else "is not a regular file"
-            raise RecipeError(f"{where}: {path} {kind}; name a TOML recipe file")
-        with open(path, "rb") as handle:
-            data = handle.read(MAX_RECIPE_BYTES + 1)
-    except FileNotFoundError:
-        raise RecipeError(f"{where}: recipe file not found: {path}") from None
-    except OSError as exc:
-        reason, advice = os_error_reason(exc)
-        raise RecipeError(f"{where}: cannot read {path} ({reason}); {advice}") from None
-    if len(data) > MAX_RECIPE_BYTES:
-        raise RecipeError(f"{where}: {path} is larger than {MAX_RECIPE_BYTES >> 20} MiB; a recipe is a small TOML file")
+    data = read_regular_file(path, RECIPE_FILE, where=where, error=RecipeError)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -57,11 +46,15 @@ def _read_toml(path, chain=()):
     if path.resolve() in chain:
         cycle = " -> ".join(str(p) for p in (*chain, path.resolve()))
         raise RecipeError(f"{chain[-1] if chain else path}: extends: cycle ({cycle})")
-    text = _read_recipe_text(path, f"{chain[-1]}: extends" if chain else f"{path}")
+    if len(chain) >= MAX_NESTING:  # each level is a recursion here and in deep_merge
+        raise RecipeError(f"{chain[-1]}: extends: more than {MAX_NESTING} recipes extend one another")
+    text = _read_recipe_text(path, f"{chain[-1]}: extends" if chain else None)
     try:
-        data = tomllib.loads(text)
+        data = loads_toml(text)
     except tomllib.TOMLDecodeError as exc:
         raise RecipeError(f"{path}: invalid TOML: {exc}") from None
+    except NestingError as exc:
+        raise RecipeError(f"{path}: {exc}") from None
     parent = data.pop("extends", None)
     if parent is None:
         return data
@@ -90,11 +83,18 @@ def parse_override(text):
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
         raise RecipeError(f"--set {text}: expected KEY.PATH=VALUE")
+    parts = key.split(".")
+    if len(parts) > MAX_NESTING:
+        raise RecipeError(f"--set {key[:60]}...: a key path of {len(parts)} parts; recipe keys nest at most {MAX_NESTING} deep")
     try:
-        value = tomllib.loads(f"v = {raw}")["v"]
+        value = loads_toml(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw
-    return key.split("."), value
+    except NestingError:
+        value = None  # refused just below, with the key
+    if value is None or len(parts) + nesting_depth(value) > MAX_NESTING:
+        raise RecipeError(f"--set {key}: the value is nested more than {MAX_NESTING} levels deep (with its key path)")
+    return parts, value
 
 
 def apply_overrides(data, overrides):

@@ -7,7 +7,7 @@ from typing import Any
 
 import attrs
 
-from mmcore.data.images import DEFAULT_FORMATS
+from mmcore.data.images import DEFAULT_FORMATS, DEFAULT_MAX_IMAGE_BYTES
 from mmcore.model.trainability import LoraConfig
 from mmcore.plugins.kinds import KIND_TABLE
 from mmcore.validators import FieldError, at_least, at_most, in_range, one_of, positive
@@ -77,6 +77,8 @@ class DataConfig:
     on_bad_image: str = attrs.field(default="error", validator=one_of("error", "skip"))
     #: images with more pixels are refused (decompression-bomb guard)
     max_image_pixels: int = attrs.field(default=89_478_485, validator=[positive, at_most(2**62)])
+    #: image files (and shard members) with more bytes are refused before they are read
+    max_image_bytes: int = attrs.field(default=DEFAULT_MAX_IMAGE_BYTES, validator=[positive, at_most(2**62)])
     #: the image formats handed to Pillow; anything else is a bad image (EPS is never allowed)
     image_formats: tuple[str, ...] = attrs.field(
         default=DEFAULT_FORMATS, converter=lambda names: tuple(str(n).upper() for n in names), validator=_image_formats

@@ -9,8 +9,10 @@
     "train.modality_dropout" = { uniform = [0.0, 0.5] }
 
 Nested tables (``[train]`` / ``learning_rate = {...}``) mean the same dotted paths. For the grid
-sampler a continuous key needs ``points = N`` (evenly spaced; log-spaced for ``log_uniform``).
-Every problem is one line naming the space file and the key.
+sampler a continuous key needs ``points = N`` (evenly spaced; log-spaced for ``log_uniform``);
+a grid is counted before it is built and refused past :data:`MAX_GRID_POINTS`. The file is read
+as recipes are (a regular file of at most 1 MiB, nested at most 32 levels). Every problem is one
+line naming the space file and the key.
 """
 
 from __future__ import annotations
@@ -22,12 +24,19 @@ from pathlib import Path
 import attrs
 import tomllib
 
+from mmcore.bounded import FileRules, NestingError, loads_toml, read_regular_file
 from mmcore.errors import RecipeError
 
 KINDS = ("log_uniform", "uniform", "int", "choice")
 #: the options each kind takes besides its range / values
 OPTIONS = {"log_uniform": {"points"}, "uniform": {"points", "step"}, "int": {"step"}, "choice": set()}
 PRIMITIVE = (bool, int, float, str)
+#: the most trials a grid may have: counted from the keys before any list is built (a grid of
+#: 10^9 points, or a step of 1e-12, would otherwise fill the memory before any check)
+MAX_GRID_POINTS = 100_000
+#: a search space is a small TOML file, read as a recipe is
+MAX_SPACE_BYTES = 1 << 20
+SPACE_FILE = FileRules("search space file", "a TOML search space file", MAX_SPACE_BYTES, "a search space is a small TOML file")
 
 
 @attrs.frozen
@@ -57,8 +66,20 @@ class Param:
             return d.IntDistribution(self.low, self.high, step=self.step or 1)
         return d.FloatDistribution(self.low, self.high, log=self.kind == "log_uniform", step=self.step)
 
+    def grid_count(self):
+        """How many values :meth:`grid` gives, by arithmetic (None: continuous without ``points``)."""
+        if self.kind == "choice":
+            return len(self.choices)
+        if self.kind == "int":
+            return (self.high - self.low) // (self.step or 1) + 1
+        if self.step is not None:
+            return int(round((self.high - self.low) / self.step)) + 1
+        return self.points
+
     def grid(self):
-        """The finite set the grid sampler walks (None when the key is continuous without ``points``)."""
+        """The finite set the grid sampler walks (None when the key is continuous without ``points``).
+
+        Call :meth:`grid_count` first: this builds the whole list."""
         if self.kind == "choice":
             return [self._encode(c) for c in self.choices]
         if self.kind == "int":
@@ -109,19 +130,29 @@ class Space:
         return {p.key: p.distribution() for p in self.params}
 
     def grid(self):
-        """``{key: values}`` for the grid sampler; one line per key that is not finite."""
-        grid, problems = {}, []
-        for p in self.params:
-            values = p.grid()
-            if values is None:
-                problems.append(f"{self.path}: {p.key}: the grid sampler needs a finite set: add points = N or use choice")
-            grid[p.key] = values
-        if problems:
-            raise RecipeError(problems)
-        return grid
+        """``{key: values}`` for the grid sampler, built once :meth:`grid_size` has counted it."""
+        self.grid_size()
+        return {p.key: p.grid() for p in self.params}
 
     def grid_size(self):
-        return math.prod(len(v) for v in self.grid().values())
+        """The grid's points, counted without building it; one line per key that is not finite,
+        one line naming the keys when the grid has more than :data:`MAX_GRID_POINTS` points."""
+        counts, problems = {}, []
+        for p in self.params:
+            counts[p.key] = p.grid_count()
+            if counts[p.key] is None:
+                problems.append(f"{self.path}: {p.key}: the grid sampler needs a finite set: add points = N or use choice")
+        if problems:
+            raise RecipeError(problems)
+        size = math.prod(counts.values())
+        if size > MAX_GRID_POINTS:
+            largest = sorted(counts.items(), key=lambda item: -item[1])
+            keys = " x ".join(f"{key} ({_count(n)})" for key, n in largest if n > 1)
+            raise RecipeError(
+                f"{self.path}: the grid has {_count(size)} points ({keys}), more than {MAX_GRID_POINTS}; "
+                f"give fewer points or a larger step, or use --sampler tpe or random with --trials"
+            )
+        return size
 
     def overrides(self, sampled):
         """``--set`` strings for one trial's sampled params (recipe values, in file order)."""
@@ -145,6 +176,14 @@ def toml_value(value):
     if isinstance(value, dict):
         return "{ " + ", ".join(f"{json.dumps(str(k))} = {toml_value(v)}" for k, v in value.items()) + " }"
     raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def _count(n):
+    """A point count as a reader takes it in: ``1000000000`` -> ``10^9`` (exact powers of ten), else the digits."""
+    digits = str(n)
+    if len(digits) > 4 and digits.strip("0") == "1":
+        return f"10^{len(digits) - 1}"
+    return digits
 
 
 def _number(value):
@@ -203,6 +242,8 @@ def _param(key, spec):
         if not _number(step) or step <= 0:
             return f"step: expected a positive number (got {step!r})"
         ratio = (high - low) / step
+        if not math.isfinite(ratio):
+            return f"step: {step} is too small to count the values of [{low}, {high}]"
         if abs(ratio - round(ratio)) > 1e-9:
             return f"uniform: high - low ({high - low}) is not a multiple of step ({step})"
         step = float(step)
@@ -210,14 +251,19 @@ def _param(key, spec):
 
 
 def load_space(path):
-    """Parse the space file; every problem at once, one line each (``space.toml: key: problem``)."""
+    """Parse the space file; every problem at once, one line each (``space.toml: key: problem``).
+
+    Read as a recipe is: a regular file (a FIFO or a device is refused without being opened)
+    of at most 1 MiB, nested at most :data:`~mmcore.bounded.MAX_NESTING` levels.
+    """
     path = Path(path)
+    raw = read_regular_file(path, SPACE_FILE, error=RecipeError)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RecipeError(f"{path}: search space file not found") from None
+        data = loads_toml(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise RecipeError(f"{path}: invalid TOML: {exc}") from None
+    except NestingError as exc:
+        raise RecipeError(f"{path}: {exc}") from None
     params, problems = [], []
     for key, spec in _entries(data):
         result = _param(key, spec)

@@ -106,6 +106,9 @@ def make_storage(url, heartbeat=None):
     kwargs = {}
     if url.startswith("sqlite"):
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 120}}  # several processes share the file
+        path = sqlite_file(url)
+        if path is not None and os.path.isfile(path) and not os.access(path, os.W_OK):
+            raise RunError(_read_only(path))
     if heartbeat:
         names = inspect.signature(optuna.storages.RDBStorage).parameters
         # optuna >= 4.9 renamed the callback
@@ -117,6 +120,41 @@ def make_storage(url, heartbeat=None):
             return optuna.storages.RDBStorage(url, **kwargs)
     except Exception as exc:  # noqa: BLE001 - a bad URL, a missing driver, an unreachable server
         raise RunError(f"--storage {masked(url)}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+
+def sqlite_file(url):
+    """The file of a SQLite storage URL (``sqlite:///study.db``, ``sqlite:///file:PATH?mode=ro&uri=true``);
+    None for another database or the in-memory one."""
+    if not url.startswith("sqlite"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    try:
+        database = make_url(url).database or ""
+    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy reads: RDBStorage says so
+        return None
+    path = database.removeprefix("file:").partition("?")[0]
+    return path if path and path != ":memory:" else None
+
+
+def _read_only(path):
+    return f"{path}: the study's SQLite file is read-only; make it writable (chmod u+w {path}) or give --storage another file"
+
+
+@contextlib.contextmanager
+def storage_errors(url):
+    """Optuna's storage failures (a read-only SQLite file, a database gone away) as one line naming it."""
+    import optuna
+    import sqlalchemy.exc
+
+    try:
+        yield
+    except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as exc:
+        cause = exc.__cause__ if exc.__cause__ is not None else exc
+        path = sqlite_file(url)
+        if path is not None and "readonly" in str(cause):
+            raise RunError(_read_only(path)) from None
+        raise RunError(f"--storage {masked(url)}: {_first(cause)}") from None
 
 
 @contextlib.contextmanager
