@@ -130,8 +130,8 @@ class ShardIndex:
     ``read_here`` lists the shards this process read (indexed or staged), in order.
     """
 
-from mmcore.data.images import DEFAULT_FORMATS, DEFAULT_MAX_IMAGE_BYTES, BadImageError
-from mmcore.data.memo import ImageFacts, examine_bytes
+    def __init__(self, root=None, formats=DEFAULT_FORMATS, spool=None, max_bytes=DEFAULT_MAX_IMAGE_BYTES):
+        from mmcore.store.root import FORMAT
 
         self.formats = tuple(f.upper() for f in formats)
         self.root = Path(root) if root is not None else None
