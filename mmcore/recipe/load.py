@@ -24,7 +24,7 @@ from mmcore.recipe.schema import COMPONENT_KINDS, ENV_RE, Component, DataConfig,
 
 #: a recipe is a small text file; anything bigger is a mistake (``extends = "/dev/zero"``)
 MAX_RECIPE_BYTES = 1 << 20
-RECIPE_FILE = FileRules("recipe file", "a TOML recipe file", MAX_RECIPE_BYTES, "a recipe is a small TOML file")
+RECIPE_FILE_RULES = FileRules("recipe file", "a TOML recipe file", MAX_RECIPE_BYTES, "a recipe is a small TOML file")
 
 
 def _read_recipe_text(path, where):
@@ -34,7 +34,7 @@ def _read_recipe_text(path, where):
     command line. Only regular files are opened (a FIFO would block, a device read forever),
     and at most ``MAX_RECIPE_BYTES``.
     """
-    data = read_regular_file(path, RECIPE_FILE, where=where, error=RecipeError)
+    data = read_regular_file(path, RECIPE_FILE_RULES, where=where, error=RecipeError)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
