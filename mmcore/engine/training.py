@@ -24,10 +24,10 @@ from mmcore.engine.loop import Trainer, total_steps
 from mmcore.engine.outputs import write_evaluation
 from mmcore.engine.pipeline import Pipeline
 from mmcore.engine.policies import BadImages
-from mmcore.engine.runtime import all_gather_objects, broadcast_tensors_, is_main, world_size
+from mmcore.engine.runtime import all_gather_objects, broadcast_tensors_, describe_precision, is_main, precision_name, world_size
 from mmcore.engine.runtime import rank as runtime_rank
 from mmcore.engine.sampling import EpochBatchSampler, SeededItems, ShardSampler, balanced_weights, derive_seed
-from mmcore.engine.step import CompiledModel
+from mmcore.engine.step import CompiledModel, compile_data_parallel
 from mmcore.errors import MmcoreError, RunError
 from mmcore.evaluation.calibration import fit_temperature
 from mmcore.evaluation.metrics import binary_metrics
@@ -67,6 +67,11 @@ def _label_counts(split):
 
 
 def _rng_state():
+    """This process's random state: python, numpy, torch and its own CUDA device's generator.
+
+    Only the current device's CUDA state is saved (each process draws on the GPU it runs
+    on); a checkpoint that held every GPU's could not be restored on a machine with fewer.
+    """
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
@@ -74,7 +79,7 @@ def _rng_state():
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -84,8 +89,21 @@ def _set_rng_state(state):
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy(), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = _cuda_rng_state(state.get("cuda"))
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
+
+
+def _cuda_rng_state(saved):
+    """The saved CUDA generator state for the current device, or None.
+
+    Checkpoints written before held a list with every GPU's state (the process's own at its
+    device index); one that has none for this device restores the others and leaves this one.
+    """
+    if not isinstance(saved, (list, tuple)):
+        return saved
+    index = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    return saved[index] if index < len(saved) else None
 
 
 def _gather_rng_states():
@@ -94,6 +112,105 @@ def _gather_rng_states():
     buffer = io.BytesIO()
     torch.save(_rng_state(), buffer)
     return [torch.load(io.BytesIO(blob), weights_only=True) for blob in all_gather_objects(buffer.getvalue())]
+
+
+#: fewer samples per GPU than this leaves a GPU mostly idle: said when the global batch gives less
+PER_GPU_BATCH_FLOOR = 16
+
+
+def small_batch_warning(batch_size, world, device):
+    """The line saying the global ``train.batch_size`` leaves each GPU a small batch, or None.
+
+    ``train.batch_size`` is the global batch (a run on N GPUs optimizes the same batches as
+    one process), so adding GPUs shrinks each one's share and the learning rate needs no
+    change. To use more GPUs fully, raise the batch, and the learning rate with it (the linear
+    scaling rule), which mmcore leaves to the recipe. Said on CUDA only, with several processes.
+    """
+    per_process = batch_size // world
+    if world <= 1 or device.type != "cuda" or per_process >= PER_GPU_BATCH_FLOOR:
+        return None
+    suggested = PER_GPU_BATCH_FLOOR * world
+    return (
+        f"warning: train.batch_size = {batch_size} is the global batch: {per_process} per GPU on {world} GPUs, "
+        f"which leaves each GPU mostly idle; for throughput raise it (e.g. {suggested} = {PER_GPU_BATCH_FLOOR} per GPU) "
+        f"and scale train.learning_rate with it (linear scaling rule: x{suggested / batch_size:g}), which mmcore "
+        "does not do for you (docs/distributed.md)"
+    )
+
+
+def batch_summary(batch_size, world, drop_last):
+    """results.json's ``train_batch``: the effective global batch, each process's share, and the partial batch rule."""
+    return {"global": batch_size, "per_process": batch_size // world, "processes": world, "drop_last": drop_last}
+
+
+def variable_axes(model, vision_cached):
+    """The vision inputs' axes whose length varies between batches (NaFlex), for torch.compile."""
+    if model.vision is None or vision_cached:
+        return ()
+    return model.vision.preprocessing.variable_axes
+
+
+def buffers_change_in_training(model):
+    """Whether training updates a buffer that DDP should keep equal across ranks: a batch norm
+    that tracks running statistics and is in train mode once :func:`set_train_mode` ran (frozen
+    encoders and batch norms whose statistics are frozen stay in eval mode)."""
+    from mmcore.engine.loop import set_train_mode
+
+    modes = {module: module.training for module in model.modules()}
+    set_train_mode(model)
+    try:
+        return any(
+            isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.training
+            for m in model.modules()
+        )
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+
+
+def _forward_buffer_sync(sync):
+    """DDP's keyword for syncing buffers before every forward: ``forward_sync_buffers`` from torch
+    2.14 (buffers are still synced once at start), ``broadcast_buffers`` before it."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    known = inspect.signature(DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers" if "forward_sync_buffers" in known else "broadcast_buffers": sync}
+
+
+def training_module(model, train, *, device, world, offloaded=(), variable_axes=()):
+    """What the trainer calls: ``model``, compiled (``train.compile``) and/or in DDP (several processes).
+
+    Under DDP the DDP wrapper is compiled, not the model inside it (PyTorch's documented order:
+    dynamo's DDP optimizer then lets each gradient bucket's all-reduce overlap the backward);
+    buffers are broadcast only when training changes them (:func:`buffers_change_in_training`);
+    ``offloaded`` encoders (moved off the GPU, frozen, never in the forward) are left out of DDP.
+    One process: :class:`CompiledModel` keeps evaluation and the feature cache eager.
+    """
+    backend = "inductor" if train.compile is True else train.compile
+
+    def on_failure(line):
+        warn(f"warning: {line}")
+
+    if world > 1 and any(p.requires_grad for p in model.parameters()):
+        from torch.nn.parallel import DistributedDataParallel
+
+        ignored = [
+            f"{name}.{key}" for name in offloaded
+            for key, _ in (*getattr(model, name).named_parameters(), *getattr(model, name).named_buffers())
+        ]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+        wrapped = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            **_forward_buffer_sync(buffers_change_in_training(model)),
+        )
+        if train.compile:
+            compile_data_parallel(wrapped, on_failure=on_failure, backend=backend, variable_axes=variable_axes)
+        return wrapped
+    if train.compile:
+        return CompiledModel(model, on_failure=on_failure, backend=backend, variable_axes=variable_axes)
+    return model
 
 
 class TrainingRun:
@@ -151,12 +268,15 @@ class TrainingRun:
                 f"{self.recipe_path}: train.batch_size: the global batch ({recipe.train.batch_size}) must be "
                 f"divisible by the number of processes ({world})"
             )
+        small = small_batch_warning(recipe.train.batch_size, world, pipeline.device)
+        if small and self.main:
+            warn(small)
         # random augmentation seeded per sample (by its place in the epoch): a resumed epoch can
         # start at the sampler and still see the very augmentations an uninterrupted one would
         seeded = train_dataset.augmentation is not None
         self.batch_sampler = EpochBatchSampler(
             len(train_dataset), recipe.train.batch_size, seed=recipe.seed, weights=weights,
-            rank=rank, world_size=world, seeded=seeded,
+            rank=rank, world_size=world, seeded=seeded, drop_last=recipe.train.drop_last,
         )
         self.train_loader = pipeline.loader(
             SeededItems(train_dataset) if seeded else train_dataset, train=True, batch_sampler=self.batch_sampler
@@ -184,15 +304,12 @@ class TrainingRun:
         steps = total_steps(len(self.train_loader), recipe.train.grad_accum_steps, recipe.train.epochs)
         self.scheduler = build_component(self.registry, "scheduler", recipe.scheduler, self.optimizer, steps)
         self.writer = Loggers(recipe, self.run_dir, self.recipe_dict) if self.main else None
-        train_model = model
-        if recipe.train.compile:  # inside DDP, so no_sync stays DDP's; evaluation and the cache stay eager
-            backend = "inductor" if recipe.train.compile is True else recipe.train.compile
-            train_model = CompiledModel(model, on_failure=lambda line: warn(f"warning: {line}"), backend=backend)
-        if world > 1 and any(p.requires_grad for p in model.parameters()):
-            from torch.nn.parallel import DistributedDataParallel
-
-            device_ids = [pipeline.device.index] if pipeline.device.type == "cuda" else None
-            train_model = DistributedDataParallel(train_model, device_ids=device_ids)
+        # every split's features are cached by now: what only computed them leaves the GPU
+        offloaded = pipeline.offload_cached_encoders()
+        train_model = training_module(model, recipe.train, device=pipeline.device, world=world, offloaded=offloaded,
+                                      variable_axes=variable_axes(model, pipeline.cache_vision))
+        if self.main and pipeline.device.type == "cuda":
+            self.echo(describe_precision(recipe.train.precision, pipeline.dtype, pipeline.device))
         self.trainer = Trainer(
             model=train_model,
             optimizer=self.optimizer,
@@ -230,6 +347,7 @@ class TrainingRun:
                 "skipped_nan_steps": trainer.skipped_nan_steps,
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
+                **({"grad_scaler": trainer.step.scaler.state_dict()} if trainer.step.scaler.is_enabled() else {}),
                 "rng": _rng_state(),
                 # every rank's own stream (ranks > 0 draw their own dropout masks)
                 **({"rng_ranks": rng_ranks} if rng_ranks and len(rng_ranks) > 1 else {}),
@@ -257,6 +375,8 @@ class TrainingRun:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         trainer = self.trainer
+        if trainer.step.scaler.is_enabled() and "grad_scaler" in state:  # fp16: the loss scale it had reached
+            trainer.step.scaler.load_state_dict(state["grad_scaler"])
         trainer.global_step = state["global_step"]
         trainer.skipped_nan_steps = state["skipped_nan_steps"]
         best = state["best"]
@@ -486,7 +606,9 @@ class TrainingRun:
             "skipped_images": self.bad_images.counts(),
             "skipped_nan_steps": trainer.skipped_nan_steps,
             "trainable_parameters": trainable_summary(model),
-            "feature_cache": {"vision": self.pipeline.cache_vision, "text": self.pipeline.cache_text},
+            "feature_cache": self.pipeline.cache_summary(),
+            "precision": precision_name(self.pipeline.dtype),
+            "train_batch": batch_summary(recipe.train.batch_size, world_size(), recipe.train.drop_last),
         }
         results, _ = write_evaluation(
             self.run_dir,
