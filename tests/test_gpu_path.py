@@ -446,12 +446,35 @@ def test_a_fill_waiting_on_the_disk_says_so_with_its_figures():
     pace.rows, pace.written, pace.write_s, pace.wait_s, pace.elapsed_s = 1000, 1_680_000_000, 45.0, 30.0, 50.0
     tokens = SimpleNamespace(tokens=True, storage="fp16")
     assert pace.warning(tokens) == (
-        "warning: the feature cache's disk did not keep up with the encoder: it wrote 37 MB/s, the encoder "
-        "produced 84 MB/s (1.6 MiB per image, fp16), so the fill waited 60% of its 50 s; cache.token_storage = "
-        "'int8' or 'pooled' writes fewer bytes per image, or give cache.dir a faster disk (storage unchanged; "
-        "docs/performance.md)"
+        "warning: the feature cache's writer did not keep up with the encoder: it wrote 37 MB/s (encoding and "
+        "disk), the encoder produced 84 MB/s (1.6 MiB per image, fp16), so the fill waited 60% of its 50 s; "
+        "cache.token_storage = 'int8' or 'pooled' writes fewer bytes per image, or give cache.dir a faster disk "
+        "(storage unchanged; bench/disk_rate.py measures both, docs/performance.md)"
     )
     pace.wait_s = 2.0  # 4% of the fill: the disk kept up
     assert pace.warning(tokens) is None
     pace.wait_s, pace.elapsed_s = 5.0, 10.0  # too short a fill to say anything
     assert pace.warning(tokens) is None
+
+
+def test_the_fills_writer_times_the_encoders_waits_and_its_own_writes():
+    import time
+
+    from mmcore.engine.features import BackgroundWriter
+
+    class SlowDisk:
+        store = SimpleNamespace(description={"stored": "vector", "dim": 4}, tokens=False, storage="fp16")
+
+        def add(self, key, row):
+            time.sleep(0.02)
+
+    background = BackgroundWriter(SlowDisk(), depth=1)
+    for _ in range(6):
+        background.put([b"k"] * 4, (torch.zeros(4, 4, dtype=torch.float16), None), None, peak=None)
+    background.close()
+    pace = background.pace
+    assert pace.rows == 24 and pace.written == 24 * 8  # 4 float16 values per row
+    assert pace.write_s >= 24 * 0.02 and pace.wait_s > 0.2  # the encoder waited for the queue most of the time
+    line = pace.warning(SlowDisk.store, min_fill_s=0)
+    assert line.startswith("warning: the feature cache's writer did not keep up with the encoder: it wrote 0 MB/s")
+    assert "vectors are already the smallest form" in line

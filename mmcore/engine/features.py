@@ -391,10 +391,11 @@ class WritePace:
         else:
             suggestion = "vectors are already the smallest form"
         return (
-            f"warning: the feature cache's disk did not keep up with the encoder: it wrote {disk / 1e6:.0f} MB/s, "
-            f"the encoder produced {produced / 1e6:.0f} MB/s ({human_bytes(per_row)} per image, "
+            f"warning: the feature cache's writer did not keep up with the encoder: it wrote {disk / 1e6:.0f} MB/s "
+            f"(encoding and disk), the encoder produced {produced / 1e6:.0f} MB/s ({human_bytes(per_row)} per image, "
             f"{store.storage if store.tokens else 'vectors'}), so the fill waited {self.wait_s / elapsed:.0%} of its "
-            f"{elapsed:.0f} s; {suggestion}, or give cache.dir a faster disk (storage unchanged; docs/performance.md)"
+            f"{elapsed:.0f} s; {suggestion}, or give cache.dir a faster disk (storage unchanged; bench/disk_rate.py "
+            "measures both, docs/performance.md)"
         )
 
 
