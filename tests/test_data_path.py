@@ -1,6 +1,8 @@
 """The data path to the device: uint8 pixels normalised on the device, the decoded-image cache,
 fixed-length token batches without masks, one weights fingerprint per run, backend settings."""
 
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -264,3 +266,26 @@ def test_training_workers_persist_and_a_resumed_epoch_draws_the_same(tmp_path):
     assert _epochs(resumed, sampler, (3,))[3][0] == straight[3][0]  # workers started at epoch 3
     in_process, sampler = loader_and_sampler(0)
     assert _epochs(in_process, sampler, (2,))[2][0] == straight[2][0]
+
+
+def test_the_first_gpu_script_checks_its_arguments_and_a_stage_reports_under_out(tmp_path):
+    """``bench/gpu_first_gpu_run.sh``: a bad stage is one line (exit 2); its quickest stage in a dry
+    run writes its figures and the summary under $OUT, the other stages said not selected."""
+    script = REPO / "bench" / "gpu_first_gpu_run.sh"
+    bad = subprocess.run(["bash", str(script), "--only", "stack,gpu"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2
+    assert bad.stderr.splitlines()[0] == (
+        "gpu_first_gpu_run.sh: --only: unknown stage 'gpu' (stages: install stack disk syncs train run serve)"
+    )
+    out = tmp_path / "out"
+    run = subprocess.run(["bash", str(script), "--dry-run", "--only", "disk"], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "OUT": str(out)})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    summary = (out / "summary.txt").read_text().splitlines()
+    assert summary[1:4] == ["install: not selected", "stack: not selected", summary[3]]
+    assert re.fullmatch(r"disk: rc=0 in \d+s -> 03-disk\.txt", summary[3]), summary
+    assert summary[4:8] == [f"{name}: not selected" for name in ("syncs", "train", "run", "serve")]
+    rows = [line.split()[0] for line in (out / "03-disk.txt").read_text().splitlines()[2:]]
+    assert rows == ["fp16", "int8", "pooled"]
+    owed = (out / "owed.txt").read_text()
+    assert "onnxruntime-gpu" in owed and "NCCL across GPUs" in owed
