@@ -128,10 +128,10 @@ if [ "$DRY" = 1 ]; then
   export IMAGES=32 SIZE=64
   DISK=(--dry-run); SERVE=(--requests 8 --concurrency 1,4 --tiny)
 else
-  SYNCS=(--batch 64 --steps 6 --workers 8 --modes head,lora6,frozen)
+  SYNCS=(--batch 64 --steps 4 --workers 8 --modes lora6,frozen)
   TRAIN=(--modes frozen,lora6,top6 --images 1024 --steps 10 --repeats 2 --workers 8)
   export RUN_SET="--set train.batch_size=64 --set data.num_workers=8"
-  export IMAGES=512 SIZE=384
+  export IMAGES=256 SIZE=384
   DISK=(--dir "$WORK" --gib 2); SERVE=(--requests 64 --concurrency 1,8,32)
 fi
 export DRY WORK
@@ -150,12 +150,12 @@ PY
 }
 
 export -f install stack end_to_end
-if stage install 120 install && [ -d "$WORK/site/mmcore" ]; then
+if stage install 90 install && [ -d "$WORK/site/mmcore" ]; then
   export PYTHONPATH="$WORK/site:$REPO/bench/gpu/stub"  # the installed checkout, and the tokenizer stand-in
 fi
-stage stack 40 stack
-stage disk 40 python3 bench/disk_rate.py "${DISK[@]}"
-stage syncs 75 python3 bench/sync_probe.py "${SYNCS[@]}"
+stage stack 30 stack
+stage disk 30 python3 bench/disk_rate.py "${DISK[@]}"
+stage syncs 60 python3 bench/sync_probe.py "${SYNCS[@]}"
 stage train 110 python3 bench/gpu_default_recipe.py "${TRAIN[@]}"
 stage run 60 end_to_end
 stage serve 50 python3 bench/serve.py --target run --work "$WORK/serve" --epochs 1 --set text.params.pretrained=false "${SERVE[@]}"

@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_step import Linear, batches, trainer
 
-from mmcore.engine import runtime, training
+from mmcore.engine import training
 from mmcore.engine.runtime import autocast_dtype, describe_precision, resolve_device
 from mmcore.engine.sampling import EpochBatchSampler
 from mmcore.engine.step import CompiledModel
