@@ -96,7 +96,7 @@ stage() {  # stage NAME TIMEOUT COMMAND...: run COMMAND (a program or a function
 install() {
   local site="$WORK/site"
   python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target "$site" \
-    bench/gpu/wheels/*.whl . plugins/vision-siglip2 plugins/text-sentence-transformers || return 1
+    bench/gpu/wheels/*.whl . plugins/vision-siglip2 plugins/text-sentence-transformers plugins/vision-resnet || return 1
   echo "installed into $site: $(ls "$site" | grep -c dist-info) distributions"
 }
 
@@ -152,6 +152,7 @@ PY
 export -f install stack end_to_end
 if stage install 90 install && [ -d "$WORK/site/mmcore" ]; then
   export PYTHONPATH="$WORK/site:$REPO/bench/gpu/stub"  # the installed checkout, and the tokenizer stand-in
+  export MMCORE_LOAD_PLUGINS=mmcore-vision-siglip2,mmcore-text-sentence-transformers,mmcore-vision-resnet
 fi
 stage stack 30 stack
 stage disk 30 python3 bench/disk_rate.py "${DISK[@]}"
