@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_step import Linear, batches, trainer
 
-from mmcore.engine import training
+from mmcore.engine import parallel, training
 from mmcore.engine.runtime import autocast_dtype, describe_precision, resolve_device
 from mmcore.engine.sampling import EpochBatchSampler
 from mmcore.engine.step import CompiledModel
@@ -264,7 +264,7 @@ def test_ddp_is_compiled_as_a_whole_and_keeps_no_sync(one_process_group):
     torch._dynamo.reset()
     model, graphs = Linear(), []
     train = SimpleNamespace(compile=_counting_backend(graphs))
-    wrapped = training.training_module(model, train, device=torch.device("cpu"), world=2)
+    wrapped = parallel.training_module(model, train, device=torch.device("cpu"), world=2)
     assert isinstance(wrapped, DistributedDataParallel) and wrapped.module is model  # the model inside is plain
     assert wrapped.forward_sync_buffers is False  # nothing in it changes a buffer (torch 2.14's name)
     batch = batches(1)[0]
@@ -283,11 +283,11 @@ def _with_batchnorm(vision_trains):
 
 
 def test_ddp_broadcasts_buffers_only_when_training_changes_them():
-    assert training.buffers_change_in_training(_with_batchnorm(vision_trains=True)) is True
+    assert parallel.buffers_change_in_training(_with_batchnorm(vision_trains=True)) is True
     frozen = _with_batchnorm(vision_trains=False).eval()
-    assert training.buffers_change_in_training(frozen) is False  # a frozen encoder stays in eval mode
+    assert parallel.buffers_change_in_training(frozen) is False  # a frozen encoder stays in eval mode
     assert not any(m.training for m in frozen.modules())  # the modes are left as they were
-    assert training.buffers_change_in_training(Linear()) is False
+    assert parallel.buffers_change_in_training(Linear()) is False
 
 
 # ---------------------------------------------------------------- 10. encoders leave the GPU once cached
@@ -337,15 +337,15 @@ def test_training_batches_are_full_and_equal_on_every_rank():
 
 def test_batch_size_is_global_and_a_small_share_per_gpu_is_said():
     cuda = torch.device("cuda", 0)
-    assert training.small_batch_warning(32, 8, cuda) == (
+    assert parallel.small_batch_warning(32, 8, cuda) == (
         "warning: train.batch_size = 32 is the global batch: 4 per GPU on 8 GPUs, which leaves each GPU mostly "
         "idle; for throughput raise it (e.g. 128 = 16 per GPU) and scale train.learning_rate with it (linear "
         "scaling rule: x4), which mmcore does not do for you (docs/distributed.md)"
     )
-    assert training.small_batch_warning(128, 8, cuda) is None
-    assert training.small_batch_warning(32, 1, cuda) is None
-    assert training.small_batch_warning(32, 8, torch.device("cpu")) is None
-    assert training.batch_summary(256, 8, True) == {"global": 256, "per_process": 32, "processes": 8, "drop_last": True}
+    assert parallel.small_batch_warning(128, 8, cuda) is None
+    assert parallel.small_batch_warning(32, 1, cuda) is None
+    assert parallel.small_batch_warning(32, 8, torch.device("cpu")) is None
+    assert parallel.batch_summary(256, 8, True) == {"global": 256, "per_process": 32, "processes": 8, "drop_last": True}
 
 
 # ---------------------------------------------------------------- 6. host syncs
