@@ -20,8 +20,12 @@ def mmcore(*args):
     return result
 
 
-def demo_bundle(work, epochs=2):
-    """(run dir, bundle dir, data dir) of the demo model under ``work`` (made when missing)."""
+def demo_bundle(work, epochs=2, overrides=(), export=True):
+    """(run dir, bundle dir, data dir) of the demo model under ``work`` (made when missing).
+
+    ``overrides``: extra ``--set`` values for the demo recipe (``text.params.pretrained=false`` where
+    the MiniLM weights are not installed); ``export=False`` leaves the bundle out (serving the run).
+    """
     from mmcore.commands.demo import make_demo_dataset
 
     work = Path(work)
@@ -29,9 +33,10 @@ def demo_bundle(work, epochs=2):
     if not (data / "test.csv").is_file():
         make_demo_dataset(data)
     if not (run / "status.json").is_file():
+        sets = [arg for value in overrides for arg in ("--set", value)]
         mmcore("run", REPO / "recipes" / "demo.toml", "--out", run, "--quiet",
                "--set", f"data.base_dir={str(data.resolve())!r}", "--set", f"train.epochs={epochs}",
-               "--set", f"cache.dir={str((work / 'cache').resolve())!r}")
-    if not (bundle / "manifest.json").is_file():
+               "--set", f"cache.dir={str((work / 'cache').resolve())!r}", *sets)
+    if export and not (bundle / "manifest.json").is_file():
         mmcore("export", run, "--out", bundle, "--quiet")
     return run, bundle, data

@@ -136,14 +136,23 @@ def bench_frozen(args, data_dir, root):
     from mmcore.engine.features import image_keys
 
     pipeline._text_features(split)
-    pipeline._vision_store()
+    store = pipeline._vision_store()
     image_keys(pipeline.cache_root, split)
     warm = min(len(split) - 1, args.warmup * args.batch)
     pipeline.dataset(split.subset(list(range(warm))), train=True)
+    stored = _bytes_under(store.dir)
     with meter:
         pipeline.dataset(split, train=True)
     rows["engine"].append(((len(split) - warm) / meter.seconds, meter.peak))
-    return rows, f"{len(split) - warm} images decoded + encoded + stored vs {args.steps} x {args.batch} raw"
+    written = _bytes_under(store.dir) - stored
+    return rows, (f"{len(split) - warm} images decoded + encoded + stored vs {args.steps} x {args.batch} raw; "
+                  f"the cache took {written / 1e6:.0f} MB at {written / meter.seconds / 1e6:.0f} MB/s "
+                  f"({written / max(1, len(split) - warm) / 1e6:.2f} MB per image, {store.storage} tokens)")
+
+
+def _bytes_under(directory):
+    """Bytes of the files in ``directory`` (the cache's chunks)."""
+    return sum(path.stat().st_size for path in Path(directory).glob("*") if path.is_file())
 
 
 def bench_training(args, data_dir, root, mode):

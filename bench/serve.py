@@ -1,8 +1,10 @@
 """`mmcore serve` throughput and latency with the demo model: dynamic batching on vs off.
 
     python bench/serve.py [--work /tmp/mmcore-bench-serve] [--requests 96] [--concurrency 1,8,32]
+    python bench/serve.py --target run --set text.params.pretrained=false   # the run itself, on its train.device (CUDA on a GPU)
 
-Serves the exported demo bundle twice (``--max-batch 32 --max-wait-ms 10``, then
+Serves the exported demo bundle (``--target run``: the run directory, scored by PyTorch on the
+recipe's device, which is the GPU where there is one) twice (``--max-batch 32 --max-wait-ms 10``, then
 ``--max-batch 1``: no batching), sends ``--requests`` multipart /predict requests at each
 concurrency from one asyncio client, and prints requests/s, p50 and p99 latency, and the
 batched/unbatched throughput ratio (goal: >= 2x at concurrency 32 on 2 CPU cores).
@@ -101,34 +103,55 @@ def model_ceiling(bundle, seconds=3.0):
     return out
 
 
+def _run_device():
+    """Where a served run scores: its recipe's train.device ("auto": the GPU when there is one)."""
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="/tmp/mmcore-bench-serve")
     parser.add_argument("--requests", type=int, default=96)
     parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--target", choices=("bundle", "run"), default="bundle",
+                        help="serve the exported bundle (onnxruntime) or the run directory (PyTorch on its train.device)")
+    parser.add_argument("--epochs", type=int, default=2, help="training epochs of the demo run")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="demo recipe override (repeatable)")
+    parser.add_argument("--tiny", action="store_true", help="tiny encoders (a CPU check of the script)")
     args = parser.parse_args()
 
     from mmcore.data.csvs import read_split
 
-    _, bundle, data = demo_bundle(args.work)
+    overrides = [*args.set, *(["vision.params.tiny=true", "text.params.tiny=true"] if args.tiny else [])]
+    started = time.perf_counter()
+    run, bundle, data = demo_bundle(args.work, epochs=args.epochs, overrides=overrides, export=args.target == "bundle")
+    served = bundle if args.target == "bundle" else run
+    print(f"demo {args.target} ready in {time.perf_counter() - started:.0f} s: {served}", flush=True)
     split = read_split(data / "test.csv", require_label=False)
     payloads = [(split.paths[i % len(split)].read_bytes(), split.texts[i % len(split)]) for i in range(args.requests)]
     levels = [int(c) for c in args.concurrency.split(",")]
     results = {}
     for mode, flags in (("batched", ["--max-batch", "32", "--max-wait-ms", "10"]), ("unbatched", ["--max-batch", "1"])):
-        process, url = start(bundle, *flags)
+        process, url = start(served, *flags)
         try:
             for level in levels:
                 seconds, latencies = asyncio.run(load(url, payloads, level))
                 results[mode, level] = (len(latencies) / seconds, latencies[len(latencies) // 2],
                                         latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))])
+                print(f"measured {mode} at concurrency {level}: {results[mode, level][0]:.1f} req/s", flush=True)
         finally:
             process.send_signal(signal.SIGTERM)
             process.wait(timeout=120)
-    ceiling = model_ceiling(bundle)
-    print(f"demo bundle {bundle}, {args.requests} requests per level, {os.cpu_count()} CPUs")
-    print(f"model alone (onnxruntime): {ceiling[1]:.1f} ms per row at batch 1, {ceiling[32]:.1f} ms per row at batch 32: "
-          f"batching's ceiling here {ceiling[1] / ceiling[32]:.2f}x")
+    if args.target == "bundle":
+        ceiling = model_ceiling(bundle)
+        print(f"demo bundle {bundle}, {args.requests} requests per level, {os.cpu_count()} CPUs")
+        print(f"model alone (onnxruntime): {ceiling[1]:.1f} ms per row at batch 1, {ceiling[32]:.1f} ms per row at "
+              f"batch 32: batching's ceiling here {ceiling[1] / ceiling[32]:.2f}x")
+    else:
+        print(f"demo run {run} served by PyTorch on {_run_device()}, {args.requests} requests per level, "
+              f"{os.cpu_count()} CPUs")
     print(f"{'concurrency':>11}  {'mode':>9}  {'req/s':>7}  {'p50 ms':>7}  {'p99 ms':>7}")
     for level in levels:
         for mode in ("batched", "unbatched"):

@@ -29,6 +29,7 @@ _FACE = {
     "NoWeightsParams": "mmcore.interfaces",
     "NO_WEIGHTS": "mmcore.interfaces",
     "identity_string": "mmcore.interfaces",
+    "channel_constants": "mmcore.interfaces",
     # params checks and errors
     "FieldError": "mmcore.validators",
     "at_least": "mmcore.validators",

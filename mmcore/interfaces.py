@@ -82,17 +82,38 @@ class Preprocessing:
             img = F.pad(img, [left, top, w - nw - left, h - nh - top], fill=0)
         return img
 
+    #: (input name, axis) of the encoder's inputs whose length changes from batch to batch
+    #: (NaFlex: the patch axis); torch.compile marks them dynamic instead of recompiling
+    variable_axes = ()
+
     def normalize(self, pixels):
-        """uint8 pixels [..., 3, H, W] (any device) -> float32 normalized, as :meth:`__call__` gives."""
+        """uint8 pixels [..., 3, H, W] (any device) -> float32 normalized, as :meth:`__call__` gives.
+
+        The same arithmetic as torchvision's ``normalize``, with the mean and std kept on the
+        pixels' device (:func:`channel_constants`): torchvision copies them there on every call,
+        which on a GPU waits for the host each step.
+        """
         from torchvision.transforms.v2 import functional as F
 
-        return F.normalize(F.to_dtype(pixels, torch.float32, scale=True), list(self.mean), list(self.std))
+        mean, std = channel_constants(self.mean, self.std, pixels.device, shape=(-1, 1, 1))
+        return F.to_dtype(pixels, torch.float32, scale=True).sub(mean).div_(std)
+
+    def uint8_item(self, image):
+        """PIL RGB image -> what loader workers hand over with uint8 loading: :meth:`__call__`'s
+        inputs with uint8 ``pixel_values`` that :meth:`normalize` turns into :meth:`__call__`'s."""
+        return {"pixel_values": self.resized(image)}
 
     @property
     def uint8_pixels(self):
-        """True when the output is ``normalize(resized(image))``: loaders may hand over uint8
-        pixels and normalise on the device. A subclass that overrides :meth:`__call__` (NaFlex)
-        keeps float loading."""
+        """True when ``normalize`` of :meth:`uint8_item` is :meth:`__call__`: loaders may hand over
+        uint8 pixels and normalise on the device. A subclass that overrides :meth:`__call__`
+        keeps float loading unless it overrides this, :meth:`uint8_item` and :meth:`normalize` (NaFlex)."""
+        return self.plain_resize
+
+    @property
+    def plain_resize(self):
+        """True when the output is ``normalize(resized(image))`` at the fixed :attr:`size`: the
+        decoded-image cache may store :meth:`resized` rows."""
         return type(self).__call__ is Preprocessing.__call__
 
     def __call__(self, image):
@@ -102,6 +123,27 @@ class Preprocessing:
     def collate(self, items):
         """A list of per-image dicts -> one batch dict (stacked tensors)."""
         return {key: torch.stack([item[key] for item in items]) for key in items[0]}
+
+
+_CHANNEL_CONSTANTS = {}
+
+
+def channel_constants(mean, std, device, *, shape):
+    """``mean`` and ``std`` as float32 tensors of ``shape`` on ``device``, made once per device.
+
+    Normalising on a GPU with constants built from Python lists copies them host-to-device on
+    every call, a wait on the host each step; these stay where the pixels are.
+    """
+    if torch.compiler.is_compiling():  # a compiled graph holds its constants itself
+        return _make_constants(mean, std, device, shape)
+    key = (tuple(mean), tuple(std), torch.device(device), tuple(shape))
+    if key not in _CHANNEL_CONSTANTS:
+        _CHANNEL_CONSTANTS[key] = _make_constants(mean, std, device, shape)
+    return _CHANNEL_CONSTANTS[key]
+
+
+def _make_constants(mean, std, device, shape):
+    return tuple(torch.tensor(values, dtype=torch.float32, device=device).reshape(shape) for values in (mean, std))
 
 
 #: the ``weights`` of an encoder that loads none (built from its params alone)

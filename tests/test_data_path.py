@@ -1,6 +1,8 @@
 """The data path to the device: uint8 pixels normalised on the device, the decoded-image cache,
 fixed-length token batches without masks, one weights fingerprint per run, backend settings."""
 
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -217,3 +219,73 @@ def test_gradient_checkpointing_hf_encoder_trains_the_same():
         encoder(pixel_values=pixels).tokens.square().mean().backward()
         grads[checkpointing] = torch.cat([p.grad.flatten() for p in encoder.parameters() if p.grad is not None])
     torch.testing.assert_close(grads[True], grads[False])
+
+
+class RandomItems(torch.utils.data.Dataset):
+    """Items whose text is a random draw and the pid that drew it (what augmentation would draw)."""
+
+    needs_image, needs_workers, preprocessing = True, True, None
+
+    def __len__(self):
+        return 24
+
+    def __getitem__(self, index):
+        import os
+
+        return {"index": index, "label": 0.0, "text": f"{torch.rand(1).item():.6f}|{os.getpid()}"}
+
+
+def _epochs(loader, sampler, epochs, seed=5):
+    """{epoch: (the epoch's draws in order, the worker pids that made them)}."""
+    from mmcore.engine.sampling import derive_seed
+
+    seen = {}
+    for epoch in epochs:
+        sampler.set_epoch(epoch)
+        loader.generator.manual_seed(derive_seed(seed, epoch, 0))  # what the engine does per epoch
+        texts = [text for batch in loader for text in batch["text"]]
+        seen[epoch] = ([t.split("|")[0] for t in texts], {t.split("|")[1] for t in texts})
+    return seen
+
+
+def test_training_workers_persist_and_a_resumed_epoch_draws_the_same(tmp_path):
+    """Train loader workers live across epochs; the sampler (main process) and the per-sample seeds
+    of SeededItems decide every draw, so fresh workers after a resume draw what persistent ones did."""
+    from mmcore.engine.sampling import EpochBatchSampler, SeededItems
+
+    def loader_and_sampler(workers):
+        sampler = EpochBatchSampler(24, 6, seed=5, seeded=True, drop_last=True)
+        return make_loader(SeededItems(RandomItems()), batch_size=6, batch_sampler=sampler, num_workers=workers), sampler
+
+    persistent, sampler = loader_and_sampler(2)
+    assert persistent.persistent_workers
+    straight = _epochs(persistent, sampler, (1, 2, 3))
+    assert len(set.union(*(pids for _, pids in straight.values()))) == 2  # the same two workers all along
+    assert straight[1][0] != straight[2][0]  # each epoch draws anew
+    resumed, sampler = loader_and_sampler(2)
+    assert _epochs(resumed, sampler, (3,))[3][0] == straight[3][0]  # workers started at epoch 3
+    in_process, sampler = loader_and_sampler(0)
+    assert _epochs(in_process, sampler, (2,))[2][0] == straight[2][0]
+
+
+def test_the_first_gpu_script_checks_its_arguments_and_a_stage_reports_under_out(tmp_path):
+    """``bench/gpu_first_gpu_run.sh``: a bad stage is one line (exit 2); its quickest stage in a dry
+    run writes its figures and the summary under $OUT, the other stages said not selected."""
+    script = REPO / "bench" / "gpu_first_gpu_run.sh"
+    bad = subprocess.run(["bash", str(script), "--only", "stack,gpu"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2
+    assert bad.stderr.splitlines()[0] == (
+        "gpu_first_gpu_run.sh: --only: unknown stage 'gpu' (stages: install stack disk syncs train run serve)"
+    )
+    out = tmp_path / "out"
+    run = subprocess.run(["bash", str(script), "--dry-run", "--only", "disk"], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "OUT": str(out)})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    summary = (out / "summary.txt").read_text().splitlines()
+    assert summary[1:4] == ["install: not selected", "stack: not selected", summary[3]]
+    assert re.fullmatch(r"disk: rc=0 in \d+s -> 03-disk\.txt", summary[3]), summary
+    assert summary[4:8] == [f"{name}: not selected" for name in ("syncs", "train", "run", "serve")]
+    rows = [line.split()[0] for line in (out / "03-disk.txt").read_text().splitlines()[2:]]
+    assert rows == ["fp16", "int8", "pooled"]
+    owed = (out / "owed.txt").read_text()
+    assert "onnxruntime-gpu" in owed and "NCCL across GPUs" in owed

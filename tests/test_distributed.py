@@ -204,7 +204,8 @@ def test_workers_per_rank_follow_the_local_world_size(monkeypatch, tiny_dataset_
     from mmcore.data import dataset as ds
 
     monkeypatch.setattr(ds.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
-    for local, expected in [("1", 8), ("4", 8), ("8", 8), ("16", 4), ("64", 1), ("128", 1)]:
+    # 64 cores: every core a worker, at most MAX_AUTO_WORKERS (32) per process (the cap was 8)
+    for local, expected in [("1", 32), ("2", 32), ("4", 16), ("8", 8), ("16", 4), ("64", 1), ("128", 1)]:
         monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
         assert ds.default_num_workers() == expected, local
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")

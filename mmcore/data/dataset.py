@@ -56,10 +56,10 @@ class SampleDataset(Dataset):
         self.needs_image = needs_image and vision_features is None
         self.max_image_pixels = max_image_pixels
         self.image_formats = tuple(image_formats)
-        # only a preprocessing that is exactly normalize(resized(image)) may split in two
+        # only a preprocessing whose output is normalize(uint8_item(image)) may split in two
         self.uint8_pixels = bool(uint8_pixels and preprocessing is not None and preprocessing.uint8_pixels)
         #: a FeatureView of flat uint8 rows (``preprocessing.resized`` of each image), or None
-        self.decoded_images = decoded_images if self.uint8_pixels else None
+        self.decoded_images = decoded_images if self.uint8_pixels and preprocessing.plain_resize else None
 
     @property
     def needs_workers(self):
@@ -101,7 +101,7 @@ class SampleDataset(Dataset):
             if self.augmentation is not None:
                 image = self.augmentation(image)
             if self.uint8_pixels:
-                item["vision"] = {"pixel_values": self.preprocessing.resized(image)}
+                item["vision"] = self.preprocessing.uint8_item(image)
             else:
                 item["vision"] = self.preprocessing(image)
         return item
@@ -179,15 +179,17 @@ def _stack_padded(features, prefix):
     return {f"{prefix}_tokens": tokens, f"{prefix}_mask": mask}
 
 
-#: most loader workers one process starts for ``num_workers = -1`` (each holds a copy of the
-#: dataset and decodes images: beyond this, more workers add memory, not throughput)
-MAX_AUTO_WORKERS = 8
+#: most loader workers one process starts for ``num_workers = -1``. Decoding is the loader's
+#: cost and scales with cores (a JPEG at 120-140 img/s per core, a PNG at 8-58: docs/performance.md),
+#: so every core a process may use gets a worker; the bound only keeps each worker's copy of
+#: the split's rows (~1.5 KB per row) in check on very large machines
+MAX_AUTO_WORKERS = 32
 
 
 def default_num_workers():
     """Workers per process for ``num_workers = -1``: the CPU cores this process may use, shared
     by the processes torchrun started on this machine (``LOCAL_WORLD_SIZE``), at most
-    :data:`MAX_AUTO_WORKERS`, at least 1."""
+    :data:`MAX_AUTO_WORKERS`, at least 1 (16 cores and one GPU: 16; 128 cores and 8 GPUs: 16 each)."""
     from mmcore.engine.runtime import local_world_size
 
     try:
@@ -218,9 +220,11 @@ def make_loader(
 ):
     """A DataLoader with seeded workers (and none when items are cached feature vectors).
 
-    With a ``batch_sampler`` (training) workers are not persistent: each epoch's workers are
-    seeded from ``loader.generator``, which the engine reseeds per epoch, so augmentation
-    randomness is a function of (seed, epoch) and a resumed run repeats it exactly.
+    Workers are persistent, for training too: nothing they compute depends on their own
+    random state or on the epoch they were started in. The batch sampler (in the main
+    process) sets each epoch's order, and random augmentation is seeded per sample from
+    (seed, epoch, position) (:class:`~mmcore.engine.sampling.SeededItems`), so an epoch's
+    batches are the same from workers started at epoch 1 as from fresh ones after a resume.
     """
     if num_workers < 0:
         num_workers = default_num_workers()
@@ -247,7 +251,7 @@ def make_loader(
         worker_init_fn=seed_worker,
         generator=generator,
         pin_memory=pin_memory,
-        persistent_workers=num_workers > 0 and batch_sampler is None,
+        persistent_workers=num_workers > 0,
         # torch's default: two batches ready per worker is enough to hide decoding
         prefetch_factor=2 if num_workers > 0 else None,
     )

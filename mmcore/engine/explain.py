@@ -114,6 +114,7 @@ def _saliency(pipeline, split, predicted, text_vectors, files_dir):
     layer = last_conv(model.vision)
     if layer is None:
         return {}, f"no saliency overlay: the vision encoder ({type(model.vision).__name__}) has no convolutional feature map"
+    pipeline.encoder_on_device("vision")  # a frozen encoder left the GPU once its features were cached
     indices = list(predicted)
     dataset = SampleDataset(
         split.subset(indices), preprocessing=model.vision.preprocessing, needs_image=True,

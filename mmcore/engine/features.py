@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 import weakref
 
 import torch
@@ -23,7 +24,7 @@ from mmcore.engine.step import prepare_batch
 from mmcore.store.features import FeatureStore, as_float16, stored_row_bytes
 from mmcore.store.keys import text_key, weights_fingerprint
 from mmcore.store.records import FileHashes
-from mmcore.store.root import cache_root
+from mmcore.store.root import cache_root, warn
 from mmcore.store.space import check_space, human_bytes
 from mmcore.store.tokens import TOKEN_STORAGES
 
@@ -272,9 +273,11 @@ def fill_vision_cache(
                 with autocast(device, dtype):
                     out = encoder(**vision)
                     result = out.tokens if store_tokens else pooling(out.tokens, out.mask)
-                # fp16 on the device (half the bytes to copy; values float16 cannot hold are refused),
-                # into pinned memory without waiting
-                result = as_float16(result, store)
+                # fp16 on the device (half the bytes to copy), into pinned memory without waiting;
+                # the batch's largest value travels with it and the writer thread refuses values
+                # float16 cannot hold before storing them (read there, not here: no wait per batch)
+                peak = _to_host(result.detach().abs().amax().float() if result.numel() else result.new_zeros(()))
+                result = result.half()
                 if not checked:  # before anything is stored: will it fit?
                     first = result[0][out.mask[0]] if store_tokens else result[0]
                     check_vision_space(store, split, todo, first.float().cpu().numpy(), has_cls_token=encoder.has_cls_token)
@@ -282,9 +285,12 @@ def fill_vision_cache(
                 rows = _to_host(result)
                 mask = _to_host(out.mask) if store_tokens else None
                 batch_keys = [keys[todo[local]] for local in batch["index"].tolist()]
-                background.put(batch_keys, rows, mask)
+                background.put(batch_keys, rows, mask, peak=peak)
             background.close()
             writer.flush()
+            line = background.pace.warning(store)
+            if line:
+                warn(line)
         except BaseException:
             background.close(raise_error=False)
             _save_partial(writer)
@@ -344,26 +350,80 @@ def _to_host(tensor):
     return host, event
 
 
+#: a fill shorter than this says nothing about the disk (start-up dominates)
+PACE_MIN_FILL_S = 20.0
+#: the share of a fill spent waiting for the disk above which the fill says so
+PACE_WAIT_SHARE = 0.10
+
+
+class WritePace:
+    """Whether the disk kept up with the encoder during one cache fill, in figures.
+
+    ``written`` bytes took ``write_s`` seconds of the writer thread; the encoder waited
+    ``wait_s`` seconds for a free queue slot (the disk behind) over a fill of ``elapsed_s``.
+    """
+
+    def __init__(self):
+        self.started = time.perf_counter()
+        self.rows = 0
+        self.written = 0
+        self.write_s = 0.0
+        self.wait_s = 0.0
+        self.elapsed_s = None
+
+    def stop(self):
+        self.elapsed_s = time.perf_counter() - self.started
+
+    def warning(self, store, *, min_fill_s=None, wait_share=None):
+        """One line with the figures when the fill waited on the disk more than :data:`PACE_WAIT_SHARE`
+        of its time, else None. The storage is never changed: the line says what would keep up."""
+        min_fill_s = PACE_MIN_FILL_S if min_fill_s is None else min_fill_s
+        wait_share = PACE_WAIT_SHARE if wait_share is None else wait_share
+        elapsed = self.elapsed_s if self.elapsed_s is not None else time.perf_counter() - self.started
+        if elapsed < min_fill_s or not self.written or self.write_s <= 0 or self.wait_s / elapsed <= wait_share:
+            return None
+        disk = self.written / self.write_s
+        produced = self.written / max(elapsed - self.wait_s, 1e-9)
+        per_row = self.written / self.rows
+        if store.tokens:
+            others = [form for form in TOKEN_STORAGES if form != store.storage]
+            suggestion = f"cache.token_storage = {' or '.join(repr(form) for form in others)} writes fewer bytes per image"
+        else:
+            suggestion = "vectors are already the smallest form"
+        return (
+            f"warning: the feature cache's writer did not keep up with the encoder: it wrote {disk / 1e6:.0f} MB/s "
+            f"(encoding and disk), the encoder produced {produced / 1e6:.0f} MB/s ({human_bytes(per_row)} per image, "
+            f"{store.storage if store.tokens else 'vectors'}), so the fill waited {self.wait_s / elapsed:.0%} of its "
+            f"{elapsed:.0f} s; {suggestion}, or give cache.dir a faster disk (storage unchanged; bench/disk_rate.py "
+            "measures both, docs/performance.md)"
+        )
+
+
 class BackgroundWriter:
     """Rows of computed batches -> a :class:`~mmcore.store.features.ChunkWriter`, on a thread.
 
     The main thread only queues (host tensor, event) pairs and goes on with the next batch;
-    the thread waits for each copy, splits the batch into rows (a token row is cut to its real
-    tokens only where the mask is not all true) and commits chunks. A bounded queue keeps
-    memory in check; an error in the thread is raised in the main thread at the next call.
+    the thread waits for each copy, refuses values float16 cannot hold (each batch's peak
+    came with it), splits the batch into rows (a token row is cut to its real tokens only
+    where the mask is not all true) and commits chunks. A bounded queue keeps memory in
+    check; the time the main thread waits for it and the thread's write time go to
+    :attr:`pace`. An error in the thread is raised in the main thread at the next call.
     """
 
     def __init__(self, writer, *, depth=4):
         self.writer = writer
+        self.pace = WritePace()
         self._queue = queue.Queue(maxsize=depth)
         self._error = None
         self._thread = threading.Thread(target=self._run, name="mmcore-cache-writer", daemon=True)
         self._thread.start()
 
-    def put(self, keys, rows, mask=None):
-        """Queue one batch: ``rows`` and ``mask`` as :func:`_to_host` gives them."""
+    def put(self, keys, rows, mask=None, peak=None):
+        """Queue one batch: ``rows``, ``mask`` and ``peak`` (its largest absolute value) as :func:`_to_host` gives them."""
         self._raise()
-        self._queue.put((keys, rows, mask))
+        started = time.perf_counter()
+        self._queue.put((keys, rows, mask, peak))
+        self.pace.wait_s += time.perf_counter() - started
 
     def _run(self):
         while True:
@@ -377,20 +437,26 @@ class BackgroundWriter:
             except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
                 self._error = exc
 
-    def _write(self, keys, rows, mask):
+    def _write(self, keys, rows, mask, peak):
+        if peak is not None:
+            as_float16(_wait(peak), self.writer.store)  # raises FeatureOverflow above float16's range
         rows = _wait(rows).numpy()
         mask = _wait(mask).numpy() if mask is not None else None
+        started = time.perf_counter()
+        description = self.writer.store.description
         for j, key in enumerate(keys):
-            if mask is None or mask[j].all():
-                self.writer.add(key, rows[j])
-            else:
-                self.writer.add(key, rows[j][mask[j]])
+            row = rows[j] if mask is None or mask[j].all() else rows[j][mask[j]]
+            self.writer.add(key, row)
+            self.pace.written += stored_row_bytes(description, row.shape[0] if row.ndim == 2 else None)
+        self.pace.rows += len(keys)
+        self.pace.write_s += time.perf_counter() - started
 
     def close(self, raise_error=True):
         """Write what is queued and stop the thread (idempotent)."""
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
+            self.pace.stop()
         if raise_error:
             self._raise()
 

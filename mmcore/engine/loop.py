@@ -17,13 +17,18 @@ import torch
 from mmcore.engine.inference import predict, sigmoid
 from mmcore.engine.policies import BadImages, NanPolicy, NonFiniteLoss
 from mmcore.engine.progress import SmoothedRate, progress_bar
-from mmcore.engine.runtime import any_rank, world_size
+from mmcore.engine.runtime import any_rank, is_distributed, world_size
 from mmcore.engine.step import TrainStep, is_ddp
 
 __all__ = ["BadImages", "NonFiniteLoss", "Trainer", "predict", "set_train_mode", "sigmoid", "total_steps"]
 
 #: optimizer steps between two reads of the loss (as Lightning's log_every_n_steps)
 LOG_EVERY = 50
+
+#: under torchrun, optimizer steps between two checks of a stop request (SIGINT/SIGTERM): each
+#: check is a collective every rank waits at, so a signal stops training within this many steps
+#: (and at the epoch's end); one process checks after every step, which costs nothing
+STOP_CHECK_EVERY = 10
 
 
 def set_train_mode(model):
@@ -207,7 +212,7 @@ class Trainer:
                     window = 0
                 if self.on_step is not None:
                     self.on_step(epoch, i + 1)
-                if any_rank(self.stop_requested):
+                if self._stop_check_due(epoch_end=i + 1 == num_batches) and any_rank(self.stop_requested):
                     bar.close()
                     total, n = self.settle()
                     return total / max(n, 1), False
@@ -215,6 +220,10 @@ class Trainer:
         bar.close()
         total, n = self.loss_totals
         return total / max(n, 1), True
+
+    def _stop_check_due(self, *, epoch_end):
+        """Whether this optimizer step asks every rank for a stop request (:data:`STOP_CHECK_EVERY`)."""
+        return not is_distributed() or epoch_end or self.global_step % STOP_CHECK_EVERY == 0
 
     def _log(self, bar, window):
         """A log point: read the device state back, then the throughput of the window since the last one."""

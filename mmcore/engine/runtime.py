@@ -7,6 +7,7 @@ import datetime
 import gc
 import os
 import random
+import sys
 
 import numpy as np
 import torch
@@ -15,7 +16,12 @@ from mmcore.errors import MmcoreError
 
 
 def resolve_device(name):
-    """``auto`` -> this rank's CUDA device when present, else CPU; on the CPU, denormals flush to zero."""
+    """``auto`` -> this rank's CUDA device when present, else CPU; on the CPU, denormals flush to zero.
+
+    Under torchrun the local rank decides the GPU (``cuda:LOCAL_RANK``): ``auto`` and ``cuda``
+    mean it, and an explicit ``cuda:N`` that contradicts it is said in one line and replaced
+    (every rank would otherwise share GPU N).
+    """
     device = _parse_device(name)
     if device.type == "cpu":
         flush_denormals()
@@ -33,33 +39,127 @@ def flush_denormals():
     return torch.set_flush_denormal(True)
 
 
+def torchrun_local_rank():
+    """This process's ``LOCAL_RANK`` when torchrun started it, else None."""
+    if "LOCAL_RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    try:
+        return int(os.environ["LOCAL_RANK"])
+    except ValueError:
+        return None
+
+
 def _parse_device(name):
+    local_rank = torchrun_local_rank()
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            return torch.device("cuda", local_rank or 0)
         return torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
         raise MmcoreError(f"train.device: unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
         raise MmcoreError(f"train.device: {name!r} requested but CUDA is not available here (use auto or cpu)")
+    if local_rank is not None:
+        if device.index is not None and device.index != local_rank:
+            print(f"warning: train.device = {name!r} under torchrun: this process (LOCAL_RANK={local_rank}) uses "
+                  f"cuda:{local_rank}, the GPU of its local rank (use \"auto\" or \"cuda\")", file=sys.stderr, flush=True)
+        device = torch.device("cuda", local_rank)
+    index = 0 if device.index is None else device.index
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise MmcoreError(f"train.device: {name!r} requested but this machine has {count} CUDA device(s) "
+                          f"(cuda:0 to cuda:{count - 1})")
     return device
 
 
+#: the compute capability from which a GPU has bfloat16 arithmetic (Ampere); older cards emulate it, slowly
+BF16_CAPABILITY = (8, 0)
+
+#: autocast dtype -> its ``train.precision`` name (results.json's ``precision``)
+PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
 def autocast_dtype(precision, device):
-    """bf16 autocast on CUDA for ``auto``/``bf16``; none on CPU (fp32) unless bf16 is explicit."""
+    """The autocast dtype of ``train.precision`` on ``device`` (None: fp32).
+
+    ``auto`` on CUDA: bf16 where the card computes it natively (compute capability 8.0 and up:
+    A100, H100, RTX 30xx/40xx), else fp16 with a gradient scaler (T4, V100: bf16 would be
+    emulated and slow). ``auto`` on the CPU: fp32. ``bf16``/``fp16`` are taken as given.
+    """
     if precision == "fp32":
         return None
-    if device.type == "cuda":
+    if precision == "bf16":
         return torch.bfloat16
-    return torch.bfloat16 if precision == "bf16" else None
+    if precision == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= BF16_CAPABILITY else torch.float16
+    return None
+
+
+def precision_name(dtype):
+    """``fp32``, ``bf16`` or ``fp16``: what a run computed in (results.json's ``precision``)."""
+    return PRECISION_NAMES[dtype]
+
+
+def describe_precision(precision, dtype, device):
+    """One line saying what ``train.precision`` became on ``device`` and why (the run's log)."""
+    name = precision_name(dtype)
+    if device.type != "cuda":
+        return f"precision: {name} on {device.type} (train.precision = {precision!r})"
+    major, minor = torch.cuda.get_device_capability(device)
+    card = f"{torch.cuda.get_device_name(device)}, compute capability {major}.{minor}"
+    scaler = " with a gradient scaler" if dtype == torch.float16 else ""
+    why = ""
+    if precision == "auto":
+        why = ": bf16 native" if dtype == torch.bfloat16 else ": no native bf16 (needs 8.0)"
+    return f"precision: {name} autocast{scaler} on {card}{why} (train.precision = {precision!r})"
 
 
 def autocast(device, dtype):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class NoScaling:
+    """The loss scaler of fp32/bf16 training: every call passes through (bf16 has fp32's range)."""
+
+    def is_enabled(self):
+        return False
+
+    def scale(self, loss):
+        return loss
+
+    def unscale_(self, optimizer):
+        pass
+
+    def step(self, optimizer):
+        optimizer.step()
+
+    def update(self):
+        pass
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def loss_scaler(dtype, device):
+    """fp16 autocast: a ``torch.amp.GradScaler`` (fp16 gradients underflow without it); else :class:`NoScaling`.
+
+    The scaler has the step's shape: ``scale(loss).backward()``, ``unscale_`` before clipping,
+    ``step`` (skipped when a gradient is inf/NaN, the scale then halves), ``update``.
+    """
+    if dtype == torch.float16:
+        return torch.amp.GradScaler(device.type)
+    return NoScaling()
 
 
 def seed_everything(seed, deterministic=False):

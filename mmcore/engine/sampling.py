@@ -41,15 +41,20 @@ class EpochBatchSampler(Sampler):
     """Global batches of ``batch_size`` from a per-epoch permutation; this rank's slice of each.
 
     ``weights`` (one per sample) draws a class-balanced epoch with replacement instead of a
-    permutation (``train.balanced_sampler``). A last global batch smaller than the number of
-    ranks is dropped, so no rank ever gets an empty batch. With ``seeded`` each index comes
-    as ``(index, seed)``, the seed derived from the sample's position in the epoch (for
-    :class:`SeededItems`).
+    permutation (``train.balanced_sampler``). With ``drop_last`` (``train.drop_last``, the
+    default) the epoch's last, partial global batch is left out, so every batch has one shape
+    (torch.compile compiles once) and every rank gets as many samples as the others; an epoch
+    smaller than one global batch keeps its one partial batch. Without it, a last global batch
+    smaller than the number of ranks is still dropped, so no rank ever gets an empty batch.
+    With ``seeded`` each index comes as ``(index, seed)``, the seed derived from the sample's
+    position in the epoch (for :class:`SeededItems`).
     """
 
-    def __init__(self, n, batch_size, *, seed, shuffle=True, rank=0, world_size=1, weights=None, seeded=False):
+    def __init__(self, n, batch_size, *, seed, shuffle=True, rank=0, world_size=1, weights=None, seeded=False,
+                 drop_last=False):
         self.n = n
         self.batch_size = batch_size
+        self.drop_last = drop_last
         self.seed = seed
         self.shuffle = shuffle
         self.rank = rank
@@ -68,6 +73,8 @@ class EpochBatchSampler(Sampler):
     def epoch_batches(self):
         """Batches in a whole epoch (``len`` counts only those from ``start`` on)."""
         full, rest = divmod(self.n, self.batch_size)
+        if self.drop_last and full:
+            return full
         return full + (1 if rest >= self.world_size else 0)
 
     def _order(self):
@@ -81,10 +88,8 @@ class EpochBatchSampler(Sampler):
     def __iter__(self):
         order = self._order()
         epoch_seed = derive_seed(self.seed, self.epoch)
-        for start in range(self.start * self.batch_size, self.n, self.batch_size):
+        for start in range(self.start * self.batch_size, self.epoch_batches * self.batch_size, self.batch_size):
             chunk = order[start : start + self.batch_size]
-            if len(chunk) < self.world_size:
-                break
             indices = chunk[self.rank :: self.world_size].tolist()
             if self.seeded:
                 positions = range(start + self.rank, start + len(chunk), self.world_size)

@@ -12,7 +12,7 @@ import contextlib
 
 import torch
 
-from mmcore.engine.runtime import all_reduce_, autocast, to_device, world_size
+from mmcore.engine.runtime import all_reduce_, autocast, loss_scaler, to_device, world_size
 
 #: cached features that arrive as float16 (half the bytes through the loader) and are upcast here
 HALF_FEATURES = ("vision_feature", "vision_tokens", "text_feature")
@@ -74,6 +74,8 @@ class TrainStep:
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         #: the classifier's per-modality logits of a training forward (late fusion), found once
         self._auxiliary_logits = getattr(_inner_model(model), "auxiliary_logits", None)
+        #: fp16: a torch.amp.GradScaler; fp32/bf16: a pass-through (its state goes into last.ckpt)
+        self.scaler = loss_scaler(dtype, device)
         self._synced = False  # did this group's gradients go through DDP's all-reduce?
         self._accumulated = False  # did any backward run in this group?
 
@@ -105,7 +107,7 @@ class TrainStep:
             loss = self.loss(batch)
             if skip is not None and skip(loss):
                 return loss.detach(), False
-            (loss * weight).backward()
+            self.scaler.scale(loss * weight).backward()
         self._accumulated = True
         self._synced = self._synced or sync
         return loss.detach(), True
@@ -120,9 +122,17 @@ class TrainStep:
             self._all_reduce_gradients()
         lrs = group_lrs(self.optimizer)
         norm = None
+        # a group whose every batch was skipped has no gradient for the scaler to check
+        scaling = self._accumulated
+        if scaling:
+            self.scaler.unscale_(self.optimizer)  # clipping sees the true gradients
         if self.grad_clip > 0 and self.trainable:
             norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.grad_clip)
-        self.optimizer.step()
+        if scaling:
+            self.scaler.step(self.optimizer)  # fp16: skipped when a gradient is inf/NaN (the scale halves)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         if self.ema is not None:
             self.ema.update()
         self.scheduler.step()
@@ -138,36 +148,112 @@ class TrainStep:
                 all_reduce_(param.grad, "sum").div_(world)
 
 
-class CompiledModel(torch.nn.Module):
-    """``torch.compile`` of ``module`` with an eager fallback (``train.compile = true``).
+def compiler_errors():
+    """What torch.compile raises when it cannot compile: dynamo cannot trace the code, the
+    backend fails (no C++ compiler, no Triton, a lowering it lacks) or does not exist. An
+    out-of-memory error, or the model's own bug, is none of these."""
+    import torch._dynamo.exc as dynamo
+    import torch._inductor.exc as inductor
 
-    ``backend`` is torch.compile's (``inductor``; ``aot_eager`` traces the same graphs without
-    generating code). torch.compile fails lazily, at the first call (no C compiler, an op it cannot trace, an
+    return (
+        dynamo.BackendCompilerFailed,  # inductor's InductorError, TritonMissing, ... derive from it
+        dynamo.Unsupported,
+        dynamo.InternalTorchDynamoError,
+        dynamo.TorchRuntimeError,  # tracing with fake tensors failed (a real bug fails eagerly next)
+        dynamo.InvalidBackend,
+        inductor.CppCompileError,
+        inductor.InvalidCxxCompiler,
+        inductor.OperatorIssue,
+    )
+
+
+def _out_of_memory(exc):
+    """Whether ``exc`` is, or was caused by, running out of device memory (compilers wrap what they hit)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, torch.OutOfMemoryError):
+            return True
+        seen.add(id(exc))
+        exc = getattr(exc, "inner_exception", None) or exc.__cause__ or exc.__context__
+    return False
+
+
+def mark_variable_axes(batch, axes):
+    """Mark the axes whose length changes from batch to batch (``Preprocessing.variable_axes``:
+    NaFlex's patch axis) dynamic for torch.compile, so it compiles one graph for every length
+    instead of recompiling until it guesses."""
+    vision = batch.get("vision") if isinstance(batch, dict) else None
+    for key, axis in axes:
+        tensor = vision.get(key) if vision is not None else None
+        if tensor is not None and tensor.dim() > axis:
+            torch._dynamo.maybe_mark_dynamic(tensor, axis)
+
+
+class GuardedCompile:
+    """``torch.compile(target)`` called like ``eager``, falling back to ``eager`` on a compiler error.
+
+    torch.compile fails lazily, at the first call (no C compiler, an op it cannot trace, an
     unsupported platform); then ``on_failure(message)`` is called once and every later call
-    runs the eager module. Parameters, buffers and train/eval mode are the module's own
-    (``.module``, as DistributedDataParallel names it), so checkpoints never see the wrapper.
+    runs ``eager``. Only :func:`compiler_errors` fall back: an out-of-memory error or a bug in
+    the model propagates. ``variable_axes`` are marked dynamic before each call.
     """
 
-    def __init__(self, module, on_failure, backend="inductor"):
-        super().__init__()
-        self.module = module
+    def __init__(self, target, eager, *, on_failure, backend="inductor", variable_axes=()):
+        self.eager = eager
         self.on_failure = on_failure
+        self.variable_axes = tuple(variable_axes)
         try:
-            compiled = torch.compile(module, backend=backend)
-        except Exception as exc:  # e.g. a Python version dynamo does not support
-            compiled = None
+            self.compiled = torch.compile(target, backend=backend)
+        except RuntimeError as exc:  # an unknown backend, a Python version dynamo does not support
+            self.compiled = None
             self._fail(exc)
-        object.__setattr__(self, "compiled", compiled)  # not a submodule: no second copy in state_dict
 
     def _fail(self, exc):
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         self.on_failure(f"train.compile: torch.compile failed here ({type(exc).__name__}: {first}); training uncompiled")
 
-    def forward(self, batch):
+    def __call__(self, batch, *args, **kwargs):
         if self.compiled is not None:
+            mark_variable_axes(batch, self.variable_axes)
             try:
-                return self.compiled(batch)
-            except Exception as exc:
-                object.__setattr__(self, "compiled", None)
+                return self.compiled(batch, *args, **kwargs)
+            except compiler_errors() as exc:
+                if _out_of_memory(exc):
+                    raise
+                self.compiled = None
                 self._fail(exc)
-        return self.module(batch)
+        return self.eager(batch, *args, **kwargs)
+
+
+class CompiledModel(torch.nn.Module):
+    """``torch.compile`` of ``module`` with an eager fallback (``train.compile = true``), one process.
+
+    ``backend`` is torch.compile's (``inductor``; ``aot_eager`` traces the same graphs without
+    generating code); failures are :class:`GuardedCompile`'s. Parameters, buffers and
+    train/eval mode are the module's own (``.module``, as DistributedDataParallel names it), so
+    checkpoints never see the wrapper; evaluation and the feature cache run the module eagerly.
+    Under DDP the DDP wrapper itself is compiled instead (:func:`compile_data_parallel`).
+    """
+
+    def __init__(self, module, on_failure, backend="inductor", variable_axes=()):
+        super().__init__()
+        self.module = module
+        # not a submodule: no second copy in state_dict
+        object.__setattr__(self, "guarded", GuardedCompile(
+            module, module, on_failure=on_failure, backend=backend, variable_axes=variable_axes,
+        ))
+
+    def forward(self, batch):
+        return self.guarded(batch)
+
+
+def compile_data_parallel(ddp, *, on_failure, backend="inductor", variable_axes=()):
+    """Compile a DistributedDataParallel module in place, as PyTorch documents for DDP: the wrapper,
+    not the model inside it, so dynamo's DDP optimizer splits the graph at the gradient buckets
+    and each bucket's all-reduce overlaps the rest of the backward. It stays the DDP object
+    (``no_sync``, unwrapping); what ``nn.Module.compile`` would set is guarded by :class:`GuardedCompile`.
+    """
+    ddp._compiled_call_impl = GuardedCompile(
+        ddp._call_impl, ddp._call_impl, on_failure=on_failure, backend=backend, variable_axes=variable_axes,
+    )
+    return ddp

@@ -22,12 +22,12 @@ from mmcore.engine.inference import predict, sigmoid
 from mmcore.engine.loggers import Loggers
 from mmcore.engine.loop import Trainer, total_steps
 from mmcore.engine.outputs import write_evaluation
+from mmcore.engine.parallel import batch_summary, compile_variable_axes, small_batch_warning, training_module
 from mmcore.engine.pipeline import Pipeline
 from mmcore.engine.policies import BadImages
-from mmcore.engine.runtime import all_gather_objects, broadcast_tensors_, is_main, world_size
+from mmcore.engine.runtime import all_gather_objects, broadcast_tensors_, describe_precision, is_main, precision_name, world_size
 from mmcore.engine.runtime import rank as runtime_rank
 from mmcore.engine.sampling import EpochBatchSampler, SeededItems, ShardSampler, balanced_weights, derive_seed
-from mmcore.engine.step import CompiledModel
 from mmcore.errors import MmcoreError, RunError
 from mmcore.evaluation.calibration import fit_temperature
 from mmcore.evaluation.metrics import binary_metrics
@@ -67,6 +67,11 @@ def _label_counts(split):
 
 
 def _rng_state():
+    """This process's random state: python, numpy, torch and its own CUDA device's generator.
+
+    Only the current device's CUDA state is saved (each process draws on the GPU it runs
+    on); a checkpoint that held every GPU's could not be restored on a machine with fewer.
+    """
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
@@ -74,7 +79,7 @@ def _rng_state():
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -84,8 +89,21 @@ def _set_rng_state(state):
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy(), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = _cuda_rng_state(state.get("cuda"))
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
+
+
+def _cuda_rng_state(saved):
+    """The saved CUDA generator state for the current device, or None.
+
+    Checkpoints written before held a list with every GPU's state (the process's own at its
+    device index); one that has none for this device restores the others and leaves this one.
+    """
+    if not isinstance(saved, (list, tuple)):
+        return saved
+    index = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    return saved[index] if index < len(saved) else None
 
 
 def _gather_rng_states():
@@ -151,12 +169,15 @@ class TrainingRun:
                 f"{self.recipe_path}: train.batch_size: the global batch ({recipe.train.batch_size}) must be "
                 f"divisible by the number of processes ({world})"
             )
+        small = small_batch_warning(recipe.train.batch_size, world, pipeline.device)
+        if small and self.main:
+            warn(small)
         # random augmentation seeded per sample (by its place in the epoch): a resumed epoch can
         # start at the sampler and still see the very augmentations an uninterrupted one would
         seeded = train_dataset.augmentation is not None
         self.batch_sampler = EpochBatchSampler(
             len(train_dataset), recipe.train.batch_size, seed=recipe.seed, weights=weights,
-            rank=rank, world_size=world, seeded=seeded,
+            rank=rank, world_size=world, seeded=seeded, drop_last=recipe.train.drop_last,
         )
         self.train_loader = pipeline.loader(
             SeededItems(train_dataset) if seeded else train_dataset, train=True, batch_sampler=self.batch_sampler
@@ -184,15 +205,12 @@ class TrainingRun:
         steps = total_steps(len(self.train_loader), recipe.train.grad_accum_steps, recipe.train.epochs)
         self.scheduler = build_component(self.registry, "scheduler", recipe.scheduler, self.optimizer, steps)
         self.writer = Loggers(recipe, self.run_dir, self.recipe_dict) if self.main else None
-        train_model = model
-        if recipe.train.compile:  # inside DDP, so no_sync stays DDP's; evaluation and the cache stay eager
-            backend = "inductor" if recipe.train.compile is True else recipe.train.compile
-            train_model = CompiledModel(model, on_failure=lambda line: warn(f"warning: {line}"), backend=backend)
-        if world > 1 and any(p.requires_grad for p in model.parameters()):
-            from torch.nn.parallel import DistributedDataParallel
-
-            device_ids = [pipeline.device.index] if pipeline.device.type == "cuda" else None
-            train_model = DistributedDataParallel(train_model, device_ids=device_ids)
+        # every split's features are cached by now: what only computed them leaves the GPU
+        offloaded = pipeline.offload_cached_encoders()
+        train_model = training_module(model, recipe.train, device=pipeline.device, world=world, offloaded=offloaded,
+                                      variable_axes=compile_variable_axes(model, pipeline.cache_vision))
+        if self.main and pipeline.device.type == "cuda":
+            self.echo(describe_precision(recipe.train.precision, pipeline.dtype, pipeline.device))
         self.trainer = Trainer(
             model=train_model,
             optimizer=self.optimizer,
@@ -230,6 +248,7 @@ class TrainingRun:
                 "skipped_nan_steps": trainer.skipped_nan_steps,
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
+                **({"grad_scaler": trainer.step.scaler.state_dict()} if trainer.step.scaler.is_enabled() else {}),
                 "rng": _rng_state(),
                 # every rank's own stream (ranks > 0 draw their own dropout masks)
                 **({"rng_ranks": rng_ranks} if rng_ranks and len(rng_ranks) > 1 else {}),
@@ -257,6 +276,8 @@ class TrainingRun:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         trainer = self.trainer
+        if trainer.step.scaler.is_enabled() and "grad_scaler" in state:  # fp16: the loss scale it had reached
+            trainer.step.scaler.load_state_dict(state["grad_scaler"])
         trainer.global_step = state["global_step"]
         trainer.skipped_nan_steps = state["skipped_nan_steps"]
         best = state["best"]
@@ -486,7 +507,9 @@ class TrainingRun:
             "skipped_images": self.bad_images.counts(),
             "skipped_nan_steps": trainer.skipped_nan_steps,
             "trainable_parameters": trainable_summary(model),
-            "feature_cache": {"vision": self.pipeline.cache_vision, "text": self.pipeline.cache_text},
+            "feature_cache": self.pipeline.cache_summary(),
+            "precision": precision_name(self.pipeline.dtype),
+            "train_batch": batch_summary(recipe.train.batch_size, world_size(), recipe.train.drop_last),
         }
         results, _ = write_evaluation(
             self.run_dir,

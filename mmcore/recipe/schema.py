@@ -117,7 +117,11 @@ class TrainConfig:
     finetune_layers: int = attrs.field(default=0, validator=_count(at_least(0, allow=(-1,))))
     lora: LoraConfig = attrs.field(factory=LoraConfig)
     epochs: int = attrs.field(default=10, validator=_count(positive))
+    #: the global batch: split across the processes under torchrun (docs/distributed.md)
     batch_size: int = attrs.field(default=32, validator=_count(positive))
+    #: training leaves out an epoch's last, partial global batch (one shape for torch.compile, equal
+    #: batches on every rank); validation and test never drop anything
+    drop_last: bool = True
     learning_rate: float = attrs.field(default=1e-4, validator=positive)
     backbone_lr: float = attrs.field(default=1e-5, validator=positive)
     lora_lr: float = attrs.field(default=1e-4, validator=positive)
@@ -125,7 +129,9 @@ class TrainConfig:
     grad_accum_steps: int = attrs.field(default=1, validator=_count(positive))
     #: max gradient norm; 0 disables clipping
     grad_clip: float = attrs.field(default=1.0, validator=at_least(0))
-    precision: str = attrs.field(default="auto", validator=one_of("auto", "bf16", "fp32"))
+    #: "auto": bf16 on GPUs that compute it natively (compute capability >= 8.0), else fp16 with a
+    #: gradient scaler; fp32 on the CPU
+    precision: str = attrs.field(default="auto", validator=one_of("auto", "bf16", "fp16", "fp32"))
     device: str = "auto"
     deterministic: bool = False
     #: process-group timeout under torchrun: a collective waiting longer fails instead of hanging

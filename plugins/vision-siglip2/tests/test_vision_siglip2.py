@@ -332,3 +332,32 @@ def test_pooled_naflex_vector_ignores_batch_padding(pooling):
 def test_contract(name, params):
     encoder = check_vision_encoder(name, params, registry=registry())
     assert encoder.name == name
+
+
+class Uint8Images(Images):
+    def __getitem__(self, index):
+        return self.preprocessing.uint8_item(self.images[index])
+
+
+def test_naflex_workers_hand_over_uint8_patches_that_normalise_to_the_float_path():
+    encoder = build("siglip2_naflex_base", tiny=True, max_num_patches=48).eval()
+    preprocessing = encoder.preprocessing
+    assert preprocessing.uint8_pixels and not preprocessing.plain_resize  # uint8 loading, no decoded-image cache
+    assert preprocessing.variable_axes == (("pixel_values", 1), ("pixel_attention_mask", 1))
+    images = [random_image(30, 90), random_image(64, 40, seed=1)]
+    loader = torch.utils.data.DataLoader(
+        Uint8Images(images, preprocessing), batch_size=2, num_workers=2, collate_fn=preprocessing.collate,
+    )
+    (compact,) = list(loader)
+    assert compact["pixel_values"].dtype == torch.uint8  # a quarter of float32's bytes through the workers
+    floats = preprocessing.collate([preprocessing(image) for image in images])
+    real = compact["pixel_attention_mask"]
+    assert torch.equal(real, floats["pixel_attention_mask"])
+    assert torch.equal(compact["spatial_shapes"], floats["spatial_shapes"])
+    normalized = preprocessing.normalize(compact["pixel_values"])  # what the model does on the device
+    assert normalized.dtype == torch.float32 and normalized.shape == floats["pixel_values"].shape
+    torch.testing.assert_close(normalized[real], floats["pixel_values"][real], atol=1e-6, rtol=0)
+    with torch.no_grad():
+        ours = encoder(**{**compact, "pixel_values": normalized})
+        reference = encoder(**floats)
+    torch.testing.assert_close(ours.tokens[real], reference.tokens[real], atol=1e-5, rtol=1e-4)

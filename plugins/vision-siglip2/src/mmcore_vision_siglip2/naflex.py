@@ -5,7 +5,7 @@ import math
 import attrs
 import torch
 
-from mmcore import Preprocessing
+from mmcore import Preprocessing, channel_constants
 
 
 @attrs.frozen(kw_only=True)
@@ -17,6 +17,10 @@ class NaflexPreprocessing(Preprocessing):
     normalized and cut into patches. ``__call__`` returns this image's own patches only
     (``pixel_values`` [n, patch*patch*3], ``pixel_attention_mask`` [n], ``spatial_shapes`` [2]
     as (rows, columns) of patches); :meth:`collate` pads to the longest image of the batch.
+
+    Loader workers hand over the patches as uint8 (:meth:`uint8_item`, a quarter of float32's
+    bytes) and the model normalises them on the device (:meth:`normalize`), as for a fixed
+    resolution; the patch axis varies from batch to batch (:attr:`variable_axes`).
     """
 
     patch_size: int
@@ -27,6 +31,9 @@ class NaflexPreprocessing(Preprocessing):
     resize: str = attrs.field(default="naflex", init=False)
     size: tuple[int, int] = attrs.field(init=False)
 
+    #: the patch axis: one length per batch (its longest image), marked dynamic for torch.compile
+    variable_axes = (("pixel_values", 1), ("pixel_attention_mask", 1))
+
     @size.default
     def _draft_bound(self):
         # A JPEG draft()ed to at least this square still covers the resize: with at most
@@ -35,8 +42,8 @@ class NaflexPreprocessing(Preprocessing):
         side = (math.isqrt(self.max_num_patches) + 1) * self.patch_size
         return (side, side)
 
-    def __call__(self, image):
-        """PIL RGB image -> this image's patches, their (all True) mask and its patch grid."""
+    def uint8_item(self, image):
+        """PIL RGB image -> this image's uint8 patches, their (all True) mask and its patch grid."""
         from torchvision.transforms import v2
         from torchvision.transforms.v2 import functional as F
         from transformers.models.siglip2.image_processing_siglip2 import (
@@ -53,9 +60,7 @@ class NaflexPreprocessing(Preprocessing):
         )
         interpolation = getattr(v2.InterpolationMode, self.interpolation.upper())
         img = F.resize(img, [height, width], interpolation=interpolation, antialias=True)
-        pixels = F.to_dtype(img, torch.float32, scale=True)
-        pixels = F.normalize(pixels, list(self.mean), list(self.std))
-        patches = convert_image_to_patches(pixels, self.patch_size)
+        patches = convert_image_to_patches(img, self.patch_size)
         return {
             "pixel_values": patches,
             "pixel_attention_mask": torch.ones(patches.shape[0], dtype=torch.bool),
@@ -63,6 +68,26 @@ class NaflexPreprocessing(Preprocessing):
                 [height // self.patch_size, width // self.patch_size], dtype=torch.long
             ),
         }
+
+    def normalize(self, pixels):
+        """uint8 patches [..., n, patch*patch*3] (channels last in each patch, any device) ->
+        float32 normalized, as :meth:`__call__` gives (padding patches included)."""
+        from torchvision.transforms.v2 import functional as F
+
+        mean, std = channel_constants(self.mean, self.std, pixels.device, shape=(-1,))
+        values = F.to_dtype(pixels, torch.float32, scale=True)
+        channels = values.reshape(*values.shape[:-1], -1, len(self.mean))
+        return channels.sub(mean).div_(std).reshape(values.shape)
+
+    @property
+    def uint8_pixels(self):
+        """NaFlex loads uint8 patches: ``normalize(uint8_item(image))`` is ``__call__``'s output."""
+        return True
+
+    def __call__(self, image):
+        """PIL RGB image -> this image's normalized patches, their (all True) mask and its patch grid."""
+        item = self.uint8_item(image)
+        return {**item, "pixel_values": self.normalize(item["pixel_values"])}
 
     def collate(self, items):
         """Pad every image's patches to the batch's longest; the mask marks the real ones."""
