@@ -150,19 +150,12 @@ def _exact_pairs(hashes, n, split_ids, limit):
 
 
 def duplicate_groups(n, pairs):
-    """A group id per row (0..n-1) joining every pair transitively (union-find), so k-fold splits
-    can keep copies of one ad in one fold (``groups=`` of the fold assignment)."""
-    parent = list(range(int(n)))
+    """A group id per row (int64 [n], numbered by first row) joining every pair transitively: one
+    more key column for :func:`mmcore.data.folds.group_rows`, so copies of one ad share a fold."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
-    def root(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for pair in pairs:
-        a, b = root(pair.first), root(pair.second)
-        if a != b:
-            parent[max(a, b)] = min(a, b)
-    roots = np.array([root(i) for i in range(int(n))], dtype=np.int64)
-    return np.unique(roots, return_inverse=True)[1]
+    first = np.array([p.first for p in pairs], dtype=np.int64)
+    second = np.array([p.second for p in pairs], dtype=np.int64)
+    graph = coo_matrix((np.ones(first.size, dtype=np.int8), (first, second)), shape=(int(n), int(n)))
+    return connected_components(graph, directed=False)[1].astype(np.int64)
