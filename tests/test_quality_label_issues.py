@@ -49,6 +49,22 @@ def test_flipped_labels_come_first_and_only_they_are_flagged():
     assert issues.mask().nonzero()[0].tolist() == FLIPPED
 
 
+def test_flagged_rows_come_first_even_when_an_unflagged_label_scores_lower():
+    # overlapping classes: cleanlab leaves some low-quality labels unflagged (its per-class thresholds)
+    rng = np.random.default_rng(0)
+    truth = (rng.uniform(size=200) < 0.5).astype(int)
+    scores = np.where(truth == 1, rng.beta(3, 2, 200), rng.beta(1, 8, 200))
+    given = truth.copy()
+    flips = rng.choice(200, 10, replace=False)
+    given[flips] = 1 - given[flips]
+    issues = find_label_issues(scores, given)
+    flagged = [r.label_quality for r in issues.rows[: issues.flagged]]
+    rest = [r.label_quality for r in issues.rows[issues.flagged:]]
+    assert issues.flagged == 11 and all(r.is_issue for r in issues.rows[: issues.flagged])
+    assert max(flagged) > min(rest)  # by quality alone, an unflagged row would rank among the issues
+    assert flagged == sorted(flagged) and rest == sorted(rest)
+
+
 def test_clean_labels_flag_nothing():
     truth, scores = separable(seed=1)
     issues = find_label_issues(scores, truth)
