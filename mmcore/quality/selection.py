@@ -62,18 +62,20 @@ def select_rows(scores, threshold, embeddings, budget, *, strategy="both", label
     excluded[positions] = True
     available = np.flatnonzero(~excluded)
 
+    if margins is not None:
+        by_margin = available[np.lexsort((tiebreak[available], margins[available]))]
     if strategy == "uncertainty":
-        order = available[np.lexsort((tiebreak[available], margins[available]))][:budget]
         return tuple(Selected(position=int(i), reason=f"margin {margins[i]:.3f} to the threshold",
-                              margin=float(margins[i]), distance=None) for i in order)
+                              margin=float(margins[i]), distance=None) for i in by_margin[:budget])
 
     if strategy == "both":
-        candidates = available[np.lexsort((tiebreak[available], margins[available]))][: int(candidate_multiple) * budget]
+        candidates = by_margin[: int(candidate_multiple) * budget]
     else:
         candidates = available[np.argsort(tiebreak[available], kind="stable")]
     pool = normalized(embeddings[candidates])  # only the candidates are copied (a memory map reads just them)
     nearest = np.full(len(candidates), np.inf)
-    for centers in (embeddings[excluded], labelled_embeddings):  # normalised block by block, never copied whole
+    # the labelled set is normalised block by block, never copied whole
+    for centers in (embeddings[excluded], labelled_embeddings):
         if centers is not None and len(centers):
             np.minimum(nearest, min_distances(pool, centers), out=nearest)
     picks = _k_center(pool, budget, None if np.isinf(nearest).all() else nearest,
