@@ -123,3 +123,16 @@ def exported_bundle(tmp_path_factory, exportable_run):
     out = tmp_path_factory.mktemp("bundle") / "bundle"
     export_run(exportable_run, out, progress=False, echo=lambda line: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One headless Chromium per test process for the HTML pages' tests (tests/chromium.py);
+    without Chromium or selenium the test is skipped with the reason."""
+    from chromium import MISSING, start_chromium
+
+    if MISSING:
+        pytest.skip(MISSING)
+    driver = start_chromium()
+    yield driver
+    driver.quit()

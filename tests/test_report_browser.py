@@ -5,34 +5,13 @@ Chromium and its driver come from Debian (``scripts/install-test-deps.sh``); wit
 tests are skipped with the reason.
 """
 
-import shutil
-
 import pytest
+from chromium import needs_chromium, requested_urls, visible
 from PIL import Image, ImageDraw
 
 from mmcore.evaluation import write_html_report
 
-webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install 'mmcore[test]')")
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-DRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(
-    not (CHROMIUM and DRIVER), reason="headless Chromium not installed (bash scripts/install-test-deps.sh)"
-)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1000"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
-    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
-    yield driver
-    driver.quit()
+pytestmark = needs_chromium
 
 
 @pytest.fixture
@@ -58,8 +37,7 @@ def page(tmp_path):
 
 
 def visible_outcomes(driver):
-    return sorted(row.get_attribute("data-outcome") for row in driver.find_elements("css selector", "tr.sample")
-                  if row.is_displayed())
+    return sorted(row.get_attribute("data-outcome") for row in visible(driver, "tr.sample"))
 
 
 def test_renders_offline_and_filters_and_enlarges(browser, page):
@@ -73,11 +51,7 @@ def test_renders_offline_and_filters_and_enlarges(browser, page):
     assert loaded  # every thumbnail file beside the page loads
 
     # nothing but the page's own files: no CDN, no font, no analytics
-    import json
-
-    urls = [json.loads(entry["message"])["message"].get("params", {}).get("request", {}).get("url")
-            for entry in browser.get_log("performance")]
-    urls = [u for u in urls if u]
+    urls = requested_urls(browser)
     assert urls and all(u.startswith(("file://", "data:")) for u in urls), urls
 
     # the outcome filter: only the errors
