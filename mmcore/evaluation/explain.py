@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from mmcore.evaluation.metrics import binary_metrics, check_scores_labels
+from mmcore.evaluation.metrics import binary_metrics, check_scores_labels, rank_auroc
 
 BOOTSTRAP_SAMPLES = 1000
 BOOTSTRAP_SEED = 0
@@ -39,23 +39,6 @@ def margin(calibrated_scores, threshold):
 
 
 # ---------------------------------------------------------------------------- bootstrap
-
-
-def _auroc(scores, labels):
-    """AUROC by the rank-sum formula, ties counted half (as torchmetrics and scikit-learn)."""
-    positives = int(labels.sum())
-    negatives = labels.size - positives
-    if positives == 0 or negatives == 0:
-        return None
-    order = np.argsort(scores, kind="mergesort")
-    sorted_scores = scores[order]
-    ranks = np.empty(scores.size, dtype=np.float64)
-    # average rank within each run of equal scores
-    starts = np.r_[0, np.flatnonzero(np.diff(sorted_scores)) + 1]
-    ends = np.r_[starts[1:], scores.size]
-    average = (starts + ends + 1) / 2.0
-    ranks[order] = np.repeat(average, ends - starts)
-    return float((ranks[labels == 1].sum() - positives * (positives + 1) / 2) / (positives * negatives))
 
 
 def _average_precision(scores, labels):
@@ -93,7 +76,7 @@ def bootstrap_intervals(scores, labels, threshold, *, samples=BOOTSTRAP_SAMPLES,
     for _ in range(int(samples)):
         pick = rng.integers(0, scores.size, scores.size)
         s, y = scores[pick], labels[pick]
-        for name, value in (("auroc", _auroc(s, y)), ("auprc", _average_precision(s, y)), ("f1", _f1(s, y, threshold))):
+        for name, value in (("auroc", rank_auroc(s, y)), ("auprc", _average_precision(s, y)), ("f1", _f1(s, y, threshold))):
             if value is not None:
                 values[name].append(value)
     tail = (1 - level) / 2 * 100
@@ -211,5 +194,5 @@ def modality_summary(calibrated, without_text, without_image, labels=None, gate_
     if labels is not None:
         labels = np.asarray(labels).astype(int)
         for name, scores in (("text_only_auroc", without_image), ("image_only_auroc", without_text)):
-            summary[name] = _auroc(scores, labels)
+            summary[name] = rank_auroc(scores, labels)
     return summary

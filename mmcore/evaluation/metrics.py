@@ -135,3 +135,22 @@ def calibration_bins(scores, labels, n_bins=ECE_BINS):
             }
         )
     return bins
+
+
+def rank_auroc(scores, labels):
+    """AUROC of 0/1 int ``labels`` by the rank-sum formula in float64, ties counted half (as
+    torchmetrics and scikit-learn); None when one class is absent. Arrays are not checked: for
+    loops over many candidate scores (bootstrap, ensemble selection) on checked inputs."""
+    positives = int(labels.sum())
+    negatives = labels.size - positives
+    if positives == 0 or negatives == 0:
+        return None
+    order = np.argsort(scores, kind="mergesort")
+    sorted_scores = scores[order]
+    ranks = np.empty(scores.size, dtype=np.float64)
+    # average rank within each run of equal scores
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_scores)) + 1]
+    ends = np.r_[starts[1:], scores.size]
+    average = (starts + ends + 1) / 2.0
+    ranks[order] = np.repeat(average, ends - starts)
+    return float((ranks[labels == 1].sum() - positives * (positives + 1) / 2) / (positives * negatives))
