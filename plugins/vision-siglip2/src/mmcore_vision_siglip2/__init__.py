@@ -57,8 +57,11 @@ def _factory(name):
 
 @hookimpl
 def register_vision_encoders(register):
-    """The four SigLIP 2 encoders: two fixed-resolution, two NaFlex."""
+    """The four SigLIP 2 encoders: two fixed-resolution, two NaFlex (whose preprocessing an
+    export bundle stores as data: declared, so that the bundle can name it)."""
+    from .naflex import NaflexPreprocessing
+
     for name in FIXED_NAMES:
         register(name, _factory(name), Siglip2Params)
     for name in NAFLEX_NAMES:
-        register(name, _factory(name), Siglip2NaflexParams)
+        register(name, _factory(name), Siglip2NaflexParams, data_classes=(NaflexPreprocessing,))
