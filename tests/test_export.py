@@ -628,6 +628,66 @@ def test_eval_on_a_bundle_gives_the_runs_metrics(exported_bundle, exportable_run
         assert row["calibrated_score"] == pytest.approx(run_scores[row["path"]], abs=1e-5)
 
 
+# --- a run and its bundle score alike ------------------------------------------------------------------------------
+
+#: the real Dredze image-spam rows (read from ../shared/data, never copied); MMCORE_SHARED_DATA points elsewhere
+DREDZE = Path(os.environ.get("MMCORE_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data") / "dredze_image_spam"
+
+
+def _predict_both(run, bundle, csv, tmp_path, base_dir=None):
+    """``{image: calibrated_score}`` of ``mmcore predict RUN`` and of ``mmcore predict BUNDLE`` on ``csv``."""
+    from mmcore.commands.predict import predict_csv
+    from mmcore.export.predict import predict_bundle
+
+    predict_csv(run, csv, tmp_path / "by_run.csv", base_dir=base_dir, **QUIET)
+    predict_bundle(bundle, csv, tmp_path / "by_bundle.csv", base_dir=base_dir, **QUIET)
+    return [{r["local_image_path"]: float(r["calibrated_score"]) for r in _rows(tmp_path / f"by_{side}.csv")}
+            for side in ("run", "bundle")]
+
+
+def test_predict_run_equals_predict_bundle(exportable_run, exported_bundle, demo_data, tmp_path):
+    """Both in float32 from the raw rows (the run no longer through the float16 feature cache): within 1e-5."""
+    by_run, by_bundle = _predict_both(exportable_run, exported_bundle, Path(demo_data) / "test.csv", tmp_path)
+    assert by_run.keys() == by_bundle.keys() and len(by_run) == 32
+    assert max(abs(by_run[k] - by_bundle[k]) for k in by_run) <= 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (DREDZE / "test.csv").is_file(), reason=f"real data not present at {DREDZE}")
+def test_predict_run_equals_predict_bundle_on_dredze_rows(tmp_path):
+    """A tiny run (fake CNN + a tiny MiniLM with the real tokenizer) on 48 real training rows, exported; 40 real test
+    rows scored by the run and by its bundle agree within 1e-5 in calibrated score."""
+    import tomli_w
+    from tiny import tiny_recipe_data
+
+    from mmcore.commands.export import export_run
+    from mmcore.commands.run import run_training
+    from mmcore.recipe import load_recipe
+
+    splits = {}
+    for split, count in (("train", 48), ("val", 24), ("test", 40)):
+        every = _rows(DREDZE / f"{split}.csv")  # half spam, half ham
+        rows = [r for r in every if r["label"] == "True"][:count // 2] + [r for r in every if r["label"] == "False"][:count // 2]
+        for row in rows:
+            row["local_image_path"] = str(DREDZE / row["local_image_path"])
+        splits[split] = tmp_path / f"{split}.csv"
+        with open(splits[split], "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["local_image_path", "label", "text_info"])
+            writer.writeheader()
+            writer.writerows(rows)
+    recipe = tmp_path / "dredze_tiny.toml"
+    recipe.write_text(tomli_w.dumps(tiny_recipe_data(
+        tmp_path, experiment="dredze_tiny", text={"name": "minilm", "params": {"tiny": True}}, pooling={"name": "attention"},
+        data={name: str(path) for name, path in splits.items()}, cache={"dir": str(tmp_path / "cache")},
+        logging={"tensorboard": False})), encoding="utf-8")
+    run = run_training(load_recipe(recipe), recipe_path=recipe, out=tmp_path / "run", **QUIET)
+    bundle = tmp_path / "bundle"
+    export_run(run, bundle, **QUIET)
+    by_run, by_bundle = _predict_both(run, bundle, splits["test"], tmp_path)
+    assert len(by_run) == 40 and by_run.keys() == by_bundle.keys()
+    assert max(abs(by_run[k] - by_bundle[k]) for k in by_run) <= 1e-5
+
+
 # --- the data-class registry --------------------------------------------------------------------------------------
 
 
