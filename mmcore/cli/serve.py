@@ -48,6 +48,9 @@ def serve_command(source, host, port, workers, max_batch, max_wait_ms, max_body_
     POST /predict, /predict/batch; GET /health, /ready, /metadata, /metrics, /docs.
     SIGTERM (or Ctrl-C) lets requests in flight finish, then exits 0.
     """
+    from mmcore.kit.deps import require_extra
+
+    require_extra("serve", "mmcore serve")  # before anything: a missing package is one line, exit 1
     import uvicorn
 
     from mmcore.export.bundle import is_bundle, read_manifest
