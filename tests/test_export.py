@@ -249,6 +249,25 @@ def test_a_featurizer_that_is_not_installed_is_one_line(tmp_path, registry):
         "that made this bundle, or export the run again)")
 
 
+def test_a_format_2_bundle_naming_its_classes_by_module_path_still_opens(exported_bundle, demo_data, tmp_path):
+    """Bundles written before registry names: the module path is compared with the declared classes (never
+    imported) and the bundle scores as before; a path no component declares is refused (see below)."""
+    from mmcore.export.predict import predict_bundle
+
+    bundle = _copy(exported_bundle, tmp_path, "format2")
+    described = json.loads((bundle / "preprocessing.json").read_text())
+    _tamper(bundle, "preprocessing.json", json.dumps({"module": "mmcore.interfaces", "class": "Preprocessing",
+                                                      "fields": described["fields"], "describe": described["describe"]}))
+    manifest = _manifest(bundle)
+    manifest["bundle_format"] = 2
+    _set_manifest(bundle, manifest)
+    scores = []
+    for source in (bundle, exported_bundle):
+        predict_bundle(source, Path(demo_data) / "test.csv", tmp_path / f"{source.name}.csv", **QUIET)
+        scores.append([r["calibrated_score"] for r in _rows(tmp_path / f"{source.name}.csv")])
+    assert scores[0] == scores[1]
+
+
 # --- a bundle is data: nothing it names is imported ---------------------------------------------------------------
 
 TAMPERED = r"""

@@ -30,13 +30,14 @@ def open_run(run_dir, *, echo=print):
     return run_dir
 
 
-def load_run(run_dir, *, registry=None, progress=True, echo=print, use_cache=True, device=None, precision=None):
+def load_run(run_dir, *, registry=None, progress=True, echo=print, use_cache=True, device=None, fp32=False):
     """Rebuild a run's model from its recipe and best checkpoint -> (pipeline, ckpt).
 
     ``run_dir``: a path (checked here) or a :class:`RunDir` already checked with :func:`open_run`.
     ``use_cache=False``: score without the feature cache (see :class:`~mmcore.engine.pipeline.Pipeline`).
-    ``device`` (``auto``/``cpu``/``cuda[:N]``) and ``precision`` (``fp32``) replace the recipe's
-    ``train.device`` and ``train.precision`` for this scoring (after the checkpoint's recipe check).
+    ``device`` (``auto``/``cpu``/``cuda[:N]``) replaces the recipe's ``train.device`` for this scoring,
+    ``fp32=True`` scores in float32 as a bundle computes: ``train.precision = "fp32"`` and no TF32 (both
+    after the checkpoint's recipe check, which compares the recipe as trained).
     """
     if registry is None:
         from mmcore.plugins.manager import get_registry
@@ -55,8 +56,8 @@ def load_run(run_dir, *, registry=None, progress=True, echo=print, use_cache=Tru
         from mmcore.export.devices import torch_device
 
         train = attrs.evolve(train, device=str(torch_device(device)))  # CUDA asked for and missing: one line naming --device
-    if precision is not None:
-        train = attrs.evolve(train, precision=precision)
+    if fp32:  # no autocast, and no TF32 matmuls on a GPU either
+        train = attrs.evolve(train, precision="fp32", tf32=False)
     recipe = attrs.evolve(recipe, train=train)
     pipeline = Pipeline(recipe, registry, source=str(run_dir.recipe_file), progress=progress, one_pass=True,
                         use_cache=use_cache)
@@ -102,7 +103,7 @@ def evaluate_run(run_dir, *, data=None, out=None, device="auto", cache=False, re
     device = parse_device(device)
     run_dir = open_run(run_dir, echo=echo)
     pipeline, ckpt = load_run(run_dir, registry=registry, progress=progress, use_cache=cache, device=device,
-                              precision="fp32")
+                              fp32=True)
     recipe = pipeline.recipe
     split, csv = eval_split(recipe, data)
     if split.labels is None:

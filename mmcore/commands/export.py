@@ -104,7 +104,7 @@ def export_run(run_dir, out, *, fmt="onnx", data=None, rows=DEFAULT_ROWS, base_d
     score_tol = P.FP32_SCORE_TOL if score_tol is None else score_tol
     # the model itself, in float32 from the raw rows: the feature cache stores float16, whose rounding
     # (up to 1/2048 of each feature) no graph should be blamed or excused for; bf16 autocast neither
-    pipeline, ckpt = load_run(run_dir, registry=registry, progress=progress, use_cache=False, precision="fp32")
+    pipeline, ckpt = load_run(run_dir, registry=registry, progress=progress, use_cache=False, fp32=True)
     recipe, model = pipeline.recipe, pipeline.model
     trained_precision = RunDir(run_dir).recipe_data().get("train", {}).get("precision", "auto")
     run_dtype = autocast_dtype(trained_precision, pipeline.device)
@@ -127,11 +127,10 @@ def export_run(run_dir, out, *, fmt="onnx", data=None, rows=DEFAULT_ROWS, base_d
 
     # 2. everything of the bundle, in a hidden folder beside --out
     model = model.to("cpu").eval()
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tmp.mkdir()
+        tmp.mkdir(parents=True)
         registry = pipeline.registry
         if plan is not None:
             _write_json(tmp / B.TEXT, write_text_side(tmp, plan, registry))
@@ -168,6 +167,8 @@ def export_run(run_dir, out, *, fmt="onnx", data=None, rows=DEFAULT_ROWS, base_d
         try:
             external = write_graph(fused, example, tmp / graph_file, fmt)
         except EXPORTER_ERRORS as exc:
+            if shutil.disk_usage(tmp).free < (64 << 20):  # torch's C++ writers report a full disk as a RuntimeError
+                raise OSError(errno.ENOSPC, "no space left on device") from None
             raise G.ExportUnsupported(_graph_failure(model, fmt, exc)) from None
         if external:
             info["graph"]["external_data"] = external

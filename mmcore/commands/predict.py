@@ -55,7 +55,7 @@ def predict_csv(
     frame, split = read_input(input_csv, base_dir, require_text=needs_text, check_images=needs_images)
 
     pipeline, ckpt = load_run(run_dir, registry=registry, progress=progress, use_cache=cache, device=device,
-                              precision="fp32")
+                              fp32=True)
     recipe = pipeline.recipe
     if batch_size:
         # Pipeline.loader and the feature pass read the batch size from the recipe.

@@ -227,7 +227,10 @@ def read_manifest(folder, *, verify=None):
 
 def remember_verified(folder, entries):
     """Record the bundle just written to ``folder`` (whose files' digests are ``entries``) as verified here."""
-    V.remember(V.fingerprint(folder, (Path(folder) / MANIFEST).read_bytes(), entries))
+    try:
+        V.remember(V.fingerprint(folder, (Path(folder) / MANIFEST).read_bytes(), entries))
+    except OSError:
+        pass  # the first start hashes the bundle instead
 
 
 def _check_graph_entries(manifest, path):

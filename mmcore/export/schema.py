@@ -159,10 +159,10 @@ def read_bounded(path, *, limit, what):
     """The bytes of regular file ``path``, at most ``limit`` of them; anything else is one line."""
     path = Path(path)
     try:
-        mode = os.stat(path).st_mode
-        if not stat.S_ISREG(mode):
-            raise BundleError(f"{path}: {what} is not a regular file")
-        with open(path, "rb") as handle:
+        # opened without blocking (a FIFO would wait for a writer), then checked on the open file itself
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise BundleError(f"{path}: {what} is not a regular file")
             data = handle.read(limit + 1)
     except FileNotFoundError:
         raise BundleError(f"{path}: missing ({what}); export the run again") from None

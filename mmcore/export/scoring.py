@@ -181,7 +181,7 @@ class RunScorer(Scorer):
 
         self.source = Path(run_dir)
         self.pipeline, ckpt = load_run(run_dir, registry=registry, progress=False, use_cache=False, device=device,
-                                       precision="fp32")
+                                       fp32=True)
         self.pipeline.model.eval()
         self.recipe_data = recipe_to_dict(self.pipeline.recipe)
         self.decision = {**DEFAULT_DECISION, **(ckpt.get("decision") or {})}
