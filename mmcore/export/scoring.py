@@ -129,13 +129,15 @@ class BundleScorer(Scorer):
         decision = structure_file(read_json(folder / B.DECISION, what="the decision"), Decision, path=folder / B.DECISION)
         self.decision = attrs.asdict(decision)
         graph = self.manifest.graph
+        if self.manifest.modality != self.modality:
+            raise BundleError(f"{folder / B.MANIFEST}: modality: {self.manifest.modality!r}, but {B.RECIPE} says "
+                              f"{self.modality!r}")
         unnamed = [name for name in graph.inputs if name not in (*graph.vision_inputs, *graph.text_inputs)]
         if unnamed:
             raise BundleError(f"{folder / B.MANIFEST}: graph.inputs: {unnamed[0]!r} is neither a vision nor a text input")
         self.input_names = graph.inputs
         self.vision_names = graph.vision_inputs
-        if self.uses_vision or self.uses_text:
-            registry = registry or _installed_registry()
+        registry = registry or _installed_registry()
         if self.uses_vision:
             path = folder / B.PREPROCESSING
             self.preprocessing = B.rebuild_preprocessing(read_json(path, what="the preprocessing"), registry, source=path)
