@@ -141,6 +141,7 @@ def check_vision_encoder(name, params=None, registry=None):
     assert isinstance(encoder.out_dim, int) and encoder.out_dim > 0, f"{name}: out_dim must be a positive int"
     prep = encoder.preprocessing
     pickle.loads(pickle.dumps(prep))  # runs in DataLoader workers
+    assert _stored_as_data(prep, "vision", name, registry) == prep, f"{name}: the preprocessing rebuilt from a bundle differs"
     images = sample_images()
     items = [prep(image) for image in images]
     batch = prep.collate(items)
@@ -259,7 +260,7 @@ def check_text_encoder(name, params=None, registry=None):
         assert torch.allclose(alone, out[i], atol=1e-4), f"{name}: text {i} alone differs from in a batch"
     problem = feature_problem(encoder(DISTINCT_TEXTS), inputs="texts")
     assert problem is None, f"{name}: text features are {problem}; {DEAD_HINT}"
-    _check_host_featurizer(name, encoder, texts)
+    _check_host_featurizer(name, encoder, texts, registry)
     identity = encoder.identity
     assert isinstance(identity, str) and name in identity, f"{name}: identity must be a string naming the encoder"
     again = build("text", name, params, registry)
@@ -269,14 +270,29 @@ def check_text_encoder(name, params=None, registry=None):
     return encoder
 
 
-def _check_host_featurizer(name, encoder, texts):
-    """When the encoder offers ``host_features()`` (export without a tokenizer): named float32 arrays,
-    a featurizer that survives the bundle's JSON round trip, and ``encode == encode_features(featurizer(texts))``."""
+def _stored_as_data(obj, kind, name, registry):
+    """``obj`` through an export bundle's JSON and back: its class must be one the component (or the
+    core) declares (``register(..., data_classes=(...))``), its fields plain JSON data."""
     import json
 
-    import attrs
-
+    from mmcore.errors import MmcoreError
     from mmcore.export.bundle import describe_object, rebuild_object
+    from mmcore.plugins.manager import get_registry
+
+    registry = registry or get_registry()
+    try:
+        described = json.loads(json.dumps(describe_object(obj, registry, kind=kind, component=name), allow_nan=False))
+        return rebuild_object(described, registry, source=name, what=type(obj).__name__)
+    except (TypeError, ValueError) as exc:
+        raise AssertionError(f"{name}: the fields of {type(obj).__name__} must be plain JSON data ({exc})") from None
+    except MmcoreError as exc:
+        raise AssertionError(str(exc)) from None
+
+
+def _check_host_featurizer(name, encoder, texts, registry):
+    """When the encoder offers ``host_features()`` (export without a tokenizer): named float32 arrays,
+    a featurizer that survives the bundle's JSON round trip, and ``encode == encode_features(featurizer(texts))``."""
+    import attrs
 
     featurizer = encoder.host_features()
     if featurizer is None:
@@ -288,11 +304,7 @@ def _check_host_featurizer(name, encoder, texts):
         assert isinstance(array, np.ndarray) and array.dtype == np.float32 and array.ndim == 2 and len(array) == len(texts), (
             f"{name}: featurizer array {key!r} must be float32 [B, n] (got {type(array).__name__} "
             f"{getattr(array, 'dtype', '')} {getattr(array, 'shape', '')})")
-    try:
-        described = json.loads(json.dumps(describe_object(featurizer)))
-    except TypeError as exc:
-        raise AssertionError(f"{name}: the featurizer's fields must be plain JSON data ({exc})") from None
-    again = rebuild_object(described, source=name, what="host featurizer")(texts)
+    again = _stored_as_data(featurizer, "text", name, registry)(texts)
     for key, array in arrays.items():
         assert np.array_equal(again[key], array), f"{name}: the featurizer rebuilt from its fields gives another {key!r}"
     tensors = {key: torch.from_numpy(array).to(encoder.device) for key, array in arrays.items()}

@@ -63,12 +63,12 @@ def test_eval_and_predict_reproduce_the_run_scores(ngram_runs, name, tmp_path, d
 
     run = ngram_runs[name]
     expected = _scores(run / "test_predictions.json")
-    mmcore_cli("eval", run, "--out", tmp_path / "eval", "--quiet")
+    mmcore_cli("eval", run, "--out", tmp_path / "eval", "--quiet", "--cache")  # through the cache, as the run scored
     again = _scores(tmp_path / "eval" / "test_predictions.json")
     assert again.keys() == expected.keys()
     assert max(abs(again[k] - expected[k]) for k in expected) < 1e-6
 
-    mmcore_cli("predict", run, demo_data / "test.csv", "-o", tmp_path / "scored.csv", "--quiet")
+    mmcore_cli("predict", run, demo_data / "test.csv", "-o", tmp_path / "scored.csv", "--quiet", "--cache")
     with open(tmp_path / "scored.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     by_name = {k.rsplit("/", 1)[-1]: v for k, v in expected.items()}
@@ -108,7 +108,7 @@ def ngram_bundles(ngram_runs, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ngram-bundles")
     bundles = {}
     for name in ("text_only", "concat_minilm"):
-        mmcore_cli("export", ngram_runs[name], "--out", tmp / name, "--quiet")
+        mmcore_cli("export", ngram_runs[name], "--out", tmp / name, "--quiet", "--safetensors")
         bundles[name] = tmp / name
     return bundles
 
@@ -125,7 +125,7 @@ def test_export_passes_parity_and_the_bundle_predicts_the_run_scores(ngram_runs,
     assert parity["passed"] is True and parity["rows_compared"] == 32
     assert parity["max_abs_score_diff"] <= 1e-4 and parity["decision_agreement"] == 1.0
     manifest = json.loads((bundle / "manifest.json").read_text())
-    assert manifest["bundle_format"] == 2
+    assert manifest["bundle_format"] == 3
     text = json.loads((bundle / "text.json").read_text())
     if name == "text_only":
         assert manifest["graph"]["inputs"] == ["word_tf", "char_tf"]
@@ -138,7 +138,7 @@ def test_export_passes_parity_and_the_bundle_predicts_the_run_scores(ngram_runs,
         assert (bundle / "tokenizers" / "text0" / "tokenizer_config.json").is_file()
         featurizer = text["parts"][1]["featurizer"]
         idf_key = "text.parts.1.idf_char"
-    assert (featurizer["module"], featurizer["class"]) == ("mmcore_text_ngrams", "NgramFeaturizer")
+    assert featurizer["class"] == "text/ngrams/NgramFeaturizer" and "module" not in featurizer  # by registry name
     assert "idf" not in json.dumps(featurizer)  # the fitted state is in the graph's weights, not on the host side
     ckpt = torch.load(run / "checkpoint_best.ckpt", weights_only=True)
     assert torch.equal(load_file(str(bundle / "model.safetensors"))[idf_key], ckpt["model"][idf_key].cpu())

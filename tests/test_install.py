@@ -100,3 +100,73 @@ def test_the_original_systems_keys_point_to_mmcores(tmp_path, key, new):
     with pytest.raises(RecipeError) as info:
         load_recipe(path, ["data.base_dir='data'"])
     assert f"{key}: unknown key (the original system's key; in mmcore: {new})" in str(info.value)
+
+
+def _dry_run(*flags, env=None):
+    result = subprocess.run(["bash", str(REPO / "scripts" / "install.sh"), *flags, "--dry-run"], capture_output=True,
+                            text=True, timeout=60, env={**os.environ, **(env or {})})
+    assert result.returncode == 0, result.stderr
+    (line,) = [line for line in result.stdout.splitlines() if " install " in line and " -e ." in line]
+    extras = line.split(" -e .[", 1)[1].split("]", 1)[0].split(",")
+    return extras, result.stdout
+
+
+def _extra_packages(extras):
+    """The package names (no version floors) the pyproject's ``extras`` pull in."""
+    import re
+    import tomllib
+
+    table = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    return {re.split(r"[<>=\[; ]", requirement, maxsplit=1)[0] for extra in extras for requirement in table[extra]}
+
+
+def test_the_install_script_installs_what_the_readme_uses():
+    """`bash scripts/install.sh` (the README's first command): export, serve, tune and explain, so `mmcore export`,
+    `serve`, `tune` and saliency work; each extra has every module its missing-package line names it for."""
+    from mmcore.kit.deps import EXTRA_MODULES, EXTRAS, INSTALL_SCRIPT_EXTRAS
+
+    extras, commands = _dry_run()
+    assert extras == list(INSTALL_SCRIPT_EXTRAS) == ["export", "serve", "tune", "explain"]
+    assert {"onnx", "onnxruntime", "fastapi", "uvicorn", "optuna", "captum"} <= _extra_packages(extras)
+    assert "onnxruntime-gpu" not in _extra_packages(extras)
+    assert "uninstall --disable-pip-version-check -q -y onnxruntime-gpu" in commands  # never both builds
+    for extra, modules in EXTRA_MODULES.items():
+        packages = _extra_packages([extra])
+        for module in modules:
+            assert EXTRAS[module][0] in packages, (extra, module)
+
+
+@pytest.mark.parametrize("how", ["--gpu", "MMCORE_GPU=1"])
+def test_the_gpu_install_swaps_onnxruntime_for_onnxruntime_gpu(how):
+    extras, commands = _dry_run(*([how] if how.startswith("--") else []), env=None if how.startswith("--") else {"MMCORE_GPU": "1"})
+    assert extras == ["serve-gpu", "tune", "explain"]
+    packages = _extra_packages(extras)
+    assert "onnxruntime-gpu" in packages and "onnxruntime" not in packages
+    assert {"onnx", "fastapi", "uvicorn", "optuna", "captum"} <= packages
+    assert "uninstall --disable-pip-version-check -q -y onnxruntime\n" in commands
+    extras, _ = _dry_run("--gpu", "--test")
+    assert extras == ["test", "serve-gpu", "tune", "explain"] and "onnxruntime" not in _extra_packages(extras)
+
+
+def test_a_missing_optional_package_is_one_line_naming_the_extra():
+    from mmcore.kit.deps import MissingDependency, require, require_extra
+
+    with pytest.raises(MissingDependency) as failure:
+        require("mmcore_no_such_module", "this thing")
+    assert str(failure.value) == ("this thing needs the mmcore_no_such_module package, which is not installed: "
+                                  "pip install 'mmcore_no_such_module'")
+    assert failure.value.exit_code == 1
+    import sys
+
+    saved = sys.modules.get("optuna")
+    sys.modules["optuna"] = None  # what an uninstalled package looks like to an import
+    try:
+        with pytest.raises(MissingDependency) as failure:
+            require_extra("tune", "mmcore tune")
+    finally:
+        if saved is None:
+            del sys.modules["optuna"]
+        else:
+            sys.modules["optuna"] = saved
+    assert str(failure.value) == ("mmcore tune needs the optuna package, which is not installed: "
+                                  "pip install 'mmcore[tune]' (or bash scripts/install.sh)")

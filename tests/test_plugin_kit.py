@@ -193,7 +193,7 @@ def test_docs_example_is_a_working_plugin(hook, monkeypatch):
     CHECKS[kind](registration.name, {"tiny": True} if kind == "vision" else {}, registry=registry)
 
 
-def test_docs_exportable_text_encoder_passes_the_contract_and_exports(monkeypatch):
+def test_docs_exportable_text_encoder_passes_the_contract_and_exports():
     """The host featurizer example of 'Making a text encoder exportable' is a working, exportable encoder."""
     from mmcore.export.onnx import plan_text
     from mmcore.plugins.hookspecs import hookimpl
@@ -202,18 +202,23 @@ def test_docs_exportable_text_encoder_passes_the_contract_and_exports(monkeypatc
     text = DOCS.read_text(encoding="utf-8")
     section = text[text.index("### Making a text encoder exportable"):]
     source = example("register_text_encoders") + "\n" + re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    module = load_module("docs_exportable_text", source)
-    monkeypatch.setitem(sys.modules, module.__name__, module)  # the bundle rebuilds the featurizer by module name
+    module = load_module("docs_exportable_text", source)  # its own register_text_encoders declares the featurizer
+    registry = make_registry(load_entrypoints=False, extra_plugins=[("docs-exportable-text", module)])
+    encoder = check_text_encoder("char_ngrams", {"dim": 64}, registry=registry)
+    (part,) = plan_text(encoder).parts
+    assert part.names == ("char_counts",) and part.featurizer is encoder.featurizer
 
-    class Plugin:
+    class Undeclared:  # the same encoder registered without data_classes: a bundle could not name its featurizer
         @hookimpl
         def register_text_encoders(register):
             register("char_ngrams", module.ExportableCharNgrams, module.CharNgramParams)
 
-    registry = make_registry(load_entrypoints=False, extra_plugins=[("docs-exportable-text", Plugin)])
-    encoder = check_text_encoder("char_ngrams", {"dim": 64}, registry=registry)
-    (part,) = plan_text(encoder).parts
-    assert part.names == ("char_counts",) and part.featurizer is encoder.featurizer
+    registry = make_registry(load_entrypoints=False, extra_plugins=[("docs-undeclared", Undeclared)])
+    with pytest.raises(AssertionError) as failure:
+        check_text_encoder("char_ngrams", {"dim": 64}, registry=registry)
+    assert str(failure.value) == (
+        "text encoder 'char_ngrams': CharFeaturizer is not a declared data class, so a bundle cannot name it; its plugin "
+        "declares it: register('char_ngrams', factory, params_cls, data_classes=(CharFeaturizer,))")
 
 
 def test_a_text_encoder_whose_split_differs_from_encode_fails_the_contract(monkeypatch):

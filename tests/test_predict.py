@@ -96,17 +96,33 @@ def test_predict_with_a_multimodal_run(demo_data, tmp_path):
     """One real run; predict as a program, with labels and bad images, without text, unfinished."""
     multimodal_run = _multimodal_run(tmp_path, demo_data)
 
-    # as a program: an unlabeled CSV (columns reordered) gets the run's own test scores
+    # as a program: an unlabeled CSV (columns reordered) gets the run's own test scores (--cache: through the
+    # feature cache, as the run scored its test split)
     test_rows = _rows(Path(demo_data) / "test.csv")
     unlabeled = _write_rows(tmp_path / "unlabeled.csv", test_rows, ["text_info", "local_image_path"])
     out = tmp_path / "scored.csv"
-    result = _python(multimodal_run, unlabeled, "-o", out, "--base-dir", demo_data, "--batch-size", "5", "--quiet")
+    result = _python(multimodal_run, unlabeled, "-o", out, "--base-dir", demo_data, "--batch-size", "5", "--quiet",
+                     "--cache")
     assert result.returncode == 0, result.stderr
     rows = _check_against_run(multimodal_run, out, [{k: r[k] for k in ("text_info", "local_image_path")} for r in test_rows])
     assert list(rows[0]) == ["text_info", "local_image_path", "score", "calibrated_score", "prediction"]
     positives = sum(r["prediction"] == "True" for r in rows)
-    assert f"scored 32 of 32 rows of {unlabeled}: {positives} predicted positive" in result.stdout
+    assert f"scored 32 of 32 rows of {unlabeled} on cpu: {positives} predicted positive" in result.stdout
     assert f"wrote {out}" in result.stdout
+
+    # new data scored: nothing goes into the feature cache (float32 from the raw rows) unless --cache asks
+    fresh = _fresh_rows(tmp_path, demo_data, test_rows[:6])
+    before = _cache_files(tmp_path / "cache")
+    result = CliRunner().invoke(predict_command, [str(multimodal_run), str(fresh), "-o", str(tmp_path / "fresh.csv"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert _cache_files(tmp_path / "cache") == before
+    plain = [float(r["calibrated_score"]) for r in _rows(tmp_path / "fresh.csv")]
+    result = CliRunner().invoke(predict_command, [str(multimodal_run), str(fresh), "-o", str(tmp_path / "cached.csv"),
+                                                  "--quiet", "--cache"])
+    assert result.exit_code == 0, result.output
+    assert len(_cache_files(tmp_path / "cache")) > len(before)  # the control: --cache does write
+    cached = [float(r["calibrated_score"]) for r in _rows(tmp_path / "cached.csv")]
+    assert plain == pytest.approx(cached, abs=1e-3) and plain != cached  # float16 features round; float32 does not
 
     # a label column is kept; an unreadable image (on_bad_image = skip) leaves its row empty
     test_rows = _rows(Path(demo_data) / "test.csv")[:6]
@@ -117,7 +133,7 @@ def test_predict_with_a_multimodal_run(demo_data, tmp_path):
     rows_in = test_rows[:2] + [{"local_image_path": str(broken), "label": "", "text_info": "SALE"}] + test_rows[2:]
     source = _write_rows(tmp_path / "mixed.csv", rows_in, ["local_image_path", "label", "text_info"])
     out = tmp_path / "out" / "scored.csv"
-    result = CliRunner().invoke(predict_command, [str(multimodal_run), str(source), "-o", str(out), "--quiet"])
+    result = CliRunner().invoke(predict_command, [str(multimodal_run), str(source), "-o", str(out), "--quiet", "--cache"])
     assert result.exit_code == 0, result.output
     rows = _rows(out)
     assert len(rows) == 7
@@ -151,6 +167,49 @@ def test_predict_with_a_multimodal_run(demo_data, tmp_path):
         f"{unfinished}: run is not complete (status: running); resume it with: mmcore run --resume {unfinished}"
     )
     assert not (tmp_path / "x.csv").exists()
+
+
+def _cache_files(folder):
+    return sorted(p.relative_to(folder).as_posix() for p in Path(folder).rglob("*") if p.is_file())
+
+
+def _fresh_rows(tmp_path, demo_data, rows):
+    """Images and texts no run has seen (new content, new texts): a CSV of them."""
+    from PIL import Image
+
+    images = tmp_path / "fresh"
+    images.mkdir()
+    fresh = []
+    for i, row in enumerate(rows):
+        with Image.open(Path(demo_data) / row["local_image_path"]) as image:
+            image.convert("RGB").resize((40, 44)).save(images / f"fresh_{i}.png")
+        fresh.append({"local_image_path": str(images / f"fresh_{i}.png"), "text_info": f"never seen text number {i}"})
+    return _write_rows(tmp_path / "fresh.csv.in", fresh, ["local_image_path", "text_info"])
+
+
+@pytest.mark.parametrize("kind", ["run", "bundle"])
+def test_device_cuda_where_there_is_none_is_one_line(kind, exportable_run, exported_bundle, demo_data, tmp_path):
+    """--device cuda on a machine (or an onnxruntime) without CUDA: one line, exit 1, never a CPU fallback."""
+    import onnxruntime
+    import torch
+
+    if torch.cuda.is_available() or "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this machine has CUDA")
+    source = exportable_run if kind == "run" else exported_bundle
+    out = tmp_path / "never.csv"
+    result = _python(source, Path(demo_data) / "test.csv", "-o", out, "--device", "cuda", "--quiet")
+    assert result.returncode == 1
+    if kind == "run":
+        assert result.stderr.strip() == (f"--device cuda: CUDA is not available to torch here (torch {torch.__version__}, "
+                                         "torch.cuda.is_available() is False); use --device cpu or auto")
+    else:
+        providers = ", ".join(onnxruntime.get_available_providers())
+        assert result.stderr.strip() == (
+            f"--device cuda: this onnxruntime has no CUDAExecutionProvider (it has {providers}); install the GPU build: "
+            "bash scripts/install.sh --gpu (or pip uninstall onnxruntime && pip install 'mmcore[serve-gpu]')")
+    assert not out.exists()
+    result = _python(source, Path(demo_data) / "test.csv", "-o", out, "--device", "gpu")
+    assert result.returncode == 2 and "Invalid value for '--device': expected auto, cpu, cuda or cuda:N" in result.stderr
 
 
 def test_predict_vision_only_needs_no_text_and_stops_at_a_bad_image(demo_data, tmp_path, registry):

@@ -23,11 +23,13 @@ from mmcore.io import check_output_path
               help="Folder that --data's relative image paths start from [default: the CSV's folder].")
 @click.option("--rows", type=click.IntRange(min=1), default=64, show_default=True, help="Rows the parity gate scores.")
 @click.option("--score-tol", type=click.FloatRange(min=0), default=None,
-              help="Largest |Δ score| allowed (raw and calibrated) [default: 1e-4; 2e-2 for a bf16 run].")
+              help="Largest |Δ score| allowed (raw and calibrated) [default: 1e-4; both sides compute in float32].")
 @click.option("--agreement", type=click.FloatRange(0, 1), default=1.0, show_default=True,
               help="Smallest share of rows whose decision at the tuned threshold must agree.")
+@click.option("--safetensors", is_flag=True,
+              help="Also write model.safetensors, the classifier's state dict (a second copy of the weights the graph holds).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def export_command(run_dir, out, fmt, data, base_dir, rows, score_tol, agreement, quiet):
+def export_command(run_dir, out, fmt, data, base_dir, rows, score_tol, agreement, safetensors, quiet):
     """Export the finished run in RUN_DIR to a self-contained bundle, checked against the run.
 
     \b
@@ -39,4 +41,4 @@ def export_command(run_dir, out, fmt, data, base_dir, rows, score_tol, agreement
 
     check_output_path(out, "bundle folder")  # before the parity gate scores anything
     export_run(run_dir, out, fmt=fmt, data=data, rows=rows, base_dir=base_dir, score_tol=score_tol,
-               min_agreement=agreement, progress=progress_for(quiet), echo=click.echo)
+               min_agreement=agreement, safetensors=safetensors, progress=progress_for(quiet), echo=click.echo)

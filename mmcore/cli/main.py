@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from mmcore import __version__
+from mmcore.cli.options import cache_option, device_option, verify_option
 from mmcore.engine.progress import progress_for
 from mmcore.errors import MmcoreError
 from mmcore.io import check_output_path
@@ -162,17 +163,31 @@ def _exec_torchrun(nproc):
 
 
 @cli.command("eval")
-@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.argument("run_dir", metavar="RUN_DIR|BUNDLE_DIR", type=click.Path(file_okay=False))
 @click.option("--data", type=click.Path(dir_okay=False),
               help="CSV to score, or shard URLs for a shard-trained run (default: the run's test split).")
-@click.option("--out", type=click.Path(file_okay=False), help="Where to write (default RUN_DIR/eval/<csv>-<time>).")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Where to write (default RUN_DIR/eval/<csv>-<time>; for a bundle BUNDLE_DIR-eval/<csv>-<time>).")
+@device_option
+@cache_option
+@verify_option
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def eval_(run_dir, data, out, quiet):
-    """Re-score a CSV with a finished run's model (results.json, test_predictions.json, test_report.md)."""
-    from mmcore.commands.evaluate import evaluate_run
+def eval_(run_dir, data, out, device, cache, verify, quiet):
+    """Re-score a labelled CSV with a finished run's model or its export bundle (results.json,
+    test_predictions.json, test_report.md, report.html)."""
+    from mmcore.export.bundle import is_bundle
 
     check_output_path(out, "evaluation folder", folder=True)  # before any scoring
-    evaluate_run(run_dir, data=data, out=out, progress=progress_for(quiet), echo=click.echo)
+    if is_bundle(run_dir):
+        from mmcore.commands.evaluate import evaluate_bundle
+
+        evaluate_bundle(run_dir, data=data, out=out, device=device, verify=verify or None, progress=progress_for(quiet),
+                        echo=click.echo)
+        return
+    from mmcore.commands.evaluate import evaluate_run
+
+    evaluate_run(run_dir, data=data, out=out, device=device, cache=cache, progress=progress_for(quiet),
+                 echo=click.echo)
 
 
 @cli.command()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from mmcore.cli.options import cache_option, device_option, verify_option
 from mmcore.commands.predict import predict_csv
 from mmcore.engine.progress import progress_for
 from mmcore.errors import MmcoreError
@@ -29,12 +30,16 @@ def _fail(exc):
               help="Rows per forward pass [default: the run's eval.batch_size or train.batch_size].")
 @click.option("--base-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder that relative image paths start from [default: the CSV's folder].")
+@device_option
+@cache_option
+@verify_option
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def predict_command(run_dir, input_csv, output, batch_size, base_dir, quiet):
+def predict_command(run_dir, input_csv, output, batch_size, base_dir, device, cache, verify, quiet):
     """Score INPUT.csv (local_image_path[,label][,text_info]) with the finished run (or export bundle) in RUN_DIR.
 
     \b
     mmcore predict runs/demo/20261128-101500 new_ads.csv -o scored.csv
+    mmcore predict bundles/demo new_ads.csv -o scored.csv --device cuda
 
     prediction is calibrated_score >= the threshold the run tuned on validation.
     text_info may be left out for vision_only runs.
@@ -46,11 +51,11 @@ def predict_command(run_dir, input_csv, output, batch_size, base_dir, quiet):
         if is_bundle(run_dir):  # an export bundle: scored by onnxruntime (mmcore.export.predict)
             from mmcore.export.predict import predict_bundle
 
-            predict_bundle(run_dir, input_csv, output, batch_size=batch_size, base_dir=base_dir,
-                           progress=progress_for(quiet), echo=click.echo)
+            predict_bundle(run_dir, input_csv, output, batch_size=batch_size, base_dir=base_dir, device=device,
+                           verify=verify or None, progress=progress_for(quiet), echo=click.echo)
             return
         predict_csv(
-            run_dir, input_csv, output, batch_size=batch_size, base_dir=base_dir,
+            run_dir, input_csv, output, batch_size=batch_size, base_dir=base_dir, device=device, cache=cache,
             progress=progress_for(quiet), echo=click.echo,
         )
     except MmcoreError as exc:

@@ -60,6 +60,9 @@ def serve_command(source, host, port, workers, device, text, ocr, ocr_lang, whil
     POST /predict, /predict/batch; GET /health, /ready, /metadata, /metrics, /docs, /redoc.
     SIGTERM (or Ctrl-C) lets requests in flight finish, then exits 0.
     """
+    from mmcore.kit.deps import require_extra
+
+    require_extra("serve", "mmcore serve")  # before anything: a missing package is one line, exit 1
     from mmcore.serve.launch import serve
 
     serve(source, host=host, port=port, workers=workers, device=device, text=text, ocr=ocr, ocr_lang=ocr_lang,

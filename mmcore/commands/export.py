@@ -1,13 +1,15 @@
 """``mmcore export``: a finished run -> a self-contained bundle, refused unless it passes parity.
 
-Order matters: the run scores the parity rows first (its own pipeline, untouched, without the
-float16 feature cache: the model itself), then the bundle is written into a hidden temporary
-folder, scored through onnxruntime and compared; only a bundle that passes is renamed to
-``--out`` (see :mod:`mmcore.export.bundle`).
+Order matters: the run scores the parity rows first (its own pipeline, untouched, in float32
+whatever precision it trained in, without the float16 feature cache: the model itself), then
+the bundle is written into a hidden temporary folder, scored through onnxruntime and compared;
+only a bundle that passes gets its model card and is renamed to ``--out`` (see
+:mod:`mmcore.export.bundle`). Each file is hashed once, as it joins the manifest.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -16,14 +18,19 @@ from pathlib import Path
 
 import attrs
 
-from mmcore.errors import DataError, MmcoreError
+from mmcore.commands.predict import existing_parent
+from mmcore.errors import DataError, MmcoreError, RunError
 from mmcore.export import bundle as B
 from mmcore.export import onnx as G
 from mmcore.export import parity as P
+from mmcore.export import schema as S
 from mmcore.export.text import write_text_side
 from mmcore.rundir import RunDir
 
 DEFAULT_ROWS = 64
+#: what tracing a model may raise (torch.onnx's errors and torch.jit's are RuntimeErrors); each
+#: becomes one line naming the component. OSError (a full disk) and MemoryError are not among them.
+EXPORTER_ERRORS = (RuntimeError, TypeError, ValueError, AssertionError, IndexError, KeyError)
 
 
 @attrs.frozen
@@ -54,40 +61,60 @@ def parity_rows(pipeline, data, rows, base_dir=None):
     return split.subset(range(min(rows, len(split))))
 
 
-def _example_inputs(fused, scorer, split):
-    """Two real rows as graph inputs (two, so that no axis is traced at size 1)."""
+def _example_inputs(fused, folder, registry, split, max_image_pixels):
+    """Two real rows as graph inputs (two, so that no axis is traced at size 1), made by the host side
+    the bundle in ``folder`` holds already (its preprocessing and text side, read back as a scorer reads them)."""
     import torch
+
+    from mmcore.data.images import load_rgb
+    from mmcore.export.text import HostText
 
     picks = [i % len(split) for i in range(2)]
     tensors = {}
-    if scorer.uses_vision:
-        items = [scorer.preprocess(scorer.load_image(split.paths[i])) for i in picks]
-        tensors.update(scorer.preprocessing.collate(items))
-    if scorer.uses_text:
+    if fused.vision_names:
+        path = folder / B.PREPROCESSING
+        preprocessing = B.rebuild_preprocessing(S.read_json(path, what="the preprocessing"), registry, source=path)
+        images = [load_rgb(split.paths[i], target_size=preprocessing.target_size, max_pixels=max_image_pixels)
+                  for i in picks]
+        tensors.update(preprocessing.collate([preprocessing(image) for image in images]))
+    if fused.text_names:
         # different lengths: the token axis must not be traced as a constant
         texts = [split.texts[picks[0]] or "x", (split.texts[picks[1]] or "") + " and more words"]
-        tensors.update({k: torch.from_numpy(v) for k, v in scorer.text_feeds(texts).items()})
+        tensors.update({k: torch.from_numpy(v) for k, v in HostText(folder, registry).feeds(texts).items()})
     return tuple(tensors[name] for name in fused.input_names)
 
 
 def export_run(run_dir, out, *, fmt="onnx", data=None, rows=DEFAULT_ROWS, base_dir=None, score_tol=None,
-               min_agreement=1.0, registry=None, progress=True, echo=print):
-    """Export the finished run in ``run_dir`` to the bundle folder ``out`` (see the module docstring)."""
+               min_agreement=1.0, safetensors=False, registry=None, progress=True, echo=print):
+    """Export the finished run in ``run_dir`` to the bundle folder ``out`` (see the module docstring).
+
+    ``safetensors``: also write the classifier's state dict as ``model.safetensors`` (the graph
+    holds the weights already; this is a second copy, for PyTorch users).
+    """
     from mmcore.commands.evaluate import load_run, score_with_run
+    from mmcore.engine.runtime import autocast_dtype
 
     run_dir, out = Path(run_dir), Path(out)
     if fmt not in G.FORMATS:
         raise MmcoreError(f"--format {fmt}: expected one of {', '.join(G.FORMATS)}")
-    if out.exists():
-        raise MmcoreError(f"--out {out}: already exists; remove it or choose another folder")
+    check_new_folder(out, "--out")
+    if fmt == "onnx":  # before the model is loaded: a missing package is one line, not a minute later
+        from mmcore.kit.deps import require_extra
+
+        require_extra("export", "mmcore export")
+    score_tol = P.FP32_SCORE_TOL if score_tol is None else score_tol
     # the model itself, in float32 from the raw rows: the feature cache stores float16, whose rounding
-    # (up to 1/2048 of each feature) no graph should be blamed or excused for
-    pipeline, ckpt = load_run(run_dir, registry=registry, progress=progress, use_cache=False)
+    # (up to 1/2048 of each feature) no graph should be blamed or excused for; bf16 autocast neither
+    pipeline, ckpt = load_run(run_dir, registry=registry, progress=progress, use_cache=False, fp32=True)
     recipe, model = pipeline.recipe, pipeline.model
-    if score_tol is None:
-        score_tol = P.FP32_SCORE_TOL if pipeline.dtype is None else P.BF16_SCORE_TOL
-    # a text encoder that cannot leave its string work on the host is refused before any scoring
+    trained_precision = RunDir(run_dir).recipe_data().get("train", {}).get("precision", "auto")
+    run_dtype = autocast_dtype(trained_precision, pipeline.device)
+    decision = ckpt.get("decision") or {"threshold": 0.5, "temperature": 1.0, "description": "0.5 (no decision saved)"}
+    S.structure_file(decision, S.Decision, path=f"{RunDir(run_dir).best}: decision")
+    # a text encoder that cannot leave its string work on the host is refused before any scoring, and so is a full disk
     plan = G.plan_text(model.text) if model.uses_text else None
+    needed = bundle_bytes(model, fmt, safetensors)
+    check_free_space(out, needed)
 
     # 1. the PyTorch run's own scores of the parity rows (before anything is touched)
     split = parity_rows(pipeline, data, rows, base_dir)
@@ -95,30 +122,37 @@ def export_run(run_dir, out, *, fmt="onnx", data=None, rows=DEFAULT_ROWS, base_d
         raise DataError(f"{split.csv}: no rows to check parity on")
     kept, indices, torch_logits, _, _ = score_with_run(pipeline, split, "parity", progress=progress)
     kept = kept.subset([int(i) for i in indices])
+    trained_logits = None
+    if run_dtype is not None:  # information: how far the run's own precision is from the float32 the bundle computes
+        _, _, trained_logits, _, _ = score_with_run(pipeline, kept, "parity", progress=progress, dtype=run_dtype)
 
     # 2. everything of the bundle, in a hidden folder beside --out
-    out.parent.mkdir(parents=True, exist_ok=True)
+    model = model.to("cpu").eval()
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
-        model = model.to("cpu").eval()
+        tmp.mkdir(parents=True)
+        registry = pipeline.registry
         if plan is not None:
-            _write_json(tmp / B.TEXT, write_text_side(tmp, plan))
+            _write_json(tmp / B.TEXT, write_text_side(tmp, plan, registry))
         vision_names = []
         if model.uses_vision:
             preprocessing = model.vision.preprocessing
-            _write_json(tmp / B.PREPROCESSING, B.describe_preprocessing(preprocessing))
+            try:
+                described = B.describe_preprocessing(preprocessing, registry, component=recipe.vision.name)
+            except RunError as exc:
+                raise G.ExportUnsupported(str(exc)) from None
+            _write_json(tmp / B.PREPROCESSING, described)
             vision_names = list(preprocessing.collate([preprocessing(_blank_image())]))
-        B.write_weights(model, tmp / B.WEIGHTS)
+        if safetensors:
+            B.write_weights(model, tmp / B.WEIGHTS)
         shutil.copyfile(RunDir(run_dir).recipe_file, tmp / B.RECIPE)
-        decision = ckpt.get("decision") or {"threshold": 0.5, "temperature": 1.0, "description": "0.5 (no decision saved)"}
         _write_json(tmp / B.DECISION, decision)
 
         fused = G.FusedModel(model, vision_names, plan)
-        graph_file = G.GRAPH_FILES[fmt]
+        graph_file = B.GRAPH_FILES[fmt]
         info = {
-            "bundle_format": B.TOKENIZER_ONLY_FORMAT if plan is None or plan.single_tokenizer else B.BUNDLE_FORMAT,
+            "bundle_format": B.BUNDLE_FORMAT,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "run_dir": str(run_dir.resolve()),
             "experiment": recipe.experiment,
@@ -128,41 +162,115 @@ def export_run(run_dir, out, *, fmt="onnx", data=None, rows=DEFAULT_ROWS, base_d
                       "vision_inputs": vision_names, "text_inputs": list(fused.text_names), "output": "logit",
                       "opset": G.OPSET if fmt == "onnx" else None},
         }
-        B.write_manifest(tmp, info)  # provisional: the scorer below reads the graph description
         from mmcore.export.scoring import BundleScorer
 
-        # the host side (tokenizers, featurizers) and preprocessing of the bundle itself make the example inputs
-        probe = BundleScorer(tmp, verify=False, load_graph=False)
-        example = _example_inputs(fused, probe, kept)
+        example = _example_inputs(fused, tmp, registry, kept, recipe.data.max_image_pixels)
         try:
-            write_graph(fused, example, tmp / graph_file, fmt)
-        except Exception as exc:  # the exporters raise many kinds; each becomes the one line
+            external = write_graph(fused, example, tmp / graph_file, fmt)
+        except EXPORTER_ERRORS as exc:
+            if shutil.disk_usage(tmp).free < (64 << 20):  # torch's C++ writers report a full disk as a RuntimeError
+                raise OSError(errno.ENOSPC, "no space left on device") from None
             raise G.ExportUnsupported(_graph_failure(model, fmt, exc)) from None
+        if external:
+            info["graph"]["external_data"] = external
+        entries = B.file_entries(tmp)  # every file hashed once; parity.json and the card join below
+        B.write_manifest(tmp, info, entries)
 
         # 3. the gate
-        scorer = BundleScorer(tmp, device="cpu", verify=False)
+        scorer = BundleScorer(tmp, device="cpu", verify=False, registry=registry)
         report = P.compare(scorer, kept, torch_logits, score_tol=score_tol, min_agreement=min_agreement)
-        figures = {**report.as_dict(), "format": fmt, "providers": scorer.runner.providers,
-                   "torch_precision": "fp32" if pipeline.dtype is None else str(pipeline.dtype).replace("torch.", "")}
+        figures = {**report.as_dict(), "format": fmt, "providers": scorer.runner.providers, "torch_precision": "fp32",
+                   "trained_precision": trained_precision}
+        if trained_logits is not None:
+            figures["trained_precision_deviation"] = P.precision_deviation(
+                scorer, torch_logits, trained_logits, precision=str(run_dtype).replace("torch.", ""))
         if not report.passed:
             raise P.ParityError(report.failure_line(out))
         _write_json(tmp / B.PARITY, figures)
-        B.write_manifest(tmp, info)
+        from mmcore.export.card import model_card
+
+        card = model_card(bundle_name=str(out), recipe=scorer.recipe_data, results=RunDir(run_dir).results(),
+                          decision=scorer.decision, parity=figures, manifest_info=info)
+        (tmp / B.MODEL_CARD).write_text(card, encoding="utf-8")
+        entries = B.file_entries(tmp, known=entries)
+        B.write_manifest(tmp, info, entries)
+        same_mode(tmp)
         os.replace(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise RunError(disk_full_line(out, needed)) from None
+        raise RunError(f"--out {out}: could not write the bundle ({exc.strerror or exc}); nothing was written") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    B.remember_verified(out, entries)  # this machine just hashed every file: serving it need not again
     echo(
         f"parity on {report.rows} rows of {report.csv}: max |Δ logit| {report.max_abs_logit:.2e}, "
         f"max |Δ calibrated score| {report.max_abs_calibrated:.2e}, decision agreement {report.agreement:.4f}"
     )
-    echo(f"wrote {out} ({fmt})")
+    echo(f"wrote {out} ({fmt}, {len(entries) + 1} files, {_size(sum(e['bytes'] for e in entries.values()))})")
     return ExportSummary(out=out, format=fmt, parity=figures)
 
 
+def check_new_folder(out, flag):
+    """``out`` must not exist and its nearest existing parent must be a folder (checked before any work)."""
+    if out.exists():
+        raise MmcoreError(f"{flag} {out}: already exists; remove it or choose another folder")
+    parent = existing_parent(out)
+    if not parent.is_dir():
+        raise MmcoreError(f"{flag} {out}: {parent} is not a folder; choose another path")
+
+
+def bundle_bytes(model, fmt, safetensors):
+    """About how many bytes writing the bundle takes at its peak: the weights once (twice while a graph
+    over the protobuf limit is gathered into its one data file; once more for ``--safetensors``),
+    plus 64 MiB for the graph, tokenizers and JSON files."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    copies = 2 if fmt == "onnx" and weights > G.EXTERNAL_DATA_THRESHOLD else 1
+    return weights * (copies + int(bool(safetensors))) + (64 << 20)
+
+
+def check_free_space(out, needed):
+    """Refuse before writing when the disk that will hold ``out`` has less than ``needed`` bytes free."""
+    free = shutil.disk_usage(existing_parent(out)).free
+    if free < needed:
+        raise RunError(disk_full_line(out, needed, free))
+
+
+def disk_full_line(out, needed, free=None):
+    """One line naming the disk that holds ``out``, what is free there and what the bundle needs."""
+    parent = existing_parent(out)
+    mount = parent.resolve()
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    free = shutil.disk_usage(parent).free if free is None else free
+    return (f"--out {out}: not enough space on the disk mounted at {mount} ({_size(free)} free; the bundle needs "
+            f"about {_size(needed)}); free some space or choose --out on another disk; nothing was written")
+
+
+def _size(n):
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def same_mode(folder):
+    """Every file of the bundle readable alike (``0o666`` less the umask; folders ``0o777`` less it):
+    safetensors and tempfile write 0600, which a server running as another user cannot read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for root, dirs, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
+
 def write_graph(fused, example, path, fmt):
-    """Trace the fused model into ``path`` (a seam: tests replace it to perturb the exported weights)."""
-    G.write_graph(fused, example, path, fmt)
+    """Trace the fused model into ``path`` (a seam: tests replace it to perturb the exported weights);
+    returns the graph's external data file, if any."""
+    return G.write_graph(fused, example, path, fmt)
 
 
 def _graph_failure(model, fmt, exc):
@@ -184,5 +292,5 @@ def _blank_image():
 
 
 def _write_json(path, data):
-    Path(path).write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    Path(path).write_text(json.dumps(data, indent=2, default=str, allow_nan=False) + "\n", encoding="utf-8")
 

@@ -1,7 +1,9 @@
 """``mmcore predict``: score unlabeled data with a finished run.
 
-The CSV goes through the run's own pipeline (same preprocessing, feature cache and forward as
-training and ``mmcore eval``); the output is the input CSV with three columns added:
+The CSV goes through the run's own pipeline (same preprocessing and forward as training and
+``mmcore eval``) in float32 from the raw rows, as the run's bundle computes: nothing is read
+from or written to the feature cache unless asked (``cache=True``, ``--cache``: float16
+features, faster for data scored again and again). The output is the input CSV with three columns added:
 ``score`` (raw sigmoid), ``calibrated_score`` (after the run's temperature) and ``prediction``
 (``calibrated_score >= threshold``, the threshold tuned on validation).
 """
@@ -36,17 +38,17 @@ class PredictSummary:
 
 
 def predict_csv(
-    run_dir, input_csv, output, *, batch_size=None, base_dir=None, registry=None, progress=True, echo=print
+    run_dir, input_csv, output, *, batch_size=None, base_dir=None, device="auto", cache=False, registry=None,
+    progress=True, echo=print
 ):
     """Score every row of ``input_csv`` with the run in ``run_dir``; write ``output`` atomically."""
     from mmcore.commands.evaluate import load_run, open_run, score_with_run
     from mmcore.engine.outputs import score_split
+    from mmcore.export.devices import parse_device
 
     input_csv, output = Path(input_csv), Path(output)
-    if output.exists() and output.is_dir():
-        raise MmcoreError(f"-o {output} is a folder; give a CSV file name")
-    if input_csv.is_file() and output.exists() and output.resolve() == input_csv.resolve():
-        raise MmcoreError(f"-o {output}: is the input CSV; write the predictions to another file")
+    check_output_file(output, input_csv)
+    device = parse_device(device)
     run_dir = open_run(run_dir, echo=echo)  # completion (or a live run) checked once, here
     # Validate the data before the (possibly large) model is built.
     modality = (run_dir.recipe_data().get("train") or {}).get("modality", "multimodal")
@@ -55,7 +57,8 @@ def predict_csv(
     frame, split = read_input(input_csv, base_dir, require_text=needs_text, check_images=needs_images,
                               max_image_bytes=max_image_bytes)
 
-    pipeline, ckpt = load_run(run_dir, registry=registry, progress=progress)
+    pipeline, ckpt = load_run(run_dir, registry=registry, progress=progress, use_cache=cache, device=device,
+                              fp32=True)
     recipe = pipeline.recipe
     if batch_size:
         # Pipeline.loader and the feature pass read the batch size from the recipe.
@@ -79,7 +82,8 @@ def predict_csv(
         temperature=float(decision["temperature"]),
     )
     echo(
-        f"scored {summary.scored} of {summary.rows} rows of {input_csv}: {summary.positives} predicted positive "
+        f"scored {summary.scored} of {summary.rows} rows of {input_csv} on {pipeline.device}: "
+        f"{summary.positives} predicted positive "
         f"(calibrated_score >= {summary.threshold:.4f})"
     )
     if summary.skipped:
@@ -87,6 +91,26 @@ def predict_csv(
         echo(f"{summary.skipped} {rows} skipped (unreadable images; score left empty, data.on_bad_image = \"skip\")")
     echo(f"wrote {output}")
     return summary
+
+
+def check_output_file(output, input_csv=None):
+    """``-o``: a file name whose nearest existing parent is a folder, not the input CSV (checked before any work)."""
+    output = Path(output)
+    if output.is_dir():
+        raise MmcoreError(f"-o {output} is a folder; give a CSV file name")
+    if input_csv is not None and Path(input_csv).is_file() and output.exists() and output.resolve() == Path(input_csv).resolve():
+        raise MmcoreError(f"-o {output}: is the input CSV; write the predictions to another file")
+    parent = existing_parent(output)
+    if not parent.is_dir():
+        raise MmcoreError(f"-o {output}: {parent} is not a folder; choose another path")
+
+
+def existing_parent(path):
+    """The nearest ancestor of ``path`` that exists (where its folders will be made)."""
+    parent = Path(path).absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    return parent
 
 
 def write_scored_csv(output, frame, rows, raw, calibrated, predicted):

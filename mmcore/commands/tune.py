@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mmcore.errors import MmcoreError, RecipeError, RunError
+from mmcore.errors import RecipeError, RunError
 from mmcore.io import check_output_path
 from mmcore.tune.study import (
     CONFIG_FILE,
@@ -67,10 +67,9 @@ def run_tune(
     from mmcore.recipe import recipe_to_dict
     from mmcore.tune.space import check_space, load_space
 
-    try:
-        import optuna  # noqa: F401
-    except ImportError:
-        raise MmcoreError("mmcore tune needs Optuna: pip install 'mmcore[tune]' (or pip install 'optuna>=4')") from None
+    from mmcore.kit.deps import require_extra
+
+    require_extra("tune", "mmcore tune")
     if registry is None:
         from mmcore.plugins.manager import get_registry
 

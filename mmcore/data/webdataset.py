@@ -94,14 +94,10 @@ class ShardMember:
 
 def expand_urls(pattern, base_dir=None):
     """Shard URLs of a recipe value: ``::``-separated patterns, braces expanded, local paths resolved."""
-    try:
-        import braceexpand
-    except ImportError:
-        from mmcore.errors import RecipeError
+    from mmcore.kit.deps import require, require_extra
 
-        raise RecipeError(
-            'data.format = "webdataset" needs the webdataset package: pip install "mmcore[webdataset]"'
-        ) from None
+    require_extra("webdataset", 'data.format = "webdataset"')
+    braceexpand = require("braceexpand", 'data.format = "webdataset"')
 
     urls = []
     for part in str(pattern).split("::"):

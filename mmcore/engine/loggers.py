@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mmcore.errors import MmcoreError
-
 
 class Loggers:
     """Fan-out of scalar logging to the enabled backends."""
@@ -25,13 +23,9 @@ class Loggers:
 
             self.tensorboard = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
         if recipe.logging.wandb:
-            try:
-                import wandb
-            except ImportError:
-                raise MmcoreError(
-                    "logging.wandb = true needs Weights & Biases: pip install 'mmcore[wandb]' "
-                    "(set WANDB_MODE=offline to log without an account)"
-                ) from None
+            from mmcore.kit.deps import require
+
+            wandb = require("wandb", "logging.wandb = true (set WANDB_MODE=offline to log without an account)")
             self.wandb = wandb.init(
                 project=recipe.logging.wandb_project,
                 name=f"{recipe.experiment}/{Path(run_dir).name}",

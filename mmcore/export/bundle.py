@@ -3,21 +3,31 @@
 ```
 BUNDLE_DIR/
   manifest.json         format, modality, graph inputs, versions, sha256 + size of every other file
-  model.safetensors     the classifier's weights (no pickle)
   model.onnx            the whole fused model (or model.torchscript.pt with --format torchscript)
+  model.onnx.data       the graph's weights in one file, when they are over ONNX's 2 GiB protobuf limit
+  model.safetensors     the classifier's state dict (only with mmcore export --safetensors)
   recipe.toml           the run's fully resolved recipe
   decision.json         threshold, the rule that chose it, temperature
-  preprocessing.json    the vision encoder's preprocessing (class + every field)
+  preprocessing.json    the vision encoder's preprocessing: its class by registry name + its fields
   text.json             how the host turns strings into the graph's text inputs (see mmcore.export.text)
   tokenizer/            the text encoder's tokenizer files (one encoder with a tokenizer)
   tokenizers/text0/     ... or one folder per tokenizer part of a concat text encoder
   parity.json           the parity gate's figures (bundle vs the PyTorch run)
+  README.md             the model card: what the model is, its data, test metrics, decision, how to call it
 ```
 
-``bundle_format`` 1 is a bundle whose text encoder (if any) is one tokenizer encoder; 2 adds
-host featurizers and ``concat`` text encoders. An export writes the oldest format that holds
-what it exports, so an older mmcore still opens the bundles it can score and refuses the others
-in one line.
+A bundle is data: nothing in it names a module to import. An object it stores (the
+preprocessing, a host featurizer) names its class by registry name (``mmcore/Preprocessing``,
+``vision/siglip2_naflex_base/NaflexPreprocessing``): a class the core or a registered component
+declared (:meth:`mmcore.plugins.registry.Registry.data_class`), structured field by field. Every
+file is checked against its schema when the bundle is opened (:mod:`mmcore.export.schema`), and
+every listed file must be a regular file inside the folder with its recorded size; digests are
+checked once per bundle and machine (:mod:`mmcore.export.verified`) or on request.
+
+``bundle_format`` 1 is a bundle whose text encoder (if any) is one tokenizer encoder; 2 adds host
+featurizers and ``concat`` text encoders; 3 names classes by registry name and stores the weights
+once. Formats 1 and 2 named classes by module path: this mmcore still opens them by comparing that
+path with the declared classes (never importing it); an older mmcore refuses format 3 in one line.
 
 A bundle is written into a hidden temporary folder beside ``BUNDLE_DIR`` and renamed into
 place only after the parity gate passed, so a folder named ``BUNDLE_DIR`` is always complete.
@@ -26,21 +36,21 @@ place only after the parity gate passed, so a folder named ``BUNDLE_DIR`` is alw
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
+import os
 import platform
 from pathlib import Path
 
 import attrs
 
 from mmcore.errors import RunError
+from mmcore.export import schema as S
+from mmcore.export import verified as V
 from mmcore.rundir import RECIPE_FILE
 
 MANIFEST = "manifest.json"
-#: the newest bundle format this mmcore reads (see the module docstring)
-BUNDLE_FORMAT = 2
-#: the format of bundles whose text side is one tokenizer (or no text)
-TOKENIZER_ONLY_FORMAT = 1
+#: the newest bundle format this mmcore reads and the one it writes (see the module docstring)
+BUNDLE_FORMAT = 3
 WEIGHTS = "model.safetensors"
 DECISION = "decision.json"
 PREPROCESSING = "preprocessing.json"
@@ -48,18 +58,18 @@ TEXT = "text.json"
 TOKENIZER = "tokenizer"
 TOKENIZERS = "tokenizers"
 PARITY = "parity.json"
+MODEL_CARD = "README.md"
 RECIPE = RECIPE_FILE  # the resolved recipe, named as in a run directory
+#: the graph file of each format: a manifest naming another file for its format is refused
+GRAPH_FILES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
+#: the one file beside model.onnx that holds its weights when they are over the protobuf limit
+EXTERNAL_DATA = "model.onnx.data"
 
 
 def is_bundle(path):
-    """True when ``path`` is a folder holding an mmcore bundle manifest."""
-    path = Path(path)
-    if not (path / MANIFEST).is_file():
-        return False
-    try:
-        return json.loads((path / MANIFEST).read_text(encoding="utf-8")).get("kind") == "mmcore-bundle"
-    except (OSError, ValueError):
-        return False
+    """True when ``path`` is a folder holding a ``manifest.json`` (whether that manifest is valid
+    is :func:`read_manifest`'s to say, in one line: a broken bundle is not a run directory)."""
+    return (Path(path) / MANIFEST).is_file()
 
 
 def sha256_file(path, block=1 << 20):
@@ -76,8 +86,8 @@ def versions():
     from importlib.metadata import PackageNotFoundError, version
 
     found = {"python": platform.python_version()}
-    for name in ("mmcore", "torch", "torchvision", "onnx", "onnxruntime", "transformers", "tokenizers",
-                 "sentence-transformers", "scikit-learn", "safetensors", "pillow"):
+    for name in ("mmcore", "torch", "torchvision", "onnx", "onnxruntime", "onnxruntime-gpu", "transformers",
+                 "tokenizers", "sentence-transformers", "scikit-learn", "safetensors", "pillow"):
         try:
             found[name] = version(name)
         except PackageNotFoundError:
@@ -93,69 +103,168 @@ def write_weights(model, path):
     save_file(state, str(path), metadata={"format": "pt"})
 
 
-def describe_object(obj):
-    """An attrs object as data: its class (module + name) and every field (no pickle)."""
+# -- objects stored as data ---------------------------------------------------------------
+
+
+def describe_object(obj, registry, *, kind, component):
+    """An attrs object as data: its class by registry name (declared by ``component`` of ``kind``
+    or by the core) and its init fields; RunError naming the class when nobody declared it."""
+    from mmcore.plugins.kinds import KINDS
+    from mmcore.recipe.convert import converter
+
     cls = type(obj)
-    return {"module": cls.__module__, "class": cls.__qualname__, "fields": attrs.asdict(obj, recurse=False)}
+    name = registry.data_class_name(cls, kind=kind, name=component)
+    if name is None:
+        raise RunError(
+            f"{KINDS[kind].human} {component!r}: {cls.__qualname__} is not a declared data class, so a bundle cannot name it; "
+            f"its plugin declares it: register({component!r}, factory, params_cls, data_classes=({cls.__name__},))")
+    fields = {field.name: getattr(obj, field.name) for field in attrs.fields(cls) if field.init}
+    return {"class": name, "fields": converter.unstructure(fields)}
 
 
-def rebuild_object(data, *, source, what):
-    """The inverse of :func:`describe_object` (lists back to tuples for the attrs fields);
-    ``what`` names the object in the one-line error (``preprocessing class``)."""
-    try:
-        cls = getattr(importlib.import_module(data["module"]), data["class"])
-    except (ImportError, AttributeError, KeyError, TypeError) as exc:
-        module, name = (data.get("module"), data.get("class")) if isinstance(data, dict) else (None, None)
-        raise RunError(f"{source}: {what} {module}.{name} is not importable ({exc}); "
-                       "install the plugin that made this bundle") from None
-    fields = {key: tuple(value) if isinstance(value, list) else value for key, value in data.get("fields", {}).items()}
-    try:
-        return cls(**fields)
-    except (TypeError, ValueError) as exc:
-        raise RunError(f"{source}: {what} {data['module']}.{data['class']} cannot be rebuilt from its fields "
-                       f"({exc}); install the plugin version that made this bundle") from None
+def rebuild_object(data, registry, *, source, what):
+    """The inverse of :func:`describe_object`: the declared class looked up by registry name (never
+    imported), its fields structured and validated one by one; every problem one line naming ``source``.
+
+    A bundle of format 1 or 2 names the class by ``module`` + ``class``; that pair is compared with
+    the declared classes' own, and refused when none has it.
+    """
+    from mmcore.plugins.registry import UnknownDataClassError
+
+    if not isinstance(data, dict):
+        raise S.BundleError(f"{source}: {what} must be a JSON object (got {type(data).__name__})")
+    unknown = sorted(set(data) - {"class", "fields", "describe", "module"})
+    if unknown:
+        raise S.BundleError(f"{source}: {unknown[0]}: unknown key")
+    fields = data.get("fields", {})
+    if not isinstance(fields, dict):
+        raise S.BundleError(f"{source}: fields: must be a JSON object (got {type(fields).__name__})")
+    if "module" in data:  # formats 1 and 2
+        module, qualname = data.get("module"), data.get("class")
+        cls = registry.data_class_by_path(module, qualname) if isinstance(module, str) and isinstance(qualname, str) else None
+        if cls is None:
+            raise S.BundleError(
+                f"{source}: {what} {module}.{qualname} is not a data class any installed mmcore component declares; "
+                "a bundle's classes are never imported (install the plugin that made this bundle, or export the run again)")
+    else:
+        try:
+            cls = registry.data_class(data.get("class"))
+        except UnknownDataClassError as exc:
+            raise S.BundleError(f"{source}: class: {what} {exc}") from None
+    if "module" in data:  # formats 1 and 2 stored every field, also those the class computes itself
+        init = {field.name for field in attrs.fields(cls) if field.init}
+        fields = {key: value for key, value in fields.items() if key in init}
+    return S.structure_file(fields, cls, path=source, at="fields")
 
 
-def describe_preprocessing(preprocessing):
-    """The preprocessing object as data: its class (module + name), every attrs field and its describe()."""
-    return {**describe_object(preprocessing), "describe": preprocessing.describe()}
+def describe_preprocessing(preprocessing, registry, *, component):
+    """The vision encoder's preprocessing as data: its class by registry name, fields and its describe()."""
+    return {**describe_object(preprocessing, registry, kind="vision", component=component),
+            "describe": preprocessing.describe()}
 
 
-def rebuild_preprocessing(data, *, source):
+def rebuild_preprocessing(data, registry, *, source):
     """The inverse of :func:`describe_preprocessing`."""
-    return rebuild_object(data, source=source, what="preprocessing class")
+    return rebuild_object(data, registry, source=source, what="preprocessing class")
 
 
-def write_manifest(folder, info):
-    """``manifest.json``: ``info`` + versions + the sha256 and size of every other file in ``folder``."""
+# -- the manifest -------------------------------------------------------------------------
+
+
+def file_entries(folder, known=None):
+    """``{relative path: {sha256, bytes}}`` of every file under ``folder`` but the manifest.
+
+    Entries in ``known`` are taken as they are (the exporter hashes each file once: the files it
+    wrote before the gate are not hashed again when parity.json and the model card join them).
+    """
     folder = Path(folder)
-    files = {}
+    known = known or {}
+    entries = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
         rel = path.relative_to(folder).as_posix()
-        files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-    manifest = {"kind": "mmcore-bundle", "bundle_format": BUNDLE_FORMAT, **info, "versions": versions(), "files": files}
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+        entries[rel] = known.get(rel) or {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    return entries
+
+
+def write_manifest(folder, info, entries):
+    """``manifest.json``: ``info`` + versions + ``entries`` (from :func:`file_entries`)."""
+    manifest = {"kind": "mmcore-bundle", "bundle_format": BUNDLE_FORMAT, **info, "versions": versions(),
+                "files": entries}
+    (Path(folder) / MANIFEST).write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     return manifest
 
 
-def read_manifest(folder, *, verify=True):
-    """The bundle's manifest; with ``verify``, every listed file must be there with its sha256."""
+def read_manifest(folder, *, verify=None):
+    """The bundle's manifest (:class:`~mmcore.export.schema.Manifest`), checked against its schema.
+
+    Every listed file must be a regular file inside ``folder`` with its recorded size, and the
+    graph (and its external data file) must be listed. ``verify``: True checks every sha256;
+    None (the default) checks them unless this machine verified this very bundle before
+    (:mod:`mmcore.export.verified`); False checks sizes only (the exporter's own folder).
+    """
     folder = Path(folder)
     path = folder / MANIFEST
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise RunError(f"{path}: cannot read the bundle manifest ({exc})") from None
-    if manifest.get("kind") != "mmcore-bundle":
-        raise RunError(f"{path}: not an mmcore bundle manifest")
-    if manifest.get("bundle_format", 0) > BUNDLE_FORMAT:
-        raise RunError(f"{path}: bundle format {manifest['bundle_format']} is newer than this mmcore reads "
-                       f"({BUNDLE_FORMAT}); upgrade mmcore")
-    if verify:
-        for rel, entry in manifest.get("files", {}).items():
-            file = folder / rel
-            if not file.is_file():
-                raise RunError(f"{folder}: {rel}: listed in {MANIFEST} but missing")
-            if sha256_file(file) != entry["sha256"]:
-                raise RunError(f"{folder}: {rel}: sha256 differs from {MANIFEST} (the file was changed after export)")
+    raw_bytes = S.read_bounded(path, limit=S.MAX_JSON_BYTES, what="the bundle manifest")
+    data = S.parse_json(raw_bytes, path=path, what="the bundle manifest")
+    if data.get("kind") != "mmcore-bundle":
+        raise S.BundleError(f"{path}: not an mmcore bundle manifest (kind: {data.get('kind')!r})")
+    version = data.get("bundle_format")
+    if isinstance(version, int) and not isinstance(version, bool) and version > BUNDLE_FORMAT:
+        raise S.BundleError(f"{path}: bundle format {version} is newer than this mmcore reads "
+                            f"({BUNDLE_FORMAT}); upgrade mmcore")
+    manifest = S.structure_file(data, S.Manifest, path=path)
+    _check_graph_entries(manifest, path)
+    _check_files(folder, manifest)
+    fingerprint = V.fingerprint(folder, raw_bytes, manifest.files)
+    if verify is False or (verify is None and V.is_verified(fingerprint)):
+        return manifest
+    for rel, entry in manifest.files.items():
+        if sha256_file(folder / rel) != entry.sha256:
+            raise S.BundleError(f"{folder}: {rel}: sha256 differs from {MANIFEST} (the file was changed after export)")
+    V.remember(fingerprint)
     return manifest
+
+
+def remember_verified(folder, entries):
+    """Record the bundle just written to ``folder`` (whose files' digests are ``entries``) as verified here."""
+    try:
+        V.remember(V.fingerprint(folder, (Path(folder) / MANIFEST).read_bytes(), entries))
+    except OSError:
+        pass  # the first start hashes the bundle instead
+
+
+def _check_graph_entries(manifest, path):
+    """The graph is the file of its format, listed; ONNX external data is the one listed file beside it."""
+    graph = manifest.graph
+    if graph.file != GRAPH_FILES[graph.format]:
+        raise S.BundleError(f"{path}: graph.file: the {graph.format} graph is {GRAPH_FILES[graph.format]!r} "
+                            f"(got {graph.file!r})")
+    if graph.file not in manifest.files:
+        raise S.BundleError(f"{path}: graph.file: {graph.file} is not listed in files")
+    if graph.external_data is not None:
+        if graph.format != "onnx" or graph.external_data != EXTERNAL_DATA:
+            raise S.BundleError(f"{path}: graph.external_data: only an onnx graph has one, {EXTERNAL_DATA!r} "
+                                f"(got {graph.external_data!r})")
+        if graph.external_data not in manifest.files:
+            raise S.BundleError(f"{path}: graph.external_data: {graph.external_data} is not listed in files")
+
+
+def _check_files(folder, manifest):
+    """Every listed file: a regular file inside the folder (no link out of it), of its recorded size."""
+    root = folder.resolve()
+    for rel, entry in manifest.files.items():
+        file = folder / rel
+        try:
+            inside = file.resolve().is_relative_to(root)
+            info = os.stat(file)
+        except FileNotFoundError:
+            raise S.BundleError(f"{folder}: {rel}: listed in {MANIFEST} but missing") from None
+        except OSError as exc:
+            raise S.BundleError(f"{folder}: {rel}: cannot be read ({exc.strerror or exc})") from None
+        if not inside:
+            raise S.BundleError(f"{folder}: {rel}: leads outside the bundle folder (a link); a bundle holds its own files")
+        if not os.path.isfile(file):
+            raise S.BundleError(f"{folder}: {rel}: not a regular file")
+        if info.st_size != entry.bytes:
+            raise S.BundleError(f"{folder}: {rel}: {info.st_size} bytes, {MANIFEST} says {entry.bytes} "
+                                "(the file was changed after export)")

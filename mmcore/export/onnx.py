@@ -11,6 +11,10 @@ dynamic batch axis; token sequences and NaFlex patch sequences have a dynamic le
 
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
+
 import attrs
 import numpy as np
 import torch
@@ -19,9 +23,13 @@ from torch import nn
 
 from mmcore.errors import RunError
 from mmcore.export import FORMATS  # noqa: F401 - defined without torch for the CLI, re-exported here
+from mmcore.export.bundle import EXTERNAL_DATA, GRAPH_FILES  # noqa: F401 - GRAPH_FILES re-exported
+from mmcore.export.schema import BundleError
 
-GRAPH_FILES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
 OPSET = 18
+#: weights above this size leave model.onnx for ONE external data file beside it (protobuf's hard
+#: limit is 2 GiB for the whole model; 64 MiB are left for the graph itself). Tests lower it.
+EXTERNAL_DATA_THRESHOLD = (2 << 30) - (64 << 20)
 
 
 class ExportUnsupported(RunError):
@@ -227,43 +235,134 @@ def dynamic_axes(fused, example):
 
 
 def write_graph(fused, example, path, fmt):
-    """Trace ``fused`` on ``example`` (a tuple of tensors) into ``path`` as ``fmt``."""
-    fused.eval()
-    if fmt == "onnx":
-        import warnings
+    """Trace ``fused`` on ``example`` (a tuple of tensors) into ``path`` as ``fmt``.
 
+    Returns the name of the ONNX graph's one external data file (:data:`EXTERNAL_DATA`, beside
+    ``path``) when its weights are over :data:`EXTERNAL_DATA_THRESHOLD`, else None.
+    """
+    path = Path(path)
+    fused.eval()
+    if fmt != "onnx":
+        with torch.no_grad():
+            traced = torch.jit.trace(fused, tuple(example), check_trace=False, strict=False)
+        traced.save(str(path))
+        return None
+    import warnings
+
+    # torch writes a model over the protobuf limit as one file per tensor (305 for the default
+    # recipe): trace into a folder of its own, then keep one graph file and at most one data file
+    work = path.parent / f".{path.name}.trace"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings about Python control flow: parity decides
             torch.onnx.export(
-                fused, tuple(example), str(path), input_names=fused.input_names, output_names=["logit"],
+                fused, tuple(example), str(work / path.name), input_names=fused.input_names, output_names=["logit"],
                 dynamic_axes=dynamic_axes(fused, example), opset_version=OPSET, dynamo=False,
             )
-        return
-    with torch.no_grad():
-        traced = torch.jit.trace(fused, tuple(example), check_trace=False, strict=False)
-    traced.save(str(path))
+        return _place_onnx(work / path.name, path)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _place_onnx(traced, path):
+    """Move the traced graph to ``path``, its weights inline or in one external data file beside it."""
+    import onnx
+
+    spilled = [p for p in traced.parent.iterdir() if p != traced]
+    if not spilled and traced.stat().st_size <= EXTERNAL_DATA_THRESHOLD:
+        os.replace(traced, path)
+        return None
+    model = onnx.load(str(traced), load_external_data=True)
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=EXTERNAL_DATA, size_threshold=1024)
+    return EXTERNAL_DATA
+
+
+def external_locations(model):
+    """Every external data location a (loaded, data-less) ONNX model refers to: initializers,
+    tensors in node attributes, and those of subgraphs and functions."""
+    from onnx import AttributeProto, TensorProto
+
+    def tensors(graph):
+        yield from graph.initializer
+        yield from (sparse.values for sparse in graph.sparse_initializer)
+        for node in graph.node:
+            yield from node_tensors(node)
+
+    def node_tensors(node):
+        for attribute in node.attribute:
+            if attribute.type == AttributeProto.TENSOR:
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.type == AttributeProto.GRAPH:
+                yield from tensors(attribute.g)
+            for graph in attribute.graphs:
+                yield from tensors(graph)
+
+    found = set()
+    everything = [*tensors(model.graph), *(t for f in model.functions for n in f.node for t in node_tensors(n))]
+    for tensor in everything:
+        if tensor.data_location == TensorProto.EXTERNAL:
+            entries = {entry.key: entry.value for entry in tensor.external_data}
+            found.add(entries.get("location", ""))
+    return found
 
 
 class GraphRunner:
-    """Runs an exported graph on numpy inputs: onnxruntime for ONNX, torch.jit for TorchScript."""
+    """Runs an exported graph on numpy inputs: onnxruntime for ONNX, torch.jit for TorchScript.
 
-    def __init__(self, path, fmt, *, device=None):
+    ``device``: ``auto``/``cpu``/``cuda[:N]`` (:mod:`mmcore.export.devices`); CUDA asked for and
+    not there is one line, never a CPU fallback. ``external_data``: the one external data file
+    the graph may refer to (the bundle lists it); an ONNX graph whose tensors point anywhere
+    else is refused before onnxruntime opens it.
+    """
+
+    def __init__(self, path, fmt, *, device="auto", external_data=None):
+        from mmcore.export.devices import onnx_providers, parse_device, torch_device
+
+        path = Path(path)
         self.format = fmt
+        self.requested = parse_device(device)
         if fmt == "onnx":
-            import onnxruntime as ort
+            from mmcore.kit.deps import require
 
-            providers = ["CPUExecutionProvider"]
-            if device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
-                providers.insert(0, "CUDAExecutionProvider")
-            self.session = ort.InferenceSession(str(path), providers=providers)
+            ort = require("onnxruntime", "scoring an ONNX bundle")
+            providers = onnx_providers(self.requested, ort.get_available_providers())
+            _check_external_data(path, external_data)
+            try:
+                self.session = ort.InferenceSession(str(path), providers=providers)
+            except _ort_errors() as exc:
+                raise BundleError(f"{path}: onnxruntime cannot open it ({_one_line(exc)})") from None
+            wanted = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
+            if wanted not in self.session.get_providers():  # onnxruntime falls back quietly when CUDA fails to load
+                from mmcore.export.devices import GPU_INSTALL, DeviceUnavailable
+
+                raise DeviceUnavailable(f"--device {self.requested}: onnxruntime could not start {wanted} "
+                                        f"(running on {', '.join(self.session.get_providers())}); check the CUDA "
+                                        f"and cuDNN libraries onnxruntime-gpu needs, or {GPU_INSTALL}")
             self.types = {i.name: _numpy_type(i.type) for i in self.session.get_inputs()}
         else:
-            self.device = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
-            self.module = torch.jit.load(str(path), map_location=self.device).eval()
+            self.device = torch_device(self.requested)
+            try:
+                self.module = torch.jit.load(str(path), map_location=self.device).eval()
+            except (RuntimeError, ValueError) as exc:
+                raise BundleError(f"{path}: not a TorchScript archive ({_one_line(exc)})") from None
 
     @property
     def providers(self):
         return self.session.get_providers() if self.format == "onnx" else [str(self.device)]
+
+    @property
+    def device_name(self):
+        """Where the graph runs: ``cpu`` or ``cuda:N``."""
+        if self.format != "onnx":
+            return str(self.device)
+        if self.session.get_providers()[0] != "CUDAExecutionProvider":
+            return "cpu"
+        options = self.session.get_provider_options().get("CUDAExecutionProvider", {})
+        return f"cuda:{options.get('device_id', 0)}"
 
     def __call__(self, feeds):
         """``{input name: numpy array}`` -> logits as float64 [B]."""
@@ -274,6 +373,35 @@ class GraphRunner:
         with torch.no_grad():
             tensors = [torch.from_numpy(np.asarray(v)).to(self.device) for v in feeds.values()]
             return self.module(*tensors).double().cpu().numpy().reshape(-1)
+
+
+def _check_external_data(path, external_data):
+    """Refuse an ONNX file that is not one, or whose tensors point outside ``external_data``."""
+    from google.protobuf.message import DecodeError
+
+    from mmcore.kit.deps import require
+
+    onnx = require("onnx", "opening an ONNX bundle")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, RecursionError) as exc:
+        raise BundleError(f"{path}: not an ONNX model ({_one_line(exc)})") from None
+    allowed = {external_data} if external_data else set()
+    outside = sorted(external_locations(model) - allowed)
+    if outside:
+        where = f"only {external_data!r}" if external_data else "none (the manifest lists no external data)"
+        raise BundleError(f"{path}: refers to external data {outside[0]!r}; a bundle's graph may use {where}")
+
+
+def _ort_errors():
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    return (state.Fail, state.InvalidGraph, state.InvalidProtobuf, state.NoSuchFile, state.InvalidArgument,
+            state.RuntimeException, state.NotImplemented)
+
+
+def _one_line(exc):
+    return " ".join(str(exc).split())[:300] or type(exc).__name__
 
 
 def _numpy_type(onnx_type):

@@ -7,14 +7,14 @@ batch with their texts (:meth:`Scorer.logits`).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+import attrs
 import numpy as np
-import tomllib
 
 from mmcore.errors import RunError
 from mmcore.export import bundle as B
+from mmcore.export.schema import BundleError
 
 DEFAULT_DECISION = {"threshold": 0.5, "temperature": 1.0, "description": "0.5 (no decision saved)"}
 
@@ -81,12 +81,18 @@ class Scorer:
         )
         return raw, calibrated, predicted
 
+    #: where the model runs (``cpu``, ``cuda:0``) and how (onnxruntime's providers, or torch's device type)
+    device_name = None
+    providers = ()
+
     def metadata(self):
-        """Model, recipe summary, decision and versions (``GET /metadata``)."""
+        """Model, recipe summary, decision, device and versions (``GET /metadata``)."""
         recipe = self.recipe_data
         return {
             "source": str(self.source),
             "kind": self.kind,
+            "device": self.device_name,
+            "providers": list(self.providers),
             "experiment": recipe.get("experiment"),
             "modality": self.modality,
             "vision": (recipe.get("vision") or {}).get("name") if self.uses_vision else None,
@@ -98,45 +104,57 @@ class Scorer:
             "threshold_rule": self.decision.get("description"),
             "ocr": self.ocr,
             "versions": B.versions(),
-            **self.placement(),
         }
-
-    def placement(self):
-        """Where the model runs: ``{"device": "cpu" | "cuda:N", "providers": [...]}``."""
-        raise NotImplementedError
 
 
 class BundleScorer(Scorer):
-    """An export bundle scored with onnxruntime (or TorchScript): no run directory, no training data."""
+    """An export bundle scored with onnxruntime (or TorchScript): no run directory, no training data.
+
+    Every file is checked against its schema as it is read (:mod:`mmcore.export.schema`); the
+    preprocessing and host featurizers are rebuilt from the classes the registry declares
+    (``registry``: the installed plugins by default). ``verify``: see :func:`~mmcore.export.bundle.read_manifest`.
+    """
 
     kind = "bundle"
 
-    def __init__(self, folder, *, device=None, verify=True, load_graph=True):
+    def __init__(self, folder, *, device="auto", verify=None, registry=None):
         from mmcore.export.onnx import GraphRunner
+        from mmcore.export.schema import Decision, read_json, read_recipe, structure_file
 
         folder = Path(folder)
         self.source = folder
         self.manifest = B.read_manifest(folder, verify=verify)
-        self.recipe_data = tomllib.loads((folder / B.RECIPE).read_text(encoding="utf-8"))
-        self.decision = {**DEFAULT_DECISION, **_read_json(folder / B.DECISION)}
-        graph = self.manifest["graph"]
-        self.input_names = graph["inputs"]
-        self.vision_names = graph["vision_inputs"]
+        #: the run's recipe as data, and structured (components' params left as data)
+        self.recipe_data, self.recipe = read_recipe(folder / B.RECIPE)
+        decision = structure_file(read_json(folder / B.DECISION, what="the decision"), Decision, path=folder / B.DECISION)
+        self.decision = attrs.asdict(decision)
+        graph = self.manifest.graph
+        if self.manifest.modality != self.modality:
+            raise BundleError(f"{folder / B.MANIFEST}: modality: {self.manifest.modality!r}, but {B.RECIPE} says "
+                              f"{self.modality!r}")
+        unnamed = [name for name in graph.inputs if name not in (*graph.vision_inputs, *graph.text_inputs)]
+        if unnamed:
+            raise BundleError(f"{folder / B.MANIFEST}: graph.inputs: {unnamed[0]!r} is neither a vision nor a text input")
+        self.input_names = graph.inputs
+        self.vision_names = graph.vision_inputs
+        registry = registry or _installed_registry()
         if self.uses_vision:
-            self.preprocessing = B.rebuild_preprocessing(_read_json(folder / B.PREPROCESSING), source=folder / B.PREPROCESSING)
+            path = folder / B.PREPROCESSING
+            self.preprocessing = B.rebuild_preprocessing(read_json(path, what="the preprocessing"), registry, source=path)
         self.host_text = None
         if self.uses_text:
             from mmcore.export.text import HostText
 
-            self.host_text = HostText(folder)
-        # load_graph=False: the host half only (the exporter, before the graph exists)
-        self.runner = GraphRunner(folder / graph["file"], graph["format"], device=device) if load_graph else None
+            self.host_text = HostText(folder, registry)
+        self.runner = GraphRunner(folder / graph.file, graph.format, device=device, external_data=graph.external_data)
 
-    def placement(self):
-        if self.runner is None:  # the host half only: nothing runs anywhere yet
-            return {"device": None, "providers": []}
-        providers = list(self.runner.providers)
-        return {"device": "cuda" if providers[0].startswith(("CUDA", "cuda")) else "cpu", "providers": providers}
+    @property
+    def device_name(self):
+        return self.runner.device_name
+
+    @property
+    def providers(self):
+        return self.runner.providers
 
     def text_feeds(self, texts):
         """Strings -> the graph's text inputs: token ids (int64) and/or host features (float32)."""
@@ -154,30 +172,36 @@ class BundleScorer(Scorer):
 
 
 class RunScorer(Scorer):
-    """A finished run directory scored with its PyTorch model, from raw images (no feature cache)."""
+    """A finished run directory scored with its PyTorch model, from raw images, in float32
+    (no autocast, no feature cache): what a bundle of the run computes."""
 
     kind = "run"
 
-    def __init__(self, run_dir, *, registry=None, device=None):
+    def __init__(self, run_dir, *, registry=None, device="auto"):
         from mmcore.commands.evaluate import load_run
         from mmcore.recipe import recipe_to_dict
 
         self.source = Path(run_dir)
-        self.pipeline, ckpt = load_run(run_dir, registry=registry, progress=False, device=device)
+        self.pipeline, ckpt = load_run(run_dir, registry=registry, progress=False, use_cache=False, device=device,
+                                       fp32=True)
         self.pipeline.model.eval()
         self.recipe_data = recipe_to_dict(self.pipeline.recipe)
         self.decision = {**DEFAULT_DECISION, **(ckpt.get("decision") or {})}
         vision = self.pipeline.model.vision
         self.preprocessing = vision.preprocessing if vision is not None else None
 
-    def placement(self):
-        return {"device": str(self.pipeline.device), "providers": ["torch"]}
+    @property
+    def device_name(self):
+        return str(self.pipeline.device)
+
+    @property
+    def providers(self):
+        return [f"torch {self.pipeline.device.type}"]
 
     def logits(self, vision_items, texts):
-        """The run's own forward (device, autocast, channels_last as in ``Trainer.predict``)."""
+        """The run's own forward in float32 (device and channels_last as in ``Trainer.predict``)."""
         import torch
 
-        from mmcore.engine.runtime import autocast
         from mmcore.engine.step import prepare_batch
 
         pipeline = self.pipeline
@@ -187,23 +211,25 @@ class RunScorer(Scorer):
         if self.uses_text:
             batch["text"] = list(texts)
         batch = prepare_batch(batch, pipeline.device, pipeline.channels_last)
-        with torch.no_grad(), autocast(pipeline.device, pipeline.dtype):
+        with torch.no_grad():
             out = pipeline.model(batch)
         return out.float().cpu().double().numpy().reshape(-1)
 
 
-def open_scorer(path, *, registry=None, device=None):
-    """A :class:`BundleScorer` for a bundle folder, else a :class:`RunScorer` for a run directory."""
+def open_scorer(path, *, registry=None, device="auto", verify=None):
+    """A :class:`BundleScorer` for a bundle folder, else a :class:`RunScorer` for a run directory.
+
+    ``device``: ``auto``/``cpu``/``cuda[:N]``; ``verify`` (bundles): True hashes every file.
+    """
     path = Path(path)
     if B.is_bundle(path):
-        return BundleScorer(path, device=device)
+        return BundleScorer(path, device=device, verify=verify, registry=registry)
     if not path.is_dir():
         raise RunError(f"{path}: neither a run directory nor an export bundle (not found)")
     return RunScorer(path, registry=registry, device=device)
 
 
-def _read_json(path):
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise RunError(f"{path}: cannot read ({exc})") from None
+def _installed_registry():
+    from mmcore.plugins.manager import get_registry
+
+    return get_registry()

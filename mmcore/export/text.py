@@ -5,8 +5,9 @@ Each part of the text encoder (one, or one per encoder of a ``concat``) is eithe
 - a *tokenizer* part (an encoder built on :mod:`mmcore.kit.text`): its Hugging Face tokenizer
   is saved in the bundle and makes int64 token ids, padded to the batch's longest text; or
 - a *featurizer* part (an encoder whose ``host_features()`` gives a
-  :class:`~mmcore.interfaces.HostFeaturizer`): the featurizer's module, class and fields go in
-  ``text.json`` and it is rebuilt from them (no pickle) to make named float32 arrays.
+  :class:`~mmcore.interfaces.HostFeaturizer`): the featurizer's class (by registry name: the
+  encoder's plugin declares it, ``register(..., data_classes=(MyFeaturizer,))``) and fields go in
+  ``text.json`` and it is rebuilt from them (no pickle, no import) to make named float32 arrays.
 
 ``text.json`` for one encoder keeps the layout of bundle format 1 (``name``, ``prefix``,
 ``max_length``, ``inputs``, the tokenizer in ``tokenizer/``), or holds ``featurizer`` instead of
@@ -28,29 +29,31 @@ from mmcore.errors import RunError
 from mmcore.export import bundle as B
 
 
-def write_text_side(folder, plan):
+def write_text_side(folder, plan, registry):
     """Save ``plan``'s tokenizers into ``folder``; returns ``text.json``'s data."""
     folder = Path(folder)
     if not plan.combined:
-        return {"name": plan.encoder.name, **_write_part(folder, plan.parts[0], B.TOKENIZER)}
+        return {"name": plan.encoder.name, **_write_part(folder, plan.parts[0], B.TOKENIZER, registry)}
     parts = []
     for i, part in enumerate(plan.parts):
-        described = _write_part(folder, part, f"{B.TOKENIZERS}/text{i}")
+        described = _write_part(folder, part, f"{B.TOKENIZERS}/text{i}", registry)
         parts.append({"name": part.encoder.name, "input_prefix": part.input_prefix, **described})
     return {"name": plan.encoder.name, "inputs": plan.graph_names, "parts": parts}
 
 
-def _write_part(folder, part, tokenizer_dir):
+def _write_part(folder, part, tokenizer_dir, registry):
     if part.featurizer is not None:
-        described = B.describe_object(part.featurizer)
-        try:
-            json.dumps(described)
-        except TypeError as exc:
-            from mmcore.export.onnx import ExportUnsupported
+        from mmcore.export.onnx import ExportUnsupported
 
+        try:
+            described = B.describe_object(part.featurizer, registry, kind="text", component=part.encoder.name)
+            json.dumps(described, allow_nan=False)
+        except (TypeError, ValueError) as exc:
             raise ExportUnsupported(f"text encoder {part.encoder.name!r}: its host featurizer "
-                                    f"{described['module']}.{described['class']} has fields that are not plain "
+                                    f"{type(part.featurizer).__qualname__} has fields that are not plain "
                                     f"JSON data ({exc}); a bundle stores them as JSON") from None
+        except RunError as exc:
+            raise ExportUnsupported(str(exc)) from None
         return {"inputs": list(part.names), "featurizer": described}
     part.tokenizer.save_pretrained(str(folder / tokenizer_dir))
     data = {"prefix": getattr(part.encoder, "prefix", ""), "max_length": int(part.encoder.max_length),
@@ -95,21 +98,20 @@ class HostFeatures:
 
 
 class HostText:
-    """A bundle's text side, read back: :meth:`feeds` makes every text input of the graph."""
+    """A bundle's text side, read back and checked: :meth:`feeds` makes every text input of the graph."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, registry):
+        from mmcore.export.schema import TextInfo, read_json, structure_file
+
         folder = Path(folder)
         path = folder / B.TEXT
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise RunError(f"{path}: cannot read ({exc})") from None
-        self.data = data
-        if "parts" in data:
-            self.parts = [_read_part(folder, part, f"{path}: parts[{i}]", part.get("tokenizer"))
-                          for i, part in enumerate(data["parts"])]
+        self.data = read_json(path, what="the text side")
+        info = structure_file(self.data, TextInfo, path=path)
+        if info.parts is not None:
+            self.parts = [_read_part(folder, part, f"{path}: parts[{i}]", part.tokenizer, part.input_prefix, registry)
+                          for i, part in enumerate(info.parts)]
         else:
-            self.parts = [_read_part(folder, data, str(path), B.TOKENIZER)]
+            self.parts = [_read_part(folder, info, str(path), B.TOKENIZER, "", registry)]
 
     def feeds(self, texts):
         """Strings (None reads as empty) -> ``{graph input name: array}`` for every text input."""
@@ -140,16 +142,19 @@ def host_parts(plan):
     return parts
 
 
-def _read_part(folder, data, source, tokenizer_dir):
-    names = tuple(data.get("inputs") or ())
-    input_prefix = data.get("input_prefix", "")
-    if "featurizer" in data:
-        featurizer = B.rebuild_object(data["featurizer"], source=f"{source}: featurizer", what="text featurizer class")
+def _read_part(folder, info, source, tokenizer_dir, input_prefix, registry):
+    """One part of ``text.json`` (a :class:`~mmcore.export.schema.TextPartInfo` or the single-part
+    :class:`~mmcore.export.schema.TextInfo`) -> its host callable."""
+    names = tuple(info.inputs)
+    if info.featurizer is not None:
+        featurizer = B.rebuild_object(info.featurizer, registry, source=f"{source}: featurizer", what="text featurizer class")
         return HostFeatures(featurizer=featurizer, names=names, source=source, input_prefix=input_prefix)
     if not tokenizer_dir or not (folder / tokenizer_dir).is_dir():
         raise RunError(f"{source}: names no tokenizer folder that the bundle holds ({tokenizer_dir!r})")
-    from transformers import AutoTokenizer
+    from mmcore.kit.deps import require
 
-    tokenizer = AutoTokenizer.from_pretrained(str(folder / tokenizer_dir))
-    return HostTokenizer(tokenizer=tokenizer, prefix=data.get("prefix", ""), max_length=int(data["max_length"]),
+    transformers = require("transformers", "a bundle's tokenizer")
+    # local files only, and no code from them: a tokenizer_config.json asking for remote code is refused
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder / tokenizer_dir), local_files_only=True, trust_remote_code=False)
+    return HostTokenizer(tokenizer=tokenizer, prefix=info.prefix, max_length=int(info.max_length),
                          names=names, input_prefix=input_prefix)

@@ -1,8 +1,10 @@
-"""Optional third-party packages of the kit: one line saying what to install when one is missing.
+"""Optional third-party packages: one line saying which extra to install when one is missing.
 
-mmcore itself needs neither transformers nor timm; the plugins that build on them depend on them,
-and mmcore declares them as the extras ``text`` (transformers, sentence-transformers) and
-``timm``, so ``pip install 'mmcore[text]'`` gets them too.
+mmcore itself needs neither transformers nor onnxruntime; what needs them is declared as an
+extra of the ``mmcore`` package (``pyproject.toml``), and ``bash scripts/install.sh`` installs
+every extra the README uses. A missing one is a :class:`MissingDependency` (exit 1):
+
+    mmcore export needs the onnx package, which is not installed: pip install 'mmcore[export]' (or bash scripts/install.sh)
 """
 
 from __future__ import annotations
@@ -11,23 +13,61 @@ import importlib
 
 from mmcore.errors import MmcoreError
 
+#: importable module -> (the package pip installs, the mmcore extra that has it)
 EXTRAS = {
     "transformers": ("transformers", "text"),
     "sentence_transformers": ("sentence-transformers", "text"),
     "timm": ("timm", "timm"),
     "captum": ("captum", "explain"),
+    "onnx": ("onnx", "export"),
+    "onnxruntime": ("onnxruntime", "export"),
+    "fastapi": ("fastapi", "serve"),
+    "uvicorn": ("uvicorn", "serve"),
+    "multipart": ("python-multipart", "serve"),
+    "prometheus_client": ("prometheus-client", "serve"),
+    "optuna": ("optuna", "tune"),
+    "wandb": ("wandb", "wandb"),
+    "webdataset": ("webdataset", "webdataset"),
+    "braceexpand": ("braceexpand", "webdataset"),
 }
+#: extra -> the modules a command of it imports (checked together, before the command's work starts)
+EXTRA_MODULES = {
+    "export": ("onnx", "onnxruntime"),
+    "serve": ("onnx", "onnxruntime", "fastapi", "uvicorn", "multipart", "prometheus_client"),
+    "tune": ("optuna",),
+    "explain": ("captum",),
+    "wandb": ("wandb",),
+    "webdataset": ("webdataset", "braceexpand"),
+}
+#: the extras ``bash scripts/install.sh`` installs (the README's first command)
+INSTALL_SCRIPT_EXTRAS = ("export", "serve", "tune", "explain")
 
 
 class MissingDependency(MmcoreError):
-    """An optional package a component needs is not installed."""
+    """An optional package a component or command needs is not installed (exit 1)."""
+
+
+def missing_line(module, what):
+    """``{what} needs the {package} package, which is not installed: pip install 'mmcore[extra]'``."""
+    package, extra = EXTRAS.get(module, (module, None))
+    if extra is None:
+        hint = f"pip install '{package}'"
+    else:
+        hint = f"pip install 'mmcore[{extra}]'"
+        if extra in INSTALL_SCRIPT_EXTRAS:
+            hint += " (or bash scripts/install.sh)"
+    return f"{what} needs the {package} package, which is not installed: {hint}"
 
 
 def require(module, what):
-    """Import ``module`` or raise :class:`MissingDependency`, one line naming what needs it and the pip command."""
+    """Import ``module`` or raise :class:`MissingDependency`, one line naming what needs it and the extra."""
     try:
         return importlib.import_module(module)
     except ImportError:
-        package, extra = EXTRAS.get(module, (module, None))
-        hint = f"pip install '{package}'" + (f" (or 'mmcore[{extra}]')" if extra else "")
-        raise MissingDependency(f"{what} needs the {package} package, which is not installed: {hint}") from None
+        raise MissingDependency(missing_line(module, what)) from None
+
+
+def require_extra(extra, what):
+    """Import every module of ``extra`` (the command will) or raise the first missing one's line."""
+    for module in EXTRA_MODULES[extra]:
+        require(module, what)

@@ -1,4 +1,12 @@
-"""Collects what plugins register and knows which package gave each name."""
+"""Collects what plugins register and knows which package gave each name.
+
+Besides its factory and params class, a component may declare its *data classes*
+(``register(name, factory, params_cls, data_classes=(MyPreprocessing,))``): the attrs classes of
+objects an export bundle stores as data (an image preprocessing, a text encoder's host
+featurizer) and rebuilds from their fields. A bundle names such a class by its registry name
+(:meth:`Registry.data_class_name`), never by module path, so loading a bundle imports nothing
+that no registered component declared. The core declares its own (:func:`core_data_classes`).
+"""
 
 import difflib
 import re
@@ -21,6 +29,16 @@ def find_plugins_hint(kind):
     )
 
 NAME_RE = re.compile(r"^[a-z0-9_]+\Z")  # \Z: "$" also matches before a final newline
+#: the prefix of the data classes the core itself declares (``mmcore/Preprocessing``)
+CORE = "mmcore"
+
+
+def core_data_classes():
+    """The data classes the core declares: the preprocessing classes every encoder may use."""
+    from mmcore.interfaces import Preprocessing
+    from mmcore.kit.vision import ResizeCropPreprocessing
+
+    return (Preprocessing, ResizeCropPreprocessing)
 
 
 class UnknownComponentError(MmcoreError):
@@ -43,6 +61,12 @@ class Registration:
     #: ``weights(params) -> list[WeightRef | PartRef]``: what ``factory(params)`` loads (see
     #: :mod:`mmcore.kit.weights`); None: not declared, so not checked before the build
     weights: object = attrs.field(default=None, kw_only=True)
+    #: attrs classes whose objects a bundle stores as data (see the module docstring)
+    data_classes: tuple = attrs.field(default=(), kw_only=True)
+
+
+class UnknownDataClassError(MmcoreError):
+    """A bundle names a data class that no registered component declares."""
 
 
 class Registry:
@@ -56,17 +80,19 @@ class Registry:
         self.broken = dict(broken or {})
 
     def register_function(self, kind, package):
-        """The ``register(name, factory, params_cls, *, weights=None)`` callable handed to one plugin's hook."""
+        """The ``register(name, factory, params_cls, *, weights=None, data_classes=())`` callable handed to one
+        plugin's hook."""
 
-        def register(name, factory, params_cls, *, weights=None):
-            self.add(kind, name, factory, params_cls, package, weights=weights)
+        def register(name, factory, params_cls, *, weights=None, data_classes=()):
+            self.add(kind, name, factory, params_cls, package, weights=weights, data_classes=data_classes)
 
         return register
 
-    def add(self, kind, name, factory, params_cls, package, *, weights=None):
+    def add(self, kind, name, factory, params_cls, package, *, weights=None, data_classes=()):
         """Add one component; a name registered twice for a kind is an error naming both packages.
 
-        ``weights``: the function that says which pretrained weights the factory loads (optional).
+        ``weights``: the function that says which pretrained weights the factory loads (optional);
+        ``data_classes``: the attrs classes of this component a bundle may store as data.
         """
         if not NAME_RE.match(name):
             raise MmcoreError(f"{package}: {KINDS[kind].human} name {name!r} must match [a-z0-9_]+")
@@ -74,6 +100,13 @@ class Registry:
             raise MmcoreError(
                 f"{package}: {KINDS[kind].human} {name!r}: params_cls must be an attrs class"
             )
+        data_classes = tuple(data_classes)
+        for cls in data_classes:
+            if not (isinstance(cls, type) and attrs.has(cls)):
+                raise MmcoreError(f"{package}: {KINDS[kind].human} {name!r}: data_classes must be attrs classes "
+                                  f"(got {cls!r})")
+        if len({cls.__name__ for cls in data_classes}) != len(data_classes):
+            raise MmcoreError(f"{package}: {KINDS[kind].human} {name!r}: two data_classes share a class name")
         existing = self._by_kind[kind].get(name)
         if existing is not None:
             raise DuplicateComponentError(
@@ -82,7 +115,8 @@ class Registry:
             )
         if weights is not None and not callable(weights):
             raise MmcoreError(f"{package}: {KINDS[kind].human} {name!r}: weights must be a function of the params")
-        self._by_kind[kind][name] = Registration(kind, name, factory, params_cls, package, weights=weights)
+        self._by_kind[kind][name] = Registration(kind, name, factory, params_cls, package, weights=weights,
+                                                 data_classes=data_classes)
 
     def names(self, kind):
         """Sorted names registered for ``kind``."""
@@ -102,6 +136,52 @@ class Registry:
     def has(self, kind, name):
         """True when some package registered ``name`` for ``kind``."""
         return name in self._by_kind[kind]
+
+    def data_class_name(self, cls, *, kind, name):
+        """The registry name of data class ``cls`` for component ``name`` of ``kind``, or None when
+        neither that component nor the core declares it: ``vision/siglip2_naflex_base/NaflexPreprocessing``
+        (the component's own declaration) or ``mmcore/Preprocessing`` (the core's)."""
+        registration = self._by_kind[kind].get(name)
+        if registration is not None and cls in registration.data_classes:
+            return f"{kind}/{name}/{cls.__name__}"
+        if cls in core_data_classes():
+            return f"{CORE}/{cls.__name__}"
+        return None
+
+    def data_class(self, data_name):
+        """The class a registry name from :meth:`data_class_name` stands for, or
+        :class:`UnknownDataClassError` saying what is declared. Imports nothing: the class was
+        declared by the core or by a component some installed plugin registered."""
+        if not isinstance(data_name, str):
+            raise UnknownDataClassError(f"must be a data class name (a string), got {type(data_name).__name__}")
+        parts = data_name.split("/")
+        if len(parts) == 2 and parts[0] == CORE:
+            declared = core_data_classes()
+            where = "the mmcore core"
+        elif len(parts) == 3 and parts[0] in self._by_kind:
+            kind, name, _ = parts
+            if name not in self._by_kind[kind]:
+                raise UnknownDataClassError(f"{data_name!r}: {self.unknown_message(kind, name)}")
+            declared = self._by_kind[kind][name].data_classes
+            where = f"{KINDS[kind].human} {name!r}"
+        else:
+            raise UnknownDataClassError(
+                f"{data_name!r} is not a data class name ({CORE}/<Class> or <kind>/<component>/<Class>)")
+        for cls in declared:
+            if cls.__name__ == parts[-1]:
+                return cls
+        names = ", ".join(cls.__name__ for cls in declared) or "none"
+        raise UnknownDataClassError(f"{data_name!r}: {where} declares no data class {parts[-1]!r} (it declares: {names})")
+
+    def data_class_by_path(self, module, qualname):
+        """The declared data class whose module and qualified name are these, else None: how the
+        bundles of formats 1 and 2, which named a class by module path, are read. The strings are
+        compared with the declared classes; nothing is imported."""
+        declared = [*core_data_classes(), *(cls for reg in self.all() for cls in reg.data_classes)]
+        for cls in declared:
+            if (cls.__module__, cls.__qualname__) == (module, qualname):
+                return cls
+        return None
 
     def unknown_message(self, kind, name):
         """``unknown vision encoder 'resnet5'; did you mean 'resnet50'? installed: ...``"""

@@ -106,6 +106,9 @@ def _problems(exc, path):
         key = str(exc.args[0])
         yield (path if path.rpartition(".")[2] == key else _join(path, key)), "missing required key"
         return
+    if isinstance(exc, ValueError) and len(exc.args) > 1 and isinstance(exc.args[1], attrs.Attribute):
+        yield _join(path, exc.args[1].name), str(exc.args[0])  # an attrs validator's (message, attribute, ...)
+        return
     if isinstance(exc, (StrictTypeError, ValueError, TypeError)):
         message = str(exc)
         if isinstance(exc, TypeError) and "unexpected keyword" in message:

@@ -73,9 +73,9 @@ class NgramFeaturizer(HostFeaturizer):
     Its fields are plain data, so an export bundle stores and rebuilds it without pickle.
     """
 
-    blocks: tuple = ("word", "char")
-    word_ngrams: tuple = (1, 2)
-    char_ngrams: tuple = (2, 5)
+    blocks: tuple[str, ...] = ("word", "char")
+    word_ngrams: tuple[int, int] = (1, 2)
+    char_ngrams: tuple[int, int] = (2, 5)
     char_analyzer: str = "char_wb"
     n_features: int = 4096
     sublinear_tf: bool = True
@@ -186,4 +186,4 @@ def build_ngrams(params):
 
 @hookimpl
 def register_text_encoders(register):
-    register("ngrams", build_ngrams, NgramParams)
+    register("ngrams", build_ngrams, NgramParams, data_classes=(NgramFeaturizer,))

@@ -59,10 +59,13 @@ def _factory(name):
 
 @hookimpl
 def register_vision_encoders(register):
-    """The four SigLIP 2 encoders: two fixed-resolution, two NaFlex."""
+    """The four SigLIP 2 encoders: two fixed-resolution, two NaFlex (whose preprocessing an
+    export bundle stores as data: declared, so that the bundle can name it)."""
+    from .naflex import NaflexPreprocessing
+
     for name in FIXED_NAMES:
         register(name, _factory(name), Siglip2Params,
                  weights=partial(hub_weights, default_id=HUB_IDS[name]))
     for name in NAFLEX_NAMES:
         register(name, _factory(name), Siglip2NaflexParams,
-                 weights=partial(hub_weights, default_id=HUB_IDS[name]))
+                 weights=partial(hub_weights, default_id=HUB_IDS[name]), data_classes=(NaflexPreprocessing,))
