@@ -8,7 +8,15 @@ the top blocks (peft supports ``Conv2d``). torchvision is imported by the factor
 
 import attrs
 
-from mmcore import EncoderParams, FeatureMapEncoder, build_torchvision_model, hookimpl, square_preprocessing, torchvision_preprocessing
+from mmcore import (
+    EncoderParams,
+    FeatureMapEncoder,
+    VisionTraits,
+    build_torchvision_model,
+    hookimpl,
+    square_preprocessing,
+    torchvision_preprocessing,
+)
 
 #: mmcore name -> the torchvision weights it loads when ``pretrained = true``
 WEIGHTS = {
@@ -22,9 +30,6 @@ TINY_IMAGE_SIZE = 64  # 2x2 feature map -> 4 tokens
 @attrs.frozen(kw_only=True)
 class ResNetParams(EncoderParams):
     """torchvision ResNet; ``weights`` may be another torchvision weights id or a local file/dir."""
-
-    #: known before the encoder is built, so the recipe check refuses ``cls`` pooling up front
-    has_cls_token = False
 
 
 class ResNetEncoder(FeatureMapEncoder):
@@ -87,4 +92,4 @@ def _factory(name):
 @hookimpl
 def register_vision_encoders(register):
     for name in WEIGHTS:
-        register(name, _factory(name), ResNetParams)
+        register(name, _factory(name), ResNetParams, traits=VisionTraits(has_cls_token=False))

@@ -6,7 +6,7 @@ is built.
 
 import attrs
 
-from mmcore import EncoderParams, at_least, hookimpl
+from mmcore import EncoderParams, VisionTraits, at_least, hookimpl
 
 #: mmcore name -> Hugging Face hub id of the pretrained weights
 HUB_IDS = {
@@ -28,17 +28,11 @@ DEFAULT_MAX_NUM_PATCHES = 1024
 class Siglip2Params(EncoderParams):
     """Fixed-resolution SigLIP 2: the image is squashed to the checkpoint's square size."""
 
-    #: known before the encoder is built, so the recipe check refuses ``cls`` pooling up front
-    has_cls_token = False
-
 
 @attrs.frozen(kw_only=True)
 class Siglip2NaflexParams(EncoderParams):
     """NaFlex SigLIP 2: the image keeps its aspect ratio and is cut into at most
     ``max_num_patches`` patches."""
-
-    #: known before the encoder is built, so the recipe check refuses ``cls`` pooling up front
-    has_cls_token = False
 
     max_num_patches: int = attrs.field(default=DEFAULT_MAX_NUM_PATCHES, validator=at_least(1))
 
@@ -58,7 +52,8 @@ def _factory(name):
 @hookimpl
 def register_vision_encoders(register):
     """The four SigLIP 2 encoders: two fixed-resolution, two NaFlex."""
+    traits = VisionTraits(has_cls_token=False)  # SigLIP has no CLS token (it pools with its own head)
     for name in FIXED_NAMES:
-        register(name, _factory(name), Siglip2Params)
+        register(name, _factory(name), Siglip2Params, traits=traits)
     for name in NAFLEX_NAMES:
-        register(name, _factory(name), Siglip2NaflexParams)
+        register(name, _factory(name), Siglip2NaflexParams, traits=traits)

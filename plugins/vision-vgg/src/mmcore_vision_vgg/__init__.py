@@ -10,7 +10,15 @@ torchvision is imported by the factory.
 import attrs
 from torch import nn
 
-from mmcore import EncoderParams, FeatureMapEncoder, build_torchvision_model, hookimpl, square_preprocessing, torchvision_preprocessing
+from mmcore import (
+    EncoderParams,
+    FeatureMapEncoder,
+    VisionTraits,
+    build_torchvision_model,
+    hookimpl,
+    square_preprocessing,
+    torchvision_preprocessing,
+)
 
 #: mmcore name -> the torchvision weights it loads when ``pretrained = true``
 WEIGHTS = {"vgg16": "VGG16_Weights.IMAGENET1K_V1"}
@@ -22,9 +30,6 @@ TINY_IMAGE_SIZE = 64  # 2x2 feature map -> 4 tokens
 @attrs.frozen(kw_only=True)
 class VggParams(EncoderParams):
     """torchvision VGG16; ``weights`` may be another torchvision weights id or a local file/dir."""
-
-    #: known before the encoder is built, so the recipe check refuses ``cls`` pooling up front
-    has_cls_token = False
 
 
 class VggEncoder(FeatureMapEncoder):
@@ -78,4 +83,4 @@ def build_vgg16(params):
 
 @hookimpl
 def register_vision_encoders(register):
-    register("vgg16", build_vgg16, VggParams)
+    register("vgg16", build_vgg16, VggParams, traits=VisionTraits(has_cls_token=False))

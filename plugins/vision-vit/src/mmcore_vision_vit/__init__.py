@@ -11,7 +11,7 @@ block's attention linears ``attn.qkv`` and ``attn.proj`` (``lora_target_modules`
 
 import attrs
 
-from mmcore import EncoderParams, build_timm_encoder, hookimpl
+from mmcore import EncoderParams, VisionTraits, build_timm_encoder, hookimpl
 
 #: mmcore name -> the timm model (with its pretrained tag) loaded from the Hugging Face hub
 #: (``timm/<name>``) when ``pretrained = true``
@@ -39,4 +39,4 @@ def _factory(name):
 @hookimpl
 def register_vision_encoders(register):
     for name in WEIGHTS:
-        register(name, _factory(name), VitParams)
+        register(name, _factory(name), VitParams, traits=VisionTraits(has_cls_token=True))
