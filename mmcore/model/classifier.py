@@ -22,6 +22,7 @@ from torch import nn
 
 from mmcore.builtin.projection import UnimodalProjection
 from mmcore.data.dataset import device_pixels
+from mmcore.errors import RecipeError
 from mmcore.interfaces import Fusion, FusionOutput, ModelOutput
 from mmcore.plugins.build import build
 
@@ -136,13 +137,22 @@ def build_encoders(recipe, registry, *, source="recipe"):
 
 
 def build_classifier(recipe, registry, *, source="recipe"):
-    """The whole model (trainability of the vision encoder applied by the engine)."""
+    """The whole model (trainability of the vision encoder applied by the engine).
+
+    The parts after the encoders are measured first (on the meta device): parameters that cannot
+    fit in memory are a recipe error naming the key, not an allocator's traceback.
+    """
+    from mmcore.model.size import size_problem
+
     vision, text = build_encoders(recipe, registry, source=source)
     dims = {
         "vision_dim": vision.out_dim if vision is not None else None,
         "text_dim": text.out_dim if text is not None else None,
         "has_cls_token": vision.has_cls_token if vision is not None else False,
     }
+    problem = size_problem(recipe, registry, source=source, **dims)
+    if problem:
+        raise RecipeError(problem)
     top = build_top(recipe, registry, source=source, **dims)
     parts = {"vision": (recipe.vision, vision), "pooling": (recipe.pooling, top["pooling"]), "text": (recipe.text, text),
              "fusion": (recipe.fusion, top["fusion"]), "head": (recipe.head, top["head"])}

@@ -252,7 +252,24 @@ def resolve_components(recipe, source, *, registry=None, check_modality=True):
         problems.extend(_check_metadata(recipe, resolved, source, registry))
     if problems:
         raise RecipeError(problems)
-    return attrs.evolve(recipe, **resolved)
+    recipe = attrs.evolve(recipe, **resolved)
+    if check_modality:
+        _check_size(recipe, source, registry)
+    return recipe
+
+
+def _check_size(recipe, source, registry):
+    """Parameters that cannot fit in memory even behind the narrowest encoders: refused at load,
+    before anything is built (building measures again, with the encoders' real widths)."""
+    from mmcore.model.size import size_problem
+
+    modality = recipe.train.modality
+    problem = size_problem(
+        recipe, registry, source=source, lower_bound=True, has_cls_token=True,
+        vision_dim=1 if modality != "text_only" else None, text_dim=1 if modality != "vision_only" else None,
+    )
+    if problem:
+        raise RecipeError(problem)
 
 
 def _check_modality(recipe, source):
