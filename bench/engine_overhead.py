@@ -64,7 +64,7 @@ def plain_loop(model, optimizer, scheduler, loss_fn, batches, grad_clip=1.0):
     trainable = [p for p in model.parameters() if p.requires_grad]
     for batch in batches:
         pixels = batch["vision"]["pixel_values"].contiguous(memory_format=torch.channels_last)
-        logits = model({"vision": {"pixel_values": pixels}, "text_feature": batch["text_feature"]})
+        logits = model({"vision": {"pixel_values": pixels}, "text_feature": batch["text_feature"]}).logit
         loss = loss_fn(logits.float(), batch["label"])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, grad_clip)

@@ -200,7 +200,7 @@ def bench_training(args, data_dir, root, mode):
             text = batch["text_feature"].to(device, non_blocking=True)
             target = batch["label"].to(device, non_blocking=True)
             with autocast(device, dtype):
-                logits = model({"vision": {"pixel_values": pixels}, "text_feature": text})
+                logits = model({"vision": {"pixel_values": pixels}, "text_feature": text}).logit
             loss = loss_fn(logits.float(), target)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, train.grad_clip)

@@ -138,7 +138,7 @@ def _child_epoch(recipe_path):
     started = time.perf_counter()
     for batch in loader:
         batch = prepare_batch(batch, pipeline.device)  # float16 cached features upcast, as the engine does
-        logits = model(batch).reshape(-1)
+        logits = model(batch).logit.reshape(-1)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch["label"])
         optimizer.zero_grad()
         loss.backward()

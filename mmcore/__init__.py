@@ -2,7 +2,7 @@
 
 This module is the face plugin authors use, as ``from llm import Model, hookimpl`` is llm's::
 
-    from mmcore import EncoderParams, VisionEncoder, TokenOutput, hookimpl
+    from mmcore import EncoderParams, VisionEncoder, TokenOutput, VisionTraits, hookimpl
 
 Everything a plugin needs is importable from here; the modules behind these names are private
 and may move. Contract checks for a plugin's own tests live in :mod:`mmcore.testing`.
@@ -23,6 +23,15 @@ _FACE = {
     "HostFeaturizer": "mmcore.interfaces",
     "OcrEngine": "mmcore.interfaces",
     "TokenOutput": "mmcore.interfaces",
+    "Pooling": "mmcore.interfaces",
+    "Fusion": "mmcore.interfaces",
+    "FusionOutput": "mmcore.interfaces",
+    "AuxiliaryLogits": "mmcore.interfaces",
+    "Head": "mmcore.interfaces",
+    "ModelOutput": "mmcore.interfaces",
+    # traits a component declares when it registers: register(name, factory, params_cls, traits=...)
+    "VisionTraits": "mmcore.plugins.traits",
+    "AugmentationTraits": "mmcore.plugins.traits",
     "Preprocessing": "mmcore.interfaces",
     "EncoderParams": "mmcore.interfaces",
     "NoParams": "mmcore.interfaces",

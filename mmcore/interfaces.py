@@ -1,10 +1,13 @@
-"""What plugins provide: vision encoders, text encoders, OCR engines, and image preprocessing.
+"""What plugins provide: encoders, poolings, fusions, heads, OCR engines, and image preprocessing.
 
 A vision encoder turns preprocessed pixels into a token sequence plus a padding mask
 (a CNN feature map [B, C, H, W] becomes H*W tokens with a full mask). A text encoder turns
 a batch of strings into one vector per string. Both carry an ``identity`` string
 (name + weights + revision + preprocessing) that keys the feature cache: two encoders with
-the same identity must produce the same outputs for the same input.
+the same identity must produce the same outputs for the same input. A :class:`Pooling` turns
+the tokens into one vector, a :class:`Fusion` joins the two modalities' vectors
+(:class:`FusionOutput`), a :class:`Head` scores the result; the classifier returns a
+:class:`ModelOutput`.
 
 Preprocessing is *data*: a picklable object that the data-loader workers call on a decoded
 PIL image. The training process never resizes images.
@@ -168,7 +171,9 @@ class VisionEncoder(nn.Module):
     ``weights`` (hub id, local path or ``"random"``), ``revision``, and implement
     :meth:`forward` and :meth:`blocks`. Everything about trainability (freeze, top-N,
     LoRA, optimizer groups) is derived by the core from :meth:`blocks`,
-    :meth:`final_norm` and ``lora_target_modules``.
+    :meth:`final_norm` and ``lora_target_modules``. ``has_cls_token`` and ``trainable`` must
+    agree with the :class:`~mmcore.plugins.traits.VisionTraits` the plugin registered (building
+    checks them).
     """
 
     name: str = ""
@@ -202,6 +207,28 @@ class VisionEncoder(nn.Module):
         """Qualified module names of :meth:`blocks`, in order (used for LoRA targeting)."""
         names = {id(module): name for name, module in self.named_modules()}
         return [names[id(block)] for block in self.blocks()]
+
+    def enable_gradient_checkpointing(self) -> bool:
+        """Turn on activation checkpointing (``train.gradient_checkpointing``) -> whether it could.
+
+        The default finds the switch of a Hugging Face model (``activation_checkpointing_enable``,
+        or ``gradient_checkpointing_enable`` before transformers 5; non-reentrant) or a timm model
+        (``set_grad_checkpointing``) on the encoder or its wrapped ``model``. Override it for a
+        model of your own; return False when it cannot (the run warns and trains without).
+        """
+        for module in (self, getattr(self, "model", None)):
+            if not isinstance(module, nn.Module) or not getattr(module, "supports_gradient_checkpointing", True):
+                continue
+            if hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5.x names it so
+                module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                return True
+            if hasattr(module, "gradient_checkpointing_enable"):
+                module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                return True
+            if hasattr(module, "set_grad_checkpointing"):
+                module.set_grad_checkpointing(True)
+                return True
+        return False
 
     @property
     def identity(self) -> str:
@@ -372,3 +399,96 @@ class NoWeightsParams(EncoderParams):
     pretrained: bool = attrs.field(default=False, validator=_loads_nothing)
     weights: str | None = attrs.field(default=None, validator=_loads_nothing)
     revision: str | None = attrs.field(default=None, validator=_loads_nothing)
+
+
+# --- what the model around the encoders is made of --------------------------------------------
+
+
+class Pooling(nn.Module):
+    """Base class for poolings: a token sequence -> one vector per sample.
+
+    ``register_poolings`` registers ``factory(params, dim, has_cls_token) -> Pooling``. What
+    :meth:`forward` gets is exactly what the engine sends, and what
+    :func:`mmcore.testing.check_pooling` sends:
+
+    - ``tokens`` [B, N, dim], floating point but not always float32: token sequences read from
+      the feature cache are float16, and under autocast an encoder emits bfloat16 or float16.
+      Cast to your parameters' dtype before using them together
+      (``tokens = tokens.to(self.gate.weight.dtype)``).
+    - ``mask`` [B, N] bool (True = a real token), or ``None``: every token is real. A batch of
+      sequences of one length (every CNN, a fixed-resolution ViT, their cached tokens) comes
+      without a mask, so that fused attention kernels apply.
+
+    Padded tokens (mask False) may hold anything and must not change the result. Returns
+    [B, dim]. A pooling trains when it has parameters; the feature cache then stores a frozen
+    encoder's token sequences, else the pooled vectors (nothing to declare).
+    """
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class AuxiliaryLogits(NamedTuple):
+    """Logits that a fusion wants trained by losses of their own (late fusion: one per modality).
+
+    The training step adds ``weight * loss(logit, labels)`` for each of ``logits`` (each [B])
+    to the loss of the classifier's logit.
+    """
+
+    weight: float
+    logits: tuple[torch.Tensor, ...]
+
+
+class FusionOutput(NamedTuple):
+    """What a :class:`Fusion` returns.
+
+    ``fused`` [B, out_dim]: what the head scores. ``aux_logits``: :class:`AuxiliaryLogits` of a
+    training forward, or None. ``gate``: how much each sample's fused vector comes from the
+    image (1) rather than the text (0), [B] or [B, k] in [0, 1] (the GMU's gate ``z``), or None
+    for a fusion without one; the evaluation report shows its mean.
+    """
+
+    fused: torch.Tensor
+    aux_logits: AuxiliaryLogits | None = None
+    gate: torch.Tensor | None = None
+
+
+class Fusion(nn.Module):
+    """Base class for fusions: (vision [B, vision_dim], text [B, text_dim]) -> :class:`FusionOutput`.
+
+    ``register_fusions`` registers ``factory(params, vision_dim, text_dim) -> Fusion``. Set
+    :attr:`out_dim`, the width of ``fused``. A fusion says everything through its output: what it
+    means to keep out of the head's gradient it detaches itself, and logits it wants trained by
+    their own losses it returns as ``aux_logits`` (in training; see ``builtin/fusion.py``'s
+    ``late``). Batches are float32, or bfloat16/float16 under autocast.
+    """
+
+    #: width of ``FusionOutput.fused``
+    out_dim: int = 0
+
+    def forward(self, vision: torch.Tensor, text: torch.Tensor) -> FusionOutput:
+        raise NotImplementedError
+
+    def init_head(self, head: nn.Module) -> None:
+        """Called once with the head built on this fusion, before training: a fusion whose
+        output a head can start from in a known way initialises it (late fusion: a linear head
+        starts as the sum of the two logits). The default does nothing."""
+
+
+class Head(nn.Module):
+    """Base class for heads: features [B, in_dim] -> logits [B] (one per sample, not [B, 1]).
+
+    ``register_heads`` registers ``factory(params, in_dim) -> Head``.
+    """
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ModelOutput(NamedTuple):
+    """What the classifier returns: ``logit`` [B], one per sample, and ``aux``, the fusion's
+    :class:`AuxiliaryLogits` of a training forward (None otherwise). Callers that score take
+    ``model(batch).logit``; the training step adds the auxiliary losses."""
+
+    logit: torch.Tensor
+    aux: AuxiliaryLogits | None = None

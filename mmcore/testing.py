@@ -23,6 +23,8 @@ from mmcore.interfaces import TextEncoder, TokenOutput, VisionEncoder
 from mmcore.kit.health import feature_problem
 from mmcore.model.trainability import LoraConfig, apply_trainability, lora_target_names
 from mmcore.plugins import get_registry, make_registry
+from mmcore.plugins.build import vision_traits_problem
+from mmcore.plugins.registry import exception_line
 from mmcore.recipe.convert import structure
 
 __all__ = [
@@ -118,7 +120,7 @@ def _pipeline(encoder, out, registry):
         text = torch.randn(pooled.shape[0], 8)
         reg = builtins.get("head", "mlp")
         head = reg.factory(structure({"hidden": [8]}, reg.params_cls, source="<check>"), fusion.out_dim)
-        logits.append(head(fusion(pooled, text)))
+        logits.append(head(fusion(pooled, text).fused))
     return logits
 
 
@@ -132,12 +134,16 @@ def check_vision_encoder(name, params=None, registry=None):
     features as that image alone (padding is masked); every pooling + fusion + head runs;
     gradients reach the last block, one optimizer step changes it and the features stay
     finite; blocks() are submodules; LoRA targets exist in
-    the blocks; the identity string is stable across builds. A fixed feature extractor
+    the blocks; the identity string is stable across builds; ``has_cls_token`` and ``trainable``
+    agree with the :class:`~mmcore.VisionTraits` it registered. A fixed feature extractor
     (``trainable = False``) must have no parameters instead, and give the same output on every
     build. Returns the encoder.
     """
-    encoder = build("vision", name, params, registry)
+    registration, structured = _registered("vision", name, params, registry)
+    encoder = registration.factory(structured)
     assert isinstance(encoder, VisionEncoder), f"{name}: factory must return a VisionEncoder"
+    problem = vision_traits_problem(registration.traits_for(structured), encoder)
+    assert problem is None, f"{name}: {problem}"
     assert isinstance(encoder.out_dim, int) and encoder.out_dim > 0, f"{name}: out_dim must be a positive int"
     prep = encoder.preprocessing
     pickle.loads(pickle.dumps(prep))  # runs in DataLoader workers
@@ -183,7 +189,7 @@ def check_vision_encoder(name, params=None, registry=None):
         missing = set(encoder.lora_target_modules) - in_blocks
         assert not missing, f"{name}: lora_target_modules {sorted(missing)} not found in blocks()"
 
-    if not getattr(encoder, "trainable", True):
+    if not encoder.trainable:
         _check_fixed_extractor(name, encoder, batch, params, registry)
         return encoder
     encoder.train()
@@ -326,20 +332,25 @@ def _same(a, b, what):
 
 
 def check_pooling(name, params=None, registry=None, *, dim=8, has_cls_token=False):
-    """Build pooling ``name`` for ``dim``-wide tokens and check its contract.
+    """Build pooling ``name`` for ``dim``-wide tokens and check its contract on what the engine sends.
 
-    Checks: an ``nn.Module`` giving [B, dim] finite vectors from tokens [B, N, dim] and a bool
-    mask; padded tokens (mask False) never change the result, whatever they hold; each sample
-    alone gives what it gives in a batch; gradients reach the tokens. Returns the module.
+    The engine sends float32 tokens with a padding mask (sequences of several lengths), and
+    float16 tokens with ``mask=None`` (cached token sequences of one length: every token is
+    real), see :class:`mmcore.Pooling`. Checks: an ``nn.Module`` giving [B, dim] finite vectors;
+    padded tokens (mask False) never change the result, whatever they hold; each sample alone
+    gives what it gives in a batch; ``mask=None`` gives what an all-True mask gives; float16
+    tokens without a mask work and give what the same values in float32 give, to float16
+    precision; gradients reach the tokens (and the pooling's parameters, when it has any).
+    Returns the module.
     """
     registration, structured = _registered("pooling", name, params, registry)
     pooling = registration.factory(structured, dim, has_cls_token)
-    assert isinstance(pooling, torch.nn.Module), f"{name}: factory must return an nn.Module"
+    assert isinstance(pooling, torch.nn.Module), f"{name}: factory must return an nn.Module (an mmcore.Pooling)"
     pooling.eval()
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randn(2, 5, dim, generator=generator)
     mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
-    out = pooling(tokens, mask)
+    out = _pool(name, pooling, tokens, mask, "float32 tokens with a padding mask")
     assert out.shape == (2, dim), f"{name}: expected [2, {dim}] (got {tuple(out.shape)})"
     assert torch.isfinite(out).all(), f"{name}: non-finite output"
     garbage = tokens.clone()
@@ -348,12 +359,33 @@ def check_pooling(name, params=None, registry=None, *, dim=8, has_cls_token=Fals
     alone = pooling(tokens[1:, :3], mask[1:, :3])[0]
     _same(alone, out[1], f"{name}: a padded sample alone differs from in a batch")
     _same(pooling(tokens[:1], mask[:1])[0], out[0], f"{name}: sample 0 alone differs from in a batch")
+    full = torch.ones(2, 5, dtype=torch.bool)
+    unmasked = _pool(name, pooling, tokens, None, "mask=None (every token is real)")
+    _same(unmasked, pooling(tokens, full), f"{name}: mask=None must mean every token is real (as an all-True mask)")
+    half = tokens.half()
+    cached = _pool(name, pooling, half, None, "float16 tokens with mask=None, as cached tokens of one length arrive")
+    assert cached.shape == (2, dim) and torch.isfinite(cached).all(), f"{name}: float16 tokens gave a bad output"
+    reference = pooling(half.float(), None)
+    assert torch.allclose(cached.float(), reference, atol=1e-2, rtol=1e-2), (
+        f"{name}: float16 tokens give another result than the same values in float32 "
+        f"(max diff {float((cached.float() - reference).abs().max()):.2e})"
+    )
     pooling.train()
     leaf = tokens.clone().requires_grad_(True)
     pooling(leaf, mask).sum().backward()
     assert leaf.grad is not None and leaf.grad[:, 0].abs().sum() > 0, f"{name}: no gradient reaches the tokens"
+    params = [p for p in pooling.parameters() if p.requires_grad]
+    assert not params or any(p.grad is not None for p in params), f"{name}: no gradient reaches its parameters"
     pooling.eval()
     return pooling
+
+
+def _pool(name, pooling, tokens, mask, what):
+    """``pooling(tokens, mask)``; a crash is an AssertionError saying which input the engine sends broke it."""
+    try:
+        return pooling(tokens, mask)
+    except Exception as exc:  # whatever the plugin raises: say which of the engine's inputs it cannot take
+        raise AssertionError(f"{name}: fails on {what}: {exception_line(exc)}") from exc
 
 
 def _check_batch_module(name, module, inputs, out_shape):
@@ -376,18 +408,53 @@ def _check_batch_module(name, module, inputs, out_shape):
 
 
 def check_fusion(name, params=None, registry=None, *, vision_dim=8, text_dim=6):
-    """Build fusion ``name`` and check: an ``nn.Module`` with a positive int ``out_dim`` that maps
-    (vision [B, vision_dim], text [B, text_dim]) to finite [B, out_dim]; batch invariant; the
-    gradient reaches both modalities (a fusion that ignores one is broken). Returns the module."""
+    """Build fusion ``name`` and check: an :class:`mmcore.Fusion` with a positive int ``out_dim``
+    whose forward maps (vision [B, vision_dim], text [B, text_dim]) to a :class:`mmcore.FusionOutput`
+    with finite ``fused`` [B, out_dim]; batch invariant; the gradient reaches both modalities (a
+    fusion that ignores one is broken); ``aux_logits``, when given, a non-negative weight and
+    logits [B] each; ``gate``, when given, [B] or [B, k] in [0, 1]. A plain module returning the
+    fused tensor (the protocol before :class:`mmcore.Fusion`) still passes. Returns the module."""
+    from mmcore.interfaces import AuxiliaryLogits, Fusion, FusionOutput
+
     registration, structured = _registered("fusion", name, params, registry)
     fusion = registration.factory(structured, vision_dim, text_dim)
-    assert isinstance(fusion, torch.nn.Module), f"{name}: factory must return an nn.Module"
+    assert isinstance(fusion, torch.nn.Module), f"{name}: factory must return an nn.Module (an mmcore.Fusion)"
     out_dim = getattr(fusion, "out_dim", None)
     assert isinstance(out_dim, int) and out_dim > 0, f"{name}: the module needs a positive int out_dim"
     generator = torch.Generator().manual_seed(0)
     inputs = (torch.randn(2, vision_dim, generator=generator), torch.randn(2, text_dim, generator=generator))
-    _check_batch_module(name, fusion, inputs, (2, out_dim))
+    if not isinstance(fusion, Fusion):
+        _check_batch_module(name, fusion, inputs, (2, out_dim))
+        return fusion
+    for training in (False, True):
+        out = fusion.train(training)(*inputs)
+        assert isinstance(out, FusionOutput), f"{name}: forward must return mmcore.FusionOutput (got {type(out).__name__})"
+        if out.aux_logits is not None:
+            aux = out.aux_logits
+            assert isinstance(aux, AuxiliaryLogits) and aux.weight >= 0, f"{name}: aux_logits must be AuxiliaryLogits(weight >= 0, logits)"
+            assert all(logit.shape == (2,) for logit in aux.logits), f"{name}: each auxiliary logit must be [B]"
+        if out.gate is not None:
+            gate = out.gate.float()
+            assert gate.shape[0] == 2 and gate.dim() <= 2 and bool(((gate >= 0) & (gate <= 1)).all()), (
+                f"{name}: gate must be [B] or [B, k] in [0, 1] (got {tuple(gate.shape)})"
+            )
+    _check_batch_module(name, _Fused(fusion), inputs, (2, out_dim))
     return fusion
+
+
+class _Fused(torch.nn.Module):
+    """A fusion as a batch module: its ``fused`` tensor, plus in training its auxiliary logits,
+    through which its inputs may learn (late fusion detaches the fused logits from the head's loss)."""
+
+    def __init__(self, fusion):
+        super().__init__()
+        self.fusion = fusion
+
+    def forward(self, vision, text):
+        out = self.fusion(vision, text)
+        if out.aux_logits is None:
+            return out.fused
+        return out.fused + sum(out.aux_logits.logits).unsqueeze(-1)
 
 
 def check_head(name, params=None, registry=None, *, in_dim=8):
@@ -458,14 +525,16 @@ def check_scheduler(name, params=None, registry=None, *, total_steps=20):
 
 def check_augmentation(name, params=None, registry=None):
     """Build augmentation ``name`` and check: ``None`` (no augmentation) or a picklable callable
-    turning a PIL RGB image into a PIL RGB image; the same torch seed gives the same image
-    (loader workers seed torch). Returns the augmentation."""
+    turning a PIL RGB image into a PIL RGB image (of the same size, when it registered
+    ``keeps_size``); the same torch seed gives the same image (loader workers seed torch).
+    Returns the augmentation."""
     from PIL import Image
 
     registration, structured = _registered("augmentation", name, params, registry)
     augmentation = registration.factory(structured)
     if augmentation is None:
         return None
+    traits = registration.traits_for(structured)
     augmentation = pickle.loads(pickle.dumps(augmentation))  # runs in DataLoader workers
     for image in sample_images():
         outputs = []
@@ -473,6 +542,10 @@ def check_augmentation(name, params=None, registry=None):
             torch.manual_seed(7)
             out = augmentation(image)
             assert isinstance(out, Image.Image) and out.mode == "RGB", f"{name}: must return an RGB PIL image"
+            if traits is not None and traits.keeps_size:
+                assert out.size == image.size, (
+                    f"{name}: registered with keeps_size=True, but a {image.size} image became {out.size}"
+                )
             outputs.append(np.asarray(out))
         assert np.array_equal(*outputs), f"{name}: the same torch seed gave different images; use torch's RNG"
     return augmentation

@@ -16,6 +16,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from mmcore.interfaces import ModelOutput
+
 
 def watch_collectives(log):
     """Wrap the tensor collectives: check each tensor's device against the backend's."""
@@ -54,7 +56,7 @@ class Linear(torch.nn.Module):
     def forward(self, batch):
         self.calls += 1
         out = self.fc(batch["x"]).squeeze(1)
-        return out * float("nan") if (dist.get_rank(), self.calls) in self.nan else out
+        return ModelOutput(out * float("nan") if (dist.get_rank(), self.calls) in self.nan else out)
 
 
 def batches(count, rank, empty=()):
@@ -114,7 +116,7 @@ class Tower(torch.nn.Module):
         self.fc = torch.nn.Linear(vision.out_dim, 1)
 
     def forward(self, batch):
-        return self.fc(self.vision(batch["x"]).tokens.mean(1)).squeeze(1)
+        return ModelOutput(self.fc(self.vision(batch["x"]).tokens.mean(1)).squeeze(1))
 
 
 def image_batches(count, rank, size=32):

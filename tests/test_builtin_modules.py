@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from mmcore.builtin.projection import UnimodalProjection
+from mmcore.engine.features import pooling_trains
+from mmcore.interfaces import Fusion, FusionOutput, Pooling
 from mmcore.plugins.manager import make_registry
 from mmcore.validators import FieldError
 
@@ -40,15 +42,18 @@ def test_pooling_contract(registry, name):
     out = pooling(tokens, mask)
     assert out.shape == (2, 16)
     assert torch.isfinite(out).all()
-    assert pooling.trainable == any(p.requires_grad for p in pooling.parameters())
+    assert isinstance(pooling, Pooling)
+    # what the feature cache stores follows the parameters: tokens for attention, vectors otherwise
+    assert pooling_trains(pooling) == (name == "attention")
 
 
 @pytest.mark.parametrize("name", ["gated", "concat", "late"])
 def test_fusion_contract(registry, name):
-    fusion = build(registry, "fusion", name, 12, 7)
+    fusion = build(registry, "fusion", name, 12, 7).eval()
     out = fusion(torch.randn(2, 12), torch.randn(2, 7))
-    assert out.shape == (2, fusion.out_dim)
-    assert torch.isfinite(out).all()
+    assert isinstance(fusion, Fusion) and isinstance(out, FusionOutput) and out.aux_logits is None
+    assert out.fused.shape == (2, fusion.out_dim)
+    assert torch.isfinite(out.fused).all()
 
 
 def test_every_builtin_pooling_fusion_head_is_tested(registry):
@@ -69,7 +74,7 @@ def test_mean_pooling_matches_loop_over_real_tokens(registry):
         real = [tokens[i, j] for j in range(tokens.shape[1]) if mask[i, j]]
         expected = sum(real) / len(real)
         torch.testing.assert_close(out[i], expected)
-    assert pooling.trainable is False
+    assert not pooling_trains(pooling)
 
 
 def test_mean_pooling_without_mask_is_plain_mean(registry):
@@ -92,7 +97,7 @@ def test_cls_pooling_takes_the_first_token(registry):
     tokens, mask = padded_batch()
     pooling = build(registry, "pooling", "cls", 8, True)
     assert torch.equal(pooling(tokens, mask), tokens[:, 0])
-    assert pooling.trainable is False
+    assert not pooling_trains(pooling)
 
 
 def test_cls_pooling_refuses_an_encoder_without_cls_token(registry):
@@ -108,7 +113,7 @@ def test_cls_pooling_refuses_an_encoder_without_cls_token(registry):
 def test_attention_pooling_ignores_padding(registry, heads):
     torch.manual_seed(0)
     pooling = build(registry, "pooling", "attention", 8, False, heads=heads).eval()
-    assert pooling.trainable is True
+    assert pooling_trains(pooling)
     tokens, mask = padded_batch()
     out = pooling(tokens, mask)
 
@@ -186,9 +191,9 @@ def test_gated_fusion_is_the_gmu_formula(registry, bias):
     h_v = torch.tanh(affine(fusion.vision, x_v))
     h_t = torch.tanh(affine(fusion.text, x_t))
     z = torch.sigmoid(affine(fusion.gate, torch.cat([x_v, x_t], dim=1)))
-    torch.testing.assert_close(out, z * h_v + (1 - z) * h_t)
-    torch.testing.assert_close(fusion.last_gate, z)
-    assert not fusion.last_gate.requires_grad
+    torch.testing.assert_close(out.fused, z * h_v + (1 - z) * h_t)
+    torch.testing.assert_close(out.gate, z)  # the report's gate figure
+    assert not out.gate.requires_grad and out.aux_logits is None
 
 
 def test_gated_fusion_gate_selects_a_modality(registry):
@@ -198,10 +203,10 @@ def test_gated_fusion_gate_selects_a_modality(registry):
         fusion.gate.weight.zero_()
         fusion.gate.bias.fill_(50.0)
     x_v, x_t = torch.randn(2, 3), torch.randn(2, 3)
-    torch.testing.assert_close(fusion(x_v, x_t), torch.tanh(fusion.vision(x_v)))
+    torch.testing.assert_close(fusion(x_v, x_t).fused, torch.tanh(fusion.vision(x_v)))
     with torch.no_grad():
         fusion.gate.bias.fill_(-50.0)
-    torch.testing.assert_close(fusion(x_v, x_t), torch.tanh(fusion.text(x_t)))
+    torch.testing.assert_close(fusion(x_v, x_t).fused, torch.tanh(fusion.text(x_t)))
 
 
 def test_gated_fusion_params_are_validated(registry):
@@ -215,22 +220,37 @@ def test_concat_fusion_normalizes_then_concatenates(registry):
     assert list(fusion.parameters()) == []
     x_v, x_t = torch.randn(3, 6) * 7, torch.randn(3, 4) * 0.1
     expected = torch.cat([F.normalize(x_v, dim=-1), F.normalize(x_t, dim=-1)], dim=-1)
-    torch.testing.assert_close(fusion(x_v, x_t), expected)
+    torch.testing.assert_close(fusion(x_v, x_t).fused, expected)
     # an all-zero text vector (no OCR text) stays zero instead of becoming NaN
-    out = fusion(x_v, torch.zeros(3, 4))
+    out = fusion(x_v, torch.zeros(3, 4)).fused
     assert torch.equal(out[:, 6:], torch.zeros(3, 4))
 
 
 def test_late_fusion_scores_each_modality_with_its_own_head(registry):
-    fusion = build(registry, "fusion", "late", 6, 4, hidden=(5,), aux_weight=0.5)
-    assert fusion.out_dim == 2 and fusion.aux_weight == 0.5
+    fusion = build(registry, "fusion", "late", 6, 4, hidden=(5,), aux_weight=0.5).eval()
+    assert fusion.out_dim == 2
     x_v, x_t = torch.randn(3, 6) * 7, torch.randn(3, 4) * 0.1
     out = fusion(x_v, x_t)
+    assert out.aux_logits is None and out.gate is None  # scoring: the two logits alone
+    out = out.fused
     torch.testing.assert_close(out[:, 0], fusion.vision(F.normalize(x_v, dim=-1)))
     torch.testing.assert_close(out[:, 1], fusion.text(F.normalize(x_t, dim=-1)))
     # each logit sees its own modality only
-    torch.testing.assert_close(fusion(x_v, torch.randn(3, 4))[:, 0], out[:, 0])
-    torch.testing.assert_close(fusion(torch.randn(3, 6), x_t)[:, 1], out[:, 1])
+    torch.testing.assert_close(fusion(x_v, torch.randn(3, 4)).fused[:, 0], out[:, 0])
+    torch.testing.assert_close(fusion(torch.randn(3, 6), x_t).fused[:, 1], out[:, 1])
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_late_fusion_returns_its_branch_logits_for_their_own_losses_in_training(registry, detach):
+    fusion = build(registry, "fusion", "late", 6, 4, aux_weight=0.5, detach=detach).train()
+    x_v, x_t = torch.randn(3, 6), torch.randn(3, 4)
+    out = fusion(x_v, x_t)
+    assert out.aux_logits.weight == 0.5
+    image, text = out.aux_logits.logits
+    torch.testing.assert_close(torch.stack([image, text], dim=-1), out.fused)
+    assert image.requires_grad and out.fused.requires_grad is not detach  # detach: the head's loss stops here
+    no_aux = build(registry, "fusion", "late", 6, 4, aux_weight=0.0, detach=False).train()
+    assert no_aux(x_v, x_t).aux_logits is None
 
 
 def test_late_fusion_starts_a_linear_head_as_the_plain_sum(registry):
@@ -238,12 +258,12 @@ def test_late_fusion_starts_a_linear_head_as_the_plain_sum(registry):
 
     fusion = build(registry, "fusion", "late", 6, 4)
     head = MlpHead(2, hidden=())
-    fusion.initialize_head(head)
+    fusion.init_head(head)
     logits = torch.randn(5, 2)
     torch.testing.assert_close(head(logits), logits.sum(-1))
     deep = MlpHead(2, hidden=(3,))
     before = [p.clone() for p in deep.parameters()]
-    fusion.initialize_head(deep)  # an MLP head keeps its own init
+    fusion.init_head(deep)  # an MLP head keeps its own init
     assert all(torch.equal(a, b) for a, b in zip(before, deep.parameters()))
 
 

@@ -166,9 +166,9 @@ def test_a_hook_missing_from_the_docs_is_reported():
     assert hook_problems(without) == [
         "docs/plugins.md: no section for hook register_heads (add '### register_heads')"
     ]
-    changed = text.replace("factory(params, in_dim) -> nn.Module", "factory(params) -> nn.Module")
+    changed = text.replace("factory(params, in_dim) -> mmcore.Head", "factory(params) -> mmcore.Head")
     assert hook_problems(changed) == [
-        "docs/plugins.md: register_heads: missing its signature `factory(params, in_dim) -> nn.Module`"
+        "docs/plugins.md: register_heads: missing its signature `factory(params, in_dim) -> mmcore.Head`"
     ]
 
 

@@ -133,10 +133,20 @@ def test_data_dir_is_the_default_base_dir(recipe_file, registry, monkeypatch):
 
 
 def test_cls_pooling_needs_a_cls_token_is_a_recipe_error(recipe_file, registry):
+    import attrs
+
     from mmcore.engine.pipeline import Pipeline
 
     path = recipe_file(BASE.replace('name = "mean"', 'name = "cls"'))
-    recipe = load_recipe(path, registry=registry)
+    with pytest.raises(RecipeError) as info:  # fake_cnn declares has_cls_token=False: refused at load
+        load_recipe(path, registry=registry)
+    assert str(info.value) == (
+        f"{path}: pooling.name: pooling 'cls' needs an encoder with a CLS token; "
+        "vision encoder 'fake_cnn' has none — use mean or attention"
+    )
+    # where the load check cannot tell (traits that leave it to the built encoder), the build refuses it
+    mean = load_recipe(recipe_file(BASE), registry=registry)
+    recipe = attrs.evolve(mean, pooling=attrs.evolve(mean.pooling, name="cls", params=registry.get("pooling", "cls").params_cls()))
     with pytest.raises(RecipeError) as info:
         Pipeline(recipe, registry, source=str(path), progress=False)
     assert str(info.value) == (

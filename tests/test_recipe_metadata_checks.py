@@ -3,8 +3,6 @@ reports them, and ``mmcore run`` stops before it writes anything."""
 
 import pytest
 
-from mmcore.recipe.load import declared_has_cls_token
-
 CLS_ON_RESNET = """
 experiment = "cls"
 [vision]
@@ -46,17 +44,7 @@ def test_the_check_follows_the_declaration_only(cli, recipe_file, resnet):
     assert cli("show", recipe_file(CLS_ON_RESNET), "--set", "pooling.name='mean'").returncode == 0
 
 
-def test_declared_has_cls_token_reads_attributes_and_properties(resnet):
-    import attrs
+def test_the_check_reads_the_traits_the_plugin_registered(resnet):
+    from mmcore.plugins.manager import get_registry
 
-    @attrs.frozen
-    class Depends:
-        model: str = "vit"
-
-        @property
-        def has_cls_token(self):
-            return self.model.startswith("vit")
-
-    assert declared_has_cls_token(resnet.ResNetParams()) is False
-    assert declared_has_cls_token(Depends()) is True and declared_has_cls_token(Depends(model="convnext")) is False
-    assert declared_has_cls_token(object()) is None
+    assert get_registry().get("vision", "resnet18").traits.has_cls_token is False

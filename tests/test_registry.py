@@ -27,7 +27,7 @@ def test_every_kind_has_a_hookspec_and_every_hookspec_a_kind():
     specs = sorted(name for name in dir(hookspecs) if hasattr(getattr(hookspecs, name), "mmcore_spec"))
     assert specs == sorted(kind.hook for kind in KIND_TABLE)
     assert getattr(hookspecs, "register_heads").__doc__.startswith(
-        "Call ``register(name, factory, params_cls)`` for each head.\n\n``factory(params, in_dim) -> nn.Module``"
+        "Call ``register(name, factory, params_cls)`` for each head.\n\n``factory(params, in_dim) -> mmcore.Head``"
     )
 
 

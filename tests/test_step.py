@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from mmcore.engine.loop import Trainer
+from mmcore.interfaces import ModelOutput
 from mmcore.engine.policies import NonFiniteLoss
 
 
 class Linear(torch.nn.Module):
-    """A model over batches {"x": [B, 3]}: one logit per row; NaN from forward ``nan_at`` (1-based) on."""
+    """A model over batches {"x": [B, 3]}: one logit per row (as the classifier, a ModelOutput); NaN
+    from forward ``nan_at`` (1-based) on."""
 
     def __init__(self, nan_at=0):
         super().__init__()
@@ -24,7 +26,7 @@ class Linear(torch.nn.Module):
     def forward(self, batch):
         self.calls += 1
         out = self.fc(batch["x"]).squeeze(1)
-        return out * float("nan") if self.nan_at and self.calls >= self.nan_at else out
+        return ModelOutput(out * float("nan") if self.nan_at and self.calls >= self.nan_at else out)
 
 
 def batches(count, size=4):

@@ -11,6 +11,7 @@ from test_resume import _scores, _start, _wait_for_checkpoint
 
 from mmcore.engine.averaging import WeightEMA, average_states, greedy_soup
 from mmcore.engine.step import TrainStep
+from mmcore.interfaces import ModelOutput
 
 
 class Head(torch.nn.Module):
@@ -23,7 +24,7 @@ class Head(torch.nn.Module):
         self.frozen = torch.nn.Linear(3, 3).requires_grad_(False)
 
     def forward(self, batch):
-        return self.fc2(torch.relu(self.fc1(batch["x"] + self.frozen(batch["x"])))).squeeze(1)
+        return ModelOutput(self.fc2(torch.relu(self.fc1(batch["x"] + self.frozen(batch["x"])))).squeeze(1))
 
 
 def test_ema_equals_a_hand_computed_ema_after_k_steps():

@@ -107,11 +107,12 @@ def test_late_fusion_adds_each_modalitys_own_loss_in_training_only(aux_weight):
     model.train()
     loss = step.loss(dict(batch))
     with torch.no_grad():
-        branches = model.fusion(batch["vision_feature"], batch["text_feature"])
+        branches = model.fuse(batch["vision_feature"], batch["text_feature"]).fused
         fused = bce(model.head(branches), batch["label"])
         expected = fused + aux_weight * (bce(branches[:, 0], batch["label"]) + bce(branches[:, 1], batch["label"]))
+        out = model(dict(batch))
     torch.testing.assert_close(loss, expected)
-    assert model.auxiliary_logits() is None  # read once, then forgotten
+    assert (out.aux is None) == (aux_weight == 0)  # the output carries them: nothing is kept on the module
     model.eval()
     torch.testing.assert_close(step.loss(dict(batch)), fused)  # validation loss: the fused logit's alone
 

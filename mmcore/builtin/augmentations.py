@@ -11,6 +11,7 @@ import attrs
 import torch
 
 from mmcore.interfaces import NoParams
+from mmcore.plugins.traits import AugmentationTraits
 from mmcore.plugins.hookspecs import hookimpl
 from mmcore.validators import in_range
 
@@ -47,9 +48,6 @@ class ResizedCropKeepSize:
 class Augmentation:
     """A picklable ``PIL.Image -> PIL.Image`` (RGB) wrapper around a transforms.v2 pipeline."""
 
-    #: the output has the input's size: it may run on the decoded-image cache's resized pixels
-    keeps_size = True
-
     def __init__(self, transforms):
         from torchvision.transforms import v2
 
@@ -62,8 +60,6 @@ class Augmentation:
 
     def __repr__(self):
         return f"Augmentation({self.pipeline!r})"
-
-
 
 
 def build_none(params):
@@ -124,6 +120,7 @@ def build_strong(params):
 
 @hookimpl
 def register_augmentations(register):
+    # weak and strong crop and resize back: the output keeps the input's size
     register("none", build_none, NoParams)
-    register("weak", build_weak, WeakParams)
-    register("strong", build_strong, StrongParams)
+    register("weak", build_weak, WeakParams, traits=AugmentationTraits(keeps_size=True))
+    register("strong", build_strong, StrongParams, traits=AugmentationTraits(keeps_size=True))

@@ -1,4 +1,8 @@
-"""Multimodal fusions: ``gated`` (Gated Multimodal Unit), ``concat`` and ``late`` (one head per modality)."""
+"""Multimodal fusions: ``gated`` (Gated Multimodal Unit), ``concat`` and ``late`` (one head per modality).
+
+Each is a :class:`mmcore.interfaces.Fusion` and says everything through its
+:class:`~mmcore.interfaces.FusionOutput`: the GMU its gate, late fusion its per-modality logits.
+"""
 
 import attrs
 import torch
@@ -6,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmcore.builtin.heads import ACTIVATIONS, MlpHead, _positive_sizes
-from mmcore.interfaces import NoParams
+from mmcore.interfaces import AuxiliaryLogits, Fusion, FusionOutput, NoParams
 from mmcore.plugins.hookspecs import hookimpl
 from mmcore.validators import FieldError, at_least, in_range, one_of, positive
 
@@ -19,11 +23,11 @@ class GatedParams:
     bias: bool = True
 
 
-class GatedMultimodalUnit(nn.Module):
+class GatedMultimodalUnit(Fusion):
     """GMU (Arevalo et al. 2017).
 
     h_v = tanh(W_v x_v), h_t = tanh(W_t x_t), z = sigmoid(W_z [x_v; x_t]),
-    h = z * h_v + (1 - z) * h_t. The last gate is kept in ``last_gate`` (detached) so a run
+    h = z * h_v + (1 - z) * h_t. The gate ``z`` (detached) is the output's ``gate``, so a run
     can report how much each sample leaned on the image.
     """
 
@@ -33,21 +37,19 @@ class GatedMultimodalUnit(nn.Module):
         self.vision = nn.Linear(vision_dim, dim, bias=bias)
         self.text = nn.Linear(text_dim, dim, bias=bias)
         self.gate = nn.Linear(vision_dim + text_dim, dim, bias=bias)
-        self.last_gate = None
 
     def forward(self, vision, text):
         h_vision = torch.tanh(self.vision(vision))
         h_text = torch.tanh(self.text(text))
         z = torch.sigmoid(self.gate(torch.cat([vision, text], dim=-1)))
-        self.last_gate = z.detach()
-        return z * h_vision + (1 - z) * h_text
+        return FusionOutput(z * h_vision + (1 - z) * h_text, gate=z.detach())
 
 
 def build_gated(params, vision_dim, text_dim):
     return GatedMultimodalUnit(vision_dim, text_dim, dim=params.dim, bias=params.bias)
 
 
-class ConcatFusion(nn.Module):
+class ConcatFusion(Fusion):
     """L2-normalize each modality, then concatenate."""
 
     def __init__(self, vision_dim, text_dim):
@@ -55,7 +57,7 @@ class ConcatFusion(nn.Module):
         self.out_dim = vision_dim + text_dim
 
     def forward(self, vision, text):
-        return torch.cat([F.normalize(vision, dim=-1), F.normalize(text, dim=-1)], dim=-1)
+        return FusionOutput(torch.cat([F.normalize(vision, dim=-1), F.normalize(text, dim=-1)], dim=-1))
 
 
 def build_concat(params, vision_dim, text_dim):
@@ -85,12 +87,14 @@ class LateParams:
             raise FieldError("aux_weight", "must be > 0 with detach = true (nothing would train the modality heads)")
 
 
-class LateFusion(nn.Module):
-    """L2-normalise each modality, score it with its own head: ``[B, 2]`` = (image logit, text logit).
+class LateFusion(Fusion):
+    """L2-normalise each modality, score it with its own head: ``fused`` [B, 2] = (image logit, text logit).
 
     The recipe's head (``mlp`` with ``hidden = []``: a learned weighted sum) turns the two
-    logits into one. ``aux_weight`` is read by the classifier, which keeps the two logits of a
-    training forward for the per-modality losses (:meth:`Classifier.auxiliary_logits`).
+    logits into one, and starts as their plain sum (:meth:`init_head`). In training the two
+    logits are also the output's ``aux_logits`` (weighted ``aux_weight``, when > 0), so each
+    branch learns to classify by itself; with ``detach`` the head sees them detached, so the
+    fused logit's loss trains only the combination.
     """
 
     out_dim = 2
@@ -100,16 +104,19 @@ class LateFusion(nn.Module):
         self.vision = MlpHead(vision_dim, hidden=hidden, dropout=dropout, activation=activation)
         self.text = MlpHead(text_dim, hidden=hidden, dropout=dropout, activation=activation)
         self.aux_weight = aux_weight
-        #: read by the classifier: the head sees the two logits detached from the branches
-        self.detach_combination = detach
+        self.detach = detach
 
     def forward(self, vision, text):
-        return torch.stack(
+        logits = torch.stack(
             [self.vision(F.normalize(vision, dim=-1)), self.text(F.normalize(text, dim=-1))], dim=-1
         )
+        if not self.training:  # scoring, and saliency, which needs the graph through the branches
+            return FusionOutput(logits)
+        aux = AuxiliaryLogits(self.aux_weight, logits.unbind(-1)) if self.aux_weight > 0 else None
+        return FusionOutput(logits.detach() if self.detach else logits, aux_logits=aux)
 
     @torch.no_grad()
-    def initialize_head(self, head):
+    def init_head(self, head):
         """Start a linear combining head (``mlp`` with ``hidden = []``) as the plain sum of the two logits.
 
         A random init can give a modality a negative weight, and on a small training split the

@@ -3,6 +3,7 @@
 import attrs
 from torch import nn
 
+from mmcore.interfaces import Head
 from mmcore.plugins.hookspecs import hookimpl
 from mmcore.validators import FieldError, in_range, one_of
 
@@ -26,7 +27,7 @@ class MlpParams:
     activation: str = attrs.field(default="gelu", validator=one_of(*ACTIVATIONS))
 
 
-class MlpHead(nn.Module):
+class MlpHead(Head):
     """Linear -> activation -> dropout per hidden size, then Linear to one logit."""
 
     def __init__(self, in_dim, hidden=(512,), dropout=0.1, activation="gelu"):

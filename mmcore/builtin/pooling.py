@@ -1,15 +1,16 @@
 """Token poolings: ``mean``, ``cls`` and ``attention``.
 
-Each pooling turns encoder tokens [B, N, D] plus a mask [B, N] (True = a real token) into one
-vector per sample [B, D]. Padded tokens never influence the result. ``trainable`` tells the
-feature cache what to store: a pooled vector when False, the tokens and mask when True.
+Each pooling turns encoder tokens [B, N, D] plus a mask [B, N] (True = a real token, or None:
+all real) into one vector per sample [B, D] (:class:`mmcore.interfaces.Pooling`). Padded tokens
+never influence the result. ``attention`` has parameters, so the feature cache stores tokens for
+it; ``mean`` and ``cls`` have none, so it stores their pooled vectors.
 """
 
 import attrs
 import torch
 from torch import nn
 
-from mmcore.interfaces import NoParams
+from mmcore.interfaces import NoParams, Pooling
 from mmcore.plugins.hookspecs import hookimpl
 from mmcore.validators import at_least, in_range
 
@@ -28,10 +29,8 @@ class MeanParams:
     skip_cls_token: bool = False
 
 
-class MeanPooling(nn.Module):
+class MeanPooling(Pooling):
     """Mean over the real tokens; padded tokens are ignored."""
-
-    trainable = False
 
     def __init__(self, skip_first_token=False):
         super().__init__()
@@ -52,12 +51,8 @@ def build_mean(params, dim, has_cls_token):
     return MeanPooling(skip_first_token=params.skip_cls_token and has_cls_token)
 
 
-
-
-class ClsPooling(nn.Module):
+class ClsPooling(Pooling):
     """The first token (the encoder's CLS token)."""
-
-    trainable = False
 
     def forward(self, tokens, mask=None):
         return tokens[:, 0]
@@ -83,10 +78,8 @@ class AttentionParams:
     dropout: float = attrs.field(default=0.0, validator=in_range(0.0, 1.0))
 
 
-class AttentionPooling(nn.Module):
+class AttentionPooling(Pooling):
     """A learned query attends over the real tokens (multi-head attention pooling)."""
-
-    trainable = True
 
     def __init__(self, dim, heads=1, dropout=0.0):
         super().__init__()

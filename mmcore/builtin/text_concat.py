@@ -54,7 +54,7 @@ class ConcatTextEncoder(TextEncoder):
         self.out_dim = sum(part.out_dim for part in parts)
         self.weights = "+".join(part.weights for part in parts)
         self.batch_size = min(part.batch_size for part in parts)
-        self.fits_on_train = any(getattr(part, "fits_on_train", False) for part in parts)
+        self.fits_on_train = any(part.fits_on_train for part in parts)
 
     def encode(self, texts):
         return self.combine([part.encode(texts) for part in self.parts])
@@ -66,7 +66,7 @@ class ConcatTextEncoder(TextEncoder):
 
     def fit(self, texts):
         for part in self.parts:
-            if getattr(part, "fits_on_train", False):
+            if part.fits_on_train:
                 part.fit(texts)
 
     def fitted_state_keys(self):
@@ -78,6 +78,7 @@ class ConcatTextEncoder(TextEncoder):
 
 
 def build_concat(params, *, registry):
+    from mmcore.plugins.build import build
     from mmcore.recipe.convert import structure
 
     parts = []
@@ -89,7 +90,7 @@ def build_concat(params, *, registry):
             dict(part.get("params", {})), registration.params_cls, source="recipe",
             path=f"text.params.encoders[{i}].params",
         )
-        encoder = registration.factory(structured)
+        encoder, _ = build(registration, structured)
         if encoder is None:
             raise RecipeError(f"text.params.encoders[{i}].name: {part['name']!r} is no text encoder")
         parts.append(encoder)

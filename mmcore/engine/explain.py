@@ -2,7 +2,7 @@
 
 - **Modality contribution** (multimodal runs): each sample's logit with the text features
   zeroed and with the image features zeroed — the same zeroing ``train.modality_dropout``
-  trains with — and the GMU gate's mean where the fusion is gated.
+  trains with — and the mean of the fusion's gate where its output has one (the GMU's).
 - **Saliency** (misclassified images): Grad-CAM (Captum's ``LayerGradCam``) on the vision
   encoder's last convolution, drawn over the image as the encoder saw it. Encoders without a
   convolution (ViT, SigLIP) and installs without Captum get a note instead.
@@ -57,7 +57,6 @@ def explain_split(pipeline, split, *, temperature, misclassified=(), out_dir=Non
 def _modality_pass(model, loader, pipeline, *, keep_text_for, text_vectors):
     model.eval()
     indices, without_text, without_image, gates = [], [], [], []
-    gated = hasattr(model.fusion, "last_gate")
     for batch in loader:
         if not batch["size"]:
             continue
@@ -66,16 +65,14 @@ def _modality_pass(model, loader, pipeline, *, keep_text_for, text_vectors):
         with autocast(pipeline.device, pipeline.dtype):
             vision = model.vision_features(batch)
             text = model.text_features(batch).to(vision.dtype)
-            full = model.head(model.fusion(vision, text))
-            gate = model.fusion.last_gate if gated else None
-            no_text = model.head(model.fusion(vision, torch.zeros_like(text)))
-            no_image = model.head(model.fusion(torch.zeros_like(vision), text))
-        del full  # the full logit is the evaluated one; this pass only sets the gate
+            gate = model.fuse(vision, text).gate  # the full logit is the evaluated one: only its gate is new
+            no_text = model.head(model.fuse(vision, torch.zeros_like(text)).fused)
+            no_image = model.head(model.fuse(torch.zeros_like(vision), text).fused)
         indices.append(index)
         without_text.append(no_text.float().cpu().reshape(-1))
         without_image.append(no_image.float().cpu().reshape(-1))
         if gate is not None:
-            gates.append(gate.float().mean(dim=-1).cpu())
+            gates.append(gate.float().reshape(len(index), -1).mean(dim=1).cpu())  # [B] or [B, k] -> [B]
         for k, i in enumerate(index.tolist()):
             if i in keep_text_for:
                 text_vectors[i] = text[k].float().cpu()
@@ -136,7 +133,7 @@ def _saliency(pipeline, split, predicted, text_vectors, files_dir):
             batch = {"vision": {"pixel_values": x, **rest}}
             if model.modality == "multimodal":
                 batch["text_feature"] = text.unsqueeze(0).to(pipeline.device)
-            return sign * model(batch).reshape(-1, 1)
+            return sign * model(batch).logit.reshape(-1, 1)
 
         if model.modality == "multimodal" and text is None:
             continue

@@ -29,8 +29,8 @@ def predict(model, loader, *, device, dtype, bad_images, split_name="eval", desc
         index, label = batch["index"], batch["label"]
         batch = prepare_batch(batch, device, channels_last)
         with autocast(device, dtype):
-            out = model(batch)
-        logits.append(out.float())  # stays on the device: one copy to the host at the end
+            logit = model(batch).logit
+        logits.append(logit.float())  # stays on the device: one copy to the host at the end
         indices.append(index)
         labels.append(label)
     bar.close()

@@ -37,7 +37,7 @@ from mmcore.engine.runtime import (
 )
 from mmcore.engine.sampling import derive_seed
 from mmcore.errors import RecipeError
-from mmcore.model.classifier import build_classifier, build_component
+from mmcore.model.classifier import build_classifier, build_with_traits
 from mmcore.model.trainability import TrainabilityError, apply_trainability, distributed_batchnorm
 
 
@@ -86,8 +86,12 @@ class Pipeline:
         if self.channels_last:
             model.vision.to(memory_format=torch.channels_last)
         self.augmentation = None
+        #: the augmentation's declared traits (``keeps_size``: it may run on decoded-cache pixels)
+        self.augmentation_traits = None
         if model.vision is not None:
-            self.augmentation = build_component(registry, "augmentation", recipe.augmentation)
+            self.augmentation, self.augmentation_traits = build_with_traits(
+                registry, "augmentation", recipe.augmentation, source=source
+            )
         fold_rank_into_seed(recipe.seed, recipe.train.deterministic)
         self._feature_cache = {}
         self._stores = {}
@@ -124,8 +128,8 @@ class Pipeline:
         why = None
         if not vision.preprocessing.plain_resize:
             why = f"the preprocessing of {vision.name!r} ({type(vision.preprocessing).__name__}) is not a plain resize"
-        elif self.augmentation is not None and not getattr(self.augmentation, "keeps_size", False):
-            why = "the augmentation does not declare keeps_size = True"
+        elif self.augmentation is not None and not self.augmentation_traits.keeps_size:
+            why = "the augmentation does not declare keeps_size (AugmentationTraits)"
         if why is not None:
             if setting is True and not getattr(self, "_decoded_warned", False):
                 self._decoded_warned = True
@@ -339,7 +343,7 @@ class Pipeline:
         call it: they load the fitted state from the checkpoint.
         """
         text = self.model.text
-        if text is None or not getattr(text, "fits_on_train", False):
+        if text is None or not text.fits_on_train:
             return
         text.fit(list(train_split.texts))
         self._stores.pop("text", None)  # its identity changed with the fit
@@ -419,27 +423,11 @@ def apply_backend_settings(train, device):
 
 
 def enable_gradient_checkpointing(encoder):
-    """Turn on activation checkpointing in a trainable vision encoder -> whether it could.
-
-    HF models (``activation_checkpointing_enable``, or ``gradient_checkpointing_enable`` before
-    transformers 5; non-reentrant) and timm models
-    (``set_grad_checkpointing``) are found on the encoder or its wrapped ``model``; an encoder
-    with neither gets one warning line and trains without it.
-    """
-    for module in (encoder, getattr(encoder, "model", None)):
-        if module is None:
-            continue
-        if not getattr(module, "supports_gradient_checkpointing", True):
-            continue
-        if hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5.x names it so
-            module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            return True
-        if hasattr(module, "gradient_checkpointing_enable"):
-            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            return True
-        if hasattr(module, "set_grad_checkpointing"):
-            module.set_grad_checkpointing(True)
-            return True
+    """Turn on activation checkpointing in a trainable vision encoder -> whether it could
+    (:meth:`~mmcore.interfaces.VisionEncoder.enable_gradient_checkpointing`); an encoder that
+    cannot gets one warning line and trains without it."""
+    if encoder.enable_gradient_checkpointing():
+        return True
     warn(
         f"warning: train.gradient_checkpointing = true: vision encoder {encoder.name!r} supports neither "
         "gradient_checkpointing_enable (HF) nor set_grad_checkpointing (timm); training without it"

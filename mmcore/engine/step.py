@@ -14,16 +14,19 @@ import torch
 
 from mmcore.engine.runtime import all_reduce_, autocast, loss_scaler, to_device, world_size
 
-#: cached features that arrive as float16 (half the bytes through the loader) and are upcast here
-HALF_FEATURES = ("vision_feature", "vision_tokens", "text_feature")
+#: cached vectors that arrive as float16 (half the bytes through the loader) and are upcast here;
+#: cached token sequences stay float16 on the device: the pooling takes them as they are
+#: (:class:`mmcore.interfaces.Pooling` says so), and the built-in attention casts them itself
+HALF_FEATURES = ("vision_feature", "text_feature")
 
 
 def prepare_batch(batch, device, channels_last=False):
     """The batch's tensors on ``device`` (non-blocking from pinned memory), pixels channels-last when asked.
 
-    float16 cached features are upcast here, on the device, and uint8 pixels stay uint8 (the
-    classifier normalises them, :func:`mmcore.data.dataset.device_pixels`), so the host only
-    ever copies the small form.
+    float16 cached vectors are upcast here, on the device; cached token sequences stay float16
+    (with ``vision_mask`` None when they are all of one length), as the pooling contract says;
+    uint8 pixels stay uint8 (the classifier normalises them,
+    :func:`mmcore.data.dataset.device_pixels`), so the host only ever copies the small form.
     """
     batch = to_device(batch, device)
     vision = batch.get("vision")
@@ -38,13 +41,6 @@ def prepare_batch(batch, device, channels_last=False):
 def group_lrs(optimizer):
     """One learning rate per named parameter group (head, backbone, lora)."""
     return {group.get("name", str(i)): group["lr"] for i, group in enumerate(optimizer.param_groups)}
-
-
-def _inner_model(model):
-    """The classifier inside DistributedDataParallel and the compile wrapper."""
-    while not hasattr(model, "auxiliary_logits") and hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def is_ddp(model):
@@ -72,8 +68,6 @@ class TrainStep:
         self.channels_last = channels_last
         self.ema = ema  # a WeightEMA, updated after each optimizer step
         self.trainable = [p for p in model.parameters() if p.requires_grad]
-        #: the classifier's per-modality logits of a training forward (late fusion), found once
-        self._auxiliary_logits = getattr(_inner_model(model), "auxiliary_logits", None)
         #: fp16: a torch.amp.GradScaler; fp32/bf16: a pass-through (its state goes into last.ckpt)
         self.scaler = loss_scaler(dtype, device)
         self._synced = False  # did this group's gradients go through DDP's all-reduce?
@@ -86,15 +80,14 @@ class TrainStep:
         return self.model.no_sync()
 
     def loss(self, batch):
-        """The float32 loss of one batch (forward under autocast), still on the device."""
+        """The float32 loss of one batch (forward under autocast), still on the device: the loss of
+        the model's logit, plus ``weight * loss`` of each auxiliary logit its output carries."""
         batch = prepare_batch(batch, self.device, self.channels_last)
         with autocast(self.device, self.dtype):
-            logits = self.model(batch)
-        loss = self.loss_fn(logits.float(), batch["label"])
-        auxiliary = self._auxiliary_logits() if self._auxiliary_logits is not None else None
-        if auxiliary is not None:
-            weight, per_modality = auxiliary
-            loss = loss + weight * sum(self.loss_fn(m.float(), batch["label"]) for m in per_modality)
+            out = self.model(batch)
+        loss = self.loss_fn(out.logit.float(), batch["label"])
+        if out.aux is not None:
+            loss = loss + out.aux.weight * sum(self.loss_fn(m.float(), batch["label"]) for m in out.aux.logits)
         return loss
 
     def micro_step(self, batch, *, weight, sync, skip=None):

@@ -7,6 +7,7 @@ threshold on validation) and the test evaluation written into the run directory.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import random
 import time
@@ -28,6 +29,7 @@ from mmcore.engine.policies import BadImages
 from mmcore.engine.runtime import all_gather_objects, broadcast_tensors_, describe_precision, is_main, precision_name, world_size
 from mmcore.engine.runtime import rank as runtime_rank
 from mmcore.engine.sampling import EpochBatchSampler, SeededItems, ShardSampler, balanced_weights, derive_seed
+from mmcore.engine.step import prepare_batch
 from mmcore.errors import MmcoreError, RunError
 from mmcore.evaluation.calibration import fit_temperature
 from mmcore.evaluation.metrics import binary_metrics
@@ -35,6 +37,7 @@ from mmcore.evaluation.threshold import parse_threshold_rule, tune_threshold
 from mmcore.kit.health import first_batch_problems
 from mmcore.model.classifier import build_component
 from mmcore.model.trainability import parameter_groups, trainable_summary
+from mmcore.plugins.build import reported_failures
 from mmcore.recipe import recipe_to_dict
 from mmcore.rundir import BEST, LAST, require_same_recipe
 
@@ -188,10 +191,13 @@ class TrainingRun:
         self.test_loader = pipeline.loader(
             self.datasets["test"][0], sampler=ShardSampler(len(self.datasets["test"][0]), rank, world)
         )
-        if self.main:  # a dead encoder (features near zero or constant) is said before training on it
-            for line in first_batch_problems(model, self.datasets["val"][0], self.val_loader.collate_fn, device=pipeline.device):
-                self.echo(line)
-        self.loss_fn = build_component(self.registry, "loss", recipe.loss, _label_counts(train_split))
+        if self.main:  # a dead encoder (features near zero or constant), or a plugin's bug, is said before training
+            prepare = functools.partial(prepare_batch, device=pipeline.device, channels_last=pipeline.channels_last)
+            with reported_failures(model.plugin_parts(), "on the first batch"):
+                for line in first_batch_problems(model, self.datasets["val"][0], self.val_loader.collate_fn, prepare=prepare):
+                    self.echo(line)
+        source = str(self.recipe_path)
+        self.loss_fn = build_component(self.registry, "loss", recipe.loss, _label_counts(train_split), source=source)
         groups = parameter_groups(
             model,
             head_lr=recipe.train.learning_rate,
@@ -203,7 +209,7 @@ class TrainingRun:
         self.optimizer = torch.optim.AdamW(groups)
         self.ema = WeightEMA(model, recipe.train.ema.decay) if recipe.train.ema is not None else None
         steps = total_steps(len(self.train_loader), recipe.train.grad_accum_steps, recipe.train.epochs)
-        self.scheduler = build_component(self.registry, "scheduler", recipe.scheduler, self.optimizer, steps)
+        self.scheduler = build_component(self.registry, "scheduler", recipe.scheduler, self.optimizer, steps, source=source)
         self.writer = Loggers(recipe, self.run_dir, self.recipe_dict) if self.main else None
         # every split's features are cached by now: what only computed them leaves the GPU
         offloaded = pipeline.offload_cached_encoders()

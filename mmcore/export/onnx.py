@@ -210,7 +210,7 @@ class FusedModel(nn.Module):
             batch["vision"] = dict(zip(self.vision_names, inputs[:n]))
         if self.text_graph is not None:
             batch["text_feature"] = self.text_graph(*inputs[n:])
-        return self.classifier(batch).float().reshape(-1)
+        return self.classifier(batch).logit.float().reshape(-1)
 
     @property
     def input_names(self):

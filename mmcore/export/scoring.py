@@ -212,7 +212,7 @@ class RunScorer(Scorer):
             batch["text"] = list(texts)
         batch = prepare_batch(batch, pipeline.device, pipeline.channels_last)
         with torch.no_grad():
-            out = pipeline.model(batch)
+            out = pipeline.model(batch).logit
         return out.float().cpu().double().numpy().reshape(-1)
 
 

@@ -57,12 +57,14 @@ def _distinct(values, limit):
 
 
 @torch.no_grad()
-def first_batch_problems(model, dataset, collate, *, device=None, limit=FIRST_BATCH):
+def first_batch_problems(model, dataset, collate, *, prepare=None, limit=FIRST_BATCH):
     """One line per modality whose features look dead on up to ``limit`` distinct inputs of ``dataset``.
 
     ``dataset`` is a split's :class:`~mmcore.data.dataset.SampleDataset` without augmentation
-    (validation), ``collate`` its loader's collate function; features come the way training
-    gets them (cached or computed), in eval mode, without touching the random state.
+    (validation), ``collate`` its loader's collate function, ``prepare`` what the engine does to
+    a batch before the model sees it (device, dtypes); features come the way training gets them
+    (cached or computed), in eval mode, without touching the random state. The whole model then
+    scores the first of these batches once, so every component has run before training starts.
     """
     split = dataset.split
     checks = []
@@ -71,6 +73,7 @@ def first_batch_problems(model, dataset, collate, *, device=None, limit=FIRST_BA
     if model.uses_text and model.text is not None:
         checks.append(("text", model.text, _distinct(split.texts, limit), "texts", model.text_features))
     lines = []
+    scored = False
     was_training = model.training
     model.eval()
     try:
@@ -81,10 +84,8 @@ def first_batch_problems(model, dataset, collate, *, device=None, limit=FIRST_BA
                 batch = collate([dataset[i] for i in positions])
                 if not batch["size"]:
                     continue
-                if device is not None:
-                    from mmcore.engine.runtime import to_device
-
-                    batch = to_device(batch, device)
+                if prepare is not None:
+                    batch = prepare(batch)
                 problem = feature_problem(features_of(batch), inputs=inputs)
                 if problem:
                     lines.append(
@@ -92,6 +93,9 @@ def first_batch_problems(model, dataset, collate, *, device=None, limit=FIRST_BA
                         f"{encoder.name!r}, weights {encoder.weights}); the model cannot learn from them: "
                         f"check the encoder's weights before trusting its results"
                     )
+                if not scored:
+                    model(batch)
+                    scored = True
     finally:
         model.train(was_training)
     return lines

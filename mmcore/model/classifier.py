@@ -1,7 +1,7 @@
 """Assemble the classifier from a recipe, for the three modalities of MISSION.md.
 
 ```
-multimodal:  image -> vision -> pooling -+-> fusion -> head -> logit
+multimodal:  image -> vision -> pooling -+-> fusion -> FusionOutput.fused -> head -> logit
              text  -> text (frozen) -----+
 vision_only: image -> vision -> pooling -> [projection] -> L2 norm -> head -> logit
 text_only:   text  -> text -> [projection] -> L2 norm -> head -> logit
@@ -9,7 +9,8 @@ text_only:   text  -> text -> [projection] -> L2 norm -> head -> logit
 
 The forward takes a batch that carries either raw inputs (``vision``: the encoder's
 preprocessed pixels; ``text``: strings) or cached encoder outputs (``vision_feature`` =
-a pooled vector, ``vision_tokens``/``vision_mask`` = a token sequence, ``text_feature``).
+a pooled vector, ``vision_tokens``/``vision_mask`` = a token sequence, ``text_feature``),
+and returns a :class:`~mmcore.interfaces.ModelOutput`.
 """
 
 from __future__ import annotations
@@ -22,12 +23,19 @@ from torch import nn
 from mmcore.builtin.projection import UnimodalProjection
 from mmcore.data.dataset import device_pixels
 from mmcore.errors import RecipeError
+from mmcore.interfaces import Fusion, FusionOutput, ModelOutput
+from mmcore.plugins.build import build
 
 
 class Classifier(nn.Module):
-    """Encoders + pooling + fusion/projection + head -> one logit per sample."""
+    """Encoders + pooling + fusion/projection + head -> :class:`~mmcore.interfaces.ModelOutput`.
 
-    def __init__(self, *, modality, vision, pooling, text, fusion, head, projection, modality_dropout=0.0):
+    ``model(batch).logit`` is one logit per sample; ``.aux`` carries what the fusion wants trained
+    by losses of its own (late fusion's per-modality logits, in training), which the training
+    step adds to the loss.
+    """
+
+    def __init__(self, *, modality, vision, pooling, text, fusion, head, projection, modality_dropout=0.0, component_labels=None):
         super().__init__()
         self.modality = modality
         self.vision = vision
@@ -37,7 +45,10 @@ class Classifier(nn.Module):
         self.projection = projection
         self.head = head
         self.modality_dropout = modality_dropout
-        self._auxiliary = None
+        #: a fusion written before FusionOutput (a plain module returning the fused tensor)
+        self._fusion_returns_tensor = fusion is not None and not isinstance(fusion, Fusion)
+        #: part name -> how messages name the registered component (``pooling 'x' (package p)``)
+        self.component_labels = dict(component_labels or {})
 
     @property
     def uses_vision(self):
@@ -61,31 +72,28 @@ class Classifier(nn.Module):
             return batch["text_feature"]
         return self.text(batch["text"])
 
+    def plugin_parts(self):
+        """``{module: label}`` of the registered components inside (the plugins' code)."""
+        parts = {"vision": self.vision, "pooling": self.pooling, "text": self.text, "fusion": self.fusion, "head": self.head}
+        labels = self.component_labels
+        return {module: labels[name] for name, module in parts.items() if module is not None and name in labels}
+
+    def fuse(self, vision, text):
+        """The fusion's :class:`~mmcore.interfaces.FusionOutput` for pooled vision and text vectors."""
+        out = self.fusion(vision, text)
+        return FusionOutput(out) if self._fusion_returns_tensor else out
+
     def forward(self, batch):
         if self.modality == "text_only":
-            return self.head(self.projection(self.text_features(batch)))
+            return ModelOutput(self.head(self.projection(self.text_features(batch))))
         vision = self.vision_features(batch)
         if self.modality == "vision_only":
-            return self.head(self.projection(vision))
+            return ModelOutput(self.head(self.projection(vision)))
         text = self.text_features(batch).to(vision.dtype)
         if self.training and self.modality_dropout > 0:
             vision, text = _drop_modality(vision, text, self.modality_dropout)
-        fused = self.fusion(vision, text)
-        aux_weight = getattr(self.fusion, "aux_weight", 0.0)
-        if self.training and aux_weight > 0:  # late fusion: each modality's logit gets its own loss
-            self._auxiliary = (aux_weight, fused.unbind(-1))
-        if self.training and getattr(self.fusion, "detach_combination", False):
-            fused = fused.detach()  # the fused logit's loss trains the combining head only (saliency needs the graph)
-        return self.head(fused)
-
-    def auxiliary_logits(self):
-        """``(weight, per-modality logits)`` of the last training forward (then forgotten), or None.
-
-        Set by a fusion with an ``aux_weight`` (``late``): the training step adds
-        ``weight * loss(logits_m)`` for each modality ``m`` to the loss of the fused logit.
-        """
-        auxiliary, self._auxiliary = self._auxiliary, None
-        return auxiliary
+        fused = self.fuse(vision, text)
+        return ModelOutput(self.head(fused.fused), fused.aux_logits)
 
 
 def _drop_modality(vision, text, p):
@@ -97,12 +105,20 @@ def _drop_modality(vision, text, p):
     return vision * keep_v, text * keep_t
 
 
-def build_component(registry, kind, component, *args, **kwargs):
-    """Call a registered factory with the component's structured params."""
+def build_component(registry, kind, component, *args, source="recipe", **kwargs):
+    """Build the recipe's ``component`` table of ``kind`` (see :func:`build_with_traits`)."""
+    return build_with_traits(registry, kind, component, *args, source=source, **kwargs)[0]
+
+
+def build_with_traits(registry, kind, component, *args, source="recipe", **kwargs):
+    """``(component, its traits)`` from the registered factory and the table's structured params.
+
+    A factory that raises is one line naming the plugin (:func:`mmcore.plugins.build.build`).
+    """
     registration = registry.get(kind, component.name)
     if _takes_registry(registration.factory):
         kwargs["registry"] = registry  # composite components build their parts through it
-    return registration.factory(component.params, *args, **kwargs)
+    return build(registration, component.params, *args, source=source, **kwargs)
 
 
 def _takes_registry(factory):
@@ -112,44 +128,59 @@ def _takes_registry(factory):
         return False
 
 
-def build_encoders(recipe, registry):
+def build_encoders(recipe, registry, *, source="recipe"):
     """(vision encoder or None, text encoder or None) for the recipe's modality."""
     modality = recipe.train.modality
-    vision = build_component(registry, "vision", recipe.vision) if modality != "text_only" else None
-    text = build_component(registry, "text", recipe.text) if modality != "vision_only" else None
+    vision = build_component(registry, "vision", recipe.vision, source=source) if modality != "text_only" else None
+    text = build_component(registry, "text", recipe.text, source=source) if modality != "vision_only" else None
     return vision, text  # the engine's Pipeline freezes the text encoder
 
 
-def build_classifier(recipe, registry, *, source="recipe", encoders=None):
-    """The whole model (trainability of the vision encoder applied by the engine)."""
-    vision, text = encoders if encoders is not None else build_encoders(recipe, registry)
-    modality = recipe.train.modality
-    pooling = fusion = None
-    if vision is not None:
-        try:
-            pooling = build_component(
-                registry, "pooling", recipe.pooling, vision.out_dim, vision.has_cls_token
-            )
-        except ValueError as exc:
-            raise RecipeError(f"{source}: pooling.name: {exc}") from None
-    if modality == "multimodal":
-        fusion = build_component(registry, "fusion", recipe.fusion, vision.out_dim, text.out_dim)
-        projection = None
-        head_in = fusion.out_dim
-    else:
-        in_dim = vision.out_dim if modality == "vision_only" else text.out_dim
-        projection = UnimodalProjection(in_dim, recipe.train.projection_dim or None)
-        head_in = projection.out_dim
-    head = build_component(registry, "head", recipe.head, head_in)
-    if hasattr(fusion, "initialize_head"):  # late fusion: the combining head starts as the plain sum
-        fusion.initialize_head(head)
+def build_classifier(recipe, registry, *, source="recipe"):
+    """The whole model (trainability of the vision encoder applied by the engine).
+
+    The parts after the encoders are measured first (on the meta device): parameters that cannot
+    fit in memory are a recipe error naming the key, not an allocator's traceback.
+    """
+    from mmcore.model.size import size_problem
+
+    vision, text = build_encoders(recipe, registry, source=source)
+    dims = {
+        "vision_dim": vision.out_dim if vision is not None else None,
+        "text_dim": text.out_dim if text is not None else None,
+        "has_cls_token": vision.has_cls_token if vision is not None else False,
+    }
+    problem = size_problem(recipe, registry, source=source, **dims)
+    if problem:
+        raise RecipeError(problem)
+    top = build_top(recipe, registry, source=source, **dims)
+    parts = {"vision": (recipe.vision, vision), "pooling": (recipe.pooling, top["pooling"]), "text": (recipe.text, text),
+             "fusion": (recipe.fusion, top["fusion"]), "head": (recipe.head, top["head"])}
     return Classifier(
-        modality=modality,
+        modality=recipe.train.modality,
         vision=vision,
-        pooling=pooling,
         text=text,
-        fusion=fusion,
-        head=head,
-        projection=projection,
+        **top,
         modality_dropout=recipe.train.modality_dropout,
+        component_labels={kind: registry.get(kind, table.name).label for kind, (table, part) in parts.items() if part is not None},
     )
+
+
+def build_top(recipe, registry, *, vision_dim, text_dim, has_cls_token, source="recipe"):
+    """The parts after encoders of these widths, built in the order random init draws them:
+    ``{"pooling", "fusion", "projection", "head"}`` (None where the modality has none)."""
+    modality = recipe.train.modality
+    top = {"pooling": None, "fusion": None, "projection": None, "head": None}
+    if vision_dim is not None:
+        top["pooling"] = build_component(registry, "pooling", recipe.pooling, vision_dim, has_cls_token, source=source)
+    if modality == "multimodal":
+        top["fusion"] = build_component(registry, "fusion", recipe.fusion, vision_dim, text_dim, source=source)
+        head_in = top["fusion"].out_dim
+    else:
+        in_dim = vision_dim if modality == "vision_only" else text_dim
+        top["projection"] = UnimodalProjection(in_dim, recipe.train.projection_dim or None)
+        head_in = top["projection"].out_dim
+    top["head"] = build_component(registry, "head", recipe.head, head_in, source=source)
+    if isinstance(top["fusion"], Fusion):
+        top["fusion"].init_head(top["head"])
+    return top

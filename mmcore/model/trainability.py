@@ -76,7 +76,7 @@ def apply_trainability(
             f"vision encoder {_label(encoder)} already has LoRA adapters; "
             "apply_trainability must run once, on a freshly built encoder"
         )
-    if not getattr(encoder, "trainable", True):
+    if not encoder.trainable:
         problem = fixed_extractor_problem(
             _label(encoder), freeze_backbone=freeze_backbone, finetune_layers=finetune_layers, lora_enabled=lora.enabled
         )

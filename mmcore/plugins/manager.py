@@ -11,7 +11,7 @@ import pluggy
 import mmcore.plugins.hookspecs as hookspecs
 from mmcore.errors import MmcoreError
 from mmcore.plugins.kinds import KIND_TABLE
-from mmcore.plugins.registry import Registry
+from mmcore.plugins.registry import Registry, exception_line
 
 ENTRY_POINT_GROUP = "mmcore"
 
@@ -55,11 +55,6 @@ def _entry_points():
     return seen
 
 
-def _first_line(exc):
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
-
-
 def make_plugin_manager(load_entrypoints=True, extra_plugins=()):
     """A plugin manager with the hookspecs, the built-ins and (optionally) installed plugins.
 
@@ -87,7 +82,7 @@ def make_plugin_manager(load_entrypoints=True, extra_plugins=()):
             except pluggy.PluginValidationError:
                 raise  # a misspelled hook is the plugin author's bug: say so, do not skip
             except Exception as exc:  # a broken plugin must not take the others down with it
-                broken[dist_name] = reason = _first_line(exc)
+                broken[dist_name] = reason = exception_line(exc)
                 print(
                     f"warning: plugin {dist_name} failed to load ({reason}); skipped. Reinstall it, "
                     f"or leave it out with MMCORE_LOAD_PLUGINS",

@@ -16,6 +16,7 @@ import attrs
 from mmcore.errors import MmcoreError
 from mmcore.plugins.kinds import KINDS
 from mmcore.plugins.known import install_hint
+from mmcore.plugins.traits import VisionTraits, legacy_vision_traits
 
 #: the kinds third parties publish packages for (the unknown-name message says how to find them)
 PUBLISHED_KINDS = ("vision", "text", "ocr")
@@ -41,12 +42,23 @@ def core_data_classes():
     return (Preprocessing, ResizeCropPreprocessing)
 
 
+def exception_line(exc):
+    """``RuntimeError: mat1 and mat2 must have the same dtype``: an exception in one line."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 class UnknownComponentError(MmcoreError):
     """A recipe names a component nobody registered."""
 
 
 class DuplicateComponentError(MmcoreError):
     """Two packages registered the same name for the same kind."""
+
+
+class ComponentError(MmcoreError):
+    """A plugin's component failed (its factory or forward raised, or it is not what it declared):
+    one line naming the component, its kind and its package."""
 
 
 @attrs.frozen
@@ -58,11 +70,31 @@ class Registration:
     factory: object
     params_cls: type
     package: str
+    #: its declared traits (:mod:`mmcore.plugins.traits`), a function of the params giving them,
+    #: or None (a kind without traits; an augmentation that declared none: read when built)
+    traits: object = None
     #: ``weights(params) -> list[WeightRef | PartRef]``: what ``factory(params)`` loads (see
     #: :mod:`mmcore.kit.weights`); None: not declared, so not checked before the build
     weights: object = attrs.field(default=None, kw_only=True)
     #: attrs classes whose objects a bundle stores as data (see the module docstring)
     data_classes: tuple = attrs.field(default=(), kw_only=True)
+
+    @property
+    def label(self):
+        """``pooling 'gated_max' (package mmcore-pooling-gated)``: how messages name it."""
+        return f"{KINDS[self.kind].human} {self.name!r} (package {self.package})"
+
+    def traits_for(self, params):
+        """The traits of this component built with ``params`` (None when it has none declared)."""
+        if self.traits is None or isinstance(self.traits, KINDS[self.kind].traits):
+            return self.traits
+        traits = self.traits(params)
+        if not isinstance(traits, KINDS[self.kind].traits):
+            raise ComponentError(
+                f"{self.label}: its traits function must return a {KINDS[self.kind].traits.__name__} "
+                f"(got {type(traits).__name__})"
+            )
+        return traits
 
 
 class UnknownDataClassError(MmcoreError):
@@ -80,43 +112,58 @@ class Registry:
         self.broken = dict(broken or {})
 
     def register_function(self, kind, package):
-        """The ``register(name, factory, params_cls, *, weights=None, data_classes=())`` callable handed to one
-        plugin's hook."""
+        """The ``register(name, factory, params_cls, *, traits=None, weights=None, data_classes=())`` callable
+        handed to one plugin's hook."""
 
-        def register(name, factory, params_cls, *, weights=None, data_classes=()):
-            self.add(kind, name, factory, params_cls, package, weights=weights, data_classes=data_classes)
+        def register(name, factory, params_cls, *, traits=None, weights=None, data_classes=()):
+            self.add(kind, name, factory, params_cls, package, traits=traits, weights=weights,
+                     data_classes=data_classes)
 
         return register
 
-    def add(self, kind, name, factory, params_cls, package, *, weights=None, data_classes=()):
+    def add(self, kind, name, factory, params_cls, package, *, traits=None, weights=None, data_classes=()):
         """Add one component; a name registered twice for a kind is an error naming both packages.
 
-        ``weights``: the function that says which pretrained weights the factory loads (optional);
-        ``data_classes``: the attrs classes of this component a bundle may store as data.
+        ``traits``: the kind's traits class (:mod:`mmcore.plugins.traits`) or a function of the
+        params returning one; a vision encoder that passes none gets its params class's old
+        attributes, read here once (deprecated). ``weights``: the function that says which
+        pretrained weights the factory loads (optional). ``data_classes``: the attrs classes of
+        this component a bundle may store as data.
         """
+        human = KINDS[kind].human
         if not NAME_RE.match(name):
-            raise MmcoreError(f"{package}: {KINDS[kind].human} name {name!r} must match [a-z0-9_]+")
+            raise MmcoreError(f"{package}: {human} name {name!r} must match [a-z0-9_]+")
         if not attrs.has(params_cls):
             raise MmcoreError(
-                f"{package}: {KINDS[kind].human} {name!r}: params_cls must be an attrs class"
+                f"{package}: {human} {name!r}: params_cls must be an attrs class"
             )
         data_classes = tuple(data_classes)
         for cls in data_classes:
             if not (isinstance(cls, type) and attrs.has(cls)):
-                raise MmcoreError(f"{package}: {KINDS[kind].human} {name!r}: data_classes must be attrs classes "
+                raise MmcoreError(f"{package}: {human} {name!r}: data_classes must be attrs classes "
                                   f"(got {cls!r})")
         if len({cls.__name__ for cls in data_classes}) != len(data_classes):
-            raise MmcoreError(f"{package}: {KINDS[kind].human} {name!r}: two data_classes share a class name")
+            raise MmcoreError(f"{package}: {human} {name!r}: two data_classes share a class name")
         existing = self._by_kind[kind].get(name)
         if existing is not None:
             raise DuplicateComponentError(
-                f"{KINDS[kind].human} {name!r} is registered by both {existing.package} and "
+                f"{human} {name!r} is registered by both {existing.package} and "
                 f"{package}; uninstall one of them"
             )
+        traits_cls = KINDS[kind].traits
+        if traits is not None and traits_cls is None:
+            raise MmcoreError(f"{package}: {human} {name!r}: {human}s declare no traits (got traits={traits!r})")
+        if traits is not None and not (isinstance(traits, traits_cls) or _is_function(traits)):
+            raise MmcoreError(
+                f"{package}: {human} {name!r}: traits must be a {traits_cls.__name__} or a function of the "
+                f"params returning one (got {type(traits).__name__})"
+            )
+        if traits is None and traits_cls is VisionTraits:
+            traits = legacy_vision_traits(params_cls, f"{human} {name!r}", package)
         if weights is not None and not callable(weights):
-            raise MmcoreError(f"{package}: {KINDS[kind].human} {name!r}: weights must be a function of the params")
-        self._by_kind[kind][name] = Registration(kind, name, factory, params_cls, package, weights=weights,
-                                                 data_classes=data_classes)
+            raise MmcoreError(f"{package}: {human} {name!r}: weights must be a function of the params")
+        self._by_kind[kind][name] = Registration(kind, name, factory, params_cls, package, traits,
+                                                 weights=weights, data_classes=data_classes)
 
     def names(self, kind):
         """Sorted names registered for ``kind``."""
@@ -200,3 +247,8 @@ class Registry:
         for dist, reason in sorted(self.broken.items()):
             message += f" (not loaded: {dist}, {reason})"
         return message
+
+
+def _is_function(value):
+    """A traits function: callable, and not a class (``traits=VisionTraits`` forgets the parentheses)."""
+    return callable(value) and not isinstance(value, type)

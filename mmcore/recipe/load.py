@@ -249,10 +249,27 @@ def resolve_components(recipe, source, *, registry=None, check_modality=True):
         problems.append(f"{src(source, 'data.ocr.engine')}: data.ocr.engine: {registry.unknown_message('ocr', ocr.engine)}")
     if check_modality:
         problems.extend(_check_modality(recipe, source))
-        problems.extend(_check_metadata(recipe, resolved, source))
+        problems.extend(_check_metadata(recipe, resolved, source, registry))
     if problems:
         raise RecipeError(problems)
-    return attrs.evolve(recipe, **resolved)
+    recipe = attrs.evolve(recipe, **resolved)
+    if check_modality:
+        _check_size(recipe, source, registry)
+    return recipe
+
+
+def _check_size(recipe, source, registry):
+    """Parameters that cannot fit in memory even behind the narrowest encoders: refused at load,
+    before anything is built (building measures again, with the encoders' real widths)."""
+    from mmcore.model.size import size_problem
+
+    modality = recipe.train.modality
+    problem = size_problem(
+        recipe, registry, source=source, lower_bound=True, has_cls_token=True,
+        vision_dim=1 if modality != "text_only" else None, text_dim=1 if modality != "vision_only" else None,
+    )
+    if problem:
+        raise RecipeError(problem)
 
 
 def _check_modality(recipe, source):
@@ -267,28 +284,18 @@ def _check_modality(recipe, source):
     return []
 
 
-def declared_has_cls_token(params):
-    """Whether an encoder has a CLS token, as its params say before anything is built, or None.
-
-    An encoder plugin's params class may say it with a class attribute (``has_cls_token =
-    False`` on every ResNet) or a property (when it depends on the params, e.g. a model
-    name); anything but a bool means "known only once built".
-    """
-    declared = getattr(params, "has_cls_token", None)
-    return declared if isinstance(declared, bool) else None
-
-
-def _check_metadata(recipe, resolved, source):
-    """Checks that need only the plugins' metadata, no model: done at load, so ``mmcore show``
-    reports them and ``mmcore run`` stops before the run directory exists."""
+def _check_metadata(recipe, resolved, source, registry):
+    """Checks that need only what the plugins declared (their traits), no model: done at load, so
+    ``mmcore show`` reports them and ``mmcore run`` stops before the run directory exists."""
     from mmcore.builtin.pooling import cls_token_problem
     from mmcore.model.trainability import fixed_extractor_problem
 
     vision, pooling = resolved.get("vision"), resolved.get("pooling")
     if vision is None or recipe.train.modality == "text_only":
         return []
+    traits = registry.get("vision", vision.name).traits_for(vision.params)
     problems = []
-    if getattr(vision.params, "trainable", True) is False:  # a fixed feature extractor's params say so
+    if traits.trainable is False:  # a fixed feature extractor
         train = recipe.train
         problem = fixed_extractor_problem(
             repr(vision.name), freeze_backbone=train.freeze_backbone, finetune_layers=train.finetune_layers,
@@ -296,7 +303,7 @@ def _check_metadata(recipe, resolved, source):
         )
         if problem:
             problems.append(f"{src(source, problem[0])}: {problem[1]}")
-    if pooling is not None and pooling.name == "cls" and declared_has_cls_token(vision.params) is False:
+    if pooling is not None and pooling.name == "cls" and traits.has_cls_token is False:
         problems.append(f"{src(source, 'pooling.name')}: pooling.name: {cls_token_problem(f'vision encoder {vision.name!r}')}")
     return problems
 

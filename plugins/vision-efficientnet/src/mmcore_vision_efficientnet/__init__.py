@@ -15,6 +15,7 @@ import attrs
 from mmcore import (
     EncoderParams,
     FeatureMapEncoder,
+    VisionTraits,
     build_torchvision_model,
     calibrate_batchnorm,
     hookimpl,
@@ -32,9 +33,6 @@ TINY_IMAGE_SIZE = 64  # 2x2 feature map -> 4 tokens
 @attrs.frozen(kw_only=True)
 class EfficientNetParams(EncoderParams):
     """torchvision EfficientNetV2-L; ``weights``: another torchvision weights id or a local file/dir."""
-
-    #: known before the encoder is built, so the recipe check refuses ``cls`` pooling up front
-    has_cls_token = False
 
 
 class EfficientNetEncoder(FeatureMapEncoder):
@@ -91,5 +89,5 @@ def build_efficientnet(params):
 
 @hookimpl
 def register_vision_encoders(register):
-    register("efficientnet", build_efficientnet, EfficientNetParams,
+    register("efficientnet", build_efficientnet, EfficientNetParams, traits=VisionTraits(has_cls_token=False),
              weights=partial(torchvision_weights, weights_id=WEIGHTS["efficientnet"]))

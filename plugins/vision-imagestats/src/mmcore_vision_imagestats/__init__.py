@@ -38,7 +38,7 @@ import attrs
 import torch
 
 from mmcore import (
-    NO_WEIGHTS, FieldError, NoWeightsParams, Preprocessing, TokenOutput, VisionEncoder, hookimpl, identity_string,
+    NO_WEIGHTS, FieldError, NoWeightsParams, Preprocessing, TokenOutput, VisionEncoder, VisionTraits, hookimpl, identity_string,
 )
 
 #: block name -> number of bins
@@ -81,10 +81,6 @@ def _features(instance, attribute, value):
 class ImageStatsParams(NoWeightsParams):
     """``size``: the square the image is resized to (squashed) before its statistics are taken;
     ``features``: which blocks to compute, in this order (all by default)."""
-
-    #: said before anything is built: a recipe that asks it to train is refused at load (mmcore show)
-    trainable = False
-    has_cls_token = False
 
     size: int = attrs.field(default=128, validator=_size)
     features: tuple[str, ...] = attrs.field(factory=lambda: tuple(BLOCKS), converter=tuple, validator=_features)
@@ -207,4 +203,5 @@ def build_imagestats(params):
 
 @hookimpl
 def register_vision_encoders(register):
-    register("imagestats", build_imagestats, ImageStatsParams)
+    # a fixed extractor, said before anything is built: a recipe that asks it to train is refused at load
+    register("imagestats", build_imagestats, ImageStatsParams, traits=VisionTraits(has_cls_token=False, trainable=False))

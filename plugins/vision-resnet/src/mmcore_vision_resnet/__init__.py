@@ -13,6 +13,7 @@ import attrs
 from mmcore import (
     EncoderParams,
     FeatureMapEncoder,
+    VisionTraits,
     build_torchvision_model,
     hookimpl,
     square_preprocessing,
@@ -32,9 +33,6 @@ TINY_IMAGE_SIZE = 64  # 2x2 feature map -> 4 tokens
 @attrs.frozen(kw_only=True)
 class ResNetParams(EncoderParams):
     """torchvision ResNet; ``weights`` may be another torchvision weights id or a local file/dir."""
-
-    #: known before the encoder is built, so the recipe check refuses ``cls`` pooling up front
-    has_cls_token = False
 
 
 class ResNetEncoder(FeatureMapEncoder):
@@ -97,5 +95,5 @@ def _factory(name):
 @hookimpl
 def register_vision_encoders(register):
     for name in WEIGHTS:
-        register(name, _factory(name), ResNetParams,
+        register(name, _factory(name), ResNetParams, traits=VisionTraits(has_cls_token=False),
                  weights=partial(torchvision_weights, weights_id=WEIGHTS[name]))

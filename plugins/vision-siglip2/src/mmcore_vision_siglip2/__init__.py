@@ -8,7 +8,7 @@ from functools import partial
 
 import attrs
 
-from mmcore import EncoderParams, at_least, hookimpl, hub_weights
+from mmcore import EncoderParams, VisionTraits, at_least, hookimpl, hub_weights
 
 #: mmcore name -> Hugging Face hub id of the pretrained weights
 HUB_IDS = {
@@ -30,17 +30,11 @@ DEFAULT_MAX_NUM_PATCHES = 1024
 class Siglip2Params(EncoderParams):
     """Fixed-resolution SigLIP 2: the image is squashed to the checkpoint's square size."""
 
-    #: known before the encoder is built, so the recipe check refuses ``cls`` pooling up front
-    has_cls_token = False
-
 
 @attrs.frozen(kw_only=True)
 class Siglip2NaflexParams(EncoderParams):
     """NaFlex SigLIP 2: the image keeps its aspect ratio and is cut into at most
     ``max_num_patches`` patches."""
-
-    #: known before the encoder is built, so the recipe check refuses ``cls`` pooling up front
-    has_cls_token = False
 
     max_num_patches: int = attrs.field(default=DEFAULT_MAX_NUM_PATCHES, validator=at_least(1))
 
@@ -63,9 +57,10 @@ def register_vision_encoders(register):
     export bundle stores as data: declared, so that the bundle can name it)."""
     from .naflex import NaflexPreprocessing
 
+    traits = VisionTraits(has_cls_token=False)  # SigLIP has no CLS token (it pools with its own head)
     for name in FIXED_NAMES:
-        register(name, _factory(name), Siglip2Params,
+        register(name, _factory(name), Siglip2Params, traits=traits,
                  weights=partial(hub_weights, default_id=HUB_IDS[name]))
     for name in NAFLEX_NAMES:
-        register(name, _factory(name), Siglip2NaflexParams,
+        register(name, _factory(name), Siglip2NaflexParams, traits=traits,
                  weights=partial(hub_weights, default_id=HUB_IDS[name]), data_classes=(NaflexPreprocessing,))

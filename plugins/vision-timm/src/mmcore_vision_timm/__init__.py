@@ -8,7 +8,7 @@ H*W tokens. ``tiny = true`` builds a miniature of the model's own family for tes
 
 import attrs
 
-from mmcore import EncoderParams, MmcoreError, build_timm_encoder, did_you_mean, hookimpl, timm_weights
+from mmcore import EncoderParams, MmcoreError, VisionTraits, build_timm_encoder, did_you_mean, hookimpl, timm_weights
 
 DEFAULT_MODEL = "convnext_base.fb_in22k_ft_in1k"
 
@@ -53,5 +53,5 @@ def timm_model_weights(params):
 
 @hookimpl
 def register_vision_encoders(register):
-    register("timm", build_timm, TimmParams,
-             weights=timm_model_weights)
+    # has_cls_token depends on the model: left to the built encoder
+    register("timm", build_timm, TimmParams, traits=VisionTraits(has_cls_token=None), weights=timm_model_weights)

@@ -15,6 +15,7 @@ from torch import nn
 from mmcore import (
     EncoderParams,
     FeatureMapEncoder,
+    VisionTraits,
     build_torchvision_model,
     hookimpl,
     square_preprocessing,
@@ -32,9 +33,6 @@ TINY_IMAGE_SIZE = 64  # 2x2 feature map -> 4 tokens
 @attrs.frozen(kw_only=True)
 class VggParams(EncoderParams):
     """torchvision VGG16; ``weights`` may be another torchvision weights id or a local file/dir."""
-
-    #: known before the encoder is built, so the recipe check refuses ``cls`` pooling up front
-    has_cls_token = False
 
 
 class VggEncoder(FeatureMapEncoder):
@@ -88,5 +86,5 @@ def build_vgg16(params):
 
 @hookimpl
 def register_vision_encoders(register):
-    register("vgg16", build_vgg16, VggParams,
+    register("vgg16", build_vgg16, VggParams, traits=VisionTraits(has_cls_token=False),
              weights=partial(torchvision_weights, weights_id=WEIGHTS["vgg16"]))

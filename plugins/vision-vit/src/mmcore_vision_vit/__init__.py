@@ -13,7 +13,7 @@ from functools import partial
 
 import attrs
 
-from mmcore import EncoderParams, build_timm_encoder, hookimpl, timm_weights
+from mmcore import EncoderParams, VisionTraits, build_timm_encoder, hookimpl, timm_weights
 
 #: mmcore name -> the timm model (with its pretrained tag) loaded from the Hugging Face hub
 #: (``timm/<name>``) when ``pretrained = true``
@@ -41,5 +41,5 @@ def _factory(name):
 @hookimpl
 def register_vision_encoders(register):
     for name in WEIGHTS:
-        register(name, _factory(name), VitParams,
+        register(name, _factory(name), VitParams, traits=VisionTraits(has_cls_token=True),
                  weights=partial(timm_weights, model_name=WEIGHTS[name]))

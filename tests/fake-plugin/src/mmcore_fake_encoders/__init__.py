@@ -11,7 +11,7 @@ import attrs
 import torch
 from torch import nn
 
-from mmcore import hookimpl
+from mmcore import VisionTraits, hookimpl
 from mmcore.interfaces import EncoderParams, OcrEngine, Preprocessing, TextEncoder, TokenOutput, VisionEncoder
 
 
@@ -134,8 +134,8 @@ class FakeText(TextEncoder):
 
 @hookimpl
 def register_vision_encoders(register):
-    register("fake_cnn", FakeCnn, FakeVisionParams)
-    register("fake_vit", FakeVit, FakeVisionParams)
+    register("fake_cnn", FakeCnn, FakeVisionParams, traits=VisionTraits(has_cls_token=False))
+    register("fake_vit", FakeVit, FakeVisionParams, traits=VisionTraits(has_cls_token=True))
 
 
 @hookimpl
