@@ -39,7 +39,7 @@ def write_rate(root, storage, rows, tokens, dim):
     from mmcore.store.features import FeatureStore, stored_row_bytes
 
     description = {"kind": "vision", "encoder": "disk_rate", "identity": f"disk_rate|{storage}", "dtype": "bfloat16",
-                   "stored": "tokens", "pooling": None, "dim": dim, "token_storage": storage}
+                   "stored": "tokens", "pooling": None, "dim": dim, "token_storage": storage, "has_cls_token": False}
     store = FeatureStore(root, description)
     store.ensure()
     generator = np.random.default_rng(0)

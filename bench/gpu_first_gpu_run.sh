@@ -45,6 +45,8 @@ cd "$REPO" || exit 1
 OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/mmcore-first-gpu-XXXXXX")
+# the Python that runs everything: the GPU image's python3, or (a dry run here) the one given as $PYTHON
+PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export MMCORE_CACHE_DIR="$WORK/cache"
 if [ "$DRY" = 1 ]; then
@@ -95,7 +97,7 @@ stage() {  # stage NAME TIMEOUT COMMAND...: run COMMAND (a program or a function
 
 install() {
   local site="$WORK/site"
-  python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target "$site" \
+  "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target "$site" \
     bench/gpu/wheels/*.whl . plugins/vision-siglip2 plugins/text-sentence-transformers plugins/vision-resnet || return 1
   echo "installed into $site: $(ls "$site" | grep -c dist-info) distributions"
 }
@@ -104,7 +106,7 @@ stack() {
   if [ "$DRY" != 1 ]; then
     nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader
   fi
-  python3 - <<'PY'
+  "$PY" - <<'PY'
 import os, platform, shutil, torch, transformers, peft
 import mmcore
 from mmcore.engine.runtime import autocast_dtype, describe_precision, resolve_device
@@ -137,11 +139,11 @@ fi
 export DRY WORK
 
 end_to_end() {
-  python3 -c "from mmcore.commands.demo import make_demo_dataset as m; m('$WORK/run-data', n_train=$IMAGES, n_val=$((IMAGES / 4)), n_test=$((IMAGES / 4)), size=($SIZE, $SIZE))" || return 1
-  python3 -m mmcore run recipes/siglip_labse_gmu.toml --out "$WORK/run" --quiet \
+  "$PY" -c "from mmcore.commands.demo import make_demo_dataset as m; m('$WORK/run-data', n_train=$IMAGES, n_val=$((IMAGES / 4)), n_test=$((IMAGES / 4)), size=($SIZE, $SIZE))" || return 1
+  "$PY" -m mmcore run recipes/siglip_labse_gmu.toml --out "$WORK/run" --quiet \
     --set "data.base_dir='$WORK/run-data'" --set vision.params.pretrained=false --set text.params.pretrained=false \
     --set train.epochs=1 --set logging.tensorboard=false $RUN_SET || return 1
-  python3 - "$WORK/run" <<'PY'
+  "$PY" - "$WORK/run" <<'PY'
 import json, sys
 results = json.load(open(f"{sys.argv[1]}/results.json"))
 print({key: results.get(key) for key in ("precision", "train_batch", "feature_cache")})
@@ -155,11 +157,11 @@ if stage install 90 install && [ -d "$WORK/site/mmcore" ]; then
   export MMCORE_LOAD_PLUGINS=mmcore-vision-siglip2,mmcore-text-sentence-transformers,mmcore-vision-resnet
 fi
 stage stack 30 stack
-stage disk 30 python3 bench/disk_rate.py "${DISK[@]}"
-stage syncs 60 python3 bench/sync_probe.py "${SYNCS[@]}"
-stage train 110 python3 bench/gpu_default_recipe.py "${TRAIN[@]}"
+stage disk 30 "$PY" bench/disk_rate.py "${DISK[@]}"
+stage syncs 60 "$PY" bench/sync_probe.py "${SYNCS[@]}"
+stage train 110 "$PY" bench/gpu_default_recipe.py "${TRAIN[@]}"
 stage run 60 end_to_end
-stage serve 50 python3 bench/serve.py --target run --work "$WORK/serve" --epochs 1 --set text.params.pretrained=false "${SERVE[@]}"
+stage serve 50 "$PY" bench/serve.py --target run --work "$WORK/serve" --epochs 1 --set text.params.pretrained=false "${SERVE[@]}"
 echo "done in $(($(date +%s) - START))s" | tee -a "$OUT/summary.txt"
 cat "$OUT/owed.txt"
 rm -rf "$WORK"

@@ -279,7 +279,7 @@ def test_the_first_gpu_script_checks_its_arguments_and_a_stage_reports_under_out
     )
     out = tmp_path / "out"
     run = subprocess.run(["bash", str(script), "--dry-run", "--only", "disk"], capture_output=True, text=True,
-                         timeout=300, env={**os.environ, "OUT": str(out)})
+                         timeout=300, env={**os.environ, "OUT": str(out), "PYTHON": sys.executable})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     summary = (out / "summary.txt").read_text().splitlines()
     assert summary[1:4] == ["install: not selected", "stack: not selected", summary[3]]
