@@ -173,7 +173,7 @@ def test_a_full_disk_on_the_cache_degrades_and_on_the_output_fails_with_one_line
         "continuing without the feature cache (cache.required = true would stop here)",
     ]
     results = json.loads((tmp_path / "a" / "results.json").read_text())
-    assert results["feature_cache"] == {"vision": False, "text": False}
+    assert results["feature_cache"] == {"vision": False, "text": False, "vision_storage": None}
     assert not list(cache.rglob("*.npy")) and not list(cache.rglob("*.tmp"))
 
     # the output disk is full when results.json is written: one line, status failed, checkpoints kept

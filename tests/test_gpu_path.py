@@ -126,7 +126,7 @@ def test_the_fp16_step_scales_the_loss_unscales_before_clipping_and_skips_an_inf
     assert isinstance(scaler, torch.amp.GradScaler) and scaler.get_scale() == 65536.0
     data = batches(1)
     reference = Linear()  # the unscaled fp32 gradient of the same batch
-    torch.nn.functional.binary_cross_entropy_with_logits(reference(data[0]).float(), data[0]["label"]).backward()
+    torch.nn.functional.binary_cross_entropy_with_logits(reference(data[0]).logit.float(), data[0]["label"]).backward()
     expected_norm = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in reference.parameters()]))
     before = [p.detach().clone() for p in model.parameters()]
     run.step.micro_step(data[0], weight=1.0, sync=True)
@@ -219,7 +219,7 @@ def test_a_backend_failure_falls_back_to_eager_with_one_line():
     module = Linear()
     model = CompiledModel(module, said.append, backend=backend)
     batch = batches(1)[0]
-    assert torch.equal(model(batch), module(batch))
+    assert torch.equal(model(batch).logit, module(batch).logit)
     model(batch)
     assert len(said) == 1 and re.fullmatch(
         r"train\.compile: torch\.compile failed here \(BackendCompilerFailed: backend='backend' raised:\); "
@@ -269,9 +269,9 @@ def test_ddp_is_compiled_as_a_whole_and_keeps_no_sync(one_process_group):
     assert wrapped.forward_sync_buffers is False  # nothing in it changes a buffer (torch 2.14's name)
     batch = batches(1)[0]
     with wrapped.no_sync():
-        wrapped(batch).sum().backward()
+        wrapped(batch).logit.sum().backward()
     assert graphs and model.fc.weight.grad is not None  # the compiled DDP forward ran
-    assert torch.allclose(wrapped(batch), model(batch))
+    assert torch.allclose(wrapped(batch).logit, model(batch).logit)
 
 
 def _with_batchnorm(vision_trains):

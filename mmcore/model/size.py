@@ -28,8 +28,11 @@ PART_KEYS = {"pooling": "pooling.name", "fusion": "fusion.name", "projection": "
 
 
 def parameter_bytes(module):
-    """Bytes of a module's parameters (meta tensors included: their size, not their storage)."""
-    return sum(p.numel() * p.element_size() for p in module.parameters()) if module is not None else 0
+    """Bytes of a module's parameters (meta tensors included: their size, not their storage); 0 for
+    what is not a module (a factory that returns something else is the real build's to report)."""
+    if not isinstance(module, torch.nn.Module):
+        return 0
+    return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
 def available_memory():
