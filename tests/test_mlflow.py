@@ -202,8 +202,8 @@ def test_a_missing_mlflow_is_one_line_naming_the_extra_before_any_data(tmp_path,
 # --- the pieces --------------------------------------------------------------------------------------------------
 
 
-def test_a_local_store_is_resolved_once_and_other_uris_are_kept(tmp_path, monkeypatch):
-    from mmcore.engine.mlflow_logger import resolve_tracking_uri
+def test_a_local_store_is_resolved_once_other_uris_are_kept_and_no_password_is_shown(tmp_path, monkeypatch):
+    from mmcore.engine.mlflow_logger import resolve_tracking_uri, shown_uri
 
     monkeypatch.chdir(tmp_path)
     expected = (tmp_path / "mlruns").as_uri()
@@ -211,6 +211,8 @@ def test_a_local_store_is_resolved_once_and_other_uris_are_kept(tmp_path, monkey
     assert resolve_tracking_uri(expected) == expected and resolve_tracking_uri(str(tmp_path / "mlruns")) == expected
     for uri in ("http://mlflow.internal:5000", "https://x/y", "sqlite:///mlflow.db", "databricks"):
         assert resolve_tracking_uri(uri) == uri
+    assert shown_uri("https://me:s3cret@mlflow.internal/x") == "https://me:***@mlflow.internal/x"
+    assert shown_uri("http://127.0.0.1:9") == "http://127.0.0.1:9" and shown_uri(expected) == expected
 
 
 def test_a_failed_request_is_said_in_a_few_words():

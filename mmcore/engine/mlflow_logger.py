@@ -61,6 +61,11 @@ def resolve_tracking_uri(uri):
     return Path(path).expanduser().resolve().as_uri()
 
 
+def shown_uri(uri):
+    """``uri`` as printed: without a password (``https://user:***@host``)."""
+    return re.sub(r"^([a-z][a-z0-9+.-]*://[^/@:]*):[^/@]*@", r"\1:***@", uri)
+
+
 @contextlib.contextmanager
 def _bounded_environment(tracking_uri):
     """MLflow's HTTP bounds (and, for a local folder, its opt-in to the file store, which MLflow 3 otherwise
@@ -234,7 +239,7 @@ class MlflowLogger:
             except _tracking_errors() as exc:
                 self.off = True
                 atexit.unregister(self._end_unfinished)
-                warn(f"warning: MLflow ({self.tracking_uri}): {doing} failed ({failure_reason(exc)}); "
+                warn(f"warning: MLflow ({shown_uri(self.tracking_uri)}): {doing} failed ({failure_reason(exc)}); "
                      f"mmcore goes on without logging to MLflow")
                 return None
 
@@ -300,7 +305,7 @@ def log_bundle_to_mlflow(run_dir, bundle_dir, echo):
     """``mmcore export``: the bundle into the MLflow run that ``run_dir`` records (nothing when it has none)."""
     logger = MlflowLogger.of_run(run_dir)
     if logger is not None and logger.log_bundle(bundle_dir):
-        echo(f"logged the bundle to MLflow run {logger.run_id} ({logger.tracking_uri}) under {BUNDLE_ARTIFACT_PATH}/")
+        echo(f"logged the bundle to MLflow run {logger.run_id} ({shown_uri(logger.tracking_uri)}) under {BUNDLE_ARTIFACT_PATH}/")
 
 
 def _create_run(client, experiment, run_name, tags):
