@@ -10,6 +10,7 @@ and ``--resume`` take one and need nothing else)::
     results.json             metrics, decision, history
     test_predictions.json    one record per test row
     test_report.md, report.html, plots, TensorBoard logs
+    mlflow.json              the MLflow run it logs to (``logging.mlflow``): resume continues it, export adds to it
     .lock                    pid and host of the live process writing here (absent otherwise)
 
 :class:`RunDir` knows these names and rules; :class:`RunLock` is the advisory lock that keeps
@@ -22,10 +23,12 @@ import contextlib
 import errno
 import json
 import os
+import re
 import socket
 import time
 from pathlib import Path
 
+from mmcore.bounded import FileRules, read_regular_file
 from mmcore.errors import RunError
 from mmcore.io import is_temp_name, write_json, write_text
 from mmcore.store.locks import FileLock, LockBusy, describe_holder
@@ -40,6 +43,11 @@ REPORT_MD = "test_report.md"
 REPORT_HTML = "report.html"
 SWEEP_FILE = "sweep.json"
 LOCK_FILE = ".lock"
+MLFLOW_FILE = "mlflow.json"
+MLFLOW_FILE_RULES = FileRules("MLflow run record", "the run's mlflow.json", 64 << 10, "it holds a tracking URI and a run id")
+#: an MLflow run id, as MLflow validates it; a tracking URI is at most this long
+_MLFLOW_RUN_ID = re.compile(r"[a-zA-Z0-9][\w\-]{0,255}")
+MAX_TRACKING_URI = 4096
 #: sub-folder of a run directory where ``mmcore eval`` writes by default
 EVAL_DIR = "eval"
 
@@ -177,6 +185,10 @@ class RunDir:
     def lock_file(self):
         return self.path / LOCK_FILE
 
+    @property
+    def mlflow_file(self):
+        return self.path / MLFLOW_FILE
+
     # -- creation ---------------------------------------------------------------------------
 
     @classmethod
@@ -312,6 +324,30 @@ class RunDir:
     def results(self):
         """``results.json`` as a dict, or None when it is missing or unreadable."""
         return _read_json(self.results_file)
+
+    # -- the MLflow run ---------------------------------------------------------------------
+
+    def mlflow_run(self):
+        """The MLflow run this run logs to, ``{"tracking_uri": str, "run_id": str}`` from ``mlflow.json``, or
+        None when it has none; a record that is not one is one line (:class:`RunError`)."""
+        if not self.mlflow_file.exists():
+            return None
+        data = read_regular_file(self.mlflow_file, MLFLOW_FILE_RULES, error=RunError)
+        try:
+            record = json.loads(data)
+        except ValueError:
+            record = None
+        if not (
+            isinstance(record, dict)
+            and isinstance(record.get("tracking_uri"), str) and 0 < len(record["tracking_uri"]) <= MAX_TRACKING_URI
+            and isinstance(record.get("run_id"), str) and _MLFLOW_RUN_ID.fullmatch(record["run_id"])
+        ):
+            raise RunError(f"{self.mlflow_file}: not a record of an MLflow run (a tracking_uri and a run_id)")
+        return {"tracking_uri": record["tracking_uri"], "run_id": record["run_id"]}
+
+    def write_mlflow_run(self, tracking_uri, run_id):
+        """Record the MLflow run this run logs to (``--resume`` continues it, ``mmcore export`` adds the bundle to it)."""
+        write_json(self.mlflow_file, {"tracking_uri": tracking_uri, "run_id": run_id})
 
     # -- writing ----------------------------------------------------------------------------
 

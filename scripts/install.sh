@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Install mmcore with every extra the README uses (export, serve, tune, explain), every plugin under
+# Install mmcore with every extra the README uses (export, serve, tune, explain, mlflow), every plugin under
 # plugins/ and (with --test) what the test suite needs, into ./.venv (or the active virtualenv / $VENV).
 # The Dockerfile runs this same script.
 #
-#   bash scripts/install.sh              # mmcore + export, serve, tune, explain + all plugins
+#   bash scripts/install.sh              # mmcore + export, serve, tune, explain, mlflow + all plugins
 #   bash scripts/install.sh --gpu        # the same with onnxruntime-gpu instead of onnxruntime (MMCORE_GPU=1 too)
 #   bash scripts/install.sh --test       # + test extras, the fake test plugin, OCR and browser system packages
 #   bash scripts/install.sh --dry-run    # print the pip commands instead of running them
@@ -51,10 +51,10 @@ done
 
 # the extras the README uses; serve-gpu is serve (and export) on onnxruntime-gpu
 if [ "$want_gpu" = 1 ]; then
-    extras="serve-gpu,tune,explain"
+    extras="serve-gpu,tune,explain,mlflow"
     runtime_not_wanted=onnxruntime
 else
-    extras="export,serve,tune,explain"
+    extras="export,serve,tune,explain,mlflow"
     runtime_not_wanted=onnxruntime-gpu
 fi
 if [ "$dry_run" = 1 ] || python -m pip show -q "$runtime_not_wanted" >/dev/null 2>&1; then

@@ -178,3 +178,22 @@ def test_recipes_are_data_not_code(recipe_file, registry):
     path = recipe_file(BASE.replace('"fake_cnn"', '"os.system"'))
     (message,) = problems(path, registry)
     assert message.startswith(f"{path}: vision.name: unknown vision encoder 'os.system'")
+
+
+def test_logging_mlflow_is_a_strict_table_off_by_default(recipe_file, registry, tmp_path):
+    assert load_recipe(recipe_file(BASE), registry=registry).logging.mlflow is None
+    recipe = load_recipe(recipe_file(BASE + '[logging.mlflow]\ntracking_uri = "file:./mlruns"\n'), registry=registry)
+    mlflow = recipe.logging.mlflow
+    assert (mlflow.tracking_uri, mlflow.experiment, mlflow.run_name) == ("file:./mlruns", None, None)
+    assert tomllib.loads(recipe_to_toml(recipe))["logging"]["mlflow"] == {"tracking_uri": "file:./mlruns"}
+
+    path = recipe_file(BASE + '[logging.mlflow]\nexperimnt = "x"\nrun_name = 3\n', "bad.toml")
+    assert problems(path, registry) == [
+        f"{path}: logging.mlflow.tracking_uri: missing required key",
+        f"{path}: logging.mlflow.experimnt: unknown key (did you mean experiment?)",
+        f"{path}: logging.mlflow.run_name: must be a string (got an integer 3)",
+    ]
+    path = recipe_file(BASE + '[logging]\nmlflow = { tracking_uri = " ", experiment = "" }\n', "blank.toml")
+    assert problems(path, registry) == [f"{path}: logging.mlflow.tracking_uri: must not be empty"]
+    assert problems(recipe_file(BASE, "t.toml"), registry, ["logging.mlflow=true"]) == [
+        f"{tmp_path / 't.toml'} (--set logging.mlflow): logging.mlflow: must be a table (got a boolean True)"]

@@ -19,6 +19,7 @@ from pathlib import Path
 import attrs
 
 from mmcore.commands.predict import existing_parent
+from mmcore.engine.mlflow_logger import log_bundle_to_mlflow
 from mmcore.errors import DataError, MmcoreError, RunError
 from mmcore.export import bundle as B
 from mmcore.export import onnx as G
@@ -210,6 +211,7 @@ def export_run(run_dir, out, *, fmt="onnx", data=None, rows=DEFAULT_ROWS, base_d
         f"max |Δ calibrated score| {report.max_abs_calibrated:.2e}, decision agreement {report.agreement:.4f}"
     )
     echo(f"wrote {out} ({fmt}, {len(entries) + 1} files, {_size(sum(e['bytes'] for e in entries.values()))})")
+    log_bundle_to_mlflow(run_dir, out, echo)  # into the run's MLflow run, when it logged to one
     return ExportSummary(out=out, format=fmt, parity=figures)
 
 

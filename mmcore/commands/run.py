@@ -17,6 +17,7 @@ from mmcore.data.bulk import paused_gc
 from mmcore.data.csvs import load_splits
 from mmcore.engine.checkpoint import read_checkpoint
 from mmcore.engine.features import ImageHashes
+from mmcore.engine.loggers import require_logger_packages
 from mmcore.engine.runtime import broadcast_object, init_distributed, is_main, world_size
 from mmcore.engine.training import Interrupted, TrainingRun
 from mmcore.errors import DataError
@@ -60,6 +61,7 @@ def run_training(recipe, *, recipe_path, out=None, registry=None, progress=True,
     if not main:  # rank 0 alone talks and writes
         echo, progress = (lambda *args, **kwargs: None), False
     require_weights(recipe, registry, source=str(recipe_path))  # every missing model in one message, before any data
+    require_logger_packages(recipe)  # a missing mlflow or wandb is one line, before any data
     splits = load_splits(recipe.data, cache=recipe.cache)  # all data problems before anything heavy
     hashes = ImageHashes.for_recipe(recipe)  # each image hashed once: checks, OCR, feature cache
     duplicates = _check_images(recipe, splits, echo, hashes)

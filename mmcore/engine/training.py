@@ -537,6 +537,7 @@ class TrainingRun:
         if self.writer is not None:
             _log_hparams(self.writer, self.recipe_dict, results)
             _log_pr_curve(self.writer, test_logits, test_labels, self.best_epoch)
+            self.writer.log_results(results)
             self.writer.close()
         return results
 

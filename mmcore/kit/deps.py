@@ -27,6 +27,7 @@ EXTRAS = {
     "prometheus_client": ("prometheus-client", "serve"),
     "optuna": ("optuna", "tune"),
     "wandb": ("wandb", "wandb"),
+    "mlflow": ("mlflow-skinny", "mlflow"),
     "webdataset": ("webdataset", "webdataset"),
     "braceexpand": ("braceexpand", "webdataset"),
 }
@@ -37,10 +38,11 @@ EXTRA_MODULES = {
     "tune": ("optuna",),
     "explain": ("captum",),
     "wandb": ("wandb",),
+    "mlflow": ("mlflow",),
     "webdataset": ("webdataset", "braceexpand"),
 }
 #: the extras ``bash scripts/install.sh`` installs (the README's first command)
-INSTALL_SCRIPT_EXTRAS = ("export", "serve", "tune", "explain")
+INSTALL_SCRIPT_EXTRAS = ("export", "serve", "tune", "explain", "mlflow")
 
 
 class MissingDependency(MmcoreError):

@@ -199,11 +199,30 @@ class CacheConfig:
     decoded_images: Any = attrs.field(default="auto", validator=one_of("auto", True, False))
 
 
+def _not_blank(instance, attribute, value):
+    if value is not None and not value.strip():
+        raise FieldError(attribute.name, "must not be empty")
+
+
+@attrs.frozen(kw_only=True)
+class MlflowConfig:
+    """``logging.mlflow``: the run logged to an MLflow tracking store (``pip install 'mmcore[mlflow]'``)."""
+
+    #: a server (``http://host:5000``), a database (``sqlite:///mlflow.db``) or a local folder (``file:./mlruns``, a path)
+    tracking_uri: str = attrs.field(validator=_not_blank)
+    #: the MLflow experiment; absent: the recipe's ``experiment``
+    experiment: str | None = attrs.field(default=None, validator=_not_blank)
+    #: absent: ``<experiment>/<run directory name>``
+    run_name: str | None = attrs.field(default=None, validator=_not_blank)
+
+
 @attrs.frozen(kw_only=True)
 class LoggingConfig:
     tensorboard: bool = True
     wandb: bool = False
     wandb_project: str = "mmcore"
+    #: MLflow beside TensorBoard (off when absent)
+    mlflow: MlflowConfig | None = None
     progress: bool = True
 
 
