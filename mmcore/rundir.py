@@ -28,8 +28,8 @@ import socket
 import time
 from pathlib import Path
 
-from mmcore.bounded import FileRules, read_regular_file
-from mmcore.errors import RunError
+from mmcore.bounded import FileRules, NestingError, loads_toml, read_regular_file
+from mmcore.errors import MmcoreError, RunError
 from mmcore.io import is_temp_name, write_json, write_text
 from mmcore.store.locks import FileLock, LockBusy, describe_holder
 
@@ -44,6 +44,9 @@ REPORT_HTML = "report.html"
 SWEEP_FILE = "sweep.json"
 LOCK_FILE = ".lock"
 MLFLOW_FILE = "mlflow.json"
+#: a run directory is read as data, bounded like every input (see docs/reliability.md, "Threat model")
+RUN_RECIPE_RULES = FileRules("run recipe", "the run's recipe.toml", 1 << 20, "a recipe is a small TOML file")
+RUN_JSON_RULES = FileRules("run file", "a JSON file of the run", 64 << 20, "mmcore writes it far smaller")
 MLFLOW_FILE_RULES = FileRules("MLflow run record", "the run's mlflow.json", 64 << 10, "it holds a tracking URI and a run id")
 #: an MLflow run id, as MLflow validates it; a tracking URI is at most this long
 _MLFLOW_RUN_ID = re.compile(r"[a-zA-Z0-9][\w\-]{0,255}")
@@ -100,9 +103,11 @@ def failure_message(exc, directory):
 
 
 def _read_json(path):
+    """A run's JSON file (status, results, sweep) as data, or None when it is missing or not what
+    mmcore writes: a regular file of at most :data:`RUN_JSON_RULES` bytes."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return json.loads(read_regular_file(path, RUN_JSON_RULES))
+    except (MmcoreError, ValueError):
         return None
 
 
@@ -307,9 +312,10 @@ class RunDir:
         if self._recipe_data is None:
             import tomllib
 
+            data = read_regular_file(self.recipe_file, RUN_RECIPE_RULES, error=RunError)  # bounded, regular
             try:
-                self._recipe_data = tomllib.loads(self.recipe_file.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+                self._recipe_data = loads_toml(data.decode("utf-8"))
+            except (UnicodeDecodeError, tomllib.TOMLDecodeError, NestingError) as exc:
                 raise RunError(f"{self.recipe_file}: cannot read the run's recipe ({exc})") from None
         return self._recipe_data
 

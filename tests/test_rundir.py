@@ -284,3 +284,31 @@ def test_run_dir_reads_its_recipe_once_and_refuses_what_is_not_a_finished_run(tm
     broken.recipe_file.write_text("experiment = ")
     with pytest.raises(RunError, match=r"recipe.toml: cannot read the run's recipe \(.+\)$"):
         broken.recipe_data()
+
+
+def test_a_run_directory_is_read_as_bounded_data(tmp_path):
+    """recipe.toml, status.json and results.json are read under the bounds of every input: a FIFO is
+    never opened (no hang), a recipe nested 100,000 deep or over 1 MiB is one line, an oversized
+    results.json reads as missing rather than into memory."""
+    run = tmp_path / "run"
+    run.mkdir()
+    recipe = run / "recipe.toml"
+    os.mkfifo(recipe)
+    with pytest.raises(RunError) as info:
+        RunDir(run).recipe_data()
+    assert str(info.value) == f"{recipe}: is not a regular file; name the run's recipe.toml"
+    recipe.unlink()
+    recipe.write_text("x = " + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(RunError) as info:
+        RunDir(run).recipe_data()
+    assert str(info.value).startswith(f"{recipe}: cannot read the run's recipe (line 1: ")
+    recipe.write_text("# padding\n" * 200_000)
+    with pytest.raises(RunError) as info:
+        RunDir(run).recipe_data()
+    assert str(info.value) == f"{recipe}: is larger than 1 MiB; a recipe is a small TOML file"
+    results = run / "results.json"
+    with open(results, "wb") as handle:  # sparse: 65 MiB that never touch the disk
+        handle.truncate((64 << 20) + 1)
+    assert RunDir(run).results() is None
+    os.mkfifo(run / "status.json")
+    assert RunDir(run).status() is None
