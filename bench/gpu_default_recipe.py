@@ -45,41 +45,18 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_RECIPE = REPO / "recipes" / "siglip_labse_gmu.toml"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from default_model import load_default_recipe, make_trainer, recipe_overrides  # noqa: E402
+
 MODES = ("frozen", "lora6", "top6", "uint8", "compile", "ddp")
 TARGET_SPEED, TARGET_MEMORY = 0.90, 1.10
 
 
-def mode_overrides(mode, layers):
-    """The recipe keys that make ``mode`` (``layers``: how many top blocks adapt or train)."""
-    if mode == "frozen":
-        return []
-    if mode == "lora6":
-        return ["train.lora.enabled=true", f"train.lora.target_layers={layers}"]
-    return ["train.freeze_backbone=false", f"train.finetune_layers={layers}"]
-
-
 def load(args, data_dir, cache_dir, mode):
     """The default recipe for ``mode`` with random-weight encoders, and the real registry."""
-    from mmcore.plugins.manager import get_registry
-    from mmcore.recipe import load_recipe
-
-    overrides = [
-        f"data.base_dir={str(data_dir)!r}",
-        f"data.num_workers={args.workers}",
-        "vision.params.pretrained=false",
-        "text.params.pretrained=false",
-        f"train.batch_size={args.batch}",
-        f"train.precision={'fp32' if args.dry_run else 'bf16'}",
-        f"cache.dir={str(cache_dir)!r}",
-        "logging.tensorboard=false",
-        *mode_overrides(mode, args.layers),
-    ]
-    if args.tiny:
-        overrides += ["vision.params.tiny=true", "text.params.tiny=true"]
-    registry = get_registry()
-    return load_recipe(DEFAULT_RECIPE, overrides, registry=registry), registry
+    return load_default_recipe(recipe_overrides(
+        data_dir=data_dir, cache_dir=cache_dir, batch=args.batch, precision="fp32" if args.dry_run else "bf16",
+        workers=args.workers, mode=mode, layers=args.layers, tiny=args.tiny))
 
 
 class Meter:
@@ -158,11 +135,9 @@ def _bytes_under(directory):
 def bench_training(args, data_dir, root, mode):
     """Engine ``Trainer.train_epoch`` vs a hand-written loop, same model/optimizer/batches."""
     from mmcore.data.csvs import load_splits
-    from mmcore.engine.loop import Trainer, set_train_mode
+    from mmcore.engine.loop import set_train_mode
     from mmcore.engine.pipeline import Pipeline
     from mmcore.engine.runtime import autocast
-    from mmcore.model.classifier import build_component
-    from mmcore.model.trainability import parameter_groups
 
     recipe, registry = load(args, data_dir, root / f"cache-{mode}", mode)
     pipeline = Pipeline(recipe, registry, progress=False)
@@ -181,15 +156,8 @@ def bench_training(args, data_dir, root, mode):
     batches = [pin(b) for b in batches] if device.type == "cuda" else batches
 
     train = recipe.train
-    groups = parameter_groups(model, head_lr=train.learning_rate, backbone_lr=train.backbone_lr,
-                              lora_lr=train.lora_lr, weight_decay=train.weight_decay)
-    optimizer = torch.optim.AdamW(groups)
-    scheduler = build_component(registry, "scheduler", recipe.scheduler, optimizer, 10**6)
-    labels = split.label_array()
-    loss_fn = build_component(registry, "loss", recipe.loss, (int((labels == 0).sum()), int((labels == 1).sum())))
-    trainer = Trainer(model=model, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn,
-                      device=device, dtype=dtype, grad_clip=train.grad_clip, progress=False,
-                      channels_last=pipeline.channels_last)
+    trainer = make_trainer(pipeline, split)
+    optimizer, scheduler, loss_fn = trainer.optimizer, trainer.step.scheduler, trainer.step.loss_fn
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     def raw(steps):
@@ -267,8 +235,6 @@ def _raw_training(args, data_dir, root, mode, *, compile_model=False):
     from mmcore.engine.loop import set_train_mode
     from mmcore.engine.pipeline import Pipeline
     from mmcore.engine.runtime import autocast
-    from mmcore.model.classifier import build_component
-    from mmcore.model.trainability import parameter_groups
 
     recipe, registry = load(args, data_dir, root / f"cache-{mode}", mode)
     pipeline = Pipeline(recipe, registry, progress=False)
@@ -276,11 +242,8 @@ def _raw_training(args, data_dir, root, mode, *, compile_model=False):
     split = load_splits(recipe.data)["train"]
     dataset, split, _ = pipeline.dataset(split, train=True)
     batches = _batches(pipeline.loader(dataset, train=True), args.steps, device)
-    train = recipe.train
-    optimizer = torch.optim.AdamW(parameter_groups(model, head_lr=train.learning_rate, backbone_lr=train.backbone_lr,
-                                                   lora_lr=train.lora_lr, weight_decay=train.weight_decay))
-    labels = split.label_array()
-    loss_fn = build_component(registry, "loss", recipe.loss, (int((labels == 0).sum()), int((labels == 1).sum())))
+    trainer = make_trainer(pipeline, split)  # its optimizer and loss, stepped by hand below
+    optimizer, loss_fn = trainer.optimizer, trainer.step.loss_fn
     forward = model
     if compile_model:
         forward = torch.compile(model, backend="aot_eager" if args.dry_run else "inductor")
@@ -291,7 +254,7 @@ def _raw_training(args, data_dir, root, mode, *, compile_model=False):
             inputs = {"vision": {"pixel_values": batch["vision"]["pixel_values"].to(device, non_blocking=True)},
                       "text_feature": batch["text_feature"].to(device, non_blocking=True).float()}
             with autocast(device, dtype):
-                logits = forward(inputs)
+                logits = forward(inputs).logit
             loss_fn(logits.float(), batch["label"].to(device, non_blocking=True)).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -347,11 +310,8 @@ def ddp_child(args):
     from torch.nn.parallel import DistributedDataParallel
 
     from mmcore.data.csvs import load_splits
-    from mmcore.engine.loop import Trainer
     from mmcore.engine.pipeline import Pipeline
     from mmcore.engine.runtime import all_reduce_, init_distributed, is_main, world_size
-    from mmcore.model.classifier import build_component
-    from mmcore.model.trainability import parameter_groups
 
     init_distributed()
     root = Path(tempfile.mkdtemp(prefix="mmcore-ddp-"))
@@ -364,15 +324,8 @@ def ddp_child(args):
     from mmcore.data.dataset import make_loader
 
     batches = _batches(make_loader(dataset, batch_size=local, shuffle=True, num_workers=args.workers), args.steps, device)
-    train = recipe.train
-    optimizer = torch.optim.AdamW(parameter_groups(model, head_lr=train.learning_rate, backbone_lr=train.backbone_lr,
-                                                   lora_lr=train.lora_lr, weight_decay=train.weight_decay))
-    scheduler = build_component(registry, "scheduler", recipe.scheduler, optimizer, 10**6)
-    labels = split.label_array()
-    loss_fn = build_component(registry, "loss", recipe.loss, (int((labels == 0).sum()), int((labels == 1).sum())))
     wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    trainer = Trainer(model=wrapped, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn, device=device,
-                      dtype=dtype, grad_clip=train.grad_clip, progress=False, channels_last=pipeline.channels_last)
+    trainer = make_trainer(pipeline, split, wrapped=wrapped)
     trainer.train_epoch(batches[: args.warmup], 1, 1)
     meter = Meter(device)
     with meter:

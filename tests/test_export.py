@@ -33,6 +33,10 @@ def _manifest(bundle):
     return json.loads((bundle / MANIFEST).read_text())
 
 
+def _inputs(bundle):
+    return json.loads((bundle / "inputs.json").read_text())
+
+
 def _set_manifest(bundle, manifest):
     (bundle / MANIFEST).write_text(json.dumps(manifest))
 
@@ -74,12 +78,12 @@ def test_a_good_export_passes_parity_with_its_figures(exported_bundle, exportabl
     manifest = _manifest(exported_bundle)
     files = {p.relative_to(exported_bundle).as_posix() for p in exported_bundle.rglob("*") if p.is_file()} - {MANIFEST}
     assert set(manifest["files"]) == files
-    assert {"model.onnx", "recipe.toml", "decision.json", "preprocessing.json", "text.json", "parity.json",
-            "README.md", "tokenizer/tokenizer_config.json"} <= files
+    assert files == {"model.onnx", "recipe.toml", "decision.json", "inputs.json", "parity.json", "README.md",
+                     "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json"}
     assert "model.safetensors" not in files and "model.onnx.data" not in files  # the weights once, inside the graph
     for rel, entry in manifest["files"].items():
         assert entry == {"sha256": sha256_file(exported_bundle / rel), "bytes": (exported_bundle / rel).stat().st_size}
-    assert manifest["bundle_format"] == 3 and "external_data" not in manifest["graph"]
+    assert manifest["bundle_format"] == 4 and "external_data" not in manifest["graph"]
     assert {"mmcore", "torch", "onnx", "onnxruntime", "transformers"} <= set(manifest["versions"])
     assert manifest["graph"]["inputs"] == ["pixel_values", "input_ids", "token_type_ids", "attention_mask"]
     modes = {stat.S_IMODE(p.stat().st_mode) for p in exported_bundle.rglob("*") if p.is_file()}
@@ -91,7 +95,7 @@ def test_a_good_export_passes_parity_with_its_figures(exported_bundle, exportabl
     decision = json.loads((exported_bundle / "decision.json").read_text())
     assert decision["threshold"] == ckpt["decision"]["threshold"]
     assert decision["temperature"] == ckpt["decision"]["temperature"]
-    preprocessing = json.loads((exported_bundle / "preprocessing.json").read_text())
+    preprocessing = json.loads((exported_bundle / "inputs.json").read_text())["vision"]
     assert preprocessing["class"] == "mmcore/Preprocessing" and "module" not in preprocessing  # a registry name
 
     # one graph, a dynamic batch axis and a dynamic token axis: 3 rows of 7 tokens -> 3 logits
@@ -216,11 +220,13 @@ def test_agreement_ignores_rows_on_the_threshold_but_not_real_flips():
 
 
 def test_a_single_tokenizer_bundle_keeps_the_format_1_text_layout(exported_bundle):
-    """One text encoder with a tokenizer: text.json's four keys and tokenizer/, as bundles have had them since format 1."""
+    """One text encoder with a tokenizer: inputs.json's text holds the four keys text.json has had since
+    format 1, and tokenizer/ is beside it."""
     manifest = _manifest(exported_bundle)
-    text = json.loads((exported_bundle / "text.json").read_text())
-    assert set(text) == {"name", "prefix", "max_length", "inputs"}
-    assert text["inputs"] == manifest["graph"]["text_inputs"] == ["input_ids", "token_type_ids", "attention_mask"]
+    inputs = json.loads((exported_bundle / "inputs.json").read_text())
+    assert set(inputs) == {"vision", "text"}
+    assert set(inputs["text"]) == {"name", "prefix", "max_length", "inputs"}
+    assert inputs["text"]["inputs"] == manifest["graph"]["text_inputs"] == ["input_ids", "token_type_ids", "attention_mask"]
     assert (exported_bundle / "tokenizer" / "tokenizer_config.json").is_file()
     assert not (exported_bundle / "tokenizers").exists()
 
@@ -228,44 +234,72 @@ def test_a_single_tokenizer_bundle_keeps_the_format_1_text_layout(exported_bundl
 def test_a_featurizer_that_is_not_installed_is_one_line(tmp_path, registry):
     """A featurizer is named by registry name: a component nobody installed says so, naming the file; an older
     bundle's module path is compared with the declared classes, never imported."""
-    from mmcore.export.text import HostText
+    from mmcore.export.inputs import read_host_inputs
 
-    (tmp_path / "text.json").write_text(json.dumps({"name": "ngrams", "inputs": ["word_tf"], "featurizer": {
-        "class": "text/ngrams_gone/NgramFeaturizer", "fields": {}}}))
-    with pytest.raises(MmcoreError) as failure:
-        HostText(tmp_path, registry)
-    line = str(failure.value)
-    assert line.startswith(f"{tmp_path / 'text.json'}: featurizer: class: text featurizer class "
+    def refusal(featurizer):
+        (tmp_path / "inputs.json").write_text(json.dumps({"text": {"name": "ngrams", "inputs": ["word_tf"],
+                                                                   "featurizer": featurizer}}))
+        with pytest.raises(MmcoreError) as failure:
+            read_host_inputs(tmp_path, registry, bundle_format=4, vision=False, text=True)
+        return str(failure.value)
+
+    line = refusal({"class": "text/ngrams_gone/NgramFeaturizer", "fields": {}})
+    assert line.startswith(f"{tmp_path / 'inputs.json'}: text: featurizer: class: text featurizer class "
                            "'text/ngrams_gone/NgramFeaturizer': unknown text encoder 'ngrams_gone' installed: ")
     assert "\n" not in line
-
-    (tmp_path / "text.json").write_text(json.dumps({"name": "ngrams", "inputs": ["word_tf"], "featurizer": {
-        "module": "mmcore_text_gone", "class": "NgramFeaturizer", "fields": {}}}))
-    with pytest.raises(MmcoreError) as failure:
-        HostText(tmp_path, registry)
-    assert str(failure.value) == (
-        f"{tmp_path / 'text.json'}: featurizer: text featurizer class mmcore_text_gone.NgramFeaturizer is not a data "
-        "class any installed mmcore component declares; a bundle's classes are never imported (install the plugin "
+    assert refusal({"module": "mmcore_text_gone", "class": "NgramFeaturizer", "fields": {}}) == (
+        f"{tmp_path / 'inputs.json'}: text: featurizer: text featurizer class mmcore_text_gone.NgramFeaturizer is not a "
+        "data class any installed mmcore component declares; a bundle's classes are never imported (install the plugin "
         "that made this bundle, or export the run again)")
 
 
-def test_a_format_2_bundle_naming_its_classes_by_module_path_still_opens(exported_bundle, demo_data, tmp_path):
-    """Bundles written before registry names: the module path is compared with the declared classes (never
-    imported) and the bundle scores as before; a path no component declares is refused (see below)."""
+def test_inputs_json_must_describe_every_modality_the_model_reads(exported_bundle, tmp_path):
+    """A multimodal bundle whose inputs.json lacks the text side, or carries a key of its own: one line each."""
+    bundle = _copy(exported_bundle, tmp_path, "no_text")
+    inputs = json.loads((bundle / "inputs.json").read_text())
+    _tamper(bundle, "inputs.json", json.dumps({"vision": inputs["vision"]}))
+    assert _refusal(bundle) == f"{bundle}/inputs.json: text: missing (the model reads text); export the run again"
+
+    bundle = _copy(exported_bundle, tmp_path, "extra_key")
+    _tamper(bundle, "inputs.json", json.dumps({**inputs, "module": "os"}))
+    assert _refusal(bundle) == f"{bundle}/inputs.json: module: unknown key"
+
+
+def _as_format_3(bundle):
+    """``bundle`` laid out as format 3 wrote it: inputs.json's two halves in preprocessing.json and text.json."""
+    inputs = json.loads((bundle / "inputs.json").read_text())
+    (bundle / "inputs.json").unlink()
+    manifest = _manifest(bundle)
+    del manifest["files"]["inputs.json"]
+    manifest["bundle_format"] = 3
+    _set_manifest(bundle, manifest)
+    _tamper(bundle, "preprocessing.json", json.dumps(inputs["vision"]))
+    _tamper(bundle, "text.json", json.dumps(inputs["text"]))
+    return bundle
+
+
+def test_format_3_and_2_bundles_still_open_and_score_alike(exported_bundle, demo_data, tmp_path):
+    """Bundles written before inputs.json (format 3: preprocessing.json + text.json) score as the bundle they were;
+    a format-2 bundle naming its classes by module path too: the path is compared with the declared classes (never
+    imported); a path no component declares is refused (see below)."""
     from mmcore.export.predict import predict_bundle
 
-    bundle = _copy(exported_bundle, tmp_path, "format2")
-    described = json.loads((bundle / "preprocessing.json").read_text())
-    _tamper(bundle, "preprocessing.json", json.dumps({"module": "mmcore.interfaces", "class": "Preprocessing",
-                                                      "fields": described["fields"], "describe": described["describe"]}))
-    manifest = _manifest(bundle)
+    format3 = _as_format_3(_copy(exported_bundle, tmp_path, "format3"))
+    format2 = _as_format_3(_copy(exported_bundle, tmp_path, "format2"))
+    described = json.loads((format2 / "preprocessing.json").read_text())
+    _tamper(format2, "preprocessing.json", json.dumps({"module": "mmcore.interfaces", "class": "Preprocessing",
+                                                       "fields": described["fields"], "describe": described["describe"]}))
+    manifest = _manifest(format2)
     manifest["bundle_format"] = 2
-    _set_manifest(bundle, manifest)
+    _set_manifest(format2, manifest)
     scores = []
-    for source in (bundle, exported_bundle):
+    for source in (format3, format2, exported_bundle):
         predict_bundle(source, Path(demo_data) / "test.csv", tmp_path / f"{source.name}.csv", **QUIET)
         scores.append([r["calibrated_score"] for r in _rows(tmp_path / f"{source.name}.csv")])
-    assert scores[0] == scores[1]
+    assert scores[0] == scores[1] == scores[2]
+
+    _tamper(format3, "text.json", "{}")  # format 3's own files are still checked against their schema
+    assert _refusal(format3) == f"{format3}/text.json: max_length: missing required key (a tokenizer part needs it)"
 
 
 # --- a bundle is data: nothing it names is imported ---------------------------------------------------------------
@@ -289,7 +323,7 @@ print(json.dumps({"lines": lines, "imported": sorted(set(sys.modules) - before)}
 
 
 def test_a_bundle_naming_code_is_refused_and_nothing_it_names_is_imported(exported_bundle, demo_data, tmp_path, cli):
-    """preprocessing.json naming os.system, subprocess.Popen or a module of the attacker's (sha256 updated in the
+    """inputs.json's preprocessing naming os.system, subprocess.Popen or a module of the attacker's (sha256 updated in the
     manifest): refused in one line; no module is imported at all, the command never runs, the module never loads."""
     import subprocess
     import sys
@@ -308,7 +342,7 @@ def test_a_bundle_naming_code_is_refused_and_nothing_it_names_is_imported(export
     bundles = []
     for name, described in names.items():
         bundle = _copy(exported_bundle, tmp_path, name)
-        _tamper(bundle, "preprocessing.json", json.dumps(described))
+        _tamper(bundle, "inputs.json", json.dumps({**_inputs(bundle), "vision": described}))
         bundles.append(bundle)
     env = {**os.environ, "PYTHONPATH": f"{payload}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     result = subprocess.run([sys.executable, "-c", TAMPERED, str(exported_bundle), *map(str, bundles)],
@@ -318,12 +352,12 @@ def test_a_bundle_naming_code_is_refused_and_nothing_it_names_is_imported(export
     never = ("is not a data class any installed mmcore component declares; a bundle's classes are never imported "
              "(install the plugin that made this bundle, or export the run again)")
     assert report["lines"] == [
-        f"{bundles[0]}/preprocessing.json: preprocessing class os.system {never}",
-        f"{bundles[1]}/preprocessing.json: preprocessing class subprocess.Popen {never}",
-        f"{bundles[2]}/preprocessing.json: preprocessing class evil_payload.Boom {never}",
-        f"{bundles[3]}/preprocessing.json: class: preprocessing class 'evil_payload/Boom' is not a data class name "
+        f"{bundles[0]}/inputs.json: vision: preprocessing class os.system {never}",
+        f"{bundles[1]}/inputs.json: vision: preprocessing class subprocess.Popen {never}",
+        f"{bundles[2]}/inputs.json: vision: preprocessing class evil_payload.Boom {never}",
+        f"{bundles[3]}/inputs.json: vision: class: preprocessing class 'evil_payload/Boom' is not a data class name "
         "(mmcore/<Class> or <kind>/<component>/<Class>)",
-        f"{bundles[4]}/preprocessing.json: class: preprocessing class 'vision/fake_cnn/Popen': vision encoder "
+        f"{bundles[4]}/inputs.json: vision: class: preprocessing class 'vision/fake_cnn/Popen': vision encoder "
         "'fake_cnn' declares no data class 'Popen' (it declares: none)",
     ]
     assert report["imported"] == []  # not evil_payload, not anything else
@@ -405,10 +439,13 @@ WRONG = {
     "pickle_graph": (lambda b: _tamper(b, "model.onnx", __import__("pickle").dumps({"weights": [1, 2]})),
                      "{b}/model.onnx: not an ONNX model (Error parsing message with type 'onnx.ModelProto': "
                      "Wire format was corrupt)"),
-    "preprocessing_field": (lambda b: _tamper(b, "preprocessing.json", json.dumps(
-        {"class": "mmcore/Preprocessing", "fields": {"size": [32, 32], "resize": "sideways"}})),
-        "{b}/preprocessing.json: fields.resize: 'resize' must be in ('squash', 'shorter_center_crop', 'letterbox') "
+    "preprocessing_field": (lambda b: _tamper(b, "inputs.json", json.dumps({**_inputs(b), "vision": {
+        "class": "mmcore/Preprocessing", "fields": {"size": [32, 32], "resize": "sideways"}}})),
+        "{b}/inputs.json: vision: fields.resize: 'resize' must be in ('squash', 'shorter_center_crop', 'letterbox') "
         "(got 'sideways')"),
+    "text_max_length": (lambda b: _tamper(b, "inputs.json", json.dumps({**_inputs(b), "text": {
+        **_inputs(b)["text"], "max_length": 0}})),
+        "{b}/inputs.json: text.max_length: must be >= 1 (got 0)"),
     "recipe_key": (lambda b: _tamper(b, "recipe.toml", (b / "recipe.toml").read_text().replace("[train]", "[train]\nlr = 1")),
                    "{b}/recipe.toml: train.lr: unknown key (did you mean learning_rate?)"),
     "size_changed": (lambda b: (b / "recipe.toml").write_text((b / "recipe.toml").read_text() + "\n"),
@@ -742,3 +779,27 @@ def test_components_declare_their_data_classes_and_bundles_name_them_so(registry
     from mmcore.plugins.manager import get_registry
 
     assert get_registry().data_class("vision/siglip2_naflex_base/NaflexPreprocessing") is naflex.NaflexPreprocessing
+
+
+def test_naflex_preprocessing_travels_through_inputs_json(tmp_path):
+    """NaFlex's preprocessing (init=False fields, a variable patch axis) is described into inputs.json and rebuilt
+    by registry name into an equal object that cuts an image into the same patches."""
+    naflex = pytest.importorskip("mmcore_vision_siglip2.naflex")
+    from PIL import Image
+
+    from mmcore.export.bundle import describe_preprocessing
+    from mmcore.export.inputs import describe_inputs, read_host_inputs
+    from mmcore.plugins.manager import get_registry
+
+    registry = get_registry()
+    entry = registry.get("vision", "siglip2_naflex_base")
+    original = entry.factory(entry.params_cls(tiny=True, max_num_patches=48)).preprocessing
+    described = describe_preprocessing(original, registry, component="siglip2_naflex_base")
+    (tmp_path / "inputs.json").write_text(json.dumps(describe_inputs(vision=described)))
+    rebuilt = read_host_inputs(tmp_path, registry, bundle_format=4, vision=True, text=False)
+    assert rebuilt.text is None
+    assert isinstance(rebuilt.preprocessing, naflex.NaflexPreprocessing) and rebuilt.preprocessing == original
+    image = Image.new("RGB", (70, 40), (200, 30, 90))
+    for key, value in original(image).items():
+        assert np.array_equal(rebuilt.preprocessing(image)[key].numpy(), value.numpy()), key
+

@@ -115,7 +115,7 @@ def ngram_bundles(ngram_runs, tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["text_only", "concat_minilm"])
 def test_export_passes_parity_and_the_bundle_predicts_the_run_scores(ngram_runs, ngram_bundles, name, tmp_path, demo_data):
-    """The featurizer in text.json (no pickle), the fitted IDF in the weights, and the run's test scores through onnxruntime."""
+    """The featurizer in inputs.json (no pickle), the fitted IDF in the weights, and the run's test scores through onnxruntime."""
     from safetensors.torch import load_file
 
     from conftest import mmcore_cli, scores_by_image
@@ -125,8 +125,8 @@ def test_export_passes_parity_and_the_bundle_predicts_the_run_scores(ngram_runs,
     assert parity["passed"] is True and parity["rows_compared"] == 32
     assert parity["max_abs_score_diff"] <= 1e-4 and parity["decision_agreement"] == 1.0
     manifest = json.loads((bundle / "manifest.json").read_text())
-    assert manifest["bundle_format"] == 3
-    text = json.loads((bundle / "text.json").read_text())
+    assert manifest["bundle_format"] == 4
+    text = json.loads((bundle / "inputs.json").read_text())["text"]
     if name == "text_only":
         assert manifest["graph"]["inputs"] == ["word_tf", "char_tf"]
         featurizer = text["featurizer"]

@@ -25,6 +25,7 @@ from mmcore.export import bundle as B
 from mmcore.export import onnx as G
 from mmcore.export import parity as P
 from mmcore.export import schema as S
+from mmcore.export.inputs import describe_inputs
 from mmcore.export.text import write_text_side
 from mmcore.rundir import RunDir
 
@@ -64,24 +65,25 @@ def parity_rows(pipeline, data, rows, base_dir=None):
 
 def _example_inputs(fused, folder, registry, split, max_image_pixels):
     """Two real rows as graph inputs (two, so that no axis is traced at size 1), made by the host side
-    the bundle in ``folder`` holds already (its preprocessing and text side, read back as a scorer reads them)."""
+    the bundle in ``folder`` holds already (its inputs.json, read back as a scorer reads it)."""
     import torch
 
     from mmcore.data.images import load_rgb
-    from mmcore.export.text import HostText
+    from mmcore.export.inputs import read_host_inputs
 
     picks = [i % len(split) for i in range(2)]
     tensors = {}
+    inputs = read_host_inputs(folder, registry, bundle_format=B.BUNDLE_FORMAT, vision=bool(fused.vision_names),
+                              text=bool(fused.text_names))
     if fused.vision_names:
-        path = folder / B.PREPROCESSING
-        preprocessing = B.rebuild_preprocessing(S.read_json(path, what="the preprocessing"), registry, source=path)
+        preprocessing = inputs.preprocessing
         images = [load_rgb(split.paths[i], target_size=preprocessing.target_size, max_pixels=max_image_pixels)
                   for i in picks]
         tensors.update(preprocessing.collate([preprocessing(image) for image in images]))
     if fused.text_names:
         # different lengths: the token axis must not be traced as a constant
         texts = [split.texts[picks[0]] or "x", (split.texts[picks[1]] or "") + " and more words"]
-        tensors.update({k: torch.from_numpy(v) for k, v in HostText(folder, registry).feeds(texts).items()})
+        tensors.update({k: torch.from_numpy(v) for k, v in inputs.text.feeds(texts).items()})
     return tuple(tensors[name] for name in fused.input_names)
 
 
@@ -134,17 +136,16 @@ def export_run(run_dir, out, *, fmt="onnx", data=None, rows=DEFAULT_ROWS, base_d
     try:
         tmp.mkdir(parents=True)
         registry = pipeline.registry
-        if plan is not None:
-            _write_json(tmp / B.TEXT, write_text_side(tmp, plan, registry))
-        vision_names = []
+        text_side = write_text_side(tmp, plan, registry) if plan is not None else None
+        vision_names, described = [], None
         if model.uses_vision:
             preprocessing = model.vision.preprocessing
             try:
                 described = B.describe_preprocessing(preprocessing, registry, component=recipe.vision.name)
             except RunError as exc:
                 raise G.ExportUnsupported(str(exc)) from None
-            _write_json(tmp / B.PREPROCESSING, described)
             vision_names = list(preprocessing.collate([preprocessing(_blank_image())]))
+        _write_json(tmp / B.INPUTS, describe_inputs(vision=described, text=text_side))
         if safetensors:
             B.write_weights(model, tmp / B.WEIGHTS)
         shutil.copyfile(RunDir(run_dir).recipe_file, tmp / B.RECIPE)

@@ -8,8 +8,9 @@ BUNDLE_DIR/
   model.safetensors     the classifier's state dict (only with mmcore export --safetensors)
   recipe.toml           the run's fully resolved recipe
   decision.json         threshold, the rule that chose it, temperature
-  preprocessing.json    the vision encoder's preprocessing: its class by registry name + its fields
-  text.json             how the host turns strings into the graph's text inputs (see mmcore.export.text)
+  inputs.json           how the host turns an image and a text into the graph's inputs: the vision
+                        preprocessing (its class by registry name + its fields) and the text side
+                        (see mmcore.export.inputs and mmcore.export.text)
   tokenizer/            the text encoder's tokenizer files (one encoder with a tokenizer)
   tokenizers/text0/     ... or one folder per tokenizer part of a concat text encoder
   parity.json           the parity gate's figures (bundle vs the PyTorch run)
@@ -26,8 +27,10 @@ checked once per bundle and machine (:mod:`mmcore.export.verified`) or on reques
 
 ``bundle_format`` 1 is a bundle whose text encoder (if any) is one tokenizer encoder; 2 adds host
 featurizers and ``concat`` text encoders; 3 names classes by registry name and stores the weights
-once. Formats 1 and 2 named classes by module path: this mmcore still opens them by comparing that
-path with the declared classes (never importing it); an older mmcore refuses format 3 in one line.
+once; 4 keeps the preprocessing and the text side in one file, ``inputs.json`` (formats 1 to 3 had
+them in ``preprocessing.json`` and ``text.json``, which this mmcore still reads). Formats 1 and 2
+named classes by module path: this mmcore still opens them by comparing that path with the declared
+classes (never importing it); an older mmcore refuses a newer format in one line.
 
 A bundle is written into a hidden temporary folder beside ``BUNDLE_DIR`` and renamed into
 place only after the parity gate passed, so a folder named ``BUNDLE_DIR`` is always complete.
@@ -50,9 +53,12 @@ from mmcore.rundir import RECIPE_FILE
 
 MANIFEST = "manifest.json"
 #: the newest bundle format this mmcore reads and the one it writes (see the module docstring)
-BUNDLE_FORMAT = 3
+BUNDLE_FORMAT = 4
 WEIGHTS = "model.safetensors"
 DECISION = "decision.json"
+INPUTS = "inputs.json"
+#: the newest format that kept the inputs description in two files, these
+SPLIT_INPUTS_FORMAT = 3
 PREPROCESSING = "preprocessing.json"
 TEXT = "text.json"
 TOKENIZER = "tokenizer"

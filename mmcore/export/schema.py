@@ -124,7 +124,7 @@ def _input_prefix(instance, attribute, value):
 
 @attrs.frozen(kw_only=True)
 class TextPartInfo:
-    """One text part in ``text.json``: a tokenizer (prefix, max_length, folder) or a host featurizer."""
+    """One text part of the text side: a tokenizer (prefix, max_length, folder) or a host featurizer."""
 
     name: str = ""
     input_prefix: str = attrs.field(default="", validator=_input_prefix)
@@ -141,7 +141,8 @@ class TextPartInfo:
 
 @attrs.frozen(kw_only=True)
 class TextInfo:
-    """``text.json``: one part (format-1 layout: its keys at the top level) or ``parts`` of a concat."""
+    """The text side (``inputs.json``'s ``text``; ``text.json`` in formats 1 to 3): one part (the
+    format-1 layout: its keys at the top level) or ``parts`` of a concat."""
 
     name: str = ""
     inputs: list[str] = attrs.field(factory=list)
@@ -153,6 +154,19 @@ class TextInfo:
     def __attrs_post_init__(self):
         if self.parts is None and self.featurizer is None and self.max_length is None:
             raise FieldError("max_length", "missing required key (a tokenizer part needs it)")
+
+
+@attrs.frozen(kw_only=True)
+class InputsInfo:
+    """``inputs.json`` (bundle format 4): how the host turns an image and a text into the graph's inputs.
+
+    ``vision``: the preprocessing as data (its class by registry name, fields, describe), rebuilt
+    by :func:`mmcore.export.bundle.rebuild_preprocessing`; ``text``: the text side (what
+    ``text.json`` held in formats 1 to 3). A modality the model does not read has no key.
+    """
+
+    vision: dict | None = None
+    text: TextInfo | None = None
 
 
 def read_bounded(path, *, limit, what):

@@ -118,6 +118,7 @@ class BundleScorer(Scorer):
     kind = "bundle"
 
     def __init__(self, folder, *, device="auto", verify=None, registry=None):
+        from mmcore.export.inputs import read_host_inputs
         from mmcore.export.onnx import GraphRunner
         from mmcore.export.schema import Decision, read_json, read_recipe, structure_file
 
@@ -137,15 +138,9 @@ class BundleScorer(Scorer):
             raise BundleError(f"{folder / B.MANIFEST}: graph.inputs: {unnamed[0]!r} is neither a vision nor a text input")
         self.input_names = graph.inputs
         self.vision_names = graph.vision_inputs
-        registry = registry or _installed_registry()
-        if self.uses_vision:
-            path = folder / B.PREPROCESSING
-            self.preprocessing = B.rebuild_preprocessing(read_json(path, what="the preprocessing"), registry, source=path)
-        self.host_text = None
-        if self.uses_text:
-            from mmcore.export.text import HostText
-
-            self.host_text = HostText(folder, registry)
+        inputs = read_host_inputs(folder, registry or _installed_registry(), bundle_format=self.manifest.bundle_format,
+                                  vision=self.uses_vision, text=self.uses_text)
+        self.preprocessing, self.host_text = inputs.preprocessing, inputs.text
         self.runner = GraphRunner(folder / graph.file, graph.format, device=device, external_data=graph.external_data)
 
     @property

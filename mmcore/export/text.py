@@ -7,11 +7,12 @@ Each part of the text encoder (one, or one per encoder of a ``concat``) is eithe
 - a *featurizer* part (an encoder whose ``host_features()`` gives a
   :class:`~mmcore.interfaces.HostFeaturizer`): the featurizer's class (by registry name: the
   encoder's plugin declares it, ``register(..., data_classes=(MyFeaturizer,))``) and fields go in
-  ``text.json`` and it is rebuilt from them (no pickle, no import) to make named float32 arrays.
+  the text side and it is rebuilt from them (no pickle, no import) to make named float32 arrays.
 
-``text.json`` for one encoder keeps the layout of bundle format 1 (``name``, ``prefix``,
-``max_length``, ``inputs``, the tokenizer in ``tokenizer/``), or holds ``featurizer`` instead of
-the tokenizer fields. For a ``concat`` it lists ``parts``, each as above plus ``input_prefix``
+The text side (``inputs.json``'s ``text``; ``text.json`` up to bundle format 3) for one encoder
+keeps the layout of bundle format 1 (``name``, ``prefix``, ``max_length``, ``inputs``, the
+tokenizer in ``tokenizer/``), or holds ``featurizer`` instead of the tokenizer fields. For a
+``concat`` it lists ``parts``, each as above plus ``input_prefix``
 (the graph names its inputs ``text{i}.{name}``) and, for a tokenizer part, the ``tokenizer``
 folder (``tokenizers/text{i}``). Fitted state (the n-gram IDF) is never here: it is in the
 graph's weights.
@@ -30,7 +31,7 @@ from mmcore.export import bundle as B
 
 
 def write_text_side(folder, plan, registry):
-    """Save ``plan``'s tokenizers into ``folder``; returns ``text.json``'s data."""
+    """Save ``plan``'s tokenizers into ``folder``; returns the text side's data (``inputs.json``'s ``text``)."""
     folder = Path(folder)
     if not plan.combined:
         return {"name": plan.encoder.name, **_write_part(folder, plan.parts[0], B.TOKENIZER, registry)}
@@ -98,20 +99,20 @@ class HostFeatures:
 
 
 class HostText:
-    """A bundle's text side, read back and checked: :meth:`feeds` makes every text input of the graph."""
+    """A bundle's text side, read back and checked: :meth:`feeds` makes every text input of the graph.
 
-    def __init__(self, folder, registry):
-        from mmcore.export.schema import TextInfo, read_json, structure_file
+    ``info``: the :class:`~mmcore.export.schema.TextInfo` read from ``source`` (``inputs.json``'s
+    ``text``, or a format 1 to 3 ``text.json``: see :func:`mmcore.export.inputs.read_host_inputs`);
+    its tokenizers are read from their folders under ``folder``.
+    """
 
+    def __init__(self, folder, info, registry, *, source):
         folder = Path(folder)
-        path = folder / B.TEXT
-        self.data = read_json(path, what="the text side")
-        info = structure_file(self.data, TextInfo, path=path)
         if info.parts is not None:
-            self.parts = [_read_part(folder, part, f"{path}: parts[{i}]", part.tokenizer, part.input_prefix, registry)
+            self.parts = [_read_part(folder, part, f"{source}: parts[{i}]", part.tokenizer, part.input_prefix, registry)
                           for i, part in enumerate(info.parts)]
         else:
-            self.parts = [_read_part(folder, info, str(path), B.TOKENIZER, "", registry)]
+            self.parts = [_read_part(folder, info, str(source), B.TOKENIZER, "", registry)]
 
     def feeds(self, texts):
         """Strings (None reads as empty) -> ``{graph input name: array}`` for every text input."""
@@ -143,7 +144,7 @@ def host_parts(plan):
 
 
 def _read_part(folder, info, source, tokenizer_dir, input_prefix, registry):
-    """One part of ``text.json`` (a :class:`~mmcore.export.schema.TextPartInfo` or the single-part
+    """One part of the text side (a :class:`~mmcore.export.schema.TextPartInfo` or the single-part
     :class:`~mmcore.export.schema.TextInfo`) -> its host callable."""
     names = tuple(info.inputs)
     if info.featurizer is not None:
