@@ -258,7 +258,7 @@ def main(argv=None):
         parser.error(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
 
     from mmcore.commands.demo import make_demo_dataset
-    from mmcore.engine.runtime import init_distributed, is_main, shutdown_distributed
+    from mmcore.dist import init_distributed, is_main, shutdown_distributed
 
     distributed = init_distributed()
     root = Path(tempfile.mkdtemp(prefix="mmcore-sync-probe-"))

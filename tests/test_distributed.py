@@ -226,7 +226,7 @@ def test_the_process_group_gets_the_recipes_timeout(monkeypatch):
 
     import torch
 
-    from mmcore.engine import runtime
+    from mmcore import dist
     from mmcore.recipe.schema import TrainConfig
 
     seen = {}
@@ -234,7 +234,7 @@ def test_the_process_group_gets_the_recipes_timeout(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kwargs: seen.update(kwargs))
-    assert runtime.init_distributed(TrainConfig().dist_timeout_s)
+    assert dist.init_distributed(TrainConfig().dist_timeout_s)
     assert seen == {"backend": "gloo", "timeout": datetime.timedelta(seconds=1800)}
 
 

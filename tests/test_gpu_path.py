@@ -126,7 +126,7 @@ def test_the_fp16_step_scales_the_loss_unscales_before_clipping_and_skips_an_inf
     assert isinstance(scaler, torch.amp.GradScaler) and scaler.get_scale() == 65536.0
     data = batches(1)
     reference = Linear()  # the unscaled fp32 gradient of the same batch
-    torch.nn.functional.binary_cross_entropy_with_logits(reference(data[0]).float(), data[0]["label"]).backward()
+    torch.nn.functional.binary_cross_entropy_with_logits(reference(data[0]).logit.float(), data[0]["label"]).backward()
     expected_norm = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in reference.parameters()]))
     before = [p.detach().clone() for p in model.parameters()]
     run.step.micro_step(data[0], weight=1.0, sync=True)

@@ -153,7 +153,7 @@ def test_two_gloo_ranks_read_disjoint_shards_covering_every_sample_once(demo_dat
         import json
         import torch
         from mmcore.data.webdataset import ShardIndex, read_shards
-        from mmcore.engine.runtime import init_distributed, rank
+        from mmcore.dist import init_distributed, rank
         init_distributed()
         index = ShardIndex(None)
         split = read_shards("train", {pattern!r}, index)

@@ -35,9 +35,9 @@ class MmcoreGroup(click.Group):
 
 def _leave_process_group():
     """Under torchrun, leave the process group before the interpreter exits (see
-    :func:`~mmcore.engine.runtime.shutdown_distributed`); a command that never imported torch has none."""
+    :func:`~mmcore.dist.shutdown_distributed`); a command that never imported torch has none."""
     if "torch" in sys.modules:
-        from mmcore.engine.runtime import shutdown_distributed
+        from mmcore.dist import shutdown_distributed
 
         shutdown_distributed()
 

@@ -190,7 +190,7 @@ def default_num_workers():
     """Workers per process for ``num_workers = -1``: the CPU cores this process may use, shared
     by the processes torchrun started on this machine (``LOCAL_WORLD_SIZE``), at most
     :data:`MAX_AUTO_WORKERS`, at least 1 (16 cores and one GPU: 16; 128 cores and 8 GPUs: 16 each)."""
-    from mmcore.engine.runtime import local_world_size
+    from mmcore.dist import local_world_size
 
     try:
         cores = len(os.sched_getaffinity(0))

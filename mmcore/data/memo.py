@@ -162,7 +162,7 @@ class FileFacts:
 
     def _examine_shared(self, names):
         """Read ``names`` for their facts; under torchrun each rank reads its share of every rank's list."""
-        from mmcore.engine.runtime import all_gather_objects, rank, world_size
+        from mmcore.dist import all_gather_objects, rank, world_size
 
         world = world_size()
         if world == 1:

@@ -171,7 +171,7 @@ class ShardIndex:
 
         Under torchrun every rank must call this with the same URLs.
         """
-        from mmcore.engine.runtime import all_gather_objects, rank, world_size
+        from mmcore.dist import all_gather_objects, rank, world_size
 
         out, unknown = {}, []
         for url in urls:

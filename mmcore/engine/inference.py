@@ -6,7 +6,8 @@ import numpy as np
 import torch
 
 from mmcore.engine.progress import progress_bar
-from mmcore.engine.runtime import all_gather_objects, autocast
+from mmcore.dist import all_gather_objects
+from mmcore.engine.runtime import autocast
 from mmcore.engine.step import prepare_batch
 
 

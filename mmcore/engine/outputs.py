@@ -169,7 +169,7 @@ def _explain(pipeline, split, indices, labels, decision, temperature, out_dir):
     if pipeline is None:
         return {}
     from mmcore.engine.explain import explain_split
-    from mmcore.engine.runtime import world_size
+    from mmcore.dist import world_size
 
     if world_size() > 1:  # the feature pass synchronises ranks; only rank 0 writes the reports
         return {"notes": ["modality contribution and saliency are not computed under torchrun; run mmcore eval on the run"]}

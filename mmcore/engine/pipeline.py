@@ -26,15 +26,8 @@ from mmcore.engine.features import (
     text_store,
     vision_store,
 )
-from mmcore.engine.runtime import (
-    all_gather_objects,
-    autocast_dtype,
-    barrier,
-    rank,
-    resolve_device,
-    seed_everything,
-    world_size,
-)
+from mmcore.dist import all_gather_objects, barrier, rank, world_size
+from mmcore.engine.runtime import autocast_dtype, resolve_device, seed_everything
 from mmcore.engine.sampling import derive_seed
 from mmcore.errors import RecipeError
 from mmcore.model.classifier import build_classifier, build_with_traits

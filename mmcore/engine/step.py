@@ -12,7 +12,8 @@ import contextlib
 
 import torch
 
-from mmcore.engine.runtime import all_reduce_, autocast, loss_scaler, to_device, world_size
+from mmcore.dist import all_reduce_, world_size
+from mmcore.engine.runtime import autocast, loss_scaler, to_device
 
 #: cached vectors that arrive as float16 (half the bytes through the loader) and are upcast here;
 #: cached token sequences stay float16 on the device: the pooling takes them as they are

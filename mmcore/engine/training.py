@@ -26,8 +26,9 @@ from mmcore.engine.outputs import write_evaluation
 from mmcore.engine.parallel import batch_summary, compile_variable_axes, small_batch_warning, training_module
 from mmcore.engine.pipeline import Pipeline
 from mmcore.engine.policies import BadImages
-from mmcore.engine.runtime import all_gather_objects, broadcast_tensors_, describe_precision, is_main, precision_name, world_size
-from mmcore.engine.runtime import rank as runtime_rank
+from mmcore.dist import all_gather_objects, broadcast_tensors_, is_main, world_size
+from mmcore.engine.runtime import describe_precision, precision_name
+from mmcore.dist import rank as runtime_rank
 from mmcore.engine.sampling import EpochBatchSampler, SeededItems, ShardSampler, balanced_weights, derive_seed
 from mmcore.engine.step import prepare_batch
 from mmcore.errors import MmcoreError, RunError

@@ -496,7 +496,7 @@ def train_trial(config, trial, trial_dir, overrides, *, resume, registry=None, e
     ``status.json`` says ``pruned``.
     """
     from mmcore.commands.run import run_training
-    from mmcore.engine.runtime import broadcast_object, is_main
+    from mmcore.dist import broadcast_object, is_main
     from mmcore.recipe import load_recipe
     from mmcore.rundir import RECIPE_FILE, read_status, write_status
 
