@@ -12,7 +12,7 @@ import pytest
 from mmcore.commands.run import _check_images
 from mmcore.data.csvs import read_split
 from mmcore.data.memo import FileFacts
-from mmcore.engine.features import ImageHashes
+from mmcore.data.memo import ImageHashes
 from mmcore.engine.pipeline import Pipeline
 from mmcore.recipe import recipe_from_dict
 from mmcore.store.features import FeatureStore

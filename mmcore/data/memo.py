@@ -33,7 +33,7 @@ from mmcore.errors import os_error_reason
 from mmcore.io import bytes_sha1
 from mmcore.store.facts import FactRecords, RememberedFacts
 from mmcore.store.keys import stat_key
-from mmcore.store.root import CacheUnavailable, warn
+from mmcore.store.root import CacheUnavailable, cache_root, warn
 
 #: files read at once for their facts
 _THREADS = 8
@@ -180,3 +180,27 @@ class FileFacts:
         self.examined += len(names)
         with ThreadPoolExecutor(max_workers=min(_THREADS, len(names))) as pool:
             return dict(zip(names, pool.map(lambda n: examine_file(n, self.formats), names)))
+
+
+class ImageHashes:
+    """The content keys (sha1 of the bytes) of one run's image files, each file read once.
+
+    Called as ``hashes(paths)``, it is shared by the header scan, the duplicate check, the OCR
+    fill and (through the cache's file records, which it writes when ``root`` is given) the
+    feature cache. Its :attr:`facts` (:class:`FileFacts`) remember each
+    file's hash and header facts by stat key, so a warm start reads no image. Without
+    ``root`` (cache off) they live only in memory.
+    """
+
+    def __init__(self, root=None, formats=DEFAULT_FORMATS):
+        self.facts = FileFacts(root, formats)
+
+    @classmethod
+    def for_recipe(cls, recipe):
+        """Remembered in the recipe's cache when the cache is on, else in memory only."""
+        root = cache_root(recipe.cache.dir) if recipe.cache.enabled else None
+        return cls(root, recipe.data.image_formats)
+
+    def __call__(self, paths):
+        """The key of each path (None where the file cannot be read), in order."""
+        return [facts.sha1 for facts in self.facts(paths)]

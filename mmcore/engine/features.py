@@ -138,32 +138,6 @@ def image_keys(root, split):
     return FileHashes(root).keys(split.paths)
 
 
-class ImageHashes:
-    """The content keys (sha1 of the bytes) of one run's image files, each file read once.
-
-    Called as ``hashes(paths)``, it is shared by the header scan, the duplicate check, the OCR
-    fill and (through the cache's file records, which it writes when ``root`` is given) the
-    feature cache. Its :attr:`facts` (:class:`~mmcore.data.memo.FileFacts`) remember each
-    file's hash and header facts by stat key, so a warm start reads no image. Without
-    ``root`` (cache off) they live only in memory.
-    """
-
-    def __init__(self, root=None, formats=DEFAULT_FORMATS):
-        from mmcore.data.memo import FileFacts
-
-        self.facts = FileFacts(root, formats)
-
-    @classmethod
-    def for_recipe(cls, recipe):
-        """Remembered in the recipe's cache when the cache is on, else in memory only."""
-        root = cache_root(recipe.cache.dir) if recipe.cache.enabled else None
-        return cls(root, recipe.data.image_formats)
-
-    def __call__(self, paths):
-        """The key of each path (None where the file cannot be read), in order."""
-        return [facts.sha1 for facts in self.facts(paths)]
-
-
 def _shard(positions, keys, shard, reshard=None, groups=None):
     """This rank's part of ``positions``.
 
