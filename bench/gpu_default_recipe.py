@@ -226,8 +226,9 @@ def bench_training(args, data_dir, root, mode):
 def bench_uint8_loader(args, data_dir, root):
     """The real loader over the train split: uint8 pixels (normalised on the device) vs float32."""
     from mmcore.data.csvs import load_splits
-    from mmcore.data.dataset import SampleDataset, device_pixels, make_loader
+    from mmcore.data.dataset import SampleDataset, make_loader
     from mmcore.engine.step import prepare_batch
+    from mmcore.model.classifier import device_pixels
 
     recipe, registry = load(args, data_dir, root / "cache-uint8", "top6")
     from mmcore.model.classifier import build_component

@@ -6,10 +6,11 @@ the feature cache), so training, evaluation and prediction share one forward.
 
 Bytes through worker IPC are what a loader pays for, so items stay small: with
 ``uint8_pixels`` the workers hand over resized uint8 pixels (a quarter of float32's bytes)
-and the model normalises them on the device (:func:`device_pixels`, called in the
-classifier's input path); cached features stay float16 and are upcast on the device
-(:func:`mmcore.engine.step.prepare_batch`). With a decoded-image cache (``decoded_images``) the workers read the resized pixels from
-memory-mapped chunks instead of decoding the file; augmentation is applied after it.
+and the model normalises them on the device (:func:`mmcore.model.classifier.device_pixels`,
+in the classifier's input path); cached features stay float16 and are upcast on the device
+(:func:`mmcore.engine.step.prepare_batch`). With a decoded-image cache (``decoded_images``)
+the workers read the resized pixels from memory-mapped chunks instead of decoding the file;
+augmentation is applied after it.
 """
 
 from __future__ import annotations
@@ -147,15 +148,6 @@ class Collate:
         if "text_feature" in items[0]:
             batch["text_feature"] = torch.stack([item["text_feature"] for item in items])
         return batch
-
-
-def device_pixels(vision, preprocessing):
-    """The encoder's inputs with uint8 ``pixel_values`` normalised (where they are: on the
-    device after the copy); float pixels (a NaFlex preprocessing, explain's gradients) pass."""
-    pixels = vision.get("pixel_values")
-    if pixels is None or pixels.dtype != torch.uint8:
-        return vision
-    return {**vision, "pixel_values": preprocessing.normalize(pixels)}
 
 
 def _stack_padded(features, prefix):

@@ -16,7 +16,8 @@ import weakref
 
 import torch
 
-from mmcore.data.dataset import SampleDataset, device_pixels, make_loader
+from mmcore.model.classifier import device_pixels
+from mmcore.data.dataset import SampleDataset, make_loader
 from mmcore.data.images import DECODE_VERSION, DEFAULT_FORMATS
 from mmcore.engine.progress import progress_bar
 from mmcore.dist import broadcast_object, is_main, world_size

@@ -21,10 +21,18 @@ import torch
 from torch import nn
 
 from mmcore.builtin.projection import UnimodalProjection
-from mmcore.data.dataset import device_pixels
 from mmcore.errors import RecipeError
 from mmcore.interfaces import Fusion, FusionOutput, ModelOutput
 from mmcore.plugins.build import build
+
+
+def device_pixels(vision, preprocessing):
+    """The encoder's inputs with uint8 ``pixel_values`` normalised (where they are: on the
+    device after the copy); float pixels (a NaFlex preprocessing, explain's gradients) pass."""
+    pixels = vision.get("pixel_values")
+    if pixels is None or pixels.dtype != torch.uint8:
+        return vision
+    return {**vision, "pixel_values": preprocessing.normalize(pixels)}
 
 
 class Classifier(nn.Module):
