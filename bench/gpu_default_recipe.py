@@ -348,9 +348,9 @@ def ddp_child(args):
     from torch.nn.parallel import DistributedDataParallel
 
     from mmcore.data.csvs import load_splits
+    from mmcore.dist import all_reduce_, init_distributed, is_main, world_size
     from mmcore.engine.loop import Trainer
     from mmcore.engine.pipeline import Pipeline
-    from mmcore.dist import all_reduce_, init_distributed, is_main, world_size
     from mmcore.model.classifier import build_component
     from mmcore.model.trainability import parameter_groups
 

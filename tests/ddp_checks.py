@@ -179,9 +179,9 @@ def reshard(out):
     text entries each rank computes in the sharded pass and in the re-sharded rest."""
     from mmcore_fake_encoders import FakeText, FakeTextParams
 
-    from mmcore.store.keys import text_key
     from mmcore.engine.features import fill_text_cache, text_store
     from mmcore.engine.pipeline import fill_in_parallel
+    from mmcore.store.keys import text_key
 
     rank = dist.get_rank()
     encoder = FakeText(FakeTextParams())

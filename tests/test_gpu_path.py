@@ -395,9 +395,9 @@ def test_the_cache_fill_reads_no_value_per_batch_and_still_refuses_float16_overf
     from test_cache import make_recipe
 
     from mmcore.data.csvs import read_split
-    from mmcore.store.features import FeatureOverflow
     from mmcore.engine.features import fill_vision_cache, image_keys, vision_store
     from mmcore.engine.pipeline import Pipeline
+    from mmcore.store.features import FeatureOverflow
 
     split = read_split(demo_data / "train.csv", demo_data)
     args = dict(device=torch.device("cpu"), dtype=None, num_workers=0, max_image_pixels=10**8, progress=False)

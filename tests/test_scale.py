@@ -11,13 +11,12 @@ import pytest
 
 from mmcore.commands.run import _check_images
 from mmcore.data.csvs import read_split
-from mmcore.data.memo import FileFacts
-from mmcore.data.memo import ImageHashes
+from mmcore.data.memo import FileFacts, ImageHashes
 from mmcore.engine.pipeline import Pipeline
 from mmcore.recipe import recipe_from_dict
 from mmcore.store.features import FeatureStore
-from mmcore.store.spaces import feature_spaces
 from mmcore.store.space import CacheTooSmall
+from mmcore.store.spaces import feature_spaces
 from mmcore.store.tokens import dequantize_int8, pool_tokens, quantize_int8
 
 

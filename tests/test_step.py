@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from mmcore.engine.loop import Trainer
-from mmcore.interfaces import ModelOutput
 from mmcore.engine.policies import NonFiniteLoss
+from mmcore.interfaces import ModelOutput
 
 
 class Linear(torch.nn.Module):

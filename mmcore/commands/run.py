@@ -15,9 +15,9 @@ from pathlib import Path
 
 from mmcore.data.bulk import paused_gc
 from mmcore.data.csvs import load_splits
-from mmcore.engine.checkpoint import read_checkpoint
 from mmcore.data.memo import ImageHashes
 from mmcore.dist import broadcast_object, init_distributed, is_main, world_size
+from mmcore.engine.checkpoint import read_checkpoint
 from mmcore.engine.training import Interrupted, TrainingRun
 from mmcore.errors import DataError
 from mmcore.model.weights import require_weights

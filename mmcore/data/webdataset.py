@@ -231,8 +231,8 @@ class ShardIndex:
 
     def _read(self, url):
         """Read one shard sequentially -> its sample dicts (remembered when there is a cache)."""
-        from mmcore.store.root import CacheUnavailable, cache_io, warn
         from mmcore.io import atomic_write
+        from mmcore.store.root import CacheUnavailable, cache_io, warn
 
         local = self.local_path(url)
         if is_local(url):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mmcore.engine.progress import progress_bar
 from mmcore.dist import all_gather_objects
+from mmcore.engine.progress import progress_bar
 from mmcore.engine.runtime import autocast
 from mmcore.engine.step import prepare_batch
 

@@ -14,8 +14,7 @@ import attrs
 import torch
 
 from mmcore.data.dataset import SampleDataset, make_loader
-from mmcore.store.keys import text_key
-from mmcore.store.root import CacheUnavailable, cache_root, probe_cache, warn
+from mmcore.dist import all_gather_objects, barrier, rank, world_size
 from mmcore.engine.features import (
     decoded_store,
     fill_decoded_cache,
@@ -26,12 +25,13 @@ from mmcore.engine.features import (
     text_store,
     vision_store,
 )
-from mmcore.dist import all_gather_objects, barrier, rank, world_size
 from mmcore.engine.runtime import autocast_dtype, resolve_device, seed_everything
 from mmcore.engine.sampling import derive_seed
 from mmcore.errors import RecipeError
 from mmcore.model.classifier import build_classifier, build_with_traits
 from mmcore.model.trainability import TrainabilityError, apply_trainability, distributed_batchnorm
+from mmcore.store.keys import text_key
+from mmcore.store.root import CacheUnavailable, cache_root, probe_cache, warn
 
 
 class Pipeline:

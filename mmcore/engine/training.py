@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mmcore.dist import all_gather_objects, broadcast_tensors_, is_main, world_size
+from mmcore.dist import rank as runtime_rank
 from mmcore.engine.averaging import WeightEMA, average_states, greedy_soup, load_soup_state_, soup_state
-from mmcore.store.root import warn
 from mmcore.engine.checkpoint import load_model_state, make_checkpoint, model_state_keys, read_checkpoint, save_checkpoint
 from mmcore.engine.inference import predict, sigmoid
 from mmcore.engine.loggers import Loggers
@@ -26,9 +27,7 @@ from mmcore.engine.outputs import write_evaluation
 from mmcore.engine.parallel import batch_summary, compile_variable_axes, small_batch_warning, training_module
 from mmcore.engine.pipeline import Pipeline
 from mmcore.engine.policies import BadImages
-from mmcore.dist import all_gather_objects, broadcast_tensors_, is_main, world_size
 from mmcore.engine.runtime import describe_precision, precision_name
-from mmcore.dist import rank as runtime_rank
 from mmcore.engine.sampling import EpochBatchSampler, SeededItems, ShardSampler, balanced_weights, derive_seed
 from mmcore.engine.step import prepare_batch
 from mmcore.errors import MmcoreError, RunError
@@ -41,6 +40,7 @@ from mmcore.model.trainability import parameter_groups, trainable_summary
 from mmcore.plugins.build import reported_failures
 from mmcore.recipe import recipe_to_dict
 from mmcore.rundir import BEST, LAST, require_same_recipe
+from mmcore.store.root import warn
 
 
 def metric_mode(metric):
