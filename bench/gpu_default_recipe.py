@@ -161,7 +161,7 @@ def bench_training(args, data_dir, root, mode):
     from mmcore.engine.loop import Trainer, set_train_mode
     from mmcore.engine.pipeline import Pipeline
     from mmcore.engine.runtime import autocast
-    from mmcore.model.classifier import build_component
+    from mmcore.model.components import build_component
     from mmcore.model.trainability import parameter_groups
 
     recipe, registry = load(args, data_dir, root / f"cache-{mode}", mode)
@@ -231,7 +231,7 @@ def bench_uint8_loader(args, data_dir, root):
     from mmcore.model.classifier import device_pixels
 
     recipe, registry = load(args, data_dir, root / "cache-uint8", "top6")
-    from mmcore.model.classifier import build_component
+    from mmcore.model.components import build_component
 
     preprocessing = build_component(registry, "vision", recipe.vision).preprocessing
     split = load_splits(recipe.data)["train"]
@@ -268,7 +268,7 @@ def _raw_training(args, data_dir, root, mode, *, compile_model=False):
     from mmcore.engine.loop import set_train_mode
     from mmcore.engine.pipeline import Pipeline
     from mmcore.engine.runtime import autocast
-    from mmcore.model.classifier import build_component
+    from mmcore.model.components import build_component
     from mmcore.model.trainability import parameter_groups
 
     recipe, registry = load(args, data_dir, root / f"cache-{mode}", mode)
@@ -351,7 +351,7 @@ def ddp_child(args):
     from mmcore.dist import all_reduce_, init_distributed, is_main, world_size
     from mmcore.engine.loop import Trainer
     from mmcore.engine.pipeline import Pipeline
-    from mmcore.model.classifier import build_component
+    from mmcore.model.components import build_component
     from mmcore.model.trainability import parameter_groups
 
     init_distributed()

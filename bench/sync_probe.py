@@ -203,7 +203,7 @@ def probe_training(args, root, mode):
     from mmcore.data.csvs import load_splits
     from mmcore.engine.loop import Trainer
     from mmcore.engine.pipeline import Pipeline
-    from mmcore.model.classifier import build_component
+    from mmcore.model.components import build_component
     from mmcore.model.trainability import parameter_groups
 
     recipe, registry = recipe_for(args, root, mode)

@@ -28,7 +28,8 @@ from mmcore.engine.features import (
 from mmcore.engine.runtime import autocast_dtype, resolve_device, seed_everything
 from mmcore.engine.sampling import derive_seed
 from mmcore.errors import RecipeError
-from mmcore.model.classifier import build_classifier, build_with_traits
+from mmcore.model.classifier import build_classifier
+from mmcore.model.components import build_with_traits
 from mmcore.model.trainability import TrainabilityError, apply_trainability, distributed_batchnorm
 from mmcore.store.keys import text_key
 from mmcore.store.root import CacheUnavailable, cache_root, probe_cache, warn

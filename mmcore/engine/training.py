@@ -35,7 +35,7 @@ from mmcore.evaluation.calibration import fit_temperature
 from mmcore.evaluation.metrics import binary_metrics
 from mmcore.evaluation.threshold import parse_threshold_rule, tune_threshold
 from mmcore.kit.health import first_batch_problems
-from mmcore.model.classifier import build_component
+from mmcore.model.components import build_component
 from mmcore.model.trainability import parameter_groups, trainable_summary
 from mmcore.plugins.build import reported_failures
 from mmcore.recipe import recipe_to_dict

@@ -21,6 +21,7 @@ import attrs
 import torch
 
 from mmcore.errors import MmcoreError
+from mmcore.model.components import build_top
 
 GIB = 1 << 30
 #: the key a refusal names when no param of the part is to blame
@@ -80,8 +81,6 @@ def size_problem(recipe, registry, *, vision_dim, text_dim, has_cls_token, sourc
 def _part_bytes(recipe, registry, dims):
     """``{part: parameter bytes}`` of the parts after the encoders, built on the meta device; None
     when a part cannot be built so (its factory refuses these widths, or needs real tensors)."""
-    from mmcore.model.classifier import build_top
-
     try:
         with torch.random.fork_rng(devices=[]), torch.device("meta"):
             parts = build_top(recipe, registry, **dims)
