@@ -192,7 +192,7 @@ def test_agreement_ignores_rows_on_the_threshold_but_not_real_flips():
     """The tuned threshold is a validation score: a row on it flips on float noise; a row far from it must not."""
     import numpy as np
 
-    from mmcore.data.csvs import Split
+    from mmcore.data.split import Split
     from mmcore.export.parity import compare
     from mmcore.export.scoring import Scorer
 

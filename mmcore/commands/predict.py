@@ -132,7 +132,7 @@ def write_scored_csv(output, frame, rows, raw, calibrated, predicted):
 
 def read_input(input_csv, base_dir=None, *, require_text=True, check_images=True, max_image_bytes=DEFAULT_MAX_IMAGE_BYTES):
     """The CSV to score, read once: ``(frame, split)`` — its columns as given, to be written back
-    out with the scores, and the validated :class:`~mmcore.data.csvs.Split` to score."""
+    out with the scores, and the validated :class:`~mmcore.data.split.Split` to score."""
     from mmcore.data.csvs import REQUIRED_COLUMNS, read_table, split_from_table
 
     needed = {"local_image_path": True, "label": False, "text_info": require_text}

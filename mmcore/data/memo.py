@@ -106,7 +106,7 @@ class FileFacts:
         """The :class:`ImageFacts` of each path, in order.
 
         ``stats``: the ``os.stat`` of each path when the caller already took it (a
-        :class:`~mmcore.data.csvs.Split` carries them), so a warm start stats each file once.
+        :class:`~mmcore.data.split.Split` carries them), so a warm start stats each file once.
         Under torchrun every rank must call this with the same paths (it gathers across ranks).
         """
         paths = list(paths)
