@@ -8,12 +8,10 @@ from pathlib import Path
 import click
 
 from mmcore import __version__
-from mmcore.cli.options import cache_option, device_option, verify_option
+from mmcore.cli.options import cache_option, device_option, set_option, verify_option
 from mmcore.engine.progress import progress_for
 from mmcore.errors import MmcoreError
 from mmcore.io import check_output_path
-
-SET_HELP = "Override a recipe key, e.g. --set train.batch_size=32 (repeatable)."
 
 
 class MmcoreGroup(click.Group):
@@ -77,7 +75,7 @@ def plugins():
 
 @cli.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@set_option
 @click.option("--weights", "check_weights", is_flag=True,
               help="Also find the pretrained weights it needs (as # comments); exit 2 naming every missing one.")
 def show(recipe, overrides, check_weights):
@@ -97,7 +95,7 @@ def show(recipe, overrides, check_weights):
 
 @cli.command()
 @click.argument("recipe", required=False, type=click.Path(dir_okay=False))
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@set_option
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory (default runs/<experiment>/<timestamp>).")
 @click.option("--resume", "resume", type=click.Path(file_okay=False), help="Continue a stopped run in its directory.")
 @click.option("--nproc", type=click.IntRange(min=1), default=None,
@@ -195,7 +193,7 @@ def eval_(run_dir, data, out, device, cache, verify, quiet):
               help="Where the generated dataset lives (made when missing).")
 @click.option("--recipe", default=None, type=click.Path(dir_okay=False),
               help="Recipe (default: recipes/demo.toml here, else the one shipped with mmcore).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@set_option
 @click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
 def demo(data_dir, recipe, overrides, quiet):
     """Make a small ad-vs-not dataset and train the demo recipe on it (about 2 minutes of CPU time on 2 cores)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from mmcore.cli.main import SET_HELP
+from mmcore.cli.options import set_option
 from mmcore.engine.progress import progress_for
 
 
@@ -28,7 +28,7 @@ from mmcore.engine.progress import progress_for
 @click.option("--seed", type=int, default=None, help="Sampler seed (each --jobs worker adds its number).")
 @click.option("--heartbeat", type=click.IntRange(min=1), default=None,
               help="Seconds between a trial's liveness records; a trial silent for 5 of them is retried.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@set_option
 @click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
 def tune_command(recipe, space, trials, sampler, pruner, jobs, storage, study, out, nproc, seed, heartbeat, overrides, quiet):
     """Search hyperparameters of RECIPE with Optuna; each trial is a run directory.
