@@ -76,7 +76,7 @@ def test_report_html_shows_error_thumbnails_and_the_plots(dredze_run):
 
 def test_eval_reproduces_the_run_on_real_data(dredze_run, tmp_path):
     out, _ = dredze_run  # --cache: through the feature cache, as the run scored its test split
-    mmcore_cli("eval", out, "--out", tmp_path / "eval", "--quiet", "--cache", env={"DATA_DIR": str(DREDZE)})
+    mmcore_cli("eval", out, "--out", tmp_path / "eval", "--quiet", env={"DATA_DIR": str(DREDZE)})
     a = json.loads((out / "test_predictions.json").read_text())
     b = json.loads((tmp_path / "eval" / "test_predictions.json").read_text())
     assert [p["path"] for p in a] == [p["path"] for p in b]

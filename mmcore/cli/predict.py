@@ -46,17 +46,9 @@ def predict_command(run_dir, input_csv, output, batch_size, base_dir, device, ca
     """
     try:
         check_output_path(output, "predictions CSV", option="-o")  # before any scoring
-        from mmcore.export.bundle import is_bundle
-
-        if is_bundle(run_dir):  # an export bundle: scored by onnxruntime (mmcore.export.predict)
-            from mmcore.export.predict import predict_bundle
-
-            predict_bundle(run_dir, input_csv, output, batch_size=batch_size, base_dir=base_dir, device=device,
-                           verify=verify or None, progress=progress_for(quiet), echo=click.echo)
-            return
         predict_csv(
             run_dir, input_csv, output, batch_size=batch_size, base_dir=base_dir, device=device, cache=cache,
-            progress=progress_for(quiet), echo=click.echo,
+            verify=verify or None, progress=progress_for(quiet), echo=click.echo,
         )
     except MmcoreError as exc:
         _fail(exc)

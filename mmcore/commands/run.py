@@ -23,6 +23,7 @@ from mmcore.errors import DataError
 from mmcore.model.weights import require_weights
 from mmcore.ocr.fill import ocr_stage
 from mmcore.rundir import LAST, RunDir
+from mmcore.scoring.run import score_split
 
 
 def resume_training(run_dir, recipe=None, *, registry=None, progress=True, echo=print):
@@ -94,7 +95,7 @@ def _train(recipe, registry, splits, run_dir, recipe_path, state, progress, echo
     try:
         training = TrainingRun(
             recipe, registry, splits, run_dir.path, recipe_path, progress, echo, duplicates=duplicates.counts(),
-            on_epoch_end=on_epoch_end,
+            on_epoch_end=on_epoch_end, score_split=score_split,
         )
         with _stop_on_signals(training, echo):
             if state is not None:
@@ -146,7 +147,8 @@ def _check_images(recipe, splits, echo, hashes):
 def _run_worker(recipe, registry, splits, run_dir, recipe_path, state, on_epoch_end=None):
     """Ranks > 0: the same training in lock-step, writing nothing."""
     quiet = lambda *args, **kwargs: None  # noqa: E731
-    training = TrainingRun(recipe, registry, splits, run_dir, recipe_path, False, quiet, on_epoch_end=on_epoch_end)
+    training = TrainingRun(recipe, registry, splits, run_dir, recipe_path, False, quiet, on_epoch_end=on_epoch_end,
+                           score_split=score_split)
     with _stop_on_signals(training, quiet):
         if state is not None:
             training.load_state(state)

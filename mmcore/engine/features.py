@@ -26,7 +26,7 @@ from mmcore.model.classifier import device_pixels
 from mmcore.store.features import FeatureStore, as_float16, stored_row_bytes
 from mmcore.store.keys import text_key, weights_fingerprint
 from mmcore.store.records import FileHashes
-from mmcore.store.root import cache_root, warn
+from mmcore.store.root import warn
 from mmcore.store.space import check_space, human_bytes
 from mmcore.store.tokens import TOKEN_STORAGES
 
@@ -49,11 +49,6 @@ def run_fingerprint(module):
             known = weights_fingerprint(module)
         _FINGERPRINTS[module] = known
     return known
-
-
-def is_frozen(module):
-    """True when no parameter of ``module`` trains."""
-    return module is not None and not any(p.requires_grad for p in module.parameters())
 
 
 def pooling_trains(pooling):

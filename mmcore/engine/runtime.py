@@ -1,10 +1,18 @@
-"""Device, precision and seeding (the process group and its collectives: :mod:`mmcore.dist`)."""
+"""Device, precision and seeding (the process group and its collectives: :mod:`mmcore.dist`).
+
+Two ways to name a device: the recipe's ``train.device`` (:func:`resolve_device`, under torchrun the
+local rank decides) and a scorer's ``--device auto|cpu|cuda[:N]`` (:func:`parse_device`,
+:func:`torch_device`: ``predict``, ``eval``, ``serve`` and the scorers). A ``--device`` that asks for
+CUDA is a request, never silently downgraded: where CUDA cannot be had it is one line saying why
+(:class:`DeviceUnavailable`, exit 1, like a missing optional package).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import random
+import re
 import sys
 
 import numpy as np
@@ -65,6 +73,45 @@ def _parse_device(name):
     return device
 
 
+#: what ``--device`` accepts
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+
+
+class DeviceUnavailable(MmcoreError):
+    """``--device`` asks for a device this machine (or this onnxruntime build) cannot give."""
+
+
+def parse_device(spec):
+    """``auto``/``cpu``/``cuda``/``cuda:N`` -> itself (``None`` reads as ``auto``); anything else is one line."""
+    spec = "auto" if spec is None else str(spec).strip().lower()
+    if not _DEVICE.fullmatch(spec):
+        raise MmcoreError(f"--device {spec}: expected {DEVICE_CHOICES}")
+    return spec
+
+
+def cuda_index(spec):
+    """The GPU index of ``cuda``/``cuda:N`` (0 for plain ``cuda``)."""
+    return int(spec.partition(":")[2] or 0)
+
+
+def torch_device(spec):
+    """The torch device for ``spec``; CUDA asked for where torch has none (or not that GPU) is one line."""
+    spec = parse_device(spec)
+    if spec == "auto":
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise DeviceUnavailable(f"--device {spec}: CUDA is not available to torch here "
+                                f"(torch {torch.__version__}, torch.cuda.is_available() is False); use --device cpu or auto")
+    index = cuda_index(spec)
+    if index >= torch.cuda.device_count():
+        raise DeviceUnavailable(f"--device {spec}: this machine has {torch.cuda.device_count()} visible GPU(s) "
+                                f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    return torch.device("cuda", index)
+
+
 #: the compute capability from which a GPU has bfloat16 arithmetic (Ampere); older cards emulate it, slowly
 BF16_CAPABILITY = (8, 0)
 
@@ -110,9 +157,25 @@ def describe_precision(precision, dtype, device):
 
 
 def autocast(device, dtype):
+    """Autocast to ``dtype`` on ``device``'s type; nothing when ``dtype`` is None (float32)."""
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def exact_float32(device):
+    """Inside: float32 matmuls and convolutions without TF32 on a GPU, whatever ``train.tf32`` set
+    (what a bundle computes; scoring compares with it); nothing changes on a CPU."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 class NoScaling:

@@ -121,11 +121,20 @@ def _gather_rng_states():
 class TrainingRun:
     """Everything one training run holds; its state round-trips through ``last.ckpt``."""
 
-    def __init__(self, recipe, registry, splits, run_dir, recipe_path, progress, echo, duplicates=None, on_epoch_end=None):
+    def __init__(self, recipe, registry, splits, run_dir, recipe_path, progress, echo, duplicates=None, on_epoch_end=None,
+                 *, score_split):
         """``on_epoch_end(epoch, metrics)``: called on every rank after each epoch's validation (its
         checkpoints written) with that epoch's validation metrics; returning True stops training
-        there and the run finishes with its best epoch so far (``mmcore tune`` prunes with it)."""
+        there and the run finishes with its best epoch so far (``mmcore tune`` prunes with it).
+
+        ``score_split(run_model, split, *, decision, source, progress, desc) -> (positions, logits,
+        bad lines)``: how the test split is scored at the end, on every rank (each its share under
+        torchrun, every rank getting all of them): the scoring path's
+        :func:`mmcore.scoring.run.score_split`, which ``mmcore eval`` scores with too. The caller
+        (``mmcore run``) passes it: the engine sits below the scoring path.
+        """
         self.on_epoch_end = on_epoch_end
+        self.score_split = score_split
         self.recipe = recipe
         self.registry = registry
         self.run_dir = Path(run_dir)
@@ -159,8 +168,10 @@ class TrainingRun:
         model = pipeline.model
         pipeline.fit_encoders(splits["train"])
         self.bad_images = BadImages(recipe.data.on_bad_image)
+        #: the test split, scored at the end by the scoring path (raw rows, float32: what ``mmcore eval`` computes)
+        self.test_split = splits["test"]
         self.datasets = {}
-        for name in ("train", "val", "test"):
+        for name in ("train", "val"):
             dataset, split, errors = pipeline.dataset(splits[name], train=name == "train")
             if errors:
                 self.bad_images.check({"errors": errors}, name)
@@ -188,9 +199,6 @@ class TrainingRun:
         )
         self.val_loader = pipeline.loader(
             self.datasets["val"][0], sampler=ShardSampler(len(self.datasets["val"][0]), rank, world)
-        )
-        self.test_loader = pipeline.loader(
-            self.datasets["test"][0], sampler=ShardSampler(len(self.datasets["test"][0]), rank, world)
         )
         if self.main:  # a dead encoder (features near zero or constant), or a plugin's bug, is said before training
             prepare = functools.partial(prepare_batch, device=pipeline.device, channels_last=pipeline.channels_last)
@@ -490,7 +498,8 @@ class TrainingRun:
         self._load_best()
         _, val_logits, val_labels = self.predict(self.val_loader, "val")
         decision = fit_decision(recipe, val_logits, val_labels)
-        test_indices, test_logits, test_labels = self.predict(self.test_loader, "test")
+        test_indices, test_logits = self.score_test(decision)
+        test_labels = self.test_split.label_array()[test_indices]
         if not self.main:
             return {}
         summary = {
@@ -520,7 +529,7 @@ class TrainingRun:
         }
         results, _ = write_evaluation(
             self.run_dir,
-            split=self.datasets["test"][1],
+            split=self.test_split,
             indices=test_indices,
             logits=test_logits,
             labels=test_labels,
@@ -528,7 +537,9 @@ class TrainingRun:
             summary=summary,
             history=self.history,
             title=f"mmcore — {recipe.experiment}",
-            pipeline=self.pipeline,
+            # the explanations run the model once more over the test rows: raw rows, as they were scored
+            pipeline=Pipeline(recipe, self.registry, progress=self.progress, one_pass=True, use_cache=False,
+                              built=self.pipeline.built),
         )
         ckpt = make_checkpoint(
             model, recipe_dict=self.recipe_dict, epoch=self.best_epoch, metrics=self.best_metrics,
@@ -540,6 +551,16 @@ class TrainingRun:
             _log_pr_curve(self.writer, test_logits, test_labels, self.best_epoch)
             self.writer.close()
         return results
+
+
+    def score_test(self, decision):
+        """The test split's ``(positions, logits)``, scored as ``mmcore eval`` scores it: by the
+        scoring path (``score_split``, see :class:`TrainingRun`), the selected model in float32 from the
+        raw rows, never through the feature cache. Unreadable images follow ``data.on_bad_image``."""
+        positions, logits, bad = self.score_split(self.pipeline.built, self.test_split, decision=decision,
+                                                  source=self.run_dir, progress=self.progress, desc="test")
+        self.bad_images.check({"errors": list(bad)}, "test")
+        return positions, logits
 
 
 def _better(mode):

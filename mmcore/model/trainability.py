@@ -190,6 +190,11 @@ def _label(encoder):
     return repr(getattr(encoder, "name", "") or type(encoder).__name__)
 
 
+def is_frozen(module):
+    """True when no parameter of ``module`` trains."""
+    return module is not None and not any(p.requires_grad for p in module.parameters())
+
+
 def _unwrap(model):
     """The model inside a DistributedDataParallel (or similar ``.module``) wrapper."""
     while not hasattr(model, "vision") and hasattr(model, "module"):
