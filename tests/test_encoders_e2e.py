@@ -17,7 +17,7 @@ import torch
 from click.testing import CliRunner
 
 from mmcore.cli.main import cli as mmcore_cli_group
-from mmcore.commands.compare import flatten
+from mmcore.evaluation.comparison import flatten
 from mmcore.recipe import parse_override
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,6 +11,7 @@ other ``mmcore tune`` processes or machines. The study machinery is :mod:`mmcore
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -64,10 +65,9 @@ def run_tune(
     take Optuna's keyword arguments after a colon (``median:n_startup_trials=1``).
     """
     from mmcore.engine.training import metric_mode
+    from mmcore.kit.deps import require_extra
     from mmcore.recipe import recipe_to_dict
     from mmcore.tune.space import check_space, load_space
-
-    from mmcore.kit.deps import require_extra
 
     require_extra("tune", "mmcore tune")
     if registry is None:
@@ -109,7 +109,7 @@ def run_tune(
     if done:
         echo(f"continuing the study: {done} trials already finished")
     if jobs == 1:
-        work(config, registry=registry, echo=echo)
+        work(config, train_trial=train_trial, registry=registry, echo=echo)
     else:
         run_workers(config, jobs, echo=echo)
     return summarize(config, echo=echo)
@@ -169,3 +169,44 @@ def run_workers(config, jobs, *, echo=print):
     failed = [f"job {i} exited with status {code}" for i, code in enumerate(codes) if code]
     if failed:
         echo("; ".join(failed) + " (its lines are above); the finished trials are kept")
+
+
+def train_trial(config, trial, trial_dir, overrides, *, resume, registry=None, echo=print):
+    """Train one trial's run in ``trial_dir`` (on every rank under torchrun; ``trial`` on rank 0 only).
+
+    After each epoch rank 0 reports the objective metric to Optuna and asks the pruner; the
+    answer goes to every rank. A pruned run finishes with its best epoch so far and its
+    ``status.json`` says ``pruned``.
+    """
+    from mmcore.commands.run import run_training
+    from mmcore.dist import broadcast_object, is_main
+    from mmcore.recipe import load_recipe
+    from mmcore.rundir import RECIPE_FILE, read_status, write_status
+
+    pruned = []
+
+    def on_epoch_end(epoch, metrics):
+        prune = False
+        if trial is not None:
+            value = metrics.get(config.metric)
+            if value is not None and math.isfinite(value):
+                trial.report(float(value), epoch)
+                # the last epoch is a finished trial: nothing left to save by stopping it
+                prune = epoch < config.epochs and trial.should_prune()
+        prune = broadcast_object(prune)
+        if prune:
+            pruned.append(epoch)
+        return prune
+
+    progress = config.progress
+    if resume:
+        recipe = load_recipe(trial_dir / RECIPE_FILE, registry=registry)
+        run_training(recipe, recipe_path=trial_dir / RECIPE_FILE, resume=trial_dir, registry=registry,
+                     progress=progress, echo=echo, on_epoch_end=on_epoch_end)
+    else:
+        recipe = load_recipe(config.recipe, [*config.overrides, *overrides], registry=registry)
+        run_training(recipe, recipe_path=config.recipe, out=trial_dir, registry=registry,
+                     progress=progress, echo=echo, on_epoch_end=on_epoch_end)
+    if pruned and is_main():
+        status = read_status(trial_dir) or {}
+        write_status(trial_dir, "pruned", pruned_at_epoch=pruned[0], seconds=status.get("seconds"))
