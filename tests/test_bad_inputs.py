@@ -926,7 +926,7 @@ def test_unsafe_checkpoint_refusal_says_what_and_why_without_the_unsafe_advice(t
     [
         (["eval", "RUN"], "mmcore.commands.evaluate.evaluate_run"),
         (["predict", "RUN", "in.csv", "-o", "out.csv"], "mmcore.cli.predict.predict_csv"),
-        (["ocr", "in.csv", "-o", "out.csv"], "mmcore.cli.ocr.run_ocr"),
+        (["ocr", "in.csv", "-o", "out.csv"], "mmcore.commands.ocr.run_ocr"),
     ],
     ids=["eval", "predict", "ocr"],
 )

@@ -9,7 +9,7 @@ from mmcore.errors import MmcoreError
 
 
 def _device(ctx, param, value):
-    from mmcore.engine.runtime import parse_device
+    from mmcore.devices import parse_device
 
     try:
         return parse_device(value)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from mmcore.cli.options import set_option
-from mmcore.engine.progress import progress_for
+from mmcore.progress import progress_for
 
 
 @click.command("tune")
@@ -44,11 +44,10 @@ def tune_command(recipe, space, trials, sampler, pruner, jobs, storage, study, o
     import sys
 
     from mmcore.commands.tune import run_tune
-    from mmcore.tune.study import HEARTBEAT
 
     record = run_tune(
         recipe, space, trials=trials, overrides=overrides, sampler=sampler, pruner=pruner, jobs=jobs, storage=storage,
-        study=study, out=out, nproc=nproc, seed=seed, heartbeat=heartbeat or HEARTBEAT, progress=progress_for(quiet),
+        study=study, out=out, nproc=nproc, seed=seed, heartbeat=heartbeat, progress=progress_for(quiet),
         echo=click.echo,
     )
     if any(entry["state"] == "fail" for entry in record["trials"]):

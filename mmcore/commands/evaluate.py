@@ -15,9 +15,11 @@ from pathlib import Path
 import attrs
 
 from mmcore.data.csvs import load_splits, read_split, resolve_csv
+from mmcore.devices import parse_device
 from mmcore.engine.outputs import write_evaluation
-from mmcore.engine.runtime import parse_device
 from mmcore.errors import DataError
+from mmcore.export.bundle import is_bundle
+from mmcore.io import check_output_path
 from mmcore.rundir import EVAL_DIR
 from mmcore.scoring.rows import collect, score_rows
 
@@ -62,6 +64,18 @@ def eval_split(recipe, data=None):
         return load_splits(data_config, names=("test",), cache=recipe.cache)["test"], Path(str(data_config.test))
     csv = Path(data) if data else resolve_csv(recipe.data.test, recipe.data.base_dir)
     return read_split(csv, recipe.data.base_dir if not data else None, max_image_bytes=recipe.data.max_image_bytes), csv
+
+
+def evaluate(source, *, data=None, out=None, device="auto", cache=False, verify=None, registry=None, progress=True,
+             echo=print):
+    """``mmcore eval RUN_DIR|BUNDLE_DIR``: :func:`evaluate_bundle` for a bundle, else :func:`evaluate_run`;
+    ``--out`` is checked before anything is scored. Returns the evaluation folder."""
+    check_output_path(out, "evaluation folder", folder=True)
+    if is_bundle(source):
+        return evaluate_bundle(source, data=data, out=out, device=device, verify=verify, registry=registry,
+                               progress=progress, echo=echo)
+    return evaluate_run(source, data=data, out=out, device=device, cache=cache, registry=registry, progress=progress,
+                        echo=echo)
 
 
 def evaluate_run(run_dir, *, data=None, out=None, device="auto", cache=False, registry=None, progress=True,

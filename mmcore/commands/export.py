@@ -19,12 +19,13 @@ from pathlib import Path
 import attrs
 
 from mmcore.errors import DataError, MmcoreError, RunError
+from mmcore.export import FORMATS
 from mmcore.export import bundle as B
 from mmcore.export import onnx as G
 from mmcore.export import parity as P
 from mmcore.export import schema as S
 from mmcore.export.text import write_text_side
-from mmcore.io import existing_parent
+from mmcore.io import check_output_path, existing_parent
 from mmcore.rundir import RunDir
 from mmcore.scoring.rows import collect, score_rows
 
@@ -96,8 +97,9 @@ def export_run(run_dir, out, *, fmt="onnx", data=None, rows=DEFAULT_ROWS, base_d
     from mmcore.scoring.run import RunScorer
 
     run_dir, out = Path(run_dir), Path(out)
-    if fmt not in G.FORMATS:
-        raise MmcoreError(f"--format {fmt}: expected one of {', '.join(G.FORMATS)}")
+    check_output_path(out, "bundle folder")  # before the parity gate scores anything
+    if fmt not in FORMATS:
+        raise MmcoreError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
     check_new_folder(out, "--out")
     if fmt == "onnx":  # before the model is loaded: a missing package is one line, not a minute later
         from mmcore.kit.deps import require_extra

@@ -18,10 +18,10 @@ from pathlib import Path
 import attrs
 
 from mmcore.data.images import DEFAULT_MAX_IMAGE_BYTES
-from mmcore.engine.runtime import parse_device
+from mmcore.devices import parse_device
 from mmcore.errors import MmcoreError
 from mmcore.export.bundle import is_bundle
-from mmcore.io import existing_parent
+from mmcore.io import check_output_path, existing_parent
 from mmcore.scoring.rows import collect, score_rows
 from mmcore.scoring.tables import read_input, write_scored_csv
 
@@ -50,6 +50,7 @@ def predict_csv(source, input_csv, output, *, batch_size=None, base_dir=None, de
     (bundles): hash every file of the bundle first.
     """
     input_csv, output = Path(input_csv), Path(output)
+    check_output_path(output, "predictions CSV", option="-o")  # before any scoring
     check_output_file(output, input_csv)
     device = parse_device(device)
     if is_bundle(source):

@@ -27,11 +27,16 @@ from mmcore.scoring.run import score_split
 
 
 def resume_training(run_dir, recipe=None, *, registry=None, progress=True, echo=print):
-    """Continue a stopped run in its directory; ``recipe`` (optional) must be the one it was started with.
+    """Continue a stopped run in its directory; ``recipe`` (optional: a loaded recipe or its file) must be
+    the one it was started with.
 
     The lock comes first, so a second ``--resume`` of a live run is refused as such, whatever
     the live run has written so far.
     """
+    if isinstance(recipe, (str, Path)):
+        from mmcore.recipe import load_recipe
+
+        recipe = load_recipe(recipe)
     run_dir = RunDir(run_dir)
     run_dir.require_exists()
     with run_dir.lock(echo=echo):
@@ -40,6 +45,14 @@ def resume_training(run_dir, recipe=None, *, registry=None, progress=True, echo=
         return run_training(
             loaded, recipe_path=run_dir.recipe_file, registry=registry, progress=progress, echo=echo, resume=run_dir
         )
+
+
+def train_recipe(recipe_path, overrides=(), *, out=None, registry=None, progress=True, echo=print):
+    """``mmcore run RECIPE --set ...``: load the recipe (every problem one line) and train it; returns the run directory."""
+    from mmcore.recipe import load_recipe
+
+    loaded = load_recipe(recipe_path, overrides)
+    return run_training(loaded, recipe_path=recipe_path, out=out, registry=registry, progress=progress, echo=echo)
 
 
 def run_training(recipe, *, recipe_path, out=None, registry=None, progress=True, echo=print, resume=None, on_epoch_end=None):

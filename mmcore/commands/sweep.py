@@ -19,7 +19,7 @@ import attrs
 
 from mmcore.errors import RecipeError, RunError
 from mmcore.recipe.load import split_values
-from mmcore.rundir import SWEEP_FILE, RunDir, failure_message, first_line, make_directory
+from mmcore.rundir import SWEEP_FILE, RunDir, failure_message, first_line, make_directory, read_sweep
 
 #: longest ``key=value,...`` part of a point's directory name
 MAX_NAME = 120
@@ -197,3 +197,9 @@ def run_sweep(recipe_path, overrides, sweeps, *, out=None, dry_run=False, regist
         echo(f"  {point.directory.name}: {message}")
     echo(f"wrote {sweep_dir / 'comparison.md'} and {sweep_dir / 'comparison.csv'}")
     return sweep_dir
+
+
+def sweep_completed(sweep_dir):
+    """Whether every point of the sweep in ``sweep_dir`` completed (what failed, and why, was said as it ran)."""
+    record = read_sweep(sweep_dir)
+    return record is None or all(point.get("state") == "completed" for point in record.get("points", []))

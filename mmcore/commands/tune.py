@@ -54,7 +54,7 @@ def run_tune(
     out=None,
     nproc=None,
     seed=None,
-    heartbeat=HEARTBEAT,
+    heartbeat=None,
     registry=None,
     progress=True,
     echo=print,
@@ -62,7 +62,8 @@ def run_tune(
     """Run (or continue) a study; returns its record (``study.json``: trials, values, the best).
 
     The space is checked against the recipe before anything runs; ``--sampler``/``--pruner``
-    take Optuna's keyword arguments after a colon (``median:n_startup_trials=1``).
+    take Optuna's keyword arguments after a colon (``median:n_startup_trials=1``). ``heartbeat``:
+    seconds between a trial's liveness records (default :data:`~mmcore.tune.study.HEARTBEAT`).
     """
     from mmcore.engine.training import metric_mode
     from mmcore.kit.deps import require_extra
@@ -98,7 +99,7 @@ def run_tune(
     config = TuneConfig(
         recipe=str(Path(recipe_path).resolve()), space=str(Path(space_path).resolve()), study_dir=str(study_dir),
         study_name=name, storage=url, trials=trials, metric=metric, direction=direction, epochs=base.train.epochs,
-        overrides=tuple(overrides), sampler=sampler, pruner=pruner, nproc=nproc, seed=seed, heartbeat=heartbeat,
+        overrides=tuple(overrides), sampler=sampler, pruner=pruner, nproc=nproc, seed=seed, heartbeat=heartbeat or HEARTBEAT,
         progress=progress and jobs == 1,
     )
     identity = {"recipe": recipe_to_dict(base), "space": space.to_dict(), "metric": metric, "direction": direction}

@@ -19,10 +19,10 @@ import torch
 from mmcore.data.dataset import SampleDataset, make_loader
 from mmcore.data.images import DECODE_VERSION, DEFAULT_FORMATS
 from mmcore.dist import broadcast_object, is_main, world_size
-from mmcore.engine.progress import progress_bar
 from mmcore.engine.runtime import autocast
 from mmcore.engine.step import prepare_batch
 from mmcore.model.classifier import device_pixels
+from mmcore.progress import progress_bar
 from mmcore.store.features import FeatureStore, as_float16, stored_row_bytes
 from mmcore.store.keys import text_key, weights_fingerprint
 from mmcore.store.records import FileHashes

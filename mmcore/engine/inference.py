@@ -12,9 +12,9 @@ import torch
 
 from mmcore.dist import all_gather_objects
 from mmcore.engine.policies import BadImages
-from mmcore.engine.progress import progress_bar
 from mmcore.engine.runtime import autocast
 from mmcore.engine.step import prepare_batch
+from mmcore.progress import progress_bar
 
 
 @torch.no_grad()

@@ -17,8 +17,8 @@ import torch
 from mmcore.dist import any_rank, is_distributed, world_size
 from mmcore.engine.inference import predict, sigmoid
 from mmcore.engine.policies import BadImages, NanPolicy, NonFiniteLoss
-from mmcore.engine.progress import SmoothedRate, progress_bar
 from mmcore.engine.step import TrainStep, is_ddp
+from mmcore.progress import SmoothedRate, progress_bar
 
 __all__ = ["BadImages", "NonFiniteLoss", "Trainer", "predict", "set_train_mode", "sigmoid", "total_steps"]
 

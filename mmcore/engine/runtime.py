@@ -1,10 +1,8 @@
 """Device, precision and seeding (the process group and its collectives: :mod:`mmcore.dist`).
 
 Two ways to name a device: the recipe's ``train.device`` (:func:`resolve_device`, under torchrun the
-local rank decides) and a scorer's ``--device auto|cpu|cuda[:N]`` (:func:`parse_device`,
-:func:`torch_device`: ``predict``, ``eval``, ``serve`` and the scorers). A ``--device`` that asks for
-CUDA is a request, never silently downgraded: where CUDA cannot be had it is one line saying why
-(:class:`DeviceUnavailable`, exit 1, like a missing optional package).
+local rank decides) and a scorer's ``--device auto|cpu|cuda[:N]`` (:mod:`mmcore.devices` reads it,
+:func:`torch_device` makes it a torch device: ``predict``, ``eval``, ``serve`` and the scorers).
 """
 
 from __future__ import annotations
@@ -12,12 +10,12 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import re
 import sys
 
 import numpy as np
 import torch
 
+from mmcore.devices import DeviceUnavailable, cuda_index, parse_device
 from mmcore.dist import torchrun_local_rank
 from mmcore.errors import MmcoreError
 
@@ -71,28 +69,6 @@ def _parse_device(name):
         raise MmcoreError(f"train.device: {name!r} requested but this machine has {count} CUDA device(s) "
                           f"(cuda:0 to cuda:{count - 1})")
     return device
-
-
-#: what ``--device`` accepts
-DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
-_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
-
-
-class DeviceUnavailable(MmcoreError):
-    """``--device`` asks for a device this machine (or this onnxruntime build) cannot give."""
-
-
-def parse_device(spec):
-    """``auto``/``cpu``/``cuda``/``cuda:N`` -> itself (``None`` reads as ``auto``); anything else is one line."""
-    spec = "auto" if spec is None else str(spec).strip().lower()
-    if not _DEVICE.fullmatch(spec):
-        raise MmcoreError(f"--device {spec}: expected {DEVICE_CHOICES}")
-    return spec
-
-
-def cuda_index(spec):
-    """The GPU index of ``cuda``/``cuda:N`` (0 for plain ``cuda``)."""
-    return int(spec.partition(":")[2] or 0)
 
 
 def torch_device(spec):

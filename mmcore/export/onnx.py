@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmcore.engine.runtime import DeviceUnavailable, cuda_index, parse_device, torch_device
+from mmcore.devices import DeviceUnavailable, cuda_index, parse_device
+from mmcore.engine.runtime import torch_device
 from mmcore.errors import RunError
 from mmcore.export import FORMATS  # noqa: F401 - defined without torch for the CLI, re-exported here
 from mmcore.export.bundle import EXTERNAL_DATA, GRAPH_FILES  # noqa: F401 - GRAPH_FILES re-exported

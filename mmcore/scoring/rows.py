@@ -31,7 +31,7 @@ import numpy as np
 
 from mmcore.data.images import DEFAULT_MAX_IMAGE_BYTES, BadImageError
 from mmcore.engine.policies import BadImages
-from mmcore.engine.progress import progress_bar
+from mmcore.progress import progress_bar
 from mmcore.textsource import UNUSED
 
 #: rows whose texts are settled (OCR) at once: OCR engines start once per stretch that needs them
