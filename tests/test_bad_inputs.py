@@ -30,7 +30,7 @@ from mmcore.data.checks import find_duplicates, scan_images
 from mmcore.data.csvs import load_splits, read_split
 from mmcore.data.dataset import Collate, SampleDataset
 from mmcore.data.images import BadImageError, load_rgb, open_checked
-from mmcore.engine.loop import BadImages
+from mmcore.engine.policies import BadImages
 from mmcore.errors import DataError, RunError
 from mmcore.interfaces import Preprocessing
 

@@ -65,7 +65,7 @@ def run_tune(
     take Optuna's keyword arguments after a colon (``median:n_startup_trials=1``). ``heartbeat``:
     seconds between a trial's liveness records (default :data:`~mmcore.tune.study.HEARTBEAT`).
     """
-    from mmcore.engine.training import metric_mode
+    from mmcore.engine.selection import metric_mode
     from mmcore.kit.deps import require_extra
     from mmcore.recipe import recipe_to_dict
     from mmcore.tune.space import check_space, load_space

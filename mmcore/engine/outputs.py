@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmcore.engine.loop import sigmoid
+from mmcore.engine.inference import sigmoid
 from mmcore.evaluation.calibration import apply_temperature
 from mmcore.evaluation.explain import bootstrap_intervals, image_sizes, modality_summary, slice_keys, slice_metrics
 from mmcore.evaluation.metrics import binary_metrics
