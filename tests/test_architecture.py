@@ -207,3 +207,32 @@ def test_nothing_but_the_ways_in_imports_commands():
         for target, line in _imports(name, modules[name], modules) if target.startswith("mmcore.commands")
     ]
     assert offenders == [], "\n" + "\n".join(offenders)
+
+
+def _documented_modules():
+    """The modules the tree of docs/architecture.md lists, in order (``store/locks.py``, ``io.py``)."""
+    text = (ROOT.parent / "docs" / "architecture.md").read_text(encoding="utf-8")
+    block = text.split("## The tree", 1)[1].split("```", 2)[1]
+    listed, folders = [], []  # folders: [(indent, "store/")]
+    for line in block.splitlines():
+        tokens = line.split()
+        if not tokens:
+            continue
+        indent = len(line) - len(line.lstrip())
+        folders = [(i, name) for i, name in folders if i < indent]
+        if tokens[0].endswith("/"):
+            folders.append((indent, tokens[0]))
+            continue
+        for token in tokens:
+            if not token.endswith(".py"):
+                break
+            listed.append("".join(name for _, name in folders[1:]) + token)  # below mmcore/
+    return listed
+
+
+def test_docs_architecture_lists_every_module_once():
+    listed = _documented_modules()
+    actual = {path.relative_to(ROOT).as_posix() for path in _modules().values()
+              if path.name != "__init__.py" or path.parent == ROOT}
+    assert sorted(name for name in set(listed) if listed.count(name) > 1) == []
+    assert sorted(set(listed) ^ actual) == []
