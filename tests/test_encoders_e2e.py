@@ -189,7 +189,7 @@ def test_default_recipe_trains_and_eval_reproduces(cli, demo_data, tmp_path, mod
     for part in ("pooling", "fusion", "head"):
         assert trainable[part]["trainable"] == trainable[part]["total"] > 0
     # a training vision encoder is never cached; the frozen text encoder is
-    assert results["feature_cache"] == {"vision": False, "text": True}
+    assert results["feature_cache"] == {"vision": False, "text": True, "vision_storage": None}
     assert len(results["history"]) == 2
 
     eval_out = tmp_path / "eval"

@@ -182,12 +182,14 @@ def _settle_texts(scorer, rows, stretch, ocr, *, registry=None, progress=False):
     todo = [k for k, text in enumerate(given) if rule.wants_ocr(text)]
     read = {}
     if todo:
+        from mmcore.data.memo import ImageHashes
         from mmcore.ocr.fill import ocr_fill
         from mmcore.store.root import cache_root
 
-        filled = ocr_fill(
+        filled = ocr_fill(  # images keyed by content (shard samples carry theirs), their facts kept in memory only
             [rows.paths[stretch[k]] for k in todo], ["" for _ in todo], ocr["engine"], ocr.get("lang", "eng"),
             cache_root((scorer.recipe_data.get("cache") or {}).get("dir")), registry=registry, progress=progress,
+            hashes=ImageHashes(None, scorer.image_formats),
             max_image_bytes=scorer.data_config.get("max_image_bytes") or DEFAULT_MAX_IMAGE_BYTES,
         )
         read = dict(zip(todo, filled))

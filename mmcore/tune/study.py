@@ -450,16 +450,16 @@ def _fmt(value):
 
 def _prepare_dir(trial_dir, echo):
     """What to do with a trial's directory: "train" it, "resume" it, or None (already finished)."""
-    from mmcore.rundir import LAST, RECIPE_FILE, RESULTS_FILE, read_status
+    from mmcore.rundir import RunDir
 
     if not trial_dir.exists():
         return "train"
-    status = read_status(trial_dir) or {}
-    state = status.get("state")
-    if state in ("completed", "pruned") and (trial_dir / RESULTS_FILE).is_file():
+    run = RunDir(trial_dir)
+    state = (run.status() or {}).get("state")
+    if state in ("completed", "pruned") and run.results_file.is_file():
         echo(f"{trial_dir.name}: already {state} (its process died before telling the study); not trained again")
         return None
-    if state in ("running", "interrupted", "failed") and (trial_dir / LAST).is_file() and (trial_dir / RECIPE_FILE).is_file():
+    if state in ("running", "interrupted", "failed") and run.last.is_file() and run.recipe_file.is_file():
         return "resume"
     if state in ("running", "interrupted", "failed") or not any(trial_dir.iterdir()):
         shutil.rmtree(trial_dir)  # an unfinished trial without a checkpoint: nothing in it to keep
