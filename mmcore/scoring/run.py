@@ -65,7 +65,8 @@ class RunScorer(Scorer):
 
     @property
     def providers(self):
-        return [f"torch {self.device.type}"]
+        """The runtime that scores: torch (where: :attr:`device_name`)."""
+        return ["torch"]
 
     def identity_file(self):
         """The run's ``checkpoint_best.ckpt``."""
