@@ -99,26 +99,28 @@ def score_rows(scorer, rows, *, batch_size=None, workers=None, ocr=None, fill_te
         bad.clear()
         return done
 
-    with ThreadPoolExecutor(max_workers=workers or default_num_workers()) as pool:
-        for first in range(0, len(positions), STRETCH_ROWS):
-            stretch = positions[first:first + STRETCH_ROWS]
-            texts, sources = _settle_texts(scorer, rows, stretch, ocr, registry=registry, progress=progress)
-            batch = []
-            prepared = _ordered(pool, lambda i: _prepare(scorer, rows, i), stretch, window=BATCHES_AHEAD * batch_size)
-            for k, (i, item, error) in enumerate(prepared):
-                bar.update(1)
-                if error is not None:
-                    bad.append(error)
-                    continue
-                batch.append((i, item, texts[k], sources[k]))
-                if len(batch) == batch_size:
+    try:
+        with ThreadPoolExecutor(max_workers=workers or default_num_workers()) as pool:
+            for first in range(0, len(positions), STRETCH_ROWS):
+                stretch = positions[first:first + STRETCH_ROWS]
+                texts, sources = _settle_texts(scorer, rows, stretch, ocr, registry=registry, progress=progress)
+                batch = []
+                prepared = _ordered(pool, lambda i: _prepare(scorer, rows, i), stretch, window=BATCHES_AHEAD * batch_size)
+                for k, (i, item, error) in enumerate(prepared):
+                    bar.update(1)
+                    if error is not None:
+                        bad.append(error)
+                        continue
+                    batch.append((i, item, texts[k], sources[k]))
+                    if len(batch) == batch_size:
+                        yield scored(batch)
+                        batch = []
+                if batch:
                     yield scored(batch)
-                    batch = []
-            if batch:
-                yield scored(batch)
-        if bad:  # unreadable rows after the last one scored
-            yield scored([])
-    bar.close()
+            if bad:  # unreadable rows after the last one scored
+                yield scored([])
+    finally:
+        bar.close()
 
 
 def collect(batches):
