@@ -63,6 +63,7 @@ class Pipeline:
         self.cache_log = []
         #: None until the cache directory was probed; then "" (usable) or the line saying why not
         self.cache_problem = None
+        self._decoded_warned = False  # cache.decoded_images = true that cannot apply: said once
 
     # -- what is cached -------------------------------------------------------------------
 
@@ -93,7 +94,7 @@ class Pipeline:
         elif self.augmentation is not None and not self.augmentation_traits.keeps_size:
             why = "the augmentation does not declare keeps_size (AugmentationTraits)"
         if why is not None:
-            if setting is True and not getattr(self, "_decoded_warned", False):
+            if setting is True and not self._decoded_warned:
                 self._decoded_warned = True
                 warn(f"warning: cache.decoded_images = true: {why}; images are decoded every epoch")
             return False

@@ -502,7 +502,6 @@ class TrainingRun:
             self.writer.close()
         return results
 
-
     def score_test(self, decision):
         """The test split's ``(positions, logits)``, scored as ``mmcore eval`` scores it: by the
         scoring path (``score_split``, see :class:`TrainingRun`), the selected model in float32 from the
