@@ -52,7 +52,7 @@ def _splits(root):
 
 
 class _NoImageReads:
-    """Fails any open of an image file (builtins.open, PIL.Image.open, the hash function) and counts stats."""
+    """Fails any open of an image file (builtins.open, PIL.Image.open, the hash function) and counts its stats."""
 
     def __init__(self, monkeypatch, root):
         import PIL.Image
@@ -68,7 +68,7 @@ class _NoImageReads:
             return real_open(path, *args, **kwargs)
 
         def counted_stat(path, *args, **kwargs):
-            if isinstance(path, (str, os.PathLike)) and str(path).startswith(self.root):
+            if isinstance(path, (str, os.PathLike)) and str(path).startswith(self.root) and str(path).endswith(".jpg"):
                 self.stats[str(path)] = self.stats.get(str(path), 0) + 1
             return real_stat(path, *args, **kwargs)
 
