@@ -25,7 +25,7 @@ def epochs(args, data, cache, decoded):
     from mmcore.data.csvs import load_splits
     from mmcore.engine.loop import Trainer
     from mmcore.engine.pipeline import Pipeline
-    from mmcore.model.classifier import build_component
+    from mmcore.model.components import build_component
     from mmcore.model.trainability import parameter_groups
     from mmcore.plugins.manager import get_registry
     from mmcore.recipe import recipe_from_dict
@@ -68,7 +68,7 @@ def per_image(args, data, cache):
     from mmcore.data.csvs import read_split
     from mmcore.data.dataset import SampleDataset
     from mmcore.engine.features import decoded_store, fill_decoded_cache, image_keys
-    from mmcore.model.classifier import build_component
+    from mmcore.model.components import build_component
     from mmcore.plugins.manager import get_registry
     from mmcore.recipe import recipe_from_dict
 

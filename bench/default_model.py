@@ -73,7 +73,7 @@ def make_trainer(pipeline, split, *, wrapped=None):
     import torch
 
     from mmcore.engine.loop import Trainer
-    from mmcore.model.classifier import build_component
+    from mmcore.model.components import build_component
     from mmcore.model.trainability import parameter_groups
 
     recipe, registry, model = pipeline.recipe, pipeline.registry, pipeline.model

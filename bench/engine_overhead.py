@@ -20,7 +20,7 @@ def build(width, batch, steps, image_size):
     import mmcore_fake_encoders
 
     from mmcore.engine.pipeline import Pipeline
-    from mmcore.model.classifier import build_component
+    from mmcore.model.components import build_component
     from mmcore.model.trainability import parameter_groups
     from mmcore.plugins.manager import make_registry
     from mmcore.recipe import recipe_from_dict

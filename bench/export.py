@@ -40,12 +40,13 @@ def main():
 
     from mmcore.data.csvs import read_split
     from mmcore.export.onnx import FusedModel
-    from mmcore.export.scoring import BundleScorer, RunScorer
+    from mmcore.scoring.bundle import BundleScorer
+    from mmcore.scoring.run import RunScorer
 
     run, bundle, data = demo_bundle(args.work)
     onnx, torch_run = BundleScorer(bundle, device="cpu"), RunScorer(run)
     split = read_split(data / "test.csv", require_label=False)
-    fused = FusedModel(torch_run.pipeline.model.to("cpu").eval(), onnx.vision_names)
+    fused = FusedModel(torch_run.model.to("cpu").eval(), onnx.vision_names)
     print(f"demo model ({onnx.metadata()['vision']} + {onnx.metadata()['text']}), {torch.get_num_threads()} CPU threads")
     print(f"{'batch':>5}  {'PyTorch ms':>10}  {'onnxruntime ms':>14}  {'speed-up':>8}")
     for size in [int(b) for b in args.batches.split(",")]:

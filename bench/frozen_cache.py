@@ -101,7 +101,7 @@ def forward_throughput(encoder_name, pooling, batch_size=32, batches=6):
     """Images/s of the raw encoder forward (no_grad, fp32, channels_last), random pixels."""
     import torch
 
-    from mmcore.model.classifier import build_component
+    from mmcore.model.components import build_component
     from mmcore.plugins.manager import get_registry
     from mmcore.recipe import recipe_from_dict
 

@@ -194,11 +194,12 @@ def bench_training(args, data_dir, root, mode):
 def bench_uint8_loader(args, data_dir, root):
     """The real loader over the train split: uint8 pixels (normalised on the device) vs float32."""
     from mmcore.data.csvs import load_splits
-    from mmcore.data.dataset import SampleDataset, device_pixels, make_loader
+    from mmcore.data.dataset import SampleDataset, make_loader
     from mmcore.engine.step import prepare_batch
+    from mmcore.model.classifier import device_pixels
 
     recipe, registry = load(args, data_dir, root / "cache-uint8", "top6")
-    from mmcore.model.classifier import build_component
+    from mmcore.model.components import build_component
 
     preprocessing = build_component(registry, "vision", recipe.vision).preprocessing
     split = load_splits(recipe.data)["train"]
@@ -310,8 +311,8 @@ def ddp_child(args):
     from torch.nn.parallel import DistributedDataParallel
 
     from mmcore.data.csvs import load_splits
+    from mmcore.dist import all_reduce_, init_distributed, is_main, world_size
     from mmcore.engine.pipeline import Pipeline
-    from mmcore.engine.runtime import all_reduce_, init_distributed, is_main, world_size
 
     init_distributed()
     root = Path(tempfile.mkdtemp(prefix="mmcore-ddp-"))

@@ -68,12 +68,12 @@ def main():
     args = parser.parse_args()
 
     import torch
-
     from decoded_cache import as_png
+
     from mmcore.commands.demo import make_demo_dataset
     from mmcore.data.csvs import read_split
     from mmcore.data.dataset import SampleDataset, default_num_workers, make_loader
-    from mmcore.model.classifier import build_component
+    from mmcore.model.components import build_component
     from mmcore.plugins.manager import get_registry
     from mmcore.recipe import recipe_from_dict
 

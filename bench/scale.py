@@ -99,7 +99,7 @@ def _child_start(recipe_path):
     import mmcore.data.memo  # noqa: F401
     from mmcore.commands.run import _check_images
     from mmcore.data.csvs import load_splits
-    from mmcore.engine.features import ImageHashes
+    from mmcore.data.memo import ImageHashes
     from mmcore.plugins.manager import get_registry
     from mmcore.recipe import load_recipe
 

@@ -203,7 +203,7 @@ def probe_training(args, root, mode):
     from mmcore.data.csvs import load_splits
     from mmcore.engine.loop import Trainer
     from mmcore.engine.pipeline import Pipeline
-    from mmcore.model.classifier import build_component
+    from mmcore.model.components import build_component
     from mmcore.model.trainability import parameter_groups
 
     recipe, registry = recipe_for(args, root, mode)
@@ -258,7 +258,7 @@ def main(argv=None):
         parser.error(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
 
     from mmcore.commands.demo import make_demo_dataset
-    from mmcore.engine.runtime import init_distributed, is_main, shutdown_distributed
+    from mmcore.dist import init_distributed, is_main, shutdown_distributed
 
     distributed = init_distributed()
     root = Path(tempfile.mkdtemp(prefix="mmcore-sync-probe-"))

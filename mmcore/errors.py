@@ -101,11 +101,6 @@ def os_error_line(path, exc, *, what="", hint=None):
     return f"{path}: {prefix}{reason}; {hint or advice}"
 
 
-def path_error(cls, path, exc, **kwargs):
-    """``cls`` (DataError, RunError, RecipeError) carrying :func:`os_error_line`."""
-    return cls(os_error_line(path, exc, **kwargs))
-
-
 def not_regular_line(path, *, what="", hint="name a regular file"):
     """The line for a path that exists but is not a regular file (a directory, a device, a FIFO)."""
     import os as _os

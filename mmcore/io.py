@@ -196,3 +196,11 @@ def check_output_path(path, what, *, option="--out", folder=False):
             raise RunError(f"{path}: cannot write the {what}: {candidate} is a file, not a folder; {advice}")
         return path
     return path
+
+
+def existing_parent(path):
+    """The nearest ancestor of ``path`` that exists (where its folders will be made)."""
+    parent = Path(path).absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    return parent

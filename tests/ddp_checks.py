@@ -23,7 +23,7 @@ def watch_collectives(log):
     """Wrap the tensor collectives: check each tensor's device against the backend's."""
     from torch.distributed import distributed_c10d
 
-    from mmcore.engine import runtime
+    from mmcore import dist as mmdist
 
     for name in ("all_reduce", "broadcast", "all_gather", "reduce", "all_gather_into_tensor", "reduce_scatter_tensor"):
         original = getattr(dist, name)
@@ -31,8 +31,8 @@ def watch_collectives(log):
         def checked(tensor, *args, _name=name, _original=original, **kwargs):
             tensors = tensor if isinstance(tensor, (list, tuple)) else [tensor]
             for t in tensors:
-                if t.device.type not in runtime.backend_devices():
-                    raise AssertionError(f"{_name} on {t.device} with backend {runtime.backend_name()}")
+                if t.device.type not in mmdist.backend_devices():
+                    raise AssertionError(f"{_name} on {t.device} with backend {mmdist.backend_name()}")
             log.append(_name)
             return _original(tensor, *args, **kwargs)
 
@@ -179,9 +179,9 @@ def reshard(out):
     text entries each rank computes in the sharded pass and in the re-sharded rest."""
     from mmcore_fake_encoders import FakeText, FakeTextParams
 
-    from mmcore.store.keys import text_key
     from mmcore.engine.features import fill_text_cache, text_store
     from mmcore.engine.pipeline import fill_in_parallel
+    from mmcore.store.keys import text_key
 
     rank = dist.get_rank()
     encoder = FakeText(FakeTextParams())
@@ -215,7 +215,7 @@ def seeds(recipe_path):
 
 
 def main():
-    from mmcore.engine.runtime import init_distributed
+    from mmcore.dist import init_distributed
 
     log = []
     if sys.argv[1] == "cli":  # the real CLI; ranks > 0 must not read the best checkpoint

@@ -108,9 +108,9 @@ def predicted_by_path(bundle, demo_data, out):
     import csv
     from pathlib import Path
 
-    from mmcore.export.predict import predict_bundle
+    from mmcore.commands.predict import predict_csv
 
-    predict_bundle(bundle, Path(demo_data) / "test.csv", out, progress=False, echo=lambda line: None)
+    predict_csv(bundle, Path(demo_data) / "test.csv", out, progress=False, echo=lambda line: None)
     with open(out, newline="", encoding="utf-8") as handle:
         return {row["local_image_path"]: row for row in csv.DictReader(handle)}
 

@@ -30,7 +30,7 @@ from mmcore.data.checks import find_duplicates, scan_images
 from mmcore.data.csvs import load_splits, read_split
 from mmcore.data.dataset import Collate, SampleDataset
 from mmcore.data.images import BadImageError, load_rgb, open_checked
-from mmcore.engine.loop import BadImages
+from mmcore.engine.policies import BadImages
 from mmcore.errors import DataError, RunError
 from mmcore.interfaces import Preprocessing
 
@@ -926,7 +926,7 @@ def test_unsafe_checkpoint_refusal_says_what_and_why_without_the_unsafe_advice(t
     [
         (["eval", "RUN"], "mmcore.commands.evaluate.evaluate_run"),
         (["predict", "RUN", "in.csv", "-o", "out.csv"], "mmcore.cli.predict.predict_csv"),
-        (["ocr", "in.csv", "-o", "out.csv"], "mmcore.cli.ocr.run_ocr"),
+        (["ocr", "in.csv", "-o", "out.csv"], "mmcore.commands.ocr.run_ocr"),
     ],
     ids=["eval", "predict", "ocr"],
 )

@@ -63,7 +63,7 @@ def test_a_run_from_an_older_mmcore_stays_usable_when_keys_were_added(cli, tiny_
     del old["recipe"]["cache"]["decoded_images"]  # as written before the decoded-image cache existed
     del old["recipe"]["train"]["compile"]  # ... and before train.compile
     torch.save(old, ckpt_path)
-    cli("eval", run, "--out", tmp_path / "eval", "--quiet", "--cache")  # through the feature cache, as the run scored
+    cli("eval", run, "--out", tmp_path / "eval", "--quiet")  # the scoring path, as the run scored its test split
     scores = json.loads((tmp_path / "eval" / "test_predictions.json").read_text())
     assert scores == json.loads((run / "test_predictions.json").read_text())
 

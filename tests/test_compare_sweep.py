@@ -13,9 +13,10 @@ import tomllib
 from click.testing import CliRunner
 
 from mmcore.cli.compare import compare_command
-from mmcore.commands.compare import FIXED_COLUMNS, METRIC_COLUMNS, compare_runs
-from mmcore.commands.sweep import parse_sweeps, run_sweep, split_values
+from mmcore.commands.sweep import parse_sweeps, run_sweep
 from mmcore.errors import RecipeError
+from mmcore.evaluation.comparison import FIXED_COLUMNS, METRIC_COLUMNS, compare_runs
+from mmcore.recipe.load import split_values
 
 GRID = ["pooling.name=mean,attention", "head.params.hidden=[8],[16, 8]"]
 POINTS = [

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mmcore.data.csvs import load_splits, parse_label, read_split
+from mmcore.data.csvs import load_splits, read_split
+from mmcore.data.split import parse_label
 from mmcore.errors import DataError
 
 

@@ -15,8 +15,9 @@ from mmcore.cli.cache import cache_group
 from mmcore.data.csvs import read_split
 from mmcore.data.dataset import Collate, SampleDataset, make_loader
 from mmcore.engine import features
+from mmcore.engine.build import enable_gradient_checkpointing
 from mmcore.engine.inference import predict
-from mmcore.engine.pipeline import Pipeline, enable_gradient_checkpointing
+from mmcore.engine.pipeline import Pipeline
 from mmcore.engine.policies import BadImages
 from mmcore.recipe import recipe_from_dict
 

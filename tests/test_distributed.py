@@ -226,7 +226,7 @@ def test_the_process_group_gets_the_recipes_timeout(monkeypatch):
 
     import torch
 
-    from mmcore.engine import runtime
+    from mmcore import dist
     from mmcore.recipe.schema import TrainConfig
 
     seen = {}
@@ -234,7 +234,7 @@ def test_the_process_group_gets_the_recipes_timeout(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kwargs: seen.update(kwargs))
-    assert runtime.init_distributed(TrainConfig().dist_timeout_s)
+    assert dist.init_distributed(TrainConfig().dist_timeout_s)
     assert seen == {"backend": "gloo", "timeout": datetime.timedelta(seconds=1800)}
 
 
@@ -252,8 +252,8 @@ def test_what_a_node_local_cache_lacks_is_resharded_among_that_nodes_ranks(tmp_p
 def test_a_rank_that_takes_the_lock_late_still_computes_only_its_part_of_what_was_left(tmp_path):
     from mmcore_fake_encoders import FakeText, FakeTextParams
 
-    from mmcore.store.keys import text_key
     from mmcore.engine.features import fill_text_cache, text_store
+    from mmcore.store.keys import text_key
 
     # two ranks of one node share a store that lacks 20 texts after the sharded pass; rank 0
     # gets the store's lock first and fills its half: rank 1, after it, must still fill only
@@ -292,9 +292,9 @@ def test_text_features_are_equal_with_the_cache_on_and_off(registry, tiny_recipe
 def test_a_feature_above_float16_max_is_refused_naming_the_encoder(tmp_path):
     from mmcore_fake_encoders import FakeText, FakeTextParams
 
+    from mmcore.engine.features import fill_text_cache, text_store
     from mmcore.store.features import FeatureOverflow
     from mmcore.store.keys import text_key
-    from mmcore.engine.features import fill_text_cache, text_store
 
     class Loud(FakeText):
         def encode(self, texts):

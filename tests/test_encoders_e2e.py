@@ -17,7 +17,7 @@ import torch
 from click.testing import CliRunner
 
 from mmcore.cli.main import cli as mmcore_cli_group
-from mmcore.commands.compare import flatten
+from mmcore.evaluation.comparison import flatten
 from mmcore.recipe import parse_override
 
 REPO = Path(__file__).resolve().parents[1]
@@ -193,7 +193,7 @@ def test_default_recipe_trains_and_eval_reproduces(cli, demo_data, tmp_path, mod
     assert len(results["history"]) == 2
 
     eval_out = tmp_path / "eval"
-    invoke("eval", out, "--data", Path(demo_data) / "test.csv", "--out", eval_out, "--quiet", "--cache")
+    invoke("eval", out, "--data", Path(demo_data) / "test.csv", "--out", eval_out, "--quiet")
     before = json.loads((out / "test_predictions.json").read_text())
     after = json.loads((eval_out / "test_predictions.json").read_text())
     assert [p["path"] for p in after] == [p["path"] for p in before] and len(before) == 32

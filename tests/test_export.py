@@ -52,7 +52,7 @@ def _tamper(bundle, rel, content):
 
 def _refusal(bundle):
     """The one line opening ``bundle`` fails with."""
-    from mmcore.export.scoring import BundleScorer
+    from mmcore.scoring.bundle import BundleScorer
 
     with pytest.raises(MmcoreError) as failure:
         BundleScorer(bundle, device="cpu")
@@ -196,9 +196,9 @@ def test_agreement_ignores_rows_on_the_threshold_but_not_real_flips():
     """The tuned threshold is a validation score: a row on it flips on float noise; a row far from it must not."""
     import numpy as np
 
-    from mmcore.data.csvs import Split
+    from mmcore.data.split import Split
     from mmcore.export.parity import compare
-    from mmcore.export.scoring import Scorer
+    from mmcore.scoring.base import Scorer
 
     class Stub(Scorer):
         recipe_data = {"train": {"modality": "text_only"}}
@@ -282,7 +282,7 @@ def test_format_3_and_2_bundles_still_open_and_score_alike(exported_bundle, demo
     """Bundles written before inputs.json (format 3: preprocessing.json + text.json) score as the bundle they were;
     a format-2 bundle naming its classes by module path too: the path is compared with the declared classes (never
     imported); a path no component declares is refused (see below)."""
-    from mmcore.export.predict import predict_bundle
+    from mmcore.commands.predict import predict_csv
 
     format3 = _as_format_3(_copy(exported_bundle, tmp_path, "format3"))
     format2 = _as_format_3(_copy(exported_bundle, tmp_path, "format2"))
@@ -294,7 +294,7 @@ def test_format_3_and_2_bundles_still_open_and_score_alike(exported_bundle, demo
     _set_manifest(format2, manifest)
     scores = []
     for source in (format3, format2, exported_bundle):
-        predict_bundle(source, Path(demo_data) / "test.csv", tmp_path / f"{source.name}.csv", **QUIET)
+        predict_csv(source, Path(demo_data) / "test.csv", tmp_path / f"{source.name}.csv", **QUIET)
         scores.append([r["calibrated_score"] for r in _rows(tmp_path / f"{source.name}.csv")])
     assert scores[0] == scores[1] == scores[2]
 
@@ -307,7 +307,7 @@ def test_format_3_and_2_bundles_still_open_and_score_alike(exported_bundle, demo
 TAMPERED = r"""
 import json, sys
 from mmcore.errors import MmcoreError
-from mmcore.export.scoring import BundleScorer
+from mmcore.scoring.bundle import BundleScorer
 
 BundleScorer(sys.argv[1], device="cpu")  # a good bundle first: everything loading legitimately needs is imported
 before = set(sys.modules)
@@ -482,7 +482,7 @@ def test_a_missing_recipe_and_a_broken_manifest_are_not_called_run_directories(e
 
 def test_digests_are_checked_once_per_bundle_and_machine_unless_asked(exported_bundle, tmp_path, monkeypatch):
     import mmcore.export.bundle as bundle_module
-    from mmcore.export.scoring import BundleScorer
+    from mmcore.scoring.bundle import BundleScorer
 
     monkeypatch.setenv("MMCORE_CACHE_DIR", str(tmp_path / "cache"))
     bundle = _copy(exported_bundle, tmp_path, "moved")  # a new path: this machine never verified it
@@ -508,7 +508,7 @@ def test_export_records_its_bundle_as_verified(exportable_run, tmp_path, monkeyp
     """The exporter hashed every file once; serving the bundle it wrote on the same machine hashes none."""
     import mmcore.export.bundle as bundle_module
     from mmcore.commands.export import export_run
-    from mmcore.export.scoring import BundleScorer
+    from mmcore.scoring.bundle import BundleScorer
 
     monkeypatch.setenv("MMCORE_CACHE_DIR", str(tmp_path / "cache"))
     hashed = []
@@ -531,7 +531,7 @@ def test_a_graph_over_the_protobuf_limit_keeps_its_weights_in_one_listed_file(ex
     """The limit lowered to 1 KiB: model.onnx + exactly one model.onnx.data, listed, scoring exactly as the inline graph."""
     import mmcore.export.onnx as graph_module
     from mmcore.commands.export import export_run
-    from mmcore.export.predict import predict_bundle
+    from mmcore.commands.predict import predict_csv
 
     monkeypatch.setattr(graph_module, "EXTERNAL_DATA_THRESHOLD", 1024)
     out = tmp_path / "spilled"
@@ -545,7 +545,7 @@ def test_a_graph_over_the_protobuf_limit_keeps_its_weights_in_one_listed_file(ex
 
     scores = {}
     for bundle in (out, exported_bundle):
-        predict_bundle(bundle, Path(demo_data) / "test.csv", tmp_path / f"{bundle.name}.csv", **QUIET)
+        predict_csv(bundle, Path(demo_data) / "test.csv", tmp_path / f"{bundle.name}.csv", **QUIET)
         scores[bundle.name] = [float(r["calibrated_score"]) for r in _rows(tmp_path / f"{bundle.name}.csv")]
     assert scores["spilled"] == scores[exported_bundle.name]
 
@@ -693,15 +693,14 @@ DREDZE = Path(os.environ.get("MMCORE_SHARED_DATA") or Path(__file__).resolve().p
 def _predict_both(run, bundle, csv, tmp_path, base_dir=None):
     """``{image: calibrated_score}`` of ``mmcore predict RUN`` and of ``mmcore predict BUNDLE`` on ``csv``."""
     from mmcore.commands.predict import predict_csv
-    from mmcore.export.predict import predict_bundle
 
     predict_csv(run, csv, tmp_path / "by_run.csv", base_dir=base_dir, **QUIET)
-    predict_bundle(bundle, csv, tmp_path / "by_bundle.csv", base_dir=base_dir, **QUIET)
+    predict_csv(bundle, csv, tmp_path / "by_bundle.csv", base_dir=base_dir, **QUIET)
     return [{r["local_image_path"]: float(r["calibrated_score"]) for r in _rows(tmp_path / f"by_{side}.csv")}
             for side in ("run", "bundle")]
 
 
-def test_predict_run_equals_predict_bundle(exportable_run, exported_bundle, demo_data, tmp_path):
+def test_predict_run_equals_predict_csv(exportable_run, exported_bundle, demo_data, tmp_path):
     """Both in float32 from the raw rows (the run no longer through the float16 feature cache): within 1e-5."""
     by_run, by_bundle = _predict_both(exportable_run, exported_bundle, Path(demo_data) / "test.csv", tmp_path)
     assert by_run.keys() == by_bundle.keys() and len(by_run) == 32

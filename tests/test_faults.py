@@ -40,15 +40,14 @@ def replace(src, dst, *args, **kwargs):  # between a temporary file's write and 
 os.replace = replace
 from mmcore.engine.loop import Trainer
 from mmcore.engine.training import TrainingRun
-train_epoch, predict = Trainer.train_epoch, TrainingRun.predict
+train_epoch, score_test = Trainer.train_epoch, TrainingRun.score_test
 def epoch(self, *args, **kwargs):
     mark("epoch")
     return train_epoch(self, *args, **kwargs)
-def evaluate(self, loader, split_name, *args, **kwargs):
-    if split_name == "test":
-        mark("eval")
-    return predict(self, loader, split_name, *args, **kwargs)
-Trainer.train_epoch, TrainingRun.predict = epoch, evaluate
+def evaluate(self, *args, **kwargs):
+    mark("eval")
+    return score_test(self, *args, **kwargs)
+Trainer.train_epoch, TrainingRun.score_test = epoch, evaluate
 from mmcore.cli.main import main
 sys.argv = ["mmcore", *sys.argv[1:]]
 main()

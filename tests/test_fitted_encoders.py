@@ -63,12 +63,12 @@ def test_eval_and_predict_reproduce_the_run_scores(ngram_runs, name, tmp_path, d
 
     run = ngram_runs[name]
     expected = _scores(run / "test_predictions.json")
-    mmcore_cli("eval", run, "--out", tmp_path / "eval", "--quiet", "--cache")  # through the cache, as the run scored
+    mmcore_cli("eval", run, "--out", tmp_path / "eval", "--quiet")  # the scoring path, as the run scored
     again = _scores(tmp_path / "eval" / "test_predictions.json")
     assert again.keys() == expected.keys()
     assert max(abs(again[k] - expected[k]) for k in expected) < 1e-6
 
-    mmcore_cli("predict", run, demo_data / "test.csv", "-o", tmp_path / "scored.csv", "--quiet", "--cache")
+    mmcore_cli("predict", run, demo_data / "test.csv", "-o", tmp_path / "scored.csv", "--quiet")
     with open(tmp_path / "scored.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     by_name = {k.rsplit("/", 1)[-1]: v for k, v in expected.items()}

@@ -54,10 +54,10 @@ def test_eval_and_predict_reproduce_the_run_from_raw_images(stats_run, tmp_path,
 
     _, run = stats_run
     expected = scores_by_image(run / "test_predictions.json")
-    mmcore_cli("eval", run, "--out", tmp_path / "eval", "--quiet", "--cache")  # through the cache, as the run scored
+    mmcore_cli("eval", run, "--out", tmp_path / "eval", "--quiet")  # the scoring path, as the run scored
     again = scores_by_image(tmp_path / "eval" / "test_predictions.json")
     assert again.keys() == expected.keys() and max(abs(again[k] - expected[k]) for k in expected) < 1e-6
-    mmcore_cli("predict", run, demo_data / "test.csv", "-o", tmp_path / "scored.csv", "--quiet", "--cache")
+    mmcore_cli("predict", run, demo_data / "test.csv", "-o", tmp_path / "scored.csv", "--quiet")
     predicted = scores_by_image(tmp_path / "scored.csv")
     assert predicted.keys() == expected.keys() and max(abs(predicted[k] - expected[k]) for k in expected) < 1e-5
 

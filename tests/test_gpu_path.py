@@ -148,12 +148,14 @@ def _training_run(registry, demo_data, tmp_path, name, **train):
 
     from mmcore.data.csvs import load_splits
     from mmcore.recipe import recipe_from_dict
+    from mmcore.scoring.run import score_split
 
     data = tiny_recipe_data(demo_data, train=train, cache={"dir": str(tmp_path / "cache")}, logging={"tensorboard": False})
     recipe = recipe_from_dict(data, registry=registry)
     run_dir = tmp_path / name
     run_dir.mkdir()
-    return training.TrainingRun(recipe, registry, load_splits(recipe.data), run_dir, "tiny.toml", False, print)
+    return training.TrainingRun(recipe, registry, load_splits(recipe.data), run_dir, "tiny.toml", False, print,
+                                score_split=score_split)
 
 
 def test_fp16_keeps_its_loss_scale_in_last_ckpt_and_results_say_what_ran(registry, demo_data, tmp_path):
@@ -304,14 +306,14 @@ def test_frozen_encoders_leave_the_device_once_cached_and_come_back_when_needed(
     model = frozen.model
     assert frozen.encoders_to_offload() == ["vision", "text"]
     assert frozen.offload_cached_encoders() == []  # a CPU run has nothing to free
-    frozen.device = torch.device("cuda", 0)  # as a GPU run would have it
+    frozen.built.device = torch.device("cuda", 0)  # as a GPU run would have it
     moved.clear()
     assert frozen.offload_cached_encoders() == ["vision", "text"]
     assert moved == [(model.vision, "cpu"), (model.text, "cpu")]
     assert frozen.offload_cached_encoders() == []  # once
     moved.clear()
     assert frozen.encoder_on_device("vision") is model.vision  # e.g. the report's saliency
-    assert moved == [(model.vision, torch.device("cuda", 0))] and frozen.offloaded == {"text"}
+    assert moved == [(model.vision, torch.device("cuda", 0))] and frozen.built.offloaded == {"text"}
     # a vision encoder that trains keeps its place; its text, cached, still goes
     tuned = Pipeline(make_recipe(registry, tmp_path / "cache", freeze_backbone=False, finetune_layers=-1), registry,
                      progress=False)
@@ -395,9 +397,9 @@ def test_the_cache_fill_reads_no_value_per_batch_and_still_refuses_float16_overf
     from test_cache import make_recipe
 
     from mmcore.data.csvs import read_split
-    from mmcore.store.features import FeatureOverflow
     from mmcore.engine.features import fill_vision_cache, image_keys, vision_store
     from mmcore.engine.pipeline import Pipeline
+    from mmcore.store.features import FeatureOverflow
 
     split = read_split(demo_data / "train.csv", demo_data)
     args = dict(device=torch.device("cpu"), dtype=None, num_workers=0, max_image_pixels=10**8, progress=False)

@@ -63,7 +63,7 @@ def test_a_run_hashes_each_image_once_for_checks_ocr_and_feature_cache(
     from mmcore.commands.evaluate import evaluate_run
     from mmcore.commands.run import run_training
     from mmcore.data.csvs import load_splits
-    from mmcore.engine.features import ImageHashes
+    from mmcore.data.memo import ImageHashes
     from mmcore.recipe import load_recipe
 
     data = tmp_path / "blank"

@@ -96,13 +96,12 @@ def test_predict_with_a_multimodal_run(demo_data, tmp_path):
     """One real run; predict as a program, with labels and bad images, without text, unfinished."""
     multimodal_run = _multimodal_run(tmp_path, demo_data)
 
-    # as a program: an unlabeled CSV (columns reordered) gets the run's own test scores (--cache: through the
-    # feature cache, as the run scored its test split)
+    # as a program: an unlabeled CSV (columns reordered) gets the run's own test scores (both score raw rows
+    # in float32 through the one scoring path)
     test_rows = _rows(Path(demo_data) / "test.csv")
     unlabeled = _write_rows(tmp_path / "unlabeled.csv", test_rows, ["text_info", "local_image_path"])
     out = tmp_path / "scored.csv"
-    result = _python(multimodal_run, unlabeled, "-o", out, "--base-dir", demo_data, "--batch-size", "5", "--quiet",
-                     "--cache")
+    result = _python(multimodal_run, unlabeled, "-o", out, "--base-dir", demo_data, "--batch-size", "5", "--quiet")
     assert result.returncode == 0, result.stderr
     rows = _check_against_run(multimodal_run, out, [{k: r[k] for k in ("text_info", "local_image_path")} for r in test_rows])
     assert list(rows[0]) == ["text_info", "local_image_path", "score", "calibrated_score", "prediction"]
@@ -133,7 +132,7 @@ def test_predict_with_a_multimodal_run(demo_data, tmp_path):
     rows_in = test_rows[:2] + [{"local_image_path": str(broken), "label": "", "text_info": "SALE"}] + test_rows[2:]
     source = _write_rows(tmp_path / "mixed.csv", rows_in, ["local_image_path", "label", "text_info"])
     out = tmp_path / "out" / "scored.csv"
-    result = CliRunner().invoke(predict_command, [str(multimodal_run), str(source), "-o", str(out), "--quiet", "--cache"])
+    result = CliRunner().invoke(predict_command, [str(multimodal_run), str(source), "-o", str(out), "--quiet"])
     assert result.exit_code == 0, result.output
     rows = _rows(out)
     assert len(rows) == 7

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import mmcore
-from mmcore.engine.progress import SmoothedRate, wants_third_party_silence
+from mmcore.progress import SmoothedRate, wants_third_party_silence
 
 
 def run_piped(*args, env=None):
@@ -66,7 +66,7 @@ def test_quiet_silences_transformers_loading_weights_bar(tmp_path):
     script = textwrap.dedent(
         f"""
         import sys
-        from mmcore.engine.progress import progress_for
+        from mmcore.progress import progress_for
         assert progress_for(False) is True  # not quiet, but stderr is a pipe: no third-party bars either
         from transformers import AutoModel, BertConfig, BertModel
         from transformers.utils import logging

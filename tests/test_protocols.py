@@ -198,7 +198,7 @@ def _vision_plugin(traits=None, params_attrs=None):
 
 
 def test_an_encoder_that_disagrees_with_its_traits_fails_the_contract_and_the_build(registry):
-    from mmcore.model.classifier import build_component
+    from mmcore.model.components import build_component
     from mmcore.recipe.schema import Component
 
     plugins = make_registry(load_entrypoints=False, extra_plugins=[("liar", _vision_plugin(VisionTraits(has_cls_token=True)))])
@@ -266,7 +266,7 @@ def test_a_plugin_declaring_nothing_has_its_old_attributes_read_once_with_a_depr
 
 
 def test_an_augmentation_declaring_keeps_size_on_its_class_is_read_when_built(registry):
-    from mmcore.model.classifier import build_with_traits
+    from mmcore.model.components import build_with_traits
     from mmcore.recipe.schema import Component
 
     class OldCrop:
@@ -291,7 +291,8 @@ def test_an_augmentation_declaring_keeps_size_on_its_class_is_read_when_built(re
 
 def test_a_fusion_written_before_fusionoutput_still_works_with_a_deprecation_warning(registry):
     """A plain module returning the fused tensor: the classifier reads it as FusionOutput(fused)."""
-    from mmcore.model.classifier import Classifier, build_component
+    from mmcore.model.classifier import Classifier
+    from mmcore.model.components import build_component
     from mmcore.recipe.schema import Component
 
     class Sum(torch.nn.Module):

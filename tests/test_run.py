@@ -72,7 +72,7 @@ def test_run_writes_every_output_and_eval_reproduces_it(cli, tiny_recipe, demo_d
 
     # eval rebuilds the model from recipe + checkpoint and reproduces the scores
     eval_out = tmp_path / f"eval-{modality}"
-    cli("eval", out, "--data", Path(demo_data) / "test.csv", "--out", eval_out, "--quiet", "--cache")
+    cli("eval", out, "--data", Path(demo_data) / "test.csv", "--out", eval_out, "--quiet")
     again = json.loads((eval_out / "test_predictions.json").read_text())
     assert [p["path"] for p in again] == [p["path"] for p in predictions]
     np.testing.assert_allclose([p["score"] for p in again], [p["score"] for p in predictions], atol=1e-5)

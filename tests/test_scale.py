@@ -11,13 +11,12 @@ import pytest
 
 from mmcore.commands.run import _check_images
 from mmcore.data.csvs import read_split
-from mmcore.data.memo import FileFacts
-from mmcore.engine.features import ImageHashes
+from mmcore.data.memo import FileFacts, ImageHashes
 from mmcore.engine.pipeline import Pipeline
 from mmcore.recipe import recipe_from_dict
 from mmcore.store.features import FeatureStore
-from mmcore.store.spaces import feature_spaces
 from mmcore.store.space import CacheTooSmall
+from mmcore.store.spaces import feature_spaces
 from mmcore.store.tokens import dequantize_int8, pool_tokens, quantize_int8
 
 
@@ -53,7 +52,7 @@ def _splits(root):
 
 
 class _NoImageReads:
-    """Fails any open of an image file (builtins.open, PIL.Image.open, the hash function) and counts stats."""
+    """Fails any open of an image file (builtins.open, PIL.Image.open, the hash function) and counts its stats."""
 
     def __init__(self, monkeypatch, root):
         import PIL.Image
@@ -69,7 +68,7 @@ class _NoImageReads:
             return real_open(path, *args, **kwargs)
 
         def counted_stat(path, *args, **kwargs):
-            if isinstance(path, (str, os.PathLike)) and str(path).startswith(self.root):
+            if isinstance(path, (str, os.PathLike)) and str(path).startswith(self.root) and str(path).endswith(".jpg"):
                 self.stats[str(path)] = self.stats.get(str(path), 0) + 1
             return real_stat(path, *args, **kwargs)
 

@@ -391,7 +391,11 @@ def test_two_workers_answer_alike_and_die_with_their_supervisor(exported_bundle,
                 break
             row = test_rows[attempt % len(test_rows)]
             with httpx.Client(timeout=60) as client:  # a fresh connection each time
-                pid = client.get(f"{running.url}/metadata").json()["serving"]["pid"]
+                metadata = client.get(f"{running.url}/metadata")
+                if metadata.status_code == 503:  # the other worker still warming up (a loaded machine): ask again
+                    time.sleep(0.2)
+                    continue
+                pid = metadata.json()["serving"]["pid"]
                 if pid not in answers:
                     answers[pid] = (row, _post_multipart(client, running.url, row).json())
         assert len(answers) == 2, "only one worker process answered"

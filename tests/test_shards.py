@@ -55,8 +55,8 @@ def test_csv_to_shards_to_train_gives_the_same_predictions(cli, tiny_recipe, dem
     assert "vision features " in result.stderr and "64/64 from cache" in result.stderr  # keyed by content: shared
 
     # eval of the shard-trained run reads its test split from the shards, or a CSV when given one
-    cli("eval", tmp_path / "shard-run", "--out", tmp_path / "eval-shards", "--quiet", "--cache")
-    cli("eval", tmp_path / "shard-run", "--data", demo_data / "test.csv", "--out", tmp_path / "eval-csv", "--quiet", "--cache")
+    cli("eval", tmp_path / "shard-run", "--out", tmp_path / "eval-shards", "--quiet")
+    cli("eval", tmp_path / "shard-run", "--data", demo_data / "test.csv", "--out", tmp_path / "eval-csv", "--quiet")
     assert _predictions(tmp_path / "eval-shards") == _predictions(tmp_path / "shard-run")
     assert _predictions(tmp_path / "eval-csv") == _predictions(tmp_path / "shard-run")
     assert json.loads((tmp_path / "eval-shards" / "results.json").read_text())["evaluated_csv"] == patterns["test"]
@@ -153,7 +153,7 @@ def test_two_gloo_ranks_read_disjoint_shards_covering_every_sample_once(demo_dat
         import json
         import torch
         from mmcore.data.webdataset import ShardIndex, read_shards
-        from mmcore.engine.runtime import init_distributed, rank
+        from mmcore.dist import init_distributed, rank
         init_distributed()
         index = ShardIndex(None)
         split = read_shards("train", {pattern!r}, index)

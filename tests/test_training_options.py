@@ -157,7 +157,7 @@ def test_late_fusion_trains_end_to_end_and_predict_reproduces_its_scores(cli, ti
     cli("run", path, "--out", out, "--quiet")
     assert 'name = "late"' in (out / "recipe.toml").read_text()
     expected = {Path(p["path"]).name: p["score"] for p in json.loads((out / "test_predictions.json").read_text())}
-    cli("predict", out, Path(demo_data) / "test.csv", "-o", tmp_path / "scored.csv", "--quiet", "--cache")
+    cli("predict", out, Path(demo_data) / "test.csv", "-o", tmp_path / "scored.csv", "--quiet")
     with open(tmp_path / "scored.csv", newline="") as f:
         predicted = {Path(row["local_image_path"]).name: float(row["score"]) for row in csv.DictReader(f)}
     assert predicted.keys() == expected.keys()

@@ -366,8 +366,8 @@ def test_show_weights_lists_them_and_exits_2_when_one_is_missing(blocked_network
 
 def test_a_run_directory_is_checked_before_its_model_is_built(exportable_run, monkeypatch):
     """eval, predict, export and serve rebuild a run through load_run: a missing model stops it there."""
-    import mmcore.commands.evaluate
-    from mmcore.commands.evaluate import load_run
+    import mmcore.engine.restore
+    from mmcore.engine.restore import load_run
     from mmcore.plugins.manager import get_registry
     from mmcore.plugins.registry import Registry
 
@@ -375,7 +375,7 @@ def test_a_run_directory_is_checked_before_its_model_is_built(exportable_run, mo
     for reg in get_registry().all():
         weights = (lambda params: [WeightRef(source="local", id="/nowhere/fake-cnn")]) if reg.name == "fake_cnn" else reg.weights
         declaring.add(reg.kind, reg.name, reg.factory, reg.params_cls, reg.package, weights=weights)
-    monkeypatch.setattr(mmcore.commands.evaluate, "Pipeline", lambda *a, **k: pytest.fail("the model was built"))
+    monkeypatch.setattr(mmcore.engine.restore, "build_model", lambda *a, **k: pytest.fail("the model was built"))
     with pytest.raises(MissingWeightsError) as info:
         load_run(exportable_run, registry=declaring, progress=False)
     recipe_file = Path(exportable_run) / "recipe.toml"

@@ -77,20 +77,12 @@ class ConcatTextEncoder(TextEncoder):
         return identity_string(self.name, "parts", None, {"parts": [part.identity for part in self.parts]})
 
 
-def build_concat(params, *, registry):
-    from mmcore.plugins.build import build
-    from mmcore.recipe.convert import structure
-
+def build_concat(params, *, build_part):
     parts = []
     for i, part in enumerate(params.encoders):
         if part["name"] == "concat":
             raise RecipeError(f"text.params.encoders[{i}].name: a concat cannot contain another concat")
-        registration = registry.get("text", part["name"])
-        structured = structure(
-            dict(part.get("params", {})), registration.params_cls, source="recipe",
-            path=f"text.params.encoders[{i}].params",
-        )
-        encoder, _ = build(registration, structured)
+        encoder = build_part("text", part["name"], part.get("params", {}), path=f"text.params.encoders[{i}]")
         if encoder is None:
             raise RecipeError(f"text.params.encoders[{i}].name: {part['name']!r} is no text encoder")
         parts.append(encoder)

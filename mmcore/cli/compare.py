@@ -7,9 +7,8 @@ from pathlib import Path
 
 import click
 
-from mmcore.commands.compare import compare_runs, expand_run_dirs, sweep_keys, to_csv, to_markdown, write_comparison
+from mmcore.commands.compare import compare
 from mmcore.errors import MmcoreError
-from mmcore.io import check_output_path
 
 
 def _fail(exc):
@@ -36,11 +35,7 @@ def compare_command(run_dirs, out, fmt):
     A folder of runs (a sweep, an experiment) stands for every run in it.
     """
     try:
-        check_output_path(out, "comparison folder", folder=True)  # before the runs are read
-        comparison = compare_runs(expand_run_dirs(run_dirs), keys=sweep_keys(run_dirs))
-        click.echo(to_markdown(comparison) if fmt == "md" else to_csv(comparison), nl=False)
-        if out is not None:
-            md, table = write_comparison(comparison, out)
-            click.echo(f"wrote {md} and {table}", err=True)
+        compare(run_dirs, out=out, fmt=fmt, echo=lambda text: click.echo(text, nl=False),
+                note=lambda line: click.echo(line, err=True))
     except MmcoreError as exc:
         _fail(exc)

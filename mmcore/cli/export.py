@@ -6,9 +6,8 @@ from pathlib import Path
 
 import click
 
-from mmcore.engine.progress import progress_for
-from mmcore.export import FORMATS
-from mmcore.io import check_output_path
+from mmcore.commands.export import FORMATS, export_run
+from mmcore.progress import progress_for
 
 
 @click.command("export")
@@ -37,8 +36,5 @@ def export_command(run_dir, out, fmt, data, base_dir, rows, score_tol, agreement
     mmcore predict bundles/demo new.csv -o scored.csv
     mmcore serve bundles/demo --port 8000
     """
-    from mmcore.commands.export import export_run
-
-    check_output_path(out, "bundle folder")  # before the parity gate scores anything
     export_run(run_dir, out, fmt=fmt, data=data, rows=rows, base_dir=base_dir, score_tol=score_tol,
                min_agreement=agreement, safetensors=safetensors, progress=progress_for(quiet), echo=click.echo)

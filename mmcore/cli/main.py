@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import click
 
 from mmcore import __version__
-from mmcore.cli.options import cache_option, device_option, verify_option
-from mmcore.engine.progress import progress_for
+from mmcore.cli.options import cache_option, device_option, set_option, verify_option
 from mmcore.errors import MmcoreError
-from mmcore.io import check_output_path
-
-SET_HELP = "Override a recipe key, e.g. --set train.batch_size=32 (repeatable)."
+from mmcore.progress import progress_for
 
 
 class MmcoreGroup(click.Group):
@@ -35,9 +31,9 @@ class MmcoreGroup(click.Group):
 
 def _leave_process_group():
     """Under torchrun, leave the process group before the interpreter exits (see
-    :func:`~mmcore.engine.runtime.shutdown_distributed`); a command that never imported torch has none."""
+    :func:`~mmcore.dist.shutdown_distributed`); a command that never imported torch has none."""
     if "torch" in sys.modules:
-        from mmcore.engine.runtime import shutdown_distributed
+        from mmcore.dist import shutdown_distributed
 
         shutdown_distributed()
 
@@ -57,47 +53,26 @@ def cli():
 @cli.command()
 def plugins():
     """List installed plugin packages and the components each registers."""
-    from mmcore.plugins.kinds import KINDS
-    from mmcore.plugins.manager import get_registry
+    from mmcore.commands.plugins import list_plugins
 
-    registry = get_registry()
-    by_package = {}
-    for reg in registry.all():
-        by_package.setdefault(reg.package, {}).setdefault(reg.kind, []).append(reg.name)
-    versions = {dist: version for dist, version in registry.packages.values()}
-    for dist, reason in sorted(registry.broken.items()):
-        click.echo(f"{dist}  FAILED TO LOAD: {reason}")
-    for package in sorted(by_package, key=lambda p: (p != "mmcore", p)):
-        click.echo(f"{package} {versions.get(package, '')}".rstrip())
-        for kind in KINDS:
-            names = by_package[package].get(kind)
-            if names:
-                click.echo(f"  {plural(KINDS[kind].human):<16} {', '.join(sorted(names))}")
+    list_plugins(echo=click.echo)
 
 
 @cli.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@set_option
 @click.option("--weights", "check_weights", is_flag=True,
               help="Also find the pretrained weights it needs (as # comments); exit 2 naming every missing one.")
 def show(recipe, overrides, check_weights):
     """Print the fully resolved RECIPE as TOML (nothing is trained)."""
-    from mmcore.recipe import load_recipe, recipe_to_toml
+    from mmcore.commands.show import show_recipe
 
-    loaded = load_recipe(recipe, overrides, strict_env=False)
-    click.echo(recipe_to_toml(loaded), nl=False)
-    if check_weights:
-        from mmcore.model.weights import require_weights
-        from mmcore.plugins.manager import get_registry
-
-        report = require_weights(loaded, get_registry(), source=recipe)
-        for line in report.lines():
-            click.echo(f"# weights: {line}")
+    show_recipe(recipe, overrides, check_weights=check_weights, echo=click.echo)
 
 
 @cli.command()
 @click.argument("recipe", required=False, type=click.Path(dir_okay=False))
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@set_option
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory (default runs/<experiment>/<timestamp>).")
 @click.option("--resume", "resume", type=click.Path(file_okay=False), help="Continue a stopped run in its directory.")
 @click.option("--nproc", type=click.IntRange(min=1), default=None,
@@ -115,8 +90,7 @@ def run(recipe, overrides, out, resume, nproc, sweeps, dry_run, quiet):
     mmcore run recipes/x.toml --sweep vision.name=resnet50,vit_base --sweep pooling.name=mean,attention
     mmcore run recipes/x.toml --nproc 2            # DDP through torchrun
     """
-    from mmcore.commands.run import resume_training, run_training
-    from mmcore.recipe import load_recipe
+    from mmcore.commands.run import resume_training, train_recipe
 
     if nproc:
         _exec_torchrun(nproc)
@@ -124,24 +98,20 @@ def run(recipe, overrides, out, resume, nproc, sweeps, dry_run, quiet):
     if resume:
         if overrides or out:
             raise click.UsageError("--resume continues a run as it was: no --set or --out")
-        given = load_recipe(recipe) if recipe else None
-        resume_training(resume, given, progress=progress_for(quiet), echo=click.echo)
+        resume_training(resume, recipe, progress=progress_for(quiet), echo=click.echo)
         return
     if not recipe:
         raise click.UsageError("missing RECIPE (or --resume RUN_DIR)")
     if sweeps:
-        from mmcore.commands.sweep import run_sweep
-        from mmcore.rundir import read_sweep
+        from mmcore.commands.sweep import run_sweep, sweep_completed
 
         sweep_dir = run_sweep(recipe, overrides, sweeps, out=out, dry_run=dry_run, progress=progress_for(quiet), echo=click.echo)
-        record = None if dry_run else read_sweep(sweep_dir)
-        if record is not None and any(point.get("state") != "completed" for point in record.get("points", [])):
+        if not dry_run and not sweep_completed(sweep_dir):
             sys.exit(1)  # which ones failed, and why, was said above
         return
     if dry_run:
         raise click.UsageError("--dry-run lists a --sweep grid; to see a recipe use: mmcore show RECIPE")
-    loaded = load_recipe(recipe, overrides)
-    run_training(loaded, recipe_path=recipe, out=out, progress=progress_for(quiet), echo=click.echo)
+    train_recipe(recipe, overrides, out=out, progress=progress_for(quiet), echo=click.echo)
 
 
 def _exec_torchrun(nproc):
@@ -175,19 +145,10 @@ def _exec_torchrun(nproc):
 def eval_(run_dir, data, out, device, cache, verify, quiet):
     """Re-score a labelled CSV with a finished run's model or its export bundle (results.json,
     test_predictions.json, test_report.md, report.html)."""
-    from mmcore.export.bundle import is_bundle
+    from mmcore.commands.evaluate import evaluate
 
-    check_output_path(out, "evaluation folder", folder=True)  # before any scoring
-    if is_bundle(run_dir):
-        from mmcore.commands.evaluate import evaluate_bundle
-
-        evaluate_bundle(run_dir, data=data, out=out, device=device, verify=verify or None, progress=progress_for(quiet),
-                        echo=click.echo)
-        return
-    from mmcore.commands.evaluate import evaluate_run
-
-    evaluate_run(run_dir, data=data, out=out, device=device, cache=cache, progress=progress_for(quiet),
-                 echo=click.echo)
+    evaluate(run_dir, data=data, out=out, device=device, cache=cache, verify=verify or None, progress=progress_for(quiet),
+             echo=click.echo)
 
 
 @cli.command()
@@ -195,39 +156,13 @@ def eval_(run_dir, data, out, device, cache, verify, quiet):
               help="Where the generated dataset lives (made when missing).")
 @click.option("--recipe", default=None, type=click.Path(dir_okay=False),
               help="Recipe (default: recipes/demo.toml here, else the one shipped with mmcore).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@set_option
 @click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
 def demo(data_dir, recipe, overrides, quiet):
     """Make a small ad-vs-not dataset and train the demo recipe on it (about 2 minutes of CPU time on 2 cores)."""
-    from mmcore.commands.demo import make_demo_dataset
-    from mmcore.commands.run import run_training
-    from mmcore.recipe import load_recipe
+    from mmcore.commands.demo import run_demo
 
-    recipe = Path(recipe) if recipe else _find_recipe("demo.toml")
-    data = Path(data_dir)
-    # the recipe (and the plugins it names) is checked before any file is written
-    loaded = load_recipe(recipe, [f"data.base_dir={str(data.resolve())!r}", *overrides])
-    if not (data / "test.csv").is_file():
-        click.echo(f"making the demo dataset in {data}/ ...")
-        make_demo_dataset(data)
-    run_training(loaded, recipe_path=recipe, progress=progress_for(quiet), echo=click.echo)
-
-
-def _find_recipe(name):
-    """A shipped recipe: ``recipes/<name>`` in the current directory, else the copy inside the mmcore package."""
-    from importlib.resources import files
-
-    local = Path.cwd() / "recipes" / name
-    if local.is_file():
-        return local
-    shipped = files("mmcore") / "recipes" / name
-    if shipped.is_file():
-        return Path(str(shipped))
-    raise MmcoreError(f"recipes/{name} not found here nor in the mmcore package; pass --recipe")
-
-
-def plural(noun):
-    return noun + "es" if noun.endswith("s") else noun + "s"
+    run_demo(data_dir, recipe=recipe, overrides=overrides, progress=progress_for(quiet), echo=click.echo)
 
 
 def _add_commands():

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from mmcore.commands.new_plugin import KINDS, SOURCES, ScaffoldError, _already_registered, plugin_names, write_plugin
+from mmcore.commands.new_plugin import KINDS, SOURCES, ScaffoldError, already_registered, plugin_names, write_plugin
 
 
 class _OneLineError(click.ClickException):
@@ -51,7 +51,7 @@ def new_plugin_command(name, kind, template, package, directory):
         raise _OneLineError(str(exc), exc.exit_code) from None
     kind = names.kind
     click.echo(f"wrote {target}/ ({names.dist}, module {names.module}, {kind} encoder {name!r})")
-    owner = _already_registered(names)
+    owner = already_registered(names)
     if owner is not None:
         click.echo(
             f"note: {kind} encoder {name!r} is already registered by {owner}; "

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import click
 
+from mmcore.commands.ocr import interrupted_line, ocr_csv
 from mmcore.errors import MmcoreError
-from mmcore.io import check_output_path
-from mmcore.ocr.batch import partial_path, run_ocr
 
 
 class _CommandError(click.ClickException):
@@ -60,33 +59,10 @@ def ocr_command(
     A killed run continues where it stopped when run again with the same arguments.
     """
     try:
-        check_output_path(output_path, "OCR output CSV", option="-o")  # before any image is read
-        summary = run_ocr(
-            input_path,
-            output_path,
-            engine=engine,
-            lang=lang,
-            only_missing=only_missing,
-            workers=workers,
-            base_dir=base_dir,
-            engine_params=engine_params,
-        )
+        ocr_csv(input_path, output_path, engine=engine, lang=lang, only_missing=only_missing, workers=workers,
+                base_dir=base_dir, engine_params=engine_params, echo=click.echo)
     except MmcoreError as exc:
         raise _CommandError(str(exc), exc.exit_code) from None
     except KeyboardInterrupt:
-        click.echo(
-            f"interrupted; finished rows are kept in {partial_path(output_path)}: "
-            f"run the same command again to continue",
-            err=True,
-        )
+        click.echo(interrupted_line(output_path), err=True)
         sys.exit(130)
-    parts = [f"{summary.read} read"]
-    if summary.resumed:
-        parts.append(f"{summary.resumed} resumed")
-    if summary.skipped:
-        parts.append(f"{summary.skipped} already had text")
-    if summary.failed:
-        parts.append(f"{len(summary.failed)} unreadable (text left as it was)")
-    click.echo(f"wrote {output_path}: {summary.rows} rows; " + ", ".join(parts))
-
-

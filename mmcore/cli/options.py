@@ -1,4 +1,5 @@
-"""Click options that several commands share: where a model scores (``--device``) and how a bundle is checked."""
+"""Click options that several commands share: recipe overrides (``--set``), where a model scores
+(``--device``) and how a bundle is checked."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from mmcore.errors import MmcoreError
 
 
 def _device(ctx, param, value):
-    from mmcore.export.devices import parse_device
+    from mmcore.devices import parse_device
 
     try:
         return parse_device(value)
@@ -30,3 +31,6 @@ cache_option = click.option(
     "--cache", is_flag=True,
     help="Runs: read and fill the feature cache as training did (float16 features; faster when the same "
          "images are scored again). By default nothing is read from or written to it, and scores are float32.")
+#: ``--set KEY=VALUE`` (``run``, ``show``, ``demo``, ``tune``): a recipe override, repeatable
+set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                          help="Override a recipe key, e.g. --set train.batch_size=32 (repeatable).")

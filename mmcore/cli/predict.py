@@ -9,9 +9,8 @@ import click
 
 from mmcore.cli.options import cache_option, device_option, verify_option
 from mmcore.commands.predict import predict_csv
-from mmcore.engine.progress import progress_for
 from mmcore.errors import MmcoreError
-from mmcore.io import check_output_path
+from mmcore.progress import progress_for
 
 
 def _fail(exc):
@@ -45,18 +44,9 @@ def predict_command(run_dir, input_csv, output, batch_size, base_dir, device, ca
     text_info may be left out for vision_only runs.
     """
     try:
-        check_output_path(output, "predictions CSV", option="-o")  # before any scoring
-        from mmcore.export.bundle import is_bundle
-
-        if is_bundle(run_dir):  # an export bundle: scored by onnxruntime (mmcore.export.predict)
-            from mmcore.export.predict import predict_bundle
-
-            predict_bundle(run_dir, input_csv, output, batch_size=batch_size, base_dir=base_dir, device=device,
-                           verify=verify or None, progress=progress_for(quiet), echo=click.echo)
-            return
         predict_csv(
             run_dir, input_csv, output, batch_size=batch_size, base_dir=base_dir, device=device, cache=cache,
-            progress=progress_for(quiet), echo=click.echo,
+            verify=verify or None, progress=progress_for(quiet), echo=click.echo,
         )
     except MmcoreError as exc:
         _fail(exc)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from mmcore.serve.config import DEFAULT_DECODE_MEMORY_MB
+from mmcore.commands.serve import DEFAULT_DECODE_MEMORY_MB, serve_model
 from mmcore.textsource import TEXT_MODES
 
 
@@ -60,13 +60,8 @@ def serve_command(source, host, port, workers, device, text, ocr, ocr_lang, whil
     POST /predict, /predict/batch; GET /health, /ready, /metadata, /metrics, /docs, /redoc.
     SIGTERM (or Ctrl-C) lets requests in flight finish, then exits 0.
     """
-    from mmcore.kit.deps import require_extra
-
-    require_extra("serve", "mmcore serve")  # before anything: a missing package is one line, exit 1
-    from mmcore.serve.launch import serve
-
-    serve(source, host=host, port=port, workers=workers, device=device, text=text, ocr=ocr, ocr_lang=ocr_lang,
-          while_training=while_training, access_log=access_log, log_level=log_level, echo=click.echo,
-          max_batch=max_batch, max_wait_ms=max_wait_ms, max_body_bytes=int(max_body_mb * 1024 * 1024),
-          max_text_chars=max_text_chars, max_batch_items=max_batch_items, max_image_pixels=max_image_pixels,
-          decode_memory_bytes=decode_memory_mb * 1024 * 1024)
+    serve_model(source, host=host, port=port, workers=workers, device=device, text=text, ocr=ocr, ocr_lang=ocr_lang,
+                while_training=while_training, access_log=access_log, log_level=log_level, max_batch=max_batch,
+                max_wait_ms=max_wait_ms, max_body_mb=max_body_mb, max_text_chars=max_text_chars,
+                max_batch_items=max_batch_items, max_image_pixels=max_image_pixels, decode_memory_mb=decode_memory_mb,
+                echo=click.echo)

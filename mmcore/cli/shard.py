@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from mmcore.commands.shard import read_sizes, shard_csv
 from mmcore.errors import MmcoreError
 
 
@@ -29,19 +30,14 @@ def shard_command(csv, out_dir, size, base_dir, max_image):
     Atomic (each shard renamed into place once verified), verified (read back, every image's
     sha1 compared) and resumable (run it again after an interruption).
     """
-    from mmcore.data.shards import parse_size, write_shards
-
-    sizes = {}
-    for option, text in (("--size", size), ("--max-image-bytes", max_image)):
+    for option, name, text in (("--size", "size", size), ("--max-image-bytes", "max_image", max_image)):
         try:
-            sizes[option] = parse_size(text)
+            read_sizes(**{name: text})
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint=option) from None
     try:
-        manifest = write_shards(csv, out_dir, max_bytes=sizes["--size"], base_dir=base_dir,
-                                max_image_bytes=sizes["--max-image-bytes"], echo=click.echo)
+        shard_csv(csv, out_dir, size=size, base_dir=base_dir, max_image=max_image, echo=click.echo)
     except MmcoreError as exc:
         for line in str(exc).splitlines():
             click.echo(line, err=True)
         sys.exit(exc.exit_code)
-    click.echo(f"{manifest['rows']} samples in {len(manifest['shards'])} shards: {manifest['pattern']}")

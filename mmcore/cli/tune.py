@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from mmcore.cli.main import SET_HELP
-from mmcore.engine.progress import progress_for
+from mmcore.cli.options import set_option
+from mmcore.progress import progress_for
 
 
 @click.command("tune")
@@ -28,7 +28,7 @@ from mmcore.engine.progress import progress_for
 @click.option("--seed", type=int, default=None, help="Sampler seed (each --jobs worker adds its number).")
 @click.option("--heartbeat", type=click.IntRange(min=1), default=None,
               help="Seconds between a trial's liveness records; a trial silent for 5 of them is retried.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@set_option
 @click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
 def tune_command(recipe, space, trials, sampler, pruner, jobs, storage, study, out, nproc, seed, heartbeat, overrides, quiet):
     """Search hyperparameters of RECIPE with Optuna; each trial is a run directory.
@@ -44,11 +44,10 @@ def tune_command(recipe, space, trials, sampler, pruner, jobs, storage, study, o
     import sys
 
     from mmcore.commands.tune import run_tune
-    from mmcore.tune.study import HEARTBEAT
 
     record = run_tune(
         recipe, space, trials=trials, overrides=overrides, sampler=sampler, pruner=pruner, jobs=jobs, storage=storage,
-        study=study, out=out, nproc=nproc, seed=seed, heartbeat=heartbeat or HEARTBEAT, progress=progress_for(quiet),
+        study=study, out=out, nproc=nproc, seed=seed, heartbeat=heartbeat, progress=progress_for(quiet),
         echo=click.echo,
     )
     if any(entry["state"] == "fail" for entry in record["trials"]):

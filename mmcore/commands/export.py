@@ -1,7 +1,7 @@
 """``mmcore export``: a finished run -> a self-contained bundle, refused unless it passes parity.
 
-Order matters: the run scores the parity rows first (its own pipeline, untouched, in float32
-whatever precision it trained in, without the float16 feature cache: the model itself), then
+Order matters: the run scores the parity rows first (its model, untouched, through the scoring
+path in float32 whatever precision it trained in, without the float16 feature cache), then
 the bundle is written into a hidden temporary folder, scored through onnxruntime and compared;
 only a bundle that passes gets its model card and is renamed to ``--out`` (see
 :mod:`mmcore.export.bundle`). Each file is hashed once, as it joins the manifest.
@@ -18,16 +18,18 @@ from pathlib import Path
 
 import attrs
 
-from mmcore.commands.predict import existing_parent
 from mmcore.engine.mlflow_logger import log_bundle_to_mlflow
 from mmcore.errors import DataError, MmcoreError, RunError
+from mmcore.export import FORMATS
 from mmcore.export import bundle as B
 from mmcore.export import onnx as G
 from mmcore.export import parity as P
 from mmcore.export import schema as S
 from mmcore.export.inputs import describe_inputs
 from mmcore.export.text import write_text_side
+from mmcore.io import check_output_path, existing_parent
 from mmcore.rundir import RunDir
+from mmcore.scoring.rows import collect, score_rows
 
 DEFAULT_ROWS = 64
 #: what tracing a model may raise (torch.onnx's errors and torch.jit's are RuntimeErrors); each
@@ -44,11 +46,10 @@ class ExportSummary:
     parity: dict
 
 
-def parity_rows(pipeline, data, rows, base_dir=None):
+def parity_rows(recipe, data, rows, base_dir=None):
     """The rows the gate scores: ``--data`` or the run's validation split, first ``rows`` of them."""
     from mmcore.data.csvs import read_split, resolve_csv
 
-    recipe = pipeline.recipe
     needs_text = recipe.train.modality != "vision_only"
     try:
         if data:
@@ -94,12 +95,14 @@ def export_run(run_dir, out, *, fmt="onnx", data=None, rows=DEFAULT_ROWS, base_d
     ``safetensors``: also write the classifier's state dict as ``model.safetensors`` (the graph
     holds the weights already; this is a second copy, for PyTorch users).
     """
-    from mmcore.commands.evaluate import load_run, score_with_run
+    from mmcore.engine.restore import load_run
     from mmcore.engine.runtime import autocast_dtype
+    from mmcore.scoring.run import RunScorer
 
     run_dir, out = Path(run_dir), Path(out)
-    if fmt not in G.FORMATS:
-        raise MmcoreError(f"--format {fmt}: expected one of {', '.join(G.FORMATS)}")
+    check_output_path(out, "bundle folder")  # before the parity gate scores anything
+    if fmt not in FORMATS:
+        raise MmcoreError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
     check_new_folder(out, "--out")
     if fmt == "onnx":  # before the model is loaded: a missing package is one line, not a minute later
         from mmcore.kit.deps import require_extra
@@ -108,10 +111,10 @@ def export_run(run_dir, out, *, fmt="onnx", data=None, rows=DEFAULT_ROWS, base_d
     score_tol = P.FP32_SCORE_TOL if score_tol is None else score_tol
     # the model itself, in float32 from the raw rows: the feature cache stores float16, whose rounding
     # (up to 1/2048 of each feature) no graph should be blamed or excused for; bf16 autocast neither
-    pipeline, ckpt = load_run(run_dir, registry=registry, progress=progress, use_cache=False, fp32=True)
-    recipe, model = pipeline.recipe, pipeline.model
+    run_model, ckpt = load_run(run_dir, registry=registry, progress=progress, fp32=True)
+    recipe, model = run_model.recipe, run_model.model
     trained_precision = RunDir(run_dir).recipe_data().get("train", {}).get("precision", "auto")
-    run_dtype = autocast_dtype(trained_precision, pipeline.device)
+    run_dtype = autocast_dtype(trained_precision, run_model.device)
     decision = ckpt.get("decision") or {"threshold": 0.5, "temperature": 1.0, "description": "0.5 (no decision saved)"}
     S.structure_file(decision, S.Decision, path=f"{RunDir(run_dir).best}: decision")
     # a text encoder that cannot leave its string work on the host is refused before any scoring, and so is a full disk
@@ -120,14 +123,17 @@ def export_run(run_dir, out, *, fmt="onnx", data=None, rows=DEFAULT_ROWS, base_d
     check_free_space(out, needed)
 
     # 1. the PyTorch run's own scores of the parity rows (before anything is touched)
-    split = parity_rows(pipeline, data, rows, base_dir)
+    split = parity_rows(recipe, data, rows, base_dir)
     if not len(split):
         raise DataError(f"{split.csv}: no rows to check parity on")
-    kept, indices, torch_logits, _, _ = score_with_run(pipeline, split, "parity", progress=progress)
-    kept = kept.subset([int(i) for i in indices])
+    torch_scorer = RunScorer.from_model(run_model, decision=decision, source=run_dir)
+    scored = collect(score_rows(torch_scorer, split, registry=registry, progress=progress, desc="parity"))
+    kept = _scored_rows(split, scored)  # the rows as scored: readable images, texts settled (OCR)
+    torch_logits = scored.logits
     trained_logits = None
     if run_dtype is not None:  # information: how far the run's own precision is from the float32 the bundle computes
-        _, _, trained_logits, _, _ = score_with_run(pipeline, kept, "parity", progress=progress, dtype=run_dtype)
+        trained = RunScorer.from_model(run_model, decision=decision, source=run_dir, dtype=run_dtype)
+        trained_logits = collect(score_rows(trained, kept, fill_text=False, progress=progress, desc="parity")).logits
 
     # 2. everything of the bundle, in a hidden folder beside --out
     model = model.to("cpu").eval()
@@ -135,7 +141,7 @@ def export_run(run_dir, out, *, fmt="onnx", data=None, rows=DEFAULT_ROWS, base_d
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        registry = pipeline.registry
+        registry = run_model.registry
         text_side = write_text_side(tmp, plan, registry) if plan is not None else None
         vision_names, described = [], None
         if model.uses_vision:
@@ -164,7 +170,7 @@ def export_run(run_dir, out, *, fmt="onnx", data=None, rows=DEFAULT_ROWS, base_d
                       "vision_inputs": vision_names, "text_inputs": list(fused.text_names), "output": "logit",
                       "opset": G.OPSET if fmt == "onnx" else None},
         }
-        from mmcore.export.scoring import BundleScorer
+        from mmcore.scoring.bundle import BundleScorer
 
         example = _example_inputs(fused, tmp, registry, kept, recipe.data.max_image_pixels)
         try:
@@ -214,6 +220,12 @@ def export_run(run_dir, out, *, fmt="onnx", data=None, rows=DEFAULT_ROWS, base_d
     echo(f"wrote {out} ({fmt}, {len(entries) + 1} files, {_size(sum(e['bytes'] for e in entries.values()))})")
     log_bundle_to_mlflow(run_dir, out, echo)  # into the run's MLflow run, when it logged to one
     return ExportSummary(out=out, format=fmt, parity=figures)
+
+
+def _scored_rows(split, scored):
+    """The rows of ``split`` that were scored, in order, with the texts they were scored with."""
+    kept = split.subset([int(i) for i in scored.positions])
+    return attrs.evolve(kept, texts=tuple(scored.texts))
 
 
 def check_new_folder(out, flag):

@@ -255,7 +255,7 @@ def write_plugin(name, kind=None, directory=None, *, template="plain", package=N
     return target
 
 
-def _already_registered(names):
+def already_registered(names):
     """The package that already registers this name, if any (installing both would fail)."""
     try:
         from mmcore.plugins.manager import get_registry

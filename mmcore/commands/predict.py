@@ -1,11 +1,14 @@
-"""``mmcore predict``: score unlabeled data with a finished run.
+"""``mmcore predict RUN_DIR|BUNDLE_DIR new.csv -o out.csv``: score unlabeled data with a finished run
+or its export bundle.
 
-The CSV goes through the run's own pipeline (same preprocessing and forward as training and
-``mmcore eval``) in float32 from the raw rows, as the run's bundle computes: nothing is read
-from or written to the feature cache unless asked (``cache=True``, ``--cache``: float16
-features, faster for data scored again and again). The output is the input CSV with three columns added:
-``score`` (raw sigmoid), ``calibrated_score`` (after the run's temperature) and ``prediction``
-(``calibrated_score >= threshold``, the threshold tuned on validation).
+Both go through the one scoring path (:func:`mmcore.scoring.rows.score_rows`): rows validated as
+for a run, empty texts read by the recipe's OCR engine when it names one, images decoded in
+parallel, scored in float32 from the raw rows — a run by its PyTorch model, a bundle by
+onnxruntime — so the two agree. Nothing is read from or written to the feature cache unless asked
+(``cache=True``, ``--cache``, runs only: float16 features, faster for data scored again and again).
+The output is the input CSV with three columns added: ``score`` (raw sigmoid),
+``calibrated_score`` (after the run's temperature) and ``prediction`` (``calibrated_score >=
+threshold``, the threshold tuned on validation), written atomically.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ from pathlib import Path
 import attrs
 
 from mmcore.data.images import DEFAULT_MAX_IMAGE_BYTES
+from mmcore.devices import parse_device
 from mmcore.errors import MmcoreError
-from mmcore.io import atomic_open
-
-OUTPUT_COLUMNS = ("score", "calibrated_score", "prediction")
+from mmcore.export.bundle import is_bundle
+from mmcore.io import check_output_path, existing_parent
+from mmcore.scoring.rows import collect, score_rows
+from mmcore.scoring.tables import read_input, write_scored_csv
 
 
 @attrs.frozen
@@ -37,55 +42,53 @@ class PredictSummary:
         return self.rows - self.scored
 
 
-def predict_csv(
-    run_dir, input_csv, output, *, batch_size=None, base_dir=None, device="auto", cache=False, registry=None,
-    progress=True, echo=print
-):
-    """Score every row of ``input_csv`` with the run in ``run_dir``; write ``output`` atomically."""
-    from mmcore.commands.evaluate import load_run, open_run, score_with_run
-    from mmcore.engine.outputs import score_split
-    from mmcore.export.devices import parse_device
+def predict_csv(source, input_csv, output, *, batch_size=None, base_dir=None, device="auto", cache=False, verify=None,
+                registry=None, progress=True, echo=print):
+    """Score every row of ``input_csv`` with the run or bundle at ``source``; write ``output`` atomically.
 
+    ``cache`` (runs): score through the feature cache as training's validation did; ``verify``
+    (bundles): hash every file of the bundle first.
+    """
     input_csv, output = Path(input_csv), Path(output)
+    check_output_path(output, "predictions CSV", option="-o")  # before any scoring
     check_output_file(output, input_csv)
     device = parse_device(device)
-    run_dir = open_run(run_dir, echo=echo)  # completion (or a live run) checked once, here
-    # Validate the data before the (possibly large) model is built.
-    modality = (run_dir.recipe_data().get("train") or {}).get("modality", "multimodal")
-    needs_text, needs_images = modality != "vision_only", modality != "text_only"
-    max_image_bytes = (run_dir.recipe_data().get("data") or {}).get("max_image_bytes", DEFAULT_MAX_IMAGE_BYTES)
-    frame, split = read_input(input_csv, base_dir, require_text=needs_text, check_images=needs_images,
-                              max_image_bytes=max_image_bytes)
+    if is_bundle(source):
+        from mmcore.scoring.bundle import BundleScorer
 
-    pipeline, ckpt = load_run(run_dir, registry=registry, progress=progress, use_cache=cache, device=device,
-                              fp32=True)
-    recipe = pipeline.recipe
-    if batch_size:
-        # Pipeline.loader and the feature pass read the batch size from the recipe.
-        pipeline.recipe = attrs.evolve(recipe, eval=attrs.evolve(recipe.eval, batch_size=int(batch_size)))
-    decision = ckpt.get("decision") or {"threshold": 0.5, "temperature": 1.0}
-    kept, indices, logits, _, _ = score_with_run(
-        pipeline, split, "predict", progress=progress, desc=f"predict {input_csv.name}"
-    )
-    raw, calibrated, predicted, _ = score_split(
-        logits, None, temperature=decision["temperature"], threshold=decision["threshold"]
-    )
+        scorer = BundleScorer(source, device=device, verify=verify, registry=registry)
+        frame, split = read_input(input_csv, base_dir, require_text=scorer.uses_text, check_images=scorer.uses_vision,
+                                  max_image_bytes=scorer.data_config.get("max_image_bytes", DEFAULT_MAX_IMAGE_BYTES))
+        where = f"with bundle {source} on {scorer.device_name}"
+    else:
+        from mmcore.engine.restore import open_run
+        from mmcore.scoring.run import RunScorer
 
-    write_scored_csv(output, frame, [kept.rows[int(i)] for i in indices], raw, calibrated, predicted)
+        run_dir = open_run(source, echo=echo)  # completion (or a live run) checked once, here
+        # the data is validated before the (possibly large) model is built
+        data = run_dir.recipe_data()
+        modality = (data.get("train") or {}).get("modality", "multimodal")
+        frame, split = read_input(input_csv, base_dir, require_text=modality != "vision_only",
+                                  check_images=modality != "text_only",
+                                  max_image_bytes=(data.get("data") or {}).get("max_image_bytes", DEFAULT_MAX_IMAGE_BYTES))
+        scorer = RunScorer(run_dir, device=device, registry=registry, progress=progress)
+        where = f"on {scorer.device_name}"
+    if cache and scorer.kind == "run":
+        from mmcore.commands.evaluate import score_through_cache, scoring_pipeline
 
-    summary = PredictSummary(
-        output=output,
-        rows=len(frame),
-        scored=len(indices),
-        positives=int(predicted.sum()),
-        threshold=float(decision["threshold"]),
-        temperature=float(decision["temperature"]),
-    )
-    echo(
-        f"scored {summary.scored} of {summary.rows} rows of {input_csv} on {pipeline.device}: "
-        f"{summary.positives} predicted positive "
-        f"(calibrated_score >= {summary.threshold:.4f})"
-    )
+        pipeline = scoring_pipeline(scorer, cache=True, batch_size=batch_size, progress=progress)
+        split, positions, logits, _, _ = score_through_cache(pipeline, split, "predict", progress=progress,
+                                                              desc=f"predict {input_csv.name}")
+    else:
+        scored = collect(score_rows(scorer, split, batch_size=batch_size, registry=registry, progress=progress,
+                                    desc=f"predict {input_csv.name}"))
+        positions, logits = scored.positions, scored.logits
+    raw, calibrated, predicted = scorer.decide(logits)
+    write_scored_csv(output, frame, [split.rows[int(i)] for i in positions], raw, calibrated, predicted)
+    summary = PredictSummary(output=output, rows=len(frame), scored=len(positions), positives=int(predicted.sum()),
+                             threshold=float(scorer.decision["threshold"]), temperature=float(scorer.decision["temperature"]))
+    echo(f"scored {summary.scored} of {summary.rows} rows of {input_csv} {where}: {summary.positives} predicted positive "
+         f"(calibrated_score >= {summary.threshold:.4f})")
     if summary.skipped:
         rows = "row" if summary.skipped == 1 else "rows"
         echo(f"{summary.skipped} {rows} skipped (unreadable images; score left empty, data.on_bad_image = \"skip\")")
@@ -103,44 +106,3 @@ def check_output_file(output, input_csv=None):
     parent = existing_parent(output)
     if not parent.is_dir():
         raise MmcoreError(f"-o {output}: {parent} is not a folder; choose another path")
-
-
-def existing_parent(path):
-    """The nearest ancestor of ``path`` that exists (where its folders will be made)."""
-    parent = Path(path).absolute().parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    return parent
-
-
-def write_scored_csv(output, frame, rows, raw, calibrated, predicted):
-    """``frame`` (the input CSV) with score, calibrated_score and prediction, written atomically.
-
-    ``rows`` are the CSV rows (numbered from 1) that were scored, in the order of the scores;
-    a row left out (an unreadable image, skipped) keeps those columns empty.
-    """
-    columns = {name: [""] * len(frame) for name in OUTPUT_COLUMNS}
-    for k, row in enumerate(rows):
-        columns["score"][row - 1] = repr(float(raw[k]))
-        columns["calibrated_score"][row - 1] = repr(float(calibrated[k]))
-        columns["prediction"][row - 1] = str(bool(predicted[k]))
-    for name in OUTPUT_COLUMNS:
-        frame[name] = columns[name]
-    with atomic_open(output, "w", encoding="utf-8", newline="") as handle:
-        frame.to_csv(handle, index=False)
-
-
-def read_input(input_csv, base_dir=None, *, require_text=True, check_images=True, max_image_bytes=DEFAULT_MAX_IMAGE_BYTES):
-    """The CSV to score, read once: ``(frame, split)`` — its columns as given, to be written back
-    out with the scores, and the validated :class:`~mmcore.data.csvs.Split` to score."""
-    from mmcore.data.csvs import REQUIRED_COLUMNS, read_table, split_from_table
-
-    needed = {"local_image_path": True, "label": False, "text_info": require_text}
-    frame = read_table(
-        input_csv,
-        required=[c for c in REQUIRED_COLUMNS if needed[c]],
-        optional=[c for c in REQUIRED_COLUMNS if not needed[c]],
-    )
-    split = split_from_table(frame, input_csv, base_dir, require_label=False, check_images=check_images,
-                             max_image_bytes=max_image_bytes)
-    return frame, split

@@ -15,23 +15,29 @@ from pathlib import Path
 
 from mmcore.data.bulk import paused_gc
 from mmcore.data.csvs import load_splits
+from mmcore.data.memo import ImageHashes
+from mmcore.dist import broadcast_object, init_distributed, is_main, world_size
 from mmcore.engine.checkpoint import read_checkpoint
-from mmcore.engine.features import ImageHashes
 from mmcore.engine.loggers import require_logger_packages
-from mmcore.engine.runtime import broadcast_object, init_distributed, is_main, world_size
 from mmcore.engine.training import Interrupted, TrainingRun
 from mmcore.errors import DataError
 from mmcore.model.weights import require_weights
 from mmcore.ocr.fill import ocr_stage
 from mmcore.rundir import LAST, RunDir
+from mmcore.scoring.run import score_split
 
 
 def resume_training(run_dir, recipe=None, *, registry=None, progress=True, echo=print):
-    """Continue a stopped run in its directory; ``recipe`` (optional) must be the one it was started with.
+    """Continue a stopped run in its directory; ``recipe`` (optional: a loaded recipe or its file) must be
+    the one it was started with.
 
     The lock comes first, so a second ``--resume`` of a live run is refused as such, whatever
     the live run has written so far.
     """
+    if isinstance(recipe, (str, Path)):
+        from mmcore.recipe import load_recipe
+
+        recipe = load_recipe(recipe)
     run_dir = RunDir(run_dir)
     run_dir.require_exists()
     with run_dir.lock(echo=echo):
@@ -40,6 +46,14 @@ def resume_training(run_dir, recipe=None, *, registry=None, progress=True, echo=
         return run_training(
             loaded, recipe_path=run_dir.recipe_file, registry=registry, progress=progress, echo=echo, resume=run_dir
         )
+
+
+def train_recipe(recipe_path, overrides=(), *, out=None, registry=None, progress=True, echo=print):
+    """``mmcore run RECIPE --set ...``: load the recipe (every problem one line) and train it; returns the run directory."""
+    from mmcore.recipe import load_recipe
+
+    loaded = load_recipe(recipe_path, overrides)
+    return run_training(loaded, recipe_path=recipe_path, out=out, registry=registry, progress=progress, echo=echo)
 
 
 def run_training(recipe, *, recipe_path, out=None, registry=None, progress=True, echo=print, resume=None, on_epoch_end=None):
@@ -96,7 +110,7 @@ def _train(recipe, registry, splits, run_dir, recipe_path, state, progress, echo
     try:
         training = TrainingRun(
             recipe, registry, splits, run_dir.path, recipe_path, progress, echo, duplicates=duplicates.counts(),
-            on_epoch_end=on_epoch_end,
+            on_epoch_end=on_epoch_end, score_split=score_split,
         )
         with _stop_on_signals(training, echo):
             if state is not None:
@@ -148,7 +162,8 @@ def _check_images(recipe, splits, echo, hashes):
 def _run_worker(recipe, registry, splits, run_dir, recipe_path, state, on_epoch_end=None):
     """Ranks > 0: the same training in lock-step, writing nothing."""
     quiet = lambda *args, **kwargs: None  # noqa: E731
-    training = TrainingRun(recipe, registry, splits, run_dir, recipe_path, False, quiet, on_epoch_end=on_epoch_end)
+    training = TrainingRun(recipe, registry, splits, run_dir, recipe_path, False, quiet, on_epoch_end=on_epoch_end,
+                           score_split=score_split)
     with _stop_on_signals(training, quiet):
         if state is not None:
             training.load_state(state)

@@ -18,7 +18,8 @@ from pathlib import Path
 import attrs
 
 from mmcore.errors import RecipeError, RunError
-from mmcore.rundir import SWEEP_FILE, RunDir, failure_message, first_line, make_directory
+from mmcore.recipe.load import split_values
+from mmcore.rundir import SWEEP_FILE, RunDir, failure_message, first_line, make_directory, read_sweep
 
 #: longest ``key=value,...`` part of a point's directory name
 MAX_NAME = 120
@@ -35,28 +36,6 @@ class SweepPoint:
     @property
     def label(self):
         return ",".join(self.overrides)
-
-
-def split_values(text):
-    """``"a,[1,2],'x,y'"`` -> ``["a", "[1,2]", "'x,y'"]``: commas inside brackets/quotes stay."""
-    values, current, depth, quote = [], [], 0, None
-    for char in text:
-        if quote:
-            if char == quote:
-                quote = None
-        elif char in "\"'":
-            quote = char
-        elif char in "[{":
-            depth += 1
-        elif char in "]}":
-            depth -= 1
-        elif char == "," and depth == 0:
-            values.append("".join(current).strip())
-            current = []
-            continue
-        current.append(char)
-    values.append("".join(current).strip())
-    return values
 
 
 def parse_sweeps(sweeps):
@@ -142,9 +121,9 @@ def _mark_failed(point, message):
 
 def run_sweep(recipe_path, overrides, sweeps, *, out=None, dry_run=False, registry=None, progress=True, echo=print):
     """Train every point of the ``--sweep`` grid; returns the sweep directory."""
-    from mmcore.commands.compare import compare_runs, to_markdown, write_comparison
     from mmcore.commands.run import run_training
     from mmcore.engine.runtime import release_memory
+    from mmcore.evaluation.comparison import compare_runs, to_markdown, write_comparison
     from mmcore.io import write_json
 
     if registry is None:
@@ -218,3 +197,9 @@ def run_sweep(recipe_path, overrides, sweeps, *, out=None, dry_run=False, regist
         echo(f"  {point.directory.name}: {message}")
     echo(f"wrote {sweep_dir / 'comparison.md'} and {sweep_dir / 'comparison.csv'}")
     return sweep_dir
+
+
+def sweep_completed(sweep_dir):
+    """Whether every point of the sweep in ``sweep_dir`` completed (what failed, and why, was said as it ran)."""
+    record = read_sweep(sweep_dir)
+    return record is None or all(point.get("state") == "completed" for point in record.get("points", []))

@@ -11,6 +11,7 @@ other ``mmcore tune`` processes or machines. The study machinery is :mod:`mmcore
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -53,7 +54,7 @@ def run_tune(
     out=None,
     nproc=None,
     seed=None,
-    heartbeat=HEARTBEAT,
+    heartbeat=None,
     registry=None,
     progress=True,
     echo=print,
@@ -61,13 +62,13 @@ def run_tune(
     """Run (or continue) a study; returns its record (``study.json``: trials, values, the best).
 
     The space is checked against the recipe before anything runs; ``--sampler``/``--pruner``
-    take Optuna's keyword arguments after a colon (``median:n_startup_trials=1``).
+    take Optuna's keyword arguments after a colon (``median:n_startup_trials=1``). ``heartbeat``:
+    seconds between a trial's liveness records (default :data:`~mmcore.tune.study.HEARTBEAT`).
     """
-    from mmcore.engine.training import metric_mode
+    from mmcore.engine.selection import metric_mode
+    from mmcore.kit.deps import require_extra
     from mmcore.recipe import recipe_to_dict
     from mmcore.tune.space import check_space, load_space
-
-    from mmcore.kit.deps import require_extra
 
     require_extra("tune", "mmcore tune")
     if registry is None:
@@ -98,7 +99,7 @@ def run_tune(
     config = TuneConfig(
         recipe=str(Path(recipe_path).resolve()), space=str(Path(space_path).resolve()), study_dir=str(study_dir),
         study_name=name, storage=url, trials=trials, metric=metric, direction=direction, epochs=base.train.epochs,
-        overrides=tuple(overrides), sampler=sampler, pruner=pruner, nproc=nproc, seed=seed, heartbeat=heartbeat,
+        overrides=tuple(overrides), sampler=sampler, pruner=pruner, nproc=nproc, seed=seed, heartbeat=heartbeat or HEARTBEAT,
         progress=progress and jobs == 1,
     )
     identity = {"recipe": recipe_to_dict(base), "space": space.to_dict(), "metric": metric, "direction": direction}
@@ -109,7 +110,7 @@ def run_tune(
     if done:
         echo(f"continuing the study: {done} trials already finished")
     if jobs == 1:
-        work(config, registry=registry, echo=echo)
+        work(config, train_trial=train_trial, registry=registry, echo=echo)
     else:
         run_workers(config, jobs, echo=echo)
     return summarize(config, echo=echo)
@@ -169,3 +170,44 @@ def run_workers(config, jobs, *, echo=print):
     failed = [f"job {i} exited with status {code}" for i, code in enumerate(codes) if code]
     if failed:
         echo("; ".join(failed) + " (its lines are above); the finished trials are kept")
+
+
+def train_trial(config, trial, trial_dir, overrides, *, resume, registry=None, echo=print):
+    """Train one trial's run in ``trial_dir`` (on every rank under torchrun; ``trial`` on rank 0 only).
+
+    After each epoch rank 0 reports the objective metric to Optuna and asks the pruner; the
+    answer goes to every rank. A pruned run finishes with its best epoch so far and its
+    ``status.json`` says ``pruned``.
+    """
+    from mmcore.commands.run import run_training
+    from mmcore.dist import broadcast_object, is_main
+    from mmcore.recipe import load_recipe
+    from mmcore.rundir import RECIPE_FILE, read_status, write_status
+
+    pruned = []
+
+    def on_epoch_end(epoch, metrics):
+        prune = False
+        if trial is not None:
+            value = metrics.get(config.metric)
+            if value is not None and math.isfinite(value):
+                trial.report(float(value), epoch)
+                # the last epoch is a finished trial: nothing left to save by stopping it
+                prune = epoch < config.epochs and trial.should_prune()
+        prune = broadcast_object(prune)
+        if prune:
+            pruned.append(epoch)
+        return prune
+
+    progress = config.progress
+    if resume:
+        recipe = load_recipe(trial_dir / RECIPE_FILE, registry=registry)
+        run_training(recipe, recipe_path=trial_dir / RECIPE_FILE, resume=trial_dir, registry=registry,
+                     progress=progress, echo=echo, on_epoch_end=on_epoch_end)
+    else:
+        recipe = load_recipe(config.recipe, [*config.overrides, *overrides], registry=registry)
+        run_training(recipe, recipe_path=config.recipe, out=trial_dir, registry=registry,
+                     progress=progress, echo=echo, on_epoch_end=on_epoch_end)
+    if pruned and is_main():
+        status = read_status(trial_dir) or {}
+        write_status(trial_dir, "pruned", pruned_at_epoch=pruned[0], seconds=status.get("seconds"))

@@ -89,7 +89,7 @@ def find_duplicates(splits, hashes=hash_files):
     """Images whose content appears in two splits (``{"train": Split, "val": ..., "test": ...}``).
 
     ``hashes(paths)`` gives the files' content keys (a run's shared
-    :class:`~mmcore.engine.features.ImageHashes`, or :func:`hash_files`).
+    :class:`~mmcore.data.memo.ImageHashes`, or :func:`hash_files`).
 
     Each later split is compared with each earlier one (order: train, val, test, then any other
     names in the order given). Rows are counted in the later split; the same file listed twice

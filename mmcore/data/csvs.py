@@ -11,76 +11,19 @@ import os
 import re
 from pathlib import Path
 
-import attrs
-import numpy as np
-
 from mmcore.bounded import FileRules, read_regular_file
 from mmcore.data.bulk import paused_gc
 from mmcore.data.encodings import guess_encoding
 from mmcore.data.images import DEFAULT_MAX_IMAGE_BYTES, image_file_stat
+from mmcore.data.split import Split, limited, parse_label
 from mmcore.errors import DataError, closest
 
 REQUIRED_COLUMNS = ("local_image_path", "label", "text_info")
-TRUE_LABELS = {"true": 1, "1": 1, "1.0": 1}
-FALSE_LABELS = {"false": 0, "0": 0, "0.0": 0}
-MAX_LISTED = 10
 #: a split CSV is read whole (pandas); past this, write WebDataset shards (a million rows of ad
 #: text are a few hundred MB)
 MAX_CSV_BYTES = 2 << 30
 CSV_FILE = FileRules("file", "a CSV file", MAX_CSV_BYTES,
                      "split it, or write WebDataset shards (mmcore shard) and set data.format = \"webdataset\"")
-
-
-@attrs.frozen
-class Split:
-    """One CSV's validated rows: resolved image paths, texts and labels (None when unlabeled)."""
-
-    csv: Path
-    paths: tuple[Path, ...]
-    texts: tuple[str, ...]
-    labels: tuple[int, ...] | None
-    rows: tuple[int, ...]
-    raw_paths: tuple[str, ...]
-    #: the ``stat`` (a FileStat) of each path taken while reading the CSV (None when not checked, or after
-    #: :meth:`subset`): the run's image checks reuse it, so a warm start stats each file once
-    stats: tuple | None = attrs.field(default=None, eq=False, repr=False)
-
-    def __len__(self):
-        return len(self.paths)
-
-    def label_array(self):
-        return np.asarray(self.labels, dtype=np.int64)
-
-    def subset(self, keep):
-        """Only the rows at positions ``keep`` (e.g. dropping bad images)."""
-        keep = list(keep)
-        pick = lambda seq: tuple(seq[i] for i in keep)  # noqa: E731
-        return attrs.evolve(
-            self,
-            paths=pick(self.paths),
-            texts=pick(self.texts),
-            labels=pick(self.labels) if self.labels is not None else None,
-            rows=pick(self.rows),
-            raw_paths=pick(self.raw_paths),
-            stats=None,
-        )
-
-
-def parse_label(value):
-    """True/False, 1/0, true/false (any case) -> 1/0, or None when it is none of these."""
-    text = str(value).strip().lower()
-    if text in TRUE_LABELS:
-        return 1
-    if text in FALSE_LABELS:
-        return 0
-    return None
-
-
-def _limited(problems, what, csv):
-    if len(problems) > MAX_LISTED:
-        more = len(problems) - MAX_LISTED
-        return problems[:MAX_LISTED] + [f"{csv}: ... and {more} more {what}"]
-    return problems
 
 
 @paused_gc()  # the per-row objects (frame cells, paths, stats) hold no cycles
@@ -140,9 +83,9 @@ def split_from_table(frame, csv, base_dir=None, *, require_label=True, check_ima
         labels.append(label)
         rows.append(index)
     problems = (
-        _limited(empty_paths, "empty paths", csv)
-        + _limited(bad_labels, "bad labels", csv)
-        + _limited(missing_images, "missing images", csv)
+        limited(empty_paths, "empty paths", csv)
+        + limited(bad_labels, "bad labels", csv)
+        + limited(missing_images, "missing images", csv)
     )
     if problems:
         raise DataError(problems)

@@ -6,10 +6,11 @@ the feature cache), so training, evaluation and prediction share one forward.
 
 Bytes through worker IPC are what a loader pays for, so items stay small: with
 ``uint8_pixels`` the workers hand over resized uint8 pixels (a quarter of float32's bytes)
-and the model normalises them on the device (:func:`device_pixels`, called in the
-classifier's input path); cached features stay float16 and are upcast on the device
-(:func:`mmcore.engine.step.prepare_batch`). With a decoded-image cache (``decoded_images``) the workers read the resized pixels from
-memory-mapped chunks instead of decoding the file; augmentation is applied after it.
+and the model normalises them on the device (:func:`mmcore.model.classifier.device_pixels`,
+in the classifier's input path); cached features stay float16 and are upcast on the device
+(:func:`mmcore.engine.step.prepare_batch`). With a decoded-image cache (``decoded_images``)
+the workers read the resized pixels from memory-mapped chunks instead of decoding the file;
+augmentation is applied after it.
 """
 
 from __future__ import annotations
@@ -149,15 +150,6 @@ class Collate:
         return batch
 
 
-def device_pixels(vision, preprocessing):
-    """The encoder's inputs with uint8 ``pixel_values`` normalised (where they are: on the
-    device after the copy); float pixels (a NaFlex preprocessing, explain's gradients) pass."""
-    pixels = vision.get("pixel_values")
-    if pixels is None or pixels.dtype != torch.uint8:
-        return vision
-    return {**vision, "pixel_values": preprocessing.normalize(pixels)}
-
-
 def _stack_padded(features, prefix):
     """Vectors stack; token sequences of different lengths are padded, with a mask.
 
@@ -190,7 +182,7 @@ def default_num_workers():
     """Workers per process for ``num_workers = -1``: the CPU cores this process may use, shared
     by the processes torchrun started on this machine (``LOCAL_WORLD_SIZE``), at most
     :data:`MAX_AUTO_WORKERS`, at least 1 (16 cores and one GPU: 16; 128 cores and 8 GPUs: 16 each)."""
-    from mmcore.engine.runtime import local_world_size
+    from mmcore.dist import local_world_size
 
     try:
         cores = len(os.sched_getaffinity(0))

@@ -33,7 +33,7 @@ from mmcore.errors import os_error_reason
 from mmcore.io import bytes_sha1
 from mmcore.store.facts import FactRecords, RememberedFacts
 from mmcore.store.keys import stat_key
-from mmcore.store.root import CacheUnavailable, warn
+from mmcore.store.root import CacheUnavailable, cache_root, warn
 
 #: files read at once for their facts
 _THREADS = 8
@@ -106,7 +106,7 @@ class FileFacts:
         """The :class:`ImageFacts` of each path, in order.
 
         ``stats``: the ``os.stat`` of each path when the caller already took it (a
-        :class:`~mmcore.data.csvs.Split` carries them), so a warm start stats each file once.
+        :class:`~mmcore.data.split.Split` carries them), so a warm start stats each file once.
         Under torchrun every rank must call this with the same paths (it gathers across ranks).
         """
         paths = list(paths)
@@ -162,7 +162,7 @@ class FileFacts:
 
     def _examine_shared(self, names):
         """Read ``names`` for their facts; under torchrun each rank reads its share of every rank's list."""
-        from mmcore.engine.runtime import all_gather_objects, rank, world_size
+        from mmcore.dist import all_gather_objects, rank, world_size
 
         world = world_size()
         if world == 1:
@@ -180,3 +180,27 @@ class FileFacts:
         self.examined += len(names)
         with ThreadPoolExecutor(max_workers=min(_THREADS, len(names))) as pool:
             return dict(zip(names, pool.map(lambda n: examine_file(n, self.formats), names)))
+
+
+class ImageHashes:
+    """The content keys (sha1 of the bytes) of one run's image files, each file read once.
+
+    Called as ``hashes(paths)``, it is shared by the header scan, the duplicate check, the OCR
+    fill and (through the cache's file records, which it writes when ``root`` is given) the
+    feature cache. Its :attr:`facts` (:class:`FileFacts`) remember each
+    file's hash and header facts by stat key, so a warm start reads no image. Without
+    ``root`` (cache off) they live only in memory.
+    """
+
+    def __init__(self, root=None, formats=DEFAULT_FORMATS):
+        self.facts = FileFacts(root, formats)
+
+    @classmethod
+    def for_recipe(cls, recipe):
+        """Remembered in the recipe's cache when the cache is on, else in memory only."""
+        root = cache_root(recipe.cache.dir) if recipe.cache.enabled else None
+        return cls(root, recipe.data.image_formats)
+
+    def __call__(self, paths):
+        """The key of each path (None where the file cannot be read), in order."""
+        return [facts.sha1 for facts in self.facts(paths)]

@@ -40,9 +40,9 @@ from urllib.parse import urlparse
 
 import attrs
 
-from mmcore.data.csvs import Split, _limited, parse_label
 from mmcore.data.images import DEFAULT_FORMATS, DEFAULT_MAX_IMAGE_BYTES, BadImageError
 from mmcore.data.memo import ImageFacts, examine_bytes
+from mmcore.data.split import Split, limited, parse_label
 from mmcore.errors import DataError, os_error_reason
 from mmcore.store.facts import formats_key
 
@@ -171,7 +171,7 @@ class ShardIndex:
 
         Under torchrun every rank must call this with the same URLs.
         """
-        from mmcore.engine.runtime import all_gather_objects, rank, world_size
+        from mmcore.dist import all_gather_objects, rank, world_size
 
         out, unknown = {}, []
         for url in urls:
@@ -231,8 +231,8 @@ class ShardIndex:
 
     def _read(self, url):
         """Read one shard sequentially -> its sample dicts (remembered when there is a cache)."""
-        from mmcore.store.root import CacheUnavailable, cache_io, warn
         from mmcore.io import atomic_write
+        from mmcore.store.root import CacheUnavailable, cache_io, warn
 
         local = self.local_path(url)
         if is_local(url):
@@ -334,7 +334,7 @@ def _short(exc):
 
 
 def read_shards(name, pattern, index, *, base_dir=None, require_label=True):
-    """One split from shard URLs -> :class:`~mmcore.data.csvs.Split`, or :class:`DataError` listing every problem."""
+    """One split from shard URLs -> :class:`~mmcore.data.split.Split`, or :class:`DataError` listing every problem."""
     urls = expand_urls(pattern, base_dir)
     label = f"data.{name}"
     if not urls:
@@ -375,10 +375,10 @@ def read_shards(name, pattern, index, *, base_dir=None, require_label=True):
             raw.append(f"{url}#{key}")
     csv = Path(str(pattern))
     problems = (
-        _limited(no_image, "samples without an image", csv)
-        + _limited(two_images, "samples with two images", csv)
-        + _limited(too_large, "images too large", csv)
-        + _limited(bad_labels, "bad labels", csv)
+        limited(no_image, "samples without an image", csv)
+        + limited(two_images, "samples with two images", csv)
+        + limited(too_large, "images too large", csv)
+        + limited(bad_labels, "bad labels", csv)
     )
     if problems:
         raise DataError(problems)

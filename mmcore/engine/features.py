@@ -16,15 +16,17 @@ import weakref
 
 import torch
 
-from mmcore.data.dataset import SampleDataset, device_pixels, make_loader
+from mmcore.data.dataset import SampleDataset, make_loader
 from mmcore.data.images import DECODE_VERSION, DEFAULT_FORMATS
-from mmcore.engine.progress import progress_bar
-from mmcore.engine.runtime import autocast, broadcast_object, is_main, world_size
+from mmcore.dist import broadcast_object, is_main, world_size
+from mmcore.engine.runtime import autocast
 from mmcore.engine.step import prepare_batch
+from mmcore.model.classifier import device_pixels
+from mmcore.progress import progress_bar
 from mmcore.store.features import FeatureStore, as_float16, stored_row_bytes
 from mmcore.store.keys import text_key, weights_fingerprint
 from mmcore.store.records import FileHashes
-from mmcore.store.root import cache_root, warn
+from mmcore.store.root import warn
 from mmcore.store.space import check_space, human_bytes
 from mmcore.store.tokens import TOKEN_STORAGES
 
@@ -47,11 +49,6 @@ def run_fingerprint(module):
             known = weights_fingerprint(module)
         _FINGERPRINTS[module] = known
     return known
-
-
-def is_frozen(module):
-    """True when no parameter of ``module`` trains."""
-    return module is not None and not any(p.requires_grad for p in module.parameters())
 
 
 def pooling_trains(pooling):
@@ -135,32 +132,6 @@ def image_keys(root, split):
     if split.paths and hasattr(split.paths[0], "facts"):
         return [path.facts.sha1 for path in split.paths]
     return FileHashes(root).keys(split.paths)
-
-
-class ImageHashes:
-    """The content keys (sha1 of the bytes) of one run's image files, each file read once.
-
-    Called as ``hashes(paths)``, it is shared by the header scan, the duplicate check, the OCR
-    fill and (through the cache's file records, which it writes when ``root`` is given) the
-    feature cache. Its :attr:`facts` (:class:`~mmcore.data.memo.FileFacts`) remember each
-    file's hash and header facts by stat key, so a warm start reads no image. Without
-    ``root`` (cache off) they live only in memory.
-    """
-
-    def __init__(self, root=None, formats=DEFAULT_FORMATS):
-        from mmcore.data.memo import FileFacts
-
-        self.facts = FileFacts(root, formats)
-
-    @classmethod
-    def for_recipe(cls, recipe):
-        """Remembered in the recipe's cache when the cache is on, else in memory only."""
-        root = cache_root(recipe.cache.dir) if recipe.cache.enabled else None
-        return cls(root, recipe.data.image_formats)
-
-    def __call__(self, paths):
-        """The key of each path (None where the file cannot be read), in order."""
-        return [facts.sha1 for facts in self.facts(paths)]
 
 
 def _shard(positions, keys, shard, reshard=None, groups=None):

@@ -1,13 +1,20 @@
-"""Inference: a model's logits over a loader, with no optimizer in sight (validation, test, eval, predict)."""
+"""Inference: a model's logits over a loader, with no optimizer in sight (validation each epoch, and
+``eval --cache`` / ``predict --cache``, which score as validation does: through the feature cache).
+
+Scoring raw rows in float32 (``eval``, ``predict``, a run's test split, the parity gate) is the
+scoring path's (:mod:`mmcore.scoring`).
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from mmcore.engine.progress import progress_bar
-from mmcore.engine.runtime import all_gather_objects, autocast
+from mmcore.dist import all_gather_objects
+from mmcore.engine.policies import BadImages
+from mmcore.engine.runtime import autocast
 from mmcore.engine.step import prepare_batch
+from mmcore.progress import progress_bar
 
 
 @torch.no_grad()
@@ -43,6 +50,24 @@ def predict(model, loader, *, device, dtype, bad_images, split_name="eval", desc
     index = np.concatenate([p[0] for p in parts])
     order = np.argsort(index, kind="stable")
     return index[order], np.concatenate([p[1] for p in parts])[order], np.concatenate([p[2] for p in parts])[order]
+
+
+def predict_through_pipeline(pipeline, split, name, *, progress=True, desc=None):
+    """Logits for every usable row of ``split`` through ``pipeline``'s datasets (its feature cache,
+    when the pipeline uses one), as validation scores: ``(split, indices, logits, labels, bad_images)``.
+
+    ``split`` may come back without rows whose images could not be read (with
+    ``data.on_bad_image = "skip"``); empty texts are the caller's to fill first (the OCR stage).
+    """
+    bad_images = BadImages(pipeline.recipe.data.on_bad_image)
+    dataset, split, errors = pipeline.dataset(split)
+    if errors:
+        bad_images.check({"errors": errors}, name)
+    indices, logits, labels = predict(
+        pipeline.model, pipeline.loader(dataset), device=pipeline.device, dtype=pipeline.dtype,
+        bad_images=bad_images, split_name=name, desc=desc, progress=progress, channels_last=pipeline.channels_last,
+    )
+    return split, indices, logits, labels, bad_images
 
 
 def sigmoid(logits):

@@ -14,13 +14,11 @@ import math
 
 import torch
 
-from mmcore.engine.inference import predict, sigmoid
-from mmcore.engine.policies import BadImages, NanPolicy, NonFiniteLoss
-from mmcore.engine.progress import SmoothedRate, progress_bar
-from mmcore.engine.runtime import any_rank, is_distributed, world_size
+from mmcore.dist import any_rank, is_distributed, world_size
+from mmcore.engine.policies import BadImages, NanPolicy
 from mmcore.engine.step import TrainStep, is_ddp
-
-__all__ = ["BadImages", "NonFiniteLoss", "Trainer", "predict", "set_train_mode", "sigmoid", "total_steps"]
+from mmcore.model.trainability import freeze_norm_statistics, unwrap
+from mmcore.progress import SmoothedRate, progress_bar
 
 #: optimizer steps between two reads of the loss (as Lightning's log_every_n_steps)
 LOG_EVERY = 50
@@ -33,12 +31,8 @@ STOP_CHECK_EVERY = 10
 
 def set_train_mode(model):
     """Train mode for what trains; frozen encoders stay in eval mode (dropout off, BN fixed)."""
-    from mmcore.model.trainability import freeze_norm_statistics
-
     model.train()
-    inner = model
-    while not hasattr(inner, "vision") and hasattr(inner, "module"):
-        inner = inner.module  # inside DistributedDataParallel / the compile wrapper
+    inner = unwrap(model)  # inside DistributedDataParallel / the compile wrapper
     for name in ("vision", "text"):
         encoder = getattr(inner, name, None)
         if encoder is None:

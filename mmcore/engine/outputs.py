@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmcore.engine.loop import sigmoid
+from mmcore.engine.inference import sigmoid
 from mmcore.evaluation.calibration import apply_temperature
 from mmcore.evaluation.explain import bootstrap_intervals, image_sizes, modality_summary, slice_keys, slice_metrics
 from mmcore.evaluation.metrics import binary_metrics
@@ -168,8 +168,8 @@ def _explain(pipeline, split, indices, labels, decision, temperature, out_dir):
     """:func:`mmcore.engine.explain.explain_split` for the misclassified samples; a note when it cannot run."""
     if pipeline is None:
         return {}
+    from mmcore.dist import world_size
     from mmcore.engine.explain import explain_split
-    from mmcore.engine.runtime import world_size
 
     if world_size() > 1:  # the feature pass synchronises ranks; only rank 0 writes the reports
         return {"notes": ["modality contribution and saliency are not computed under torchrun; run mmcore eval on the run"]}

@@ -1,8 +1,11 @@
-"""Model + inputs for a recipe: shared by training, ``eval`` and ``predict``.
+"""How each split is fed to a built model: shared by training, ``eval --cache`` and ``predict --cache``.
 
-The same decision (cached encoder outputs or raw inputs) is taken for every split, so a
-run's test predictions and a later ``mmcore eval`` of the same CSV go through the very same
-computation.
+The model itself is :func:`mmcore.engine.build.build_model`'s (a :class:`~mmcore.engine.build.RunModel`);
+the :class:`Pipeline` over it decides what its inputs are: cached encoder outputs (a frozen
+encoder's features in the store, decoded images, text features) or raw rows, the same for
+every split, so a run's validation and a later ``mmcore eval --cache`` of the same CSV go
+through the very same computation. Scoring raw rows without the cache is the scoring path's
+(:mod:`mmcore.scoring`).
 """
 
 from __future__ import annotations
@@ -11,96 +14,56 @@ import hashlib
 import sys
 
 import attrs
-import torch
 
 from mmcore.data.dataset import SampleDataset, make_loader
-from mmcore.store.keys import text_key
-from mmcore.store.root import CacheUnavailable, cache_root, probe_cache, warn
+from mmcore.dist import all_gather_objects, barrier, rank, world_size
+from mmcore.engine.build import build_model
 from mmcore.engine.features import (
     decoded_store,
     fill_decoded_cache,
     fill_text_cache,
     fill_vision_cache,
     image_keys,
-    is_frozen,
     text_store,
     vision_store,
 )
-from mmcore.engine.runtime import (
-    all_gather_objects,
-    autocast_dtype,
-    barrier,
-    rank,
-    resolve_device,
-    seed_everything,
-    world_size,
-)
-from mmcore.engine.sampling import derive_seed
-from mmcore.errors import RecipeError
-from mmcore.model.classifier import build_classifier, build_with_traits
-from mmcore.model.trainability import TrainabilityError, apply_trainability, distributed_batchnorm
+from mmcore.model.trainability import is_frozen
+from mmcore.store.keys import text_key
+from mmcore.store.root import CacheUnavailable, cache_root, probe_cache, warn
 
 
 class Pipeline:
-    """The classifier built from a recipe, on its device, and how each split is fed to it."""
+    """A recipe's built model (:attr:`built`) and how each split is fed to it.
 
-    def __init__(self, recipe, registry, *, source="recipe", progress=True, one_pass=False, use_cache=True):
+    ``built``: a :class:`~mmcore.engine.build.RunModel` already built (a restored run's);
+    by default the recipe's model is built here.
+    """
+
+    def __init__(self, recipe, registry, *, source="recipe", progress=True, one_pass=False, use_cache=True, built=None):
         self.recipe = recipe
         self.registry = registry
         self.progress = progress
-        #: scoring each row once (eval, predict, export's parity gate, serve): a decoded-image
-        #: cache would cost a write per image and never be read again, so "auto" leaves it off
+        #: scoring each row once (eval, predict): a decoded-image cache would cost a write per
+        #: image and never be read again, so "auto" leaves it off
         self.one_pass = one_pass
-        #: False: every encoder runs on the raw rows in float32, nothing read from or written to the
-        #: feature cache (whose float16 rows round each feature; the export's parity gate wants the model itself)
+        #: False: every encoder runs on the raw rows, nothing read from or written to the feature cache
         self.use_cache = use_cache
-        self.device = resolve_device(recipe.train.device)
-        self.dtype = autocast_dtype(recipe.train.precision, self.device)
-        # Encoders built with random weights must come out the same in `run` and `eval`.
-        seed_everything(recipe.seed, recipe.train.deterministic)
-        model = build_classifier(recipe, registry, source=source)
-        if model.text is not None:
-            freeze_text_encoder(model.text)
-        self.batchnorm = "none"
-        if model.vision is not None:
-            train = recipe.train
-            try:
-                apply_trainability(
-                    model.vision,
-                    freeze_backbone=train.freeze_backbone,
-                    finetune_layers=train.finetune_layers,
-                    lora=train.lora,
-                )
-            except TrainabilityError as exc:  # it names the key path; say which file too
-                raise RecipeError(f"{source}: {exc}") from None
-            #: "synced" (SyncBatchNorm), "frozen" (running statistics fixed) or "none"
-            self.batchnorm = distributed_batchnorm(model.vision, device=self.device, world_size=world_size())
-            if self.batchnorm == "frozen" and rank() == 0 and progress:
-                print("note: trainable BatchNorm under DDP without CUDA: its running statistics are frozen "
-                      "(SyncBatchNorm needs GPUs; see docs/distributed.md)", file=sys.stderr, flush=True)
-        apply_backend_settings(recipe.train, self.device)
-        if recipe.train.gradient_checkpointing and model.vision is not None and not is_frozen(model.vision):
-            enable_gradient_checkpointing(model.vision)
-        self.model = model.to(self.device)
-        self.channels_last = bool(model.vision is not None and model.vision.channels_last)
-        if self.channels_last:
-            model.vision.to(memory_format=torch.channels_last)
-        self.augmentation = None
+        #: the model, built and placed (:func:`~mmcore.engine.build.build_model`)
+        self.built = built if built is not None else build_model(recipe, registry, source=source, progress=progress)
+        self.model = self.built.model
+        self.device = self.built.device
+        self.dtype = self.built.dtype
+        self.channels_last = self.built.channels_last
+        self.augmentation = self.built.augmentation
         #: the augmentation's declared traits (``keeps_size``: it may run on decoded-cache pixels)
-        self.augmentation_traits = None
-        if model.vision is not None:
-            self.augmentation, self.augmentation_traits = build_with_traits(
-                registry, "augmentation", recipe.augmentation, source=source
-            )
-        fold_rank_into_seed(recipe.seed, recipe.train.deterministic)
+        self.augmentation_traits = self.built.augmentation_traits
         self._feature_cache = {}
         self._stores = {}
         #: what the feature stage reported ("vision features train.csv: 500/500 from cache ...")
         self.cache_log = []
         #: None until the cache directory was probed; then "" (usable) or the line saying why not
         self.cache_problem = None
-        #: encoders moved off the device once their outputs were cached (:meth:`offload_cached_encoders`)
-        self.offloaded = set()
+        self._decoded_warned = False  # cache.decoded_images = true that cannot apply: said once
 
     # -- what is cached -------------------------------------------------------------------
 
@@ -131,7 +94,7 @@ class Pipeline:
         elif self.augmentation is not None and not self.augmentation_traits.keeps_size:
             why = "the augmentation does not declare keeps_size (AugmentationTraits)"
         if why is not None:
-            if setting is True and not getattr(self, "_decoded_warned", False):
+            if setting is True and not self._decoded_warned:
                 self._decoded_warned = True
                 warn(f"warning: cache.decoded_images = true: {why}; images are decoded every epoch")
             return False
@@ -197,26 +160,13 @@ class Pipeline:
         return names
 
     def offload_cached_encoders(self):
-        """Move :meth:`encoders_to_offload` to the CPU (on a GPU run; nothing to free on a CPU one)
-        and release the memory they held -> the names moved. :meth:`encoder_on_device` brings one back."""
-        if self.device.type == "cpu":
-            return []
-        names = [name for name in self.encoders_to_offload() if name not in self.offloaded]
-        for name in names:
-            getattr(self.model, name).to("cpu")
-            self.offloaded.add(name)
-        if names and self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        return names
+        """Move :meth:`encoders_to_offload` off the GPU (:meth:`~mmcore.engine.build.RunModel.offload`)
+        -> the names moved; :meth:`encoder_on_device` brings one back."""
+        return self.built.offload(self.encoders_to_offload())
 
     def encoder_on_device(self, name):
-        """Encoder ``name`` (``vision``/``text``) back on the run's device if it was offloaded
-        (a split not cached yet, the report's saliency) -> the encoder."""
-        encoder = getattr(self.model, name)
-        if name in self.offloaded:
-            encoder.to(self.device)
-            self.offloaded.discard(name)
-        return encoder
+        """Encoder ``name`` back on the run's device if it was offloaded -> the encoder."""
+        return self.built.encoder_on_device(name)
 
     def _log(self, message):
         self.cache_log.append(message)
@@ -410,47 +360,6 @@ class Pipeline:
             batch_sampler=batch_sampler,
             pin_memory=self.device.type == "cuda",
         )
-
-
-def apply_backend_settings(train, device):
-    """``train.tf32`` and ``train.cudnn_benchmark`` (off under ``deterministic``), set where the
-    engine picks its device: they only matter on CUDA, and are the documented defaults there."""
-    if device.type != "cuda":
-        return
-    torch.backends.cuda.matmul.allow_tf32 = bool(train.tf32)
-    torch.backends.cudnn.allow_tf32 = bool(train.tf32)
-    torch.backends.cudnn.benchmark = bool(train.cudnn_benchmark and not train.deterministic)
-
-
-def enable_gradient_checkpointing(encoder):
-    """Turn on activation checkpointing in a trainable vision encoder -> whether it could
-    (:meth:`~mmcore.interfaces.VisionEncoder.enable_gradient_checkpointing`); an encoder that
-    cannot gets one warning line and trains without it."""
-    if encoder.enable_gradient_checkpointing():
-        return True
-    warn(
-        f"warning: train.gradient_checkpointing = true: vision encoder {encoder.name!r} supports neither "
-        "gradient_checkpointing_enable (HF) nor set_grad_checkpointing (timm); training without it"
-    )
-    return False
-
-
-def freeze_text_encoder(encoder):
-    """The one place text encoders are frozen: no gradients, eval mode (the engine's
-    ``set_train_mode`` keeps frozen encoders in eval mode after every ``model.train()``)."""
-    encoder.requires_grad_(False)
-    encoder.eval()
-    return encoder
-
-
-def fold_rank_into_seed(seed, deterministic=False):
-    """After the model is built (identically on every rank): give each rank its own random
-    stream, so dropout and modality-dropout masks differ across ranks.
-
-    Rank 0 keeps the stream it has, so a one-process run is unchanged by this.
-    """
-    if rank() > 0:
-        seed_everything(derive_seed(seed, 0, rank()), deterministic)
 
 
 def fill_in_parallel(fill, store, keys):

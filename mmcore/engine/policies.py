@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from mmcore.engine.runtime import all_gather_objects, all_reduce_, any_rank, is_distributed
+from mmcore.dist import all_gather_objects, all_reduce_, any_rank, is_distributed
 from mmcore.errors import DataError, RunError
 
 

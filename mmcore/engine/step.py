@@ -12,7 +12,8 @@ import contextlib
 
 import torch
 
-from mmcore.engine.runtime import all_reduce_, autocast, loss_scaler, to_device, world_size
+from mmcore.dist import all_reduce_, world_size
+from mmcore.engine.runtime import autocast, loss_scaler, to_device
 
 #: cached vectors that arrive as float16 (half the bytes through the loader) and are upcast here;
 #: cached token sequences stay float16 on the device: the pooling takes them as they are
@@ -26,7 +27,7 @@ def prepare_batch(batch, device, channels_last=False):
     float16 cached vectors are upcast here, on the device; cached token sequences stay float16
     (with ``vision_mask`` None when they are all of one length), as the pooling contract says;
     uint8 pixels stay uint8 (the classifier normalises them,
-    :func:`mmcore.data.dataset.device_pixels`), so the host only ever copies the small form.
+    :func:`mmcore.model.classifier.device_pixels`), so the host only ever copies the small form.
     """
     batch = to_device(batch, device)
     vision = batch.get("vision")

@@ -11,13 +11,13 @@ import functools
 import io
 import random
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from mmcore.engine.averaging import WeightEMA, average_states, greedy_soup, load_soup_state_, soup_state
-from mmcore.store.root import warn
+from mmcore.dist import all_gather_objects, broadcast_tensors_, is_main, world_size
+from mmcore.dist import rank as runtime_rank
+from mmcore.engine.averaging import WeightEMA, load_soup_state_, soup_state
 from mmcore.engine.checkpoint import load_model_state, make_checkpoint, model_state_keys, read_checkpoint, save_checkpoint
 from mmcore.engine.inference import predict, sigmoid
 from mmcore.engine.loggers import Loggers
@@ -26,25 +26,21 @@ from mmcore.engine.outputs import write_evaluation
 from mmcore.engine.parallel import batch_summary, compile_variable_axes, small_batch_warning, training_module
 from mmcore.engine.pipeline import Pipeline
 from mmcore.engine.policies import BadImages
-from mmcore.engine.runtime import all_gather_objects, broadcast_tensors_, describe_precision, is_main, precision_name, world_size
-from mmcore.engine.runtime import rank as runtime_rank
+from mmcore.engine.runtime import describe_precision, precision_name
 from mmcore.engine.sampling import EpochBatchSampler, SeededItems, ShardSampler, balanced_weights, derive_seed
+from mmcore.engine.selection import Selection
 from mmcore.engine.step import prepare_batch
 from mmcore.errors import MmcoreError, RunError
 from mmcore.evaluation.calibration import fit_temperature
 from mmcore.evaluation.metrics import binary_metrics
 from mmcore.evaluation.threshold import parse_threshold_rule, tune_threshold
 from mmcore.kit.health import first_batch_problems
-from mmcore.model.classifier import build_component
+from mmcore.model.components import build_component
 from mmcore.model.trainability import parameter_groups, trainable_summary
 from mmcore.plugins.build import reported_failures
 from mmcore.recipe import recipe_to_dict
-from mmcore.rundir import BEST, LAST, require_same_recipe
-
-
-def metric_mode(metric):
-    """Losses are minimized, everything else maximized."""
-    return "min" if metric.endswith("loss") or metric.endswith("brier") or metric.endswith("ece") else "max"
+from mmcore.rundir import RunDir, require_same_recipe
+from mmcore.store.root import warn
 
 
 def epoch_metrics(logits, labels, loss_fn, prefix="val"):
@@ -120,14 +116,24 @@ def _gather_rng_states():
 class TrainingRun:
     """Everything one training run holds; its state round-trips through ``last.ckpt``."""
 
-    def __init__(self, recipe, registry, splits, run_dir, recipe_path, progress, echo, duplicates=None, on_epoch_end=None):
+    def __init__(self, recipe, registry, splits, run_dir, recipe_path, progress, echo, duplicates=None, on_epoch_end=None,
+                 *, score_split):
         """``on_epoch_end(epoch, metrics)``: called on every rank after each epoch's validation (its
         checkpoints written) with that epoch's validation metrics; returning True stops training
-        there and the run finishes with its best epoch so far (``mmcore tune`` prunes with it)."""
+        there and the run finishes with its best epoch so far (``mmcore tune`` prunes with it).
+
+        ``score_split(run_model, split, *, decision, source, progress, desc) -> (positions, logits,
+        bad lines)``: how the test split is scored at the end, on every rank (each its share under
+        torchrun, every rank getting all of them): the scoring path's
+        :func:`mmcore.scoring.run.score_split`, which ``mmcore eval`` scores with too. The caller
+        (``mmcore run``) passes it: the engine sits below the scoring path.
+        """
         self.on_epoch_end = on_epoch_end
+        self.score_split = score_split
         self.recipe = recipe
         self.registry = registry
-        self.run_dir = Path(run_dir)
+        #: the run directory (:class:`~mmcore.rundir.RunDir`): its checkpoints are ``run_dir.best`` and ``run_dir.last``
+        self.run_dir = RunDir(run_dir)
         self.recipe_path = recipe_path
         self.progress = progress
         self.echo = echo
@@ -140,16 +146,10 @@ class TrainingRun:
         self.epoch = 1
         self.skip_batches = 0
         self.loss_totals = (0.0, 0)
-        self.best_value = None
-        self.best_epoch = 0
-        self.best_metrics = {}
-        self.since_best = 0
         self.history = []
         self.best_state = None  # rank 0: the selected epoch's model state, kept in memory
-        self.selected_weights = "raw"  # or "ema": which weights of the best epoch won
-        # train.soup: the top soup_k (value, epoch, weights, trainable state on the CPU), best first
-        self.soup_pool = []
-        self.soup = None  # what results.json says about the soup
+        #: the best epoch, its weights (raw or EMA), patience and the soup pool
+        self.selection = Selection(recipe.train.early_stopping.metric, soup=recipe.train.soup, soup_k=recipe.train.soup_k)
         self._setup(splits)
 
     def _setup(self, splits):
@@ -158,8 +158,10 @@ class TrainingRun:
         model = pipeline.model
         pipeline.fit_encoders(splits["train"])
         self.bad_images = BadImages(recipe.data.on_bad_image)
+        #: the test split, scored at the end by the scoring path (raw rows, float32: what ``mmcore eval`` computes)
+        self.test_split = splits["test"]
         self.datasets = {}
-        for name in ("train", "val", "test"):
+        for name in ("train", "val"):
             dataset, split, errors = pipeline.dataset(splits[name], train=name == "train")
             if errors:
                 self.bad_images.check({"errors": errors}, name)
@@ -188,9 +190,6 @@ class TrainingRun:
         self.val_loader = pipeline.loader(
             self.datasets["val"][0], sampler=ShardSampler(len(self.datasets["val"][0]), rank, world)
         )
-        self.test_loader = pipeline.loader(
-            self.datasets["test"][0], sampler=ShardSampler(len(self.datasets["test"][0]), rank, world)
-        )
         if self.main:  # a dead encoder (features near zero or constant), or a plugin's bug, is said before training
             prepare = functools.partial(prepare_batch, device=pipeline.device, channels_last=pipeline.channels_last)
             with reported_failures(model.plugin_parts(), "on the first batch"):
@@ -210,7 +209,7 @@ class TrainingRun:
         self.ema = WeightEMA(model, recipe.train.ema.decay) if recipe.train.ema is not None else None
         steps = total_steps(len(self.train_loader), recipe.train.grad_accum_steps, recipe.train.epochs)
         self.scheduler = build_component(self.registry, "scheduler", recipe.scheduler, self.optimizer, steps, source=source)
-        self.writer = Loggers(recipe, self.run_dir, self.recipe_dict) if self.main else None
+        self.writer = Loggers(recipe, self.run_dir.path, self.recipe_dict) if self.main else None
         # every split's features are cached by now: what only computed them leaves the GPU
         offloaded = pipeline.offload_cached_encoders()
         train_model = training_module(model, recipe.train, device=pipeline.device, world=world, offloaded=offloaded,
@@ -232,7 +231,7 @@ class TrainingRun:
             progress=self.progress,
             channels_last=pipeline.channels_last,
             on_step=self._on_step,
-            last_checkpoint=self.run_dir / LAST,
+            last_checkpoint=self.run_dir.last,
             ema=self.ema,
         )
 
@@ -244,7 +243,7 @@ class TrainingRun:
             self.pipeline.model,
             recipe_dict=self.recipe_dict,
             epoch=self.epoch,
-            metrics=self.best_metrics,
+            metrics=self.selection.best_metrics,
             extra={
                 "kind": "last",
                 "epoch_complete": epoch_complete,
@@ -258,12 +257,9 @@ class TrainingRun:
                 "rng": _rng_state(),
                 # every rank's own stream (ranks > 0 draw their own dropout masks)
                 **({"rng_ranks": rng_ranks} if rng_ranks and len(rng_ranks) > 1 else {}),
-                "best": {"value": self.best_value, "epoch": self.best_epoch, "metrics": self.best_metrics},
-                "since_best": self.since_best,
+                **self.selection.state_dict(),
                 "history": self.history,
-                "selected_weights": self.selected_weights,
                 **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
-                "soup_pool": self.soup_pool,
             },
         )
 
@@ -273,12 +269,12 @@ class TrainingRun:
         self.trainer.settle()
         rng_ranks = _gather_rng_states() if world_size() > 1 else None
         if self.main:
-            save_checkpoint(self.run_dir / LAST, self.state_dict(epoch_complete=epoch_complete, rng_ranks=rng_ranks))
+            save_checkpoint(self.run_dir.last, self.state_dict(epoch_complete=epoch_complete, rng_ranks=rng_ranks))
 
     def load_state(self, state):
-        require_same_recipe(state.get("recipe"), self.recipe_dict, where=self.run_dir / LAST, said="saved with another recipe",
+        require_same_recipe(state.get("recipe"), self.recipe_dict, where=self.run_dir.last, said="saved with another recipe",
                             added_ok=True)
-        load_model_state(self.pipeline.model, state, path=str(self.run_dir / LAST))
+        load_model_state(self.pipeline.model, state, path=str(self.run_dir.last))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         trainer = self.trainer
@@ -286,12 +282,8 @@ class TrainingRun:
             trainer.step.scaler.load_state_dict(state["grad_scaler"])
         trainer.global_step = state["global_step"]
         trainer.skipped_nan_steps = state["skipped_nan_steps"]
-        best = state["best"]
-        self.best_value, self.best_epoch, self.best_metrics = best["value"], best["epoch"], best["metrics"]
-        self.since_best = state["since_best"]
+        self.selection.load_state_dict(state)
         self.history = list(state["history"])
-        self.selected_weights = state.get("selected_weights", "raw")
-        self.soup_pool = list(state.get("soup_pool", []))
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         if state["epoch_complete"]:
@@ -315,7 +307,7 @@ class TrainingRun:
         """The selected epoch's weights on every rank: rank 0 holds them (in memory, or in
         checkpoint_best.ckpt after a resume) and broadcasts them; no other rank reads a file,
         so ranks need no shared output directory."""
-        path, model = self.run_dir / BEST, self.pipeline.model
+        path, model = self.run_dir.best, self.pipeline.model
         if self.main:
             ckpt = {"model": self.best_state} if self.best_state is not None else read_checkpoint(path)
             load_model_state(model, ckpt, path=str(path))
@@ -336,23 +328,18 @@ class TrainingRun:
             self._train_epochs()
         finally:
             self.trainer.release_data_parallel()
-        recipe = self.recipe
-        metric = recipe.train.early_stopping.metric
-        mode = metric_mode(metric)
-        if self.best_epoch == 0:
-            raise RunError(f"{metric} was never computed (validation has one class?); no checkpoint selected")
-        if recipe.train.soup != "none" and self.soup_pool:
-            self._make_soup(metric, _better(mode))
+        if self.selection.best_epoch == 0:
+            raise RunError(f"{self.selection.metric} was never computed (validation has one class?); no checkpoint selected")
+        if self.selection.makes_soup:
+            self._make_soup()
         return self.finish()
 
     def _train_epochs(self):
         """Epochs until ``train.epochs``, early stopping, a stop request or ``on_epoch_end``."""
-        recipe, trainer, model = self.recipe, self.trainer, self.pipeline.model
-        metric = recipe.train.early_stopping.metric
-        mode = metric_mode(metric)
-        patience = recipe.train.early_stopping.patience
+        recipe, trainer, selection = self.recipe, self.trainer, self.selection
+        metric, patience = selection.metric, recipe.train.early_stopping.patience
         while self.epoch <= recipe.train.epochs:
-            if patience and self.since_best >= patience:
+            if selection.patience_spent(patience):
                 break
             epoch = self.epoch
             epoch_start = time.perf_counter()
@@ -365,60 +352,25 @@ class TrainingRun:
             if not completed:
                 self.save_last(epoch_complete=False)
                 stop = Interrupted(
-                    f"stopped at epoch {epoch}, step {trainer.global_step}; state saved in {self.run_dir / LAST}. "
+                    f"stopped at epoch {epoch}, step {trainer.global_step}; state saved in {self.run_dir.last}. "
                     f"Resume with: mmcore run --resume {self.run_dir}"
                 )
                 stop.exit_code = 128 + int(self.stop_signal or 2)
                 raise stop
-            _, val_logits, val_labels = self.predict(self.val_loader, "val")
-            metrics = epoch_metrics(val_logits, val_labels, self.loss_fn)
-            if metric not in metrics:
-                raise MmcoreError(
-                    f"{self.recipe_path}: train.early_stopping.metric: unknown metric {metric!r} "
-                    f"(one of {', '.join(metrics)})"
-                )
-            candidates = [("raw", metrics)]
-            if self.ema is not None:  # the EMA weights are validated like the raw ones
-                with self.ema.applied():
-                    _, ema_logits, ema_labels = self.predict(self.val_loader, "val")
-                candidates.append(("ema", epoch_metrics(ema_logits, ema_labels, self.loss_fn)))
+            candidates = self._validate()
+            metrics = candidates[0][1]
             row = {"epoch": epoch, "train_loss": train_loss, **metrics}
             if self.ema is not None:
                 row.update({f"ema_{key}": value for key, value in candidates[1][1].items()})
             row["epoch_time_s"] = time.perf_counter() - epoch_start
             self.history.append(row)
-            if self.writer is not None:  # on the global step, as train/*, so the curves overlay
-                step = trainer.global_step
-                for key, value in metrics.items():
-                    if value is not None:
-                        self.writer.add_scalar(f"val/{key.removeprefix('val_')}", value, step)
-                for key, value in candidates[1][1].items() if self.ema is not None else ():
-                    if value is not None:
-                        self.writer.add_scalar(f"val_ema/{key.removeprefix('val_')}", value, step)
-                self.writer.add_scalar("train/epoch_loss", train_loss, step)
-                self.writer.add_scalar("epoch", epoch, step)
-                self.writer.flush()
-            better = _better(mode)
-            weights, metrics = candidates[0]
-            for kind, candidate in candidates[1:]:  # ties go to the raw weights
-                if better(candidate[metric], metrics[metric]):
-                    weights, metrics = kind, candidate
-            value = metrics[metric]
-            improved = better(value, self.best_value)
-            if recipe.train.soup != "none":
-                for kind, candidate in candidates:
-                    self._offer_to_soup(candidate[metric], epoch, kind, better)
-            if improved:
-                self.best_value, self.best_epoch, self.best_metrics = value, epoch, metrics
-                self.selected_weights = weights
-                if self.main:
-                    with self._weights(weights):
-                        best = make_checkpoint(model, recipe_dict=self.recipe_dict, epoch=epoch, metrics=metrics)
-                    save_checkpoint(self.run_dir / BEST, best)
-                    self.best_state = best["model"]
-                self.since_best = 0
-            else:
-                self.since_best += 1
+            self._log_epoch(train_loss, epoch, candidates)
+            weights, metrics, improved = selection.offer(epoch, candidates, state_of=self._soup_state)
+            if improved and self.main:
+                with self._weights(weights):
+                    best = make_checkpoint(self.pipeline.model, recipe_dict=self.recipe_dict, epoch=epoch, metrics=metrics)
+                save_checkpoint(self.run_dir.best, best)
+                self.best_state = best["model"]
             if self.progress:
                 shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
                 rate = f" samples/s={trainer.samples_per_s:.1f}" if trainer.samples_per_s is not None else ""
@@ -426,11 +378,40 @@ class TrainingRun:
             self.save_last(epoch_complete=True)
             self.epoch += 1
             if self.on_epoch_end is not None and self.on_epoch_end(epoch, dict(metrics)):
-                self.echo(f"stopped after epoch {epoch} by on_epoch_end (best epoch {self.best_epoch})")
+                self.echo(f"stopped after epoch {epoch} by on_epoch_end (best epoch {selection.best_epoch})")
                 break
-            if patience and self.since_best >= patience:
-                self.echo(f"early stopping: {metric} has not improved for {patience} epochs (best epoch {self.best_epoch})")
+            if selection.patience_spent(patience):
+                self.echo(f"early stopping: {metric} has not improved for {patience} epochs (best epoch {selection.best_epoch})")
                 break
+
+    def _validate(self):
+        """This epoch's candidates, ``[("raw", metrics)]`` and, with an EMA, ``("ema", metrics)`` validated alike."""
+        _, logits, labels = self.predict(self.val_loader, "val")
+        metrics = epoch_metrics(logits, labels, self.loss_fn)
+        metric = self.selection.metric
+        if metric not in metrics:
+            raise MmcoreError(
+                f"{self.recipe_path}: train.early_stopping.metric: unknown metric {metric!r} (one of {', '.join(metrics)})"
+            )
+        candidates = [("raw", metrics)]
+        if self.ema is not None:
+            with self.ema.applied():
+                _, logits, labels = self.predict(self.val_loader, "val")
+            candidates.append(("ema", epoch_metrics(logits, labels, self.loss_fn)))
+        return candidates
+
+    def _log_epoch(self, train_loss, epoch, candidates):
+        """The epoch's validation on the global step, as train/*, so the curves overlay (rank 0)."""
+        if self.writer is None:
+            return
+        step = self.trainer.global_step
+        for prefix, (_, metrics) in zip(("val", "val_ema"), candidates):
+            for key, value in metrics.items():
+                if value is not None:
+                    self.writer.add_scalar(f"{prefix}/{key.removeprefix('val_')}", value, step)
+        self.writer.add_scalar("train/epoch_loss", train_loss, step)
+        self.writer.add_scalar("epoch", epoch, step)
+        self.writer.flush()
 
     # -- EMA and soups ----------------------------------------------------------------------
 
@@ -438,49 +419,26 @@ class TrainingRun:
         """The model holds ``kind`` ("raw" or "ema") weights inside the block."""
         return self.ema.applied() if kind == "ema" else contextlib.nullcontext()
 
-    def _offer_to_soup(self, value, epoch, kind, better):
-        """Keep this epoch's ``kind`` weights if they are among the top ``soup_k`` (CPU copies of
-        the trainable weights and the batch-norm statistics)."""
-        if value is None:
-            return
-        k, pool = self.recipe.train.soup_k, self.soup_pool
-        place = next((i for i, entry in enumerate(pool) if better(value, entry["value"])), len(pool))
-        if place >= k:
-            return
+    def _soup_state(self, kind):
+        """The model's soup state (trainable weights and batch-norm statistics, on the CPU) under ``kind`` weights."""
         with self._weights(kind):
-            state = soup_state(self.pipeline.model)
-        pool.insert(place, {"value": value, "epoch": epoch, "weights": kind, "state": state})
-        del pool[k:]
+            return soup_state(self.pipeline.model)
 
-    def _make_soup(self, metric, better):
-        """Average the pooled epochs (uniform, or greedily by validation); the soup becomes the selected model."""
-        model, pool, method = self.pipeline.model, self.soup_pool, self.recipe.train.soup
+    def _make_soup(self):
+        """The soup of the pooled epochs becomes the selected model (and ``checkpoint_best.ckpt``)."""
+        model = self.pipeline.model
 
         def validate(state):
             load_soup_state_(model, state)
             _, logits, labels = self.predict(self.val_loader, "val")
             return epoch_metrics(logits, labels, self.loss_fn)
 
-        states = [entry["state"] for entry in pool]
-        if method == "greedy":
-            soup, chosen, metrics = greedy_soup(states, validate, lambda new, old: better(new[metric], old[metric]))
-        else:
-            soup, chosen = average_states(states), list(range(len(states)))
-            metrics = validate(soup)
+        soup, metrics = self.selection.make_soup(validate)
         load_soup_state_(model, soup)
-        self.best_metrics = metrics
-        self.soup = {
-            "method": method,
-            "k": self.recipe.train.soup_k,
-            "members": [{"epoch": pool[i]["epoch"], "weights": pool[i]["weights"], metric: pool[i]["value"]} for i in chosen],
-            "candidates": [{"epoch": e["epoch"], "weights": e["weights"], metric: e["value"]} for e in pool],
-            "val": metrics,
-        }
         if self.main:
-            best = make_checkpoint(
-                model, recipe_dict=self.recipe_dict, epoch=self.best_epoch, metrics=metrics, extra={"soup": self.soup}
-            )
-            save_checkpoint(self.run_dir / BEST, best)
+            best = make_checkpoint(model, recipe_dict=self.recipe_dict, epoch=self.selection.best_epoch, metrics=metrics,
+                                   extra={"soup": self.selection.soup})
+            save_checkpoint(self.run_dir.best, best)
             self.best_state = best["model"]
 
     def finish(self):
@@ -489,18 +447,20 @@ class TrainingRun:
         self._load_best()
         _, val_logits, val_labels = self.predict(self.val_loader, "val")
         decision = fit_decision(recipe, val_logits, val_labels)
-        test_indices, test_logits, test_labels = self.predict(self.test_loader, "test")
+        test_indices, test_logits = self.score_test(decision)
+        test_labels = self.test_split.label_array()[test_indices]
         if not self.main:
             return {}
+        selection = self.selection
         summary = {
             "experiment": recipe.experiment,
             "run_dir": str(self.run_dir),
-            "selected_epoch": self.best_epoch,
-            "selection_metric": recipe.train.early_stopping.metric,
-            "selected_weights": self.selected_weights,
-            **({"soup": self.soup} if self.soup is not None else {}),
+            "selected_epoch": selection.best_epoch,
+            "selection_metric": selection.metric,
+            "selected_weights": selection.selected_weights,
+            **({"soup": selection.soup} if selection.soup is not None else {}),
             "epochs_trained": len(self.history),
-            "val": self.best_metrics,
+            "val": selection.best_metrics,
             "history": self.history,
             "data": {
                 # cached features drop bad images from the split up front; online, they are skipped per batch
@@ -519,7 +479,7 @@ class TrainingRun:
         }
         results, _ = write_evaluation(
             self.run_dir,
-            split=self.datasets["test"][1],
+            split=self.test_split,
             indices=test_indices,
             logits=test_logits,
             labels=test_labels,
@@ -527,30 +487,30 @@ class TrainingRun:
             summary=summary,
             history=self.history,
             title=f"mmcore — {recipe.experiment}",
-            pipeline=self.pipeline,
+            # the explanations run the model once more over the test rows: raw rows, as they were scored
+            pipeline=Pipeline(recipe, self.registry, progress=self.progress, one_pass=True, use_cache=False,
+                              built=self.pipeline.built),
         )
         ckpt = make_checkpoint(
-            model, recipe_dict=self.recipe_dict, epoch=self.best_epoch, metrics=self.best_metrics,
-            extra={"decision": decision, **({"soup": self.soup} if self.soup is not None else {})},
+            model, recipe_dict=self.recipe_dict, epoch=selection.best_epoch, metrics=selection.best_metrics,
+            extra={"decision": decision, **({"soup": selection.soup} if selection.soup is not None else {})},
         )
-        save_checkpoint(self.run_dir / BEST, ckpt)
+        save_checkpoint(self.run_dir.best, ckpt)
         if self.writer is not None:
             _log_hparams(self.writer, self.recipe_dict, results)
-            _log_pr_curve(self.writer, test_logits, test_labels, self.best_epoch)
+            _log_pr_curve(self.writer, test_logits, test_labels, selection.best_epoch)
             self.writer.log_results(results)
             self.writer.close()
         return results
 
-
-def _better(mode):
-    """``better(new, old)``: strictly better in ``mode``; a missing value is never better, anything beats none."""
-
-    def better(new, old):
-        if new is None:
-            return False
-        return old is None or (new > old if mode == "max" else new < old)
-
-    return better
+    def score_test(self, decision):
+        """The test split's ``(positions, logits)``, scored as ``mmcore eval`` scores it: by the
+        scoring path (``score_split``, see :class:`TrainingRun`), the selected model in float32 from the
+        raw rows, never through the feature cache. Unreadable images follow ``data.on_bad_image``."""
+        positions, logits, bad = self.score_split(self.pipeline.built, self.test_split, decision=decision,
+                                                  source=self.run_dir, progress=self.progress, desc="test")
+        self.bad_images.check({"errors": list(bad)}, "test")
+        return positions, logits
 
 
 def fit_decision(recipe, val_logits, val_labels):

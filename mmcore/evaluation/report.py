@@ -31,7 +31,6 @@ MAX_ERRORS = 300
 MAX_CORRECT = 100
 THUMB_SIZE = 200
 LARGE_SIZE = 640  # an ad's small print is legible at this size
-OUTCOMES = ("FP", "FN", "TP", "TN")
 
 
 def _text(value):

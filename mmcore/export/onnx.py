@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmcore.devices import DeviceUnavailable, cuda_index, parse_device
+from mmcore.engine.runtime import torch_device
 from mmcore.errors import RunError
 from mmcore.export import FORMATS  # noqa: F401 - defined without torch for the CLI, re-exported here
 from mmcore.export.bundle import EXTERNAL_DATA, GRAPH_FILES  # noqa: F401 - GRAPH_FILES re-exported
@@ -310,18 +312,33 @@ def external_locations(model):
     return found
 
 
+#: the install line of the GPU build of onnxruntime (it replaces the CPU build; never both)
+GPU_INSTALL = "bash scripts/install.sh --gpu (or pip uninstall onnxruntime && pip install 'mmcore[serve-gpu]')"
+
+
+def onnx_providers(spec, available):
+    """onnxruntime's providers for ``spec`` given the ``available`` ones (``get_available_providers()``)."""
+    spec = parse_device(spec)
+    cuda = "CUDAExecutionProvider" in available
+    if spec == "cpu" or (spec == "auto" and not cuda):
+        return ["CPUExecutionProvider"]
+    if not cuda:
+        raise DeviceUnavailable(
+            f"--device {spec}: this onnxruntime has no CUDAExecutionProvider (it has {', '.join(available)}); "
+            f"install the GPU build: {GPU_INSTALL}")
+    return [("CUDAExecutionProvider", {"device_id": cuda_index(spec) if spec != "auto" else 0}), "CPUExecutionProvider"]
+
+
 class GraphRunner:
     """Runs an exported graph on numpy inputs: onnxruntime for ONNX, torch.jit for TorchScript.
 
-    ``device``: ``auto``/``cpu``/``cuda[:N]`` (:mod:`mmcore.export.devices`); CUDA asked for and
+    ``device``: ``auto``/``cpu``/``cuda[:N]`` (:func:`mmcore.engine.runtime.parse_device`); CUDA asked for and
     not there is one line, never a CPU fallback. ``external_data``: the one external data file
     the graph may refer to (the bundle lists it); an ONNX graph whose tensors point anywhere
     else is refused before onnxruntime opens it.
     """
 
     def __init__(self, path, fmt, *, device="auto", external_data=None):
-        from mmcore.export.devices import onnx_providers, parse_device, torch_device
-
         path = Path(path)
         self.format = fmt
         self.requested = parse_device(device)
@@ -337,8 +354,6 @@ class GraphRunner:
                 raise BundleError(f"{path}: onnxruntime cannot open it ({_one_line(exc)})") from None
             wanted = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
             if wanted not in self.session.get_providers():  # onnxruntime falls back quietly when CUDA fails to load
-                from mmcore.export.devices import GPU_INSTALL, DeviceUnavailable
-
                 raise DeviceUnavailable(f"--device {self.requested}: onnxruntime could not start {wanted} "
                                         f"(running on {', '.join(self.session.get_providers())}); check the CUDA "
                                         f"and cuDNN libraries onnxruntime-gpu needs, or {GPU_INSTALL}")

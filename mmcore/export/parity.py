@@ -1,9 +1,9 @@
 """The parity gate: an exported bundle must score real rows as the PyTorch run does.
 
-Both sides start from the raw image files and texts of the same rows: the run through its
-own pipeline (``score_with_run``: the code path of ``mmcore eval`` and ``predict``) in float32
-whatever precision it trained in, the bundle through
-:class:`~mmcore.export.scoring.BundleScorer` (onnxruntime, float32). The figures go to
+Both sides score the same rows through the one scoring path (:func:`mmcore.scoring.rows.score_rows`,
+the code path of ``mmcore eval`` and ``predict``), from the raw image files and texts: the run by
+:class:`~mmcore.scoring.run.RunScorer` in float32 whatever precision it trained in, the bundle by
+:class:`~mmcore.scoring.bundle.BundleScorer` (onnxruntime, float32). The figures go to
 ``parity.json``; beyond tolerance the export fails with one line naming the worst row. How far
 the run's own training precision (bf16 autocast on a GPU) is from float32 is measured too, and
 reported beside the gate as information (:func:`precision_deviation`): it never decides.
@@ -80,8 +80,16 @@ class ParityReport:
 
 
 def compare(scorer, split, torch_logits, *, score_tol, min_agreement, batch_size=16):
-    """Score ``split``'s rows through ``scorer`` (a bundle) and compare with ``torch_logits`` (same order)."""
-    bundle_logits = score_split_rows(scorer, split, batch_size=batch_size)
+    """Score ``split``'s rows through ``scorer`` (a bundle) and compare with ``torch_logits`` (same order).
+
+    ``split``: the rows the run scored, with the texts it scored them with (none is read again).
+    """
+    from mmcore.scoring.rows import collect, score_rows
+
+    scored = collect(score_rows(scorer, split, batch_size=batch_size, fill_text=False, on_bad_image="skip"))
+    if len(scored.positions) != len(split):
+        raise RunError(f"{split.csv}: the bundle could not read {scored.skipped} image(s) the run read: {scored.bad[0]}")
+    bundle_logits = scored.logits
     torch_logits = np.asarray(torch_logits, dtype=np.float64)
     raw_t, cal_t, dec_t = scorer.decide(torch_logits)
     raw_b, cal_b, dec_b = scorer.decide(bundle_logits)
@@ -110,19 +118,6 @@ def compare(scorer, split, torch_logits, *, score_tol, min_agreement, batch_size
         csv=str(split.csv),
         borderline=int((~decided).sum()),
     )
-
-
-def score_split_rows(scorer, split, *, batch_size=16):
-    """Logits of every row of ``split`` through ``scorer``, images read from their files."""
-    out = []
-    for start in range(0, len(split), batch_size):
-        stop = min(start + batch_size, len(split))
-        items = None
-        if scorer.uses_vision:
-            items = [scorer.preprocess(scorer.load_image(split.paths[i])) for i in range(start, stop)]
-        texts = list(split.texts[start:stop]) if scorer.uses_text else None
-        out.append(scorer.logits(items, texts))
-    return np.concatenate(out) if out else np.zeros(0)
 
 
 def precision_deviation(scorer, fp32_logits, trained_logits, *, precision):

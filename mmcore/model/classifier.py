@@ -15,16 +15,22 @@ and returns a :class:`~mmcore.interfaces.ModelOutput`.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import nn
 
-from mmcore.builtin.projection import UnimodalProjection
-from mmcore.data.dataset import device_pixels
 from mmcore.errors import RecipeError
 from mmcore.interfaces import Fusion, FusionOutput, ModelOutput
-from mmcore.plugins.build import build
+from mmcore.model.components import build_encoders, build_top
+from mmcore.model.size import size_problem
+
+
+def device_pixels(vision, preprocessing):
+    """The encoder's inputs with uint8 ``pixel_values`` normalised (where they are: on the
+    device after the copy); float pixels (a NaFlex preprocessing, explain's gradients) pass."""
+    pixels = vision.get("pixel_values")
+    if pixels is None or pixels.dtype != torch.uint8:
+        return vision
+    return {**vision, "pixel_values": preprocessing.normalize(pixels)}
 
 
 class Classifier(nn.Module):
@@ -105,45 +111,12 @@ def _drop_modality(vision, text, p):
     return vision * keep_v, text * keep_t
 
 
-def build_component(registry, kind, component, *args, source="recipe", **kwargs):
-    """Build the recipe's ``component`` table of ``kind`` (see :func:`build_with_traits`)."""
-    return build_with_traits(registry, kind, component, *args, source=source, **kwargs)[0]
-
-
-def build_with_traits(registry, kind, component, *args, source="recipe", **kwargs):
-    """``(component, its traits)`` from the registered factory and the table's structured params.
-
-    A factory that raises is one line naming the plugin (:func:`mmcore.plugins.build.build`).
-    """
-    registration = registry.get(kind, component.name)
-    if _takes_registry(registration.factory):
-        kwargs["registry"] = registry  # composite components build their parts through it
-    return build(registration, component.params, *args, source=source, **kwargs)
-
-
-def _takes_registry(factory):
-    try:
-        return "registry" in inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def build_encoders(recipe, registry, *, source="recipe"):
-    """(vision encoder or None, text encoder or None) for the recipe's modality."""
-    modality = recipe.train.modality
-    vision = build_component(registry, "vision", recipe.vision, source=source) if modality != "text_only" else None
-    text = build_component(registry, "text", recipe.text, source=source) if modality != "vision_only" else None
-    return vision, text  # the engine's Pipeline freezes the text encoder
-
-
 def build_classifier(recipe, registry, *, source="recipe"):
     """The whole model (trainability of the vision encoder applied by the engine).
 
     The parts after the encoders are measured first (on the meta device): parameters that cannot
     fit in memory are a recipe error naming the key, not an allocator's traceback.
     """
-    from mmcore.model.size import size_problem
-
     vision, text = build_encoders(recipe, registry, source=source)
     dims = {
         "vision_dim": vision.out_dim if vision is not None else None,
@@ -164,23 +137,3 @@ def build_classifier(recipe, registry, *, source="recipe"):
         modality_dropout=recipe.train.modality_dropout,
         component_labels={kind: registry.get(kind, table.name).label for kind, (table, part) in parts.items() if part is not None},
     )
-
-
-def build_top(recipe, registry, *, vision_dim, text_dim, has_cls_token, source="recipe"):
-    """The parts after encoders of these widths, built in the order random init draws them:
-    ``{"pooling", "fusion", "projection", "head"}`` (None where the modality has none)."""
-    modality = recipe.train.modality
-    top = {"pooling": None, "fusion": None, "projection": None, "head": None}
-    if vision_dim is not None:
-        top["pooling"] = build_component(registry, "pooling", recipe.pooling, vision_dim, has_cls_token, source=source)
-    if modality == "multimodal":
-        top["fusion"] = build_component(registry, "fusion", recipe.fusion, vision_dim, text_dim, source=source)
-        head_in = top["fusion"].out_dim
-    else:
-        in_dim = vision_dim if modality == "vision_only" else text_dim
-        top["projection"] = UnimodalProjection(in_dim, recipe.train.projection_dim or None)
-        head_in = top["projection"].out_dim
-    top["head"] = build_component(registry, "head", recipe.head, head_in, source=source)
-    if isinstance(top["fusion"], Fusion):
-        top["fusion"].init_head(top["head"])
-    return top

@@ -21,6 +21,7 @@ import attrs
 import torch
 
 from mmcore.errors import MmcoreError
+from mmcore.model.components import build_top
 
 GIB = 1 << 30
 #: the key a refusal names when no param of the part is to blame
@@ -82,13 +83,14 @@ def size_problem(recipe, registry, *, vision_dim, text_dim, has_cls_token, sourc
 
 def _part_bytes(recipe, registry, dims):
     """``{part: parameter bytes}`` of the parts after the encoders, built on the meta device; None
-    when a part cannot be built so (its factory refuses these widths, or needs real tensors)."""
-    from mmcore.model.classifier import build_top
-
+    when a part cannot be built so (its factory refuses these widths, or needs real tensors) or
+    builds something that is not a module (the real build says what is wrong with it)."""
     try:
         with torch.random.fork_rng(devices=[]), torch.device("meta"):
             parts = build_top(recipe, registry, **dims)
     except MmcoreError:  # the real build reports what is wrong with the recipe or the plugin
+        return None
+    if not all(isinstance(module, torch.nn.Module) for module in parts.values() if module is not None):
         return None
     return {name: parameter_bytes(module) for name, module in parts.items() if module is not None}
 

@@ -190,10 +190,17 @@ def _label(encoder):
     return repr(getattr(encoder, "name", "") or type(encoder).__name__)
 
 
-def _unwrap(model):
-    """The model inside a DistributedDataParallel (or similar ``.module``) wrapper."""
-    while not hasattr(model, "vision") and hasattr(model, "module"):
-        model = model.module  # DDP, and the compile wrapper inside it
+def is_frozen(module):
+    """True when no parameter of ``module`` trains."""
+    return module is not None and not any(p.requires_grad for p in module.parameters())
+
+
+def unwrap(model):
+    """The model inside its training wrappers, DistributedDataParallel and the compile wrapper
+    (:class:`~mmcore.engine.step.CompiledModel`), which both hold it as ``.module``; the model
+    itself when it is not wrapped. The one unwrapping rule of the engine and this module."""
+    while isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
     return model
 
 
@@ -235,7 +242,7 @@ def parameter_groups(model, *, head_lr, backbone_lr, lora_lr, weight_decay, laye
     :func:`block_depths`): depth d gets ``lr * layer_decay ** d`` and is named ``backbone.depthD``
     (``lora.depthD``), with ``depth`` in the group.
     """
-    model = _unwrap(model)
+    model = unwrap(model)
     vision = getattr(model, "vision", None)
     vision_ids = {id(p) for p in vision.parameters()} if vision is not None else set()
     trains = vision is not None and any(p.requires_grad for p in vision.parameters())
@@ -294,7 +301,7 @@ def load_lora_state_dict(encoder, state: dict) -> None:
 
 def trainable_summary(model) -> dict:
     """``{child: {"trainable": n, "total": m}}`` per top-level child, plus ``"all"``."""
-    model = _unwrap(model)
+    model = unwrap(model)
     summary = {}
     for name, child in model.named_children():
         params = list(child.parameters())

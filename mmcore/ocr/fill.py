@@ -17,9 +17,11 @@ import sys
 import attrs
 
 from mmcore.data.images import DEFAULT_MAX_IMAGE_BYTES
+from mmcore.data.memo import ImageHashes
 from mmcore.errors import MmcoreError
 from mmcore.ocr.engines import ImageReader, build_engine, check_engine, read_images
 from mmcore.store.ocr import OcrTexts
+from mmcore.store.root import cache_root
 
 
 def ocr_stage(splits, recipe, *, registry=None, hashes=None, progress=True):
@@ -27,7 +29,7 @@ def ocr_stage(splits, recipe, *, registry=None, hashes=None, progress=True):
 
     Does nothing without ``data.ocr``, for ``vision_only`` runs (no text branch) and for splits
     whose texts are all there. ``hashes`` are the run's shared image keys
-    (:class:`~mmcore.engine.features.ImageHashes`; by default one for this recipe).
+    (:class:`~mmcore.data.memo.ImageHashes`; by default one for this recipe).
     """
     ocr = recipe.data.ocr
     if ocr is None or recipe.train.modality == "vision_only":
@@ -35,10 +37,7 @@ def ocr_stage(splits, recipe, *, registry=None, hashes=None, progress=True):
     if all(text.strip() for split in splits.values() for text in split.texts):
         return dict(splits)
     if hashes is None:
-        from mmcore.engine.features import ImageHashes
-
         hashes = ImageHashes.for_recipe(recipe)
-    from mmcore.store.root import cache_root
 
     filled = {}
     for name, split in splits.items():

@@ -57,5 +57,3 @@ KIND_TABLE = (
 
 #: kind name -> :class:`Kind`
 KINDS = {kind.name: kind for kind in KIND_TABLE}
-#: hook name -> :class:`Kind`
-BY_HOOK = {kind.hook: kind for kind in KIND_TABLE}

@@ -75,6 +75,29 @@ def deep_merge(base, override):
     return merged
 
 
+def split_values(text):
+    """``"a,[1,2],'x,y'"`` -> ``["a", "[1,2]", "'x,y'"]``: commas inside brackets/quotes stay
+    (the values of ``--sweep KEY=V1,V2`` and of ``--sampler NAME:k=v,...``)."""
+    values, current, depth, quote = [], [], 0, None
+    for char in text:
+        if quote:
+            if char == quote:
+                quote = None
+        elif char in "\"'":
+            quote = char
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            values.append("".join(current).strip())
+            current = []
+            continue
+        current.append(char)
+    values.append("".join(current).strip())
+    return values
+
+
 def parse_override(text):
     """``"train.batch_size=32"`` -> (["train", "batch_size"], 32); values are TOML, else strings."""
     if "=" not in text:

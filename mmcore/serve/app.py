@@ -189,7 +189,7 @@ def configure_logging(config):
 
 def app_from_environment():
     """The uvicorn factory of each server process: the config comes as JSON in ``$MMCORE_SERVE_CONFIG``."""
-    from mmcore.engine.progress import progress_for
+    from mmcore.progress import progress_for
     from mmcore.serve.devices import worker_device
     from mmcore.serve.process import claim_worker_number, die_with_supervisor
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 from mmcore.errors import MmcoreError, RunError
 from mmcore.serve.config import ServeConfig
@@ -55,7 +56,7 @@ def serve(source, *, host="127.0.0.1", port=8000, workers=1, device="auto", text
 
     ``limits``: the other :class:`~mmcore.serve.config.ServeConfig` fields (max_batch, ...).
     """
-    from mmcore.engine.progress import progress_for
+    from mmcore.progress import progress_for
     from mmcore.serve.devices import resolve_device
     from mmcore.serve.process import address, bind_listener
     from mmcore.textsource import text_rule

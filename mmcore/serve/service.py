@@ -72,12 +72,11 @@ class Service:
                     ", ".join(placement.get("providers") or []), self.model_version, self.rule.describe(), warm)
 
     def _open(self):
-        from mmcore.export.scoring import open_scorer
-        from mmcore.textsource import text_rule
+        from mmcore.scoring.scorers import open_scorer
 
         scorer = open_scorer(self.config.source, device=self.device)
         engine_name = self.config.ocr if self.config.ocr is not None else (scorer.ocr or {}).get("engine")
-        self.rule = text_rule(scorer.modality, ocr=bool(engine_name), mode=self.config.text)
+        self.rule = scorer.text_rule(ocr=bool(engine_name), mode=self.config.text)
         if engine_name and scorer.uses_text:
             from mmcore.ocr.engines import build_engine, check_engine
 
@@ -85,7 +84,7 @@ class Service:
             self.ocr_engine = build_engine(engine_name)
             self.ocr_name = engine_name
             check_engine(self.ocr_engine, self.ocr_lang)
-        self.model_version = model_version(scorer)
+        self.model_version = scorer.model_version
         self.scorer = scorer
 
     def warm_up(self):
@@ -112,8 +111,9 @@ class Service:
         return self.scorer.logits(vision, texts)
 
     def prepare(self, image_bytes, text, field):
-        """Decode + preprocess one image and settle its text (runs in a worker thread)."""
-        from mmcore.data.images import BadImageError, load_rgb, open_checked
+        """Decode + preprocess one image and settle its text (runs in a worker thread): the scorer's
+        own ``load_image`` and ``preprocess``, as the row scorer calls them."""
+        from mmcore.data.images import BadImageError, open_checked
 
         scorer, rule = self.scorer, self.rule
         ocr = self.ocr_engine is not None and rule.wants_ocr(text)
@@ -121,10 +121,10 @@ class Service:
             return self._settle(None, text, field)
         try:
             # the header first: the decode waits until its pixels fit the memory budget
-            pixels = _pixels(open_checked(io.BytesIO(image_bytes), max_pixels=self.max_image_pixels))
+            pixels = _pixels(open_checked(io.BytesIO(image_bytes), max_pixels=self.max_image_pixels,
+                                          formats=scorer.image_formats))
             with self.budget.reserve(pixels):
-                target = scorer.preprocessing.target_size if scorer.preprocessing is not None else None
-                image = load_rgb(io.BytesIO(image_bytes), target_size=target, max_pixels=self.max_image_pixels)
+                image = scorer.load_image(image_bytes, max_pixels=self.max_image_pixels)
                 vision = scorer.preprocess(image) if scorer.uses_vision else None
                 item, source = self._settle(image if ocr else None, text, field)
                 del image
@@ -183,13 +183,3 @@ class Service:
 def _pixels(image):
     width, height = image.size
     return width * height
-
-
-def model_version(scorer):
-    """``sha256:<16 hex>`` of what identifies the model: a bundle's manifest (which holds the
-    sha256 of every other file), a run's ``checkpoint_best.ckpt``; computed once, at load."""
-    from mmcore.export.bundle import MANIFEST, sha256_file
-    from mmcore.rundir import RunDir
-
-    path = scorer.source / MANIFEST if scorer.kind == "bundle" else RunDir(scorer.source).best
-    return f"sha256:{sha256_file(path)[:16]}"

@@ -1,6 +1,9 @@
 """Processes ``mmcore tune`` starts (not meant to be typed): ``python -m mmcore.tune worker INDEX``
 runs trials as one of ``--jobs`` workers; ``python -m mmcore.tune trial TRIAL_ID DIR [--resume]``
 is one trial under torchrun (``--nproc``). Both read the study from ``$MMCORE_TUNE_CONFIG``.
+
+An entry point like the CLI, above ``commands/``: it hands the study the trial trainer,
+:func:`mmcore.commands.tune.train_trial`.
 """
 
 from __future__ import annotations
@@ -9,8 +12,9 @@ import json
 import os
 import sys
 
+from mmcore.commands.tune import train_trial
 from mmcore.errors import MmcoreError
-from mmcore.tune.study import ENV_CONFIG, ENV_OVERRIDES, TuneConfig, load_study, train_trial, work
+from mmcore.tune.study import ENV_CONFIG, ENV_OVERRIDES, TuneConfig, load_study, work
 
 
 def _worker(index):
@@ -20,7 +24,7 @@ def _worker(index):
     def echo(text="", **_):
         print("\n".join(f"[job {index}] {line}" for line in str(text).splitlines() or [""]), flush=True)
 
-    work(config, index=index, echo=echo)
+    work(config, train_trial=train_trial, index=index, echo=echo)
 
 
 def _trial(trial_id, trial_dir, resume):

@@ -232,8 +232,8 @@ def is_surplus(trials, trial, budget):
 
 def parse_spec(text, option):
     """``"median:n_startup_trials=1,n_warmup_steps=0"`` -> ("median", {...}); values are TOML."""
-    from mmcore.commands.sweep import split_values
     from mmcore.recipe import parse_override
+    from mmcore.recipe.load import split_values
 
     name, _, rest = text.partition(":")
     kwargs = {}
@@ -339,8 +339,13 @@ def heartbeat(storage, trial_id, interval):
         thread.join()
 
 
-def work(config, *, index=0, registry=None, echo=print):
-    """Run trials of the study until its budget is spent and no trial is left running; returns how many ran here."""
+def work(config, *, train_trial, index=0, registry=None, echo=print):
+    """Run trials of the study until its budget is spent and no trial is left running; returns how many ran here.
+
+    ``train_trial(config, trial, trial_dir, overrides, *, resume, registry, echo)`` trains one trial's
+    run directory in this process (``mmcore tune`` passes :func:`mmcore.commands.tune.train_trial`:
+    the study knows Optuna and the trial directories, not how a run trains).
+    """
     from mmcore.tune.space import load_space
 
     study, storage = load_study(config, seed_offset=index)
@@ -375,12 +380,13 @@ def work(config, *, index=0, registry=None, echo=print):
             trial.set_user_attr(SURPLUS, True)
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             continue
-        run_trial(config, study, storage, space, trial, frozen, registry=registry, echo=echo)
+        run_trial(config, study, storage, space, trial, frozen, train_trial=train_trial, registry=registry, echo=echo)
         ran += 1
 
 
-def run_trial(config, study, storage, space, trial, frozen, *, registry=None, echo=print):
-    """Train one Optuna trial (``frozen``: its stored record) as a run directory and tell Optuna how it ended."""
+def run_trial(config, study, storage, space, trial, frozen, *, train_trial, registry=None, echo=print):
+    """Train one Optuna trial (``frozen``: its stored record) as a run directory and tell Optuna how it ended
+    (``train_trial``: see :func:`work`)."""
     from optuna.trial import TrialState
 
     from mmcore.engine.runtime import release_memory
@@ -404,7 +410,8 @@ def run_trial(config, study, storage, space, trial, frozen, *, registry=None, ec
             if action == "resume":
                 echo(f"trial {root}: resuming from {trial_dir / 'last.ckpt'}")
             if action is not None:
-                _train(config, trial, trial_dir, overrides, resume=action == "resume", registry=registry, echo=echo)
+                _train(config, trial, trial_dir, overrides, resume=action == "resume", train_trial=train_trial,
+                       registry=registry, echo=echo)
             outcome = _outcome(config, trial_dir)
         except (Interrupted, KeyboardInterrupt):
             study.tell(trial, state=TrialState.FAIL)
@@ -443,16 +450,16 @@ def _fmt(value):
 
 def _prepare_dir(trial_dir, echo):
     """What to do with a trial's directory: "train" it, "resume" it, or None (already finished)."""
-    from mmcore.rundir import LAST, RECIPE_FILE, RESULTS_FILE, read_status
+    from mmcore.rundir import RunDir
 
     if not trial_dir.exists():
         return "train"
-    status = read_status(trial_dir) or {}
-    state = status.get("state")
-    if state in ("completed", "pruned") and (trial_dir / RESULTS_FILE).is_file():
+    run = RunDir(trial_dir)
+    state = (run.status() or {}).get("state")
+    if state in ("completed", "pruned") and run.results_file.is_file():
         echo(f"{trial_dir.name}: already {state} (its process died before telling the study); not trained again")
         return None
-    if state in ("running", "interrupted", "failed") and (trial_dir / LAST).is_file() and (trial_dir / RECIPE_FILE).is_file():
+    if state in ("running", "interrupted", "failed") and run.last.is_file() and run.recipe_file.is_file():
         return "resume"
     if state in ("running", "interrupted", "failed") or not any(trial_dir.iterdir()):
         shutil.rmtree(trial_dir)  # an unfinished trial without a checkpoint: nothing in it to keep
@@ -460,7 +467,7 @@ def _prepare_dir(trial_dir, echo):
     raise RunError(f"{trial_dir}: exists and is not an unfinished trial of this study; move it away")
 
 
-def _train(config, trial, trial_dir, overrides, *, resume, registry, echo):
+def _train(config, trial, trial_dir, overrides, *, resume, train_trial, registry, echo):
     """In this process, or as ``torchrun -m mmcore.tune trial ...`` with ``--nproc``."""
     if not config.nproc:
         return train_trial(config, trial, trial_dir, overrides, resume=resume, registry=registry, echo=echo)
@@ -488,56 +495,14 @@ def _train(config, trial, trial_dir, overrides, *, resume, registry, echo):
         raise RunError(f"torchrun exited with status {code}" + (f": {error}" if error else " (its output is above)"))
 
 
-def train_trial(config, trial, trial_dir, overrides, *, resume, registry=None, echo=print):
-    """Train one trial's run in ``trial_dir`` (on every rank under torchrun; ``trial`` on rank 0 only).
-
-    After each epoch rank 0 reports the objective metric to Optuna and asks the pruner; the
-    answer goes to every rank. A pruned run finishes with its best epoch so far and its
-    ``status.json`` says ``pruned``.
-    """
-    from mmcore.commands.run import run_training
-    from mmcore.engine.runtime import broadcast_object, is_main
-    from mmcore.recipe import load_recipe
-    from mmcore.rundir import RECIPE_FILE, read_status, write_status
-
-    pruned = []
-
-    def on_epoch_end(epoch, metrics):
-        prune = False
-        if trial is not None:
-            value = metrics.get(config.metric)
-            if value is not None and math.isfinite(value):
-                trial.report(float(value), epoch)
-                # the last epoch is a finished trial: nothing left to save by stopping it
-                prune = epoch < config.epochs and trial.should_prune()
-        prune = broadcast_object(prune)
-        if prune:
-            pruned.append(epoch)
-        return prune
-
-    progress = config.progress
-    if resume:
-        recipe = load_recipe(trial_dir / RECIPE_FILE, registry=registry)
-        run_training(recipe, recipe_path=trial_dir / RECIPE_FILE, resume=trial_dir, registry=registry,
-                     progress=progress, echo=echo, on_epoch_end=on_epoch_end)
-    else:
-        recipe = load_recipe(config.recipe, [*config.overrides, *overrides], registry=registry)
-        run_training(recipe, recipe_path=config.recipe, out=trial_dir, registry=registry,
-                     progress=progress, echo=echo, on_epoch_end=on_epoch_end)
-    if pruned and is_main():
-        status = read_status(trial_dir) or {}
-        write_status(trial_dir, "pruned", pruned_at_epoch=pruned[0], seconds=status.get("seconds"))
-
-
 def _outcome(config, trial_dir):
     """How a trial's run ended, from its directory: state, objective value, epoch pruned at."""
-    from mmcore.rundir import RESULTS_FILE, read_status
+    from mmcore.rundir import RunDir, read_status
 
     status = read_status(trial_dir) or {}
-    try:
-        results = json.loads((trial_dir / RESULTS_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        raise RunError(f"{trial_dir}: results.json is missing or unreadable") from None
+    results = RunDir(trial_dir).results()
+    if results is None:
+        raise RunError(f"{trial_dir}: results.json is missing or unreadable")
     value = (results.get("val") or {}).get(config.metric)
     if status.get("state") == "pruned":
         history = results.get("history") or []
@@ -586,7 +551,7 @@ def summarize(config, *, echo=print):
     """The comparison table, ``best.toml``, ``study.json`` and the plots; returns the study record."""
     from optuna.trial import TrialState
 
-    from mmcore.commands.compare import compare_runs, to_markdown, write_comparison
+    from mmcore.evaluation.comparison import compare_runs, to_markdown, write_comparison
     from mmcore.io import write_json, write_text
     from mmcore.rundir import RECIPE_FILE, read_status, write_status
     from mmcore.tune.space import load_space

@@ -1,0 +1,25 @@
+"""A path -> the scorer of what is there: :func:`open_scorer`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mmcore.errors import RunError
+from mmcore.export.bundle import is_bundle
+from mmcore.scoring.bundle import BundleScorer
+from mmcore.scoring.run import RunScorer
+
+
+def open_scorer(path, *, registry=None, device="auto", verify=None, progress=False):
+    """A :class:`~mmcore.scoring.bundle.BundleScorer` for a bundle folder, else a
+    :class:`~mmcore.scoring.run.RunScorer` for a run directory (finished, or live: its last
+    completed checkpoint).
+
+    ``device``: ``auto``/``cpu``/``cuda[:N]``; ``verify`` (bundles): True hashes every file.
+    """
+    path = Path(path)
+    if is_bundle(path):
+        return BundleScorer(path, device=device, verify=verify, registry=registry)
+    if not path.is_dir():
+        raise RunError(f"{path}: neither a run directory nor an export bundle (not found)")
+    return RunScorer(path, registry=registry, device=device, progress=progress)
