@@ -65,6 +65,11 @@ class ServeMetrics:
         """Count one client mistake."""
         self.errors.labels(route, field_label(field)).inc()
 
+    def model_loaded(self, model_version):
+        """Start the model's score series at zero, so a dashboard sees every bucket before the first answer."""
+        self.scores.labels(model_version)
+        self.positives.labels(model_version)
+
     def scored(self, model_version, calibrated, predicted):
         """Count the calibrated scores and positive predictions of scored rows."""
         histogram = self.scores.labels(model_version)

@@ -85,6 +85,7 @@ class Service:
             self.ocr_name = engine_name
             check_engine(self.ocr_engine, self.ocr_lang)
         self.model_version = scorer.model_version
+        self.metrics.model_loaded(self.model_version)
         self.scorer = scorer
 
     def warm_up(self):
