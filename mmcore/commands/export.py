@@ -47,12 +47,20 @@ class ExportSummary:
 
 
 def parity_rows(recipe, data, rows, base_dir=None):
-    """The rows the gate scores: ``--data`` or the run's validation split, first ``rows`` of them."""
+    """The rows the gate scores: ``--data`` (a CSV, or a DataFrame from the Python API) or the run's
+    validation split, first ``rows`` of them."""
     from mmcore.data.csvs import read_split, resolve_csv
 
     needs_text = recipe.train.modality != "vision_only"
     try:
-        if data:
+        if data is not None and not isinstance(data, (str, os.PathLike)):
+            from mmcore.data.frames import split_from_frame
+
+            split = split_from_frame(data, base_dir=base_dir, require_label=False, require_text=needs_text,
+                                     max_image_bytes=recipe.data.max_image_bytes,
+                                     max_image_pixels=recipe.data.max_image_pixels,
+                                     image_formats=recipe.data.image_formats)
+        elif data:
             split = read_split(data, base_dir, require_label=False, require_text=needs_text,
                                max_image_bytes=recipe.data.max_image_bytes)
         else:
