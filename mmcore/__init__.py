@@ -30,6 +30,7 @@ _FACE = {
     "Run": "mmcore.api",
     "Prediction": "mmcore.api",
     "Evaluation": "mmcore.api",
+    "make_demo_data": "mmcore.api",
     "DataError": "mmcore.errors",
     "RunError": "mmcore.errors",
     # hooks

@@ -50,7 +50,7 @@ from mmcore.scoring.scorers import open_scorer
 from mmcore.scoring.tables import OUTPUT_COLUMNS, read_input
 from mmcore.textsource import TEXT_MODES, MissingTextError, has_text
 
-__all__ = ["Evaluation", "Model", "Prediction", "Run", "load", "train"]
+__all__ = ["Evaluation", "Model", "Prediction", "Run", "load", "make_demo_data", "train"]
 
 #: columns ``Model.predict`` adds besides :data:`~mmcore.scoring.tables.OUTPUT_COLUMNS`: the text each
 #: row was scored with and where it came from (``client``, ``ocr``, ``none-optional``, ``unused``)
@@ -119,6 +119,14 @@ def train(recipe, *, overrides=None, train=None, val=None, test=None, out=None, 
     run_dir = train_recipe(recipe, items, out=out, data=data, base_dir=base_dir, registry=registry,
                            progress=not quiet, echo=_quiet if quiet else print)
     return Run(dir=Path(run_dir))
+
+
+def make_demo_data(folder="demo_data", *, n_train=240, n_val=80, n_test=80, size=(96, 96), seed=0):
+    """Write the small generated ad-vs-not dataset ``mmcore demo`` trains on (``images/``, ``train.csv``,
+    ``val.csv``, ``test.csv``, balanced) into ``folder`` -> its Path."""
+    from mmcore.commands.demo import make_demo_dataset
+
+    return Path(make_demo_dataset(folder, n_train=n_train, n_val=n_val, n_test=n_test, size=size, seed=seed))
 
 
 def load(path, *, device="auto", text="required", verify=None, registry=None, quiet=False):
