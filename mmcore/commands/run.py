@@ -74,7 +74,7 @@ def train_recipe(recipe, overrides=(), *, out=None, data=None, base_dir=None, re
     given += [(f"data.{name}", frame_name(name)) for name in frames]
     if frames and len(data) == len(SPLITS):  # no CSV of the recipe's is read: its data.base_dir plays no part
         given.append(("data.base_dir", str(Path(base_dir or ".").absolute())))
-    loaded = recipe_from_source(recipe, [*overrides, *given])
+    loaded = recipe_from_source(recipe, [*overrides, *given], registry=registry)
     splits = {name: split_from_frame(frame, name=frame_name(name), base_dir=base_dir,
                                      max_image_bytes=loaded.data.max_image_bytes,
                                      max_image_pixels=loaded.data.max_image_pixels,
