@@ -38,8 +38,9 @@ test_predictions.__test__ = False  # a helper, not a test
 
 @pytest.fixture(scope="module")
 def api_runs(tmp_path_factory, demo_data, registry):
-    """The tiny recipe trained through the API four ways on the same data: the splits as CSV paths,
-    as DataFrames of paths, of the files' bytes, and of PIL images (the same files opened)."""
+    """The tiny recipe trained through the API five ways on the same data: the splits as CSV paths,
+    as DataFrames of paths, of the files' bytes, of PIL images (the same files opened), and of paths
+    and bytes mixed in one column."""
     tmp = tmp_path_factory.mktemp("api")
     recipe = tiny_recipe_data(demo_data, cache={"dir": str(tmp / "cache")}, logging={"tensorboard": False})
     frames = frames_of(demo_data)
@@ -48,6 +49,8 @@ def api_runs(tmp_path_factory, demo_data, registry):
         "paths": frames,
         "bytes": {n: f.assign(local_image_path=[Path(p).read_bytes() for p in f.local_image_path]) for n, f in frames.items()},
         "pil": {n: f.assign(local_image_path=[Image.open(p) for p in f.local_image_path]) for n, f in frames.items()},
+        "mixed": {n: f.assign(local_image_path=[Path(p).read_bytes() if k % 2 else p for k, p in enumerate(f.local_image_path)])
+                  for n, f in frames.items()},  # paths and bytes in one column
     }
     return {kind: mmcore.train(recipe, out=tmp / kind, registry=registry, quiet=True, **splits)
             for kind, splits in inputs.items()}
@@ -57,7 +60,7 @@ def test_training_from_dataframes_equals_training_from_csvs(api_runs):
     by_csv = api_runs["csv"]
     reference = test_predictions(by_csv)
     assert len(reference) == 32
-    for kind in ("paths", "bytes"):  # the same files: the same bytes, hashes, pixels, batches -> identical
+    for kind in ("paths", "bytes", "mixed"):  # the same files: the same bytes, hashes, pixels, batches -> identical
         assert test_predictions(api_runs[kind]) == reference, kind
         assert api_runs[kind].results["test"]["at_threshold"] == by_csv.results["test"]["at_threshold"]
     # PIL images are taken in as the decoder gives them; the demo's 48x48 JPEGs are below the size at which a
@@ -70,8 +73,8 @@ def test_training_from_dataframes_equals_training_from_csvs(api_runs):
 
 
 def test_in_memory_images_reach_the_feature_cache_by_content(api_runs, demo_data):
-    """Bytes are keyed by their sha1 as their files are: the bytes run added no feature to the cache the
-    paths runs filled; PIL images are kept as PNG bytes, other content, so they have entries of their own."""
+    """Bytes are keyed by their sha1 as their files are: the bytes and mixed runs added no feature to the
+    cache the paths runs filled; PIL images are kept as PNG bytes, other content, so they have entries of their own."""
     from mmcore.data.csvs import read_split
     from mmcore.store.spaces import feature_spaces
 
