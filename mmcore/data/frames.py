@@ -121,18 +121,32 @@ def split_from_frame(frame, *, name="DataFrame", base_dir=None, columns=None, re
     images, problems = [], []
     for number, cell in zip(numbers, frame[names["image"]].tolist()):
         image, problem = _image_cell(cell, image_formats, max_image_bytes, max_image_pixels)
-        images.append(image)
+        images.append(_REFUSED if problem is not None else image)  # its line below; the other columns checked on
         if problem is not None:
             problems.append(f"{name}: row {number}: {names['image']}: {problem}")
-    if problems:
-        raise DataError(limited(problems, "unusable images", name))
     table = {IMAGE_COLUMN: images}
     for column in (LABEL_COLUMN, TEXT_COLUMN):
         given = wanted[column][0]
         if given in frame.columns:
             table[column] = [_text_cell(value) for value in frame[given].tolist()]
-    return split_from_table(pd.DataFrame(table), Path(name), base_dir or os.getcwd(), require_label=require_label,
-                            check_images=check_images, max_image_bytes=max_image_bytes, row_numbers=numbers)
+    try:
+        split = split_from_table(pd.DataFrame(table), Path(name), base_dir or os.getcwd(), require_label=require_label,
+                                 check_images=check_images, max_image_bytes=max_image_bytes, row_numbers=numbers)
+    except DataError as exc:
+        raise DataError(limited(problems, "unusable images", name) + exc.problems) from None
+    if problems:
+        raise DataError(limited(problems, "unusable images", name))
+    return split
+
+
+class _Refused(ImageSample):
+    """Stands in a table for an image cell already refused, so the row's other columns are still checked."""
+
+    def __str__(self):
+        return "-"
+
+
+_REFUSED = _Refused()
 
 
 def _row_numbers(frame):
