@@ -41,6 +41,7 @@ from mmcore.commands.evaluate import Evaluation, evaluate, evaluate_rows
 from mmcore.commands.export import export_run
 from mmcore.commands.predict import predict_rows
 from mmcore.commands.run import train_recipe
+from mmcore.data.csvs import read_split
 from mmcore.data.frames import split_from_frame
 from mmcore.data.images import DEFAULT_MAX_IMAGE_BYTES
 from mmcore.devices import parse_device
@@ -273,16 +274,17 @@ class Model:
                 "max_image_pixels": scorer.max_image_pixels, "image_formats": scorer.image_formats}
 
     def _rows(self, data, *, base_dir, columns, require_label):
-        """``(frame, split)``: a DataFrame as given, or a CSV read as ``mmcore predict`` reads it."""
+        """``(frame, split)``: a DataFrame as given, or a CSV read as ``mmcore predict`` (``require_label``:
+        ``mmcore eval --data``) reads it."""
         scorer = self.scorer
         if isinstance(data, (str, os.PathLike)):
             if columns:
                 raise DataError(f"{data}: columns= renames a DataFrame's columns; a CSV has the split's own")
-            frame, split = read_input(data, base_dir, require_text=scorer.uses_text, check_images=scorer.uses_vision,
-                                      max_image_bytes=self._bounds()["max_image_bytes"])
-            if require_label and split.labels is None:
-                raise DataError(f"{data}: eval needs labels in every row (use predict for unlabeled data)")
-            return frame, split
+            max_image_bytes = self._bounds()["max_image_bytes"]
+            if require_label:
+                return None, read_split(data, base_dir, max_image_bytes=max_image_bytes)
+            return read_input(data, base_dir, require_text=scorer.uses_text, check_images=scorer.uses_vision,
+                              max_image_bytes=max_image_bytes)
         split = split_from_frame(data, base_dir=base_dir, columns=columns, require_label=require_label,
                                  require_text=scorer.uses_text, check_images=scorer.uses_vision, **self._bounds())
         return data, split
@@ -294,15 +296,19 @@ def _with_scores(frame, scored):
     import pandas as pd
 
     n = len(frame)
-    columns = {name: np.full(n, np.nan) for name in OUTPUT_COLUMNS[:2]}
     positions = np.asarray(scored.positions, dtype=np.int64)
-    columns["score"][positions] = scored.raw
-    columns["calibrated_score"][positions] = scored.calibrated
-    prediction = pd.array([pd.NA] * n, dtype="boolean")
-    prediction[positions] = np.asarray(scored.predicted, dtype=bool)
-    columns["prediction"] = prediction
-    for name, values in zip(TEXT_COLUMNS, (scored.texts, scored.text_sources)):
-        column = np.full(n, None, dtype=object)
-        column[positions] = values
-        columns[name] = column
-    return frame.assign(**columns)
+
+    def column(values, empty, dtype):
+        filled = pd.array([empty] * n, dtype=dtype) if dtype == "boolean" else np.full(n, empty, dtype=dtype)
+        filled[positions] = values
+        return filled
+
+    score, calibrated, prediction = OUTPUT_COLUMNS
+    text, text_source = TEXT_COLUMNS
+    return frame.assign(**{
+        score: column(scored.raw, np.nan, np.float64),
+        calibrated: column(scored.calibrated, np.nan, np.float64),
+        prediction: column(np.asarray(scored.predicted, dtype=bool), pd.NA, "boolean"),
+        text: column(list(scored.texts), None, object),
+        text_source: column(list(scored.text_sources), None, object),
+    })

@@ -110,6 +110,7 @@ def test_evaluate_gives_what_mmcore_eval_writes(api_runs, demo_data, registry, t
     by_frame = model.evaluate(frames_of(demo_data)["test"], out=tmp_path / "frame")
     by_default = model.evaluate(out=tmp_path / "default")  # the run's test split, as `mmcore eval RUN`
     assert by_frame.metrics == by_default.metrics
+    assert model.evaluate(Path(demo_data) / "test.csv", out=tmp_path / "csv").metrics == by_default.metrics
     assert by_frame.metrics["auroc"] == run.results["test"]["at_threshold"]["auroc"]
     assert by_frame.results["test"]["intervals"] == by_default.results["test"]["intervals"]
     assert json.loads((tmp_path / "frame" / "results.json").read_text())["test"] == by_frame.results["test"]
@@ -197,3 +198,19 @@ def test_predict_one_follows_the_text_rule(api_runs, demo_data, registry):
         model = mmcore.load(api_runs["csv"].dir, registry=registry, quiet=True)
         model.scorer.recipe_data["data"]["max_image_pixels"] = 1_000_000
         model.predict_one(Image.new("RGB", (4000, 4000)), text="x")
+
+
+def test_a_row_left_out_keeps_its_place_with_empty_scores(api_runs, demo_data, registry):
+    """Under data.on_bad_image = "skip" an unreadable image's row is left out: NaN scores, NA prediction."""
+    model = mmcore.load(api_runs["csv"].dir, registry=registry, quiet=True)
+    model.scorer.recipe_data["data"]["on_bad_image"] = "skip"  # as a run trained with it
+    frame = frames_of(demo_data)["test"].iloc[:5].astype(object)
+    whole = model.predict(frame)
+    frame.iloc[2, frame.columns.get_loc("local_image_path")] = b"not an image"
+    scored = model.predict(frame)
+    assert scored["score"].isna().tolist() == [False, False, True, False, False]
+    assert scored["prediction"].isna().tolist() == [False, False, True, False, False]
+    assert pd.isna(scored["text"].iloc[2]) and pd.isna(scored["text_source"].iloc[2])
+    kept = [0, 1, 3, 4]
+    assert scored["score"].iloc[kept].tolist() == whole["score"].iloc[kept].tolist()
+    assert scored["prediction"].iloc[kept].tolist() == whole["prediction"].iloc[kept].tolist()
