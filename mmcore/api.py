@@ -33,7 +33,9 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 import attrs
 
@@ -50,6 +52,19 @@ from mmcore.rundir import RunDir
 from mmcore.scoring.scorers import open_scorer
 from mmcore.scoring.tables import OUTPUT_COLUMNS, read_input
 from mmcore.textsource import TEXT_MODES, MissingTextError, has_text
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from PIL import Image
+
+    from mmcore.commands.export import ExportSummary
+
+#: a recipe: a path, TOML text (a ``str`` holding a newline) or a dict
+RecipeSource = Union[str, os.PathLike, Mapping[str, Any]]
+#: rows: a DataFrame or a CSV path
+Rows = Union["pd.DataFrame", str, os.PathLike]
+#: one image: a path, the image file's bytes or a PIL image
+ImageInput = Union[str, os.PathLike, bytes, "Image.Image"]
 
 __all__ = ["Evaluation", "Model", "Prediction", "Run", "load", "make_demo_data", "train"]
 
@@ -70,21 +85,21 @@ class Run:
     dir: Path
 
     @property
-    def results(self):
+    def results(self) -> dict:
         """``results.json`` as a dict: ``results["test"]["at_threshold"]["auroc"]``, intervals, the decision."""
         return RunDir(self.dir).results()
 
     @property
-    def report_path(self):
+    def report_path(self) -> Path:
         """The run's ``report.html``."""
         return self.dir / "report.html"
 
     @property
-    def recipe(self):
+    def recipe(self) -> dict:
         """The resolved recipe the run trained, as plain data."""
         return RunDir(self.dir).recipe_data()
 
-    def load(self, **options):
+    def load(self, **options) -> Model:
         """:func:`load` of this run (``options`` as there)."""
         return load(self.dir, **options)
 
@@ -103,8 +118,10 @@ class Prediction:
     text_source: str
 
 
-def train(recipe, *, overrides=None, train=None, val=None, test=None, out=None, base_dir=None, registry=None,
-          quiet=False):
+def train(recipe: RecipeSource, *, overrides: Mapping[str, Any] | Sequence[str] | None = None,
+          train: Rows | None = None, val: Rows | None = None, test: Rows | None = None,
+          out: str | os.PathLike | None = None, base_dir: str | os.PathLike | None = None, registry=None,
+          quiet: bool = False) -> Run:
     """Train ``recipe`` as ``mmcore run`` does -> :class:`Run`.
 
     ``recipe``: a path, TOML text (a ``str`` holding a newline) or a dict, checked by the same strict
@@ -122,7 +139,8 @@ def train(recipe, *, overrides=None, train=None, val=None, test=None, out=None, 
     return Run(dir=Path(run_dir))
 
 
-def make_demo_data(folder="demo_data", *, n_train=240, n_val=80, n_test=80, size=(96, 96), seed=0):
+def make_demo_data(folder: str | os.PathLike = "demo_data", *, n_train: int = 240, n_val: int = 80, n_test: int = 80,
+                   size: tuple[int, int] = (96, 96), seed: int = 0) -> Path:
     """Write the small generated ad-vs-not dataset ``mmcore demo`` trains on (``images/``, ``train.csv``,
     ``val.csv``, ``test.csv``, balanced) into ``folder`` -> its Path."""
     from mmcore.commands.demo import make_demo_dataset
@@ -130,7 +148,8 @@ def make_demo_data(folder="demo_data", *, n_train=240, n_val=80, n_test=80, size
     return Path(make_demo_dataset(folder, n_train=n_train, n_val=n_val, n_test=n_test, size=size, seed=seed))
 
 
-def load(path, *, device="auto", text="required", verify=None, registry=None, quiet=False):
+def load(path: str | os.PathLike, *, device: str = "auto", text: Literal["required", "optional"] = "required",
+         verify: bool | None = None, registry=None, quiet: bool = False) -> Model:
     """The model at ``path`` -> :class:`Model`: a run directory (finished, or live: its last completed
     checkpoint), an export bundle, or anything else :func:`~mmcore.scoring.scorers.open_scorer` opens.
 
@@ -167,35 +186,36 @@ class Model:
     # -- what it is ------------------------------------------------------------------------
 
     @property
-    def source(self):
+    def source(self) -> Path:
         """Where the model was read from."""
         return Path(self.scorer.source)
 
     @property
-    def kind(self):
+    def kind(self) -> str:
         """``run``, ``bundle``, ... (the scorer's kind)."""
         return self.scorer.kind
 
     @property
-    def modality(self):
+    def modality(self) -> str:
         return self.scorer.modality
 
     @property
-    def threshold(self):
+    def threshold(self) -> float:
         """The decision threshold on the calibrated score, tuned on validation."""
         return float(self.scorer.decision["threshold"])
 
     @property
-    def temperature(self):
+    def temperature(self) -> float:
         return float(self.scorer.decision["temperature"])
 
-    def metadata(self):
+    def metadata(self) -> dict:
         """Model, recipe summary, decision, device and versions (what ``GET /metadata`` answers)."""
         return self.scorer.metadata()
 
     # -- scoring -----------------------------------------------------------------------------
 
-    def predict(self, data, *, base_dir=None, columns=None, batch_size=None, cache=False):
+    def predict(self, data: Rows, *, base_dir: str | os.PathLike | None = None, columns: Mapping[str, str] | None = None,
+                batch_size: int | None = None, cache: bool = False) -> pd.DataFrame:
         """Score a DataFrame or a CSV path -> a DataFrame: the input's rows and columns with ``score``,
         ``calibrated_score``, ``prediction``, ``text`` and ``text_source`` added (a row left out,
         its image unreadable under ``data.on_bad_image = "skip"``, has them empty: NaN / NA).
@@ -210,7 +230,7 @@ class Model:
                               progress=not self.quiet, desc="predict", model_lock=self._model_lock)
         return _with_scores(frame, scored)
 
-    def predict_one(self, image=None, text=None):
+    def predict_one(self, image: ImageInput | None = None, text: str | None = None) -> Prediction:
         """Score one item -> :class:`Prediction`: ``image`` a path, the image file's bytes or a PIL
         image (None for a text_only model), ``text`` its text.
 
@@ -239,7 +259,9 @@ class Model:
         return Prediction(score=float(scored.raw[0]), calibrated_score=float(scored.calibrated[0]),
                           prediction=bool(scored.predicted[0]), text=scored.texts[0], text_source=scored.text_sources[0])
 
-    def evaluate(self, data=None, *, out=None, base_dir=None, columns=None, cache=False):
+    def evaluate(self, data: Rows | None = None, *, out: str | os.PathLike | None = None,
+                 base_dir: str | os.PathLike | None = None, columns: Mapping[str, str] | None = None,
+                 cache: bool = False) -> Evaluation:
         """Score labelled rows and write what ``mmcore eval`` writes -> :class:`~mmcore.commands.evaluate.Evaluation`
         (``.results``: results.json as a dict, ``.metrics``: the test metrics at the threshold, ``.out``).
 
@@ -255,8 +277,9 @@ class Model:
         return evaluate_rows(self.scorer, split, split.csv, out=out, cache=cache, registry=self.registry,
                              progress=not self.quiet, echo=echo)
 
-    def export(self, out, *, format="onnx", data=None, rows=64, base_dir=None, score_tol=None, min_agreement=1.0,
-               safetensors=False):
+    def export(self, out: str | os.PathLike, *, format: str = "onnx", data: Rows | None = None, rows: int = 64,
+               base_dir: str | os.PathLike | None = None, score_tol: float | None = None, min_agreement: float = 1.0,
+               safetensors: bool = False) -> ExportSummary:
         """Export the run to the bundle folder ``out`` through the parity gate, as ``mmcore export`` does
         -> :class:`~mmcore.commands.export.ExportSummary` (``out``, ``format``, ``parity``).
 
