@@ -214,3 +214,18 @@ def test_a_row_left_out_keeps_its_place_with_empty_scores(api_runs, demo_data, r
     kept = [0, 1, 3, 4]
     assert scored["score"].iloc[kept].tolist() == whole["score"].iloc[kept].tolist()
     assert scored["prediction"].iloc[kept].tolist() == whole["prediction"].iloc[kept].tolist()
+
+
+def test_a_run_trained_on_dataframes_asks_for_its_rows_again(api_runs, registry, tmp_path):
+    """The run keeps no copy of a DataFrame's rows: re-reading its splits is one line saying so."""
+    model = mmcore.load(api_runs["bytes"].dir, registry=registry, quiet=True)
+    with pytest.raises(DataError, match=r"^<test DataFrame>: the run's test split was a DataFrame \(mmcore\.train\), "
+                                        r"which the run keeps no copy of; give the rows to evaluate with --data CSV$"):
+        model.evaluate(out=tmp_path / "eval")
+    assert not (tmp_path / "eval").exists()
+    from mmcore.commands.export import parity_rows  # export's default rows (fake_text itself cannot be exported)
+    from mmcore.rundir import RunDir
+
+    with pytest.raises(DataError, match=r"^<val DataFrame>: the run's val split was a DataFrame .*; choose parity rows "
+                                        r"with --data CSV$"):
+        parity_rows(RunDir(api_runs["bytes"].dir).load_recipe(registry), None, 8)

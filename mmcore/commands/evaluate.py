@@ -15,6 +15,7 @@ from pathlib import Path
 import attrs
 
 from mmcore.data.csvs import load_splits, read_split, resolve_csv
+from mmcore.data.frames import require_split_file
 from mmcore.devices import parse_device
 from mmcore.engine.outputs import write_evaluation
 from mmcore.errors import DataError
@@ -65,6 +66,8 @@ def eval_split(recipe, data=None):
     if getattr(recipe.data, "format", "csv") == "webdataset" and not (data and str(data).lower().endswith(".csv")):
         data_config = attrs.evolve(recipe.data, test=str(data)) if data else recipe.data
         return load_splits(data_config, names=("test",), cache=recipe.cache)["test"], Path(str(data_config.test))
+    if not data:
+        require_split_file(recipe.data.test, "test", hint="give the rows to evaluate with --data CSV")
     csv = Path(data) if data else resolve_csv(recipe.data.test, recipe.data.base_dir)
     return read_split(csv, recipe.data.base_dir if not data else None, max_image_bytes=recipe.data.max_image_bytes), csv
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mmcore.data.bulk import paused_gc
 from mmcore.data.csvs import load_splits, require_both_classes
-from mmcore.data.frames import split_from_frame
+from mmcore.data.frames import frame_split_name, split_from_frame
 from mmcore.data.memo import ImageHashes
 from mmcore.dist import broadcast_object, init_distributed, is_main, world_size
 from mmcore.engine.checkpoint import read_checkpoint
@@ -71,11 +71,11 @@ def train_recipe(recipe, overrides=(), *, out=None, data=None, base_dir=None, re
         raise DataError(f"data: unknown split {unknown[0]!r} (expected {', '.join(SPLITS)})")
     frames = {name: value for name, value in data.items() if not isinstance(value, (str, os.PathLike))}
     given = [(f"data.{name}", str(Path(value).absolute())) for name, value in data.items() if name not in frames]
-    given += [(f"data.{name}", frame_name(name)) for name in frames]
+    given += [(f"data.{name}", frame_split_name(name)) for name in frames]
     if frames and len(data) == len(SPLITS):  # no CSV of the recipe's is read: its data.base_dir plays no part
         given.append(("data.base_dir", str(Path(base_dir or ".").absolute())))
     loaded = recipe_from_source(recipe, [*overrides, *given], registry=registry)
-    splits = {name: split_from_frame(frame, name=frame_name(name), base_dir=base_dir,
+    splits = {name: split_from_frame(frame, name=frame_split_name(name), base_dir=base_dir,
                                      max_image_bytes=loaded.data.max_image_bytes,
                                      max_image_pixels=loaded.data.max_image_pixels,
                                      image_formats=loaded.data.image_formats,
@@ -84,11 +84,6 @@ def train_recipe(recipe, overrides=(), *, out=None, data=None, base_dir=None, re
     recipe_path = recipe if isinstance(recipe, (str, os.PathLike)) and "\n" not in str(recipe) else "<recipe>"
     return run_training(loaded, recipe_path=recipe_path, out=out, registry=registry, progress=progress, echo=echo,
                         splits=splits)
-
-
-def frame_name(split):
-    """What a split given as a DataFrame is called in messages and in the run's recipe."""
-    return f"<{split} DataFrame>"
 
 
 def run_training(recipe, *, recipe_path, out=None, registry=None, progress=True, echo=print, resume=None, on_epoch_end=None,

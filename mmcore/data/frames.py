@@ -52,6 +52,18 @@ IMAGE_COLUMN, LABEL_COLUMN, TEXT_COLUMN = REQUIRED_COLUMNS
 PNG_LEVEL = 1
 
 
+def frame_split_name(split):
+    """What a split given as a DataFrame is called in messages and in the run's recipe (``<train DataFrame>``)."""
+    return f"<{split} DataFrame>"
+
+
+def require_split_file(name, split, *, hint):
+    """Refuse, in one line, to re-read a split that was given as a DataFrame: a run keeps no copy of its rows."""
+    if str(name) == frame_split_name(split):
+        raise DataError(f"{name}: the run's {split} split was a DataFrame (mmcore.train), which the run keeps no copy "
+                        f"of; {hint}")
+
+
 @attrs.frozen(eq=False)
 class MemoryImage(ImageSample):
     """An image held in memory (bytes, or a PIL image kept as PNG bytes) standing where a split has a path."""
