@@ -229,3 +229,14 @@ def test_a_run_trained_on_dataframes_asks_for_its_rows_again(api_runs, registry,
     with pytest.raises(DataError, match=r"^<val DataFrame>: the run's val split was a DataFrame .*; choose parity rows "
                                         r"with --data CSV$"):
         parity_rows(RunDir(api_runs["bytes"].dir).load_recipe(registry), None, 8)
+
+
+def test_the_api_sits_beside_the_plugin_face_and_import_stays_cheap():
+    import subprocess
+    import sys
+
+    assert {"train", "load", "Model", "Run", "Prediction", "Evaluation", "make_demo_data", "DataError", "RunError",
+            "RecipeError", "MmcoreError", "hookimpl", "VisionEncoder", "EncoderParams"} <= set(dir(mmcore))
+    assert mmcore.load is mmcore.api.load and mmcore.Model is mmcore.api.Model
+    probe = "import sys, mmcore; print(sorted(m for m in ('torch', 'pandas', 'mmcore.api') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == "[]"
