@@ -1,11 +1,19 @@
 """mmcore: train binary classifiers of ad images from the image and its OCR text.
 
-This module is the face plugin authors use, as ``from llm import Model, hookimpl`` is llm's::
+This module has two faces, as llm's ``llm.get_model(...)`` and ``llm.hookimpl`` share one module.
+The Python API (:mod:`mmcore.api`, docs/python-api.md)::
+
+    import mmcore
+    run = mmcore.train("recipes/demo.toml", overrides={"train.epochs": 5})
+    model = mmcore.load(run.dir)            # a run directory or an export bundle
+    scores = model.predict(df)              # a DataFrame of paths, bytes or PIL images, or a CSV path
+
+and the face plugin authors use, as ``from llm import Model, hookimpl`` is llm's::
 
     from mmcore import EncoderParams, VisionEncoder, TokenOutput, VisionTraits, hookimpl
 
-Everything a plugin needs is importable from here; the modules behind these names are private
-and may move. Contract checks for a plugin's own tests live in :mod:`mmcore.testing`.
+Everything a user or a plugin needs is importable from here; the modules behind these names are
+private and may move. Contract checks for a plugin's own tests live in :mod:`mmcore.testing`.
 Names are imported on first use, so ``import mmcore`` stays cheap.
 """
 
@@ -15,6 +23,16 @@ __version__ = "0.1.0"
 
 #: public name -> module that defines it
 _FACE = {
+    # the Python API: train, load a run or a bundle, predict, evaluate, export
+    "train": "mmcore.api",
+    "load": "mmcore.api",
+    "Model": "mmcore.api",
+    "Run": "mmcore.api",
+    "Prediction": "mmcore.api",
+    "Evaluation": "mmcore.api",
+    "make_demo_data": "mmcore.api",
+    "DataError": "mmcore.errors",
+    "RunError": "mmcore.errors",
     # hooks
     "hookimpl": "mmcore.plugins.hookspecs",
     # the interfaces a plugin implements

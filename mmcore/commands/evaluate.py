@@ -15,6 +15,7 @@ from pathlib import Path
 import attrs
 
 from mmcore.data.csvs import load_splits, read_split, resolve_csv
+from mmcore.data.frames import require_split_file
 from mmcore.devices import parse_device
 from mmcore.engine.outputs import write_evaluation
 from mmcore.errors import DataError
@@ -22,6 +23,9 @@ from mmcore.export.bundle import is_bundle
 from mmcore.io import check_output_path
 from mmcore.rundir import EVAL_DIR
 from mmcore.scoring.rows import collect, score_rows
+
+#: the key of results.json that names the model evaluated, per kind of scorer (others: the kind itself)
+SOURCE_KEYS = {"run": "run_dir"}
 
 
 def scoring_pipeline(scorer, *, cache, batch_size=None, progress=True):
@@ -62,6 +66,8 @@ def eval_split(recipe, data=None):
     if getattr(recipe.data, "format", "csv") == "webdataset" and not (data and str(data).lower().endswith(".csv")):
         data_config = attrs.evolve(recipe.data, test=str(data)) if data else recipe.data
         return load_splits(data_config, names=("test",), cache=recipe.cache)["test"], Path(str(data_config.test))
+    if not data:
+        require_split_file(recipe.data.test, "test", hint="give the rows to evaluate with --data CSV")
     csv = Path(data) if data else resolve_csv(recipe.data.test, recipe.data.base_dir)
     return read_split(csv, recipe.data.base_dir if not data else None, max_image_bytes=recipe.data.max_image_bytes), csv
 
@@ -88,36 +94,8 @@ def evaluate_run(run_dir, *, data=None, out=None, device="auto", cache=False, re
     device = parse_device(device)
     run_dir = open_run(run_dir, echo=echo)
     scorer = RunScorer(run_dir, device=device, registry=registry, progress=progress)
-    recipe = scorer.run_model.recipe
-    split, csv = eval_split(recipe, data)
-    if split.labels is None:
-        raise DataError(f"{csv}: eval needs labels in every row (use mmcore predict for unlabeled data)")
-    out_dir = Path(out) if out else run_dir.path / EVAL_DIR / _eval_name(csv)
-    # the reports' explanations run the model once more over the rows: from the raw rows unless --cache
-    pipeline = scoring_pipeline(scorer, cache=cache, progress=progress)
-    if cache:
-        split, indices, logits, labels, bad_images = score_through_cache(pipeline, split, "eval", progress=progress)
-        skipped = bad_images.counts()
-    else:
-        scored = collect(score_rows(scorer, split, registry=registry, progress=progress, desc="eval"))
-        split, indices, logits = scored_split(split, scored), scored.positions, scored.logits
-        labels = split.label_array()[indices]
-        skipped = {"eval": scored.skipped} if scored.skipped else {}
-    summary = {
-        "experiment": recipe.experiment,
-        "run_dir": str(run_dir.path),
-        "evaluated_csv": str(csv),
-        "selected_epoch": scorer.selected_epoch,
-        "data": {"eval": len(indices)},
-        "skipped_images": skipped,
-    }
-    results, _ = write_evaluation(
-        out_dir, split=split, indices=indices, logits=logits, labels=labels,
-        decision_info=scorer.decision, summary=summary, title=f"mmcore eval — {recipe.experiment} on {csv.name}",
-        pipeline=pipeline,
-    )
-    _echo_result(echo, results, split, csv, scorer.decision, out_dir)
-    return out_dir
+    split, csv = eval_split(scorer.run_model.recipe, data)
+    return evaluate_rows(scorer, split, csv, out=out, cache=cache, registry=registry, progress=progress, echo=echo).out
 
 
 def evaluate_bundle(bundle_dir, *, data=None, out=None, device="auto", verify=None, registry=None, progress=True,
@@ -136,26 +114,68 @@ def evaluate_bundle(bundle_dir, *, data=None, out=None, device="auto", verify=No
     if scorer.recipe.data.format != "csv" and not (data and str(data).lower().endswith(".csv")):
         raise DataError(f"{bundle_dir}: the run read WebDataset shards; give a labelled CSV with --data")
     split, csv = eval_split(scorer.recipe, data)
+    return evaluate_rows(scorer, split, csv, out=out, registry=registry, progress=progress, echo=echo).out
+
+
+@attrs.frozen
+class Evaluation:
+    """What an evaluation wrote (``out``: the folder) and its ``results.json`` as a dict."""
+
+    out: Path
+    results: dict
+
+    @property
+    def metrics(self):
+        """The test metrics at the run's threshold (``auroc``, ``f1``, ``accuracy``, ...; intervals: ``results["test"]["intervals"]``)."""
+        return self.results["test"]["at_threshold"]
+
+
+def evaluate_rows(scorer, split, csv, *, out=None, cache=False, registry=None, progress=True, echo=print):
+    """Score the labelled rows of ``split`` (read from ``csv``, or a DataFrame) with an open scorer and write
+    the evaluation folder (``out``; default beside the model: ``RUN/eval/<csv>-<time>``, or
+    ``MODEL-eval/<csv>-<time>`` beside a bundle, whose folder is never written to) -> :class:`Evaluation`.
+
+    ``mmcore eval`` and the Python API's ``Model.evaluate`` both end here. A run's PyTorch model also
+    explains its decisions in the reports; ``cache=True`` (runs) scores through the feature cache.
+    """
+    from mmcore.scoring.run import RunScorer
+
+    csv = Path(csv)
     if split.labels is None:
         raise DataError(f"{csv}: eval needs labels in every row (use mmcore predict for unlabeled data)")
-    out_dir = Path(out) if out else bundle_dir.parent / f"{bundle_dir.name}-eval" / _eval_name(csv)
-    scored = collect(score_rows(scorer, split, registry=registry, progress=progress, desc="eval"))
-    split = scored_split(split, scored)
+    if out:
+        out_dir = Path(out)
+    elif scorer.kind == "run":
+        out_dir = scorer.source / EVAL_DIR / _eval_name(csv)
+    else:
+        out_dir = scorer.source.parent / f"{scorer.source.name}-eval" / _eval_name(csv)
+    # the reports' explanations run the model once more over the rows: from the raw rows unless --cache
+    pipeline = scoring_pipeline(scorer, cache=cache, progress=progress) if isinstance(scorer, RunScorer) else None
+    if cache and pipeline is not None:
+        split, indices, logits, labels, bad_images = score_through_cache(pipeline, split, "eval", progress=progress)
+        skipped = bad_images.counts()
+    else:
+        scored = collect(score_rows(scorer, split, registry=registry, progress=progress, desc="eval"))
+        split, indices, logits = scored_split(split, scored), scored.positions, scored.logits
+        labels = split.label_array()[indices]
+        skipped = {"eval": scored.skipped} if scored.skipped else {}
+    experiment = scorer.recipe_data.get("experiment")
     summary = {
-        "experiment": scorer.recipe.experiment,
-        "bundle": str(bundle_dir),
+        "experiment": experiment,
+        SOURCE_KEYS.get(scorer.kind, scorer.kind): str(scorer.source),
         "evaluated_csv": str(csv),
         "selected_epoch": scorer.selected_epoch,
-        "data": {"eval": len(scored.positions)},
-        "skipped_images": {"eval": scored.skipped} if scored.skipped else {},
+        "data": {"eval": len(indices)},
+        "skipped_images": skipped,
     }
+    kind = "" if scorer.kind == "run" else f" ({scorer.kind})"
     results, _ = write_evaluation(
-        out_dir, split=split, indices=scored.positions, logits=scored.logits, labels=split.label_array()[scored.positions],
-        decision_info=scorer.decision, summary=summary,
-        title=f"mmcore eval — {scorer.recipe.experiment} (bundle) on {csv.name}",
+        out_dir, split=split, indices=indices, logits=logits, labels=labels,
+        decision_info=scorer.decision, summary=summary, title=f"mmcore eval — {experiment}{kind} on {csv.name}",
+        pipeline=pipeline,
     )
     _echo_result(echo, results, split, csv, scorer.decision, out_dir)
-    return out_dir
+    return Evaluation(out=out_dir, results=results)
 
 
 def _eval_name(csv):

@@ -47,19 +47,31 @@ class ExportSummary:
 
 
 def parity_rows(recipe, data, rows, base_dir=None):
-    """The rows the gate scores: ``--data`` or the run's validation split, first ``rows`` of them."""
+    """The rows the gate scores: ``--data`` (a CSV, or a DataFrame from the Python API) or the run's
+    validation split, first ``rows`` of them."""
     from mmcore.data.csvs import read_split, resolve_csv
 
     needs_text = recipe.train.modality != "vision_only"
+    if data is None:
+        from mmcore.data.frames import require_split_file
+
+        require_split_file(recipe.data.val, "val", hint="choose parity rows with --data CSV")
     try:
-        if data:
+        if data is not None and not isinstance(data, (str, os.PathLike)):
+            from mmcore.data.frames import split_from_frame
+
+            split = split_from_frame(data, base_dir=base_dir, require_label=False, require_text=needs_text,
+                                     max_image_bytes=recipe.data.max_image_bytes,
+                                     max_image_pixels=recipe.data.max_image_pixels,
+                                     image_formats=recipe.data.image_formats)
+        elif data:
             split = read_split(data, base_dir, require_label=False, require_text=needs_text,
                                max_image_bytes=recipe.data.max_image_bytes)
         else:
             split = read_split(resolve_csv(recipe.data.val, recipe.data.base_dir), recipe.data.base_dir,
                                require_label=False, require_text=needs_text, max_image_bytes=recipe.data.max_image_bytes)
     except DataError as exc:
-        hint = "" if data else " (the run's validation split; choose rows with --data CSV)"
+        hint = "" if data is not None else " (the run's validation split; choose rows with --data CSV)"
         raise DataError([f"{line}{hint}" for line in exc.problems]) from None
     return split.subset(range(min(rows, len(split))))
 

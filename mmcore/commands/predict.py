@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import attrs
+import numpy as np
 
 from mmcore.data.images import DEFAULT_MAX_IMAGE_BYTES
 from mmcore.devices import parse_device
@@ -73,20 +74,13 @@ def predict_csv(source, input_csv, output, *, batch_size=None, base_dir=None, de
                                   max_image_bytes=(data.get("data") or {}).get("max_image_bytes", DEFAULT_MAX_IMAGE_BYTES))
         scorer = RunScorer(run_dir, device=device, registry=registry, progress=progress)
         where = f"on {scorer.device_name}"
-    if cache and scorer.kind == "run":
-        from mmcore.commands.evaluate import score_through_cache, scoring_pipeline
-
-        pipeline = scoring_pipeline(scorer, cache=True, batch_size=batch_size, progress=progress)
-        split, positions, logits, _, _ = score_through_cache(pipeline, split, "predict", progress=progress,
-                                                              desc=f"predict {input_csv.name}")
-    else:
-        scored = collect(score_rows(scorer, split, batch_size=batch_size, registry=registry, progress=progress,
-                                    desc=f"predict {input_csv.name}"))
-        positions, logits = scored.positions, scored.logits
-    raw, calibrated, predicted = scorer.decide(logits)
-    write_scored_csv(output, frame, [split.rows[int(i)] for i in positions], raw, calibrated, predicted)
-    summary = PredictSummary(output=output, rows=len(frame), scored=len(positions), positives=int(predicted.sum()),
-                             threshold=float(scorer.decision["threshold"]), temperature=float(scorer.decision["temperature"]))
+    scored = predict_rows(scorer, split, batch_size=batch_size, cache=cache, registry=registry, progress=progress,
+                          desc=f"predict {input_csv.name}")
+    write_scored_csv(output, frame, [split.rows[int(i)] for i in scored.positions], scored.raw, scored.calibrated,
+                     scored.predicted)
+    summary = PredictSummary(output=output, rows=len(frame), scored=len(scored.positions),
+                             positives=int(scored.predicted.sum()), threshold=float(scorer.decision["threshold"]),
+                             temperature=float(scorer.decision["temperature"]))
     echo(f"scored {summary.scored} of {summary.rows} rows of {input_csv} {where}: {summary.positives} predicted positive "
          f"(calibrated_score >= {summary.threshold:.4f})")
     if summary.skipped:
@@ -94,6 +88,42 @@ def predict_csv(source, input_csv, output, *, batch_size=None, base_dir=None, de
         echo(f"{summary.skipped} {rows} skipped (unreadable images; score left empty, data.on_bad_image = \"skip\")")
     echo(f"wrote {output}")
     return summary
+
+
+@attrs.frozen
+class Predictions:
+    """The scored rows of an input, in input order (rows left out: unreadable images, ``on_bad_image = "skip"``)."""
+
+    #: the rows' positions in the input (int64)
+    positions: np.ndarray
+    #: raw sigmoid, after the run's temperature, and ``calibrated >= threshold``
+    raw: np.ndarray
+    calibrated: np.ndarray
+    predicted: np.ndarray
+    #: the text each row was scored with, and where it came from (:data:`mmcore.textsource.TEXT_SOURCES`;
+    #: empty when scored through the feature cache)
+    texts: tuple
+    text_sources: tuple
+
+
+def predict_rows(scorer, split, *, batch_size=None, cache=False, registry=None, progress=True, desc=None,
+                 model_lock=None):
+    """Score ``split`` with an open scorer -> :class:`Predictions`: ``mmcore predict`` and the Python
+    API's ``Model.predict`` both score here (:func:`~mmcore.scoring.rows.score_rows`, or with
+    ``cache`` a run's feature cache), so their scores are the same numbers."""
+    if cache and scorer.kind == "run":
+        from mmcore.commands.evaluate import score_through_cache, scoring_pipeline
+
+        pipeline = scoring_pipeline(scorer, cache=True, batch_size=batch_size, progress=progress)
+        split, positions, logits, _, _ = score_through_cache(pipeline, split, "predict", progress=progress, desc=desc)
+        texts, sources = tuple(split.texts[int(i)] for i in positions), ("",) * len(positions)
+    else:
+        scored = collect(score_rows(scorer, split, batch_size=batch_size, registry=registry, progress=progress,
+                                    desc=desc, model_lock=model_lock))
+        positions, logits, texts, sources = scored.positions, scored.logits, scored.texts, scored.text_sources
+    raw, calibrated, predicted = scorer.decide(logits)
+    return Predictions(positions=positions, raw=raw, calibrated=calibrated, predicted=predicted, texts=texts,
+                       text_sources=sources)
 
 
 def check_output_file(output, input_csv=None):

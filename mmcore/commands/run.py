@@ -10,11 +10,13 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from pathlib import Path
 
 from mmcore.data.bulk import paused_gc
-from mmcore.data.csvs import load_splits
+from mmcore.data.csvs import load_splits, require_both_classes
+from mmcore.data.frames import frame_split_name, split_from_frame
 from mmcore.data.memo import ImageHashes
 from mmcore.dist import broadcast_object, init_distributed, is_main, world_size
 from mmcore.engine.checkpoint import read_checkpoint
@@ -25,6 +27,9 @@ from mmcore.model.weights import require_weights
 from mmcore.ocr.fill import ocr_stage
 from mmcore.rundir import LAST, RunDir
 from mmcore.scoring.run import score_split
+
+#: the splits a run reads, in order
+SPLITS = ("train", "val", "test")
 
 
 def resume_training(run_dir, recipe=None, *, registry=None, progress=True, echo=print):
@@ -48,16 +53,45 @@ def resume_training(run_dir, recipe=None, *, registry=None, progress=True, echo=
         )
 
 
-def train_recipe(recipe_path, overrides=(), *, out=None, registry=None, progress=True, echo=print):
-    """``mmcore run RECIPE --set ...``: load the recipe (every problem one line) and train it; returns the run directory."""
-    from mmcore.recipe import load_recipe
+def train_recipe(recipe, overrides=(), *, out=None, data=None, base_dir=None, registry=None, progress=True, echo=print):
+    """``mmcore run RECIPE --set ...`` and ``mmcore.train``: load the recipe (a path, TOML text or a dict:
+    :func:`~mmcore.recipe.load.recipe_from_source`, every problem one line) and train it; returns the run directory.
 
-    loaded = load_recipe(recipe_path, overrides)
-    return run_training(loaded, recipe_path=recipe_path, out=out, registry=registry, progress=progress, echo=echo)
+    ``data``: ``{"train" | "val" | "test": CSV path or DataFrame}`` replacing the splits the recipe
+    names (a CSV path becomes ``data.<split>``; a DataFrame's rows are validated as a CSV's,
+    :func:`~mmcore.data.frames.split_from_frame`, relative image paths starting from ``base_dir``,
+    by default the current directory). A split given as a DataFrame is recorded in the run's
+    recipe as ``<split DataFrame>``: re-scoring such a run (``eval``) needs its data given again.
+    """
+    from mmcore.recipe import recipe_from_source
+
+    data = dict(data or {})
+    unknown = sorted(set(data) - set(SPLITS))
+    if unknown:
+        raise DataError(f"data: unknown split {unknown[0]!r} (expected {', '.join(SPLITS)})")
+    frames = {name: value for name, value in data.items() if not isinstance(value, (str, os.PathLike))}
+    given = [(f"data.{name}", str(Path(value).absolute())) for name, value in data.items() if name not in frames]
+    given += [(f"data.{name}", frame_split_name(name)) for name in frames]
+    if frames and len(data) == len(SPLITS):  # no CSV of the recipe's is read: its data.base_dir plays no part
+        given.append(("data.base_dir", str(Path(base_dir or ".").absolute())))
+    loaded = recipe_from_source(recipe, [*overrides, *given], registry=registry)
+    splits = {name: split_from_frame(frame, name=frame_split_name(name), base_dir=base_dir,
+                                     max_image_bytes=loaded.data.max_image_bytes,
+                                     max_image_pixels=loaded.data.max_image_pixels,
+                                     image_formats=loaded.data.image_formats,
+                                     )
+              for name, frame in frames.items()}
+    recipe_path = recipe if isinstance(recipe, (str, os.PathLike)) and "\n" not in str(recipe) else "<recipe>"
+    return run_training(loaded, recipe_path=recipe_path, out=out, registry=registry, progress=progress, echo=echo,
+                        splits=splits)
 
 
-def run_training(recipe, *, recipe_path, out=None, registry=None, progress=True, echo=print, resume=None, on_epoch_end=None):
+def run_training(recipe, *, recipe_path, out=None, registry=None, progress=True, echo=print, resume=None, on_epoch_end=None,
+                 splits=None):
     """Train, select, calibrate and evaluate; returns the run directory.
+
+    ``splits``: ``{name: Split}`` already read (DataFrames of the Python API); the others are
+    read from what the recipe names.
 
     ``on_epoch_end(epoch, metrics)``: see :class:`TrainingRun`; returning True ends training early.
 
@@ -76,7 +110,11 @@ def run_training(recipe, *, recipe_path, out=None, registry=None, progress=True,
         echo, progress = (lambda *args, **kwargs: None), False
     require_weights(recipe, registry, source=str(recipe_path))  # every missing model in one message, before any data
     require_logger_packages(recipe)  # a missing mlflow or wandb is one line, before any data
-    splits = load_splits(recipe.data, cache=recipe.cache)  # all data problems before anything heavy
+    given = dict(splits or {})
+    missing = tuple(name for name in SPLITS if name not in given)  # all data problems before anything heavy
+    splits = {**(load_splits(recipe.data, names=missing, cache=recipe.cache) if missing else {}), **given}
+    require_both_classes(given)
+    splits = {name: splits[name] for name in SPLITS}
     hashes = ImageHashes.for_recipe(recipe)  # each image hashed once: checks, OCR, feature cache
     duplicates = _check_images(recipe, splits, echo, hashes)
     splits = ocr_stage(splits, recipe, registry=registry, hashes=hashes, progress=progress)

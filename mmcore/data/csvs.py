@@ -14,7 +14,7 @@ from pathlib import Path
 from mmcore.bounded import FileRules, read_regular_file
 from mmcore.data.bulk import paused_gc
 from mmcore.data.encodings import guess_encoding
-from mmcore.data.images import DEFAULT_MAX_IMAGE_BYTES, image_file_stat
+from mmcore.data.images import DEFAULT_MAX_IMAGE_BYTES, ImageSample, image_file_stat
 from mmcore.data.split import Split, limited, parse_label
 from mmcore.errors import DataError, closest
 
@@ -46,9 +46,13 @@ def read_split(csv, base_dir=None, *, require_label=True, require_text=True, che
 
 @paused_gc()
 def split_from_table(frame, csv, base_dir=None, *, require_label=True, check_images=True,
-                     max_image_bytes=DEFAULT_MAX_IMAGE_BYTES):
+                     max_image_bytes=DEFAULT_MAX_IMAGE_BYTES, row_numbers=None):
     """A :class:`Split` from a frame :func:`read_table` gave (so a caller that also needs the
-    frame, e.g. to write it back out with scores, reads the CSV once)."""
+    frame, e.g. to write it back out with scores, reads the CSV once).
+
+    An image cell may also hold an :class:`~mmcore.data.images.ImageSample` (an image in memory,
+    bounded when it was taken in: :mod:`mmcore.data.frames`). ``row_numbers``: what messages call
+    each row (default: 1, 2, ... as in the CSV file)."""
     csv = Path(csv)
     if len(frame) == 0:
         raise DataError(f"{csv}: no rows")
@@ -57,19 +61,23 @@ def split_from_table(frame, csv, base_dir=None, *, require_label=True, check_ima
     bad_labels, missing_images, empty_paths = [], [], []
     columns = {name: frame[name].tolist() for name in ("local_image_path", "label", "text_info") if name in frame.columns}
     raws, label_values, text_values = columns["local_image_path"], columns.get("label"), columns.get("text_info")
-    for index, raw in enumerate(raws, start=1):
-        raw = str(raw).strip()
-        if not raw:
-            empty_paths.append(f"{csv}: row {index}: empty local_image_path")
-            continue
-        path = Path(raw) if os.path.isabs(raw) else base / raw  # one parse of the name per row
-        # never raises (ENAMETOOLONG, EACCES); a file over max_image_bytes is refused here, unread
-        st, problem = image_file_stat(path, max_image_bytes) if check_images else (None, None)
-        if problem is not None:
-            missing_images.append(f"{csv}: row {index}: {problem}: {path}")
+    numbers = range(1, len(raws) + 1) if row_numbers is None else row_numbers
+    for position, (index, raw) in enumerate(zip(numbers, raws)):
+        if isinstance(raw, ImageSample):
+            path, st, raw = raw, None, str(raw)
+        else:
+            raw = str(raw).strip()
+            if not raw:
+                empty_paths.append(f"{csv}: row {index}: empty local_image_path")
+                continue
+            path = Path(raw) if os.path.isabs(raw) else base / raw  # one parse of the name per row
+            # never raises (ENAMETOOLONG, EACCES); a file over max_image_bytes is refused here, unread
+            st, problem = image_file_stat(path, max_image_bytes) if check_images else (None, None)
+            if problem is not None:
+                missing_images.append(f"{csv}: row {index}: {problem}: {path}")
         label = None
         if label_values is not None:
-            value = label_values[index - 1]
+            value = label_values[position]
             label = parse_label(value)
             if label is None and (require_label or str(value).strip()):
                 bad_labels.append(
@@ -79,7 +87,7 @@ def split_from_table(frame, csv, base_dir=None, *, require_label=True, check_ima
         paths.append(path)
         raw_paths.append(raw)
         stats.append(st)
-        texts.append(" ".join(str(text_values[index - 1]).split()) if text_values is not None else "")
+        texts.append(" ".join(str(text_values[position]).split()) if text_values is not None else "")
         labels.append(label)
         rows.append(index)
     problems = (
@@ -129,6 +137,12 @@ def load_splits(data_config, *, names=("train", "val", "test"), cache=None):
                 problems.extend(exc.problems)
         if problems:
             raise DataError(problems)
+    require_both_classes(splits)
+    return splits
+
+
+def require_both_classes(splits):
+    """The train and val splits (where given) must hold both classes: AUROC and training need them."""
     for name in ("train", "val"):
         if name in splits:
             classes = set(splits[name].labels)
@@ -138,7 +152,6 @@ def load_splits(data_config, *, names=("train", "val", "test"), cache=None):
                     f"{splits[name].csv}: {name} split has only one class ({only}); "
                     f"AUROC and training need both"
                 )
-    return splits
 
 
 # ---------------------------------------------------------------- the one CSV reader

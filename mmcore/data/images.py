@@ -48,6 +48,21 @@ class BadImageError(DataError):
     """An image that cannot be used (missing, corrupt, truncated, not an image, too big)."""
 
 
+class ImageSample:
+    """An image that is not a file of its own, standing where a split has an image path: a sample
+    of a WebDataset shard (:class:`mmcore.data.webdataset.ShardMember`) or an image held in memory
+    (:class:`mmcore.data.frames.MemoryImage`).
+
+    It opens its bytes (:meth:`open_bytes`, a context manager giving a binary file object) and
+    carries its :class:`~mmcore.data.memo.ImageFacts` as ``facts`` (content hash, header facts),
+    so the checks, the OCR cache and the feature cache key it by content, as they key files.
+    ``str()`` names it in messages.
+    """
+
+    def open_bytes(self):
+        raise NotImplementedError
+
+
 def load_rgb(path, *, target_size=None, max_pixels=DEFAULT_MAX_IMAGE_PIXELS, formats=DEFAULT_FORMATS):
     """Open ``path`` (a path or a binary file object) as an upright RGB PIL image.
 
@@ -259,13 +274,13 @@ def _os_reason(exc):
 
 @contextlib.contextmanager
 def open_image_file(path, max_bytes=None):
-    """Open an image path for reading (a file object passes through, a sample of a WebDataset shard
-    opens its bytes); problems are :class:`BadImageError`. ``max_bytes``: a larger file is refused
+    """Open an image path for reading (a file object passes through, an :class:`ImageSample` opens
+    its bytes); problems are :class:`BadImageError`. ``max_bytes``: a larger file is refused
     unopened."""
     if hasattr(path, "read"):
         yield path
         return
-    if hasattr(path, "open_bytes"):  # mmcore.data.webdataset.ShardMember
+    if isinstance(path, ImageSample):
         with path.open_bytes() as handle:
             yield handle
         return

@@ -28,7 +28,7 @@ from pathlib import Path
 import attrs
 
 from mmcore.data.bulk import paused_gc
-from mmcore.data.images import DEFAULT_FORMATS, BadImageError, check_size, image_file_problem, open_checked
+from mmcore.data.images import DEFAULT_FORMATS, BadImageError, ImageSample, check_size, image_file_problem, open_checked
 from mmcore.errors import os_error_reason
 from mmcore.io import bytes_sha1
 from mmcore.store.facts import FactRecords, RememberedFacts
@@ -115,9 +115,8 @@ class FileFacts:
         todo = {}
         for path, name, st in zip(paths, names, stats):
             if name not in self._known and name not in todo:
-                carried = getattr(path, "facts", None)
-                if carried is not None:
-                    self._known[name] = carried
+                if isinstance(path, ImageSample):  # a shard sample or an image in memory: hashed already
+                    self._known[name] = path.facts
                 else:
                     todo[name] = st
         if todo:  # decided on what this process knows, the same on every rank: ranks gather together

@@ -40,7 +40,7 @@ from urllib.parse import urlparse
 
 import attrs
 
-from mmcore.data.images import DEFAULT_FORMATS, DEFAULT_MAX_IMAGE_BYTES, BadImageError
+from mmcore.data.images import DEFAULT_FORMATS, DEFAULT_MAX_IMAGE_BYTES, BadImageError, ImageSample
 from mmcore.data.memo import ImageFacts, examine_bytes
 from mmcore.data.split import Split, limited, parse_label
 from mmcore.errors import DataError, os_error_reason
@@ -55,7 +55,7 @@ LOCAL_SCHEMES = ("", "file")
 
 
 @attrs.frozen
-class ShardMember:
+class ShardMember(ImageSample):
     """One sample's image inside a shard: where its bytes are, and what they are (:class:`ImageFacts`).
 
     Stands where a CSV split has an image path: :func:`~mmcore.data.images.open_image_file`

@@ -17,7 +17,7 @@ import weakref
 import torch
 
 from mmcore.data.dataset import SampleDataset, make_loader
-from mmcore.data.images import DECODE_VERSION, DEFAULT_FORMATS
+from mmcore.data.images import DECODE_VERSION, DEFAULT_FORMATS, ImageSample
 from mmcore.dist import broadcast_object, is_main, world_size
 from mmcore.engine.runtime import autocast
 from mmcore.engine.step import prepare_batch
@@ -127,11 +127,14 @@ def decoded_store(root, encoder):
 def image_keys(root, split):
     """Content keys (sha1 of the bytes) of the split's images; None where unreadable.
 
-    Samples of WebDataset shards carry theirs (hashed when the shard was indexed).
+    Samples of WebDataset shards and images in memory carry theirs (:class:`~mmcore.data.images.ImageSample`,
+    hashed when the shard was indexed or the image taken in); a split may mix them with files.
     """
-    if split.paths and hasattr(split.paths[0], "facts"):
+    carried = [isinstance(path, ImageSample) for path in split.paths]
+    if all(carried):
         return [path.facts.sha1 for path in split.paths]
-    return FileHashes(root).keys(split.paths)
+    files = iter(FileHashes(root).keys([path for path, own in zip(split.paths, carried) if not own]))
+    return [path.facts.sha1 if own else next(files) for path, own in zip(split.paths, carried)]
 
 
 def _shard(positions, keys, shard, reshard=None, groups=None):

@@ -99,25 +99,39 @@ def split_values(text):
 
 
 def parse_override(text):
-    """``"train.batch_size=32"`` -> (["train", "batch_size"], 32); values are TOML, else strings."""
+    """``"train.batch_size=32"`` -> (["train", "batch_size"], 32); values are TOML, else strings.
+
+    A ``(key, value)`` pair (the Python API's ``overrides={"train.epochs": 5}``) is checked the same way."""
+    if not isinstance(text, str):
+        key, value = text
+        return _override_parts(str(key), f"{key}={value!r}"), _bounded_value(str(key).split("."), value, str(key))
     if "=" not in text:
         raise RecipeError(f"--set {text}: expected KEY.PATH=VALUE")
     key, raw = text.split("=", 1)
     key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise RecipeError(f"--set {text}: expected KEY.PATH=VALUE")
-    parts = key.split(".")
-    if len(parts) > MAX_NESTING:
-        raise RecipeError(f"--set {key[:60]}...: a key path of {len(parts)} parts; recipe keys nest at most {MAX_NESTING} deep")
+    parts = _override_parts(key, text)
     try:
         value = loads_toml(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw
     except NestingError:
         value = None  # refused just below, with the key
+    return parts, _bounded_value(parts, value, key)
+
+
+def _override_parts(key, text):
+    if not key or any(not part for part in key.split(".")):
+        raise RecipeError(f"--set {text}: expected KEY.PATH=VALUE")
+    parts = key.split(".")
+    if len(parts) > MAX_NESTING:
+        raise RecipeError(f"--set {key[:60]}...: a key path of {len(parts)} parts; recipe keys nest at most {MAX_NESTING} deep")
+    return parts
+
+
+def _bounded_value(parts, value, key):
     if value is None or len(parts) + nesting_depth(value) > MAX_NESTING:
         raise RecipeError(f"--set {key}: the value is nested more than {MAX_NESTING} levels deep (with its key path)")
-    return parts, value
+    return value
 
 
 def apply_overrides(data, overrides):
@@ -179,7 +193,44 @@ def expand_env(data, source, strict=True, path=""):
 
 def load_recipe(path, overrides=(), *, registry=None, strict_env=True):
     """Read, merge, override, expand and structure a recipe; resolve component params."""
-    raw = _read_toml(path)
+    return _load_raw(_read_toml(path), path, overrides, registry=registry, strict_env=strict_env)
+
+
+def recipe_from_source(recipe, overrides=(), *, registry=None, strict_env=True):
+    """A recipe given as a path (``str`` or ``os.PathLike``), TOML text (a ``str`` holding a newline)
+    or a dict, loaded as :func:`load_recipe` loads a file: the same strict converter, the same
+    one-line problems (``<recipe>: train.lr: unknown key ...`` for text and dicts). An ``extends``
+    in text or a dict is relative to the current directory."""
+    if isinstance(recipe, dict):
+        return _load_raw(_bounded_data(recipe), "<recipe>", overrides, registry=registry, strict_env=strict_env)
+    if isinstance(recipe, str) and "\n" in recipe:
+        if len(recipe.encode("utf-8")) > MAX_RECIPE_BYTES:
+            raise RecipeError(f"<recipe>: more than {MAX_RECIPE_BYTES} bytes of TOML; a recipe is a small TOML file")
+        try:
+            data = loads_toml(recipe)
+        except tomllib.TOMLDecodeError as exc:
+            raise RecipeError(f"<recipe>: invalid TOML: {exc}") from None
+        except NestingError as exc:
+            raise RecipeError(f"<recipe>: {exc}") from None
+        return _load_raw(_bounded_data(data), "<recipe>", overrides, registry=registry, strict_env=strict_env)
+    return load_recipe(recipe, overrides, registry=registry, strict_env=strict_env)
+
+
+def _bounded_data(data):
+    """A recipe dict of bounded nesting, its ``extends`` (relative to the current directory) merged in."""
+    if nesting_depth(data) > MAX_NESTING:
+        raise RecipeError(f"<recipe>: nested more than {MAX_NESTING} levels deep")
+    data = deep_merge({}, data)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise RecipeError("<recipe>: extends: must be a string (a path relative to the current directory)")
+    return deep_merge(_read_toml(Path(parent)), data)
+
+
+def _load_raw(raw, path, overrides, *, registry=None, strict_env=True):
+    """Override, expand and structure recipe data read from ``path`` (what messages name)."""
     raw, override_keys = apply_overrides(raw, overrides)
     source = Source(path, override_keys)
     if isinstance(raw.setdefault("data", {}), dict):

@@ -24,6 +24,7 @@ requests itself and calls the same scorer methods.
 from __future__ import annotations
 
 import collections
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
 
 import attrs
@@ -74,14 +75,16 @@ class Scored:
 
 
 def score_rows(scorer, rows, *, batch_size=None, workers=None, ocr=None, fill_text=True, on_bad_image=None,
-               shard=None, embed=False, registry=None, progress=False, desc=None):
+               shard=None, embed=False, registry=None, progress=False, desc=None, model_lock=None):
     """Score ``rows`` with ``scorer`` -> an iterator of :class:`ScoredBatch` (see the module docstring).
 
     ``batch_size``: the scorer's (the recipe's ``eval.batch_size``) by default. ``workers``: decoding
     threads (default: the cores this process may use). ``ocr``: ``{"engine", "lang"}`` to read rows
     without text (default: the recipe's ``data.ocr``); ``fill_text=False`` scores the texts as given.
     ``on_bad_image``: ``error`` or ``skip`` (default: the recipe's). ``registry``: where OCR engines
-    are looked up (the installed plugins by default).
+    are looked up (the installed plugins by default). ``model_lock``: held around each model call
+    (decoding stays parallel), so threads sharing one scorer take turns at the model (the Python
+    API's ``Model`` shares one: a tokenizer, for one, may not be called from two threads at once).
     """
     from mmcore.data.dataset import default_num_workers
 
@@ -95,7 +98,8 @@ def score_rows(scorer, rows, *, batch_size=None, workers=None, ocr=None, fill_te
 
     def scored(batch):
         policy.check({"errors": bad}, "score")  # "error": stops here, one line per row
-        done = _score(scorer, batch, embed, tuple(bad))
+        with model_lock or contextlib.nullcontext():
+            done = _score(scorer, batch, embed, tuple(bad))
         bad.clear()
         return done
 
