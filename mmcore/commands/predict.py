@@ -23,7 +23,7 @@ from mmcore.errors import MmcoreError
 from mmcore.export.bundle import is_bundle
 from mmcore.io import check_output_path, existing_parent
 from mmcore.scoring.rows import collect, score_rows
-from mmcore.scoring.tables import read_input, write_scored_csv
+from mmcore.scoring.tables import read_input, write_scored_table
 
 
 @attrs.frozen
@@ -84,7 +84,7 @@ def predict_csv(source, input_csv, output, *, batch_size=None, base_dir=None, de
                                     desc=f"predict {input_csv.name}"))
         positions, logits = scored.positions, scored.logits
     raw, calibrated, predicted = scorer.decide(logits)
-    write_scored_csv(output, frame, [split.rows[int(i)] for i in positions], raw, calibrated, predicted)
+    write_scored_table(output, frame, [split.rows[int(i)] for i in positions], raw, calibrated, predicted)
     summary = PredictSummary(output=output, rows=len(frame), scored=len(positions), positives=int(predicted.sum()),
                              threshold=float(scorer.decision["threshold"]), temperature=float(scorer.decision["temperature"]))
     echo(f"scored {summary.scored} of {summary.rows} rows of {input_csv} {where}: {summary.positives} predicted positive "

@@ -1,42 +1,181 @@
-"""The CSV a scoring command reads (validated rows plus its own columns, kept to be written back)
+"""The table a scoring command reads (validated rows plus its own columns, kept to be written back)
 and the one it writes: the input with ``score``, ``calibrated_score`` and ``prediction`` added.
+
+A table is a CSV, or Parquet when its name ends in ``.parquet`` or ``.pq`` (read and written with
+pyarrow, the ``parquet`` extra). A Parquet input is bounded like a CSV: a regular file of at most
+:data:`~mmcore.data.csvs.MAX_CSV_BYTES` on disk, and at most as much again uncompressed (its own
+metadata says so before a column is read). Its columns keep their types in a Parquet output; the
+scores are float64 and ``prediction`` a boolean there (null where a row was not scored), and text
+in a CSV as before.
 """
 
 from __future__ import annotations
 
-from mmcore.data.csvs import REQUIRED_COLUMNS, read_table, split_from_table
+from pathlib import Path
+
+import numpy as np
+
+from mmcore.bounded import FileRules, format_bytes, read_regular_file
+from mmcore.data.csvs import MAX_CSV_BYTES, REQUIRED_COLUMNS, read_table, split_from_table
 from mmcore.data.images import DEFAULT_MAX_IMAGE_BYTES
+from mmcore.errors import DataError
 from mmcore.io import atomic_open
 
 OUTPUT_COLUMNS = ("score", "calibrated_score", "prediction")
+#: file names read and written as Parquet (anything else is a CSV)
+PARQUET_SUFFIXES = (".parquet", ".pq")
+PARQUET_FILE = FileRules("file", "a Parquet file", MAX_CSV_BYTES, "split it into several files")
+
+
+def is_parquet(path):
+    """Whether ``path`` names a Parquet table (by its suffix)."""
+    return Path(path).suffix.lower() in PARQUET_SUFFIXES
+
+
+def input_rules(recipe_data):
+    """How a model's recipe (plain data) reads rows: ``require_text``, ``check_images`` and
+    ``max_image_bytes`` for :func:`read_input` (text is optional for a vision-only model, images
+    for a text-only one)."""
+    modality = (recipe_data.get("train") or {}).get("modality", "multimodal")
+    return {
+        "require_text": modality != "vision_only",
+        "check_images": modality != "text_only",
+        "max_image_bytes": (recipe_data.get("data") or {}).get("max_image_bytes") or DEFAULT_MAX_IMAGE_BYTES,
+    }
 
 
 def read_input(input_csv, base_dir=None, *, require_text=True, check_images=True, max_image_bytes=DEFAULT_MAX_IMAGE_BYTES):
-    """The CSV to score, read once: ``(frame, split)`` — its columns as given, to be written back
+    """The table to score, read once: ``(frame, split)`` — its columns as given, to be written back
     out with the scores, and the validated :class:`~mmcore.data.split.Split` to score."""
-    needed = {"local_image_path": True, "label": False, "text_info": require_text}
-    frame = read_table(
-        input_csv,
-        required=[c for c in REQUIRED_COLUMNS if needed[c]],
-        optional=[c for c in REQUIRED_COLUMNS if not needed[c]],
-    )
-    split = split_from_table(frame, input_csv, base_dir, require_label=False, check_images=check_images,
+    required, optional = _columns(require_text)
+    if is_parquet(input_csv):
+        frame = read_parquet_table(input_csv, required=required)
+    else:
+        frame = read_table(input_csv, required=required, optional=optional)
+    split = split_from_table(_as_text(frame), input_csv, base_dir, require_label=False, check_images=check_images,
                              max_image_bytes=max_image_bytes)
     return frame, split
 
 
-def write_scored_csv(output, frame, rows, raw, calibrated, predicted):
-    """``frame`` (the input CSV) with score, calibrated_score and prediction, written atomically.
+def rows_from_frame(frame, where, base_dir=None, *, require_text=True, check_images=False,
+                    max_image_bytes=DEFAULT_MAX_IMAGE_BYTES):
+    """A frame already in memory (a batch of a Ray or Spark job) -> its validated
+    :class:`~mmcore.data.split.Split`; ``where`` names it in messages (rows numbered from 1)."""
+    required, _ = _columns(require_text)
+    missing = [name for name in required if name not in frame.columns]
+    if missing:
+        raise DataError(_missing_columns(where, missing, frame.columns))
+    return split_from_table(_as_text(frame), Path(where), base_dir, require_label=False, check_images=check_images,
+                            max_image_bytes=max_image_bytes)
 
-    ``rows`` are the CSV rows (numbered from 1) that were scored, in the order of the scores;
-    a row left out (an unreadable image, skipped) keeps those columns empty.
+
+def read_parquet_table(path, *, required=()):
+    """A Parquet file as a frame (its columns' own types), bounded before its columns are read.
+
+    Every problem is one :class:`DataError` line naming the file: not a regular file or too large
+    (as a CSV), larger than :data:`~mmcore.data.csvs.MAX_CSV_BYTES` uncompressed, not Parquet,
+    missing columns.
     """
-    columns = {name: [""] * len(frame) for name in OUTPUT_COLUMNS}
-    for k, row in enumerate(rows):
-        columns["score"][row - 1] = repr(float(raw[k]))
-        columns["calibrated_score"][row - 1] = repr(float(calibrated[k]))
-        columns["prediction"][row - 1] = str(bool(predicted[k]))
-    for name in OUTPUT_COLUMNS:
-        frame[name] = columns[name]
+    from mmcore.kit.deps import require
+
+    pa = require("pyarrow", f"reading {path}")
+    import pyarrow.parquet as pq
+
+    data = read_regular_file(path, PARQUET_FILE, error=DataError)
+    try:
+        parquet = pq.ParquetFile(pa.BufferReader(data))
+        meta = parquet.metadata
+        size = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+        if size > MAX_CSV_BYTES:
+            raise DataError(f"{path}: {format_bytes(size)} uncompressed, more than {format_bytes(MAX_CSV_BYTES)}; "
+                            f"split it into several files")
+        frame = parquet.read().to_pandas()
+    except (pa.ArrowException, OSError) as exc:
+        reason = " ".join(str(exc).split())
+        raise DataError(f"{path}: not a Parquet file pyarrow can read ({reason})") from None
+    frame.columns = [str(c).strip() for c in frame.columns]
+    missing = [name for name in required if name not in frame.columns]
+    if missing:
+        raise DataError(_missing_columns(path, missing, frame.columns))
+    return frame
+
+
+def _columns(require_text):
+    needed = {"local_image_path": True, "label": False, "text_info": require_text}
+    return [c for c in REQUIRED_COLUMNS if needed[c]], [c for c in REQUIRED_COLUMNS if not needed[c]]
+
+
+def _missing_columns(where, missing, found):
+    return [f"{where}: missing column {name!r} (columns: {', '.join(map(str, found)) or 'none'})" for name in missing]
+
+
+def _as_text(frame):
+    """The columns a Split is made of, as the strings a CSV holds (a null is an empty cell)."""
+    import pandas as pd
+
+    return pd.DataFrame({
+        name: ["" if _is_null(value) else str(value) for value in frame[name].tolist()]
+        for name in REQUIRED_COLUMNS if name in frame.columns
+    })
+
+
+def _is_null(value):
+    import pandas as pd
+
+    return value is None or (not isinstance(value, (str, bytes)) and bool(pd.isna(value)))
+
+
+def with_scores(frame, rows, raw, calibrated, predicted, *, as_text=False):
+    """``frame`` with ``score``, ``calibrated_score`` and ``prediction`` added (a copy).
+
+    ``rows`` are the frame's rows (numbered from 1) that were scored, in the order of the scores;
+    a row left out (an unreadable image, skipped) keeps those columns empty: null (nullable
+    ``Float64``/``boolean`` columns), or an empty string with ``as_text`` (the CSV's cells:
+    ``repr`` of the float, ``True``/``False``).
+    """
+    import pandas as pd
+
+    where = np.asarray(rows, dtype=np.int64) - 1
+    out = frame.copy()
+    if as_text:
+        columns = {name: np.full(len(frame), "", dtype=object) for name in OUTPUT_COLUMNS}
+        columns["score"][where] = [repr(float(v)) for v in raw]
+        columns["calibrated_score"][where] = [repr(float(v)) for v in calibrated]
+        columns["prediction"][where] = [str(bool(v)) for v in predicted]
+        for name in OUTPUT_COLUMNS:
+            out[name] = columns[name]
+        return out
+    unscored = np.ones(len(frame), dtype=bool)
+    unscored[where] = False
+    scores = {"score": raw, "calibrated_score": calibrated}
+    for name, values in scores.items():
+        column = np.zeros(len(frame), dtype=np.float64)
+        column[where] = values
+        out[name] = pd.arrays.FloatingArray(column, unscored.copy())
+    column = np.zeros(len(frame), dtype=bool)
+    column[where] = np.asarray(predicted, dtype=bool)
+    out["prediction"] = pd.arrays.BooleanArray(column, unscored.copy())
+    return out
+
+
+def write_scored_table(output, frame, rows, raw, calibrated, predicted):
+    """``frame`` with the scores (:func:`with_scores`) written atomically: Parquet when ``output``
+    is named so (:func:`is_parquet`), else a CSV (:func:`write_scored_csv`)."""
+    if not is_parquet(output):
+        return write_scored_csv(output, frame, rows, raw, calibrated, predicted)
+    from mmcore.kit.deps import require
+
+    pa = require("pyarrow", f"writing {output}")
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(with_scores(frame, rows, raw, calibrated, predicted), preserve_index=False)
+    with atomic_open(output, "wb") as handle:
+        pq.write_table(table, handle)
+
+
+def write_scored_csv(output, frame, rows, raw, calibrated, predicted):
+    """``frame`` (the input table) with score, calibrated_score and prediction, written atomically
+    as a CSV (see :func:`with_scores`, ``as_text``)."""
+    out = with_scores(frame, rows, raw, calibrated, predicted, as_text=True)
     with atomic_open(output, "w", encoding="utf-8", newline="") as handle:
-        frame.to_csv(handle, index=False)
+        out.to_csv(handle, index=False)
