@@ -3,8 +3,8 @@ and the one it writes: the input with ``score``, ``calibrated_score`` and ``pred
 
 A table is a CSV, or Parquet when its name ends in ``.parquet`` or ``.pq`` (read and written with
 pyarrow, the ``parquet`` extra). A Parquet input is bounded like a CSV: a regular file of at most
-:data:`~mmcore.data.csvs.MAX_CSV_BYTES` on disk, and at most as much again uncompressed (its own
-metadata says so before a column is read). Its columns keep their types in a Parquet output; the
+:data:`~mmcore.data.csvs.MAX_CSV_BYTES` on disk, and at most as much again uncompressed and decoded
+(:func:`read_parquet_table`). Its columns keep their types in a Parquet output; the
 scores are float64 and ``prediction`` a boolean there (null where a row was not scored), and text
 in a CSV as before.
 """
@@ -25,6 +25,8 @@ OUTPUT_COLUMNS = ("score", "calibrated_score", "prediction")
 #: file names read and written as Parquet (anything else is a CSV)
 PARQUET_SUFFIXES = (".parquet", ".pq")
 PARQUET_FILE = FileRules("file", "a Parquet file", MAX_CSV_BYTES, "split it into several files")
+#: rows of one Parquet input (a CSV of MAX_CSV_BYTES holds a few million rows of ad text)
+MAX_PARQUET_ROWS = 50_000_000
 
 
 def is_parquet(path):
@@ -70,11 +72,13 @@ def rows_from_frame(frame, where, base_dir=None, *, require_text=True, check_ima
 
 
 def read_parquet_table(path, *, required=()):
-    """A Parquet file as a frame (its columns' own types), bounded before its columns are read.
+    """A Parquet file as a frame (its columns' own types), bounded before its columns are decoded.
 
-    Every problem is one :class:`DataError` line naming the file: not a regular file or too large
-    (as a CSV), larger than :data:`~mmcore.data.csvs.MAX_CSV_BYTES` uncompressed, not Parquet,
-    missing columns.
+    Bounds: the file as a CSV's (a regular file of at most :data:`~mmcore.data.csvs.MAX_CSV_BYTES`),
+    its rows (:data:`MAX_PARQUET_ROWS`, from its metadata), its pages uncompressed (the metadata
+    again) and its text once decoded (a dictionary-encoded column can repeat one long value on every
+    row: measured before it is expanded), each at most ``MAX_CSV_BYTES``. Every problem is one
+    :class:`DataError` line naming the file.
     """
     from mmcore.kit.deps import require
 
@@ -85,11 +89,15 @@ def read_parquet_table(path, *, required=()):
     try:
         parquet = pq.ParquetFile(pa.BufferReader(data))
         meta = parquet.metadata
-        size = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
-        if size > MAX_CSV_BYTES:
-            raise DataError(f"{path}: {format_bytes(size)} uncompressed, more than {format_bytes(MAX_CSV_BYTES)}; "
-                            f"split it into several files")
-        frame = parquet.read().to_pandas()
+        if meta.num_rows > MAX_PARQUET_ROWS:
+            raise DataError(f"{path}: {meta.num_rows} rows, more than {MAX_PARQUET_ROWS}; split it into several files")
+        _check_size(path, sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)), "uncompressed")
+        schema = parquet.schema_arrow
+        texts = [field.name for field in schema if _is_text(pa, field.type)]
+        # text kept dictionary-encoded until measured
+        table = pq.ParquetFile(pa.BufferReader(data), read_dictionary=texts).read()
+        _check_size(path, sum(_decoded_bytes(pa, column) for column in table.columns), "decoded")
+        frame = table.cast(schema).to_pandas()
     except (pa.ArrowException, OSError) as exc:
         reason = " ".join(str(exc).split())
         raise DataError(f"{path}: not a Parquet file pyarrow can read ({reason})") from None
@@ -98,6 +106,31 @@ def read_parquet_table(path, *, required=()):
     if missing:
         raise DataError(_missing_columns(path, missing, frame.columns))
     return frame
+
+
+def _check_size(path, size, how):
+    if size > MAX_CSV_BYTES:
+        raise DataError(f"{path}: its columns take {format_bytes(size)} {how}, more than {format_bytes(MAX_CSV_BYTES)}; "
+                        f"split it into several files")
+
+
+def _is_text(pa, kind):
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind) or \
+        pa.types.is_large_binary(kind)
+
+
+def _decoded_bytes(pa, column):
+    """The bytes a column takes once its dictionaries are expanded (each row's value counted)."""
+    import pyarrow.compute as pc
+
+    total = 0
+    for chunk in column.chunks:
+        if pa.types.is_dictionary(chunk.type):
+            lengths = pc.binary_length(chunk.dictionary)
+            total += (pc.sum(pc.take(lengths, chunk.indices)).as_py() or 0) + 8 * len(chunk)
+        else:
+            total += chunk.nbytes
+    return total
 
 
 def _columns(require_text):
@@ -169,6 +202,9 @@ def write_scored_table(output, frame, rows, raw, calibrated, predicted):
     import pyarrow.parquet as pq
 
     table = pa.Table.from_pandas(with_scores(frame, rows, raw, calibrated, predicted), preserve_index=False)
+    # pandas keeps text as Arrow's large_string: written back as the string type a Parquet input had
+    table = table.cast(pa.schema([field.with_type(pa.string()) if field.type == pa.large_string() else field
+                                  for field in table.schema], metadata=table.schema.metadata))
     with atomic_open(output, "wb") as handle:
         pq.write_table(table, handle)
 

@@ -1,0 +1,257 @@
+"""`mmcore predict --nproc N`: torchrun ranks score chunks of the input, joined in input order, resumable
+after a kill; Parquet in and out (mmcore/commands/predict_ranks.py, mmcore/scoring/tables.py)."""
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import mmcore_cli
+
+from mmcore.cli.predict import predict_command
+from mmcore.commands import predict_ranks
+from mmcore.commands.predict import predict_csv
+from mmcore.commands.predict_ranks import MANIFEST, chunk_file, parts_folder, predict_in_ranks, rank_device
+
+COLUMNS = ("score", "calibrated_score", "prediction")
+
+
+def _rows(path):
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _write_rows(path, rows):
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _repeated_test_csv(demo_data, path, times):
+    """The demo test split ``times`` over (relative image paths: read with --base-dir demo_data)."""
+    return _write_rows(path, _rows(Path(demo_data) / "test.csv") * times)
+
+
+def _run_scores(run_dir):
+    """``{image path: (score, calibrated_score, prediction)}`` the run gave its test split (as predict scores)."""
+    return {row["path"]: (row["score"], row["calibrated_score"], str(row["prediction"]))
+            for row in json.loads((Path(run_dir) / "test_predictions.json").read_text())}
+
+
+def _check_scores(out_rows, input_rows, run_dir):
+    """The output keeps the input's rows in order, each with the run's own score for its image."""
+    expected = _run_scores(run_dir)
+    assert [r["local_image_path"] for r in out_rows] == [r["local_image_path"] for r in input_rows]
+    for row in out_rows:
+        score, calibrated, prediction = expected[row["local_image_path"]]
+        assert float(row["score"]) == pytest.approx(score, abs=1e-6)
+        assert float(row["calibrated_score"]) == pytest.approx(calibrated, abs=1e-6)
+        assert row["prediction"] == prediction
+
+
+def _decision(run_dir):
+    return json.loads((Path(run_dir) / "results.json").read_text())["decision"]
+
+
+@pytest.mark.slow
+def test_two_processes_score_as_one_in_input_order(exportable_run, demo_data, tmp_path):
+    rows = _rows(Path(demo_data) / "test.csv")
+    given = _write_rows(tmp_path / "new.csv", rows[::-1])  # not the run's order
+    outputs = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"scored-{nproc}.csv"
+        result = mmcore_cli("predict", exportable_run, given, "-o", out, "--base-dir", demo_data, "--nproc", nproc,
+                            "--chunk-rows", 5, "--quiet")
+        outputs[nproc] = _rows(out)
+        positives = sum(r["prediction"] == "True" for r in outputs[nproc])
+        where = "cpu" if nproc == 1 else "2 processes (rank 0 on cpu)"
+        assert (f"scored 32 of 32 rows of {given} on {where} in 7 chunks of 5 rows (7 scored now): {positives} predicted "
+                f"positive (calibrated_score >= {_decision(exportable_run)['threshold']:.4f})") in result.stdout
+        assert f"wrote {out}" in result.stdout
+        assert not parts_folder(out).exists()  # the chunks go once the output is written
+    assert outputs[2] == outputs[1]  # every column, every digit, the same order
+    _check_scores(outputs[2], rows[::-1], exportable_run)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_killed_predict_resumes_without_scoring_its_finished_chunks_again(exportable_run, demo_data, tmp_path):
+    given = _repeated_test_csv(demo_data, tmp_path / "many.csv", 40)  # 1280 rows, 80 chunks of 16
+    out = tmp_path / "scored.csv"
+    parts = parts_folder(out)
+    args = ["predict", str(exportable_run), str(given), "-o", str(out), "--base-dir", str(demo_data), "--nproc", "2",
+            "--chunk-rows", "16", "--quiet"]
+    job = subprocess.Popen([sys.executable, "-m", "mmcore", *args], start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while len(list(parts.glob("chunk-*.npz"))) < 4 and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(job.pid, signal.SIGKILL)  # the launcher, torchrun and both ranks, mid-way
+    job.wait()
+    _wait_for_the_group_to_die(job.pid)
+    kept = sorted(parts.glob("chunk-*.npz"))
+    assert not out.exists() and 4 <= len(kept) < 80
+    shutil.copytree(parts, tmp_path / "kept")
+
+    result = mmcore_cli(*args)
+    assert (f"resuming: {len(kept)} of 80 chunks were scored before and are kept ({parts}); {80 - len(kept)} to score"
+            in result.stdout)
+    assert f"in 80 chunks of 16 rows ({80 - len(kept)} scored now)" in result.stdout
+    resumed = _rows(out)
+    _check_scores(resumed, _rows(given), exportable_run)
+
+    # the kept chunks are read, not scored again: one of them, altered, comes out as altered (in this process)
+    shutil.rmtree(parts, ignore_errors=True)
+    shutil.copytree(tmp_path / "kept", parts)
+    altered = int(kept[0].name[len("chunk-"):-len(".npz")])
+    with np.load(kept[0]) as data:
+        positions, bad = data["positions"], data["bad"]
+    with open(chunk_file(parts, altered), "wb") as handle:
+        np.savez(handle, positions=positions, logits=np.zeros(len(positions)), bad=bad)
+    again = tmp_path / "again.csv"
+    shutil.move(parts, parts_folder(again))
+    predict_in_ranks(exportable_run, given, again, chunk_rows=16, base_dir=demo_data, progress=False, echo=lambda line: None)
+    rows = _rows(again)
+    for position, (row, first) in enumerate(zip(rows, resumed)):
+        if position // 16 == altered:
+            assert (row["score"], row["calibrated_score"]) == ("0.5", "0.5")
+        else:
+            assert row == first
+
+
+def _wait_for_the_group_to_die(pgid, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"process group {pgid} still alive")
+
+
+def test_parquet_in_and_out(exportable_run, demo_data, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = _rows(Path(demo_data) / "test.csv")
+    table = pa.table({
+        "local_image_path": [r["local_image_path"] for r in rows],
+        "label": [r["label"] == "True" for r in rows],  # a boolean column, as a data lake has it
+        "text_info": [r["text_info"] for r in rows],
+        "ad_id": list(range(100, 100 + len(rows))),  # the user's own column, kept with its type
+    })
+    given = tmp_path / "new.parquet"
+    pq.write_table(table, given)
+
+    out = tmp_path / "scored.parquet"
+    summary = predict_csv(exportable_run, given, out, base_dir=demo_data, progress=False, echo=lambda line: None)
+    scored = pq.read_table(out)
+    assert scored.column_names == ["local_image_path", "label", "text_info", "ad_id", *COLUMNS]
+    assert [str(t) for t in scored.schema.types] == ["string", "bool", "string", "int64", "double", "double", "bool"]
+    assert scored.column("ad_id").to_pylist() == list(range(100, 132))
+    as_text = [{"local_image_path": path, "score": repr(score), "calibrated_score": repr(calibrated),
+                "prediction": str(prediction)} for path, score, calibrated, prediction in
+               zip(*(scored.column(name).to_pylist() for name in ("local_image_path", *COLUMNS)))]
+    _check_scores(as_text, rows, exportable_run)
+    assert summary.scored == 32
+
+    # by chunks (the --nproc path, here in one process): Parquet in, CSV out, the same scores to the last digit
+    # (chunks of a multiple of the batch size: the same batches; a text encoder pads a batch to its longest text)
+    chunked = tmp_path / "chunked.csv"
+    predict_in_ranks(exportable_run, given, chunked, chunk_rows=16, base_dir=demo_data, progress=False,
+                     echo=lambda line: None)
+    assert [{k: r[k] for k in ("local_image_path", *COLUMNS)} for r in _rows(chunked)] == as_text
+
+
+def test_a_parquet_input_is_bounded_and_checked_in_one_line(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mmcore.errors import DataError
+    from mmcore.scoring import tables
+
+    given = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"local_image_path": ["a.jpg"] * 1000, "text": ["x"] * 1000}), given)
+    with pytest.raises(DataError) as error:
+        tables.read_input(given)
+    assert str(error.value) == f"{given}: missing column 'text_info' (columns: local_image_path, text)"
+
+    # its pages uncompressed (from its metadata: no column read), then its text once its dictionaries are expanded
+    plain = tmp_path / "plain.parquet"
+    pq.write_table(pa.table({"local_image_path": [f"{i:08d}.jpg" for i in range(1000)], "text_info": ["x"] * 1000}),
+                   plain, use_dictionary=False, compression="zstd")
+    monkeypatch.setattr(tables, "MAX_CSV_BYTES", 8192)
+    with pytest.raises(DataError) as error:
+        tables.read_input(plain)
+    meta = pq.ParquetFile(plain).metadata
+    pages = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    assert plain.stat().st_size < 8192 < pages
+    assert str(error.value) == f"{plain}: its columns take {pages} bytes uncompressed, more than 8 KiB; split it into several files"
+
+    repeated = tmp_path / "repeated.parquet"  # one long text on every row: small on disk and in its pages
+    # (each row counted as its text's bytes and 8 more for its offset and index)
+    pq.write_table(pa.table({"local_image_path": ["a.jpg"] * 1000, "text_info": ["spam " * 400] * 1000}), repeated)
+    monkeypatch.setattr(tables, "MAX_CSV_BYTES", 1 << 20)
+    with pytest.raises(DataError) as error:
+        tables.read_input(repeated)
+    assert 1000 * (5 + 8) + 1000 * (2000 + 8) == 2021 * 1000
+    assert str(error.value) == (f"{repeated}: its columns take 2021 kB decoded, "
+                                f"more than 1 MiB; split it into several files")
+
+    not_parquet = tmp_path / "rows.pq"
+    not_parquet.write_text("local_image_path,text_info\na.jpg,x\n")
+    with pytest.raises(DataError) as error:
+        tables.read_input(not_parquet)
+    assert str(error.value).startswith(f"{not_parquet}: not a Parquet file pyarrow can read (")
+    assert "\n" not in str(error.value)
+
+
+def test_chunks_of_another_predict_are_refused_in_one_line(exportable_run, demo_data, tmp_path):
+    given = _repeated_test_csv(demo_data, tmp_path / "new.csv", 1)
+    out = tmp_path / "scored.csv"
+    parts = parts_folder(out)
+    parts.mkdir()
+    expected = predict_ranks._manifest(exportable_run, None, given, 32, chunk_rows=8, batch_size=None, base_dir=demo_data)
+    (parts / MANIFEST).write_text(json.dumps({**expected, "input_sha1": "0" * 40}))
+    # before torchrun starts: the launcher's own check (another input had the same name)
+    result = CliRunner().invoke(predict_command, [str(exportable_run), str(given), "-o", str(out), "--base-dir",
+                                                  str(demo_data), "--nproc", "2", "--chunk-rows", "8", "--quiet"])
+    assert (result.exit_code, result.output) == (1, (
+        f"{parts}: holds the chunks of another predict (input_sha1 was '{'0' * 40}', now '{expected['input_sha1']}'); "
+        f"remove that folder to start over, or give -o another file\n"))
+
+    # in the ranks: the model is checked too (another run's chunks, everything else the same)
+    (parts / MANIFEST).write_text(json.dumps({**expected, "model_version": "sha256:0000000000000000"}))
+    with pytest.raises(predict_ranks.MmcoreError) as error:
+        predict_in_ranks(exportable_run, given, out, chunk_rows=8, base_dir=demo_data, progress=False,
+                         echo=lambda line: None)
+    version = json.loads((parts / MANIFEST).read_text())["model_version"]
+    assert str(error.value).startswith(f"{parts}: holds the chunks of another predict (model_version was {version!r}, "
+                                       f"now 'sha256:")
+    assert str(error.value).endswith("); remove that folder to start over, or give -o another file")
+    assert not out.exists()
+
+
+def test_each_rank_scores_on_its_local_gpu(monkeypatch, capsys):
+    monkeypatch.setattr(predict_ranks, "_cuda_for", lambda source: True)
+    assert rank_device("b", "cuda") == "cuda"  # not under torchrun: as given
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert [rank_device("b", spec) for spec in ("auto", "cuda", "cuda:1", "cpu")] == ["cuda:1", "cuda:1", "cuda:1", "cpu"]
+    assert capsys.readouterr().err == ""
+    assert rank_device("b", "cuda:0") == "cuda:1"
+    assert capsys.readouterr().err == ("warning: --device cuda:0 under torchrun: this process (LOCAL_RANK=1) uses cuda:1, "
+                                       "the GPU of its local rank (use auto or cuda)\n")
+    monkeypatch.setattr(predict_ranks, "_cuda_for", lambda source: False)
+    assert rank_device("b", "auto") == "cpu"
