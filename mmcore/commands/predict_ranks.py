@@ -20,14 +20,17 @@ chunks, so N processes give the scores of one, in the input's order.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import attrs
@@ -145,11 +148,12 @@ def launch(nproc, source, input_table, output, *, chunk_rows, batch_size, base_d
     try:
         sys.stdout.flush()
         process = subprocess.Popen(command, env={**os.environ, SUMMARY_ENV: summary_path})
-        try:
-            code = process.wait()
-        except KeyboardInterrupt:  # the ranks got the same Ctrl-C: let them stop, their chunks kept
-            process.wait()
-            raise
+        with _terminate_passed_on(process):
+            try:
+                code = process.wait()
+            except KeyboardInterrupt:  # the ranks got the same Ctrl-C: let them stop, their chunks kept
+                process.wait()
+                raise
         if code != 0:
             kept = parts_folder(output)
             resume = f"; the chunks finished so far are kept in {kept}: the same command resumes" if kept.is_dir() else ""
@@ -161,6 +165,20 @@ def launch(nproc, source, input_table, output, *, chunk_rows, batch_size, base_d
                                                      ("rows", "scored", "positives", "threshold", "temperature")})
     finally:
         Path(summary_path).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _terminate_passed_on(process):
+    """A SIGTERM to this process (a scheduler stopping the job) goes to torchrun, which stops its ranks:
+    they run in sessions of their own and would otherwise go on without it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _source_recipe_data(source, *, echo=print):
