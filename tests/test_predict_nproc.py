@@ -4,7 +4,6 @@ after a kill; Parquet in and out (mmcore/commands/predict_ranks.py, mmcore/scori
 import csv
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from conftest import mmcore_cli
 from mmcore.cli.predict import predict_command
 from mmcore.commands import predict_ranks
 from mmcore.commands.predict import predict_csv
-from mmcore.commands.predict_ranks import MANIFEST, chunk_file, parts_folder, predict_in_ranks, rank_device
+from mmcore.commands.predict_ranks import MANIFEST, parts_folder, predict_in_ranks, rank_device
 
 COLUMNS = ("score", "calibrated_score", "prediction")
 
