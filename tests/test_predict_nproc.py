@@ -195,7 +195,7 @@ def test_a_parquet_input_is_bounded_and_checked_in_one_line(tmp_path, monkeypatc
     pq.write_table(pa.table({"local_image_path": ["a.jpg"] * 1000, "text": ["x"] * 1000}), given)
     with pytest.raises(DataError) as error:
         tables.read_input(given)
-    assert str(error.value) == f"{given}: missing column 'text_info' (columns: local_image_path, text)"
+    assert str(error.value) == f"{given}: missing column 'text_info' (found: local_image_path, text); rename 'text' to 'text_info'"
 
     # its pages uncompressed (from its metadata: no column read), then its text once its dictionaries are expanded
     plain = tmp_path / "plain.parquet"
@@ -265,3 +265,36 @@ def test_each_rank_scores_on_its_local_gpu(monkeypatch, capsys):
                                        "the GPU of its local rank (use auto or cuda)\n")
     monkeypatch.setattr(predict_ranks, "_cuda_for", lambda source: False)
     assert rank_device("b", "auto") == "cpu"
+
+
+def test_the_launcher_refuses_in_one_line_before_torchrun_starts(exportable_run, demo_data, tmp_path):
+    no_text = _write_rows(tmp_path / "no_text.csv", [{"local_image_path": r["local_image_path"]}
+                                                     for r in _rows(Path(demo_data) / "test.csv")])
+    result = CliRunner().invoke(predict_command, [str(exportable_run), str(no_text), "-o", str(tmp_path / "out.csv"),
+                                                  "--nproc", "2", "--quiet"])
+    assert (result.exit_code, result.output) == (3, f"{no_text}: missing column 'text_info' (found: local_image_path)\n")
+    assert not parts_folder(tmp_path / "out.csv").exists()
+
+    result = CliRunner().invoke(predict_command, [str(exportable_run), str(no_text), "-o", str(tmp_path / "out.csv"),
+                                                  "--nproc", "2", "--cache"])
+    assert (result.exit_code, result.output) == (
+        1, "--cache scores through one process's feature cache; leave it out with --nproc or torchrun\n")
+
+
+def test_when_a_rank_fails_every_rank_stops(monkeypatch):
+    from mmcore.errors import DataError
+
+    monkeypatch.setattr(predict_ranks.dist, "rank", lambda: 1)
+    monkeypatch.setattr(predict_ranks.dist, "all_gather_objects", lambda failed: [True, failed])
+    with pytest.raises(predict_ranks.RankStopped) as error:  # this rank's step went well; rank 0's did not
+        predict_ranks._agreed(lambda: "done")
+    assert str(error.value) == "rank 1: stopped: rank 0 failed (its line says why)"
+
+    def fails():
+        raise DataError("x.csv: row 3: image not found: a.jpg")
+
+    with pytest.raises(DataError) as error:  # a failed rank says its own line
+        predict_ranks._agreed(fails)
+    assert str(error.value) == "x.csv: row 3: image not found: a.jpg"
+    monkeypatch.setattr(predict_ranks.dist, "all_gather_objects", lambda failed: [False, failed])
+    assert predict_ranks._agreed(lambda: "done") == "done"

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from mmcore.bounded import FileRules, format_bytes, read_regular_file
-from mmcore.data.csvs import MAX_CSV_BYTES, REQUIRED_COLUMNS, read_table, split_from_table
+from mmcore.data.csvs import MAX_CSV_BYTES, REQUIRED_COLUMNS, missing_column_problems, read_table, split_from_table
 from mmcore.data.images import DEFAULT_MAX_IMAGE_BYTES
 from mmcore.errors import DataError
 from mmcore.io import atomic_open
@@ -66,7 +66,7 @@ def rows_from_frame(frame, where, base_dir=None, *, require_text=True, check_ima
     required, _ = _columns(require_text)
     missing = [name for name in required if name not in frame.columns]
     if missing:
-        raise DataError(_missing_columns(where, missing, frame.columns))
+        raise DataError(missing_column_problems(where, missing, list(map(str, frame.columns)), REQUIRED_COLUMNS))
     return split_from_table(_as_text(frame), Path(where), base_dir, require_label=False, check_images=check_images,
                             max_image_bytes=max_image_bytes)
 
@@ -104,7 +104,7 @@ def read_parquet_table(path, *, required=()):
     frame.columns = [str(c).strip() for c in frame.columns]
     missing = [name for name in required if name not in frame.columns]
     if missing:
-        raise DataError(_missing_columns(path, missing, frame.columns))
+        raise DataError(missing_column_problems(path, missing, list(frame.columns), REQUIRED_COLUMNS))
     return frame
 
 
@@ -136,10 +136,6 @@ def _decoded_bytes(pa, column):
 def _columns(require_text):
     needed = {"local_image_path": True, "label": False, "text_info": require_text}
     return [c for c in REQUIRED_COLUMNS if needed[c]], [c for c in REQUIRED_COLUMNS if not needed[c]]
-
-
-def _missing_columns(where, missing, found):
-    return [f"{where}: missing column {name!r} (columns: {', '.join(map(str, found)) or 'none'})" for name in missing]
 
 
 def _as_text(frame):
