@@ -298,3 +298,28 @@ def test_when_a_rank_fails_every_rank_stops(monkeypatch):
     assert str(error.value) == "x.csv: row 3: image not found: a.jpg"
     monkeypatch.setattr(predict_ranks.dist, "all_gather_objects", lambda failed: [False, failed])
     assert predict_ranks._agreed(lambda: "done") == "done"
+
+
+def test_one_job_per_output(exportable_run, demo_data, tmp_path):
+    """A second predict on the same -o (say, after the launcher alone was killed and its ranks go on) is one line."""
+    import socket
+
+    from mmcore.store.locks import FileLock
+
+    given = _repeated_test_csv(demo_data, tmp_path / "new.csv", 1)
+    out = tmp_path / "scored.csv"
+    held = FileLock(predict_ranks.lock_file(out))
+    held.acquire()
+    try:
+        busy = (f"{tmp_path / 'scored.csv.parts.lock'}: locked by pid {os.getpid()} on {socket.gethostname()}; "
+                f"wait for it to end or stop it first")
+        result = CliRunner().invoke(predict_command, [str(exportable_run), str(given), "-o", str(out), "--base-dir",
+                                                      str(demo_data), "--nproc", "2", "--quiet"])
+        assert (result.exit_code, result.output) == (4, busy + "\n")
+        with pytest.raises(predict_ranks.RunError) as error:  # the ranks take it too (torchrun started by hand)
+            predict_in_ranks(exportable_run, given, out, base_dir=demo_data, progress=False, echo=lambda line: None)
+        assert str(error.value) == busy
+    finally:
+        held.release()
+    predict_in_ranks(exportable_run, given, out, base_dir=demo_data, progress=False, echo=lambda line: None)
+    assert len(_rows(out)) == 32 and not predict_ranks.lock_file(out).exists()

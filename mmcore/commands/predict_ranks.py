@@ -84,6 +84,12 @@ def parts_folder(output):
     return output.with_name(output.name + ".parts")
 
 
+def lock_file(output):
+    """The lock rank 0 holds while it works on ``output``: ``OUT.parts.lock`` (one job per output)."""
+    parts = parts_folder(output)
+    return parts.with_name(parts.name + ".lock")
+
+
 def chunk_file(parts, index):
     return Path(parts) / f"chunk-{index:06d}.npz"
 
@@ -122,6 +128,8 @@ def check_before_launch(source, input_table, output, *, chunk_rows, batch_size, 
     """What can be refused before torchrun starts, in one line each: ``-o``, the input's rows and a
     ``OUT.parts/`` left by a predict of another input or options (the model is checked by the ranks)."""
     _check_output(output, input_table)
+    with _only_job(output):
+        pass
     data = _source_recipe_data(source, echo=echo)
     _, split = read_input(input_table, base_dir, **input_rules(data))
     expected = _manifest(source, None, input_table, len(split), chunk_rows=chunk_rows, batch_size=batch_size,
@@ -181,6 +189,23 @@ def _terminate_passed_on(process):
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def _only_job(output):
+    """Hold :func:`lock_file` for the block; another live job holding it is one line (:class:`~mmcore.store.locks.LockBusy`)."""
+    from mmcore.store.locks import FileLock
+
+    lock = FileLock(lock_file(output))
+    try:
+        lock.path.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire(wait=False)
+    except OSError as exc:
+        raise RunError(f"{lock.path}: cannot take the lock ({exc.strerror or exc}); give -o a folder you can write") from None
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
 def _source_recipe_data(source, *, echo=print):
     """The recipe (plain data) of the run or bundle at ``source``, read without building its model."""
     if is_bundle(source):
@@ -206,16 +231,17 @@ def score_in_chunks(source, input_table, output, *, chunk_rows=DEFAULT_CHUNK_ROW
     """This process's part of the job (all of it alone): see the module docstring."""
     joined = dist.init_distributed()
     try:
-        return _score_in_chunks(source, Path(input_table), Path(output), chunk_rows=chunk_rows, batch_size=batch_size,
-                                base_dir=base_dir, device=device, verify=verify, registry=registry, progress=progress,
-                                echo=echo)
+        with contextlib.ExitStack() as job:  # rank 0 holds the output's lock in it until the output is written
+            return _score_in_chunks(source, Path(input_table), Path(output), chunk_rows=chunk_rows, batch_size=batch_size,
+                                    base_dir=base_dir, device=device, verify=verify, registry=registry, progress=progress,
+                                    echo=echo, job=job)
     finally:
         if joined:
             dist.shutdown_distributed()
 
 
 def _score_in_chunks(source, input_table, output, *, chunk_rows, batch_size, base_dir, device, verify, registry,
-                     progress, echo):
+                     progress, echo, job):
     main, rank, world = dist.is_main(), dist.rank(), dist.world_size()
     say = echo if main else _quiet
     parts = parts_folder(output)
@@ -237,6 +263,7 @@ def _score_in_chunks(source, input_table, output, *, chunk_rows, batch_size, bas
     def prepare_parts():  # rank 0: refuse another predict's chunks, then say which are finished
         if not main:
             return None
+        job.enter_context(_only_job(output))
         expected = _manifest(source, scorer, input_table, len(split), chunk_rows=plan.chunk_rows,
                              batch_size=batch_size, base_dir=base_dir)
         if not _check_manifest(parts, expected):
