@@ -149,9 +149,10 @@ def _as_text(frame):
 
 
 def _is_null(value):
+    """A missing cell: None, NaN, pandas' NA (a Parquet null read into a frame)."""
     import pandas as pd
 
-    return value is None or (not isinstance(value, (str, bytes)) and bool(pd.isna(value)))
+    return value is None or value is pd.NA or (isinstance(value, float) and value != value)
 
 
 def with_scores(frame, rows, raw, calibrated, predicted, *, as_text=False):
