@@ -323,3 +323,16 @@ def test_one_job_per_output(exportable_run, demo_data, tmp_path):
         held.release()
     predict_in_ranks(exportable_run, given, out, base_dir=demo_data, progress=False, echo=lambda line: None)
     assert len(_rows(out)) == 32 and not predict_ranks.lock_file(out).exists()
+
+
+def test_a_bundle_scores_by_chunks_as_predict_does(exported_bundle, demo_data, tmp_path):
+    """The chunked path with a bundle (onnxruntime): predict's own CSV, to the last digit (chunks of a multiple of the batch)."""
+    given = _repeated_test_csv(demo_data, tmp_path / "new.csv", 1)
+    plain, chunked = tmp_path / "plain.csv", tmp_path / "chunked.csv"
+    predict_csv(exported_bundle, given, plain, base_dir=demo_data, device="cpu", progress=False, echo=lambda line: None)
+    lines = []
+    summary = predict_in_ranks(exported_bundle, given, chunked, chunk_rows=16, base_dir=demo_data, device="cpu",
+                               progress=False, echo=lines.append)
+    assert _rows(chunked) == _rows(plain)
+    assert (summary.rows, summary.scored) == (32, 32)
+    assert lines[0].startswith(f"scored 32 of 32 rows of {given} on cpu in 2 chunks of 16 rows (2 scored now): ")
