@@ -25,7 +25,7 @@ def _fail(exc):
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.argument("input_csv", metavar="INPUT.csv", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="CSV to write: the input columns + score, calibrated_score, prediction.")
+              help="CSV (or .parquet) to write: the input columns + score, calibrated_score, prediction.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Rows per forward pass [default: the run's eval.batch_size or train.batch_size].")
 @click.option("--base-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
