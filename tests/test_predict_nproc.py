@@ -18,7 +18,10 @@ from conftest import mmcore_cli
 from mmcore.cli.predict import predict_command
 from mmcore.commands import predict_ranks
 from mmcore.commands.predict import predict_csv
-from mmcore.commands.predict_ranks import MANIFEST, parts_folder, predict_in_ranks, rank_device
+from mmcore.commands import predict_parts
+from mmcore.commands.predict_parts import MANIFEST, parts_folder
+from mmcore.commands.predict_ranks import predict_in_ranks, rank_device
+from mmcore.errors import MmcoreError, RunError
 
 COLUMNS = ("score", "calibrated_score", "prediction")
 
@@ -232,7 +235,7 @@ def test_chunks_of_another_predict_are_refused_in_one_line(exportable_run, demo_
     out = tmp_path / "scored.csv"
     parts = parts_folder(out)
     parts.mkdir()
-    expected = predict_ranks._manifest(exportable_run, None, given, 32, chunk_rows=8, batch_size=None, base_dir=demo_data)
+    expected = predict_parts.manifest(exportable_run, None, given, 32, chunk_rows=8, batch_size=None, base_dir=demo_data)
     (parts / MANIFEST).write_text(json.dumps({**expected, "input_sha1": "0" * 40}))
     # before torchrun starts: the launcher's own check (another input had the same name)
     result = CliRunner().invoke(predict_command, [str(exportable_run), str(given), "-o", str(out), "--base-dir",
@@ -243,7 +246,7 @@ def test_chunks_of_another_predict_are_refused_in_one_line(exportable_run, demo_
 
     # in the ranks: the model is checked too (another run's chunks, everything else the same)
     (parts / MANIFEST).write_text(json.dumps({**expected, "model_version": "sha256:0000000000000000"}))
-    with pytest.raises(predict_ranks.MmcoreError) as error:
+    with pytest.raises(MmcoreError) as error:
         predict_in_ranks(exportable_run, given, out, chunk_rows=8, base_dir=demo_data, progress=False,
                          echo=lambda line: None)
     version = json.loads((parts / MANIFEST).read_text())["model_version"]
@@ -308,7 +311,7 @@ def test_one_job_per_output(exportable_run, demo_data, tmp_path):
 
     given = _repeated_test_csv(demo_data, tmp_path / "new.csv", 1)
     out = tmp_path / "scored.csv"
-    held = FileLock(predict_ranks.lock_file(out))
+    held = FileLock(predict_parts.lock_file(out))
     held.acquire()
     try:
         busy = (f"{tmp_path / 'scored.csv.parts.lock'}: locked by pid {os.getpid()} on {socket.gethostname()}; "
@@ -316,13 +319,13 @@ def test_one_job_per_output(exportable_run, demo_data, tmp_path):
         result = CliRunner().invoke(predict_command, [str(exportable_run), str(given), "-o", str(out), "--base-dir",
                                                       str(demo_data), "--nproc", "2", "--quiet"])
         assert (result.exit_code, result.output) == (4, busy + "\n")
-        with pytest.raises(predict_ranks.RunError) as error:  # the ranks take it too (torchrun started by hand)
+        with pytest.raises(RunError) as error:  # the ranks take it too (torchrun started by hand)
             predict_in_ranks(exportable_run, given, out, base_dir=demo_data, progress=False, echo=lambda line: None)
         assert str(error.value) == busy
     finally:
         held.release()
     predict_in_ranks(exportable_run, given, out, base_dir=demo_data, progress=False, echo=lambda line: None)
-    assert len(_rows(out)) == 32 and not predict_ranks.lock_file(out).exists()
+    assert len(_rows(out)) == 32 and not predict_parts.lock_file(out).exists()
 
 
 def test_a_bundle_scores_by_chunks_as_predict_does(exported_bundle, demo_data, tmp_path):

@@ -7,7 +7,7 @@ on this machine; several machines run torchrun themselves with its own rendezvou
 scored yet are dealt round robin to the ranks, and each rank scores its chunks through the one
 scoring path (:func:`~mmcore.scoring.rows.score_rows` over the scorer
 :func:`~mmcore.scoring.scorers.open_scorer` gives, on its local rank's device) and writes each
-finished chunk atomically into ``OUT.parts/``. Rank 0 then joins the chunks in input order, applies
+finished chunk atomically into ``OUT.parts/`` (:mod:`mmcore.commands.predict_parts`). Rank 0 then joins the chunks in input order, applies
 the run's decision, writes ``OUT`` (CSV or Parquet, :mod:`mmcore.scoring.tables`) and removes
 ``OUT.parts/``.
 
@@ -21,10 +21,8 @@ chunks, so N processes give the scores of one, in the input's order.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -33,65 +31,37 @@ import tempfile
 import threading
 from pathlib import Path
 
-import attrs
-import numpy as np
-
 from mmcore import dist
 from mmcore.bounded import FileRules, read_regular_file
 from mmcore.commands.predict import PredictSummary, check_output_file
+from mmcore.commands.predict_parts import (
+    MANIFEST,
+    ChunkPlan,
+    check_manifest,
+    finished_chunks,
+    manifest,
+    only_job,
+    parts_folder,
+    read_chunks,
+    write_chunk,
+)
 from mmcore.devices import cuda_index, parse_device
 from mmcore.errors import MmcoreError, RunError
 from mmcore.export.bundle import is_bundle
-from mmcore.io import atomic_open, check_output_path, file_sha1, write_json
+from mmcore.io import check_output_path, write_json
 from mmcore.progress import progress_bar
 from mmcore.scoring.rows import collect, score_rows
 from mmcore.scoring.tables import input_rules, read_input, write_scored_table
 
 #: rows per chunk: what a kill can cost, and one file per chunk in OUT.parts/
 DEFAULT_CHUNK_ROWS = 4096
-#: what says which predict the chunks in OUT.parts/ belong to
-MANIFEST = "predict.json"
-MANIFEST_FORMAT = 1
-_CHUNK = re.compile(r"^chunk-([0-9]{6,})\.npz$")
-_MANIFEST_FILE = FileRules("file", "a predict.json", 1 << 16, "it is not one mmcore wrote")
 #: the launcher's summary file (rank 0 writes it): how ``--nproc`` hands :class:`PredictSummary` back
 SUMMARY_ENV = "MMCORE_PREDICT_SUMMARY"
+_SUMMARY_FILE = FileRules("file", "a predict summary", 1 << 16, "it is not one mmcore wrote")
 
 
 class RankStopped(MmcoreError):
     """This rank stopped because another rank failed (whose line says why)."""
-
-
-@attrs.frozen
-class ChunkPlan:
-    """An input's rows cut into chunks of ``chunk_rows`` (the last may be shorter)."""
-
-    rows: int
-    chunk_rows: int
-
-    @property
-    def count(self):
-        return -(-self.rows // self.chunk_rows)
-
-    def span(self, index):
-        """``range`` of the positions chunk ``index`` holds."""
-        return range(index * self.chunk_rows, min(self.rows, (index + 1) * self.chunk_rows))
-
-
-def parts_folder(output):
-    """Where the finished chunks of ``output`` are kept until it is written: ``OUT.parts/``."""
-    output = Path(output)
-    return output.with_name(output.name + ".parts")
-
-
-def lock_file(output):
-    """The lock rank 0 holds while it works on ``output``: ``OUT.parts.lock`` (one job per output)."""
-    parts = parts_folder(output)
-    return parts.with_name(parts.name + ".lock")
-
-
-def chunk_file(parts, index):
-    return Path(parts) / f"chunk-{index:06d}.npz"
 
 
 def launched_by_torchrun():
@@ -128,13 +98,13 @@ def check_before_launch(source, input_table, output, *, chunk_rows, batch_size, 
     """What can be refused before torchrun starts, in one line each: ``-o``, the input's rows and a
     ``OUT.parts/`` left by a predict of another input or options (the model is checked by the ranks)."""
     _check_output(output, input_table)
-    with _only_job(output):
+    with only_job(output):
         pass
     data = _source_recipe_data(source, echo=echo)
     _, split = read_input(input_table, base_dir, **input_rules(data))
-    expected = _manifest(source, None, input_table, len(split), chunk_rows=chunk_rows, batch_size=batch_size,
+    expected = manifest(source, None, input_table, len(split), chunk_rows=chunk_rows, batch_size=batch_size,
                          base_dir=base_dir)
-    _check_manifest(parts_folder(output), expected, skip=("model_version",))
+    check_manifest(parts_folder(output), expected, skip=("model_version",))
 
 
 def launch(nproc, source, input_table, output, *, chunk_rows, batch_size, base_dir, device, verify, progress, echo=print):
@@ -168,7 +138,7 @@ def launch(nproc, source, input_table, output, *, chunk_rows, batch_size, base_d
             error = MmcoreError(f"predict --nproc {nproc}: torchrun exited {code}{resume}")
             error.exit_code = code if 0 < code < 256 else 1
             raise error
-        data = json.loads(read_regular_file(summary_path, _MANIFEST_FILE, error=RunError))
+        data = json.loads(read_regular_file(summary_path, _SUMMARY_FILE, error=RunError))
         return PredictSummary(output=Path(output), **{key: data[key] for key in
                                                      ("rows", "scored", "positives", "threshold", "temperature")})
     finally:
@@ -187,23 +157,6 @@ def _terminate_passed_on(process):
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
-def _only_job(output):
-    """Hold :func:`lock_file` for the block; another live job holding it is one line (:class:`~mmcore.store.locks.LockBusy`)."""
-    from mmcore.store.locks import FileLock
-
-    lock = FileLock(lock_file(output))
-    try:
-        lock.path.parent.mkdir(parents=True, exist_ok=True)
-        lock.acquire(wait=False)
-    except OSError as exc:
-        raise RunError(f"{lock.path}: cannot take the lock ({exc.strerror or exc}); give -o a folder you can write") from None
-    try:
-        yield lock
-    finally:
-        lock.release()
 
 
 def _source_recipe_data(source, *, echo=print):
@@ -263,12 +216,12 @@ def _score_in_chunks(source, input_table, output, *, chunk_rows, batch_size, bas
     def prepare_parts():  # rank 0: refuse another predict's chunks, then say which are finished
         if not main:
             return None
-        job.enter_context(_only_job(output))
-        expected = _manifest(source, scorer, input_table, len(split), chunk_rows=plan.chunk_rows,
+        job.enter_context(only_job(output))
+        expected = manifest(source, scorer, input_table, len(split), chunk_rows=plan.chunk_rows,
                              batch_size=batch_size, base_dir=base_dir)
-        if not _check_manifest(parts, expected):
+        if not check_manifest(parts, expected):
             write_json(parts / MANIFEST, expected)
-        return _finished_chunks(parts, plan)
+        return finished_chunks(parts, plan)
 
     finished = dist.broadcast_object(_agreed(prepare_parts))
     todo = [index for index in range(plan.count) if index not in finished]
@@ -284,7 +237,7 @@ def _score_in_chunks(source, input_table, output, *, chunk_rows, batch_size, bas
             for index in mine:
                 span = plan.span(index)
                 scored = collect(score_rows(scorer, split.subset(span), batch_size=size, registry=registry))
-                _write_chunk(parts, index, scored.positions + span.start, scored.logits, scored.bad)
+                write_chunk(parts, index, scored.positions + span.start, scored.logits, scored.bad)
                 bar.update(len(span))
         finally:
             bar.close()
@@ -296,7 +249,7 @@ def _score_in_chunks(source, input_table, output, *, chunk_rows, batch_size, bas
     def join_and_write():
         if not main:
             return None
-        positions, logits, bad = _read_chunks(parts, plan)
+        positions, logits, bad = read_chunks(parts, plan)
         raw, calibrated, predicted = scorer.decide(logits)
         write_scored_table(output, frame, [split.rows[int(i)] for i in positions], raw, calibrated, predicted)
         shutil.rmtree(parts, ignore_errors=True)
@@ -364,88 +317,3 @@ def _cuda_for(source):
     return torch.cuda.is_available()
 
 
-# -- OUT.parts/ ------------------------------------------------------------------------------------
-
-
-def _manifest(source, scorer, input_table, rows, *, chunk_rows, batch_size, base_dir):
-    """What the chunks are the scores of: the model, the input and the options that change a score."""
-    digest = file_sha1(input_table)
-    return {
-        "format": MANIFEST_FORMAT,
-        "source": str(Path(source).resolve()),
-        "model_version": scorer.model_version if scorer is not None else None,
-        "input": str(Path(input_table).resolve()),
-        "input_sha1": digest.hex() if digest else None,
-        "rows": rows,
-        "chunk_rows": int(chunk_rows),
-        "batch_size": int(batch_size) if batch_size else None,  # None: the model's own
-        "base_dir": str(Path(base_dir).resolve()) if base_dir else None,
-    }
-
-
-def _check_manifest(parts, expected, *, skip=()):
-    """True when ``parts`` holds chunks of the same predict as ``expected``; False when there is none.
-    Another predict's folder is one line: which key differs, what to do."""
-    path = Path(parts) / MANIFEST
-    if not Path(parts).exists():
-        return False
-    if not path.is_file():
-        raise MmcoreError(f"{parts}: a folder without {MANIFEST} is in the way of the chunks of -o; remove it, "
-                          f"or give -o another file")
-    try:
-        found = json.loads(read_regular_file(path, _MANIFEST_FILE, error=RunError))
-    except ValueError:
-        found = None
-    if not isinstance(found, dict):
-        raise MmcoreError(f"{path}: not a {MANIFEST} mmcore wrote; remove {parts} to start over")
-    for key, value in expected.items():
-        if key not in skip and found.get(key) != value:
-            raise MmcoreError(f"{parts}: holds the chunks of another predict ({key} was {found.get(key)!r}, now "
-                              f"{value!r}); remove that folder to start over, or give -o another file")
-    return True
-
-
-def _finished_chunks(parts, plan):
-    """The indices of the chunk files in ``parts`` (files of a killed writer, ``.*.tmp``, are not chunks)."""
-    found = set()
-    for path in Path(parts).iterdir():
-        match = _CHUNK.match(path.name)
-        if match and int(match[1]) < plan.count:
-            found.add(int(match[1]))
-    return found
-
-
-def _write_chunk(parts, index, positions, logits, bad):
-    buffer = io.BytesIO()
-    np.savez(buffer, positions=np.asarray(positions, dtype=np.int64), logits=np.asarray(logits, dtype=np.float64),
-             bad=np.asarray(list(bad), dtype=str))
-    with atomic_open(chunk_file(parts, index), "wb") as handle:
-        handle.write(buffer.getbuffer())
-
-
-def _read_chunks(parts, plan):
-    """Every chunk's positions, logits and unreadable rows' lines, in input order; each file checked."""
-    positions, logits, bad = [], [], []
-    for index in range(plan.count):
-        chunk_positions, chunk_logits, chunk_bad = _read_chunk(chunk_file(parts, index), plan.span(index), parts)
-        positions.append(chunk_positions)
-        logits.append(chunk_logits)
-        bad.extend(chunk_bad)
-    return np.concatenate(positions), np.concatenate(logits), bad
-
-
-def _read_chunk(path, span, parts):
-    rules = FileRules("chunk", "a chunk file", len(span) * 4096 + (1 << 20), "it is not one mmcore wrote")
-    try:
-        with np.load(io.BytesIO(read_regular_file(path, rules, error=RunError)), allow_pickle=False) as data:
-            positions, logits, bad = data["positions"], data["logits"], data["bad"]
-    except (ValueError, KeyError, OSError) as exc:
-        raise RunError(f"{path}: not a chunk mmcore wrote ({exc}); remove {parts} to start over") from None
-    fits = (positions.dtype == np.int64 and logits.dtype == np.float64 and positions.ndim == logits.ndim == 1
-            and len(positions) == len(logits) and bad.ndim == 1 and bad.dtype.kind == "U"
-            and bool(np.all((positions >= span.start) & (positions < span.stop)))
-            and bool(np.all(np.diff(positions) > 0)))
-    if not fits:
-        raise RunError(f"{path}: not the scores of rows {span.start + 1}-{span.stop} (its arrays do not match); "
-                       f"remove {parts} to start over")
-    return positions, logits, [str(line) for line in bad]
