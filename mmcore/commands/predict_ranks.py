@@ -7,9 +7,9 @@ on this machine; several machines run torchrun themselves with its own rendezvou
 scored yet are dealt round robin to the ranks, and each rank scores its chunks through the one
 scoring path (:func:`~mmcore.scoring.rows.score_rows` over the scorer
 :func:`~mmcore.scoring.scorers.open_scorer` gives, on its local rank's device) and writes each
-finished chunk atomically into ``OUT.parts/`` (:mod:`mmcore.commands.predict_parts`). Rank 0 then joins the chunks in input order, applies
-the run's decision, writes ``OUT`` (CSV or Parquet, :mod:`mmcore.scoring.tables`) and removes
-``OUT.parts/``.
+finished chunk atomically into ``OUT.parts/`` (:mod:`mmcore.commands.predict_parts`). Rank 0
+then joins the chunks in input order, applies the run's decision, writes ``OUT`` (CSV or Parquet,
+:mod:`mmcore.scoring.tables`) and removes ``OUT.parts/``.
 
 Killed, the same command resumes: the finished chunks are kept and not scored again.
 ``OUT.parts/predict.json`` says what they are the scores of (the model's version, the input's sha1,
