@@ -47,6 +47,7 @@ LAYERS = {
     # 6: the ways in: the CLI, the Python API, the contract checks plugins call, process entry points
     "mmcore.cli": 6,
     "mmcore.api": 6,
+    "mmcore.integrations": 6,
     "mmcore.testing": 6,
     "mmcore.__main__": 6,
     "mmcore.tune.__main__": 6,

@@ -24,7 +24,7 @@ from mmcore.errors import MmcoreError
 from mmcore.export.bundle import is_bundle
 from mmcore.io import check_output_path, existing_parent
 from mmcore.scoring.rows import collect, score_rows
-from mmcore.scoring.tables import read_input, write_scored_csv
+from mmcore.scoring.tables import read_input, write_scored_table
 
 
 @attrs.frozen
@@ -76,7 +76,7 @@ def predict_csv(source, input_csv, output, *, batch_size=None, base_dir=None, de
         where = f"on {scorer.device_name}"
     scored = predict_rows(scorer, split, batch_size=batch_size, cache=cache, registry=registry, progress=progress,
                           desc=f"predict {input_csv.name}")
-    write_scored_csv(output, frame, [split.rows[int(i)] for i in scored.positions], scored.raw, scored.calibrated,
+    write_scored_table(output, frame, [split.rows[int(i)] for i in scored.positions], scored.raw, scored.calibrated,
                      scored.predicted)
     summary = PredictSummary(output=output, rows=len(frame), scored=len(scored.positions),
                              positives=int(scored.predicted.sum()), threshold=float(scorer.decision["threshold"]),

@@ -186,7 +186,7 @@ def read_table(path, *, required=(), optional=()):
     frame.columns = [str(c).strip() for c in frame.columns]
     missing = [c for c in required if c not in frame.columns]
     if missing:
-        raise DataError(_missing_column_problems(path, missing, list(frame.columns), known))
+        raise DataError(missing_column_problems(path, missing, list(frame.columns), known))
     return frame
 
 
@@ -303,7 +303,7 @@ def _parse_problem(csv, message):
     return f"{csv}: cannot parse CSV ({message.removeprefix('Error tokenizing data. ')})"
 
 
-def _missing_column_problems(csv, missing, found, known):
+def missing_column_problems(csv, missing, found, known):
     """One line per missing column; a column that looks like it (a rename) is pointed out."""
     shown = ", ".join(found) or "(none)"
     candidates = [c for c in found if c not in known]

@@ -30,6 +30,7 @@ EXTRAS = {
     "mlflow": ("mlflow-skinny", "mlflow"),
     "webdataset": ("webdataset", "webdataset"),
     "braceexpand": ("braceexpand", "webdataset"),
+    "pyarrow": ("pyarrow", "parquet"),
 }
 #: extra -> the modules a command of it imports (checked together, before the command's work starts)
 EXTRA_MODULES = {
