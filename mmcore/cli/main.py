@@ -168,6 +168,7 @@ def demo(data_dir, recipe, overrides, quiet):
 def _add_commands():
     from mmcore.cli.cache import cache_group
     from mmcore.cli.compare import compare_command
+    from mmcore.cli.drift import drift_command
     from mmcore.cli.export import export_command
     from mmcore.cli.new_plugin import new_plugin_command
     from mmcore.cli.ocr import ocr_command
@@ -180,6 +181,7 @@ def _add_commands():
                 tune_command, shard_command)
     for command in commands:
         cli.add_command(command)
+    cli.add_command(drift_command)
 
 
 _add_commands()

@@ -26,6 +26,7 @@ from pathlib import Path
 import attrs
 import numpy as np
 
+from mmcore.commands.drift import join_splits
 from mmcore.data.csvs import load_splits, read_table, resolve_csv
 from mmcore.data.folds import assign_folds, fold_splits, fold_summary, group_rows
 from mmcore.data.memo import ImageHashes
@@ -76,15 +77,7 @@ def labelled_rows(recipe):
         raise RecipeError(f"data.format: k-fold training reads CSV splits, not {recipe.data.format!r}")
     splits = load_splits(recipe.data, names=LABELLED_SPLITS, cache=recipe.cache)
     parts = [splits[name] for name in LABELLED_SPLITS]
-    joined = attrs.evolve(
-        parts[0],
-        paths=sum((p.paths for p in parts), ()),
-        texts=sum((p.texts for p in parts), ()),
-        labels=sum((p.labels for p in parts), ()),
-        rows=sum((p.rows for p in parts), ()),
-        raw_paths=sum((p.raw_paths for p in parts), ()),
-        stats=None,
-    )
+    joined = join_splits(parts)
     names = tuple(getattr(recipe.data, name) for name, part in zip(LABELLED_SPLITS, parts) for _ in range(len(part)))
     return LabelledRows(split=joined, csv_names=names)
 
