@@ -166,6 +166,7 @@ def demo(data_dir, recipe, overrides, quiet):
 
 
 def _add_commands():
+    from mmcore.cli.audit import audit_command
     from mmcore.cli.cache import cache_group
     from mmcore.cli.compare import compare_command
     from mmcore.cli.drift import drift_command
@@ -182,6 +183,7 @@ def _add_commands():
     for command in commands:
         cli.add_command(command)
     cli.add_command(drift_command)
+    cli.add_command(audit_command)
 
 
 _add_commands()

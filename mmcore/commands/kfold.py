@@ -9,7 +9,8 @@ code) with its data pointed at two CSVs written under ``out/folds/fold-<i>/``: `
 (every other fold) and ``val.csv`` (fold ``i``: selection, calibration and threshold are fitted
 on it); the recipe's test split stays its test split. Its finished run directory is
 ``out/members/fold-<i>/`` and its ``recipe.toml`` names the fold CSVs, so any member can be
-rerun alone.
+rerun alone; ``out/recipe.toml`` is the recipe the bag was made from and ``out/folds.json`` the
+rows and positives of each fold.
 
 Each member then scores its own held-out fold through the scoring path (the run's model in
 float32 from raw rows, as ``mmcore eval`` scores), and
@@ -35,7 +36,7 @@ from mmcore.errors import DataError, RecipeError, RunError
 from mmcore.evaluation.oof import OOF_FILE, OutOfFoldBuilder, write_oof_scores
 from mmcore.io import write_json, write_text
 from mmcore.ocr.fill import ocr_stage
-from mmcore.rundir import make_directory
+from mmcore.rundir import RunDir, make_directory
 
 MEMBERS_DIR = "members"
 FOLDS_DIR = "folds"
@@ -165,6 +166,7 @@ def train_folds(recipe, *, k=5, out, seed=0, group_column=None, registry=None, p
     hashes = ImageHashes.for_recipe(recipe)
     folds = fold_rows(recipe, rows, k=k, seed=seed, group_column=group_column, extra_groups=extra_groups, hashes=hashes)
     out = _start_out(out)
+    RunDir(out).write_recipe(recipe)  # the bag's recipe: mmcore audit reads its oof_scores.csv against it
     write_json(out / FOLDS_FILE, {"k": k, "seed": seed, "group_column": group_column,
                                   "folds": fold_summary(folds, rows.labels)})
     # the held-out rows are scored with the texts the members train on (OCR fills empty ones, cached)
