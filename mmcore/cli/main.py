@@ -174,6 +174,7 @@ def _add_commands():
     from mmcore.cli.new_plugin import new_plugin_command
     from mmcore.cli.ocr import ocr_command
     from mmcore.cli.predict import predict_command
+    from mmcore.cli.select import select_command
     from mmcore.cli.serve import serve_command
     from mmcore.cli.shard import shard_command
     from mmcore.cli.tune import tune_command
@@ -184,6 +185,7 @@ def _add_commands():
         cli.add_command(command)
     cli.add_command(drift_command)
     cli.add_command(audit_command)
+    cli.add_command(select_command)
 
 
 _add_commands()
