@@ -32,6 +32,7 @@ from mmcore.data.memo import ImageHashes
 from mmcore.errors import MmcoreError, RecipeError, RunError
 from mmcore.evaluation.oof import OOF_FILE, read_oof_scores
 from mmcore.io import write_json, write_text
+from mmcore.kit.deps import require_extra
 from mmcore.rundir import RECIPE_FILE, RunDir, make_directory
 
 AUDIT_DIR = "audit"
@@ -197,6 +198,7 @@ def audit(source, *, folds=5, seed=0, duplicates=0.95, out_dir=None, fix=None, f
     from mmcore.quality.label_issues import find_label_issues, fixed_labels, platt_scores, write_label_issues_csv
     from mmcore.quality.noise import label_noise_by_slice
 
+    require_extra("quality", "mmcore audit")  # cleanlab and scikit-learn, before any training
     if not 0.0 < duplicates <= 1.0:
         raise RecipeError(f"--duplicates {duplicates}: a cosine similarity in (0, 1]")
     recipe, recipe_path, kind, folder = _source(source, registry)

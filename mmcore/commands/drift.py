@@ -21,6 +21,7 @@ import numpy as np
 
 from mmcore.data.images import DEFAULT_MAX_IMAGE_BYTES
 from mmcore.errors import RunError
+from mmcore.kit.deps import require_extra
 from mmcore.quality.profile import PROFILE_DIR, PROFILE_FILE
 
 #: the scoring path's modality names -> the profile's (its file names derive from them)
@@ -164,6 +165,7 @@ def drift(source, new_csv, *, out=None, max_domain_auroc=0.75, max_psi=0.25, see
     from mmcore.quality.drift_page import write_drift_page
     from mmcore.rundir import make_directory
 
+    require_extra("quality", "mmcore drift")  # the domain classifier (scikit-learn) and KS (scipy), before any scoring
     source, new_csv = Path(source), Path(new_csv)
     out = Path(out) if out is not None else source / "drift"
     check_output_path(out / DRIFT_FILE, "drift report", option="--out")
