@@ -4,12 +4,14 @@ labelling, ``mmcore drift`` between datasets.
     python bench/data_quality.py --quick                                  # generated data, tiny encoders: the plumbing
     python bench/data_quality.py --data-root ../shared/data               # Dredze (+ MultiOFF for drift), 3 seeds
     python bench/data_quality.py --data-root ../shared/data --parts labels,drift --seeds 1   # a reduced run
+    python bench/data_quality.py --data-root ../shared/data --dataset multioff --parts labels --seeds 0  # what it flags
 
 Parts (``--parts``, comma-separated):
 
-- ``labels``: flip 5 % of the training labels at random (seeded), ``audit`` the recipe (k-fold heads,
+- ``labels``: for each seed, flip 5 % of the training labels at random (seeded), ``audit`` the recipe (k-fold heads,
   ``--folds``), and count how many flipped rows its top K holds (K = the number of flips; the
-  target is >= 80 %); the same audit of the clean data flags what share of rows (target < 2 %).
+  target is >= 80 %); the same audit of the clean data flags what share of rows (target < 2 %)
+  and which rows come first (``--seeds 0``: the clean audit only).
 - ``select``: start from 5 % of the training rows (stratified, seeded), four rounds of ``select``
   (each round trains on what is labelled so far and picks 3.75 % more) up to 20 %; random picks of
   the same size; training on everything. Test AUROC of each, and the paired bootstrap interval
@@ -288,6 +290,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="generated data, imagestats + n-grams: the plumbing")
     parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--work", type=Path, default=Path("bench-data-quality"))
+    parser.add_argument("--dataset", choices=("dredze", "multioff"), default="dredze",
+                        help="the recipes/<dataset>_multimodal.toml audited; drift compares with the other one")
     parser.add_argument("--parts", default="labels,select,drift")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--folds", type=int, default=5)
@@ -299,11 +303,12 @@ def main(argv=None):
     if args.quick:
         dataset, other_csv, other_root = quick_data(work)
     else:
-        root = args.data_root / "dredze_image_spam"
-        data = tomllib.loads((REPO / "recipes" / "dredze_multimodal.toml").read_text(encoding="utf-8"))
+        folders = {"dredze": "dredze_image_spam", "multioff": "multioff"}
+        data = tomllib.loads((REPO / "recipes" / f"{args.dataset}_multimodal.toml").read_text(encoding="utf-8"))
         data["logging"] = {**data.get("logging", {}), "tensorboard": False, "progress": False}
-        dataset = Dataset("dredze", root, data)
-        other_root = (args.data_root / "multioff").resolve()
+        dataset = Dataset(args.dataset, args.data_root / folders[args.dataset], data)
+        other = "multioff" if args.dataset == "dredze" else "dredze"
+        other_root = (args.data_root / folders[other]).resolve()
         other_csv = other_root / "test.csv"
     seeds = list(range(args.seeds))
     results = {"dataset": dataset.name, "quick": args.quick, "folds": args.folds, "seeds": seeds}
