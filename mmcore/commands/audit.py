@@ -124,28 +124,38 @@ def _bag_scores(folder, rows):
     return table.oof, [m for m in members if (m / RECIPE_FILE).is_file()]
 
 
+@attrs.frozen(eq=False)
+class Duplicates:
+    """Near-duplicate pairs and, for each position they name, its row id, file as written, path and text."""
+
+    search: object  # DuplicateSearch
+    row_ids: list
+    files: list
+    paths: list
+    texts: list
+
+
 def _duplicates(member, recipe, rows, threshold, *, registry, progress):
-    """Near-duplicate pairs among train + val + test by member ``member``'s pooled image features."""
+    """Near-duplicate pairs among train + val + test by member ``member``'s pooled image features (None: no images)."""
     from mmcore.data.csvs import load_splits
     from mmcore.quality.duplicates import near_duplicate_pairs
     from mmcore.scoring.run import RunScorer
 
-    test = load_splits(recipe.data, names=("test",), cache=recipe.cache)["test"]
-    everything = join_splits([rows.split, test])
-    splits = ["train" if name == recipe.data.train else "val" for name in rows.csv_names] + ["test"] * len(test)
-    row_ids = [f"{name}:{row}" for name, row in zip([*rows.csv_names, *[recipe.data.test] * len(test)], everything.rows)]
     scorer = RunScorer(member, registry=registry)
     if not scorer.uses_vision:
-        return None, None, None, "no image embeddings (a text_only recipe): near duplicates not searched"
+        return None
+    test = load_splits(recipe.data, names=("test",), cache=recipe.cache)["test"]
+    everything = join_splits([rows.split, test])
+    csv_names = [*rows.csv_names, *[recipe.data.test] * len(test)]
+    splits = ["train" if name == recipe.data.train else "val" for name in rows.csv_names] + ["test"] * len(test)
     scored = score_and_embed(scorer, everything, fill_text=False, registry=registry, progress=progress,
                              desc="duplicates")
-    kept = scored.positions
-    hashes = ImageHashes.for_recipe(recipe)([str(everything.paths[int(i)]) for i in kept])
-    search = near_duplicate_pairs(scored.embeddings["image"], [splits[int(i)] for i in kept], threshold=threshold,
-                                  hashes=hashes)
-    files = [everything.raw_paths[int(i)] for i in kept]
-    return search, [row_ids[int(i)] for i in kept], (files, [str(everything.paths[int(i)]) for i in kept],
-                                                      [everything.texts[int(i)] for i in kept]), None
+    kept = [int(i) for i in scored.positions]
+    paths = [str(everything.paths[i]) for i in kept]
+    search = near_duplicate_pairs(scored.embeddings["image"], [splits[i] for i in kept], threshold=threshold,
+                                  hashes=ImageHashes.for_recipe(recipe)(paths))
+    return Duplicates(search=search, row_ids=[f"{csv_names[i]}:{everything.rows[i]}" for i in kept],
+                      files=[everything.raw_paths[i] for i in kept], paths=paths, texts=[everything.texts[i] for i in kept])
 
 
 def _flipped(value):
@@ -224,16 +234,17 @@ def audit(source, *, folds=5, seed=0, duplicates=0.95, out_dir=None, fix=None, f
                                files=rows.split.raw_paths)
     write_label_issues_csv(out / ISSUES_FILE, issues)
 
-    search, pair_files = None, None
-    if members:
-        search, pair_ids, pair_files, note = _duplicates(members[0], recipe, rows, duplicates, registry=registry,
-                                                         progress=progress)
-        if note:
-            notes.append(note)
-        else:
-            write_near_duplicates_csv(out / DUPLICATES_FILE, search, row_ids=pair_ids, files=pair_files[0])
-    else:
+    duplicates_found = None
+    if not members:
         notes.append("the bag keeps no member runs: near duplicates not searched")
+    else:
+        duplicates_found = _duplicates(members[0], recipe, rows, duplicates, registry=registry, progress=progress)
+        if duplicates_found is None:
+            notes.append("no image embeddings (a text_only recipe): near duplicates not searched")
+        else:
+            write_near_duplicates_csv(out / DUPLICATES_FILE, duplicates_found.search, row_ids=duplicates_found.row_ids,
+                                      files=duplicates_found.files)
+    search = duplicates_found.search if duplicates_found else None
     texts = rows.split.texts
     sizes = image_sizes(rows.split.paths) if recipe.train.modality != "text_only" else None
     noise = label_noise_by_slice(issues.mask(), slice_keys(texts, sizes))
@@ -248,7 +259,8 @@ def audit(source, *, folds=5, seed=0, duplicates=0.95, out_dir=None, fix=None, f
     write_json(out / SUMMARY_FILE, summary)
     base = Path(recipe.data.base_dir) if recipe.data.base_dir else resolve_csv(recipe.data.train, None).parent
     write_audit_page(out / PAGE_FILE, issues=issues, texts=texts, duplicates=search,
-                     duplicate_files=pair_files[1] if search else None, duplicate_texts=pair_files[2] if search else None,
+                     duplicate_files=duplicates_found.paths if search else None,
+                     duplicate_texts=duplicates_found.texts if search else None,
                      noise=noise, image_root=base, notes=notes, title=f"Label audit: {Path(recipe_path).name}")
     cleaned = ()
     if fix_out is not None:

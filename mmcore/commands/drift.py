@@ -128,25 +128,25 @@ def reference_profile(source):
 
 
 def _scorer_and_rows(source, new_csv, *, base_dir, device, registry, progress, echo):
-    """The scorer of ``source`` and the validated rows of ``new_csv`` (read before the model is built)."""
+    """The scorer of ``source`` and the validated rows of ``new_csv`` (a run's rows read before its model is built)."""
     from mmcore.export.bundle import is_bundle
     from mmcore.scoring.tables import read_input
 
+    scorer = run_dir = None
     if is_bundle(source):
         from mmcore.scoring.bundle import BundleScorer
 
         scorer = BundleScorer(source, device=device, registry=registry)
-        data = scorer.data_config
+        recipe_data = scorer.recipe_data
     else:
         from mmcore.engine.restore import open_run
 
         run_dir = open_run(source, echo=echo)
-        data = run_dir.recipe_data().get("data") or {}
-        scorer = None
-    recipe_data = scorer.recipe_data if scorer is not None else run_dir.recipe_data()
+        recipe_data = run_dir.recipe_data()
     modality = (recipe_data.get("train") or {}).get("modality", "multimodal")
+    max_bytes = (recipe_data.get("data") or {}).get("max_image_bytes", DEFAULT_MAX_IMAGE_BYTES)
     _, split = read_input(new_csv, base_dir, require_text=modality != "vision_only", check_images=modality != "text_only",
-                          max_image_bytes=data.get("max_image_bytes", DEFAULT_MAX_IMAGE_BYTES))
+                          max_image_bytes=max_bytes)
     if scorer is None:
         from mmcore.scoring.run import RunScorer
 
