@@ -62,29 +62,39 @@ def join_splits(parts):
 def score_and_embed(scorer, split, *, fill_text=True, registry=None, progress=False, desc=None):
     """Every readable row of ``split`` scored by ``scorer`` and, where it can, embedded per modality.
 
-    Two passes of the one row scorer: the logits (texts settled by the text rule), then the
-    pooled features of the same rows with those texts. Unreadable rows are left out (their lines
-    in ``bad``). A scorer that gives no embeddings (a bundle) leaves ``embeddings`` empty, with a note.
+    One pass of the one row scorer: each batch's pooled features (``Scorer.embed``; texts settled
+    by the text rule), and its logits from those features (``Scorer.logits_from_features``), so no
+    encoder runs twice. A scorer that gives no features (a bundle) is scored for its logits alone,
+    with a note. Unreadable rows are left out (their lines in ``bad``).
     """
     from mmcore.scoring.base import EmbeddingsUnavailable
     from mmcore.scoring.rows import collect, score_rows
 
-    scored = collect(score_rows(scorer, split, fill_text=fill_text, on_bad_image="skip", registry=registry,
-                                progress=progress, desc=desc))
-    _, calibrated, _ = scorer.decide(scored.logits)
-    settled = attrs.evolve(split.subset(scored.positions.tolist()), texts=tuple(scored.texts))
-    embeddings, notes = {}, []
+    positions, logits, texts, parts, bad = [], [], [], {}, []
+    notes = []
     try:
-        parts = {}
-        for batch in score_rows(scorer, settled, fill_text=False, on_bad_image="skip", embed=True, progress=progress,
-                                desc=f"{desc or 'rows'} features"):
+        for batch in score_rows(scorer, split, fill_text=fill_text, on_bad_image="skip", embed=True, registry=registry,
+                                progress=progress, desc=desc):
+            bad.extend(batch.bad)
+            if not len(batch.positions):
+                continue
+            positions.append(batch.positions)
+            texts.extend(batch.texts)
+            logits.append(scorer.logits_from_features(batch.embeddings))
             for name, values in batch.embeddings.items():
                 parts.setdefault(PROFILE_MODALITIES[name], []).append(values)
-        embeddings = {name: np.concatenate(values).astype(np.float32) for name, values in parts.items()}
+        scored_positions = np.concatenate(positions) if positions else np.zeros(0, dtype=np.int64)
+        scored_logits = np.concatenate(logits) if logits else np.zeros(0)
     except EmbeddingsUnavailable:
+        scored = collect(score_rows(scorer, split, fill_text=fill_text, on_bad_image="skip", registry=registry,
+                                    progress=progress, desc=desc))
+        scored_positions, scored_logits, texts, bad, parts = scored.positions, scored.logits, list(scored.texts), \
+            list(scored.bad), {}
         notes.append(f"a {scorer.kind} gives no per-modality features: the domain AUROC needs a run directory")
-    return ScoredRows(positions=scored.positions, logits=scored.logits, calibrated=np.asarray(calibrated),
-                      texts=tuple(scored.texts), embeddings=embeddings, notes=tuple(notes), bad=tuple(scored.bad))
+    _, calibrated, _ = scorer.decide(scored_logits)
+    embeddings = {name: np.concatenate(values).astype(np.float32) for name, values in parts.items()}
+    return ScoredRows(positions=scored_positions, logits=scored_logits, calibrated=np.asarray(calibrated),
+                      texts=tuple(texts), embeddings=embeddings, notes=tuple(notes), bad=tuple(bad))
 
 
 def _image_sizes(scorer, split, positions):
