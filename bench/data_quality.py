@@ -4,6 +4,7 @@ labelling, ``mmcore drift`` between datasets.
     python bench/data_quality.py --quick                                  # generated data, tiny encoders: the plumbing
     python bench/data_quality.py --data-root ../shared/data               # Dredze (+ MultiOFF for drift), 3 seeds
     python bench/data_quality.py --data-root ../shared/data --parts labels,drift --seeds 1   # a reduced run
+    python bench/data_quality.py --data-root ../shared/data --parts labels --seeds 1 --folds 3 --max-rows 600
     python bench/data_quality.py --data-root ../shared/data --dataset multioff --parts labels --seeds 0  # what it flags
 
 Parts (``--parts``, comma-separated):
@@ -79,14 +80,37 @@ def is_true(value):
     return str(value).strip().lower() in ("true", "1", "1.0")
 
 
+def sample_rows(rows, cap, seed):
+    """Sorted positions of at most ``cap`` of ``rows``, a seeded sample stratified by label (all when fewer)."""
+    if cap is None or len(rows) <= cap:
+        return list(range(len(rows)))
+    rng = np.random.default_rng(seed)
+    labels = np.array([is_true(r["label"]) if "label" in r else False for r in rows])
+    picks = []
+    for value in (True, False):
+        members = np.flatnonzero(labels == value)
+        picks += rng.choice(members, round(cap * members.size / len(rows)), replace=False).tolist()
+    return sorted(picks)
+
+
 class Dataset:
     """A recipe (as plain data) reading a dataset's CSVs; :meth:`recipe_file` writes a variant of it."""
 
-    def __init__(self, name, root, recipe_data):
+    def __init__(self, name, root, recipe_data, csvs=None):
         self.name, self.root, self.recipe_data = name, Path(root).resolve(), recipe_data
+        self.csvs = csvs or {split: self.root / f"{split}.csv" for split in ("train", "val", "test")}
 
     def csv(self, split):
-        return self.root / f"{split}.csv"
+        return self.csvs[split]
+
+    def capped(self, folder, max_rows, seed=0):
+        """The same dataset with at most ``max_rows`` training rows and ``max_rows // 4`` validation and
+        test rows (each a seeded sample stratified by label; images still read from the dataset's folder)."""
+        csvs = {}
+        for split, cap in (("train", max_rows), ("val", max_rows // 4), ("test", max_rows // 4)):
+            columns, rows = read_rows(self.csv(split))
+            csvs[split] = write_rows(folder / f"{split}.csv", columns, [rows[i] for i in sample_rows(rows, cap, seed)])
+        return Dataset(self.name, self.root, self.recipe_data, csvs)
 
     def recipe_file(self, path, *, train=None, val=None, seed=None):
         import tomli_w
@@ -102,11 +126,14 @@ class Dataset:
 
 
 def train(recipe_path, out):
+    import shutil
+
     from mmcore.commands.run import run_training
     from mmcore.recipe import load_recipe
 
-    if (out / "results.json").is_file():  # a rerun of the bench reuses a finished run
+    if (out / "reference_profile" / "profile.json").is_file():  # a rerun of the bench reuses a finished run
         return out
+    shutil.rmtree(out, ignore_errors=True)  # what an interrupted bench left
     return run_training(load_recipe(recipe_path), recipe_path=recipe_path, out=out, progress=False, echo=quiet)
 
 
@@ -226,13 +253,15 @@ def active_selection(dataset, work, seeds, rounds=4, start=0.05, end=0.20):
 # ---------------------------------------------------------------- drift
 
 
-def drift_part(dataset, work, other_csv, other_root):
-    """``drift`` of a full run against its own training rows and against another dataset."""
+def drift_part(dataset, work, other_csv, other_root, drift_rows=None):
+    """``drift`` of a full run against (a sample of ``drift_rows`` of) its own training rows and another dataset."""
     from mmcore.commands.drift import drift
 
     run = train(dataset.recipe_file(work / "select-full" / "recipe.toml"), work / "select-full" / "run")
+    columns, rows = read_rows(dataset.csv("train"))
+    own = write_rows(work / "drift-own-rows.csv", columns, [rows[i] for i in sample_rows(rows, drift_rows, 0)])
     out = {}
-    for name, csv_path, base in (("own training rows", dataset.csv("train"), dataset.root),
+    for name, csv_path, base in (("own training rows", own, dataset.root),
                                  ("other dataset", other_csv, other_root)):
         report = drift(run, csv_path, out=work / f"drift-{name.split()[0]}", base_dir=base, progress=False, echo=quiet)
         out[name] = {"rows": report.new_rows, "domain_auroc": {m: v["auroc"] for m, v in report.domain_auroc.items()},
@@ -296,6 +325,9 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--max-rows", type=int, default=None,
+                        help="labels and select: at most this many training rows and a quarter as many val and test rows")
+    parser.add_argument("--drift-rows", type=int, default=None, help="drift: at most this many of the own training rows")
     args = parser.parse_args(argv)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     work = args.work.resolve()
@@ -313,12 +345,14 @@ def main(argv=None):
     seeds = list(range(args.seeds))
     results = {"dataset": dataset.name, "quick": args.quick, "folds": args.folds, "seeds": seeds}
     started = time.perf_counter()
+    capped = dataset.capped(work / "capped", args.max_rows) if args.max_rows else dataset
+    results["max_rows"], results["drift_rows"] = args.max_rows, args.drift_rows
     if "labels" in parts:
-        results["labels"] = label_errors(dataset, work, seeds, args.folds)
+        results["labels"] = label_errors(capped, work, seeds, args.folds)
     if "select" in parts:
-        results["select"] = active_selection(dataset, work, seeds, rounds=args.rounds)
+        results["select"] = active_selection(capped, work, seeds, rounds=args.rounds)
     if "drift" in parts:
-        results["drift"] = drift_part(dataset, work, other_csv, other_root)
+        results["drift"] = drift_part(dataset, work, other_csv, other_root, args.drift_rows)
     results["seconds"] = round(time.perf_counter() - started, 1)
     (work / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print(report(results))
