@@ -108,7 +108,8 @@ def _image_sizes(scorer, split, positions):
 def write_reference_profile(run_dir, run_model, decision, splits, *, seed=0, registry=None, progress=False):
     """``RUN/reference_profile/`` from the run's held-out rows (val + test) scored by ``run_model`` at ``decision``.
 
-    Called by ``mmcore run`` once the run has chosen its epoch, threshold and temperature.
+    Called by ``mmcore run`` once the run has chosen its epoch, threshold and temperature. Returns
+    the folder, or None when no held-out row could be read (``mmcore drift`` then says there is no profile).
     """
     from mmcore.quality.profile import build_profile, write_profile
     from mmcore.rundir import make_directory
@@ -117,6 +118,8 @@ def write_reference_profile(run_dir, run_model, decision, splits, *, seed=0, reg
     scorer = RunScorer.from_model(run_model, decision=decision, source=run_dir)
     held_out = join_splits([splits["val"], splits["test"]])
     rows = score_and_embed(scorer, held_out, fill_text=False, registry=registry, progress=progress, desc="profile")
+    if rows.positions.size == 0:  # every held-out image unreadable (data.on_bad_image = "skip"): nothing to profile
+        return None
     profile = build_profile(rows.calibrated, float(scorer.decision["threshold"]), rows.texts, rows.embeddings,
                             image_sizes=_image_sizes(scorer, held_out, rows.positions), seed=seed)
     return write_profile(make_directory(Path(run_dir) / PROFILE_DIR, "reference profile folder"), profile)
