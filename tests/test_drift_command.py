@@ -126,3 +126,20 @@ def test_a_damaged_or_missing_profile_is_one_line(drift_setup, tmp_path):
                                        " and mmcore export copies it into the bundle$"):
         drift(run, drift_setup["fresh"], progress=False, echo=lambda line: None)
     assert not (run / "drift").exists()
+
+
+def test_campaigns_split_between_the_sides_are_not_drift():
+    """Ads come in campaigns of near copies; a reference and a new set of one distribution, split by
+    campaign, look drifted to a classifier that learns each campaign from its own copies, not when the
+    folds keep a campaign together."""
+    from mmcore.quality.drift import domain_auroc, near_duplicate_clusters
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(60, 32)) * 3
+    rows = np.repeat(centers, 10, axis=0) + rng.normal(size=(600, 32)) * 0.3
+    campaign = np.repeat(np.arange(60), 10)
+    reference, new = rows[campaign % 2 == 0], rows[campaign % 2 == 1]
+    assert domain_auroc(reference, new) > 0.8
+    clusters = near_duplicate_clusters(np.concatenate([reference, new]))
+    assert len(set(clusters.tolist())) == 60
+    assert abs(domain_auroc(reference, new, groups=clusters) - 0.5) < 0.1
