@@ -266,6 +266,30 @@ def drift_part(dataset, work, other_csv, other_root, drift_rows=None):
         report = drift(run, csv_path, out=work / f"drift-{name.split()[0]}", base_dir=base, progress=False, echo=quiet)
         out[name] = {"rows": report.new_rows, "domain_auroc": {m: v["auroc"] for m, v in report.domain_auroc.items()},
                      "psi": report.score["psi"], "exit_code": report.exit_code, "reasons": list(report.reasons)}
+    out["held-out val vs test"] = val_versus_test(run, len(read_rows(dataset.csv("val"))[1]))
+    return out
+
+
+def val_versus_test(run, val_rows):
+    """Domain AUROC between the profile's val rows and its test rows (both held out), folds grouped by
+    near-duplicate cluster and not: the classifier's view of two samples split by campaign."""
+    from mmcore.quality.drift import domain_auroc, near_duplicate_clusters
+    from mmcore.quality.profile import read_profile
+
+    profile = read_profile(Path(run) / "reference_profile")
+    if len(profile.sample_scores) != profile.rows:
+        return None  # a sampled profile: its rows are not val then test
+    clusters = near_duplicate_clusters(*profile.embeddings.values())
+    out = {"rows": [val_rows, profile.rows - val_rows], "ungrouped": {}, "grouped": {}}
+    for modality, embeddings in profile.embeddings.items():
+        val, test = embeddings[:val_rows], embeddings[val_rows:]
+        per_side = min(len(val), len(test))
+        # domain_auroc draws per_side rows of each side with the seed: the clusters of exactly those rows
+        rng = np.random.default_rng(0)
+        picks = [np.sort(rng.choice(len(side), per_side, replace=False)) for side in (val, test)]
+        groups = np.concatenate([clusters[:val_rows][picks[0]], clusters[val_rows:][picks[1]]])
+        out["ungrouped"][modality] = round(domain_auroc(val, test), 3)
+        out["grouped"][modality] = round(domain_auroc(val, test, groups=groups), 3)
     return out
 
 
@@ -309,6 +333,11 @@ def report(results):
                          f"{r['random_auroc']:.4f}: {d['diff']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]; vs everything "
                          f"{f['diff']:+.4f} [{f['low']:+.4f}, {f['high']:+.4f}]")
     for name, r in (results.get("drift") or {}).items():
+        if name == "held-out val vs test":
+            if r:
+                lines.append(f"drift held-out val vs test ({r['rows'][0]} and {r['rows'][1]} rows of the profile), domain "
+                             f"AUROC ungrouped {r['ungrouped']}, grouped by near-duplicate cluster {r['grouped']}")
+            continue
         aurocs = ", ".join(f"{m} {v:.3f}" for m, v in r["domain_auroc"].items())
         lines.append(f"drift {name}: {r['rows']} rows, domain AUROC {aurocs}, score PSI {r['psi']:.3f}, exit {r['exit_code']}")
     return "\n".join(lines)
