@@ -143,3 +143,7 @@ def test_campaigns_split_between_the_sides_are_not_drift():
     clusters = near_duplicate_clusters(np.concatenate([reference, new]))
     assert len(set(clusters.tolist())) == 60
     assert abs(domain_auroc(reference, new, groups=clusters) - 0.5) < 0.1
+    # every new row one campaign: grouped folds would train on one side only, so the folds are not grouped
+    one = centers[:1] + rng.normal(size=(300, 32)) * 0.01
+    clusters = near_duplicate_clusters(np.concatenate([reference, one]))
+    assert domain_auroc(reference, one, groups=clusters) > 0.95

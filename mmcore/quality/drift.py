@@ -111,7 +111,8 @@ def domain_auroc(reference_embeddings, new_embeddings, *, folds=DOMAIN_FOLDS, se
     each row is scored by the fold model that did not train on it, and the AUROC is taken over
     all of them. ``groups``: a cluster id per row of the two sides together (reference rows first,
     after the same subsampling), kept within one fold (``StratifiedGroupKFold``), so a campaign of
-    near-identical ads is never learnt from its own copies; None: plain ``StratifiedKFold``.
+    near-identical ads is never learnt from its own copies; None (or clusters so large that a fold
+    would train on one side only): plain ``StratifiedKFold``.
     Raises ValueError with fewer than ``folds`` rows on a side or unequal dims.
     """
     from sklearn.linear_model import LogisticRegression
@@ -132,13 +133,16 @@ def domain_auroc(reference_embeddings, new_embeddings, *, folds=DOMAIN_FOLDS, se
     features = np.concatenate([reference[pick[0]], new[pick[1]]]).astype(np.float64)
     domain = np.r_[np.zeros(per_side, dtype=np.int64), np.ones(per_side, dtype=np.int64)]
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+    splits = None
     if groups is not None and len(np.unique(groups)) >= 2 * folds:
-        splits = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-        decision = cross_val_predict(model, features, domain, cv=splits, groups=np.asarray(groups),
-                                     method="decision_function")
-    else:
+        grouped = list(StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(
+            features, domain, np.asarray(groups)))
+        # a cluster as large as a side (every new row one campaign) leaves a fold one class: ungrouped then
+        if all(np.unique(domain[train]).size == 2 for train, _ in grouped):
+            splits = grouped
+    if splits is None:
         splits = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-        decision = cross_val_predict(model, features, domain, cv=splits, method="decision_function")
+    decision = cross_val_predict(model, features, domain, cv=splits, method="decision_function")
     return float(roc_auc_score(domain, decision))
 
 
