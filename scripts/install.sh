@@ -51,10 +51,10 @@ done
 
 # the extras the README uses; serve-gpu is serve (and export) on onnxruntime-gpu
 if [ "$want_gpu" = 1 ]; then
-    extras="serve-gpu,tune,explain,mlflow"
+    extras="serve-gpu,tune,explain,mlflow,quality"
     runtime_not_wanted=onnxruntime
 else
-    extras="export,serve,tune,explain,mlflow"
+    extras="export,serve,tune,explain,mlflow,quality"
     runtime_not_wanted=onnxruntime-gpu
 fi
 if [ "$dry_run" = 1 ] || python -m pip show -q "$runtime_not_wanted" >/dev/null 2>&1; then

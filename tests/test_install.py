@@ -126,7 +126,7 @@ def test_the_install_script_installs_what_the_readme_uses():
     from mmcore.kit.deps import EXTRA_MODULES, EXTRAS, INSTALL_SCRIPT_EXTRAS
 
     extras, commands = _dry_run()
-    assert extras == list(INSTALL_SCRIPT_EXTRAS) == ["export", "serve", "tune", "explain", "mlflow"]
+    assert extras == list(INSTALL_SCRIPT_EXTRAS) == ["export", "serve", "tune", "explain", "mlflow", "quality"]
     assert {"onnx", "onnxruntime", "fastapi", "uvicorn", "optuna", "captum", "mlflow-skinny"} <= _extra_packages(extras)
     assert "onnxruntime-gpu" not in _extra_packages(extras)
     assert "uninstall --disable-pip-version-check -q -y onnxruntime-gpu" in commands  # never both builds
@@ -139,13 +139,13 @@ def test_the_install_script_installs_what_the_readme_uses():
 @pytest.mark.parametrize("how", ["--gpu", "MMCORE_GPU=1"])
 def test_the_gpu_install_swaps_onnxruntime_for_onnxruntime_gpu(how):
     extras, commands = _dry_run(*([how] if how.startswith("--") else []), env=None if how.startswith("--") else {"MMCORE_GPU": "1"})
-    assert extras == ["serve-gpu", "tune", "explain", "mlflow"]
+    assert extras == ["serve-gpu", "tune", "explain", "mlflow", "quality"]
     packages = _extra_packages(extras)
     assert "onnxruntime-gpu" in packages and "onnxruntime" not in packages
     assert {"onnx", "fastapi", "uvicorn", "optuna", "captum"} <= packages
     assert "uninstall --disable-pip-version-check -q -y onnxruntime\n" in commands
     extras, _ = _dry_run("--gpu", "--test")
-    assert extras == ["test", "serve-gpu", "tune", "explain", "mlflow"] and "onnxruntime" not in _extra_packages(extras)
+    assert extras == ["test", "serve-gpu", "tune", "explain", "mlflow", "quality"] and "onnxruntime" not in _extra_packages(extras)
 
 
 def test_a_missing_optional_package_is_one_line_naming_the_extra():

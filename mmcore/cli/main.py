@@ -166,12 +166,15 @@ def demo(data_dir, recipe, overrides, quiet):
 
 
 def _add_commands():
+    from mmcore.cli.audit import audit_command
     from mmcore.cli.cache import cache_group
     from mmcore.cli.compare import compare_command
+    from mmcore.cli.drift import drift_command
     from mmcore.cli.export import export_command
     from mmcore.cli.new_plugin import new_plugin_command
     from mmcore.cli.ocr import ocr_command
     from mmcore.cli.predict import predict_command
+    from mmcore.cli.select import select_command
     from mmcore.cli.serve import serve_command
     from mmcore.cli.shard import shard_command
     from mmcore.cli.tune import tune_command
@@ -180,6 +183,9 @@ def _add_commands():
                 tune_command, shard_command)
     for command in commands:
         cli.add_command(command)
+    cli.add_command(drift_command)
+    cli.add_command(audit_command)
+    cli.add_command(select_command)
 
 
 _add_commands()

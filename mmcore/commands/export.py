@@ -168,6 +168,7 @@ def export_run(run_dir, out, *, fmt="onnx", data=None, rows=DEFAULT_ROWS, base_d
             B.write_weights(model, tmp / B.WEIGHTS)
         shutil.copyfile(RunDir(run_dir).recipe_file, tmp / B.RECIPE)
         _write_json(tmp / B.DECISION, decision)
+        B.copy_reference_profile(run_dir, tmp)
 
         fused = G.FusedModel(model, vision_names, plan)
         graph_file = B.GRAPH_FILES[fmt]

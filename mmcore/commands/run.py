@@ -18,6 +18,7 @@ from mmcore.data.bulk import paused_gc
 from mmcore.data.csvs import load_splits, require_both_classes
 from mmcore.data.frames import frame_split_name, split_from_frame
 from mmcore.data.memo import ImageHashes
+from mmcore.commands.drift import write_reference_profile
 from mmcore.dist import broadcast_object, init_distributed, is_main, world_size
 from mmcore.engine.checkpoint import read_checkpoint
 from mmcore.engine.loggers import require_logger_packages
@@ -154,6 +155,8 @@ def _train(recipe, registry, splits, run_dir, recipe_path, state, progress, echo
             if state is not None:
                 training.load_state(state)
             result = training.fit()
+        write_reference_profile(run_dir.path, training.pipeline.built, result["decision"], splits, seed=recipe.seed,
+                                registry=registry, progress=progress)
     except Interrupted:
         write_status("interrupted")
         raise

@@ -15,6 +15,8 @@ BUNDLE_DIR/
   tokenizers/text0/     ... or one folder per tokenizer part of a concat text encoder
   parity.json           the parity gate's figures (bundle vs the PyTorch run)
   README.md             the model card: what the model is, its data, test metrics, decision, how to call it
+  reference_profile/    the run's reference profile (mmcore.quality.profile: what mmcore drift compares
+                        new rows with), copied from the run directory when it has one
 ```
 
 A bundle is data: nothing in it names a module to import. An object it stores (the
@@ -65,6 +67,8 @@ TOKENIZER = "tokenizer"
 TOKENIZERS = "tokenizers"
 PARITY = "parity.json"
 MODEL_CARD = "README.md"
+#: the run's reference profile folder, copied as it is (its reader, mmcore.quality.profile, is its schema)
+REFERENCE_PROFILE = "reference_profile"
 RECIPE = RECIPE_FILE  # the resolved recipe, named as in a run directory
 #: the graph file of each format: a manifest naming another file for its format is refused
 GRAPH_FILES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
@@ -175,6 +179,24 @@ def rebuild_preprocessing(data, registry, *, source):
 
 
 # -- the manifest -------------------------------------------------------------------------
+
+
+def copy_reference_profile(run_dir, folder):
+    """Copy the run's ``reference_profile/`` into the bundle ``folder``, checked by its reader first
+    (a damaged profile is refused at export, one line); a run without one is exported without it."""
+    import shutil
+
+    from mmcore.quality.profile import PROFILE_FILE, profile_files, read_profile
+
+    source = Path(run_dir) / REFERENCE_PROFILE
+    if not (source / PROFILE_FILE).is_file():
+        return None
+    profile = read_profile(source)
+    target = Path(folder) / REFERENCE_PROFILE
+    target.mkdir()
+    for name in profile_files(profile):  # only the files the profile is made of: nothing else of the run's folder travels
+        shutil.copyfile(source / name, target / name)
+    return target
 
 
 def file_entries(folder, known=None):

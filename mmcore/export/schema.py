@@ -4,7 +4,10 @@ A bundle is data from wherever it was copied from: every JSON file is read as a 
 file and structured against an attrs class here through the project's one strict converter
 (:mod:`mmcore.recipe.convert`: unknown keys, wrong types and non-finite numbers are errors), the
 recipe against the recipe schema. A problem is one line naming the file and the field:
-``bundles/x/decision.json: temperature: must be > 0 (got 0.0)``.
+``bundles/x/decision.json: temperature: must be > 0 (got 0.0)``. The reference profile
+(``reference_profile/``) has its own strict reader, :func:`mmcore.quality.profile.read_profile`
+(bounded JSON and ``.npy`` files, no pickle, every count and shape checked), which ``mmcore
+export`` applies before copying it and ``mmcore drift`` when it reads it.
 """
 
 from __future__ import annotations

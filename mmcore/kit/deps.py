@@ -31,6 +31,8 @@ EXTRAS = {
     "webdataset": ("webdataset", "webdataset"),
     "braceexpand": ("braceexpand", "webdataset"),
     "pyarrow": ("pyarrow", "parquet"),
+    "cleanlab": ("cleanlab", "quality"),
+    "sklearn": ("scikit-learn", "quality"),
 }
 #: extra -> the modules a command of it imports (checked together, before the command's work starts)
 EXTRA_MODULES = {
@@ -41,9 +43,10 @@ EXTRA_MODULES = {
     "wandb": ("wandb",),
     "mlflow": ("mlflow",),
     "webdataset": ("webdataset", "braceexpand"),
+    "quality": ("cleanlab", "sklearn"),
 }
 #: the extras ``bash scripts/install.sh`` installs (the README's first command)
-INSTALL_SCRIPT_EXTRAS = ("export", "serve", "tune", "explain", "mlflow")
+INSTALL_SCRIPT_EXTRAS = ("export", "serve", "tune", "explain", "mlflow", "quality")
 
 
 class MissingDependency(MmcoreError):

@@ -159,3 +159,26 @@ def duplicate_groups(n, pairs):
     second = np.array([p.second for p in pairs], dtype=np.int64)
     graph = coo_matrix((np.ones(first.size, dtype=np.int8), (first, second)), shape=(int(n), int(n)))
     return connected_components(graph, directed=False)[1].astype(np.int64)
+
+
+#: the columns of ``audit/near_duplicates.csv``, in order
+DUPLICATE_COLUMNS = ("first_row", "first_file", "first_split", "second_row", "second_file", "second_split",
+                     "similarity", "exact")
+
+
+def write_near_duplicates_csv(path, search, *, row_ids, files):
+    """Write ``near_duplicates.csv`` (:data:`DUPLICATE_COLUMNS`, most similar first) atomically; return its path.
+
+    ``row_ids`` and ``files``: the row id and image file of each position the pairs name.
+    """
+    import csv
+
+    from mmcore.io import atomic_open
+
+    with atomic_open(path, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(DUPLICATE_COLUMNS)
+        for p in search.pairs:
+            writer.writerow([row_ids[p.first], files[p.first], p.first_split, row_ids[p.second], files[p.second],
+                             p.second_split, f"{p.similarity:.6f}", int(p.exact)])
+    return path

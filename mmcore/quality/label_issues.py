@@ -58,6 +58,25 @@ class LabelIssues:
         return out
 
 
+def platt_scores(logits, labels):
+    """Out-of-fold logits mapped to probabilities by Platt scaling: a logistic fit of the given
+    ``labels`` on the logits (scikit-learn), ``sigmoid(a * logit + b)``.
+
+    Monotone, so each class's ranking is unchanged, but the two classes' confidences become
+    comparable: a loss such as focal (mmcore's default) squeezes raw probabilities towards its own
+    centre, and ranking class-0 rows against class-1 rows on raw ``sigmoid(logit)`` would put a
+    whole class first. cleanlab asks for calibrated probabilities for the same reason.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    logits = np.asarray(logits, dtype=np.float64).reshape(-1, 1)
+    labels = np.asarray(labels).reshape(-1)
+    if not np.isfinite(logits).all():
+        raise ValueError("out-of-fold logits must be finite")
+    fit = LogisticRegression(C=1e6, max_iter=1000).fit(logits, labels)
+    return fit.predict_proba(logits)[:, 1]
+
+
 def find_label_issues(oof_scores, labels, *, row_ids=None, files=None):
     """Audit binary labels against out-of-fold probabilities of label 1 with cleanlab.
 

@@ -62,6 +62,19 @@ class ReferenceProfile:
     embeddings: dict  # {modality: float16 [k, dims]}
 
 
+SCORES_FILE = "scores.npy"
+
+
+def embeddings_file(modality):
+    """The file of one modality's sampled embeddings."""
+    return f"embeddings_{modality}.npy"
+
+
+def profile_files(profile):
+    """Every file name a profile folder holds (``profile.json`` last: it is written last)."""
+    return [SCORES_FILE, *(embeddings_file(m) for m in profile.embeddings), PROFILE_FILE]
+
+
 def score_histogram(scores, edges=SCORE_BUCKETS):
     """Counts of ``scores`` in the buckets ``(edges[i-1], edges[i]]`` (the first from 0): the
     differences of a Prometheus histogram's cumulative ``le`` counts on the same edges."""
@@ -112,8 +125,8 @@ def build_profile(scores, threshold, texts, embeddings, *, image_sizes=None, sam
 def write_profile(folder, profile):
     """Write ``profile`` into ``folder`` (the arrays first, ``profile.json`` last) and return the folder."""
     folder = Path(folder)
-    arrays = {"scores.npy": profile.sample_scores.astype(np.float32)}
-    arrays.update({f"embeddings_{m}.npy": e.astype(np.float16) for m, e in profile.embeddings.items()})
+    arrays = {SCORES_FILE: profile.sample_scores.astype(np.float32)}
+    arrays.update({embeddings_file(m): e.astype(np.float16) for m, e in profile.embeddings.items()})
     for name, array in arrays.items():
         buffer = io.BytesIO()
         np.save(buffer, array, allow_pickle=False)
@@ -201,12 +214,12 @@ def read_profile(folder):
         if not isinstance(modality, str) or not MODALITY_NAME.fullmatch(modality):
             r.fail("sample.modalities", f"modality name {modality!r} must match {MODALITY_NAME.pattern}")
         dims = r.count(modalities, modality, f"sample.modalities.{modality}", MAX_DIMS)
-        embeddings[modality] = _load_array(folder / f"embeddings_{modality}.npy", np.float16, (k, dims))
+        embeddings[modality] = _load_array(folder / embeddings_file(modality), np.float16, (k, dims))
     return ReferenceProfile(
         rows=rows, threshold=float(threshold), score_counts=r.counts(data, "score_counts", "score_counts", rows),
         positives=r.count(data, "positives", "positives", rows), empty_ocr=r.count(data, "empty_ocr", "empty_ocr", rows),
         slices=slices, sample_seed=r.count(sample, "seed", "sample.seed"),
-        sample_scores=_load_array(folder / "scores.npy", np.float32, (k,), unit_interval=True), embeddings=embeddings,
+        sample_scores=_load_array(folder / SCORES_FILE, np.float32, (k,), unit_interval=True), embeddings=embeddings,
     )
 
 

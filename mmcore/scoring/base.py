@@ -138,6 +138,12 @@ class Scorer:
         where this kind of scorer cannot give them."""
         raise EmbeddingsUnavailable(f"{self.kind or type(self).__name__} scorers give no embeddings")
 
+    def logits_from_features(self, features):
+        """The logits of a batch from the features :meth:`embed` returned for it (the model after its
+        encoders), so a caller that needs both scores each row once. Raises
+        :class:`EmbeddingsUnavailable` where this kind of scorer cannot."""
+        raise EmbeddingsUnavailable(f"{self.kind or type(self).__name__} scorers give no embeddings")
+
     def decide(self, logits):
         """Logits -> (raw score, calibrated score, prediction) arrays at the run's decision."""
         from mmcore.engine.outputs import score_split

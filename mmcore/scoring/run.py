@@ -106,6 +106,17 @@ class RunScorer(Scorer):
         return {name: value.float().cpu().numpy() for name, value in out.items()}
 
 
+    def logits_from_features(self, features):
+        """The fusion and head alone on pooled features as :meth:`embed` gives them: the logits
+        :meth:`logits` computes for the same rows (the model reads a cached vector the same way)."""
+        names = {"vision": "vision_feature", "text": "text_feature"}
+        batch = {names[name]: torch.as_tensor(value, dtype=torch.float32, device=self.device)
+                 for name, value in features.items()}
+        with self._computing():
+            out = self.model(batch).logit
+        return out.float().cpu().double().numpy().reshape(-1)
+
+
 def score_split(run_model, split, *, decision=None, source, progress=False, desc=None):
     """Every row of ``split`` scored by ``run_model`` (a :class:`~mmcore.engine.build.RunModel`) through
     :func:`~mmcore.scoring.rows.score_rows`, texts as given (the run's OCR stage filled them) ->
