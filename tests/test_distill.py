@@ -3,6 +3,7 @@ for the same teacher and inputs, again for another teacher), resumable, and a vi
 multimodal teacher trains and exports with no text input."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -87,26 +88,45 @@ def test_teacher_logits_are_scored_once_then_read_from_the_store_and_a_changed_t
     assert json.loads((third / "results.json").read_text())["distillation"]["teacher_rows_scored"] == 64
 
 
-def test_a_batch_carries_the_teachers_raw_logit_of_each_row_and_the_step_learns_from_the_kd_loss(
-        tiny_recipe, teacher_run, registry, tmp_path):
+def _unlabelled_copy(csv, out):
+    """``csv`` without its label column, image paths absolute: transfer rows."""
+    import csv as csvlib
+
+    rows = list(csvlib.DictReader(open(csv, newline="")))
+    with open(out, "w", newline="") as f:
+        writer = csvlib.DictWriter(f, fieldnames=["local_image_path", "text_info"])
+        writer.writeheader()
+        writer.writerows({"local_image_path": str(Path(csv).parent / row["local_image_path"]), "text_info": row["text_info"]}
+                         for row in rows)
+    return out
+
+
+def test_batches_carry_the_teachers_raw_logit_of_each_row_transfer_rows_unlabelled_and_the_step_learns_the_kd_loss(
+        tiny_recipe, teacher_run, registry, demo_data, tmp_path):
     from mmcore.builtin.distill import DistillationLoss
-    from mmcore.data.csvs import load_splits
+    from mmcore.data.csvs import load_splits, read_split
     from mmcore.engine.step import prepare_batch
     from mmcore.engine.training import TrainingRun
     from mmcore.scoring.run import score_split_with
     from mmcore.scoring.teacher import open_teacher
 
+    transfer = _unlabelled_copy(demo_data / "test.csv", tmp_path / "unlabelled.csv")
     recipe_path = _student(tiny_recipe, teacher_run, tmp_path / "cache")
-    recipe = load_recipe(recipe_path)
+    recipe = load_recipe(recipe_path, [f'train.distill.transfer="{transfer}"'])
     splits = load_splits(recipe.data)
     training = TrainingRun(recipe, registry, splits, tmp_path / "run", recipe_path, False, _quiet,
                            score_split=None, open_teacher=open_teacher)
+    assert training.distillation.summary()["transfer_rows"] == 32
     scorer = RunScorer(teacher_run, registry=registry)
-    positions, expected, _ = score_split_with(scorer, splits["train"])
-    assert positions.tolist() == list(range(64))
-    batch = next(iter(training.train_loader))
-    rows = batch["index"].numpy()
-    np.testing.assert_allclose(batch["teacher_logit"].numpy(), expected[rows], rtol=0, atol=1e-6)
+    expected = np.concatenate([score_split_with(scorer, splits["train"])[1],
+                               score_split_with(scorer, read_split(transfer, require_label=False))[1]])
+    batches = list(training.train_loader)
+    rows = np.concatenate([b["index"].numpy() for b in batches])
+    assert sorted(rows.tolist()) == list(range(96))  # 64 training rows, then 32 transfer rows
+    for batch in batches:
+        np.testing.assert_allclose(batch["teacher_logit"].numpy(), expected[batch["index"].numpy()], rtol=0, atol=1e-6)
+        assert ((batch["label"] < 0) == (batch["index"] >= 64)).all()  # transfer rows: no label
+    batch = next(b for b in batches if (b["label"] < 0).any() and (b["label"] >= 0).any())
 
     step = training.trainer.step
     assert isinstance(step.distill, DistillationLoss) and step.distill.weight == 0.5 and step.distill.temperature == 2.0
@@ -115,9 +135,10 @@ def test_a_batch_carries_the_teachers_raw_logit_of_each_row_and_the_step_learns_
         student = training.pipeline.model(prepare_batch(dict(batch), training.pipeline.device)).logit
         t, s, y = batch["teacher_logit"].double(), student.double().reshape(-1), batch["label"].double()
         pt, ps = torch.sigmoid(t / 2), torch.sigmoid(s / 2)
-        kl = (pt * torch.log(pt / ps) + (1 - pt) * torch.log((1 - pt) / (1 - ps))).mean()
-        hand = 0.5 * 4 * kl + 0.5 * training.loss_fn(s.float(), y.float()).double()
-        assert float(step.loss(dict(batch))) == pytest.approx(float(hand), rel=1e-5)
+        kl = (pt * torch.log(pt / ps) + (1 - pt) * torch.log((1 - pt) / (1 - ps))).mean()  # every row
+        labelled = y >= 0
+        hard = training.loss_fn(s[labelled].float(), y[labelled].float()).double()  # the labelled rows only
+        assert float(step.loss(dict(batch))) == pytest.approx(float(0.5 * 4 * kl + 0.5 * hard), rel=1e-5)
 
 
 def test_a_vision_only_student_of_a_multimodal_teacher_exports_a_graph_with_no_text_input(

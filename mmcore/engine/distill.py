@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import attrs
 import numpy as np
+from torch.utils.data import Dataset
 
 from mmcore.builtin.distill import DistillationLoss
 from mmcore.dist import is_main
@@ -65,6 +66,8 @@ class Distillation:
         self.loss = DistillationLoss(hard_loss, temperature=config.temperature, weight=config.weight)
         #: rows the teacher scored in this process, and rows read from the store (results.json)
         self.counts = {"scored": 0, "from_cache": 0}
+        #: unlabelled rows of ``transfer`` the student learns from (after bad images are left out)
+        self.transfer_rows = 0
 
     @property
     def model_version(self):
@@ -122,6 +125,7 @@ class Distillation:
         """results.json's ``distillation``: the teacher, the loss's settings and where its logits came from."""
         return {"teacher": self.teacher.source, "model_version": self.model_version,
                 "temperature": self.config.temperature, "weight": self.config.weight,
+                "transfer": self.config.transfer, "transfer_rows": self.transfer_rows,
                 "teacher_rows_scored": self.counts["scored"], "teacher_rows_from_cache": self.counts["from_cache"]}
 
     def state_dict(self):
@@ -136,6 +140,42 @@ class Distillation:
                 f"{where}: train.distill.teacher: {self.teacher.source} is {self.model_version}, but this run was "
                 f"trained with {saved or 'no teacher'}; resume with that teacher or start a new run"
             )
+
+
+def read_transfer_rows(transfer, data, *, source):
+    """``train.distill.transfer``'s rows as a :class:`~mmcore.data.split.Split` without labels (any label
+    column is ignored: they teach through the soft term only); a missing CSV or a bad row is one line each."""
+    from mmcore.data.csvs import read_split, resolve_csv
+
+    csv = resolve_csv(transfer, data.base_dir)
+    if not csv.is_file():
+        raise RecipeError(f"{source}: train.distill.transfer: {csv}: not found")
+    split = read_split(csv, data.base_dir or csv.parent, require_label=False, require_text=False,
+                       max_image_bytes=data.max_image_bytes)
+    return attrs.evolve(split, labels=None)
+
+
+class WithTransferRows(Dataset):
+    """The training rows, then the transfer rows, as one dataset for the sampler: a transfer item has
+    label -1 (:class:`~mmcore.engine.step.TrainStep` leaves it out of the hard loss) and its place here as index."""
+
+    def __init__(self, train, transfer):
+        self.train, self.transfer = train, transfer
+        # what the loader and the training run read from a dataset: the two share preprocessing and augmentation
+        self.preprocessing = train.preprocessing
+        self.augmentation = train.augmentation
+        self.needs_image = train.needs_image or transfer.needs_image
+        self.needs_workers = train.needs_workers or transfer.needs_workers
+
+    def __len__(self):
+        return len(self.train) + len(self.transfer)
+
+    def __getitem__(self, index):
+        if index < len(self.train):
+            return self.train[index]
+        item = self.transfer[index - len(self.train)]
+        item["index"] = index
+        return item
 
 
 def row_image_keys(cache_root, split):

@@ -89,13 +89,23 @@ class TrainStep:
         batch = prepare_batch(batch, self.device, self.channels_last)
         with autocast(self.device, self.dtype):
             out = self.model(batch)
+        labels = batch["label"]
         if self.distill is None:
-            loss = self.loss_fn(out.logit.float(), batch["label"])
-        else:
-            loss = self.distill(out.logit.float(), batch["teacher_logit"], batch["label"]).loss
+            loss = self.loss_fn(out.logit.float(), labels)
+            labelled = None
+        else:  # transfer rows carry no label (-1): the soft term only
+            labelled = labels >= 0
+            loss = self.distill(out.logit.float(), batch["teacher_logit"], labels, labelled).loss
         if out.aux is not None:
-            loss = loss + out.aux.weight * sum(self.loss_fn(m.float(), batch["label"]) for m in out.aux.logits)
+            loss = loss + out.aux.weight * sum(self._hard_loss(m.float(), labels, labelled) for m in out.aux.logits)
         return loss
+
+    def _hard_loss(self, logits, labels, labelled):
+        """The recipe's loss on the labelled rows (all rows when ``labelled`` is None; 0 when none is)."""
+        if labelled is None:
+            return self.loss_fn(logits, labels)
+        logits, labels = logits.reshape(-1), labels.reshape(-1)
+        return self.loss_fn(logits[labelled], labels[labelled]) if labelled.any() else logits.new_zeros(())
 
     def micro_step(self, batch, *, weight, sync, skip=None):
         """Forward and ``backward(loss * weight)`` of one batch.

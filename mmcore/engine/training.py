@@ -19,7 +19,7 @@ from mmcore.dist import all_gather_objects, broadcast_tensors_, is_main, world_s
 from mmcore.dist import rank as runtime_rank
 from mmcore.engine.averaging import WeightEMA, load_soup_state_, soup_state
 from mmcore.engine.checkpoint import load_model_state, make_checkpoint, model_state_keys, read_checkpoint, save_checkpoint
-from mmcore.engine.distill import Distillation, row_image_keys
+from mmcore.engine.distill import Distillation, WithTransferRows, read_transfer_rows, row_image_keys
 from mmcore.engine.inference import predict, sigmoid
 from mmcore.engine.loggers import Loggers
 from mmcore.engine.loop import Trainer, total_steps
@@ -31,7 +31,7 @@ from mmcore.engine.runtime import describe_precision, precision_name
 from mmcore.engine.sampling import EpochBatchSampler, SeededItems, ShardSampler, balanced_weights, derive_seed
 from mmcore.engine.selection import Selection
 from mmcore.engine.step import prepare_batch
-from mmcore.errors import MmcoreError, RunError
+from mmcore.errors import MmcoreError, RecipeError, RunError
 from mmcore.evaluation.calibration import fit_temperature
 from mmcore.evaluation.metrics import binary_metrics
 from mmcore.evaluation.threshold import parse_threshold_rule, tune_threshold
@@ -173,6 +173,12 @@ class TrainingRun:
                 self.bad_images.check({"errors": errors}, name)
             self.datasets[name] = (dataset, split)
         train_dataset, train_split = self.datasets["train"]
+        source = str(self.recipe_path)
+        self.loss_fn = build_component(self.registry, "loss", recipe.loss, _label_counts(train_split), source=source)
+        #: train.distill: the teacher's logits ride in the training batches (transfer rows after the training rows)
+        self.distillation = None
+        if recipe.train.distill is not None:
+            self.distillation, train_dataset = self._distill(train_dataset, train_split)
         weights = balanced_weights(train_split.label_array()) if recipe.train.balanced_sampler else None
         rank, world = runtime_rank(), world_size()
         if recipe.train.batch_size % world:
@@ -201,10 +207,6 @@ class TrainingRun:
             with reported_failures(model.plugin_parts(), "on the first batch"):
                 for line in first_batch_problems(model, self.datasets["val"][0], self.val_loader.collate_fn, prepare=prepare):
                     self.echo(line)
-        source = str(self.recipe_path)
-        self.loss_fn = build_component(self.registry, "loss", recipe.loss, _label_counts(train_split), source=source)
-        #: train.distill: the teacher's logits ride in the training batches, the step learns from them
-        self.distillation = self._distill(train_dataset, train_split) if recipe.train.distill is not None else None
         groups = parameter_groups(
             model,
             head_lr=recipe.train.learning_rate,
@@ -245,19 +247,34 @@ class TrainingRun:
         )
 
     def _distill(self, train_dataset, train_split):
-        """Open the teacher, give every training row its logit (from the store, or scored once), drop the teacher."""
-        pipeline, source = self.pipeline, str(self.recipe_path)
-        teacher = self.open_teacher(self.recipe.train.distill.teacher, device=str(pipeline.device), registry=self.registry,
-                                    source=source)
+        """Open the teacher, give every training (and transfer) row its logit (from the store, or scored
+        once), drop the teacher -> ``(Distillation, the training dataset)``."""
+        recipe, pipeline, source = self.recipe, self.pipeline, str(self.recipe_path)
+        config = recipe.train.distill
+        transfer = read_transfer_rows(config.transfer, recipe.data, source=source) if config.transfer else None
+        if transfer is not None and recipe.train.balanced_sampler:
+            raise RecipeError(f"{source}: train.distill.transfer: cannot be combined with train.balanced_sampler "
+                              f"(transfer rows have no label to balance)")
+        teacher = self.open_teacher(config.teacher, device=str(pipeline.device), registry=self.registry, source=source)
         cache_root = pipeline.usable_cache_root
-        distillation = Distillation(self.recipe.train.distill, teacher, self.loss_fn, cache_root=cache_root, source=source)
-        distillation.check_inputs(train_split, ocr=self.recipe.data.ocr)
-        train_dataset.teacher_logits = distillation.teacher_logits(train_split, row_image_keys(cache_root, train_split))
+        distillation = Distillation(config, teacher, self.loss_fn, cache_root=cache_root, source=source)
+        parts = [(train_dataset, train_split)]
+        if transfer is not None:
+            dataset, split, errors = pipeline.dataset(transfer, train=True)
+            if errors:
+                self.bad_images.check({"errors": errors}, "transfer")
+            parts.append((dataset, split))
+        for dataset, split in parts:
+            distillation.check_inputs(split, ocr=recipe.data.ocr)
+            dataset.teacher_logits = distillation.teacher_logits(split, row_image_keys(cache_root, split))
         distillation.release()
         if self.main:
             counts = distillation.counts
-            self.echo(f"teacher {teacher.source}: {counts['from_cache']} training rows from cache, {counts['scored']} scored")
-        return distillation
+            self.echo(f"teacher {teacher.source}: {counts['from_cache']} rows from cache, {counts['scored']} scored")
+        if transfer is None:
+            return distillation, train_dataset
+        distillation.transfer_rows = len(parts[1][1])
+        return distillation, WithTransferRows(train_dataset, parts[1][0])
 
     # -- state ------------------------------------------------------------------------------
 
