@@ -257,3 +257,39 @@ def test_the_teacher_logits_tenant_keys_by_content_and_teacher_and_verify_finds_
     assert np.isnan(store.get(keys[:1])).all()  # a damaged file is never read: the teacher scores again
     assert [t["name"] for t in clear_cache(tmp_path, tenants=["teacher-logits"])] == ["teacher-logits"]
     assert not store.dir.exists()
+
+
+def test_an_online_teacher_scores_every_augmented_batch_and_stores_nothing(tiny_recipe, teacher_run, registry, tmp_path):
+    from mmcore.data.csvs import load_splits
+    from mmcore.engine.training import TrainingRun
+    from mmcore.errors import RecipeError
+    from mmcore.scoring.run import score_split_with
+    from mmcore.scoring.teacher import open_teacher
+
+    cache = tmp_path / "cache"
+    recipe_path = _student(tiny_recipe, teacher_run, cache)
+    online = ["train.distill.online=true", 'augmentation.name="strong"']
+    recipe = load_recipe(recipe_path, online)
+    splits = load_splits(recipe.data)
+    training = TrainingRun(recipe, registry, splits, tmp_path / "run", recipe_path, False, _quiet,
+                           score_split=None, open_teacher=open_teacher)
+    batch = next(iter(training.train_loader))
+    assert "teacher_logit" not in batch and len(batch["teacher_vision"]) == len(batch["index"])
+    augmented = training.distillation.online_logits(batch).numpy()
+    _, as_they_are, _ = score_split_with(RunScorer(teacher_run, registry=registry), splits["train"])
+    # the teacher saw the augmented images: its logits are not those of the rows as they are
+    assert np.abs(augmented - as_they_are[batch["index"].numpy()]).max() > 1e-5  # float32 noise is ~1e-7
+
+    run = run_training(recipe, recipe_path=recipe_path, out=tmp_path / "s", registry=registry, progress=False,
+                       echo=_quiet)
+    distilled = json.loads((run / "results.json").read_text())["distillation"]
+    assert distilled["teacher_rows_scored"] == 2 * 64 and distilled["teacher_rows_from_cache"] == 0  # 2 epochs
+    assert not (cache / "teacher").exists()
+
+    with pytest.raises(RecipeError) as refused:
+        _train(_student(tiny_recipe, teacher_run, cache, name="plain.toml", **{"distill": {
+            "teacher": str(teacher_run), "online": True}}), tmp_path / "plain", registry)
+    assert str(refused.value) == (
+        f"{tmp_path / 'plain.toml'}: train.distill.online: true needs an image augmentation to teach through "
+        f"(augmentation.name is 'none', train.modality 'vision_only'); leave online out and the teacher scores "
+        f"each row once")

@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import attrs
 import numpy as np
+import torch
 from torch.utils.data import Dataset
 
 from mmcore.builtin.distill import DistillationLoss
@@ -49,6 +50,10 @@ class Teacher:
     #: ``score(split, *, desc) -> (positions, logits, bad lines)``: the teacher's raw logits of the
     #: rows it could read, texts as given (under torchrun every rank gets all of them)
     score: Callable
+    #: its image preprocessing (None when it reads no image): an online teacher's input is made by it
+    preprocessing: object = None
+    #: ``logits(items, texts) -> float64 [B]``: its forward on a batch of its own inputs (online)
+    logits: Callable | None = None
 
 
 class Distillation:
@@ -119,7 +124,22 @@ class Distillation:
 
     def release(self):
         """Drop the teacher (its model) once every logit is known: training needs only the logits."""
-        self.teacher = attrs.evolve(self.teacher, score=_released)
+        self.teacher = attrs.evolve(self.teacher, score=_released, logits=None, preprocessing=None)
+
+    def check_online(self, recipe):
+        """``online = true`` needs a student that reads images and an augmentation that changes them."""
+        if recipe.train.modality == "text_only" or recipe.augmentation.name == "none":
+            raise RecipeError(f"{self.source}: train.distill.online: true needs an image augmentation to teach "
+                              f"through (augmentation.name is {recipe.augmentation.name!r}, train.modality "
+                              f"{recipe.train.modality!r}); leave online out and the teacher scores each row once")
+
+    def online_logits(self, batch):
+        """The teacher's logits of a training batch as augmented (``batch["teacher_vision"]``: its inputs,
+        made in the loader from the student's augmented image), float32 [B]; transfer rows alike."""
+        items = batch["teacher_vision"] if self.teacher.reads_image else None
+        logits = self.teacher.logits(items, batch["text"] if self.teacher.reads_text else None)
+        self.counts["scored"] += len(logits)
+        return torch.as_tensor(np.asarray(logits), dtype=torch.float32)
 
     def summary(self):
         """results.json's ``distillation``: the teacher, the loss's settings and where its logits came from."""

@@ -59,13 +59,15 @@ class TrainStep:
     """
 
     def __init__(self, model, optimizer, scheduler, loss_fn, *, device, dtype, grad_clip=0.0, channels_last=False, ema=None,
-                 distill=None):
+                 distill=None, online_teacher=None):
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.loss_fn = loss_fn
         #: a DistillationLoss over ``loss_fn`` (``train.distill``): the batch then carries ``teacher_logit``
         self.distill = distill
+        #: ``train.distill.online``: ``batch -> teacher logits`` (float32 [B]), scored as the batch arrives
+        self.online_teacher = online_teacher
         self.device = device
         self.dtype = dtype
         self.grad_clip = grad_clip
@@ -86,6 +88,8 @@ class TrainStep:
     def loss(self, batch):
         """The float32 loss of one batch (forward under autocast), still on the device: the loss of
         the model's logit (with ``distill``, the distillation loss against the batch's teacher logits), plus ``weight * loss`` of each auxiliary logit its output carries."""
+        if self.online_teacher is not None:
+            batch["teacher_logit"] = self.online_teacher(batch)
         batch = prepare_batch(batch, self.device, self.channels_last)
         with autocast(self.device, self.dtype):
             out = self.model(batch)

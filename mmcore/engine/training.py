@@ -226,6 +226,7 @@ class TrainingRun:
                                       variable_axes=compile_variable_axes(model, pipeline.cache_vision))
         if self.main and pipeline.device.type == "cuda":
             self.echo(describe_precision(recipe.train.precision, pipeline.dtype, pipeline.device))
+        distill = self.distillation
         self.trainer = Trainer(
             model=train_model,
             optimizer=self.optimizer,
@@ -243,7 +244,8 @@ class TrainingRun:
             on_step=self._on_step,
             last_checkpoint=self.run_dir.last,
             ema=self.ema,
-            distill=self.distillation.loss if self.distillation is not None else None,
+            distill=distill.loss if distill is not None else None,
+            online_teacher=distill.online_logits if distill is not None and distill.config.online else None,
         )
 
     def _distill(self, train_dataset, train_split):
@@ -264,13 +266,20 @@ class TrainingRun:
             if errors:
                 self.bad_images.check({"errors": errors}, "transfer")
             parts.append((dataset, split))
+        if config.online:
+            distillation.check_online(recipe)
         for dataset, split in parts:
             distillation.check_inputs(split, ocr=recipe.data.ocr)
-            dataset.teacher_logits = distillation.teacher_logits(split, row_image_keys(cache_root, split))
-        distillation.release()
+            if config.online:  # the loader makes the teacher's input from each augmented image
+                dataset.teacher_preprocessing = teacher.preprocessing
+            else:
+                dataset.teacher_logits = distillation.teacher_logits(split, row_image_keys(cache_root, split))
+        if not config.online:
+            distillation.release()
         if self.main:
             counts = distillation.counts
-            self.echo(f"teacher {teacher.source}: {counts['from_cache']} rows from cache, {counts['scored']} scored")
+            self.echo(f"teacher {teacher.source}: " + ("scores every training batch as augmented (online)" if config.online
+                      else f"{counts['from_cache']} rows from cache, {counts['scored']} scored"))
         if transfer is None:
             return distillation, train_dataset
         distillation.transfer_rows = len(parts[1][1])

@@ -139,6 +139,8 @@ class DistillConfig:
     #: a CSV of unlabelled rows (``local_image_path``, ``text_info``; absolute or relative to ``data.base_dir``)
     #: the teacher scores and the student learns from through the soft term only
     transfer: str | None = attrs.field(default=None, validator=_not_blank_path)
+    #: true: the teacher scores every training batch as augmented (nothing stored); false: the rows as they are, once
+    online: bool = False
 
 
 @attrs.frozen(kw_only=True)
