@@ -37,10 +37,12 @@ def mmcore(*args):
     return result
 
 
-def bundles(work, name, overrides, *, data, epochs, mode, rows):
-    """(fp32 bundle, int8 bundle) of the demo recipe with ``overrides`` under ``work/name`` (made when missing)."""
+def bundles(work, name, overrides, *, data, epochs, mode, rows, ops=None):
+    """(fp32 bundle, int8 bundle) of the demo recipe with ``overrides`` under ``work/name`` (made when missing);
+    ``ops``: ``--quantize-ops`` (None: the export's default)."""
     base = work / name
-    run, fp32, int8 = base / "run", base / "fp32", base / f"int8-{mode}"
+    run, fp32 = base / "run", base / "fp32"
+    int8 = base / (f"int8-{mode}" + (f"-{ops.replace(',', '-')}" if ops else ""))
     if not (run / "status.json").is_file():
         sets = [arg for value in overrides for arg in ("--set", value)]
         mmcore("run", REPO / "recipes" / "demo.toml", "--out", run, "--quiet",
@@ -50,7 +52,7 @@ def bundles(work, name, overrides, *, data, epochs, mode, rows):
         mmcore("export", run, "--out", fp32, "--quiet", "--rows", rows)
     if not (int8 / "manifest.json").is_file():
         mmcore("export", run, "--out", int8, "--quiet", "--rows", rows, "--quantize", "int8", "--quantize-mode", mode,
-               "--min-agreement", "0", "--max-auroc-drop", "1")
+               "--min-agreement", "0", "--max-auroc-drop", "1", *(["--quantize-ops", ops] if ops else []))
     return fp32, int8
 
 
@@ -87,7 +89,8 @@ def graph_mb(bundle):
 def measure(name, overrides, args, data):
     from mmcore.scoring.scorers import open_scorer
 
-    fp32_dir, int8_dir = bundles(args.work, name, overrides, data=data, epochs=args.epochs, mode=args.mode, rows=args.rows)
+    fp32_dir, int8_dir = bundles(args.work, name, overrides, data=data, epochs=args.epochs, mode=args.mode, rows=args.rows,
+                                 ops=args.ops)
     fp32, int8 = open_scorer(fp32_dir, device="cpu"), open_scorer(int8_dir, device="cpu")
     feeds = batch_feeds(fp32, data, args.batch)
     rates = rows_per_s(fp32, int8, feeds, args.batch, args.repeats)
@@ -106,6 +109,7 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--rows", type=int, default=128, help="parity (and gate) rows of each export")
     parser.add_argument("--mode", choices=["dynamic", "static"], default="dynamic")
+    parser.add_argument("--ops", default=None, help="--quantize-ops for the int8 export (default: the export's)")
     parser.add_argument("--no-demo", action="store_true", help="the tiny model only")
     parser.add_argument("--quick", action="store_true", help="the tiny model, 3 repeats, 1 epoch: the plumbing")
     args = parser.parse_args(argv)
@@ -118,7 +122,7 @@ def main(argv=None):
     if not (data / "test.csv").is_file():
         make_demo_dataset(data, **({"n_train": 64, "n_val": 32, "n_test": 32, "size": (48, 48)} if args.quick else {}))
     models = [("tiny", TINY)] + ([] if args.no_demo else [("demo", [])])
-    print(f"int8 ({args.mode}) / fp32 graph rows/s at batch {args.batch} on the CPU, median of {args.repeats} calls")
+    print(f"int8 ({args.mode}{', ' + args.ops if args.ops else ''}) / fp32 graph rows/s at batch {args.batch} on the CPU, median of {args.repeats} calls")
     print(f"{'model':<6} {'fp32 r/s':>10} {'int8 r/s':>10} {'ratio':>8} {'fp32 MB':>9} {'int8 MB':>9} "
           f"{'agreement':>9} {'AUROC drop':>10}")
     for name, overrides in models:

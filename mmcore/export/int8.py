@@ -29,7 +29,8 @@ PRECISIONS = ("fp32", "int8")
 DEFAULT_CALIBRATION_ROWS = 256
 #: the node types dynamic quantization converts by default: matrix products (MatMulInteger), where
 #: int8 pays. Convolutions stay fp32: onnxruntime's ConvInteger is slower than its fp32 Conv on x86
-#: CPUs (the tiny demo model with them quantized ran at 0.29-0.40x fp32's rows/s, bench/int8.py);
+#: CPUs (the tiny and the demo model with them quantized ran at 0.25-0.28x fp32's rows/s:
+#: ``bench/int8.py --ops MatMul,Gemm,Conv``, docs/performance.md);
 #: embedding tables (Gather) too: quantizing them saves bytes, not time, and moves every token
 DYNAMIC_OPS = ("MatMul", "Gemm")
 _BATCH = 16
