@@ -65,15 +65,22 @@ def test_teacher_logits_are_scored_once_then_read_from_the_store_and_a_changed_t
     recipe = _student(tiny_recipe, teacher_run, cache)
     first = _train(recipe, tmp_path / "s1", registry)
     distilled = json.loads((first / "results.json").read_text())["distillation"]
-    # 2 epochs, 64 training rows: the teacher scored each row once, before epoch 1
-    assert counted_teacher[teacher_run] == 64
-    assert distilled["teacher_rows_scored"] == 64 and distilled["teacher_rows_from_cache"] == 0
+    # 2 epochs, 64 training and 32 validation rows: the teacher scored each row once, before epoch 1
+    assert counted_teacher[teacher_run] == 96
+    assert distilled["teacher_rows_scored"] == 96 and distilled["teacher_rows_from_cache"] == 0
     assert distilled["model_version"] == RunScorer(teacher_run, registry=registry).model_version
+    # the teacher's validation figures are its own run's; the student's are its results.json's
+    teacher_results = json.loads((teacher_run / "results.json").read_text())
+    student_results = json.loads((first / "results.json").read_text())
+    val = distilled["val"]
+    assert val["rows"] == 32 and val["teacher_auroc"] == pytest.approx(teacher_results["val"]["val_auroc"], abs=1e-6)
+    assert val["student_auroc"] == pytest.approx(student_results["val"]["val_auroc"], abs=1e-6)
+    assert 0 <= val["decision_agreement"] <= 1
 
     second = _train(recipe, tmp_path / "s2", registry)
     distilled = json.loads((second / "results.json").read_text())["distillation"]
-    assert counted_teacher[teacher_run] == 64  # the teacher's forward was not called again
-    assert distilled["teacher_rows_scored"] == 0 and distilled["teacher_rows_from_cache"] == 64
+    assert counted_teacher[teacher_run] == 96  # the teacher's forward was not called again
+    assert distilled["teacher_rows_scored"] == 0 and distilled["teacher_rows_from_cache"] == 96
     # the same teacher and inputs: the same student, exactly
     assert (first / "test_predictions.json").read_text() == (second / "test_predictions.json").read_text().replace(
         str(second), str(first))
@@ -84,8 +91,8 @@ def test_teacher_logits_are_scored_once_then_read_from_the_store_and_a_changed_t
     other_run = _train(other, tmp_path / "t2", registry)
     own_test_split = counted_teacher[other_run]  # its own training scored its test split at the end
     third = _train(_student(tiny_recipe, other_run, cache, name="s3.toml"), tmp_path / "s3", registry)
-    assert counted_teacher[other_run] - own_test_split == 64
-    assert json.loads((third / "results.json").read_text())["distillation"]["teacher_rows_scored"] == 64
+    assert counted_teacher[other_run] - own_test_split == 96
+    assert json.loads((third / "results.json").read_text())["distillation"]["teacher_rows_scored"] == 96
 
 
 def _unlabelled_copy(csv, out):
@@ -135,10 +142,15 @@ def test_batches_carry_the_teachers_raw_logit_of_each_row_transfer_rows_unlabell
         student = training.pipeline.model(prepare_batch(dict(batch), training.pipeline.device)).logit
         t, s, y = batch["teacher_logit"].double(), student.double().reshape(-1), batch["label"].double()
         pt, ps = torch.sigmoid(t / 2), torch.sigmoid(s / 2)
-        kl = (pt * torch.log(pt / ps) + (1 - pt) * torch.log((1 - pt) / (1 - ps))).mean()  # every row
+        kl = pt * torch.log(pt / ps) + (1 - pt) * torch.log((1 - pt) / (1 - ps))  # every row
         labelled = y >= 0
         hard = training.loss_fn(s[labelled].float(), y[labelled].float()).double()  # the labelled rows only
-        assert float(step.loss(dict(batch))) == pytest.approx(float(0.5 * 4 * kl + 0.5 * hard), rel=1e-5)
+        assert float(step.loss(dict(batch))) == pytest.approx(float(0.5 * 4 * kl.mean() + 0.5 * hard), rel=1e-5)
+        # a row the teacher could not read (NaN) adds no soft term: it teaches through its label only
+        unread = dict(batch, teacher_logit=batch["teacher_logit"].clone())
+        unread["teacher_logit"][0] = float("nan")
+        kl[0] = 0
+        assert float(step.loss(unread)) == pytest.approx(float(0.5 * 4 * kl.mean() + 0.5 * hard), rel=1e-5)
 
 
 def test_a_vision_only_student_of_a_multimodal_teacher_exports_a_graph_with_no_text_input(
@@ -259,7 +271,7 @@ def test_the_teacher_logits_tenant_keys_by_content_and_teacher_and_verify_finds_
     assert not store.dir.exists()
 
 
-def test_an_online_teacher_scores_every_augmented_batch_and_stores_nothing(tiny_recipe, teacher_run, registry, tmp_path):
+def test_an_online_teacher_scores_every_augmented_batch_and_stores_none_of_it(tiny_recipe, teacher_run, registry, tmp_path):
     from mmcore.data.csvs import load_splits
     from mmcore.engine.training import TrainingRun
     from mmcore.errors import RecipeError
@@ -283,8 +295,10 @@ def test_an_online_teacher_scores_every_augmented_batch_and_stores_nothing(tiny_
     run = run_training(recipe, recipe_path=recipe_path, out=tmp_path / "s", registry=registry, progress=False,
                        echo=_quiet)
     distilled = json.loads((run / "results.json").read_text())["distillation"]
-    assert distilled["teacher_rows_scored"] == 2 * 64 and distilled["teacher_rows_from_cache"] == 0  # 2 epochs
-    assert not (cache / "teacher").exists()
+    # 2 epochs of 64 augmented rows, online, nothing of them stored; the 32 validation rows as they are,
+    # stored when the TrainingRun above scored them
+    assert distilled["teacher_rows_scored"] == 2 * 64 and distilled["teacher_rows_from_cache"] == 32
+    assert len(list((cache / "teacher").rglob("*.npy"))) == 1
 
     with pytest.raises(RecipeError) as refused:
         _train(_student(tiny_recipe, teacher_run, cache, name="plain.toml", **{"distill": {

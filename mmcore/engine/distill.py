@@ -27,7 +27,8 @@ from torch.utils.data import Dataset
 from mmcore.builtin.distill import DistillationLoss
 from mmcore.dist import is_main
 from mmcore.engine.features import image_keys
-from mmcore.errors import DataError, RecipeError
+from mmcore.errors import RecipeError
+from mmcore.evaluation.metrics import rank_auroc
 from mmcore.io import file_sha1
 from mmcore.store.root import CacheUnavailable, warn
 from mmcore.store.teacher import TeacherLogits, row_key
@@ -50,6 +51,8 @@ class Teacher:
     #: ``score(split, *, desc) -> (positions, logits, bad lines)``: the teacher's raw logits of the
     #: rows it could read, texts as given (under torchrun every rank gets all of them)
     score: Callable
+    #: its decision (``threshold``, ``temperature``): where its decisions on validation are taken
+    decision: dict = attrs.field(factory=lambda: {"threshold": 0.5, "temperature": 1.0})
     #: its image preprocessing (None when it reads no image): an online teacher's input is made by it
     preprocessing: object = None
     #: ``logits(items, texts) -> float64 [B]``: its forward on a batch of its own inputs (online)
@@ -73,6 +76,8 @@ class Distillation:
         self.counts = {"scored": 0, "from_cache": 0}
         #: unlabelled rows of ``transfer`` the student learns from (after bad images are left out)
         self.transfer_rows = 0
+        #: the teacher's logits on the validation rows (:meth:`score_validation`), for :meth:`agreement`
+        self.val_logits = None
 
     @property
     def model_version(self):
@@ -87,7 +92,8 @@ class Distillation:
             )
 
     def teacher_logits(self, split, image_sha1s):
-        """float32 logits of the teacher for every row of ``split`` (NaN where it could not read the row).
+        """float32 logits of the teacher for every row of ``split`` (NaN where it could not read the row:
+        such a row teaches through its label only, :class:`~mmcore.engine.step.TrainStep` says how).
 
         ``image_sha1s``: each row's image content hash (None when unreadable), as the feature
         cache keys them. Rows the store holds for this teacher are read; the rest are scored and kept.
@@ -101,15 +107,30 @@ class Distillation:
         self.counts["from_cache"] += len(keys) - len(missing)
         if missing:
             positions, scored, bad = teacher.score(split.subset(missing), desc=f"teacher {split.csv.name}")
-            if bad:  # an image the student reads but the teacher cannot (its own data.max_image_pixels, formats)
-                raise DataError([*bad, f"{self.source}: train.distill.teacher: the teacher cannot read these "
-                                       f"training rows; remove them from {split.csv}"])
+            if bad and is_main():  # the student's own data.on_bad_image decides about the row itself
+                warn(f"warning: train.distill.teacher: the teacher could not read {len(bad)} rows of {split.csv} "
+                     f"(first: {bad[0]}); they teach through their labels only")
             rows = [missing[p] for p in np.asarray(positions, dtype=np.int64).tolist()]
             logits[rows] = np.asarray(scored, dtype=np.float64)
             self.counts["scored"] += len(rows)
             if store is not None and is_main():
                 self._remember(store, [keys[i] for i in rows], logits[rows])
         return logits.astype(np.float32)
+
+    def score_validation(self, split, image_sha1s):
+        """The teacher's logits on the validation rows (from the store, or scored once), kept for :meth:`agreement`."""
+        self.val_logits = self.teacher_logits(split, image_sha1s).astype(np.float64)
+
+    def agreement(self, positions, student_logits, labels, decision):
+        """results.json's ``distillation.val``: the teacher's and the student's validation AUROC and how
+        often their decisions (each at its own temperature and threshold) agree, on the rows both scored."""
+        teacher = self.val_logits[np.asarray(positions, dtype=np.int64)]
+        both = ~np.isnan(teacher)
+        teacher, student, labels = teacher[both], np.asarray(student_logits, dtype=np.float64)[both], np.asarray(labels)[both]
+        decided = [_decisions(logits, d) for logits, d in ((teacher, self.teacher.decision), (student, decision))]
+        return {"rows": int(both.sum()), "teacher_auroc": rank_auroc(_sigmoid(teacher), labels),
+                "student_auroc": rank_auroc(_sigmoid(student), labels),
+                "decision_agreement": float(np.mean(decided[0] == decided[1])) if both.any() else None}
 
     def _store(self):
         if self.cache_root is None:
@@ -141,9 +162,10 @@ class Distillation:
         self.counts["scored"] += len(logits)
         return torch.as_tensor(np.asarray(logits), dtype=torch.float32)
 
-    def summary(self):
-        """results.json's ``distillation``: the teacher, the loss's settings and where its logits came from."""
-        return {"teacher": self.teacher.source, "model_version": self.model_version,
+    def summary(self, val=None):
+        """results.json's ``distillation``: the teacher, the loss's settings, where its logits came from and
+        ``val`` (:meth:`agreement`)."""
+        return {"teacher": self.teacher.source, "model_version": self.model_version, **({"val": val} if val else {}),
                 "temperature": self.config.temperature, "weight": self.config.weight,
                 "transfer": self.config.transfer, "transfer_rows": self.transfer_rows,
                 "teacher_rows_scored": self.counts["scored"], "teacher_rows_from_cache": self.counts["from_cache"]}
@@ -196,6 +218,14 @@ class WithTransferRows(Dataset):
         item = self.transfer[index - len(self.train)]
         item["index"] = index
         return item
+
+
+def _sigmoid(logits):
+    return 1.0 / (1.0 + np.exp(-logits))
+
+
+def _decisions(logits, decision):
+    return _sigmoid(logits / float(decision["temperature"])) >= float(decision["threshold"])
 
 
 def row_image_keys(cache_root, split):

@@ -99,7 +99,10 @@ class TrainStep:
             labelled = None
         else:  # transfer rows carry no label (-1): the soft term only
             labelled = labels >= 0
-            loss = self.distill(out.logit.float(), batch["teacher_logit"], labels, labelled).loss
+            logit, teacher = out.logit.float().reshape(-1), batch["teacher_logit"]
+            # a row the teacher could not read (NaN) gets the student's own logit: no soft term, no gradient from it
+            teacher = torch.where(torch.isnan(teacher), logit.detach(), teacher)
+            loss = self.distill(logit, teacher, labels, labelled).loss
         if out.aux is not None:
             loss = loss + out.aux.weight * sum(self._hard_loss(m.float(), labels, labelled) for m in out.aux.logits)
         return loss

@@ -268,6 +268,8 @@ class TrainingRun:
             parts.append((dataset, split))
         if config.online:
             distillation.check_online(recipe)
+        val_split = self.datasets["val"][1]  # the teacher's view of validation: its agreement with the student
+        distillation.score_validation(val_split, row_image_keys(cache_root, val_split))
         for dataset, split in parts:
             distillation.check_inputs(split, ocr=recipe.data.ocr)
             if config.online:  # the loader makes the teacher's input from each augmented image
@@ -498,7 +500,7 @@ class TrainingRun:
         """Load the best epoch, fit the decision on validation, evaluate the test split, write outputs."""
         recipe, trainer, model = self.recipe, self.trainer, self.pipeline.model
         self._load_best()
-        _, val_logits, val_labels = self.predict(self.val_loader, "val")
+        val_positions, val_logits, val_labels = self.predict(self.val_loader, "val")
         decision = fit_decision(recipe, val_logits, val_labels)
         test_indices, test_logits = self.score_test(decision)
         test_labels = self.test_split.label_array()[test_indices]
@@ -529,7 +531,9 @@ class TrainingRun:
             "feature_cache": self.pipeline.cache_summary(),
             "precision": precision_name(self.pipeline.dtype),
             "train_batch": batch_summary(recipe.train.batch_size, world_size(), recipe.train.drop_last),
-            **({"distillation": self.distillation.summary()} if self.distillation is not None else {}),
+            **({"distillation": self.distillation.summary(
+                self.distillation.agreement(val_positions, val_logits, val_labels, decision))}
+               if self.distillation is not None else {}),
         }
         results, _ = write_evaluation(
             self.run_dir,
