@@ -13,6 +13,12 @@ remembered. The training dataset hands each row's teacher logit to the batch
 and never trained: it scores in eval mode under ``no_grad`` and is dropped once the logits are
 known. A checkpoint records the teacher's ``model_version``; resuming with another teacher is
 one line.
+
+``transfer`` rows (unlabelled) follow the training rows in one dataset (:class:`WithTransferRows`)
+with label -1: the step leaves them out of the hard loss. ``online = true`` scores every training
+batch as augmented instead (:meth:`Distillation.online_logits`; the loader makes the teacher's
+inputs). The teacher also scores the validation rows once, for ``results.json``'s comparison of
+teacher and student (:meth:`Distillation.agreement`).
 """
 
 from __future__ import annotations
