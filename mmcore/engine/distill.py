@@ -190,6 +190,48 @@ class Distillation:
             )
 
 
+def start_distillation(recipe, pipeline, datasets, loss_fn, *, open_teacher, registry, bad_images, source, echo=None):
+    """A training run's distillation (``recipe.train.distill``): open the teacher, give every training
+    (and transfer) row its logit — from the store, or scored once — or, online, the loader the teacher's
+    preprocessing; score validation for the comparison; drop the teacher when it is done ->
+    ``(Distillation, the training dataset)``. ``datasets``: the run's ``{"train": (dataset, split),
+    "val": (dataset, split)}``; ``echo``: where the teacher's line goes (None: nowhere, ranks > 0)."""
+    config = recipe.train.distill
+    transfer = read_transfer_rows(config.transfer, recipe.data, source=source) if config.transfer else None
+    if transfer is not None and recipe.train.balanced_sampler:
+        raise RecipeError(f"{source}: train.distill.transfer: cannot be combined with train.balanced_sampler "
+                          f"(transfer rows have no label to balance)")
+    teacher = open_teacher(config.teacher, device=str(pipeline.device), registry=registry, source=source)
+    cache_root = pipeline.usable_cache_root
+    distillation = Distillation(config, teacher, loss_fn, cache_root=cache_root, source=source)
+    parts = [datasets["train"]]
+    if transfer is not None:
+        dataset, split, errors = pipeline.dataset(transfer, train=True)
+        if errors:
+            bad_images.check({"errors": errors}, "transfer")
+        parts.append((dataset, split))
+    if config.online:
+        distillation.check_online(recipe)
+    val_split = datasets["val"][1]  # the teacher's view of validation: its agreement with the student
+    distillation.score_validation(val_split, row_image_keys(cache_root, val_split))
+    for dataset, split in parts:
+        distillation.check_inputs(split, ocr=recipe.data.ocr)
+        if config.online:  # the loader makes the teacher's input from each augmented image
+            dataset.teacher_preprocessing = teacher.preprocessing
+        else:
+            dataset.teacher_logits = distillation.teacher_logits(split, row_image_keys(cache_root, split))
+    if not config.online:
+        distillation.release()
+    if echo is not None:
+        counts = distillation.counts
+        echo(f"teacher {teacher.source}: " + ("scores every training batch as augmented (online)" if config.online
+             else f"{counts['from_cache']} rows from cache, {counts['scored']} scored"))
+    if transfer is None:
+        return distillation, parts[0][0]
+    distillation.transfer_rows = len(parts[1][1])
+    return distillation, WithTransferRows(parts[0][0], parts[1][0])
+
+
 def read_transfer_rows(transfer, data, *, source):
     """``train.distill.transfer``'s rows as a :class:`~mmcore.data.split.Split` without labels (any label
     column is ignored: they teach through the soft term only); a missing CSV or a bad row is one line each."""

@@ -19,7 +19,7 @@ from mmcore.dist import all_gather_objects, broadcast_tensors_, is_main, world_s
 from mmcore.dist import rank as runtime_rank
 from mmcore.engine.averaging import WeightEMA, load_soup_state_, soup_state
 from mmcore.engine.checkpoint import load_model_state, make_checkpoint, model_state_keys, read_checkpoint, save_checkpoint
-from mmcore.engine.distill import Distillation, WithTransferRows, read_transfer_rows, row_image_keys
+from mmcore.engine.distill import start_distillation
 from mmcore.engine.inference import predict, sigmoid
 from mmcore.engine.loggers import Loggers
 from mmcore.engine.loop import Trainer, total_steps
@@ -31,7 +31,7 @@ from mmcore.engine.runtime import describe_precision, precision_name
 from mmcore.engine.sampling import EpochBatchSampler, SeededItems, ShardSampler, balanced_weights, derive_seed
 from mmcore.engine.selection import Selection
 from mmcore.engine.step import prepare_batch
-from mmcore.errors import MmcoreError, RecipeError, RunError
+from mmcore.errors import MmcoreError, RunError
 from mmcore.evaluation.calibration import fit_temperature
 from mmcore.evaluation.metrics import binary_metrics
 from mmcore.evaluation.threshold import parse_threshold_rule, tune_threshold
@@ -178,7 +178,9 @@ class TrainingRun:
         #: train.distill: the teacher's logits ride in the training batches (transfer rows after the training rows)
         self.distillation = None
         if recipe.train.distill is not None:
-            self.distillation, train_dataset = self._distill(train_dataset, train_split)
+            self.distillation, train_dataset = start_distillation(
+                recipe, pipeline, self.datasets, self.loss_fn, open_teacher=self.open_teacher, registry=self.registry,
+                bad_images=self.bad_images, source=source, echo=self.echo if self.main else None)
         weights = balanced_weights(train_split.label_array()) if recipe.train.balanced_sampler else None
         rank, world = runtime_rank(), world_size()
         if recipe.train.batch_size % world:
@@ -247,45 +249,6 @@ class TrainingRun:
             distill=distill.loss if distill is not None else None,
             online_teacher=distill.online_logits if distill is not None and distill.config.online else None,
         )
-
-    def _distill(self, train_dataset, train_split):
-        """Open the teacher, give every training (and transfer) row its logit (from the store, or scored
-        once), drop the teacher -> ``(Distillation, the training dataset)``."""
-        recipe, pipeline, source = self.recipe, self.pipeline, str(self.recipe_path)
-        config = recipe.train.distill
-        transfer = read_transfer_rows(config.transfer, recipe.data, source=source) if config.transfer else None
-        if transfer is not None and recipe.train.balanced_sampler:
-            raise RecipeError(f"{source}: train.distill.transfer: cannot be combined with train.balanced_sampler "
-                              f"(transfer rows have no label to balance)")
-        teacher = self.open_teacher(config.teacher, device=str(pipeline.device), registry=self.registry, source=source)
-        cache_root = pipeline.usable_cache_root
-        distillation = Distillation(config, teacher, self.loss_fn, cache_root=cache_root, source=source)
-        parts = [(train_dataset, train_split)]
-        if transfer is not None:
-            dataset, split, errors = pipeline.dataset(transfer, train=True)
-            if errors:
-                self.bad_images.check({"errors": errors}, "transfer")
-            parts.append((dataset, split))
-        if config.online:
-            distillation.check_online(recipe)
-        val_split = self.datasets["val"][1]  # the teacher's view of validation: its agreement with the student
-        distillation.score_validation(val_split, row_image_keys(cache_root, val_split))
-        for dataset, split in parts:
-            distillation.check_inputs(split, ocr=recipe.data.ocr)
-            if config.online:  # the loader makes the teacher's input from each augmented image
-                dataset.teacher_preprocessing = teacher.preprocessing
-            else:
-                dataset.teacher_logits = distillation.teacher_logits(split, row_image_keys(cache_root, split))
-        if not config.online:
-            distillation.release()
-        if self.main:
-            counts = distillation.counts
-            self.echo(f"teacher {teacher.source}: " + ("scores every training batch as augmented (online)" if config.online
-                      else f"{counts['from_cache']} rows from cache, {counts['scored']} scored"))
-        if transfer is None:
-            return distillation, train_dataset
-        distillation.transfer_rows = len(parts[1][1])
-        return distillation, WithTransferRows(train_dataset, parts[1][0])
 
     # -- state ------------------------------------------------------------------------------
 
