@@ -19,6 +19,7 @@ from mmcore.dist import all_gather_objects, broadcast_tensors_, is_main, world_s
 from mmcore.dist import rank as runtime_rank
 from mmcore.engine.averaging import WeightEMA, load_soup_state_, soup_state
 from mmcore.engine.checkpoint import load_model_state, make_checkpoint, model_state_keys, read_checkpoint, save_checkpoint
+from mmcore.engine.distill import start_distillation
 from mmcore.engine.inference import predict, sigmoid
 from mmcore.engine.loggers import Loggers
 from mmcore.engine.loop import Trainer, total_steps
@@ -117,7 +118,7 @@ class TrainingRun:
     """Everything one training run holds; its state round-trips through ``last.ckpt``."""
 
     def __init__(self, recipe, registry, splits, run_dir, recipe_path, progress, echo, duplicates=None, on_epoch_end=None,
-                 *, score_split):
+                 *, score_split, open_teacher=None):
         """``on_epoch_end(epoch, metrics)``: called on every rank after each epoch's validation (its
         checkpoints written) with that epoch's validation metrics; returning True stops training
         there and the run finishes with its best epoch so far (``mmcore tune`` prunes with it).
@@ -127,7 +128,12 @@ class TrainingRun:
         torchrun, every rank getting all of them): the scoring path's
         :func:`mmcore.scoring.run.score_split`, which ``mmcore eval`` scores with too. The caller
         (``mmcore run``) passes it: the engine sits below the scoring path.
+
+        ``open_teacher(path, *, device, registry, source) -> Teacher``: how ``train.distill.teacher`` is
+        opened (:func:`mmcore.scoring.teacher.open_teacher`, passed by ``mmcore run`` alike);
+        needed only when the recipe distils.
         """
+        self.open_teacher = open_teacher
         self.on_epoch_end = on_epoch_end
         self.score_split = score_split
         self.recipe = recipe
@@ -167,6 +173,14 @@ class TrainingRun:
                 self.bad_images.check({"errors": errors}, name)
             self.datasets[name] = (dataset, split)
         train_dataset, train_split = self.datasets["train"]
+        source = str(self.recipe_path)
+        self.loss_fn = build_component(self.registry, "loss", recipe.loss, _label_counts(train_split), source=source)
+        #: train.distill: the teacher's logits ride in the training batches (transfer rows after the training rows)
+        self.distillation = None
+        if recipe.train.distill is not None:
+            self.distillation, train_dataset = start_distillation(
+                recipe, pipeline, self.datasets, self.loss_fn, open_teacher=self.open_teacher, registry=self.registry,
+                bad_images=self.bad_images, source=source, echo=self.echo if self.main else None)
         weights = balanced_weights(train_split.label_array()) if recipe.train.balanced_sampler else None
         rank, world = runtime_rank(), world_size()
         if recipe.train.batch_size % world:
@@ -195,8 +209,6 @@ class TrainingRun:
             with reported_failures(model.plugin_parts(), "on the first batch"):
                 for line in first_batch_problems(model, self.datasets["val"][0], self.val_loader.collate_fn, prepare=prepare):
                     self.echo(line)
-        source = str(self.recipe_path)
-        self.loss_fn = build_component(self.registry, "loss", recipe.loss, _label_counts(train_split), source=source)
         groups = parameter_groups(
             model,
             head_lr=recipe.train.learning_rate,
@@ -216,6 +228,7 @@ class TrainingRun:
                                       variable_axes=compile_variable_axes(model, pipeline.cache_vision))
         if self.main and pipeline.device.type == "cuda":
             self.echo(describe_precision(recipe.train.precision, pipeline.dtype, pipeline.device))
+        distill = self.distillation
         self.trainer = Trainer(
             model=train_model,
             optimizer=self.optimizer,
@@ -233,6 +246,8 @@ class TrainingRun:
             on_step=self._on_step,
             last_checkpoint=self.run_dir.last,
             ema=self.ema,
+            distill=distill.loss if distill is not None else None,
+            online_teacher=distill.online_logits if distill is not None and distill.config.online else None,
         )
 
     # -- state ------------------------------------------------------------------------------
@@ -260,6 +275,7 @@ class TrainingRun:
                 **self.selection.state_dict(),
                 "history": self.history,
                 **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
+                **(self.distillation.state_dict() if self.distillation is not None else {}),
             },
         )
 
@@ -274,6 +290,8 @@ class TrainingRun:
     def load_state(self, state):
         require_same_recipe(state.get("recipe"), self.recipe_dict, where=self.run_dir.last, said="saved with another recipe",
                             added_ok=True)
+        if self.distillation is not None:
+            self.distillation.check_resume(state, self.run_dir.last)
         load_model_state(self.pipeline.model, state, path=str(self.run_dir.last))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -445,7 +463,7 @@ class TrainingRun:
         """Load the best epoch, fit the decision on validation, evaluate the test split, write outputs."""
         recipe, trainer, model = self.recipe, self.trainer, self.pipeline.model
         self._load_best()
-        _, val_logits, val_labels = self.predict(self.val_loader, "val")
+        val_positions, val_logits, val_labels = self.predict(self.val_loader, "val")
         decision = fit_decision(recipe, val_logits, val_labels)
         test_indices, test_logits = self.score_test(decision)
         test_labels = self.test_split.label_array()[test_indices]
@@ -476,6 +494,9 @@ class TrainingRun:
             "feature_cache": self.pipeline.cache_summary(),
             "precision": precision_name(self.pipeline.dtype),
             "train_batch": batch_summary(recipe.train.batch_size, world_size(), recipe.train.drop_last),
+            **({"distillation": self.distillation.summary(
+                self.distillation.agreement(val_positions, val_logits, val_labels, decision))}
+               if self.distillation is not None else {}),
         }
         results, _ = write_evaluation(
             self.run_dir,
