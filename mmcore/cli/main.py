@@ -168,6 +168,7 @@ def demo(data_dir, recipe, overrides, quiet):
 def _add_commands():
     from mmcore.cli.cache import cache_group
     from mmcore.cli.compare import compare_command
+    from mmcore.cli.ensemble import ensemble_command
     from mmcore.cli.export import export_command
     from mmcore.cli.new_plugin import new_plugin_command
     from mmcore.cli.ocr import ocr_command
@@ -177,7 +178,7 @@ def _add_commands():
     from mmcore.cli.tune import tune_command
 
     commands = (predict_command, compare_command, ocr_command, cache_group, new_plugin_command, export_command, serve_command,
-                tune_command, shard_command)
+                tune_command, shard_command, ensemble_command)
     for command in commands:
         cli.add_command(command)
 

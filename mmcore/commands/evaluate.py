@@ -21,6 +21,7 @@ from mmcore.errors import DataError
 from mmcore.export.bundle import is_bundle
 from mmcore.io import check_output_path
 from mmcore.rundir import EVAL_DIR
+from mmcore.scoring.ensemble_dir import is_ensemble
 from mmcore.scoring.rows import collect, score_rows
 
 
@@ -68,10 +69,11 @@ def eval_split(recipe, data=None):
 
 def evaluate(source, *, data=None, out=None, device="auto", cache=False, verify=None, registry=None, progress=True,
              echo=print):
-    """``mmcore eval RUN_DIR|BUNDLE_DIR``: :func:`evaluate_bundle` for a bundle, else :func:`evaluate_run`;
+    """``mmcore eval RUN_DIR|BUNDLE_DIR|ENSEMBLE_DIR``: :func:`evaluate_bundle` for a bundle or an ensemble,
+    else :func:`evaluate_run`;
     ``--out`` is checked before anything is scored. Returns the evaluation folder."""
     check_output_path(out, "evaluation folder", folder=True)
-    if is_bundle(source):
+    if is_bundle(source) or is_ensemble(source):
         return evaluate_bundle(source, data=data, out=out, device=device, verify=verify, registry=registry,
                                progress=progress, echo=echo)
     return evaluate_run(source, data=data, out=out, device=device, cache=cache, registry=registry, progress=progress,
@@ -127,23 +129,26 @@ def evaluate_bundle(bundle_dir, *, data=None, out=None, device="auto", verify=No
 
     The metrics are the run's to within the parity tolerance; what needs the PyTorch model (each
     row's score without its text or image, saliency) is left out. Default ``out``:
-    ``BUNDLE-eval/<csv>-<time>`` beside the bundle (a bundle folder is never written to).
+    ``BUNDLE-eval/<csv>-<time>`` beside the bundle (a bundle folder is never written to). An ensemble
+    directory is scored alike by its :class:`~mmcore.scoring.ensemble.EnsembleScorer` (default ``out``:
+    ``DIR/eval/<csv>-<time>``, as a run's).
     """
-    from mmcore.scoring.bundle import BundleScorer
+    from mmcore.scoring.scorers import open_scorer
 
     bundle_dir = Path(bundle_dir)
-    scorer = BundleScorer(bundle_dir, device=parse_device(device), verify=verify, registry=registry)
+    scorer = open_scorer(bundle_dir, device=parse_device(device), verify=verify, registry=registry, progress=progress)
     if scorer.recipe.data.format != "csv" and not (data and str(data).lower().endswith(".csv")):
         raise DataError(f"{bundle_dir}: the run read WebDataset shards; give a labelled CSV with --data")
     split, csv = eval_split(scorer.recipe, data)
     if split.labels is None:
         raise DataError(f"{csv}: eval needs labels in every row (use mmcore predict for unlabeled data)")
-    out_dir = Path(out) if out else bundle_dir.parent / f"{bundle_dir.name}-eval" / _eval_name(csv)
+    default = bundle_dir / EVAL_DIR if scorer.kind == "ensemble" else bundle_dir.parent / f"{bundle_dir.name}-eval"
+    out_dir = Path(out) if out else default / _eval_name(csv)
     scored = collect(score_rows(scorer, split, registry=registry, progress=progress, desc="eval"))
     split = scored_split(split, scored)
     summary = {
         "experiment": scorer.recipe.experiment,
-        "bundle": str(bundle_dir),
+        scorer.kind: str(bundle_dir),
         "evaluated_csv": str(csv),
         "selected_epoch": scorer.selected_epoch,
         "data": {"eval": len(scored.positions)},
@@ -152,7 +157,7 @@ def evaluate_bundle(bundle_dir, *, data=None, out=None, device="auto", verify=No
     results, _ = write_evaluation(
         out_dir, split=split, indices=scored.positions, logits=scored.logits, labels=split.label_array()[scored.positions],
         decision_info=scorer.decision, summary=summary,
-        title=f"mmcore eval — {scorer.recipe.experiment} (bundle) on {csv.name}",
+        title=f"mmcore eval — {scorer.recipe.experiment} ({scorer.kind}) on {csv.name}",
     )
     _echo_result(echo, results, split, csv, scorer.decision, out_dir)
     return out_dir

@@ -1,0 +1,254 @@
+"""``mmcore ensemble RUN... --out DIR``: finished runs -> one ensemble directory that every command
+takes like a run (:mod:`mmcore.scoring.ensemble_dir` has its layout).
+
+1. Each run must be a completed run directory with the same validation and test CSV content as
+   the first (sha1 of each file); each is scored on both splits through the scoring path (its
+   PyTorch model in float32 from the raw rows, as ``eval`` scores), one member loaded at a time.
+2. Greedy forward selection with replacement on the validation scores
+   (:func:`mmcore.evaluation.ensemble.select_ensemble`) gives the weights; a k-fold bag gives
+   equal weights instead and fits its decision on the out-of-fold logits.
+3. The combined logit's temperature and threshold are fitted on validation as a run's are
+   (:func:`mmcore.engine.training.fit_decision`); the test split only gets measured.
+
+The members are hard-linked into ``DIR/members/`` (a directory never names a path outside itself).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import attrs
+import numpy as np
+
+from mmcore.engine.inference import sigmoid
+from mmcore.errors import DataError, MmcoreError, RunError
+from mmcore.evaluation.ensemble import DEFAULT_ITERATIONS, DEFAULT_METRIC, METRICS, select_ensemble
+from mmcore.evaluation.metrics import rank_auroc
+from mmcore.io import check_output_path, write_json
+from mmcore.rundir import RECIPE_FILE, RunDir
+from mmcore.scoring import ensemble_dir as E
+from mmcore.scoring.ensemble import combine_member_logits
+
+#: members the command accepts (each is scored on validation and test)
+MAX_RUNS = E.MAX_MEMBERS
+
+
+@attrs.frozen
+class MemberScores:
+    """One member's logits on the validation and test rows (positions into each split)."""
+
+    run_dir: Path
+    name: str
+    val_logits: np.ndarray
+    test_logits: np.ndarray
+
+
+@attrs.frozen
+class EnsembleSummary:
+    """What :func:`build_ensemble` wrote."""
+
+    out: Path
+    weights: tuple
+    val_auroc: float | None
+    test_auroc: float | None
+
+
+def check_member_runs(run_dirs):
+    """Each path a completed run directory (not an ensemble, not a bundle), or one line naming it."""
+    from mmcore.export.bundle import is_bundle
+
+    if not run_dirs:
+        raise MmcoreError("mmcore ensemble: give at least one run directory")
+    if len(run_dirs) > MAX_RUNS:
+        raise MmcoreError(f"mmcore ensemble: {len(run_dirs)} runs; at most {MAX_RUNS}")
+    checked = []
+    for path in map(Path, run_dirs):
+        if E.is_ensemble(path):
+            raise RunError(f"{path}: is an ensemble directory; give the run directories of its members")
+        if is_bundle(path):
+            raise RunError(f"{path}: is an export bundle; an ensemble combines run directories")
+        if not path.is_dir():
+            raise RunError(f"{path}: not a run directory (no such folder)")
+        RunDir(path).require_completed()
+        if not RunDir(path).best.is_file():
+            raise RunError(f"{path}: not a run directory (no {RunDir(path).best.name})")
+        checked.append(path)
+    if len({p.resolve() for p in checked}) != len(checked):
+        raise MmcoreError("mmcore ensemble: a run directory is given twice (weights come from the selection)")
+    return checked
+
+
+def _sha1(path):
+    digest = hashlib.sha1()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def split_csvs(recipe):
+    """``{"val": Path, "test": Path}`` of a member's recipe (CSV splits only)."""
+    from mmcore.data.csvs import resolve_csv
+
+    if recipe.data.format != "csv":
+        raise DataError(f"{recipe.experiment}: an ensemble's members read CSV splits (this run read {recipe.data.format})")
+    return {name: resolve_csv(getattr(recipe.data, name), recipe.data.base_dir) for name in ("val", "test")}
+
+
+def data_digests(run_dirs, recipes):
+    """``{"val_sha1", "test_sha1"}`` shared by every member, or one line naming the first that differs."""
+    digests = None
+    for run_dir, recipe in zip(run_dirs, recipes):
+        mine = {f"{name}_sha1": _sha1(csv) for name, csv in split_csvs(recipe).items()}
+        if digests is None:
+            digests, first = mine, run_dir
+        elif mine != digests:
+            which = next(k for k in mine if mine[k] != digests[k]).removesuffix("_sha1")
+            raise DataError(f"{run_dir}: its {which} CSV differs from {first}'s; an ensemble's members are "
+                            f"selected and measured on the same rows")
+    return digests
+
+
+def score_member(run_dir, splits, *, registry=None, device="auto", progress=False):
+    """A member's logits on the ``splits`` (``{"val": Split, "test": Split}``), scored from the raw
+    rows in float32; an unreadable image stops here (members are compared row by row)."""
+    from mmcore.scoring.rows import collect, score_rows
+    from mmcore.scoring.run import RunScorer
+
+    scorer = RunScorer(run_dir, registry=registry, device=device, progress=progress)
+    logits = {}
+    for name, split in splits.items():
+        scored = collect(score_rows(scorer, split, registry=registry, on_bad_image="error", progress=progress,
+                                    desc=f"{Path(run_dir).name} {name}"))
+        logits[name] = scored.logits
+    return logits
+
+
+def build_ensemble(run_dirs, out, *, metric=DEFAULT_METRIC, iterations=DEFAULT_ITERATIONS, initial_best=0,
+                   threshold=None, registry=None, device="auto", progress=True, echo=print):
+    """``mmcore ensemble RUN... --out DIR`` (see the module docstring) -> :class:`EnsembleSummary`."""
+    from mmcore.commands.export import check_new_folder
+
+    out = Path(out)
+    check_output_path(out, "ensemble directory", folder=True)
+    check_new_folder(out, "--out")
+    if metric not in METRICS:
+        raise MmcoreError(f"--metric {metric}: expected one of {', '.join(METRICS)}")
+    run_dirs = check_member_runs(run_dirs)
+    members_dir = out / E.MEMBERS_DIR
+    linked = []
+    try:
+        for index, run_dir in enumerate(run_dirs):
+            experiment = RunDir(run_dir).recipe_data().get("experiment") or "run"
+            linked.append(E.link_member(run_dir, members_dir / f"{index}-{_safe(experiment)}"))
+        return assemble_ensemble(out, linked, source="runs", metric=metric, iterations=iterations,
+                                 initial_best=initial_best, threshold=threshold, registry=registry, device=device,
+                                 progress=progress, echo=echo)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)  # nothing half-made is left for a command to read
+        raise
+
+
+def assemble_ensemble(out, member_dirs, *, source, metric=DEFAULT_METRIC, iterations=DEFAULT_ITERATIONS,
+                      initial_best=0, threshold=None, registry=None, device="auto", progress=True, echo=print):
+    """Select, decide and write the ensemble in ``out`` over ``member_dirs`` (run directories already
+    in ``out/members/``): ensemble.json, decision.json, recipe.toml, results.json and the reports."""
+    from mmcore.data.csvs import read_split
+    from mmcore.engine.training import fit_decision
+
+    out = Path(out)
+    if registry is None:
+        from mmcore.plugins.manager import get_registry
+
+        registry = get_registry()
+    recipes = [RunDir(d).load_recipe(registry) for d in member_dirs]
+    digests = data_digests(member_dirs, recipes)
+    first = recipes[0]
+    if threshold is not None:
+        from mmcore.evaluation.threshold import parse_threshold_rule
+
+        parse_threshold_rule(threshold)  # a bad rule is one line before anything is scored
+        first = attrs.evolve(first, eval=attrs.evolve(first.eval, threshold=threshold))
+    splits = {name: read_split(csv, first.data.base_dir, max_image_bytes=first.data.max_image_bytes)
+              for name, csv in split_csvs(first).items()}
+    scores = []
+    for member_dir in member_dirs:
+        logits = score_member(member_dir, splits, registry=registry, device=device, progress=progress)
+        scores.append(MemberScores(member_dir, f"{E.MEMBERS_DIR}/{Path(member_dir).name}", logits["val"], logits["test"]))
+    val_labels = splits["val"].label_array()
+    member_val = np.stack([m.val_logits for m in scores])
+    try:
+        selection = select_ensemble([sigmoid(row) for row in member_val], val_labels, metric=metric,
+                                    iterations=iterations, initial_best=initial_best)
+    except ValueError as exc:
+        raise DataError(f"{splits['val'].csv}: cannot select an ensemble on it ({exc})") from None
+    weights = selection.weights
+    val_logits = combine_member_logits(member_val, weights)
+    decision = fit_decision(first, val_logits, val_labels)
+    test_logits = combine_member_logits(np.stack([m.test_logits for m in scores]), weights)
+    return write_ensemble_dir(
+        out, scores, weights=weights, counts=selection.counts, decision=decision, recipe=first, splits=splits,
+        source=source, digests=digests, val_logits=val_logits, test_logits=test_logits,
+        selection={**selection.to_json(), "initial_best": initial_best, "rows": "val", "n": int(len(val_labels))},
+        echo=echo,
+    )
+
+
+def write_ensemble_dir(out, scores, *, weights, counts, decision, recipe, splits, source, digests, val_logits,
+                       test_logits, selection, echo=print):
+    """Every file of the ensemble directory but its members (already in place)."""
+    from mmcore.engine.outputs import write_evaluation
+
+    out = Path(out)
+    shutil.copyfile(Path(scores[0].run_dir) / RECIPE_FILE, out / RECIPE_FILE)
+    write_json(out / E.DECISION_FILE, decision)
+    entries = [E.member_entry(m.run_dir, m.name, w, c) for m, w, c in zip(scores, weights, counts)]
+    E.write_ensemble(out, source=source, members=entries, selection=selection, data=digests)
+    val_labels, test = splits["val"].label_array(), splits["test"]
+    test_labels = test.label_array()
+    members = [
+        {"dir": m.name, "weight": float(w), "experiment": RunDir(m.run_dir).recipe_data().get("experiment"),
+         "val_auroc": _auroc(m.val_logits, val_labels), "test_auroc": _auroc(m.test_logits, test_labels)}
+        for m, w in zip(scores, weights)
+    ]
+    summary = {
+        "experiment": recipe.experiment,
+        "kind": "ensemble",
+        "source": source,
+        "run_dir": str(out),
+        "selected_epoch": None,
+        "selection_metric": "auroc",
+        "val": {"auroc": _auroc(val_logits, val_labels)},
+        "members": members,
+        "selection": selection,
+        "data": {"val": len(val_labels), "test": len(test_labels)},
+    }
+    results, _ = write_evaluation(
+        out, split=test, indices=np.arange(len(test)), logits=test_logits, labels=test_labels, decision_info=decision,
+        summary=summary, title=f"mmcore — ensemble of {len(scores)} ({recipe.experiment})",
+    )
+    RunDir(out).write_status("completed", kind="ensemble")
+    test_auroc = results["test"]["at_threshold"]["auroc"]
+    picked = ", ".join(f"{m['dir']} {m['weight']:.3f}" for m in members)
+    echo(f"ensemble of {len(scores)} runs ({source}): weights {picked}")
+    echo(f"validation AUROC {summary['val']['auroc']:.4f}; test AUROC {test_auroc:.4f} "
+         f"(best member {max(m['test_auroc'] for m in members):.4f}); threshold {decision['threshold']:.4f}, "
+         f"temperature {decision['temperature']:.3g}")
+    echo(f"wrote {out}")
+    return EnsembleSummary(out=out, weights=tuple(float(w) for w in weights), val_auroc=summary["val"]["auroc"],
+                           test_auroc=test_auroc)
+
+
+def _auroc(logits, labels):
+    if len(set(np.asarray(labels).tolist())) < 2:
+        return None
+    return float(rank_auroc(np.asarray(logits, dtype=np.float64), np.asarray(labels)))
+
+
+
+def _safe(name):
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name))[:64] or "run"

@@ -1,0 +1,202 @@
+"""``mmcore ensemble``: finished runs -> one directory that eval, predict, compare and serve take like a run.
+
+The ensemble's score is the weighted mean of its members' raw scores (probabilities), so every
+check below compares a command's ``score`` with ``sum_m w_m * score_m`` of the members' own runs.
+"""
+
+import csv
+import json
+import shutil
+
+import httpx
+import numpy as np
+import pytest
+from serving import Server
+
+from mmcore.errors import RunError
+
+SEEDS = (3, 11)
+
+
+@pytest.fixture(scope="module")
+def member_runs(tmp_path_factory, demo_data):
+    """Two finished tiny runs of one recipe, different seeds (so their scores differ)."""
+    import tomli_w
+    from tiny import tiny_recipe_data
+
+    from mmcore.commands.run import run_training
+    from mmcore.recipe import load_recipe
+
+    tmp = tmp_path_factory.mktemp("members")
+    runs = []
+    for seed in SEEDS:
+        recipe = tmp / f"seed{seed}.toml"
+        recipe.write_text(tomli_w.dumps(tiny_recipe_data(demo_data, seed=seed, experiment=f"tiny{seed}",
+                                                         cache={"dir": str(tmp / "cache")},
+                                                         logging={"tensorboard": False})), encoding="utf-8")
+        runs.append(run_training(load_recipe(recipe), recipe_path=recipe, out=tmp / f"run{seed}", progress=False,
+                                 echo=lambda line: None))
+    return runs
+
+
+@pytest.fixture(scope="module")
+def ensemble(member_runs, tmp_path_factory):
+    """``build_ensemble`` of the two runs, log-loss selection started from both members (both kept)."""
+    from mmcore.commands.ensemble import build_ensemble
+
+    out = tmp_path_factory.mktemp("ens") / "ensemble"
+    lines = []
+    summary = build_ensemble(member_runs, out, metric="log_loss", iterations=3, initial_best=2, progress=False, echo=lines.append)
+    return summary, lines
+
+
+def _scores(path):
+    """``{image file name: score}`` of test_predictions.json or a predictions CSV."""
+    from conftest import scores_by_image
+
+    return scores_by_image(path)
+
+
+def _weighted_mean(ensemble_dir, member_runs):
+    record = json.loads((ensemble_dir / "ensemble.json").read_text())
+    weights = [m["weight"] for m in record["members"]]
+    members = [_scores(run / "test_predictions.json") for run in member_runs]
+    return {name: sum(w * m[name] for w, m in zip(weights, members)) for name in members[0]}, weights
+
+
+def test_the_directory_records_members_weights_and_decision(ensemble, member_runs):
+    summary, lines = ensemble
+    out = summary.out
+    record = json.loads((out / "ensemble.json").read_text())
+    assert record["kind"] == "mmcore-ensemble" and record["format"] == 1 and record["source"] == "runs"
+    assert [m["dir"] for m in record["members"]] == ["members/0-tiny3", "members/1-tiny11"]
+    weights = [m["weight"] for m in record["members"]]
+    assert sum(weights) == pytest.approx(1.0, abs=1e-12)
+    assert [m["count"] for m in record["members"]] == list(record["selection"]["counts"])
+    assert record["selection"]["metric"] == "log_loss" and record["selection"]["rows"] == "val"
+    # members are linked in, not pointed at: the same bytes, no optimizer state
+    for member, run in zip(record["members"], member_runs):
+        folder = out / member["dir"]
+        assert (folder / "checkpoint_best.ckpt").read_bytes() == (run / "checkpoint_best.ckpt").read_bytes()
+        assert not (folder / "last.ckpt").exists()
+    decision = json.loads((out / "decision.json").read_text())
+    results = json.loads((out / "results.json").read_text())
+    assert results["decision"] == decision and results["kind"] == "ensemble"
+    assert [m["weight"] for m in results["members"]] == weights
+    assert lines[-1] == f"wrote {out}"
+
+
+def test_eval_scores_are_the_weighted_mean_of_the_members(ensemble, member_runs, tmp_path):
+    """``eval ENSEMBLE`` = the ensemble's own results = sum_m w_m * member score, row by row."""
+    from mmcore.commands.evaluate import evaluate
+
+    out = ensemble[0].out
+    want, weights = _weighted_mean(out, member_runs)
+    assert min(weights) > 0  # a real mixture, not one member
+    evaluated = evaluate(out, out=tmp_path / "eval", progress=False, echo=lambda line: None)
+    got = _scores(evaluated / "test_predictions.json")
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name] == pytest.approx(want[name], abs=1e-6)
+    assert _scores(out / "test_predictions.json") == pytest.approx(got, abs=1e-9)
+    # and it is not the mean of logits: that would differ on these rows
+    logit_mean = {name: 1 / (1 + np.exp(-sum(w * np.log(m[name] / (1 - m[name]))
+                                             for w, m in zip(weights, [_scores(r / "test_predictions.json")
+                                                                       for r in member_runs]))))
+                  for name in want}
+    assert max(abs(logit_mean[n] - got[n]) for n in want) > 1e-5  # 10x the tolerance above
+
+
+def test_predict_scores_are_the_weighted_mean_and_apply_the_ensembles_decision(ensemble, member_runs, demo_data,
+                                                                               tmp_path):
+    from mmcore.commands.predict import predict_csv
+
+    out = ensemble[0].out
+    want, _ = _weighted_mean(out, member_runs)
+    lines = []
+    summary = predict_csv(out, demo_data / "test.csv", tmp_path / "scored.csv", progress=False, echo=lines.append)
+    decision = json.loads((out / "decision.json").read_text())
+    with open(tmp_path / "scored.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        name = row["local_image_path"].rsplit("/", 1)[-1]
+        assert float(row["score"]) == pytest.approx(want[name], abs=1e-6)
+        p = min(max(want[name], 2.0**-23), 1 - 2.0**-23)
+        calibrated = 1 / (1 + np.exp(-np.log(p / (1 - p)) / decision["temperature"]))
+        assert float(row["calibrated_score"]) == pytest.approx(calibrated, abs=1e-6)
+        assert row["prediction"] == str(float(row["calibrated_score"]) >= decision["threshold"])
+    assert summary.threshold == decision["threshold"]
+    assert lines[0].startswith(f"scored {len(rows)} of {len(rows)} rows of {demo_data / 'test.csv'} with ensemble {out} on cpu")
+
+
+def test_compare_shows_the_ensemble_as_one_column(ensemble, member_runs):
+    from mmcore.evaluation.comparison import compare_runs
+
+    out = ensemble[0].out
+    table = compare_runs([*member_runs, out])
+    row = table.rows[-1]
+    assert row["status"] == "completed"
+    assert row["test_auroc"] == json.loads((out / "results.json").read_text())["test"]["at_threshold"]["auroc"]
+
+
+def test_serve_answers_the_weighted_mean(ensemble, member_runs, demo_data, tmp_path):
+    """A real ``mmcore serve ENSEMBLE`` over HTTP: each answer's score is the members' weighted mean."""
+    out = ensemble[0].out
+    want, _ = _weighted_mean(out, member_runs)
+    with open(demo_data / "test.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))[:4]
+    server = Server(out, "--text", "optional", "--device", "cpu", log=tmp_path / "serve.log")
+    try:
+        with httpx.Client(timeout=60) as client:
+            metadata = client.get(f"{server.url}/metadata").json()
+            assert metadata["kind"] == "ensemble"
+            assert [m["dir"] for m in metadata["members"]] == ["members/0-tiny3", "members/1-tiny11"]
+            for row in rows:
+                image = (demo_data / row["local_image_path"]).read_bytes()
+                answer = client.post(f"{server.url}/predict", files={"image": ("ad.jpg", image, "image/jpeg")},
+                                     data={"text": row["text_info"]}).json()
+                assert answer["score"] == pytest.approx(want[row["local_image_path"].rsplit("/", 1)[-1]], abs=1e-6)
+    finally:
+        assert server.stop() == 0, server.output()
+
+
+def _copy_with_record(src, dst, change):
+    shutil.copytree(src, dst)
+    record = json.loads((dst / "ensemble.json").read_text())
+    change(record)
+    (dst / "ensemble.json").write_text(json.dumps(record))
+    return dst
+
+
+@pytest.mark.parametrize("change, line", [
+    (lambda r: r["members"][0].update(dir="../run3"), "members[0].dir: '../run3' is not a folder inside members/ "
+                                                      "(an ensemble names only its own members)"),
+    (lambda r: r["members"][0].update(dir="/tmp/run3"), "members[0].dir: '/tmp/run3' is not a folder inside members/ "
+                                                        "(an ensemble names only its own members)"),
+    (lambda r: r["members"][1].update(dir="members/nothing"), "members[1].dir: 'members/nothing' is not a run "
+                                                              "directory (no such folder)"),
+    (lambda r: r["members"][0].update(weight=2.0), "members[*].weight: must sum to 1 (got 2.00000000)"),
+    (lambda r: r["members"][0].update(module="os.system"), "members[0].module: unknown key"),
+    (lambda r: r["members"][0].update(checkpoint_sha256="0" * 64),
+     "members[0].checkpoint_sha256: members/0-tiny3/checkpoint_best.ckpt changed since the ensemble was made"),
+])
+def test_a_record_that_names_anything_else_is_one_line(ensemble, tmp_path, change, line):
+    from mmcore.scoring.scorers import open_scorer
+
+    broken = _copy_with_record(ensemble[0].out, tmp_path / "broken", change)
+    if "weight" in line:  # keep the others' sum at 1 + the change
+        record = json.loads((broken / "ensemble.json").read_text())
+        record["members"][1]["weight"] = 1.0
+        (broken / "ensemble.json").write_text(json.dumps(record))
+        line = "members[*].weight: must sum to 1 (got 3)"
+    with pytest.raises(RunError) as caught:
+        open_scorer(broken)
+    assert str(caught.value) == f"{broken / 'ensemble.json'}: {line}"
+
+
+def test_cli_refuses_a_folder_that_is_not_a_run_in_one_line(cli, member_runs, tmp_path):
+    (tmp_path / "notarun").mkdir()
+    result = cli("ensemble", member_runs[0], tmp_path / "notarun", "--out", tmp_path / "ens", check=False)
+    assert result.returncode == 4
+    assert result.stderr.strip() == f"{tmp_path / 'notarun'}: not an mmcore run directory (no status.json)"
+    assert not (tmp_path / "ens").exists()
