@@ -200,3 +200,21 @@ def test_cli_refuses_a_folder_that_is_not_a_run_in_one_line(cli, member_runs, tm
     assert result.returncode == 4
     assert result.stderr.strip() == f"{tmp_path / 'notarun'}: not an mmcore run directory (no status.json)"
     assert not (tmp_path / "ens").exists()
+
+
+def test_run_seeds_trains_the_members_and_their_ensemble(tiny_recipe, tmp_path):
+    """``run --seeds 2``: seeds s and s+1 in OUT/members/seed-<s>/, the ensemble over them in OUT."""
+    from mmcore.commands.ensemble import train_seed_ensemble
+
+    recipe = tiny_recipe(cache={"dir": str(tmp_path / "cache")}, logging={"tensorboard": False})
+    out = tmp_path / "seeds"
+    summary = train_seed_ensemble(recipe, seeds=2, out=out, progress=False, echo=lambda line: None)
+    record = json.loads((out / "ensemble.json").read_text())
+    assert record["source"] == "seeds"
+    assert [m["dir"] for m in record["members"]] == ["members/seed-3", "members/seed-4"]
+    import tomllib
+
+    assert [tomllib.loads((out / m["dir"] / "recipe.toml").read_text())["seed"] for m in record["members"]] == [3, 4]
+    want, _ = _weighted_mean(out, [out / m["dir"] for m in record["members"]])
+    assert _scores(out / "test_predictions.json") == pytest.approx(want, abs=1e-6)
+    assert summary.out == out

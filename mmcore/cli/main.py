@@ -80,8 +80,10 @@ def show(recipe, overrides, check_weights):
 @click.option("--sweep", "sweeps", multiple=True, metavar="KEY=V1,V2",
               help="Run the grid of these values (repeatable: the cartesian product), one run each, then compare.")
 @click.option("--dry-run", is_flag=True, help="With --sweep: list the grid, train nothing.")
+@click.option("--seeds", type=click.IntRange(min=1, max=64), default=None,
+              help="Train N runs (seeds seed..seed+N-1) into OUT/members/ and combine them as an ensemble in OUT.")
 @click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
-def run(recipe, overrides, out, resume, nproc, sweeps, dry_run, quiet):
+def run(recipe, overrides, out, resume, nproc, sweeps, dry_run, seeds, quiet):
     """Train and evaluate RECIPE; writes a run directory.
 
     \b
@@ -89,9 +91,12 @@ def run(recipe, overrides, out, resume, nproc, sweeps, dry_run, quiet):
     mmcore run --resume runs/x/20261128-101500     # after a crash, kill or Ctrl-C
     mmcore run recipes/x.toml --sweep vision.name=resnet50,vit_base --sweep pooling.name=mean,attention
     mmcore run recipes/x.toml --nproc 2            # DDP through torchrun
+    mmcore run recipes/x.toml --seeds 3 --out runs/x-seeds   # 3 seeds, one ensemble directory
     """
     from mmcore.commands.run import resume_training, train_recipe
 
+    if seeds and (nproc or resume or sweeps):
+        raise click.UsageError("--seeds trains its runs one after another: no --nproc, --resume or --sweep")
     if nproc:
         _exec_torchrun(nproc)
 
@@ -111,6 +116,11 @@ def run(recipe, overrides, out, resume, nproc, sweeps, dry_run, quiet):
         return
     if dry_run:
         raise click.UsageError("--dry-run lists a --sweep grid; to see a recipe use: mmcore show RECIPE")
+    if seeds:
+        from mmcore.commands.ensemble import train_seed_ensemble
+
+        train_seed_ensemble(recipe, overrides, seeds=seeds, out=out, progress=progress_for(quiet), echo=click.echo)
+        return
     train_recipe(recipe, overrides, out=out, progress=progress_for(quiet), echo=click.echo)
 
 

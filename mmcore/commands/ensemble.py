@@ -252,3 +252,42 @@ def _safe(name):
     import re
 
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name))[:64] or "run"
+
+
+def seed_members_dir(out):
+    """Where ``run --seeds`` trains its members: ``out/members``."""
+    return Path(out) / E.MEMBERS_DIR
+
+
+def train_seed_ensemble(recipe_path, overrides=(), *, seeds, out=None, registry=None, progress=True, echo=print):
+    """``mmcore run RECIPE --seeds N``: N runs of the recipe with seeds ``seed .. seed + N - 1`` in
+    ``out/members/seed-<s>/``, then the ensemble of them in ``out`` (``source = "seeds"``).
+
+    The runs share the recipe's feature cache (its tenant is keyed by encoder identity and file
+    content, not by seed), so frozen encoders run once for every seed. Returns the ensemble's
+    :class:`EnsembleSummary`.
+    """
+    import time
+
+    from mmcore.commands.export import check_new_folder
+    from mmcore.commands.run import run_training
+    from mmcore.recipe import load_recipe
+    from mmcore.recipe.schema import MAX_SEED
+
+    loaded = load_recipe(recipe_path, overrides)
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or not 1 <= seeds <= MAX_RUNS:
+        raise MmcoreError(f"--seeds {seeds}: must be an integer from 1 to {MAX_RUNS}")
+    if loaded.seed + seeds - 1 > MAX_SEED:
+        raise MmcoreError(f"--seeds {seeds}: seeds {loaded.seed}..{loaded.seed + seeds - 1} pass {MAX_SEED}; "
+                          f"set a lower seed")
+    out = Path(out) if out else Path(loaded.output_dir) / loaded.experiment / f"seeds-{time.strftime('%Y%m%d-%H%M%S')}"
+    check_output_path(out, "ensemble directory", folder=True)
+    check_new_folder(out, "--out")
+    members = []
+    for seed in range(loaded.seed, loaded.seed + seeds):
+        echo(f"== seed {seed} ({len(members) + 1} of {seeds}) ==")
+        members.append(run_training(attrs.evolve(loaded, seed=seed), recipe_path=recipe_path,
+                                    out=seed_members_dir(out) / f"seed-{seed}", registry=registry, progress=progress,
+                                    echo=echo))
+    return assemble_ensemble(out, members, source="seeds", registry=registry, progress=progress, echo=echo)
+
