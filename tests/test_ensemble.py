@@ -15,28 +15,20 @@ from serving import Server
 
 from mmcore.errors import RunError
 
-SEEDS = (3, 11)
-
-
 @pytest.fixture(scope="module")
-def member_runs(tmp_path_factory, demo_data):
-    """Two finished tiny runs of one recipe, different seeds (so their scores differ)."""
-    import tomli_w
-    from tiny import tiny_recipe_data
+def member_runs(tmp_path_factory, exportable_run):
+    """Two finished runs of one recipe with different seeds: the shared ``exportable_run`` (fake_cnn +
+    a tiny MiniLM, seed 3) and the same recipe at seed 11."""
+    import attrs
 
     from mmcore.commands.run import run_training
-    from mmcore.recipe import load_recipe
+    from mmcore.rundir import RunDir
 
     tmp = tmp_path_factory.mktemp("members")
-    runs = []
-    for seed in SEEDS:
-        recipe = tmp / f"seed{seed}.toml"
-        recipe.write_text(tomli_w.dumps(tiny_recipe_data(demo_data, seed=seed, experiment=f"tiny{seed}",
-                                                         cache={"dir": str(tmp / "cache")},
-                                                         logging={"tensorboard": False})), encoding="utf-8")
-        runs.append(run_training(load_recipe(recipe), recipe_path=recipe, out=tmp / f"run{seed}", progress=False,
-                                 echo=lambda line: None))
-    return runs
+    recipe = RunDir(exportable_run).load_recipe()
+    other = run_training(attrs.evolve(recipe, seed=11, experiment="seed11"), recipe_path=RunDir(exportable_run).recipe_file,
+                         out=tmp / "run11", progress=False, echo=lambda line: None)
+    return [exportable_run, other]
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +61,7 @@ def test_the_directory_records_members_weights_and_decision(ensemble, member_run
     out = summary.out
     record = json.loads((out / "ensemble.json").read_text())
     assert record["kind"] == "mmcore-ensemble" and record["format"] == 1 and record["source"] == "runs"
-    assert [m["dir"] for m in record["members"]] == ["members/0-tiny3", "members/1-tiny11"]
+    assert [m["dir"] for m in record["members"]] == ["members/0-exportable", "members/1-seed11"]
     weights = [m["weight"] for m in record["members"]]
     assert sum(weights) == pytest.approx(1.0, abs=1e-12)
     assert [m["count"] for m in record["members"]] == list(record["selection"]["counts"])
@@ -150,7 +142,7 @@ def test_serve_answers_the_weighted_mean(ensemble, member_runs, demo_data, tmp_p
         with httpx.Client(timeout=60) as client:
             metadata = client.get(f"{server.url}/metadata").json()
             assert metadata["kind"] == "ensemble"
-            assert [m["dir"] for m in metadata["members"]] == ["members/0-tiny3", "members/1-tiny11"]
+            assert [m["dir"] for m in metadata["members"]] == ["members/0-exportable", "members/1-seed11"]
             for row in rows:
                 image = (demo_data / row["local_image_path"]).read_bytes()
                 answer = client.post(f"{server.url}/predict", files={"image": ("ad.jpg", image, "image/jpeg")},
@@ -178,7 +170,7 @@ def _copy_with_record(src, dst, change):
     (lambda r: r["members"][0].update(weight=2.0), "members[*].weight: must sum to 1 (got 2.00000000)"),
     (lambda r: r["members"][0].update(module="os.system"), "members[0].module: unknown key"),
     (lambda r: r["members"][0].update(checkpoint_sha256="0" * 64),
-     "members[0].checkpoint_sha256: members/0-tiny3/checkpoint_best.ckpt changed since the ensemble was made"),
+     "members[0].checkpoint_sha256: members/0-exportable/checkpoint_best.ckpt changed since the ensemble was made"),
 ])
 def test_a_record_that_names_anything_else_is_one_line(ensemble, tmp_path, change, line):
     from mmcore.scoring.scorers import open_scorer
@@ -218,3 +210,53 @@ def test_run_seeds_trains_the_members_and_their_ensemble(tiny_recipe, tmp_path):
     want, _ = _weighted_mean(out, [out / m["dir"] for m in record["members"]])
     assert _scores(out / "test_predictions.json") == pytest.approx(want, abs=1e-6)
     assert summary.out == out
+
+
+@pytest.fixture(scope="module")
+def ensemble_bundle(ensemble, tmp_path_factory):
+    """``mmcore export ENSEMBLE`` (ONNX, the parity gate on the validation split)."""
+    from mmcore.commands.export import export_run
+
+    out = tmp_path_factory.mktemp("ens-bundle") / "bundle"
+    lines = []
+    summary = export_run(ensemble[0].out, out, progress=False, echo=lines.append)
+    return out, summary, lines
+
+
+def test_export_writes_one_graph_that_passes_parity_and_scores_as_the_ensemble(ensemble, ensemble_bundle, demo_data,
+                                                                                tmp_path):
+    """One bundle, opened by BundleScorer as any bundle: its scores are the ensemble directory's (1e-5)."""
+    from mmcore.commands.predict import predict_csv
+    from mmcore.scoring.scorers import open_scorer
+
+    out, summary, lines = ensemble_bundle
+    assert summary.parity["passed"] and summary.parity["max_abs_calibrated_score_diff"] < 1e-5
+    manifest = json.loads((out / "manifest.json").read_text())
+    record = json.loads((ensemble[0].out / "ensemble.json").read_text())
+    assert [m["dir"] for m in manifest["ensemble"]["members"]] == [m["dir"] for m in record["members"]]
+    assert [m["weight"] for m in manifest["ensemble"]["members"]] == pytest.approx([m["weight"] for m in record["members"]])
+    assert json.loads((out / "decision.json").read_text()) == json.loads((ensemble[0].out / "decision.json").read_text())
+    scorer = open_scorer(out)
+    assert scorer.kind == "bundle"
+    predict_csv(out, demo_data / "test.csv", tmp_path / "bundle.csv", progress=False, echo=lambda line: None)
+    got, want = _scores(tmp_path / "bundle.csv"), _scores(ensemble[0].out / "test_predictions.json")
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name] == pytest.approx(want[name], abs=1e-5)
+
+
+def test_a_shared_frozen_encoder_is_in_the_graph_once(ensemble_bundle, member_runs):
+    """Both members read the same frozen MiniLM: the graph holds its word embeddings once; their
+    fine-tuned heads (and fake_cnn, trained per seed) twice."""
+    import onnx
+    import torch
+
+    out, _, _ = ensemble_bundle
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["ensemble"]["shared_encoders"]["text"] == [[0, 1]]
+    assert manifest["ensemble"]["shared_encoders"]["vision"] == [[0], [1]]
+    state = torch.load(member_runs[0] / "checkpoint_best.ckpt", weights_only=True)["model"]
+    embeddings = next(v for k, v in state.items() if k.startswith("text.") and "word_embeddings" in k)
+    graph = onnx.load(str(out / "model.onnx"))
+    same = [t for t in graph.graph.initializer if tuple(t.dims) == tuple(embeddings.shape)]
+    assert len(same) == 1
