@@ -189,16 +189,18 @@ def assemble_ensemble(out, member_dirs, *, source, metric=DEFAULT_METRIC, iterat
     decision = fit_decision(first, val_logits, val_labels)
     test_logits = combine_member_logits(np.stack([m.test_logits for m in scores]), weights)
     return write_ensemble_dir(
-        out, scores, weights=weights, counts=selection.counts, decision=decision, recipe=first, splits=splits,
-        source=source, digests=digests, val_logits=val_logits, test_logits=test_logits,
+        out, scores, weights=weights, counts=selection.counts, decision=decision, recipe=first, test=splits["test"],
+        source=source, digests=digests, test_logits=test_logits,
         selection={**selection.to_json(), "initial_best": initial_best, "rows": "val", "n": int(len(val_labels))},
-        echo=echo,
+        member_val_auroc=[_auroc(m.val_logits, val_labels) for m in scores],
+        fitted_on={"val": {"auroc": _auroc(val_logits, val_labels), "n": int(len(val_labels))}}, echo=echo,
     )
 
 
-def write_ensemble_dir(out, scores, *, weights, counts, decision, recipe, splits, source, digests, val_logits,
-                       test_logits, selection, echo=print):
-    """Every file of the ensemble directory but its members (already in place)."""
+def write_ensemble_dir(out, scores, *, weights, counts, decision, recipe, test, source, digests, test_logits, selection,
+                       member_val_auroc, fitted_on, echo=print):
+    """Every file of the ensemble directory but its members (already in place). ``fitted_on``: the
+    rows the weights and decision were fitted on, ``{"val": {"auroc", "n"}}`` or ``{"oof": ...}``."""
     from mmcore.engine.outputs import write_evaluation
 
     out = Path(out)
@@ -206,13 +208,13 @@ def write_ensemble_dir(out, scores, *, weights, counts, decision, recipe, splits
     write_json(out / E.DECISION_FILE, decision)
     entries = [E.member_entry(m.run_dir, m.name, w, c) for m, w, c in zip(scores, weights, counts)]
     E.write_ensemble(out, source=source, members=entries, selection=selection, data=digests)
-    val_labels, test = splits["val"].label_array(), splits["test"]
     test_labels = test.label_array()
     members = [
         {"dir": m.name, "weight": float(w), "experiment": RunDir(m.run_dir).recipe_data().get("experiment"),
-         "val_auroc": _auroc(m.val_logits, val_labels), "test_auroc": _auroc(m.test_logits, test_labels)}
-        for m, w in zip(scores, weights)
+         "val_auroc": val_auroc, "test_auroc": _auroc(m.test_logits, test_labels)}
+        for m, w, val_auroc in zip(scores, weights, member_val_auroc)
     ]
+    (rows, fitted), = fitted_on.items()
     summary = {
         "experiment": recipe.experiment,
         "kind": "ensemble",
@@ -220,10 +222,11 @@ def write_ensemble_dir(out, scores, *, weights, counts, decision, recipe, splits
         "run_dir": str(out),
         "selected_epoch": None,
         "selection_metric": "auroc",
-        "val": {"auroc": _auroc(val_logits, val_labels)},
+        "val": {"auroc": fitted["auroc"]},
+        **({rows: fitted} if rows != "val" else {}),
         "members": members,
         "selection": selection,
-        "data": {"val": len(val_labels), "test": len(test_labels)},
+        "data": {rows: fitted["n"], "test": len(test_labels)},
     }
     results, _ = write_evaluation(
         out, split=test, indices=np.arange(len(test)), logits=test_logits, labels=test_labels, decision_info=decision,
@@ -233,11 +236,12 @@ def write_ensemble_dir(out, scores, *, weights, counts, decision, recipe, splits
     test_auroc = results["test"]["at_threshold"]["auroc"]
     picked = ", ".join(f"{m['dir']} {m['weight']:.3f}" for m in members)
     echo(f"ensemble of {len(scores)} runs ({source}): weights {picked}")
-    echo(f"validation AUROC {summary['val']['auroc']:.4f}; test AUROC {test_auroc:.4f} "
+    named = {"val": "validation", "oof": "out-of-fold"}[rows]
+    echo(f"{named} AUROC {fitted['auroc']:.4f}; test AUROC {test_auroc:.4f} "
          f"(best member {max(m['test_auroc'] for m in members):.4f}); threshold {decision['threshold']:.4f}, "
          f"temperature {decision['temperature']:.3g}")
     echo(f"wrote {out}")
-    return EnsembleSummary(out=out, weights=tuple(float(w) for w in weights), val_auroc=summary["val"]["auroc"],
+    return EnsembleSummary(out=out, weights=tuple(float(w) for w in weights), val_auroc=fitted["auroc"],
                            test_auroc=test_auroc)
 
 
@@ -291,3 +295,54 @@ def train_seed_ensemble(recipe_path, overrides=(), *, seeds, out=None, registry=
                                     echo=echo))
     return assemble_ensemble(out, members, source="seeds", registry=registry, progress=progress, echo=echo)
 
+
+
+def train_fold_bag(recipe_path, overrides=(), *, folds, out=None, group_column=None, registry=None, device="auto",
+                   progress=True, echo=print):
+    """``mmcore run RECIPE --folds K``: one member per fold of train + val
+    (:func:`mmcore.commands.kfold.train_folds`: stratified, grouped by image content and
+    ``group_column``, each member choosing its epoch on its held-out fold), combined with equal
+    weights as an ensemble in ``out`` whose temperature and threshold are fitted on the out-of-fold
+    scores (``out/oof_scores.csv``); the test split is only measured. Returns the :class:`EnsembleSummary`."""
+    import time
+
+    from mmcore.commands.kfold import train_folds
+    from mmcore.recipe import load_recipe
+
+    loaded = load_recipe(recipe_path, overrides, registry=registry)
+    out = Path(out) if out else Path(loaded.output_dir) / loaded.experiment / f"folds-{time.strftime('%Y%m%d-%H%M%S')}"
+    check_output_path(out, "ensemble directory", folder=True)
+    runs = train_folds(loaded, k=folds, out=out, seed=loaded.seed, group_column=group_column, registry=registry,
+                       progress=progress, echo=echo, recipe_path=recipe_path)
+    return assemble_bag(out, runs, recipe=loaded, registry=registry, device=device, progress=progress, echo=echo)
+
+
+def assemble_bag(out, fold_runs, *, recipe, registry=None, device="auto", progress=True, echo=print):
+    """The ensemble of a k-fold bag (``source = "folds"``) in ``out``: equal weights (each labelled row
+    has one out-of-fold score, so there is nothing to select on), the decision fitted on
+    ``combined_logit`` of the out-of-fold scores, the members' mean measured on the test split."""
+    from mmcore.data.csvs import read_split, resolve_csv
+    from mmcore.engine.training import fit_decision
+
+    members = [Path(m) for m in fold_runs.members]
+    k = len(members)
+    weights = [1.0 / k] * k
+    test_csv = resolve_csv(recipe.data.test, recipe.data.base_dir)
+    test = read_split(test_csv, recipe.data.base_dir, max_image_bytes=recipe.data.max_image_bytes)
+    oof = fold_runs.oof
+    scores = []
+    for index, member in enumerate(members):
+        held_out = oof.folds == index  # member i held out fold i (train_folds' order)
+        logits = score_member(member, {"test": test}, registry=registry, device=device, progress=progress)
+        scores.append(MemberScores(member, f"{E.MEMBERS_DIR}/{member.name}", oof.logits[held_out], logits["test"]))
+    oof_logits = combine_member_logits(oof.logits[None, :], [1.0])  # one member per row: its clipped logit
+    decision = fit_decision(recipe, oof_logits, oof.labels)
+    test_logits = combine_member_logits(np.stack([m.test_logits for m in scores]), weights)
+    n = int(len(oof.labels))
+    return write_ensemble_dir(
+        out, scores, weights=weights, counts=[1] * k, decision=decision, recipe=recipe, test=test, source="folds",
+        digests={"test_sha1": _sha1(test_csv)}, test_logits=test_logits,
+        selection={"metric": None, "rows": "out-of-fold", "n": n, "weights": "equal"},
+        member_val_auroc=[_auroc(oof.logits[oof.folds == i], oof.labels[oof.folds == i]) for i in range(k)],
+        fitted_on={"oof": {"auroc": _auroc(oof_logits, oof.labels), "n": n}}, echo=echo,
+    )
