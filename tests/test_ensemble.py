@@ -260,3 +260,45 @@ def test_a_shared_frozen_encoder_is_in_the_graph_once(ensemble_bundle, member_ru
     graph = onnx.load(str(out / "model.onnx"))
     same = [t for t in graph.graph.initializer if tuple(t.dims) == tuple(embeddings.shape)]
     assert len(same) == 1
+
+
+def test_run_folds_bags_the_members_with_a_decision_from_out_of_fold_scores(tiny_recipe, tmp_path):
+    """``run --folds 2``: members/fold-<i>/, equal weights, the temperature and threshold fitted on the
+    out-of-fold scores (each from the member that held its row out), the test split only measured."""
+    from mmcore.commands.ensemble import train_fold_bag
+    from mmcore.engine.training import fit_decision
+    from mmcore.evaluation.ensemble import combined_logit
+    from mmcore.evaluation.oof import read_oof_scores
+    from mmcore.recipe import load_recipe
+
+    recipe = tiny_recipe(cache={"dir": str(tmp_path / "cache")}, logging={"tensorboard": False})
+    out = tmp_path / "bag"
+    lines = []
+    summary = train_fold_bag(recipe, folds=2, out=out, progress=False, echo=lines.append)
+    record = json.loads((out / "ensemble.json").read_text())
+    assert record["source"] == "folds"
+    assert [(m["dir"], m["weight"]) for m in record["members"]] == [("members/fold-0", 0.5), ("members/fold-1", 0.5)]
+    assert record["selection"]["rows"] == "out-of-fold" and record["selection"]["n"] == 64 + 32
+    # each row's out-of-fold score is its own fold's member's, which never trained on it
+    table = read_oof_scores(out / "oof_scores.csv")
+    def names(csv_path):
+        with open(csv_path, newline="") as handle:
+            return {row["local_image_path"].rsplit("/", 1)[-1] for row in csv.DictReader(handle)}
+
+    for fold in (0, 1):
+        scored = {image.rsplit("/", 1)[-1] for image, f in zip(table.image, table.oof.folds) if f == fold}
+        assert scored == names(out / "folds" / f"fold-{fold}" / "val.csv")
+        assert not scored & names(out / "folds" / f"fold-{fold}" / "train.csv")
+    # the decision is the out-of-fold one
+    oof = table.oof
+    want = fit_decision(load_recipe(recipe), combined_logit(1 / (1 + np.exp(-oof.logits))), oof.labels)
+    decision = json.loads((out / "decision.json").read_text())
+    assert decision["threshold"] == pytest.approx(want["threshold"]) and decision["temperature"] == pytest.approx(
+        want["temperature"])
+    results = json.loads((out / "results.json").read_text())
+    assert results["oof"]["n"] == 96 and results["data"] == {"oof": 96, "test": 32}
+    assert results["oof"]["auroc"] == pytest.approx(summary.val_auroc)
+    # the test scores are the members' mean
+    mean, _ = _weighted_mean(out, [out / m["dir"] for m in record["members"]])
+    assert _scores(out / "test_predictions.json") == pytest.approx(mean, abs=1e-6)
+    assert lines[-2].startswith("out-of-fold AUROC ")
