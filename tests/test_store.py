@@ -237,7 +237,7 @@ def test_every_tenant_is_named_in_cache_clear_help_and_has_a_version_or_says_who
     names = [t.name for t in TENANTS]
     assert ", ".join(names) in help_text  # the help lists them without importing the store at start-up
     assert len(set(names)) == len(names) and all(t.paths for t in TENANTS)
-    assert [t.name for t in TENANTS if t.verify is not None] == ["features", "file-facts", "ocr"]
+    assert [t.name for t in TENANTS if t.verify is not None] == ["features", "file-facts", "ocr", "teacher-logits"]
 
 
 # ---------------------------------------------------------------- a chunk carries what it holds

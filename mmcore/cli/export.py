@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from mmcore.cli.quantize import int8_choice, int8_options
 from mmcore.commands.export import FORMATS, export_run
 from mmcore.progress import progress_for
 
@@ -27,14 +28,17 @@ from mmcore.progress import progress_for
               help="Smallest share of rows whose decision at the tuned threshold must agree.")
 @click.option("--safetensors", is_flag=True,
               help="Also write model.safetensors, the classifier's state dict (a second copy of the weights the graph holds).")
+@int8_options
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def export_command(run_dir, out, fmt, data, base_dir, rows, score_tol, agreement, safetensors, quiet):
+def export_command(run_dir, out, fmt, data, base_dir, rows, score_tol, agreement, safetensors, quiet, **int8):
     """Export the finished run in RUN_DIR to a self-contained bundle, checked against the run.
 
     \b
     mmcore export runs/demo/20261128-101500 --out bundles/demo
     mmcore predict bundles/demo new.csv -o scored.csv
     mmcore serve bundles/demo --port 8000
+    mmcore export runs/demo/20261128-101500 --out bundles/demo-int8 --quantize int8 --rows 512
     """
     export_run(run_dir, out, fmt=fmt, data=data, rows=rows, base_dir=base_dir, score_tol=score_tol,
-               min_agreement=agreement, safetensors=safetensors, progress=progress_for(quiet), echo=click.echo)
+               min_agreement=agreement, safetensors=safetensors, quantize=int8_choice(**int8),
+               progress=progress_for(quiet), echo=click.echo)

@@ -26,6 +26,7 @@ from mmcore.export import onnx as G
 from mmcore.export import parity as P
 from mmcore.export import schema as S
 from mmcore.export.inputs import describe_inputs
+from mmcore.export.int8 import Int8Options, quantize_bundle
 from mmcore.export.source import ExportSource
 from mmcore.export.text import write_text_side
 from mmcore.io import check_output_path, existing_parent
@@ -33,6 +34,8 @@ from mmcore.rundir import RunDir
 from mmcore.scoring.rows import collect, score_rows
 
 DEFAULT_ROWS = 64
+#: ``--quantize int8``'s defaults (the CLI shows them)
+INT8_DEFAULTS = Int8Options()
 #: what tracing a model may raise (torch.onnx's errors and torch.jit's are RuntimeErrors); each
 #: becomes one line naming the component. OSError (a full disk) and MemoryError are not among them.
 EXPORTER_ERRORS = (RuntimeError, TypeError, ValueError, AssertionError, IndexError, KeyError)
@@ -90,9 +93,12 @@ def _example_inputs(fused, folder, registry, split, max_image_pixels):
 
 
 def export_run(run_dir, out, *, fmt="onnx", data=None, rows=DEFAULT_ROWS, base_dir=None, score_tol=None,
-               min_agreement=1.0, safetensors=False, registry=None, progress=True, echo=print):
+               min_agreement=1.0, safetensors=False, quantize=None, registry=None, progress=True, echo=print):
     """Export the finished run (or ensemble directory) in ``run_dir`` to the bundle folder ``out``
     (see the module docstring).
+
+    ``quantize``: an :class:`~mmcore.export.int8.Int8Options` (``--quantize int8``): the graph that passed
+    parity is quantized and kept only if its quality gate passes (:mod:`mmcore.export.int8`).
 
     ``safetensors``: also write the classifier's state dict as ``model.safetensors`` (the graph
     holds the weights already; this is a second copy, for PyTorch users).
@@ -115,7 +121,8 @@ def export_run(run_dir, out, *, fmt="onnx", data=None, rows=DEFAULT_ROWS, base_d
     else:
         source = run_source(run_dir, registry=registry, progress=progress)
     return export_source(source, out, fmt=fmt, data=data, rows=rows, base_dir=base_dir, score_tol=score_tol,
-                         min_agreement=min_agreement, safetensors=safetensors, progress=progress, echo=echo)
+                         min_agreement=min_agreement, safetensors=safetensors, quantize=quantize, progress=progress,
+                         echo=echo)
 
 
 def run_source(run_dir, *, registry=None, progress=True):
@@ -144,7 +151,7 @@ def run_source(run_dir, *, registry=None, progress=True):
 
 
 def export_source(source, out, *, fmt="onnx", data=None, rows=DEFAULT_ROWS, base_dir=None, score_tol=None,
-                  min_agreement=1.0, safetensors=False, progress=True, echo=print):
+                  min_agreement=1.0, safetensors=False, quantize=None, progress=True, echo=print):
     """Score the parity rows with ``source``'s PyTorch scorer, write the bundle into a hidden folder,
     score it with onnxruntime, and rename it to ``out`` only when the gate passes."""
     run_dir, recipe, model, decision = source.path, source.recipe, source.model, source.decision
@@ -229,6 +236,9 @@ def export_source(source, out, *, fmt="onnx", data=None, rows=DEFAULT_ROWS, base
         if not report.passed:
             raise P.ParityError(report.failure_line(out))
         _write_json(tmp / B.PARITY, figures)
+        if quantize is not None:
+            info = quantize_bundle(tmp, info, scorer, kept, quantize, out=out)
+            entries = B.file_entries(tmp)  # the graph is another file now
         from mmcore.export.card import model_card
 
         card = model_card(bundle_name=str(out), recipe=scorer.recipe_data, results=RunDir(run_dir).results(),
@@ -251,7 +261,9 @@ def export_source(source, out, *, fmt="onnx", data=None, rows=DEFAULT_ROWS, base
         f"parity on {report.rows} rows of {report.csv}: max |Δ logit| {report.max_abs_logit:.2e}, "
         f"max |Δ calibrated score| {report.max_abs_calibrated:.2e}, decision agreement {report.agreement:.4f}"
     )
-    echo(f"wrote {out} ({fmt}, {len(entries) + 1} files, {_size(sum(e['bytes'] for e in entries.values()))})")
+    if quantize is not None:
+        echo(info["quantization"]["gate"]["reason"])
+    echo(f"wrote {out} ({fmt}{', int8' if quantize is not None else ''}, {len(entries) + 1} files, {_size(sum(e['bytes'] for e in entries.values()))})")
     log_bundle_to_mlflow(run_dir, out, echo)  # into the run's MLflow run, when it logged to one
     return ExportSummary(out=out, format=fmt, parity=figures)
 

@@ -25,6 +25,7 @@ from mmcore.model.weights import require_weights
 from mmcore.ocr.fill import ocr_stage
 from mmcore.rundir import LAST, RunDir
 from mmcore.scoring.run import score_split
+from mmcore.scoring.teacher import open_teacher
 
 
 def resume_training(run_dir, recipe=None, *, registry=None, progress=True, echo=print):
@@ -110,7 +111,7 @@ def _train(recipe, registry, splits, run_dir, recipe_path, state, progress, echo
     try:
         training = TrainingRun(
             recipe, registry, splits, run_dir.path, recipe_path, progress, echo, duplicates=duplicates.counts(),
-            on_epoch_end=on_epoch_end, score_split=score_split,
+            on_epoch_end=on_epoch_end, score_split=score_split, open_teacher=open_teacher,
         )
         with _stop_on_signals(training, echo):
             if state is not None:
@@ -163,7 +164,7 @@ def _run_worker(recipe, registry, splits, run_dir, recipe_path, state, on_epoch_
     """Ranks > 0: the same training in lock-step, writing nothing."""
     quiet = lambda *args, **kwargs: None  # noqa: E731
     training = TrainingRun(recipe, registry, splits, run_dir, recipe_path, False, quiet, on_epoch_end=on_epoch_end,
-                           score_split=score_split)
+                           score_split=score_split, open_teacher=open_teacher)
     with _stop_on_signals(training, quiet):
         if state is not None:
             training.load_state(state)

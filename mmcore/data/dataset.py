@@ -47,6 +47,7 @@ class SampleDataset(Dataset):
         image_formats=DEFAULT_FORMATS,
         uint8_pixels=False,
         decoded_images=None,
+        teacher_logits=None,
     ):
         self.split = split
         self.preprocessing = preprocessing
@@ -61,6 +62,8 @@ class SampleDataset(Dataset):
         self.uint8_pixels = bool(uint8_pixels and preprocessing is not None and preprocessing.uint8_pixels)
         #: a FeatureView of flat uint8 rows (``preprocessing.resized`` of each image), or None
         self.decoded_images = decoded_images if self.uint8_pixels and preprocessing.plain_resize else None
+        #: a distillation teacher's logit per sample (float32 [N]), or None: items then carry ``teacher_logit``
+        self.teacher_logits = teacher_logits
 
     @property
     def needs_workers(self):
@@ -78,6 +81,8 @@ class SampleDataset(Dataset):
             "label": float(labels[index]) if labels is not None else -1.0,
             "text": self.split.texts[index],
         }
+        if self.teacher_logits is not None:
+            item["teacher_logit"] = float(self.teacher_logits[index])
         if self.vision_features is not None:
             feature = np.asarray(self.vision_features[index])
             if self.vision_lengths is not None:
@@ -141,6 +146,8 @@ class Collate:
         batch["index"] = torch.tensor([item["index"] for item in items], dtype=torch.long)
         batch["label"] = torch.tensor([item["label"] for item in items], dtype=torch.float32)
         batch["text"] = [item["text"] for item in items]
+        if "teacher_logit" in items[0]:
+            batch["teacher_logit"] = torch.tensor([item["teacher_logit"] for item in items], dtype=torch.float32)
         if "vision" in items[0]:
             batch["vision"] = self.preprocessing.collate([item["vision"] for item in items])
         if "vision_feature" in items[0]:

@@ -72,12 +72,13 @@ class Trainer:
         log_every=LOG_EVERY,
         last_checkpoint=None,
         ema=None,
+        distill=None,
     ):
         self.model = model
         self.optimizer = optimizer
         self.step = TrainStep(
             model, optimizer, scheduler, loss_fn, device=device, dtype=dtype, grad_clip=grad_clip,
-            channels_last=channels_last, ema=ema,
+            channels_last=channels_last, ema=ema, distill=distill,
         )
         self.device = device
         self.grad_accum_steps = grad_accum_steps

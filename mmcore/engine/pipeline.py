@@ -132,6 +132,11 @@ class Pipeline:
     def cache_root(self):
         return cache_root(self.recipe.cache.dir)
 
+    @property
+    def usable_cache_root(self):
+        """The cache directory when this pipeline caches and the directory can be written, else None."""
+        return self.cache_root if self.caching and self._cache_usable() else None
+
     def cache_summary(self):
         """results.json's ``feature_cache``: what was cached, and how the vision outputs were stored.
 

@@ -58,11 +58,14 @@ class TrainStep:
     all-reduced by hand before the optimizer step, so ranks never drift apart.
     """
 
-    def __init__(self, model, optimizer, scheduler, loss_fn, *, device, dtype, grad_clip=0.0, channels_last=False, ema=None):
+    def __init__(self, model, optimizer, scheduler, loss_fn, *, device, dtype, grad_clip=0.0, channels_last=False, ema=None,
+                 distill=None):
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.loss_fn = loss_fn
+        #: a DistillationLoss over ``loss_fn`` (``train.distill``): the batch then carries ``teacher_logit``
+        self.distill = distill
         self.device = device
         self.dtype = dtype
         self.grad_clip = grad_clip
@@ -82,11 +85,14 @@ class TrainStep:
 
     def loss(self, batch):
         """The float32 loss of one batch (forward under autocast), still on the device: the loss of
-        the model's logit, plus ``weight * loss`` of each auxiliary logit its output carries."""
+        the model's logit (with ``distill``, the distillation loss against the batch's teacher logits), plus ``weight * loss`` of each auxiliary logit its output carries."""
         batch = prepare_batch(batch, self.device, self.channels_last)
         with autocast(self.device, self.dtype):
             out = self.model(batch)
-        loss = self.loss_fn(out.logit.float(), batch["label"])
+        if self.distill is None:
+            loss = self.loss_fn(out.logit.float(), batch["label"])
+        else:
+            loss = self.distill(out.logit.float(), batch["teacher_logit"], batch["label"]).loss
         if out.aux is not None:
             loss = loss + out.aux.weight * sum(self.loss_fn(m.float(), batch["label"]) for m in out.aux.logits)
         return loss

@@ -19,6 +19,7 @@ from mmcore.dist import all_gather_objects, broadcast_tensors_, is_main, world_s
 from mmcore.dist import rank as runtime_rank
 from mmcore.engine.averaging import WeightEMA, load_soup_state_, soup_state
 from mmcore.engine.checkpoint import load_model_state, make_checkpoint, model_state_keys, read_checkpoint, save_checkpoint
+from mmcore.engine.distill import Distillation, row_image_keys
 from mmcore.engine.inference import predict, sigmoid
 from mmcore.engine.loggers import Loggers
 from mmcore.engine.loop import Trainer, total_steps
@@ -117,7 +118,7 @@ class TrainingRun:
     """Everything one training run holds; its state round-trips through ``last.ckpt``."""
 
     def __init__(self, recipe, registry, splits, run_dir, recipe_path, progress, echo, duplicates=None, on_epoch_end=None,
-                 *, score_split):
+                 *, score_split, open_teacher=None):
         """``on_epoch_end(epoch, metrics)``: called on every rank after each epoch's validation (its
         checkpoints written) with that epoch's validation metrics; returning True stops training
         there and the run finishes with its best epoch so far (``mmcore tune`` prunes with it).
@@ -127,7 +128,12 @@ class TrainingRun:
         torchrun, every rank getting all of them): the scoring path's
         :func:`mmcore.scoring.run.score_split`, which ``mmcore eval`` scores with too. The caller
         (``mmcore run``) passes it: the engine sits below the scoring path.
+
+        ``open_teacher(path, *, device, registry, source) -> Teacher``: how ``train.distill.teacher`` is
+        opened (:func:`mmcore.scoring.teacher.open_teacher`, passed by ``mmcore run`` alike);
+        needed only when the recipe distils.
         """
+        self.open_teacher = open_teacher
         self.on_epoch_end = on_epoch_end
         self.score_split = score_split
         self.recipe = recipe
@@ -197,6 +203,8 @@ class TrainingRun:
                     self.echo(line)
         source = str(self.recipe_path)
         self.loss_fn = build_component(self.registry, "loss", recipe.loss, _label_counts(train_split), source=source)
+        #: train.distill: the teacher's logits ride in the training batches, the step learns from them
+        self.distillation = self._distill(train_dataset, train_split) if recipe.train.distill is not None else None
         groups = parameter_groups(
             model,
             head_lr=recipe.train.learning_rate,
@@ -233,7 +241,23 @@ class TrainingRun:
             on_step=self._on_step,
             last_checkpoint=self.run_dir.last,
             ema=self.ema,
+            distill=self.distillation.loss if self.distillation is not None else None,
         )
+
+    def _distill(self, train_dataset, train_split):
+        """Open the teacher, give every training row its logit (from the store, or scored once), drop the teacher."""
+        pipeline, source = self.pipeline, str(self.recipe_path)
+        teacher = self.open_teacher(self.recipe.train.distill.teacher, device=str(pipeline.device), registry=self.registry,
+                                    source=source)
+        cache_root = pipeline.usable_cache_root
+        distillation = Distillation(self.recipe.train.distill, teacher, self.loss_fn, cache_root=cache_root, source=source)
+        distillation.check_inputs(train_split, ocr=self.recipe.data.ocr)
+        train_dataset.teacher_logits = distillation.teacher_logits(train_split, row_image_keys(cache_root, train_split))
+        distillation.release()
+        if self.main:
+            counts = distillation.counts
+            self.echo(f"teacher {teacher.source}: {counts['from_cache']} training rows from cache, {counts['scored']} scored")
+        return distillation
 
     # -- state ------------------------------------------------------------------------------
 
@@ -260,6 +284,7 @@ class TrainingRun:
                 **self.selection.state_dict(),
                 "history": self.history,
                 **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
+                **(self.distillation.state_dict() if self.distillation is not None else {}),
             },
         )
 
@@ -274,6 +299,8 @@ class TrainingRun:
     def load_state(self, state):
         require_same_recipe(state.get("recipe"), self.recipe_dict, where=self.run_dir.last, said="saved with another recipe",
                             added_ok=True)
+        if self.distillation is not None:
+            self.distillation.check_resume(state, self.run_dir.last)
         load_model_state(self.pipeline.model, state, path=str(self.run_dir.last))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -476,6 +503,7 @@ class TrainingRun:
             "feature_cache": self.pipeline.cache_summary(),
             "precision": precision_name(self.pipeline.dtype),
             "train_batch": batch_summary(recipe.train.batch_size, world_size(), recipe.train.drop_last),
+            **({"distillation": self.distillation.summary()} if self.distillation is not None else {}),
         }
         results, _ = write_evaluation(
             self.run_dir,

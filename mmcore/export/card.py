@@ -102,6 +102,11 @@ def model_card(*, bundle_name, recipe, results, decision, parity, manifest_info)
                   f"{parity['max_abs_calibrated_score_diff']:.2e} (tolerance {parity['tolerance']['score']:g}), "
                   f"decision agreement {fmt(parity['decision_agreement'])}.", ""]
 
+    if manifest_info.get("quantization"):
+        from mmcore.export.int8 import card_lines
+
+        lines += card_lines(manifest_info["quantization"])
+
     inputs = "local_image_path" + (",text_info" if modality != "vision_only" else "")
     lines += ["## How to call it", "", "```bash",
               f"mmcore predict {bundle_name} new.csv -o scored.csv      # CSV columns: {inputs}",

@@ -96,6 +96,18 @@ class EnsembleInfo:
 
 
 @attrs.frozen(kw_only=True)
+class QuantizationInfo:
+    """``manifest.json``'s ``quantization`` (int8 bundles): how the graph was quantized, what changed
+    (:class:`mmcore.export.quantize.QuantizationRecord`) and the quality gate's figures (``GateResult``)."""
+
+    mode: str = attrs.field(validator=one_of("dynamic", "static"))
+    per_channel: bool = False
+    calibration_rows: int = attrs.field(default=0, validator=at_least(0))
+    record: dict = attrs.field(factory=dict)
+    gate: dict = attrs.field(factory=dict)
+
+
+@attrs.frozen(kw_only=True)
 class Manifest:
     """``manifest.json``: format, graph, versions and every other file's sha256 and size."""
 
@@ -111,6 +123,9 @@ class Manifest:
     files: dict[str, FileEntry] = attrs.field(factory=dict)
     #: an ensemble's bundle: its members and shared encoders (None for a run's)
     ensemble: EnsembleInfo | None = None
+    #: the graph's precision: "int8" graphs (``export --quantize int8``) run on the CPU only
+    precision: str = attrs.field(default="fp32", validator=one_of("fp32", "int8"))
+    quantization: QuantizationInfo | None = None
 
     def __attrs_post_init__(self):
         for rel in self.files:

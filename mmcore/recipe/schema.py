@@ -107,6 +107,32 @@ class EmaConfig:
     decay: float = attrs.field(default=0.999, validator=in_range(0.0, 1.0))
 
 
+def _finite_positive(instance, attribute, value):
+    import math
+
+    if not (math.isfinite(value) and value > 0):
+        raise FieldError(attribute.name, f"must be a finite number > 0 (got {value!r})")
+
+
+def _teacher_path(instance, attribute, value):
+    if not value.strip():
+        raise FieldError(attribute.name, "must name a run directory, an ensemble directory or an export bundle")
+
+
+@attrs.frozen(kw_only=True)
+class DistillConfig:
+    """``train.distill``: the student learns from a teacher's temperature-softened logits and the labels
+    (:mod:`mmcore.engine.distill`, docs/ensembles.md "Distillation")."""
+
+    #: a run directory, an ensemble directory or an export bundle (anything ``mmcore eval`` scores);
+    #: relative to the working directory
+    teacher: str = attrs.field(validator=_teacher_path)
+    #: T of the soft term: both logits are divided by it before the KL divergence
+    temperature: float = attrs.field(default=2.0, validator=_finite_positive)
+    #: of the soft term; ``1 - weight`` goes to the recipe's loss on the labels
+    weight: float = attrs.field(default=0.7, validator=in_range(0.0, 1.0, high_inclusive=True))
+
+
 @attrs.frozen(kw_only=True)
 class TrainConfig:
     """Training keys; the defaults are the original system's."""
@@ -160,6 +186,8 @@ class TrainConfig:
     tf32: bool = True
     #: cudnn autotuning for fixed input shapes (off when ``deterministic``)
     cudnn_benchmark: bool = True
+    #: learn from a teacher's logits as well as the labels (off when absent)
+    distill: DistillConfig | None = None
 
 
 def _threshold_rule(instance, attribute, value):

@@ -10,6 +10,7 @@ from pathlib import Path
 import attrs
 
 from mmcore.export import bundle as B
+from mmcore.export.int8 import bundle_device
 from mmcore.export.schema import BundleError
 from mmcore.scoring.base import Scorer
 
@@ -50,6 +51,7 @@ class BundleScorer(Scorer):
         inputs = read_host_inputs(folder, registry or _installed_registry(), bundle_format=self.manifest.bundle_format,
                                   vision=self.uses_vision, text=self.uses_text)
         self.preprocessing, self.host_text = inputs.preprocessing, inputs.text
+        device = bundle_device(folder, device, self.manifest.precision)  # an int8 graph: the CPU, or one line
         self.runner = GraphRunner(folder / graph.file, graph.format, device=device, external_data=graph.external_data)
 
     @property
@@ -68,15 +70,19 @@ class BundleScorer(Scorer):
         """Strings -> the graph's text inputs: token ids (int64) and/or host features (float32)."""
         return self.host_text.feeds(texts)
 
-    def logits(self, vision_items, texts):
-        """Collate, make the text inputs and run the graph."""
+    def feeds(self, vision_items, texts):
+        """The graph's inputs of a batch: collated images, token ids or host text features (numpy, by input name)."""
         feeds = {}
         if self.uses_vision:
             collated = self.preprocessing.collate(vision_items)
             feeds.update({name: collated[name].numpy() for name in self.vision_names})
         if self.uses_text:
             feeds.update(self.text_feeds(texts))
-        return self.runner({name: feeds[name] for name in self.input_names})
+        return {name: feeds[name] for name in self.input_names}
+
+    def logits(self, vision_items, texts):
+        """Collate, make the text inputs and run the graph."""
+        return self.runner(self.feeds(vision_items, texts))
 
 
 def _installed_registry():

@@ -114,10 +114,16 @@ def score_split(run_model, split, *, decision=None, source, progress=False, desc
 
     Under torchrun each rank scores its share of the rows and every rank gets all of them.
     """
+    scorer = RunScorer.from_model(run_model, decision=decision, source=source)
+    return score_split_with(scorer, split, progress=progress, desc=desc)
+
+
+def score_split_with(scorer, split, *, progress=False, desc=None):
+    """Every row of ``split`` scored by ``scorer`` (any :class:`~mmcore.scoring.base.Scorer`), as
+    :func:`score_split` does -> ``(positions, logits, bad)``; every rank gets all of them."""
     from mmcore.dist import all_gather_objects, rank, world_size
     from mmcore.scoring.rows import collect, score_rows
 
-    scorer = RunScorer.from_model(run_model, decision=decision, source=source)
     mine = collect(score_rows(scorer, split, fill_text=False, on_bad_image="skip", shard=(rank(), world_size()),
                               progress=progress, desc=desc))
     parts = all_gather_objects((mine.positions, mine.logits, mine.bad))

@@ -70,6 +70,11 @@ def serve(source, *, host="127.0.0.1", port=8000, workers=1, device="auto", text
     engine = ocr if ocr is not None else (data.get("ocr") or {}).get("engine")
     modality = (recipe.get("train") or {}).get("modality", "multimodal")
     text_rule(modality, ocr=bool(engine), mode=text, where=f"mmcore serve {source}")
+    if kind == "bundle":  # an int8 graph runs on the CPU: --device cuda is one line, auto is the CPU
+        from mmcore.export.bundle import read_manifest
+        from mmcore.export.int8 import bundle_device
+
+        device = bundle_device(source, device, read_manifest(source, verify=False).precision)
     device, gpus = resolve_device(device, kind)
     progress_for(quiet=False)  # workers inherit the silence of third-party bars in a non-terminal log
     sock = bind_listener(host, port)

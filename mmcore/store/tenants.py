@@ -25,6 +25,7 @@ from mmcore.store.ocr import OCR_DIR, OCR_VERSION, verify_ocr
 from mmcore.store.records import FILES_DIR
 from mmcore.store.spaces import count_spaces, remove_spaces, verify_features
 from mmcore.store.root import FORMAT
+from mmcore.store.teacher import TEACHER_DIR, TEACHER_VERSION, verify_teacher
 
 
 @attrs.frozen(kw_only=True)
@@ -67,6 +68,9 @@ TENANTS = (
            summary="{ocr_texts} OCR texts", count=count_files("*.json")),
     Tenant(name="shard-indexes", title="shard indexes", paths=(f"{FORMAT}/shards",), version=None, count=count_files("*/*.json")),
     Tenant(name="copied-shards", title="copied shards", paths=(f"{FORMAT}/spool",), version=None, count=count_files("*.tar")),
+    Tenant(name="teacher-logits", title="teacher logits", paths=(TEACHER_DIR,), version=TEACHER_VERSION,
+           verify=verify_teacher, summary="{teacher_record_files} teacher-logit record files",
+           count=count_files("*/*.npy")),
 )
 
 
