@@ -7,6 +7,7 @@ check below compares a command's ``score`` with ``sum_m w_m * score_m`` of the m
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -302,3 +303,37 @@ def test_run_folds_bags_the_members_with_a_decision_from_out_of_fold_scores(tiny
     mean, _ = _weighted_mean(out, [out / m["dir"] for m in record["members"]])
     assert _scores(out / "test_predictions.json") == pytest.approx(mean, abs=1e-6)
     assert lines[-2].startswith("out-of-fold AUROC ")
+
+
+def test_members_measured_on_other_rows_are_one_line(member_runs, tmp_path):
+    """A member whose validation CSV differs (by content) from the first member's is refused before
+    anything is scored, naming it; nothing is left behind."""
+    import re
+
+    from mmcore.commands.ensemble import build_ensemble
+    from mmcore.errors import DataError
+    from mmcore.rundir import RunDir
+
+    other = tmp_path / "other-run"
+    shutil.copytree(member_runs[1], other)
+    val = RunDir(other).load_recipe().data
+    rows = (Path(val.base_dir) / val.val).read_text().splitlines()
+    (tmp_path / "val.csv").write_text("\n".join(rows[:-1]) + "\n")
+    recipe = (other / "recipe.toml").read_text()
+    (other / "recipe.toml").write_text(re.sub(r'(?m)^val = .*$', f"val = {str(tmp_path / 'val.csv')!r}", recipe))
+    with pytest.raises(DataError) as caught:
+        build_ensemble([member_runs[0], other], tmp_path / "ens", progress=False, echo=lambda line: None)
+    assert str(caught.value) == (f"{other}: its val CSV differs from {member_runs[0]}'s; an ensemble's members are "
+                                 f"selected and measured on the same rows")
+    assert not (tmp_path / "ens").exists()
+
+
+@pytest.mark.parametrize("flags, line", [
+    (["--seeds", "2", "--nproc", "2"], "--seeds and --folds train their runs one after another: no --nproc, --resume or --sweep"),
+    (["--seeds", "2", "--folds", "2"], "--seeds or --folds, not both"),
+    (["--group-column", "campaign"], "--group-column groups the rows of --folds"),
+])
+def test_run_seeds_and_folds_usage_is_one_line(cli, tiny_recipe, flags, line):
+    result = cli("run", tiny_recipe(), *flags, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == f"Error: {line}"

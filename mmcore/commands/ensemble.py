@@ -137,6 +137,11 @@ def build_ensemble(run_dirs, out, *, metric=DEFAULT_METRIC, iterations=DEFAULT_I
     if metric not in METRICS:
         raise MmcoreError(f"--metric {metric}: expected one of {', '.join(METRICS)}")
     run_dirs = check_member_runs(run_dirs)
+    if registry is None:
+        from mmcore.plugins.manager import get_registry
+
+        registry = get_registry()
+    data_digests(run_dirs, [RunDir(d).load_recipe(registry) for d in run_dirs])  # named as given, before any link
     members_dir = out / E.MEMBERS_DIR
     linked = []
     try:
