@@ -94,7 +94,7 @@ def split_csvs(recipe):
 
     if recipe.data.format != "csv":
         raise DataError(f"{recipe.experiment}: an ensemble's members read CSV splits (this run read {recipe.data.format})")
-    return {name: resolve_csv(getattr(recipe.data, name), recipe.data.base_dir) for name in ("val", "test")}
+    return {name: resolve_csv(csv, recipe.data.base_dir) for name, csv in (("val", recipe.data.val), ("test", recipe.data.test))}
 
 
 def data_digests(run_dirs, recipes):
