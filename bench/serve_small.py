@@ -125,7 +125,7 @@ def chain(name, data_dir, recipe, vision, args, work, log):
     from mmcore.data.csvs import read_split
 
     base = ["--quiet", "--set", f"data.base_dir={str(data_dir)!r}", *[x for o in args.overrides for x in ("--set", o)]]
-    rows, owed = [], []
+    rows, owed = _Rows(name), []
     test = read_split(data_dir / "test.csv", data_dir)
     timed = {}
 
@@ -211,6 +211,18 @@ def chain(name, data_dir, recipe, vision, args, work, log):
     return rows, owed
 
 
+class _Rows(list):
+    """The table's rows, each printed as it is measured (a bench cut short still says what it measured)."""
+
+    def __init__(self, dataset):
+        super().__init__()
+        self.dataset = dataset
+
+    def append(self, row):
+        super().append(row)
+        print(f"{self.dataset}: {json.dumps(row)}", flush=True)
+
+
 def print_table(name, rows):
     print(f"\n{name}\n")
     print("| step | test AUROC | 95% CI | chosen on | rows/s b1 | rows/s b32 | bundle MB | OCR avoided/row | note |")
@@ -259,7 +271,7 @@ def main(argv=None):
             except StepFailed as exc:
                 print(f"FAILED {name}: {exc}", file=sys.stderr)
                 return 1
-            tables[name] = rows
+            tables[name] = list(rows)
             owed.extend(missing)
             print_table(name, rows)
     for line in owed:
