@@ -337,3 +337,16 @@ def test_run_seeds_and_folds_usage_is_one_line(cli, tiny_recipe, flags, line):
     result = cli("run", tiny_recipe(), *flags, check=False)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == f"Error: {line}"
+
+
+def test_equal_weights_select_nothing(member_runs, tmp_path):
+    """``--weights equal``: every member once, the decision still fitted on validation, the test scores the plain mean."""
+    from mmcore.commands.ensemble import build_ensemble
+
+    summary = build_ensemble(member_runs, tmp_path / "ens", weighting="equal", progress=False, echo=lambda line: None)
+    record = json.loads((summary.out / "ensemble.json").read_text())
+    assert [m["weight"] for m in record["members"]] == [0.5, 0.5]
+    assert record["selection"] == {"metric": None, "weights": "equal", "rows": "val", "n": 32}
+    mean = {n: (a + b) / 2 for (n, a), b in zip(_scores(member_runs[0] / "test_predictions.json").items(),
+                                                 _scores(member_runs[1] / "test_predictions.json").values())}
+    assert _scores(summary.out / "test_predictions.json") == pytest.approx(mean, abs=1e-6)

@@ -20,11 +20,13 @@ from mmcore.progress import progress_for
               help="Picks of the greedy selection (with replacement).")
 @click.option("--initial-best", type=click.IntRange(min=0), default=0, show_default=True,
               help="Start from the N best members, each once.")
+@click.option("--weights", "weighting", type=click.Choice(["greedy", "equal"]), default="greedy", show_default=True,
+              help="greedy: forward selection with replacement on validation; equal: every member once (no selection).")
 @click.option("--threshold", default=None, metavar="RULE",
               help="Threshold rule for the combined score (default: the first member's eval.threshold).")
 @device_option
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def ensemble_command(run_dirs, out, metric, iterations, initial_best, threshold, device, quiet):
+def ensemble_command(run_dirs, out, metric, iterations, initial_best, weighting, threshold, device, quiet):
     """Combine finished runs into one ensemble directory: greedy selection of weights on validation,
     the combined score's temperature and threshold fitted there; eval, predict, compare, export and
     serve take the directory like a run.
@@ -37,4 +39,4 @@ def ensemble_command(run_dirs, out, metric, iterations, initial_best, threshold,
     if initial_best > iterations:
         raise click.BadParameter(f"must be at most --iterations ({iterations})", param_hint="--initial-best")
     build_ensemble(run_dirs, out, metric=metric, iterations=iterations, initial_best=initial_best, threshold=threshold,
-                   device=device, progress=progress_for(quiet), echo=click.echo)
+                   weighting=weighting, device=device, progress=progress_for(quiet), echo=click.echo)

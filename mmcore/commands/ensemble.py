@@ -33,6 +33,8 @@ from mmcore.scoring.ensemble import combine_member_logits
 
 #: members the command accepts (each is scored on validation and test)
 MAX_RUNS = E.MAX_MEMBERS
+#: how members are weighed: greedy selection on validation, or equally
+WEIGHTINGS = ("greedy", "equal")
 
 
 @attrs.frozen
@@ -127,7 +129,7 @@ def score_member(run_dir, splits, *, registry=None, device="auto", progress=Fals
 
 
 def build_ensemble(run_dirs, out, *, metric=DEFAULT_METRIC, iterations=DEFAULT_ITERATIONS, initial_best=0,
-                   threshold=None, registry=None, device="auto", progress=True, echo=print):
+                   threshold=None, weighting="greedy", registry=None, device="auto", progress=True, echo=print):
     """``mmcore ensemble RUN... --out DIR`` (see the module docstring) -> :class:`EnsembleSummary`."""
     from mmcore.commands.export import check_new_folder
 
@@ -149,7 +151,8 @@ def build_ensemble(run_dirs, out, *, metric=DEFAULT_METRIC, iterations=DEFAULT_I
             experiment = RunDir(run_dir).recipe_data().get("experiment") or "run"
             linked.append(E.link_member(run_dir, members_dir / f"{index}-{_safe(experiment)}"))
         return assemble_ensemble(out, linked, source="runs", metric=metric, iterations=iterations,
-                                 initial_best=initial_best, threshold=threshold, registry=registry, device=device,
+                                 initial_best=initial_best, threshold=threshold, weighting=weighting,
+                                 registry=registry, device=device,
                                  progress=progress, echo=echo)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)  # nothing half-made is left for a command to read
@@ -157,9 +160,15 @@ def build_ensemble(run_dirs, out, *, metric=DEFAULT_METRIC, iterations=DEFAULT_I
 
 
 def assemble_ensemble(out, member_dirs, *, source, metric=DEFAULT_METRIC, iterations=DEFAULT_ITERATIONS,
-                      initial_best=0, threshold=None, registry=None, device="auto", progress=True, echo=print):
+                      initial_best=0, threshold=None, weighting="greedy", registry=None, device="auto", progress=True,
+                      echo=print):
     """Select, decide and write the ensemble in ``out`` over ``member_dirs`` (run directories already
-    in ``out/members/``): ensemble.json, decision.json, recipe.toml, results.json and the reports."""
+    in ``out/members/``): ensemble.json, decision.json, recipe.toml, results.json and the reports.
+
+    ``weighting``: ``greedy`` (:func:`select_ensemble` on validation) or ``equal`` (every member
+    once, no selection: what a small validation split cannot overfit)."""
+    if weighting not in WEIGHTINGS:
+        raise MmcoreError(f"--weights {weighting}: expected one of {', '.join(WEIGHTINGS)}")
     from mmcore.data.csvs import read_split
     from mmcore.engine.training import fit_decision
 
@@ -184,19 +193,24 @@ def assemble_ensemble(out, member_dirs, *, source, metric=DEFAULT_METRIC, iterat
         scores.append(MemberScores(member_dir, f"{E.MEMBERS_DIR}/{Path(member_dir).name}", logits["val"], logits["test"]))
     val_labels = splits["val"].label_array()
     member_val = np.stack([m.val_logits for m in scores])
-    try:
-        selection = select_ensemble([sigmoid(row) for row in member_val], val_labels, metric=metric,
-                                    iterations=iterations, initial_best=initial_best)
-    except ValueError as exc:
-        raise DataError(f"{splits['val'].csv}: cannot select an ensemble on it ({exc})") from None
-    weights = selection.weights
+    if weighting == "equal":
+        weights, counts = [1.0 / len(scores)] * len(scores), [1] * len(scores)
+        record = {"metric": None, "weights": "equal"}
+    else:
+        try:
+            selection = select_ensemble([sigmoid(row) for row in member_val], val_labels, metric=metric,
+                                        iterations=iterations, initial_best=initial_best)
+        except ValueError as exc:
+            raise DataError(f"{splits['val'].csv}: cannot select an ensemble on it ({exc})") from None
+        weights, counts = selection.weights, selection.counts
+        record = {**selection.to_json(), "initial_best": initial_best}
     val_logits = combine_member_logits(member_val, weights)
     decision = fit_decision(first, val_logits, val_labels)
     test_logits = combine_member_logits(np.stack([m.test_logits for m in scores]), weights)
     return write_ensemble_dir(
-        out, scores, weights=weights, counts=selection.counts, decision=decision, recipe=first, test=splits["test"],
+        out, scores, weights=weights, counts=counts, decision=decision, recipe=first, test=splits["test"],
         source=source, digests=digests, test_logits=test_logits,
-        selection={**selection.to_json(), "initial_best": initial_best, "rows": "val", "n": int(len(val_labels))},
+        selection={**record, "rows": "val", "n": int(len(val_labels))},
         member_val_auroc=[_auroc(m.val_logits, val_labels) for m in scores],
         fitted_on={"val": {"auroc": _auroc(val_logits, val_labels), "n": int(len(val_labels))}}, echo=echo,
     )
