@@ -3,6 +3,7 @@ for the same teacher and inputs, again for another teacher), resumable, and a vi
 multimodal teacher trains and exports with no text input."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,15 +65,22 @@ def test_teacher_logits_are_scored_once_then_read_from_the_store_and_a_changed_t
     recipe = _student(tiny_recipe, teacher_run, cache)
     first = _train(recipe, tmp_path / "s1", registry)
     distilled = json.loads((first / "results.json").read_text())["distillation"]
-    # 2 epochs, 64 training rows: the teacher scored each row once, before epoch 1
-    assert counted_teacher[teacher_run] == 64
-    assert distilled["teacher_rows_scored"] == 64 and distilled["teacher_rows_from_cache"] == 0
+    # 2 epochs, 64 training and 32 validation rows: the teacher scored each row once, before epoch 1
+    assert counted_teacher[teacher_run] == 96
+    assert distilled["teacher_rows_scored"] == 96 and distilled["teacher_rows_from_cache"] == 0
     assert distilled["model_version"] == RunScorer(teacher_run, registry=registry).model_version
+    # the teacher's validation figures are its own run's; the student's are its results.json's
+    teacher_results = json.loads((teacher_run / "results.json").read_text())
+    student_results = json.loads((first / "results.json").read_text())
+    val = distilled["val"]
+    assert val["rows"] == 32 and val["teacher_auroc"] == pytest.approx(teacher_results["val"]["val_auroc"], abs=1e-6)
+    assert val["student_auroc"] == pytest.approx(student_results["val"]["val_auroc"], abs=1e-6)
+    assert 0 <= val["decision_agreement"] <= 1
 
     second = _train(recipe, tmp_path / "s2", registry)
     distilled = json.loads((second / "results.json").read_text())["distillation"]
-    assert counted_teacher[teacher_run] == 64  # the teacher's forward was not called again
-    assert distilled["teacher_rows_scored"] == 0 and distilled["teacher_rows_from_cache"] == 64
+    assert counted_teacher[teacher_run] == 96  # the teacher's forward was not called again
+    assert distilled["teacher_rows_scored"] == 0 and distilled["teacher_rows_from_cache"] == 96
     # the same teacher and inputs: the same student, exactly
     assert (first / "test_predictions.json").read_text() == (second / "test_predictions.json").read_text().replace(
         str(second), str(first))
@@ -83,30 +91,49 @@ def test_teacher_logits_are_scored_once_then_read_from_the_store_and_a_changed_t
     other_run = _train(other, tmp_path / "t2", registry)
     own_test_split = counted_teacher[other_run]  # its own training scored its test split at the end
     third = _train(_student(tiny_recipe, other_run, cache, name="s3.toml"), tmp_path / "s3", registry)
-    assert counted_teacher[other_run] - own_test_split == 64
-    assert json.loads((third / "results.json").read_text())["distillation"]["teacher_rows_scored"] == 64
+    assert counted_teacher[other_run] - own_test_split == 96
+    assert json.loads((third / "results.json").read_text())["distillation"]["teacher_rows_scored"] == 96
 
 
-def test_a_batch_carries_the_teachers_raw_logit_of_each_row_and_the_step_learns_from_the_kd_loss(
-        tiny_recipe, teacher_run, registry, tmp_path):
+def _unlabelled_copy(csv, out):
+    """``csv`` without its label column, image paths absolute: transfer rows."""
+    import csv as csvlib
+
+    rows = list(csvlib.DictReader(open(csv, newline="")))
+    with open(out, "w", newline="") as f:
+        writer = csvlib.DictWriter(f, fieldnames=["local_image_path", "text_info"])
+        writer.writeheader()
+        writer.writerows({"local_image_path": str(Path(csv).parent / row["local_image_path"]), "text_info": row["text_info"]}
+                         for row in rows)
+    return out
+
+
+def test_batches_carry_the_teachers_raw_logit_of_each_row_transfer_rows_unlabelled_and_the_step_learns_the_kd_loss(
+        tiny_recipe, teacher_run, registry, demo_data, tmp_path):
     from mmcore.builtin.distill import DistillationLoss
-    from mmcore.data.csvs import load_splits
+    from mmcore.data.csvs import load_splits, read_split
     from mmcore.engine.step import prepare_batch
     from mmcore.engine.training import TrainingRun
     from mmcore.scoring.run import score_split_with
     from mmcore.scoring.teacher import open_teacher
 
+    transfer = _unlabelled_copy(demo_data / "test.csv", tmp_path / "unlabelled.csv")
     recipe_path = _student(tiny_recipe, teacher_run, tmp_path / "cache")
-    recipe = load_recipe(recipe_path)
+    recipe = load_recipe(recipe_path, [f'train.distill.transfer="{transfer}"'])
     splits = load_splits(recipe.data)
     training = TrainingRun(recipe, registry, splits, tmp_path / "run", recipe_path, False, _quiet,
                            score_split=None, open_teacher=open_teacher)
+    assert training.distillation.summary()["transfer_rows"] == 32
     scorer = RunScorer(teacher_run, registry=registry)
-    positions, expected, _ = score_split_with(scorer, splits["train"])
-    assert positions.tolist() == list(range(64))
-    batch = next(iter(training.train_loader))
-    rows = batch["index"].numpy()
-    np.testing.assert_allclose(batch["teacher_logit"].numpy(), expected[rows], rtol=0, atol=1e-6)
+    expected = np.concatenate([score_split_with(scorer, splits["train"])[1],
+                               score_split_with(scorer, read_split(transfer, require_label=False))[1]])
+    batches = list(training.train_loader)
+    rows = np.concatenate([b["index"].numpy() for b in batches])
+    assert sorted(rows.tolist()) == list(range(96))  # 64 training rows, then 32 transfer rows
+    for batch in batches:
+        np.testing.assert_allclose(batch["teacher_logit"].numpy(), expected[batch["index"].numpy()], rtol=0, atol=1e-6)
+        assert ((batch["label"] < 0) == (batch["index"] >= 64)).all()  # transfer rows: no label
+    batch = next(b for b in batches if (b["label"] < 0).any() and (b["label"] >= 0).any())
 
     step = training.trainer.step
     assert isinstance(step.distill, DistillationLoss) and step.distill.weight == 0.5 and step.distill.temperature == 2.0
@@ -115,9 +142,15 @@ def test_a_batch_carries_the_teachers_raw_logit_of_each_row_and_the_step_learns_
         student = training.pipeline.model(prepare_batch(dict(batch), training.pipeline.device)).logit
         t, s, y = batch["teacher_logit"].double(), student.double().reshape(-1), batch["label"].double()
         pt, ps = torch.sigmoid(t / 2), torch.sigmoid(s / 2)
-        kl = (pt * torch.log(pt / ps) + (1 - pt) * torch.log((1 - pt) / (1 - ps))).mean()
-        hand = 0.5 * 4 * kl + 0.5 * training.loss_fn(s.float(), y.float()).double()
-        assert float(step.loss(dict(batch))) == pytest.approx(float(hand), rel=1e-5)
+        kl = pt * torch.log(pt / ps) + (1 - pt) * torch.log((1 - pt) / (1 - ps))  # every row
+        labelled = y >= 0
+        hard = training.loss_fn(s[labelled].float(), y[labelled].float()).double()  # the labelled rows only
+        assert float(step.loss(dict(batch))) == pytest.approx(float(0.5 * 4 * kl.mean() + 0.5 * hard), rel=1e-5)
+        # a row the teacher could not read (NaN) adds no soft term: it teaches through its label only
+        unread = dict(batch, teacher_logit=batch["teacher_logit"].clone())
+        unread["teacher_logit"][0] = float("nan")
+        kl[0] = 0
+        assert float(step.loss(unread)) == pytest.approx(float(0.5 * 4 * kl.mean() + 0.5 * hard), rel=1e-5)
 
 
 def test_a_vision_only_student_of_a_multimodal_teacher_exports_a_graph_with_no_text_input(
@@ -236,3 +269,41 @@ def test_the_teacher_logits_tenant_keys_by_content_and_teacher_and_verify_finds_
     assert np.isnan(store.get(keys[:1])).all()  # a damaged file is never read: the teacher scores again
     assert [t["name"] for t in clear_cache(tmp_path, tenants=["teacher-logits"])] == ["teacher-logits"]
     assert not store.dir.exists()
+
+
+def test_an_online_teacher_scores_every_augmented_batch_and_stores_none_of_it(tiny_recipe, teacher_run, registry, tmp_path):
+    from mmcore.data.csvs import load_splits
+    from mmcore.engine.training import TrainingRun
+    from mmcore.errors import RecipeError
+    from mmcore.scoring.run import score_split_with
+    from mmcore.scoring.teacher import open_teacher
+
+    cache = tmp_path / "cache"
+    recipe_path = _student(tiny_recipe, teacher_run, cache)
+    online = ["train.distill.online=true", 'augmentation.name="strong"']
+    recipe = load_recipe(recipe_path, online)
+    splits = load_splits(recipe.data)
+    training = TrainingRun(recipe, registry, splits, tmp_path / "run", recipe_path, False, _quiet,
+                           score_split=None, open_teacher=open_teacher)
+    batch = next(iter(training.train_loader))
+    assert "teacher_logit" not in batch and len(batch["teacher_vision"]) == len(batch["index"])
+    augmented = training.distillation.online_logits(batch).numpy()
+    _, as_they_are, _ = score_split_with(RunScorer(teacher_run, registry=registry), splits["train"])
+    # the teacher saw the augmented images: its logits are not those of the rows as they are
+    assert np.abs(augmented - as_they_are[batch["index"].numpy()]).max() > 1e-5  # float32 noise is ~1e-7
+
+    run = run_training(recipe, recipe_path=recipe_path, out=tmp_path / "s", registry=registry, progress=False,
+                       echo=_quiet)
+    distilled = json.loads((run / "results.json").read_text())["distillation"]
+    # 2 epochs of 64 augmented rows, online, nothing of them stored; the 32 validation rows as they are,
+    # stored when the TrainingRun above scored them
+    assert distilled["teacher_rows_scored"] == 2 * 64 and distilled["teacher_rows_from_cache"] == 32
+    assert len(list((cache / "teacher").rglob("*.npy"))) == 1
+
+    with pytest.raises(RecipeError) as refused:
+        _train(_student(tiny_recipe, teacher_run, cache, name="plain.toml", **{"distill": {
+            "teacher": str(teacher_run), "online": True}}), tmp_path / "plain", registry)
+    assert str(refused.value) == (
+        f"{tmp_path / 'plain.toml'}: train.distill.online: true needs an image augmentation to teach through "
+        f"(augmentation.name is 'none', train.modality 'vision_only'); leave online out and the teacher scores "
+        f"each row once")

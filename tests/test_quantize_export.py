@@ -17,10 +17,12 @@ def _quiet(line):
 @pytest.fixture(scope="module")
 def int8_bundle(tmp_path_factory, exportable_run):
     """The shared tiny run exported with --quantize int8 (dynamic). Its one epoch leaves every score near
-    the threshold, where int8 noise flips a decision or two of 32: the gate asks for 90 % here."""
+    the threshold, where int8 noise flips a decision or two of 32 and reorders a few: the gate asks for
+    90 % agreement and an AUROC drop of 0.05 at most here."""
     out = tmp_path_factory.mktemp("int8") / "bundle"
     lines = []
-    export_run(exportable_run, out, quantize=Int8Options(min_agreement=0.9), progress=False, echo=lines.append)
+    export_run(exportable_run, out, quantize=Int8Options(min_agreement=0.9, max_auroc_drop=0.05), progress=False,
+               echo=lines.append)
     return out, lines
 
 
@@ -35,11 +37,17 @@ def test_an_int8_bundle_holds_the_quantized_graph_and_records_what_changed_and_t
     record, gate = quantization["record"], quantization["gate"]
     assert quantization["mode"] == "dynamic" and record["mode"] == "dynamic"
     assert record["quantized_ops"].get("MatMul", 0) + record["quantized_ops"].get("Gemm", 0) > 0
+    # dynamic: matrix products; the fake CNN's convolutions stay fp32 (ConvInteger is slow on x86)
+    assert quantization["op_types"] == ["MatMul", "Gemm"] and set(record["quantized_ops"]) <= {"MatMul", "Gemm"}
     assert record["weight_bytes_after"] < record["weight_bytes_before"]
-    assert gate["passed"] and gate["rows"] == 32 and gate["min_agreement"] == 0.9 and gate["max_auroc_drop"] == 0.002
+    assert gate["passed"] and gate["rows"] == 32 and gate["min_agreement"] == 0.9 and gate["max_auroc_drop"] == 0.05
     assert lines[-2] == gate["reason"] and lines[-2].startswith("int8 kept: decisions agree on ")
-    # the graph in the bundle is the int8 one: fewer weight bytes than the fp32 bundle's graph
-    assert (out / "model.onnx").stat().st_size < 0.5 * (exported_bundle / "model.onnx").stat().st_size
+    # the graph in the bundle is the int8 one (the tiny MiniLM's bytes are mostly its fp32 embedding table)
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(str(out / "model.onnx")).graph.node}
+    assert {"MatMulInteger", "DynamicQuantizeLinear"} <= ops
+    assert "MatMulInteger" not in {node.op_type for node in onnx.load(str(exported_bundle / "model.onnx")).graph.node}
     card = (out / "README.md").read_text()  # the model card
     assert "## int8" in card and f"decisions agree on {gate['agreement']:.2%}" in card
 
@@ -110,3 +118,15 @@ def test_int8_flags_need_quantize_and_a_labelled_gate(exportable_run, tmp_path, 
     result = cli("export", exportable_run, "--out", tmp_path / "b", "--min-agreement", "0.9", check=False)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == ["--min-agreement: only with --quantize int8"]
+
+
+def test_the_cli_flags_make_the_options_the_export_receives():
+    from mmcore.cli.quantize import int8_choice
+
+    flags = dict(quantize_mode=None, per_channel=None, calibration_rows=None, min_agreement=None, max_auroc_drop=None,
+                 quantize_ops=None)
+    assert int8_choice(None, **flags) is None
+    assert int8_choice("int8", **flags) == Int8Options()
+    chosen = int8_choice("int8", **{**flags, "quantize_mode": "static", "quantize_ops": "MatMul, Conv", "per_channel": True})
+    assert chosen == Int8Options(mode="static", op_types=("MatMul", "Conv"), per_channel=True)
+    assert chosen.ops == ["MatMul", "Conv"] and Int8Options(mode="static").ops is None

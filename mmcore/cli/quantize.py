@@ -8,7 +8,7 @@ from mmcore.commands.export import INT8_DEFAULTS, Int8Options
 from mmcore.errors import MmcoreError
 
 _FLAGS = {"quantize_mode": "--quantize-mode", "per_channel": "--per-channel", "calibration_rows": "--calibration-rows",
-          "min_agreement": "--min-agreement", "max_auroc_drop": "--max-auroc-drop"}
+          "min_agreement": "--min-agreement", "max_auroc_drop": "--max-auroc-drop", "quantize_ops": "--quantize-ops"}
 
 
 def int8_options(command):
@@ -20,6 +20,10 @@ def int8_options(command):
         click.option("--quantize-mode", type=click.Choice(["dynamic", "static"]), default=None,
                      help=f"int8: dynamic (weights int8, activations per batch; no data) or static (activations "
                           f"calibrated on parity rows) [default: {INT8_DEFAULTS.mode}]."),
+        click.option("--quantize-ops", default=None, metavar="OP,OP",
+                     help="int8: the ONNX node types to quantize, e.g. MatMul,Gemm,Conv [default: dynamic: "
+                          "MatMul,Gemm (convolutions stay fp32: ConvInteger is slow on x86); static: "
+                          "onnxruntime's list]."),
         click.option("--per-channel", is_flag=True, default=None, help="int8: one scale per output channel of each weight."),
         click.option("--calibration-rows", type=click.IntRange(min=1), default=None,
                      help=f"int8 static: parity rows to calibrate on [default: {INT8_DEFAULTS.calibration_rows}]."),
@@ -43,4 +47,6 @@ def int8_choice(quantize, **flags):
         return None
     if "quantize_mode" in given:
         given["mode"] = given.pop("quantize_mode")
+    if "quantize_ops" in given:
+        given["op_types"] = tuple(op.strip() for op in given.pop("quantize_ops").split(",") if op.strip())
     return Int8Options(**given)

@@ -48,6 +48,7 @@ class SampleDataset(Dataset):
         uint8_pixels=False,
         decoded_images=None,
         teacher_logits=None,
+        teacher_preprocessing=None,
     ):
         self.split = split
         self.preprocessing = preprocessing
@@ -64,6 +65,9 @@ class SampleDataset(Dataset):
         self.decoded_images = decoded_images if self.uint8_pixels and preprocessing.plain_resize else None
         #: a distillation teacher's logit per sample (float32 [N]), or None: items then carry ``teacher_logit``
         self.teacher_logits = teacher_logits
+        #: an online teacher's preprocessing, or None: items then carry ``teacher_vision``, the teacher's
+        #: input made from the same (augmented) image the student sees, decoded from the file
+        self.teacher_preprocessing = teacher_preprocessing
 
     @property
     def needs_workers(self):
@@ -91,13 +95,13 @@ class SampleDataset(Dataset):
             item["vision_feature"] = torch.from_numpy(np.array(feature))
         if self.text_features is not None:
             item["text_feature"] = torch.from_numpy(np.array(self.text_features[index]))
-        if self.needs_image and self.decoded_images is not None:
+        if self.needs_image and self.decoded_images is not None and self.teacher_preprocessing is None:
             item["vision"] = {"pixel_values": self._decoded(index)}
         elif self.needs_image:
             try:
                 image = load_rgb(
                     self.split.paths[index],
-                    target_size=self.preprocessing.target_size,
+                    target_size=self._decode_size(),
                     max_pixels=self.max_image_pixels,
                     formats=self.image_formats,
                 )
@@ -106,11 +110,21 @@ class SampleDataset(Dataset):
                 return item
             if self.augmentation is not None:
                 image = self.augmentation(image)
+            if self.teacher_preprocessing is not None:
+                item["teacher_vision"] = self.teacher_preprocessing(image)
             if self.uint8_pixels:
                 item["vision"] = self.preprocessing.uint8_item(image)
             else:
                 item["vision"] = self.preprocessing(image)
         return item
+
+    def _decode_size(self):
+        """The size a JPEG may be decoded at: the student's, or the larger of it and an online teacher's."""
+        size = self.preprocessing.target_size
+        teacher = self.teacher_preprocessing.target_size if self.teacher_preprocessing is not None else None
+        if size is None or teacher is None:
+            return None if self.teacher_preprocessing is not None else size
+        return (max(size[0], teacher[0]), max(size[1], teacher[1]))
 
     def _decoded(self, index):
         """The cached resized pixels of sample ``index`` (uint8 [3, H, W]), augmented when training."""
@@ -148,6 +162,8 @@ class Collate:
         batch["text"] = [item["text"] for item in items]
         if "teacher_logit" in items[0]:
             batch["teacher_logit"] = torch.tensor([item["teacher_logit"] for item in items], dtype=torch.float32)
+        if "teacher_vision" in items[0]:  # an online teacher collates its own inputs
+            batch["teacher_vision"] = [item["teacher_vision"] for item in items]
         if "vision" in items[0]:
             batch["vision"] = self.preprocessing.collate([item["vision"] for item in items])
         if "vision_feature" in items[0]:

@@ -73,12 +73,13 @@ class Trainer:
         last_checkpoint=None,
         ema=None,
         distill=None,
+        online_teacher=None,
     ):
         self.model = model
         self.optimizer = optimizer
         self.step = TrainStep(
             model, optimizer, scheduler, loss_fn, device=device, dtype=dtype, grad_clip=grad_clip,
-            channels_last=channels_last, ema=ema, distill=distill,
+            channels_last=channels_last, ema=ema, distill=distill, online_teacher=online_teacher,
         )
         self.device = device
         self.grad_accum_steps = grad_accum_steps

@@ -59,13 +59,15 @@ class TrainStep:
     """
 
     def __init__(self, model, optimizer, scheduler, loss_fn, *, device, dtype, grad_clip=0.0, channels_last=False, ema=None,
-                 distill=None):
+                 distill=None, online_teacher=None):
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.loss_fn = loss_fn
         #: a DistillationLoss over ``loss_fn`` (``train.distill``): the batch then carries ``teacher_logit``
         self.distill = distill
+        #: ``train.distill.online``: ``batch -> teacher logits`` (float32 [B]), scored as the batch arrives
+        self.online_teacher = online_teacher
         self.device = device
         self.dtype = dtype
         self.grad_clip = grad_clip
@@ -86,16 +88,31 @@ class TrainStep:
     def loss(self, batch):
         """The float32 loss of one batch (forward under autocast), still on the device: the loss of
         the model's logit (with ``distill``, the distillation loss against the batch's teacher logits), plus ``weight * loss`` of each auxiliary logit its output carries."""
+        if self.online_teacher is not None:
+            batch["teacher_logit"] = self.online_teacher(batch)
         batch = prepare_batch(batch, self.device, self.channels_last)
         with autocast(self.device, self.dtype):
             out = self.model(batch)
+        labels = batch["label"]
         if self.distill is None:
-            loss = self.loss_fn(out.logit.float(), batch["label"])
-        else:
-            loss = self.distill(out.logit.float(), batch["teacher_logit"], batch["label"]).loss
+            loss = self.loss_fn(out.logit.float(), labels)
+            labelled = None
+        else:  # transfer rows carry no label (-1): the soft term only
+            labelled = labels >= 0
+            logit, teacher = out.logit.float().reshape(-1), batch["teacher_logit"]
+            # a row the teacher could not read (NaN) gets the student's own logit: no soft term, no gradient from it
+            teacher = torch.where(torch.isnan(teacher), logit.detach(), teacher)
+            loss = self.distill(logit, teacher, labels, labelled).loss
         if out.aux is not None:
-            loss = loss + out.aux.weight * sum(self.loss_fn(m.float(), batch["label"]) for m in out.aux.logits)
+            loss = loss + out.aux.weight * sum(self._hard_loss(m.float(), labels, labelled) for m in out.aux.logits)
         return loss
+
+    def _hard_loss(self, logits, labels, labelled):
+        """The recipe's loss on the labelled rows (all rows when ``labelled`` is None; 0 when none is)."""
+        if labelled is None:
+            return self.loss_fn(logits, labels)
+        logits, labels = logits.reshape(-1), labels.reshape(-1)
+        return self.loss_fn(logits[labelled], labels[labelled]) if labelled.any() else logits.new_zeros(())
 
     def micro_step(self, batch, *, weight, sync, skip=None):
         """Forward and ``backward(loss * weight)`` of one batch.

@@ -19,7 +19,7 @@ from mmcore.dist import all_gather_objects, broadcast_tensors_, is_main, world_s
 from mmcore.dist import rank as runtime_rank
 from mmcore.engine.averaging import WeightEMA, load_soup_state_, soup_state
 from mmcore.engine.checkpoint import load_model_state, make_checkpoint, model_state_keys, read_checkpoint, save_checkpoint
-from mmcore.engine.distill import Distillation, row_image_keys
+from mmcore.engine.distill import start_distillation
 from mmcore.engine.inference import predict, sigmoid
 from mmcore.engine.loggers import Loggers
 from mmcore.engine.loop import Trainer, total_steps
@@ -173,6 +173,14 @@ class TrainingRun:
                 self.bad_images.check({"errors": errors}, name)
             self.datasets[name] = (dataset, split)
         train_dataset, train_split = self.datasets["train"]
+        source = str(self.recipe_path)
+        self.loss_fn = build_component(self.registry, "loss", recipe.loss, _label_counts(train_split), source=source)
+        #: train.distill: the teacher's logits ride in the training batches (transfer rows after the training rows)
+        self.distillation = None
+        if recipe.train.distill is not None:
+            self.distillation, train_dataset = start_distillation(
+                recipe, pipeline, self.datasets, self.loss_fn, open_teacher=self.open_teacher, registry=self.registry,
+                bad_images=self.bad_images, source=source, echo=self.echo if self.main else None)
         weights = balanced_weights(train_split.label_array()) if recipe.train.balanced_sampler else None
         rank, world = runtime_rank(), world_size()
         if recipe.train.batch_size % world:
@@ -201,10 +209,6 @@ class TrainingRun:
             with reported_failures(model.plugin_parts(), "on the first batch"):
                 for line in first_batch_problems(model, self.datasets["val"][0], self.val_loader.collate_fn, prepare=prepare):
                     self.echo(line)
-        source = str(self.recipe_path)
-        self.loss_fn = build_component(self.registry, "loss", recipe.loss, _label_counts(train_split), source=source)
-        #: train.distill: the teacher's logits ride in the training batches, the step learns from them
-        self.distillation = self._distill(train_dataset, train_split) if recipe.train.distill is not None else None
         groups = parameter_groups(
             model,
             head_lr=recipe.train.learning_rate,
@@ -224,6 +228,7 @@ class TrainingRun:
                                       variable_axes=compile_variable_axes(model, pipeline.cache_vision))
         if self.main and pipeline.device.type == "cuda":
             self.echo(describe_precision(recipe.train.precision, pipeline.dtype, pipeline.device))
+        distill = self.distillation
         self.trainer = Trainer(
             model=train_model,
             optimizer=self.optimizer,
@@ -241,23 +246,9 @@ class TrainingRun:
             on_step=self._on_step,
             last_checkpoint=self.run_dir.last,
             ema=self.ema,
-            distill=self.distillation.loss if self.distillation is not None else None,
+            distill=distill.loss if distill is not None else None,
+            online_teacher=distill.online_logits if distill is not None and distill.config.online else None,
         )
-
-    def _distill(self, train_dataset, train_split):
-        """Open the teacher, give every training row its logit (from the store, or scored once), drop the teacher."""
-        pipeline, source = self.pipeline, str(self.recipe_path)
-        teacher = self.open_teacher(self.recipe.train.distill.teacher, device=str(pipeline.device), registry=self.registry,
-                                    source=source)
-        cache_root = pipeline.usable_cache_root
-        distillation = Distillation(self.recipe.train.distill, teacher, self.loss_fn, cache_root=cache_root, source=source)
-        distillation.check_inputs(train_split, ocr=self.recipe.data.ocr)
-        train_dataset.teacher_logits = distillation.teacher_logits(train_split, row_image_keys(cache_root, train_split))
-        distillation.release()
-        if self.main:
-            counts = distillation.counts
-            self.echo(f"teacher {teacher.source}: {counts['from_cache']} training rows from cache, {counts['scored']} scored")
-        return distillation
 
     # -- state ------------------------------------------------------------------------------
 
@@ -472,7 +463,7 @@ class TrainingRun:
         """Load the best epoch, fit the decision on validation, evaluate the test split, write outputs."""
         recipe, trainer, model = self.recipe, self.trainer, self.pipeline.model
         self._load_best()
-        _, val_logits, val_labels = self.predict(self.val_loader, "val")
+        val_positions, val_logits, val_labels = self.predict(self.val_loader, "val")
         decision = fit_decision(recipe, val_logits, val_labels)
         test_indices, test_logits = self.score_test(decision)
         test_labels = self.test_split.label_array()[test_indices]
@@ -503,7 +494,9 @@ class TrainingRun:
             "feature_cache": self.pipeline.cache_summary(),
             "precision": precision_name(self.pipeline.dtype),
             "train_batch": batch_summary(recipe.train.batch_size, world_size(), recipe.train.drop_last),
-            **({"distillation": self.distillation.summary()} if self.distillation is not None else {}),
+            **({"distillation": self.distillation.summary(
+                self.distillation.agreement(val_positions, val_logits, val_labels, decision))}
+               if self.distillation is not None else {}),
         }
         results, _ = write_evaluation(
             self.run_dir,

@@ -27,6 +27,12 @@ from mmcore.export.quantize import DEFAULT_MAX_AUROC_DROP, DEFAULT_MIN_AGREEMENT
 PRECISIONS = ("fp32", "int8")
 #: static quantization calibrates on at most this many of the parity rows by default
 DEFAULT_CALIBRATION_ROWS = 256
+#: the node types dynamic quantization converts by default: matrix products (MatMulInteger), where
+#: int8 pays. Convolutions stay fp32: onnxruntime's ConvInteger is slower than its fp32 Conv on x86
+#: CPUs (the tiny and the demo model with them quantized ran at 0.25-0.28x fp32's rows/s:
+#: ``bench/int8.py --ops MatMul,Gemm,Conv``, docs/performance.md);
+#: embedding tables (Gather) too: quantizing them saves bytes, not time, and moves every token
+DYNAMIC_OPS = ("MatMul", "Gemm")
 _BATCH = 16
 
 
@@ -40,6 +46,15 @@ class Int8Options:
     calibration_rows: int = DEFAULT_CALIBRATION_ROWS
     min_agreement: float = DEFAULT_MIN_AGREEMENT
     max_auroc_drop: float = DEFAULT_MAX_AUROC_DROP
+    #: the node types to quantize; None: :data:`DYNAMIC_OPS` for dynamic, onnxruntime's list for static
+    op_types: tuple[str, ...] | None = None
+
+    @property
+    def ops(self):
+        """The node types handed to the quantizer (None: onnxruntime's own list)."""
+        if self.op_types is not None:
+            return list(self.op_types)
+        return list(DYNAMIC_OPS) if self.mode == "dynamic" else None
 
 
 class Int8Refused(RunError):
@@ -85,7 +100,8 @@ def quantize_bundle(folder, info, scorer, split, options, *, out):
     work = folder.parent / f".{folder.name}.int8"
     int8_graph = work / graph.name
     calibration = (graph_feeds(scorer, split, limit=options.calibration_rows) if options.mode == "static" else None)
-    record = quantize_graph(graph, int8_graph, mode=options.mode, calibration=calibration, per_channel=options.per_channel)
+    record = quantize_graph(graph, int8_graph, mode=options.mode, calibration=calibration, per_channel=options.per_channel,
+                            op_types=options.ops)
     try:
         runner = GraphRunner(int8_graph, "onnx", device="cpu", external_data=graph.name + ".data" if record.external_data else None)
         fp32, int8 = [], []
@@ -108,7 +124,7 @@ def quantize_bundle(folder, info, scorer, split, options, *, out):
     graph_info.pop("external_data", None)
     if record.external_data:
         graph_info["external_data"] = graph.name + ".data"
-    quantization = {"mode": options.mode, "per_channel": options.per_channel,
+    quantization = {"mode": options.mode, "per_channel": options.per_channel, "op_types": options.ops,
                     "calibration_rows": min(options.calibration_rows, len(split)) if options.mode == "static" else 0,
                     "record": record.to_json(), "gate": {**gate.to_json(), "data": str(split.csv)}}
     return {**info, "graph": graph_info, "precision": "int8", "quantization": quantization}

@@ -103,6 +103,8 @@ class QuantizationInfo:
     mode: str = attrs.field(validator=one_of("dynamic", "static"))
     per_channel: bool = False
     calibration_rows: int = attrs.field(default=0, validator=at_least(0))
+    #: the node types handed to the quantizer (None: onnxruntime's own list)
+    op_types: list[str] | None = None
     record: dict = attrs.field(factory=dict)
     gate: dict = attrs.field(factory=dict)
 

@@ -119,6 +119,11 @@ def _teacher_path(instance, attribute, value):
         raise FieldError(attribute.name, "must name a run directory, an ensemble directory or an export bundle")
 
 
+def _not_blank_path(instance, attribute, value):
+    if value is not None and not value.strip():
+        raise FieldError(attribute.name, "must name a CSV file (or leave the key out)")
+
+
 @attrs.frozen(kw_only=True)
 class DistillConfig:
     """``train.distill``: the student learns from a teacher's temperature-softened logits and the labels
@@ -131,6 +136,11 @@ class DistillConfig:
     temperature: float = attrs.field(default=2.0, validator=_finite_positive)
     #: of the soft term; ``1 - weight`` goes to the recipe's loss on the labels
     weight: float = attrs.field(default=0.7, validator=in_range(0.0, 1.0, high_inclusive=True))
+    #: a CSV of unlabelled rows (``local_image_path``, ``text_info``; absolute or relative to ``data.base_dir``)
+    #: the teacher scores and the student learns from through the soft term only
+    transfer: str | None = attrs.field(default=None, validator=_not_blank_path)
+    #: true: the teacher scores every training batch as augmented (nothing stored); false: the rows as they are, once
+    online: bool = False
 
 
 @attrs.frozen(kw_only=True)

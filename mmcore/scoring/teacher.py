@@ -22,6 +22,8 @@ def open_teacher(path, *, device="auto", registry=None, source="recipe"):
     return Teacher(
         source=str(path), model_version=scorer.model_version, reads_image=scorer.uses_vision,
         reads_text=scorer.uses_text, score=functools.partial(_score, scorer),
+        decision=dict(scorer.decision), preprocessing=scorer.preprocessing if scorer.uses_vision else None,
+        logits=scorer.logits,
     )
 
 
