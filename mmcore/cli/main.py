@@ -80,8 +80,15 @@ def show(recipe, overrides, check_weights):
 @click.option("--sweep", "sweeps", multiple=True, metavar="KEY=V1,V2",
               help="Run the grid of these values (repeatable: the cartesian product), one run each, then compare.")
 @click.option("--dry-run", is_flag=True, help="With --sweep: list the grid, train nothing.")
+@click.option("--seeds", type=click.IntRange(min=1, max=64), default=None,
+              help="Train N runs (seeds seed..seed+N-1) into OUT/members/ and combine them as an ensemble in OUT.")
+@click.option("--folds", type=click.IntRange(min=2, max=64), default=None,
+              help="k-fold bag: one run per fold of train+val into OUT/members/, combined as an ensemble in OUT "
+                   "whose threshold and temperature come from the out-of-fold scores (OUT/oof_scores.csv).")
+@click.option("--group-column", default=None, metavar="COLUMN",
+              help="With --folds: rows with the same value in this CSV column stay in one fold.")
 @click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
-def run(recipe, overrides, out, resume, nproc, sweeps, dry_run, quiet):
+def run(recipe, overrides, out, resume, nproc, sweeps, dry_run, seeds, folds, group_column, quiet):
     """Train and evaluate RECIPE; writes a run directory.
 
     \b
@@ -89,9 +96,17 @@ def run(recipe, overrides, out, resume, nproc, sweeps, dry_run, quiet):
     mmcore run --resume runs/x/20261128-101500     # after a crash, kill or Ctrl-C
     mmcore run recipes/x.toml --sweep vision.name=resnet50,vit_base --sweep pooling.name=mean,attention
     mmcore run recipes/x.toml --nproc 2            # DDP through torchrun
+    mmcore run recipes/x.toml --seeds 3 --out runs/x-seeds   # 3 seeds, one ensemble directory
+    mmcore run recipes/x.toml --folds 5 --out runs/x-bag     # a 5-fold bag, one ensemble directory
     """
     from mmcore.commands.run import resume_training, train_recipe
 
+    if (seeds or folds) and (nproc or resume or sweeps):
+        raise click.UsageError("--seeds and --folds train their runs one after another: no --nproc, --resume or --sweep")
+    if seeds and folds:
+        raise click.UsageError("--seeds or --folds, not both")
+    if group_column and not folds:
+        raise click.UsageError("--group-column groups the rows of --folds")
     if nproc:
         _exec_torchrun(nproc)
 
@@ -111,6 +126,17 @@ def run(recipe, overrides, out, resume, nproc, sweeps, dry_run, quiet):
         return
     if dry_run:
         raise click.UsageError("--dry-run lists a --sweep grid; to see a recipe use: mmcore show RECIPE")
+    if seeds:
+        from mmcore.commands.ensemble import train_seed_ensemble
+
+        train_seed_ensemble(recipe, overrides, seeds=seeds, out=out, progress=progress_for(quiet), echo=click.echo)
+        return
+    if folds:
+        from mmcore.commands.ensemble import train_fold_bag
+
+        train_fold_bag(recipe, overrides, folds=folds, out=out, group_column=group_column, progress=progress_for(quiet),
+                       echo=click.echo)
+        return
     train_recipe(recipe, overrides, out=out, progress=progress_for(quiet), echo=click.echo)
 
 
@@ -170,6 +196,7 @@ def _add_commands():
     from mmcore.cli.cache import cache_group
     from mmcore.cli.compare import compare_command
     from mmcore.cli.drift import drift_command
+    from mmcore.cli.ensemble import ensemble_command
     from mmcore.cli.export import export_command
     from mmcore.cli.new_plugin import new_plugin_command
     from mmcore.cli.ocr import ocr_command
@@ -180,7 +207,7 @@ def _add_commands():
     from mmcore.cli.tune import tune_command
 
     commands = (predict_command, compare_command, ocr_command, cache_group, new_plugin_command, export_command, serve_command,
-                tune_command, shard_command)
+                tune_command, shard_command, ensemble_command)
     for command in commands:
         cli.add_command(command)
     cli.add_command(drift_command)

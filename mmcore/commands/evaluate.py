@@ -22,6 +22,7 @@ from mmcore.errors import DataError
 from mmcore.export.bundle import is_bundle
 from mmcore.io import check_output_path
 from mmcore.rundir import EVAL_DIR
+from mmcore.scoring.ensemble_dir import is_ensemble
 from mmcore.scoring.rows import collect, score_rows
 
 #: the key of results.json that names the model evaluated, per kind of scorer (others: the kind itself)
@@ -74,10 +75,11 @@ def eval_split(recipe, data=None):
 
 def evaluate(source, *, data=None, out=None, device="auto", cache=False, verify=None, registry=None, progress=True,
              echo=print):
-    """``mmcore eval RUN_DIR|BUNDLE_DIR``: :func:`evaluate_bundle` for a bundle, else :func:`evaluate_run`;
+    """``mmcore eval RUN_DIR|BUNDLE_DIR|ENSEMBLE_DIR``: :func:`evaluate_bundle` for a bundle or an ensemble,
+    else :func:`evaluate_run`;
     ``--out`` is checked before anything is scored. Returns the evaluation folder."""
     check_output_path(out, "evaluation folder", folder=True)
-    if is_bundle(source):
+    if is_bundle(source) or is_ensemble(source):
         return evaluate_bundle(source, data=data, out=out, device=device, verify=verify, registry=registry,
                                progress=progress, echo=echo)
     return evaluate_run(source, data=data, out=out, device=device, cache=cache, registry=registry, progress=progress,
@@ -105,12 +107,14 @@ def evaluate_bundle(bundle_dir, *, data=None, out=None, device="auto", verify=No
 
     The metrics are the run's to within the parity tolerance; what needs the PyTorch model (each
     row's score without its text or image, saliency) is left out. Default ``out``:
-    ``BUNDLE-eval/<csv>-<time>`` beside the bundle (a bundle folder is never written to).
+    ``BUNDLE-eval/<csv>-<time>`` beside the bundle (a bundle folder is never written to). An ensemble
+    directory is scored alike by its :class:`~mmcore.scoring.ensemble.EnsembleScorer` (default ``out``:
+    ``DIR/eval/<csv>-<time>``, as a run's).
     """
-    from mmcore.scoring.bundle import BundleScorer
+    from mmcore.scoring.scorers import open_scorer
 
     bundle_dir = Path(bundle_dir)
-    scorer = BundleScorer(bundle_dir, device=parse_device(device), verify=verify, registry=registry)
+    scorer = open_scorer(bundle_dir, device=parse_device(device), verify=verify, registry=registry, progress=progress)
     if scorer.recipe.data.format != "csv" and not (data and str(data).lower().endswith(".csv")):
         raise DataError(f"{bundle_dir}: the run read WebDataset shards; give a labelled CSV with --data")
     split, csv = eval_split(scorer.recipe, data)
@@ -145,7 +149,7 @@ def evaluate_rows(scorer, split, csv, *, out=None, cache=False, registry=None, p
         raise DataError(f"{csv}: eval needs labels in every row (use mmcore predict for unlabeled data)")
     if out:
         out_dir = Path(out)
-    elif scorer.kind == "run":
+    elif scorer.kind in ("run", "ensemble"):  # a folder of its own: the evaluation beside the model's files
         out_dir = scorer.source / EVAL_DIR / _eval_name(csv)
     else:
         out_dir = scorer.source.parent / f"{scorer.source.name}-eval" / _eval_name(csv)

@@ -27,6 +27,7 @@ from mmcore.export import parity as P
 from mmcore.export import schema as S
 from mmcore.export.inputs import describe_inputs
 from mmcore.export.int8 import Int8Options, quantize_bundle
+from mmcore.export.source import ExportSource
 from mmcore.export.text import write_text_side
 from mmcore.io import check_output_path, existing_parent
 from mmcore.rundir import RunDir
@@ -105,7 +106,8 @@ def _example_inputs(fused, folder, registry, split, max_image_pixels):
 
 def export_run(run_dir, out, *, fmt="onnx", data=None, rows=DEFAULT_ROWS, base_dir=None, score_tol=None,
                min_agreement=1.0, safetensors=False, quantize=None, registry=None, progress=True, echo=print):
-    """Export the finished run in ``run_dir`` to the bundle folder ``out`` (see the module docstring).
+    """Export the finished run (or ensemble directory) in ``run_dir`` to the bundle folder ``out``
+    (see the module docstring).
 
     ``quantize``: an :class:`~mmcore.export.int8.Int8Options` (``--quantize int8``): the graph that passed
     parity is quantized and kept only if its quality gate passes (:mod:`mmcore.export.int8`).
@@ -113,9 +115,7 @@ def export_run(run_dir, out, *, fmt="onnx", data=None, rows=DEFAULT_ROWS, base_d
     ``safetensors``: also write the classifier's state dict as ``model.safetensors`` (the graph
     holds the weights already; this is a second copy, for PyTorch users).
     """
-    from mmcore.engine.restore import load_run
-    from mmcore.engine.runtime import autocast_dtype
-    from mmcore.scoring.run import RunScorer
+    from mmcore.scoring.ensemble_dir import is_ensemble
 
     run_dir, out = Path(run_dir), Path(out)
     check_output_path(out, "bundle folder")  # before the parity gate scores anything
@@ -126,40 +126,73 @@ def export_run(run_dir, out, *, fmt="onnx", data=None, rows=DEFAULT_ROWS, base_d
         from mmcore.kit.deps import require_extra
 
         require_extra("export", "mmcore export")
-    score_tol = P.FP32_SCORE_TOL if score_tol is None else score_tol
-    # the model itself, in float32 from the raw rows: the feature cache stores float16, whose rounding
-    # (up to 1/2048 of each feature) no graph should be blamed or excused for; bf16 autocast neither
+    if is_ensemble(run_dir):
+        from mmcore.export.ensemble_graph import ensemble_source
+
+        source = ensemble_source(run_dir, registry=registry, progress=progress)
+    else:
+        source = run_source(run_dir, registry=registry, progress=progress)
+    return export_source(source, out, fmt=fmt, data=data, rows=rows, base_dir=base_dir, score_tol=score_tol,
+                         min_agreement=min_agreement, safetensors=safetensors, quantize=quantize, progress=progress,
+                         echo=echo)
+
+
+def run_source(run_dir, *, registry=None, progress=True):
+    """A finished run as an :class:`ExportSource`: its model in float32 from the raw rows (the feature
+    cache stores float16, whose rounding no graph should be blamed or excused for; bf16 autocast neither)."""
+    from mmcore.engine.restore import load_run
+    from mmcore.engine.runtime import autocast_dtype
+    from mmcore.scoring.run import RunScorer
+
     run_model, ckpt = load_run(run_dir, registry=registry, progress=progress, fp32=True)
-    recipe, model = run_model.recipe, run_model.model
+    model = run_model.model
     trained_precision = RunDir(run_dir).recipe_data().get("train", {}).get("precision", "auto")
     run_dtype = autocast_dtype(trained_precision, run_model.device)
     decision = ckpt.get("decision") or {"threshold": 0.5, "temperature": 1.0, "description": "0.5 (no decision saved)"}
     S.structure_file(decision, S.Decision, path=f"{RunDir(run_dir).best}: decision")
+    trained = None
+    if run_dtype is not None:  # information: how far the run's own precision is from the float32 the bundle computes
+        trained = RunScorer.from_model(run_model, decision=decision, source=run_dir, dtype=run_dtype)
+    return ExportSource(
+        path=Path(run_dir), recipe=run_model.recipe, registry=run_model.registry, model=model, weights=model,
+        decision=decision, scorer=RunScorer.from_model(run_model, decision=decision, source=run_dir),
+        trained_scorer=trained, trained_precision=trained_precision, selected_epoch=ckpt.get("epoch"),
+        make_graph=lambda vision_names, plan: G.FusedModel(model, vision_names, plan),
+        graph_failure=lambda fmt, exc: _graph_failure(model, fmt, exc),
+    )
+
+
+def export_source(source, out, *, fmt="onnx", data=None, rows=DEFAULT_ROWS, base_dir=None, score_tol=None,
+                  min_agreement=1.0, safetensors=False, quantize=None, progress=True, echo=print):
+    """Score the parity rows with ``source``'s PyTorch scorer, write the bundle into a hidden folder,
+    score it with onnxruntime, and rename it to ``out`` only when the gate passes."""
+    run_dir, recipe, model, decision = source.path, source.recipe, source.model, source.decision
+    score_tol = P.FP32_SCORE_TOL if score_tol is None else score_tol
+    trained_precision = source.trained_precision
     # a text encoder that cannot leave its string work on the host is refused before any scoring, and so is a full disk
     plan = G.plan_text(model.text) if model.uses_text else None
-    needed = bundle_bytes(model, fmt, safetensors)
+    needed = bundle_bytes(source.weights, fmt, safetensors)
     check_free_space(out, needed)
 
     # 1. the PyTorch run's own scores of the parity rows (before anything is touched)
     split = parity_rows(recipe, data, rows, base_dir)
     if not len(split):
         raise DataError(f"{split.csv}: no rows to check parity on")
-    torch_scorer = RunScorer.from_model(run_model, decision=decision, source=run_dir)
-    scored = collect(score_rows(torch_scorer, split, registry=registry, progress=progress, desc="parity"))
+    scored = collect(score_rows(source.scorer, split, registry=source.registry, progress=progress, desc="parity"))
     kept = _scored_rows(split, scored)  # the rows as scored: readable images, texts settled (OCR)
     torch_logits = scored.logits
     trained_logits = None
-    if run_dtype is not None:  # information: how far the run's own precision is from the float32 the bundle computes
-        trained = RunScorer.from_model(run_model, decision=decision, source=run_dir, dtype=run_dtype)
-        trained_logits = collect(score_rows(trained, kept, fill_text=False, progress=progress, desc="parity")).logits
+    if source.trained_scorer is not None:
+        trained_logits = collect(score_rows(source.trained_scorer, kept, fill_text=False, progress=progress,
+                                            desc="parity")).logits
 
     # 2. everything of the bundle, in a hidden folder beside --out
-    model = model.to("cpu").eval()
+    source.weights.to("cpu").eval()
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        registry = run_model.registry
+        registry = source.registry
         text_side = write_text_side(tmp, plan, registry) if plan is not None else None
         vision_names, described = [], None
         if model.uses_vision:
@@ -171,12 +204,12 @@ def export_run(run_dir, out, *, fmt="onnx", data=None, rows=DEFAULT_ROWS, base_d
             vision_names = list(preprocessing.collate([preprocessing(_blank_image())]))
         _write_json(tmp / B.INPUTS, describe_inputs(vision=described, text=text_side))
         if safetensors:
-            B.write_weights(model, tmp / B.WEIGHTS)
+            B.write_weights(source.weights, tmp / B.WEIGHTS)
         shutil.copyfile(RunDir(run_dir).recipe_file, tmp / B.RECIPE)
         _write_json(tmp / B.DECISION, decision)
         B.copy_reference_profile(run_dir, tmp)
 
-        fused = G.FusedModel(model, vision_names, plan)
+        fused = source.make_graph(vision_names, plan)
         graph_file = B.GRAPH_FILES[fmt]
         info = {
             "bundle_format": B.BUNDLE_FORMAT,
@@ -184,10 +217,11 @@ def export_run(run_dir, out, *, fmt="onnx", data=None, rows=DEFAULT_ROWS, base_d
             "run_dir": str(run_dir.resolve()),
             "experiment": recipe.experiment,
             "modality": recipe.train.modality,
-            "selected_epoch": ckpt.get("epoch"),
+            "selected_epoch": source.selected_epoch,
             "graph": {"format": fmt, "file": graph_file, "inputs": fused.input_names,
                       "vision_inputs": vision_names, "text_inputs": list(fused.text_names), "output": "logit",
                       "opset": G.OPSET if fmt == "onnx" else None},
+            **source.manifest_extra,
         }
         from mmcore.scoring.bundle import BundleScorer
 
@@ -197,7 +231,7 @@ def export_run(run_dir, out, *, fmt="onnx", data=None, rows=DEFAULT_ROWS, base_d
         except EXPORTER_ERRORS as exc:
             if shutil.disk_usage(tmp).free < (64 << 20):  # torch's C++ writers report a full disk as a RuntimeError
                 raise OSError(errno.ENOSPC, "no space left on device") from None
-            raise G.ExportUnsupported(_graph_failure(model, fmt, exc)) from None
+            raise G.ExportUnsupported(source.graph_failure(fmt, exc)) from None
         if external:
             info["graph"]["external_data"] = external
         entries = B.file_entries(tmp)  # every file hashed once; parity.json and the card join below
@@ -210,7 +244,8 @@ def export_run(run_dir, out, *, fmt="onnx", data=None, rows=DEFAULT_ROWS, base_d
                    "trained_precision": trained_precision}
         if trained_logits is not None:
             figures["trained_precision_deviation"] = P.precision_deviation(
-                scorer, torch_logits, trained_logits, precision=str(run_dtype).replace("torch.", ""))
+                scorer, torch_logits, trained_logits,
+                precision=str(source.trained_scorer.dtype).replace("torch.", ""))
         if not report.passed:
             raise P.ParityError(report.failure_line(out))
         _write_json(tmp / B.PARITY, figures)

@@ -23,6 +23,7 @@ from mmcore.devices import parse_device
 from mmcore.errors import MmcoreError
 from mmcore.export.bundle import is_bundle
 from mmcore.io import check_output_path, existing_parent
+from mmcore.scoring.ensemble_dir import is_ensemble
 from mmcore.scoring.rows import collect, score_rows
 from mmcore.scoring.tables import read_input, write_scored_table
 
@@ -54,13 +55,13 @@ def predict_csv(source, input_csv, output, *, batch_size=None, base_dir=None, de
     check_output_path(output, "predictions CSV", option="-o")  # before any scoring
     check_output_file(output, input_csv)
     device = parse_device(device)
-    if is_bundle(source):
-        from mmcore.scoring.bundle import BundleScorer
+    if is_bundle(source) or is_ensemble(source):
+        from mmcore.scoring.scorers import open_scorer
 
-        scorer = BundleScorer(source, device=device, verify=verify, registry=registry)
+        scorer = open_scorer(source, device=device, verify=verify, registry=registry, progress=progress)
         frame, split = read_input(input_csv, base_dir, require_text=scorer.uses_text, check_images=scorer.uses_vision,
                                   max_image_bytes=scorer.data_config.get("max_image_bytes", DEFAULT_MAX_IMAGE_BYTES))
-        where = f"with bundle {source} on {scorer.device_name}"
+        where = f"with {scorer.kind} {source} on {scorer.device_name}"
     else:
         from mmcore.engine.restore import open_run
         from mmcore.scoring.run import RunScorer

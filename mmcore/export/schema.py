@@ -81,6 +81,24 @@ class GraphInfo:
 
 
 @attrs.frozen(kw_only=True)
+class EnsembleMemberInfo:
+    """One member of an ensemble bundle's graph: its folder in the ensemble directory and its weight."""
+
+    dir: str
+    weight: float = attrs.field(validator=in_range(0.0, 1.0, high_inclusive=True))
+    experiment: str = ""
+
+
+@attrs.frozen(kw_only=True)
+class EnsembleInfo:
+    """``manifest.json``'s ``ensemble``: the members the one graph computes and which encoders they share
+    (``shared_encoders["vision"]``: groups of member indexes whose encoder the graph runs once)."""
+
+    members: list[EnsembleMemberInfo]
+    shared_encoders: dict[str, list[list[int]]] = attrs.field(factory=dict)
+
+
+@attrs.frozen(kw_only=True)
 class QuantizationInfo:
     """``manifest.json``'s ``quantization`` (int8 bundles): how the graph was quantized, what changed
     (:class:`mmcore.export.quantize.QuantizationRecord`) and the quality gate's figures (``GateResult``)."""
@@ -108,6 +126,8 @@ class Manifest:
     graph: GraphInfo
     versions: dict[str, str] = attrs.field(factory=dict)
     files: dict[str, FileEntry] = attrs.field(factory=dict)
+    #: an ensemble's bundle: its members and shared encoders (None for a run's)
+    ensemble: EnsembleInfo | None = None
     #: the graph's precision: "int8" graphs (``export --quantize int8``) run on the CPU only
     precision: str = attrs.field(default="fp32", validator=one_of("fp32", "int8"))
     quantization: QuantizationInfo | None = None

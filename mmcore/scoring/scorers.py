@@ -7,11 +7,14 @@ from pathlib import Path
 from mmcore.errors import RunError
 from mmcore.export.bundle import is_bundle
 from mmcore.scoring.bundle import BundleScorer
+from mmcore.scoring.ensemble import EnsembleScorer
+from mmcore.scoring.ensemble_dir import is_ensemble
 from mmcore.scoring.run import RunScorer
 
 
 def open_scorer(path, *, registry=None, device="auto", verify=None, progress=False):
-    """A :class:`~mmcore.scoring.bundle.BundleScorer` for a bundle folder, else a
+    """A :class:`~mmcore.scoring.bundle.BundleScorer` for a bundle folder, an
+    :class:`~mmcore.scoring.ensemble.EnsembleScorer` for an ensemble directory, else a
     :class:`~mmcore.scoring.run.RunScorer` for a run directory (finished, or live: its last
     completed checkpoint).
 
@@ -20,6 +23,8 @@ def open_scorer(path, *, registry=None, device="auto", verify=None, progress=Fal
     path = Path(path)
     if is_bundle(path):
         return BundleScorer(path, device=device, verify=verify, registry=registry)
+    if is_ensemble(path):
+        return EnsembleScorer(path, registry=registry, device=device, verify=verify, progress=progress)
     if not path.is_dir():
         raise RunError(f"{path}: neither a run directory nor an export bundle (not found)")
     return RunScorer(path, registry=registry, device=device, progress=progress)

@@ -27,6 +27,7 @@ def source_recipe(source, *, while_training=False, echo=print):
     """``(kind, recipe data)`` of what ``source`` is; refuses anything that cannot be served, in one line."""
     from mmcore.export.bundle import RECIPE, is_bundle, read_manifest
     from mmcore.rundir import RunDir, RunLock
+    from mmcore.scoring.ensemble_dir import is_ensemble, read_ensemble
 
     source = Path(source)
     if is_bundle(source):
@@ -37,6 +38,9 @@ def source_recipe(source, *, while_training=False, echo=print):
             raise RunError(f"{source / RECIPE}: cannot read the bundle's recipe ({exc})") from None
     if not source.is_dir():
         raise RunError(f"{source}: neither a run directory nor an export bundle (not found)")
+    if is_ensemble(source):
+        read_ensemble(source, verify=False)  # the record and its members checked here; the worker hashes and loads them
+        return "ensemble", RunDir(source).recipe_data()
     run = RunDir(source)
     run.require_exists()
     status = run.status() or {}
