@@ -48,6 +48,7 @@ from mmcore.data.frames import split_from_frame
 from mmcore.data.images import DEFAULT_MAX_IMAGE_BYTES
 from mmcore.devices import parse_device
 from mmcore.errors import DataError
+from mmcore.export.int8 import Int8Options
 from mmcore.rundir import RunDir
 from mmcore.scoring.scorers import open_scorer
 from mmcore.scoring.tables import OUTPUT_COLUMNS, read_input
@@ -279,15 +280,21 @@ class Model:
 
     def export(self, out: str | os.PathLike, *, format: str = "onnx", data: Rows | None = None, rows: int = 64,
                base_dir: str | os.PathLike | None = None, score_tol: float | None = None, min_agreement: float = 1.0,
-               safetensors: bool = False) -> ExportSummary:
-        """Export the run to the bundle folder ``out`` through the parity gate, as ``mmcore export`` does
-        -> :class:`~mmcore.commands.export.ExportSummary` (``out``, ``format``, ``parity``).
+               safetensors: bool = False, quantize: Literal["int8"] | Int8Options | None = None) -> ExportSummary:
+        """Export the run (or ensemble) to the bundle folder ``out`` through the parity gate, as ``mmcore export``
+        does -> :class:`~mmcore.commands.export.ExportSummary` (``out``, ``format``, ``parity``).
 
         ``data``: a DataFrame or CSV path of parity rows (default: the run's validation split).
+        ``quantize``: ``"int8"`` (``--quantize int8``'s defaults) or an :class:`~mmcore.export.int8.Int8Options`;
+        the int8 graph is kept only if its quality gate passes, else :class:`~mmcore.export.int8.Int8Refused`.
         """
+        if quantize == "int8":
+            quantize = Int8Options()
+        elif quantize is not None and not isinstance(quantize, Int8Options):
+            raise ValueError(f"quantize: {quantize!r}; give 'int8' or an Int8Options")
         return export_run(self.source, out, fmt=format, data=data, rows=rows, base_dir=base_dir, score_tol=score_tol,
-                          min_agreement=min_agreement, safetensors=safetensors, registry=self.registry,
-                          progress=not self.quiet, echo=_quiet if self.quiet else print)
+                          min_agreement=min_agreement, safetensors=safetensors, quantize=quantize,
+                          registry=self.registry, progress=not self.quiet, echo=_quiet if self.quiet else print)
 
     # -- rows --------------------------------------------------------------------------------
 

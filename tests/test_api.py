@@ -149,6 +149,24 @@ def test_a_run_and_its_bundle_load_as_the_same_model(exportable_run, demo_data, 
                - run_model.predict_one(Image.open(one.local_image_path), one.text_info).score) <= 1e-5
 
 
+def test_export_quantizes_as_mmcore_export_does(exportable_run, demo_data, tmp_path):
+    """Model.export(quantize=...) is export --quantize int8: the int8 bundle loads and scores as a model."""
+    from mmcore.export.int8 import Int8Options
+
+    run_model = mmcore.load(exportable_run, quiet=True)
+    frame = frames_of(demo_data)["test"]
+    with pytest.raises(ValueError, match=r"^quantize: 'int4'; give 'int8' or an Int8Options$"):
+        run_model.export(tmp_path / "int4", data=frame, rows=8, quantize="int4")
+    assert not (tmp_path / "int4").exists()
+    run_model.export(tmp_path / "int8", data=frame, rows=8,  # a gate 8 rows of a tiny model can pass
+                     quantize=Int8Options(min_agreement=0.5, max_auroc_drop=0.5))
+    manifest = json.loads((tmp_path / "int8" / "manifest.json").read_text())
+    assert manifest["precision"] == "int8"
+    gap = np.abs(mmcore.load(tmp_path / "int8", quiet=True).predict(frame)["score"].to_numpy()
+                 - run_model.predict(frame)["score"].to_numpy())
+    assert 0 < gap.max() < 0.2  # quantized: close to the float32 run, not equal to it
+
+
 def test_a_bad_recipe_key_raises_the_clis_line(tiny_recipe, cli):
     recipe = tiny_recipe()
     by_cli = cli("run", recipe, "--set", "train.lr=0.1", check=False)

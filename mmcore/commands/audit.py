@@ -23,7 +23,6 @@ import io
 from pathlib import Path
 
 import attrs
-import numpy as np
 
 from mmcore.commands.drift import join_splits, score_and_embed
 from mmcore.commands.kfold import labelled_rows, train_folds
