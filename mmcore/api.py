@@ -49,7 +49,7 @@ from mmcore.data.images import DEFAULT_MAX_IMAGE_BYTES
 from mmcore.devices import parse_device
 from mmcore.errors import DataError
 from mmcore.export.int8 import Int8Options
-from mmcore.rundir import RunDir
+from mmcore.rundir import RESULTS_FILE, RunDir
 from mmcore.scoring.scorers import open_scorer
 from mmcore.scoring.tables import OUTPUT_COLUMNS, read_input
 from mmcore.textsource import TEXT_MODES, MissingTextError, has_text
@@ -273,7 +273,7 @@ class Model:
         if data is None:
             folder = evaluate(self.source, out=out, device=self.device, cache=cache, registry=self.registry,
                               progress=not self.quiet, echo=echo)
-            return Evaluation(out=Path(folder), results=json.loads((Path(folder) / "results.json").read_text("utf-8")))
+            return Evaluation(out=Path(folder), results=json.loads((Path(folder) / RESULTS_FILE).read_text("utf-8")))
         _, split = self._rows(data, base_dir=base_dir, columns=columns, require_label=True)
         return evaluate_rows(self.scorer, split, split.csv, out=out, cache=cache, registry=self.registry,
                              progress=not self.quiet, echo=echo)

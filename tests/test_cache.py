@@ -376,7 +376,7 @@ def test_cache_verify_lists_damage_and_repair_removes_it(registry, tmp_path, spl
     result = runner.invoke(cache_group, ["verify", "--dir", str(cache)])
     assert result.exit_code == 0 and result.output.splitlines() == [
         f"checked {cache}: 2 feature spaces, 1 sound chunks ({len(set(split.texts))} entries), 1 file-hash records, "
-        "0 image-check records, 0 OCR texts; 0 problems"
+        "0 image-check records, 0 OCR texts, 0 teacher-logit record files; 0 problems"
     ]
 
 

@@ -467,12 +467,12 @@ def test_the_ocr_tenant_is_in_cache_info_verify_and_clear(tmp_path, registry):
         f"{b}: damaged OCR text (its contents are another image's or engine's text than its name says)",
         f"{c}: damaged OCR text (unreadable: {cut.value})",
         f"checked {cache}: 0 feature spaces, 0 sound chunks (0 entries), 0 file-hash records, "
-        "0 image-check records, 0 OCR texts; 3 problems",
+        "0 image-check records, 0 OCR texts, 0 teacher-logit record files; 3 problems",
     ]
     assert ocr_fill(paths, ["", "", ""], **fill) == ["word41 eng", "word42 eng", "word43 eng"]  # not each other's
     assert calls(log) == [41, 42, 43, 41, 42, 43]  # read again, and cached again
     assert runner.invoke(cache_group, ["verify", "--dir", str(cache)]).output.splitlines()[-1].endswith(
-        "3 OCR texts; 0 problems")
+        "3 OCR texts, 0 teacher-logit record files; 0 problems")
 
     size = sum(p.stat().st_size for p in (cache / "ocr").iterdir())
     cleared = runner.invoke(cache_group, ["clear", "--tenant", "ocr", "--dir", str(cache)])
