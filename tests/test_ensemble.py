@@ -345,3 +345,17 @@ def test_equal_weights_select_nothing(member_runs, tmp_path):
     mean = {n: (a + b) / 2 for (n, a), b in zip(_scores(member_runs[0] / "test_predictions.json").items(),
                                                  _scores(member_runs[1] / "test_predictions.json").values())}
     assert _scores(summary.out / "test_predictions.json") == pytest.approx(mean, abs=1e-6)
+
+
+def test_an_ensemble_that_fails_after_linking_its_members_leaves_no_folder(member_runs, tmp_path, monkeypatch):
+    """A failure once members are linked (here: scoring them) removes the half-made directory, and is raised as it was."""
+    from mmcore.commands import ensemble as command
+
+    def failing(out, member_dirs, **kwargs):
+        assert all(Path(d).is_dir() for d in member_dirs)  # the members were linked under out/members/
+        raise RunError("scoring failed")
+
+    monkeypatch.setattr(command, "assemble_ensemble", failing)
+    with pytest.raises(RunError, match="^scoring failed$"):
+        command.build_ensemble(member_runs, tmp_path / "ens", progress=False, echo=lambda line: None)
+    assert not (tmp_path / "ens").exists()

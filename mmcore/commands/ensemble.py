@@ -145,18 +145,19 @@ def build_ensemble(run_dirs, out, *, metric=DEFAULT_METRIC, iterations=DEFAULT_I
         registry = get_registry()
     data_digests(run_dirs, [RunDir(d).load_recipe(registry) for d in run_dirs])  # named as given, before any link
     members_dir = out / E.MEMBERS_DIR
-    linked = []
+    linked, finished = [], False
     try:
         for index, run_dir in enumerate(run_dirs):
             experiment = RunDir(run_dir).recipe_data().get("experiment") or "run"
             linked.append(E.link_member(run_dir, members_dir / f"{index}-{_safe(experiment)}"))
-        return assemble_ensemble(out, linked, source="runs", metric=metric, iterations=iterations,
-                                 initial_best=initial_best, threshold=threshold, weighting=weighting,
-                                 registry=registry, device=device,
-                                 progress=progress, echo=echo)
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)  # nothing half-made is left for a command to read
-        raise
+        summary = assemble_ensemble(out, linked, source="runs", metric=metric, iterations=iterations,
+                                    initial_best=initial_best, threshold=threshold, weighting=weighting,
+                                    registry=registry, device=device, progress=progress, echo=echo)
+        finished = True
+        return summary
+    finally:
+        if not finished:  # whatever stopped it (a refusal, Ctrl-C): nothing half-made is left for a command to read
+            shutil.rmtree(out, ignore_errors=True)
 
 
 def assemble_ensemble(out, member_dirs, *, source, metric=DEFAULT_METRIC, iterations=DEFAULT_ITERATIONS,

@@ -49,12 +49,7 @@ def _read_toml(path, chain=()):
     if len(chain) >= MAX_NESTING:  # each level is a recursion here and in deep_merge
         raise RecipeError(f"{chain[-1]}: extends: more than {MAX_NESTING} recipes extend one another")
     text = _read_recipe_text(path, f"{chain[-1]}: extends" if chain else None)
-    try:
-        data = loads_toml(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise RecipeError(f"{path}: invalid TOML: {exc}") from None
-    except NestingError as exc:
-        raise RecipeError(f"{path}: {exc}") from None
+    data = _parse_toml(text, path)
     parent = data.pop("extends", None)
     if parent is None:
         return data
@@ -206,12 +201,7 @@ def recipe_from_source(recipe, overrides=(), *, registry=None, strict_env=True):
     if isinstance(recipe, str) and "\n" in recipe:
         if len(recipe.encode("utf-8")) > MAX_RECIPE_BYTES:
             raise RecipeError(f"<recipe>: more than {MAX_RECIPE_BYTES} bytes of TOML; a recipe is a small TOML file")
-        try:
-            data = loads_toml(recipe)
-        except tomllib.TOMLDecodeError as exc:
-            raise RecipeError(f"<recipe>: invalid TOML: {exc}") from None
-        except NestingError as exc:
-            raise RecipeError(f"<recipe>: {exc}") from None
+        data = _parse_toml(recipe, "<recipe>")
         return _load_raw(_bounded_data(data), "<recipe>", overrides, registry=registry, strict_env=strict_env)
     return load_recipe(recipe, overrides, registry=registry, strict_env=strict_env)
 
@@ -409,3 +399,13 @@ def recipe_diff(a, b, prefix="", *, added_ok=False):
         elif a.get(key) != b.get(key):
             out.append(path)
     return out
+
+
+def _parse_toml(text, where):
+    """``text`` as TOML (bounded nesting); a problem is one RecipeError line naming ``where``."""
+    try:
+        return loads_toml(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(f"{where}: invalid TOML: {exc}") from None
+    except NestingError as exc:
+        raise RecipeError(f"{where}: {exc}") from None
