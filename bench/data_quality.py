@@ -129,9 +129,10 @@ def train(recipe_path, out):
     import shutil
 
     from mmcore.commands.run import run_training
+    from mmcore.quality.profile import profile_path
     from mmcore.recipe import load_recipe
 
-    if (out / "reference_profile" / "profile.json").is_file():  # a rerun of the bench reuses a finished run
+    if profile_path(out).exists():  # a rerun of the bench reuses a finished run (its profile is written last)
         return out
     shutil.rmtree(out, ignore_errors=True)  # what an interrupted bench left
     return run_training(load_recipe(recipe_path), recipe_path=recipe_path, out=out, progress=False, echo=quiet)
@@ -274,9 +275,9 @@ def val_versus_test(run, val_rows):
     """Domain AUROC between the profile's val rows and its test rows (both held out), folds grouped by
     near-duplicate cluster and not: the classifier's view of two samples split by campaign."""
     from mmcore.quality.drift import domain_auroc, near_duplicate_clusters
-    from mmcore.quality.profile import read_profile
+    from mmcore.quality.profile import profile_path, read_profile
 
-    profile = read_profile(Path(run) / "reference_profile")
+    profile = read_profile(profile_path(run))
     if len(profile.sample_scores) != profile.rows:
         return None  # a sampled profile: its rows are not val then test
     clusters = near_duplicate_clusters(*profile.embeddings.values())

@@ -1,6 +1,7 @@
-"""``mmcore drift`` and the reference profile: written at the end of a run from its held-out rows, carried
-in the bundle (listed in its manifest), exit 10 on a shifted set and 0 on fresh rows of the same kind,
-from a run and from a bundle; a damaged or missing profile is one line."""
+"""``mmcore drift`` and the reference profile: written at the end of a run from its held-out rows as one
+safetensors file, carried in the bundle (listed in its manifest like every file), exit 10 on a shifted
+set and 0 on fresh rows of the same kind, from a run and from a bundle; a damaged or missing profile
+is one line; older runs and bundles, with a ``reference_profile/`` folder, still drift."""
 
 import csv
 import json
@@ -10,11 +11,13 @@ import numpy as np
 import pytest
 import tomli_w
 from conftest import mmcore_cli
+from older_profile import write_profile_folder
 from PIL import Image
 from tiny import tiny_recipe_data
 
-from mmcore.commands.drift import drift
+from mmcore.commands.drift import drift, reference_profile
 from mmcore.errors import RunError
+from mmcore.export.bundle import file_entries, sha256_file
 from mmcore.quality.drift import DRIFT_EXIT_CODE
 from mmcore.quality.profile import read_profile, score_histogram
 
@@ -59,7 +62,8 @@ def test_a_run_keeps_a_profile_of_its_held_out_rows(drift_setup, tmp_path):
     from mmcore.commands.predict import predict_csv
 
     run = drift_setup["run"]
-    profile = read_profile(run / "reference_profile")
+    profile = read_profile(run / "reference_profile.safetensors")
+    assert not (run / "reference_profile").exists()  # one file, not the older folder
     results = json.loads((run / "results.json").read_text())
     assert profile.rows == 128 and profile.threshold == results["decision"]["threshold"]
     calibrated = []
@@ -78,11 +82,12 @@ def test_a_run_keeps_a_profile_of_its_held_out_rows(drift_setup, tmp_path):
 def test_the_bundle_carries_the_profile_in_its_manifest(drift_setup):
     run, bundle = drift_setup["run"], drift_setup["bundle"]
     manifest = json.loads((bundle / "manifest.json").read_text())
-    names = sorted(p.name for p in (run / "reference_profile").iterdir())
-    assert names == ["embeddings_image.npy", "embeddings_text.npy", "profile.json", "scores.npy"]
-    for name in names:
-        assert (bundle / "reference_profile" / name).read_bytes() == (run / "reference_profile" / name).read_bytes()
-        assert manifest["files"][f"reference_profile/{name}"]["bytes"] == (run / "reference_profile" / name).stat().st_size
+    profile = run / "reference_profile.safetensors"
+    assert (bundle / "reference_profile.safetensors").read_bytes() == profile.read_bytes()
+    assert manifest["files"]["reference_profile.safetensors"] == {"sha256": sha256_file(profile),
+                                                                   "bytes": profile.stat().st_size}
+    assert not (bundle / "reference_profile").exists() and not any("/" in name and name.startswith("reference_profile")
+                                                                   for name in manifest["files"])
 
 
 def test_drift_exits_10_on_a_shifted_set(drift_setup, tmp_path):
@@ -113,19 +118,112 @@ def test_fresh_rows_do_not_drift_and_from_a_bundle_the_score_shift_alone_decides
 
 
 def test_a_damaged_or_missing_profile_is_one_line(drift_setup, tmp_path):
+    """Through mmcore drift, before any row is scored: a wrong count, a truncated file, a header
+    claiming a huge size, a tensor of the wrong dtype, a summary that is not JSON, a missing tensor."""
+    from safetensors import safe_open
+    from safetensors.numpy import save
+
     run = tmp_path / "run"
     shutil.copytree(drift_setup["run"], run)
-    profile_json = run / "reference_profile" / "profile.json"
-    data = json.loads(profile_json.read_text())
-    data["score_counts"][6] += 1
-    profile_json.write_text(json.dumps(data))
-    with pytest.raises(RunError, match=rf"^{profile_json}: score_counts: counts sum to 129, not the 128 rows$"):
-        drift(run, drift_setup["fresh"], progress=False, echo=lambda line: None)
-    shutil.rmtree(run / "reference_profile")
-    with pytest.raises(RunError, match=rf"^{profile_json}: no reference profile here; mmcore run writes one when it ends"
+    path = run / "reference_profile.safetensors"
+    good = path.read_bytes()
+    with safe_open(path, "np") as handle:
+        metadata = handle.metadata()
+        arrays = {name: handle.get_tensor(name) for name in handle.keys()}
+    summary = json.loads(metadata["reference_profile"])
+    summary["score_counts"][6] += 1
+    dims = arrays["embeddings_image"].shape[1]
+    damaged = {
+        "score_counts: counts sum to 129, not the 128 rows": save(arrays, metadata={"reference_profile": json.dumps(summary)}),
+        f"{len(good) - 100} bytes, its header declares {len(good)} (a truncated or damaged file)": good[:-100],
+        f"its header declares {1 << 40} bytes, more than a reference profile's {(2 << 20) + (64 << 10)}":
+            (1 << 40).to_bytes(8, "little") + good[8:],
+        f"tensor embeddings_image: expected float16 of shape (128, {dims}), got float32 of shape (128, {dims})":
+            save({**arrays, "embeddings_image": arrays["embeddings_image"].astype(np.float32)}, metadata=metadata),
+        "__metadata__.reference_profile: not valid JSON (Expecting value: line 1 column 1 (char 0))":
+            save(arrays, metadata={"reference_profile": "profile"}),
+        "tensor embeddings_text: missing": save({k: v for k, v in arrays.items() if k != "embeddings_text"}, metadata=metadata),
+    }
+    for message, data in damaged.items():
+        path.write_bytes(data)
+        with pytest.raises(RunError) as error:
+            drift(run, drift_setup["fresh"], progress=False, echo=lambda line: None)
+        assert str(error.value) == f"{path}: {message}"
+    path.unlink()
+    with pytest.raises(RunError, match=rf"^{path}: no reference profile here; mmcore run writes one when it ends"
                                        " and mmcore export copies it into the bundle$"):
         drift(run, drift_setup["fresh"], progress=False, echo=lambda line: None)
     assert not (run / "drift").exists()
+
+
+def _relist(bundle, change=None):
+    """Rewrite the bundle's manifest listing every file as it is now, then ``change`` its files table."""
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["files"] = file_entries(bundle)
+    if change:
+        change(manifest["files"])
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    return manifest["files"]
+
+
+def test_a_bundle_whose_profile_is_unlisted_or_changed_is_refused_like_any_bundle_file(drift_setup, tmp_path):
+    quiet = lambda line: None  # noqa: E731
+    bundle = tmp_path / "bundle"
+    shutil.copytree(drift_setup["bundle"], bundle)
+    path = bundle / "reference_profile.safetensors"
+    listed = path.stat().st_size
+    path.write_bytes(path.read_bytes() + b" ")
+    with pytest.raises(RunError) as error:
+        drift(bundle, drift_setup["fresh"], progress=False, echo=quiet)
+    assert str(error.value) == (f"{bundle}: reference_profile.safetensors: {listed + 1} bytes, manifest.json says {listed}"
+                                " (the file was changed after export)")
+    _relist(bundle, lambda files: files.pop("reference_profile.safetensors"))
+    with pytest.raises(RunError) as error:
+        drift(bundle, drift_setup["fresh"], progress=False, echo=quiet)
+    assert str(error.value) == (f"{path}: not listed in the bundle's manifest.json; export the run again"
+                                " (mmcore export copies its reference profile)")
+    assert not (bundle / "drift").exists()
+
+
+def test_an_older_bundle_with_the_profile_folder_still_drifts(drift_setup, tmp_path):
+    """A bundle exported before the one file: ``reference_profile/`` with its four files, each listed."""
+    bundle = tmp_path / "older"
+    shutil.copytree(drift_setup["bundle"], bundle)
+    profile = read_profile(bundle / "reference_profile.safetensors")
+    (bundle / "reference_profile.safetensors").unlink()
+    write_profile_folder(bundle / "reference_profile", profile)
+    files = _relist(bundle)
+    assert sorted(name for name in files if name.startswith("reference_profile")) == [
+        "reference_profile/embeddings_image.npy", "reference_profile/embeddings_text.npy",
+        "reference_profile/profile.json", "reference_profile/scores.npy"]
+    older = reference_profile(bundle)
+    assert (older.rows, older.score_counts, older.slices) == (profile.rows, profile.score_counts, profile.slices)
+    assert np.array_equal(older.sample_scores, profile.sample_scores)
+    report = drift(bundle, drift_setup["shifted"], out=tmp_path / "d", progress=False, echo=lambda line: None)
+    assert report.exit_code == DRIFT_EXIT_CODE and report.reference_rows == 128
+    assert report.score["reference_counts"] == list(profile.score_counts)
+    # one of the folder's arrays not listed: refused as the file would be
+    _relist(bundle, lambda files: files.pop("reference_profile/embeddings_text.npy"))
+    with pytest.raises(RunError) as error:
+        reference_profile(bundle)
+    assert str(error.value) == (f"{bundle}/reference_profile/embeddings_text.npy: not listed in the bundle's manifest.json;"
+                                " export the run again (mmcore export copies its reference profile)")
+
+
+def test_export_writes_an_older_runs_profile_folder_as_the_one_file(drift_setup, tmp_path):
+    from mmcore.export.bundle import copy_reference_profile
+
+    current = drift_setup["run"] / "reference_profile.safetensors"
+    run = tmp_path / "run"
+    write_profile_folder(run / "reference_profile", read_profile(current))
+    folder = tmp_path / "bundle"
+    folder.mkdir()
+    written = copy_reference_profile(run, folder)
+    assert [p.name for p in folder.iterdir()] == ["reference_profile.safetensors"] == [written.name]
+    assert written.read_bytes() == current.read_bytes()  # the same profile, the same bytes, whichever layout it came from
+    (tmp_path / "bare").mkdir()
+    assert copy_reference_profile(tmp_path / "bare", tmp_path / "bare") is None  # a run without one: exported without it
+    assert list((tmp_path / "bare").iterdir()) == []
 
 
 def test_campaigns_split_between_the_sides_are_not_drift():

@@ -79,9 +79,7 @@ def test_a_good_export_passes_parity_with_its_figures(exported_bundle, exportabl
     files = {p.relative_to(exported_bundle).as_posix() for p in exported_bundle.rglob("*") if p.is_file()} - {MANIFEST}
     assert set(manifest["files"]) == files
     assert files == {"model.onnx", "recipe.toml", "decision.json", "inputs.json", "parity.json", "README.md",
-                     "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json", "reference_profile/profile.json",
-                     "reference_profile/scores.npy", "reference_profile/embeddings_image.npy",
-                     "reference_profile/embeddings_text.npy"}
+                     "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json", "reference_profile.safetensors"}
     assert "model.safetensors" not in files and "model.onnx.data" not in files  # the weights once, inside the graph
     for rel, entry in manifest["files"].items():
         assert entry == {"sha256": sha256_file(exported_bundle / rel), "bytes": (exported_bundle / rel).stat().st_size}

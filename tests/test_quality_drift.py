@@ -80,13 +80,17 @@ def test_the_serve_histogram_equals_drifts_counts():
 
 
 def test_profile_round_trip(tmp_path):
+    from safetensors import safe_open
+
     scores, texts, embeddings = sample(0, 120)
     sizes = [(800, 600)] * 60 + [(200, 400)] * 60
     profile = build_profile(scores, 0.4, texts, embeddings, image_sizes=sizes, sample_rows=50, seed=3)
-    folder = write_profile(tmp_path / "reference_profile", profile)
-    assert sorted(p.name for p in folder.iterdir()) == ["embeddings_image.npy", "embeddings_text.npy", "profile.json",
-                                                        "scores.npy"]
-    back = read_profile(folder)
+    path = write_profile(tmp_path / "reference_profile.safetensors", profile)
+    assert [p.name for p in tmp_path.iterdir()] == ["reference_profile.safetensors"]  # one file, no temporary left
+    with safe_open(path, "np") as handle:  # a plain safetensors file: the summary in its metadata, the arrays as tensors
+        assert sorted(handle.keys()) == ["embeddings_image", "embeddings_text", "scores"]
+        assert json.loads(handle.metadata()["reference_profile"])["rows"] == 120
+    back = read_profile(path)
     assert (back.rows, back.threshold, back.sample_seed) == (120, 0.4, 3)
     assert back.score_counts == tuple(score_histogram(scores).tolist()) and sum(back.score_counts) == 120
     assert back.positives == int(np.sum(scores >= 0.4))
@@ -102,17 +106,57 @@ def test_profile_round_trip(tmp_path):
     assert np.array_equal(back.embeddings["text"], embeddings["text"][picked].astype(np.float16))
 
 
+def test_an_older_profile_folder_reads_as_the_one_file_does(tmp_path):
+    from older_profile import write_profile_folder
+
+    from mmcore.quality.profile import profile_path
+
+    scores, texts, embeddings = sample(0, 90)
+    profile = build_profile(scores, 0.4, texts, embeddings, sample_rows=40, seed=1)
+    older = write_profile_folder(tmp_path / "old" / "reference_profile", profile)
+    assert profile_path(tmp_path / "old") == older  # a run or bundle written before the one file
+    from_folder, from_file = read_profile(older), read_profile(write_profile(tmp_path / "p.safetensors", profile))
+    for field in ("rows", "threshold", "score_counts", "positives", "empty_ocr", "slices", "sample_seed"):
+        assert getattr(from_folder, field) == getattr(from_file, field), field
+    assert np.array_equal(from_folder.sample_scores, from_file.sample_scores)
+    assert all(np.array_equal(from_folder.embeddings[m], from_file.embeddings[m]) for m in ("image", "text"))
+    write_profile(tmp_path / "old" / "reference_profile.safetensors", profile)
+    assert profile_path(tmp_path / "old") == tmp_path / "old" / "reference_profile.safetensors"  # the file first
+
+
+@pytest.fixture
+def profile_file(tmp_path):
+    scores, texts, embeddings = sample(0, 60)
+    return write_profile(tmp_path / "reference_profile.safetensors",
+                         build_profile(scores, 0.4, texts, embeddings, sample_rows=20))
+
+
 @pytest.fixture
 def profile_dir(tmp_path):
+    """The same profile in an older run's ``reference_profile/`` folder."""
+    from older_profile import write_profile_folder
+
     scores, texts, embeddings = sample(0, 60)
-    return write_profile(tmp_path / "reference_profile", build_profile(scores, 0.4, texts, embeddings, sample_rows=20))
+    return write_profile_folder(tmp_path / "reference_profile", build_profile(scores, 0.4, texts, embeddings, sample_rows=20))
 
 
-def one_line(folder):
+def one_line(path):
     with pytest.raises(RunError) as error:
-        read_profile(folder)
+        read_profile(path)
     assert "\n" not in str(error.value) and error.value.exit_code == 4
     return str(error.value)
+
+
+def rewrite_summary(path, damage):
+    """Rewrite the profile file at ``path`` with ``damage`` applied to its summary (the arrays kept)."""
+    from safetensors import safe_open
+    from safetensors.numpy import save
+
+    with safe_open(path, "np") as handle:
+        summary = json.loads(handle.metadata()["reference_profile"])
+        arrays = {name: handle.get_tensor(name) for name in handle.keys()}
+    damage(summary)
+    path.write_bytes(save(arrays, metadata={"reference_profile": json.dumps(summary)}))
 
 
 def bump(key):
@@ -125,22 +169,76 @@ def bump(key):
      "slices.text.text empty.positives: must be a whole number from 0 up to 34 (got -2)"),
     (lambda d: d["sample"]["modalities"].update({"../../etc": 8}),
      "sample.modalities: modality name '../../etc' must match [a-z][a-z0-9_]{0,31}"),
+    (lambda d: d["sample"]["modalities"].update({f"m{i}": 8 for i in range(8)}),
+     "sample.modalities: must map up to 8 modality names to their dimensions"),
     (lambda d: d.update(version=2), "version: version 2 is not the 1 this mmcore reads"),
     (lambda d: d.update(score_buckets=[0.5, 1.0]),
      "score_buckets: written with other bucket edges than this mmcore's SCORE_BUCKETS; export the run again"),
     (lambda d: d.pop("threshold"), "threshold: missing"),
 ])
-def test_a_damaged_profile_is_one_line_naming_the_file_and_field(profile_dir, damage, message):
-    path = profile_dir / "profile.json"
+def test_a_damaged_summary_is_one_line_naming_the_file_and_field(profile_file, profile_dir, damage, message):
+    summary = json.loads(json.dumps(read_profile(profile_file).slices))
+    assert summary["text"]["text empty"]["rows"] == 34  # the message below names it
+    rewrite_summary(profile_file, damage)
+    assert one_line(profile_file) == f"{profile_file}: {message}"
+    path = profile_dir / "profile.json"  # the older folder's profile.json: the same checks
     data = json.loads(path.read_text())
-    assert data["slices"]["text"]["text empty"]["rows"] == 34  # the message below names it
     damage(data)
     path.write_text(json.dumps(data))
     assert one_line(profile_dir) == f"{path}: {message}"
 
 
-def test_a_missing_or_unreadable_profile_json_is_one_line(profile_dir):
-    path = profile_dir / "profile.json"
+def test_a_damaged_profile_file_is_one_line_before_its_arrays_are_read(profile_file, monkeypatch):
+    """Every size is checked against the header and the summary before the arrays are read:
+    the truncated, the oversized, the mistyped and the incomplete are refused in one line each."""
+    import safetensors.numpy
+    from safetensors import safe_open
+    from safetensors.numpy import save
+
+    good = profile_file.read_bytes()
+    loads, load = [], safetensors.numpy.load
+    monkeypatch.setattr(safetensors.numpy, "load", lambda data: loads.append(len(data)) or load(data))
+    with safe_open(profile_file, "np") as handle:
+        metadata = handle.metadata()
+        arrays = {name: handle.get_tensor(name) for name in handle.keys()}
+
+    def refusal(data):
+        profile_file.write_bytes(data)
+        return one_line(profile_file).removeprefix(f"{profile_file}: ")
+
+    assert refusal(good[:-10]) == f"{len(good) - 10} bytes, its header declares {len(good)} (a truncated or damaged file)"
+    assert refusal(good + b"\0" * 4) == f"{len(good) + 4} bytes, its header declares {len(good)} (a truncated or damaged file)"
+    assert refusal(good[:5]) == "5 bytes, too short for a safetensors file"
+    assert refusal((1 << 40).to_bytes(8, "little") + good[8:]) == (
+        f"its header declares {1 << 40} bytes, more than a reference profile's {2 * (1 << 20) + (64 << 10)}")
+    assert refusal((len(good)).to_bytes(8, "little") + good[8:]) == (
+        f"{len(good)} bytes, shorter than its {len(good)}-byte header (a truncated file)")
+    assert refusal(good[:8] + b"[" + good[9:]).startswith("its safetensors header: not valid JSON (")
+    assert refusal(save({**arrays, "scores": arrays["scores"].astype(np.float64)}, metadata=metadata)) == (
+        "tensor scores: expected float32 of shape (20,), got float64 of shape (20,)")
+    assert refusal(save({**arrays, "embeddings_image": arrays["embeddings_image"][:, :11]}, metadata=metadata)) == (
+        "tensor embeddings_image: expected float16 of shape (20, 12), got float16 of shape (20, 11)")
+    assert refusal(save({"scores": arrays["scores"], "embeddings_text": arrays["embeddings_text"]}, metadata=metadata)) == (
+        "tensor embeddings_image: missing")
+    assert refusal(save({**arrays, "extra": arrays["scores"]}, metadata=metadata)) == (
+        "tensor extra: not part of a reference profile")
+    assert refusal(save(arrays, metadata={"reference_profile": "{not json"})).startswith(
+        "__metadata__.reference_profile: not valid JSON (Expecting property name")
+    assert refusal(save(arrays)) == "__metadata__: missing"
+    assert loads == []  # none of them read an array: only a file whose sizes all agree reaches the loader
+    assert refusal(save({**arrays, "scores": np.full(20, 1.5, dtype=np.float32)}, metadata=metadata)) == (
+        "tensor scores: holds values that are not finite scores in [0, 1]")
+    assert loads == [len(good)]
+
+
+def test_a_missing_or_unreadable_profile_is_one_line(profile_file, profile_dir):
+    missing = profile_file.with_name("other.safetensors")
+    assert one_line(missing) == (f"{missing}: no reference profile here; mmcore run writes one when it ends and mmcore"
+                                 " export copies it into the bundle")
+    folder_named_as_file = profile_file.with_name("x.safetensors")
+    folder_named_as_file.mkdir()
+    assert one_line(folder_named_as_file) == f"{folder_named_as_file}: reference profile: is a directory; name a regular file"
+    path = profile_dir / "profile.json"  # the older folder's
     path.write_text("{not json")
     assert one_line(profile_dir).startswith(f"{path}: not valid JSON (Expecting property name")
     path.write_bytes(b" " * (1 << 20) + b"{}")
@@ -150,7 +248,7 @@ def test_a_missing_or_unreadable_profile_json_is_one_line(profile_dir):
                                      " export copies it into the bundle")
 
 
-def test_a_damaged_array_is_one_line_and_never_unpickled(profile_dir):
+def test_a_damaged_array_of_an_older_folder_is_one_line_and_never_unpickled(profile_dir):
     json_path = profile_dir / "profile.json"
     kept = json_path.read_text()
     npy = profile_dir / "embeddings_image.npy"
@@ -170,7 +268,7 @@ def test_a_damaged_array_is_one_line_and_never_unpickled(profile_dir):
 
 def test_a_resample_is_stable_and_a_shifted_set_drifts(tmp_path):
     scores, texts, embeddings = sample(0, 600)
-    profile = read_profile(write_profile(tmp_path / "p", build_profile(scores, 0.4, texts, embeddings, sample_rows=400)))
+    profile = read_profile(write_profile(tmp_path / "p.safetensors", build_profile(scores, 0.4, texts, embeddings, sample_rows=400)))
 
     same = compare_to_profile(profile, **dict(zip(("scores", "texts", "embeddings"), sample(1, 500))))
     assert not same.drift and same.exit_code == 0 and same.reasons == ()

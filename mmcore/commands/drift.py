@@ -22,7 +22,7 @@ import numpy as np
 from mmcore.data.images import DEFAULT_MAX_IMAGE_BYTES
 from mmcore.errors import RunError
 from mmcore.kit.deps import require_extra
-from mmcore.quality.profile import PROFILE_DIR, PROFILE_FILE
+from mmcore.quality.profile import PROFILE_NAME
 
 #: the scoring path's modality names -> the profile's (its file names derive from them)
 PROFILE_MODALITIES = {"vision": "image", "text": "text"}
@@ -106,13 +106,13 @@ def _image_sizes(scorer, split, positions):
 
 
 def write_reference_profile(run_dir, run_model, decision, splits, *, seed=0, registry=None, progress=False):
-    """``RUN/reference_profile/`` from the run's held-out rows (val + test) scored by ``run_model`` at ``decision``.
+    """``RUN/reference_profile.safetensors`` from the run's held-out rows (val + test) scored by
+    ``run_model`` at ``decision``.
 
     Called by ``mmcore run`` once the run has chosen its epoch, threshold and temperature. Returns
-    the folder, or None when no held-out row could be read (``mmcore drift`` then says there is no profile).
+    the file, or None when no held-out row could be read (``mmcore drift`` then says there is no profile).
     """
     from mmcore.quality.profile import build_profile, write_profile
-    from mmcore.rundir import make_directory
     from mmcore.scoring.run import RunScorer
 
     scorer = RunScorer.from_model(run_model, decision=decision, source=run_dir)
@@ -122,22 +122,40 @@ def write_reference_profile(run_dir, run_model, decision, splits, *, seed=0, reg
         return None
     profile = build_profile(rows.calibrated, float(scorer.decision["threshold"]), rows.texts, rows.embeddings,
                             image_sizes=_image_sizes(scorer, held_out, rows.positions), seed=seed)
-    return write_profile(make_directory(Path(run_dir) / PROFILE_DIR, "reference profile folder"), profile)
+    return write_profile(Path(run_dir) / PROFILE_NAME, profile)
 
 
 def reference_profile(source):
-    """The checked :class:`~mmcore.quality.profile.ReferenceProfile` of a run directory or a bundle.
+    """The checked :class:`~mmcore.quality.profile.ReferenceProfile` of a run directory or a bundle
+    (its ``reference_profile.safetensors``, or the ``reference_profile/`` folder of an older one).
 
-    A bundle's profile must be listed in its manifest (so its digests were checked with the bundle's).
+    A bundle's profile must be listed in its manifest, every file of it (so their sizes were checked
+    with the bundle's, and their digests are checked when the bundle is opened).
     """
-    from mmcore.export.bundle import MANIFEST, is_bundle, read_manifest
-    from mmcore.quality.profile import read_profile
+    from mmcore.export.bundle import is_bundle, read_manifest
+    from mmcore.quality.profile import PROFILE_DIR, PROFILE_FILE, folder_files, profile_path, read_profile
 
-    folder = Path(source) / PROFILE_DIR
-    if is_bundle(source) and f"{PROFILE_DIR}/{PROFILE_FILE}" not in read_manifest(source, verify=False).files:
-        raise RunError(f"{folder / PROFILE_FILE}: not listed in the bundle's {MANIFEST}; export the run again "
-                       "(mmcore export copies its reference profile)")
-    return read_profile(folder)
+    source = Path(source)
+    path = profile_path(source)
+    if not is_bundle(source):
+        return read_profile(path)
+    listed = read_manifest(source, verify=False).files
+    older = path.name == PROFILE_DIR
+    _require_listed(source, [f"{PROFILE_DIR}/{PROFILE_FILE}" if older else PROFILE_NAME], listed)
+    profile = read_profile(path)
+    if older:  # its arrays: which there are is known once profile.json is read
+        _require_listed(source, [f"{PROFILE_DIR}/{name}" for name in folder_files(profile)], listed)
+    return profile
+
+
+def _require_listed(bundle, names, listed):
+    """Refuse, in one line, a profile file of ``bundle`` that its manifest does not list."""
+    from mmcore.export.bundle import MANIFEST
+
+    for name in names:
+        if name not in listed:
+            raise RunError(f"{bundle / name}: not listed in the bundle's {MANIFEST}; export the run again "
+                           "(mmcore export copies its reference profile)")
 
 
 def _scorer_and_rows(source, new_csv, *, base_dir, device, registry, progress, echo):

@@ -15,8 +15,10 @@ BUNDLE_DIR/
   tokenizers/text0/     ... or one folder per tokenizer part of a concat text encoder
   parity.json           the parity gate's figures (bundle vs the PyTorch run)
   README.md             the model card: what the model is, its data, test metrics, decision, how to call it
-  reference_profile/    the run's reference profile (mmcore.quality.profile: what mmcore drift compares
-                        new rows with), copied from the run directory when it has one
+  reference_profile.safetensors
+                        the run's reference profile (mmcore.quality.profile: what mmcore drift compares
+                        new rows with; its summary in the safetensors metadata, its sampled scores and
+                        embeddings as tensors), copied from the run directory when it has one
 ```
 
 A bundle is data: nothing in it names a module to import. An object it stores (the
@@ -32,7 +34,11 @@ featurizers and ``concat`` text encoders; 3 names classes by registry name and s
 once; 4 keeps the preprocessing and the text side in one file, ``inputs.json`` (formats 1 to 3 had
 them in ``preprocessing.json`` and ``text.json``, which this mmcore still reads). Formats 1 and 2
 named classes by module path: this mmcore still opens them by comparing that path with the declared
-classes (never importing it); an older mmcore refuses a newer format in one line.
+classes (never importing it); an older mmcore refuses a newer format in one line. Bundles of
+format 4 exported before the reference profile became one file hold it as a folder,
+``reference_profile/`` (``profile.json``, ``scores.npy``, ``embeddings_<m>.npy``, each listed in
+the manifest); ``mmcore drift`` reads either (the format did not change: the manifest's listing
+says which it is, and nothing else of the bundle reads the profile).
 
 A bundle is written into a hidden temporary folder beside ``BUNDLE_DIR`` and renamed into
 place only after the parity gate passed, so a folder named ``BUNDLE_DIR`` is always complete.
@@ -67,8 +73,9 @@ TOKENIZER = "tokenizer"
 TOKENIZERS = "tokenizers"
 PARITY = "parity.json"
 MODEL_CARD = "README.md"
-#: the run's reference profile folder, copied as it is (its reader, mmcore.quality.profile, is its schema)
-REFERENCE_PROFILE = "reference_profile"
+#: the run's reference profile, one safetensors file (its reader, mmcore.quality.profile, is its schema);
+#: bundles exported before it kept a ``reference_profile/`` folder, which mmcore drift still reads
+REFERENCE_PROFILE = "reference_profile.safetensors"
 RECIPE = RECIPE_FILE  # the resolved recipe, named as in a run directory
 #: the graph file of each format: a manifest naming another file for its format is refused
 GRAPH_FILES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
@@ -182,20 +189,22 @@ def rebuild_preprocessing(data, registry, *, source):
 
 
 def copy_reference_profile(run_dir, folder):
-    """Copy the run's ``reference_profile/`` into the bundle ``folder``, checked by its reader first
-    (a damaged profile is refused at export, one line); a run without one is exported without it."""
+    """Copy the run's reference profile into the bundle ``folder`` as ``reference_profile.safetensors``,
+    checked by its reader first (a damaged profile is refused at export, one line). A run that kept
+    it in the older ``reference_profile/`` folder gets it rewritten as the one file; a run without
+    one is exported without it. -> the file written, or None."""
     import shutil
 
-    from mmcore.quality.profile import PROFILE_FILE, profile_files, read_profile
+    from mmcore.quality.profile import PROFILE_DIR, profile_path, read_profile, write_profile
 
-    source = Path(run_dir) / REFERENCE_PROFILE
-    if not (source / PROFILE_FILE).is_file():
+    source = profile_path(run_dir)
+    if not source.exists():
         return None
     profile = read_profile(source)
     target = Path(folder) / REFERENCE_PROFILE
-    target.mkdir()
-    for name in profile_files(profile):  # only the files the profile is made of: nothing else of the run's folder travels
-        shutil.copyfile(source / name, target / name)
+    if source.name == PROFILE_DIR:
+        return write_profile(target, profile)
+    shutil.copyfile(source, target)  # the file just checked, byte for byte
     return target
 
 

@@ -5,8 +5,9 @@ file and structured against an attrs class here through the project's one strict
 (:mod:`mmcore.recipe.convert`: unknown keys, wrong types and non-finite numbers are errors), the
 recipe against the recipe schema. A problem is one line naming the file and the field:
 ``bundles/x/decision.json: temperature: must be > 0 (got 0.0)``. The reference profile
-(``reference_profile/``) has its own strict reader, :func:`mmcore.quality.profile.read_profile`
-(bounded JSON and ``.npy`` files, no pickle, every count and shape checked), which ``mmcore
+(``reference_profile.safetensors``, or an older bundle's ``reference_profile/`` folder) has its own
+strict reader, :func:`mmcore.quality.profile.read_profile` (a bounded safetensors header and summary,
+each tensor's dtype and shape checked before any array is read, no pickle), which ``mmcore
 export`` applies before copying it and ``mmcore drift`` when it reads it.
 """
 
