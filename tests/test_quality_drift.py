@@ -225,6 +225,8 @@ def test_a_damaged_profile_file_is_one_line_before_its_arrays_are_read(profile_f
     assert refusal(save(arrays, metadata={"reference_profile": "{not json"})).startswith(
         "__metadata__.reference_profile: not valid JSON (Expecting property name")
     assert refusal(save(arrays)) == "__metadata__: missing"
+    assert refusal(save(arrays, metadata={"reference_profile": " " * (1 << 20) + "{}"})) == (
+        f"__metadata__.reference_profile: {(1 << 20) + 2} characters, more than a summary's {1 << 20}")
     assert loads == []  # none of them read an array: only a file whose sizes all agree reaches the loader
     assert refusal(save({**arrays, "scores": np.full(20, 1.5, dtype=np.float32)}, metadata=metadata)) == (
         "tensor scores: holds values that are not finite scores in [0, 1]")

@@ -307,6 +307,8 @@ def _read_file(path):
             summary = r.get(metadata, METADATA_KEY, f"__metadata__.{METADATA_KEY}")
             if not isinstance(summary, str):
                 r.fail(f"__metadata__.{METADATA_KEY}", "must be the summary as a JSON string")
+            if len(summary) > MAX_JSON_BYTES:
+                r.fail(f"__metadata__.{METADATA_KEY}", f"{len(summary)} characters, more than a summary's {MAX_JSON_BYTES}")
             fields, shapes = _check_summary(_parse_json(path, summary.encode(), what=f"__metadata__.{METADATA_KEY}"), r)
             declared = _check_tensors(r, header, shapes)
             if size != 8 + header_bytes + declared:
