@@ -49,6 +49,7 @@ from mmcore.data.images import DEFAULT_MAX_IMAGE_BYTES
 from mmcore.devices import parse_device
 from mmcore.errors import DataError
 from mmcore.export.int8 import Int8Options
+from mmcore.progress import progress_for
 from mmcore.rundir import RESULTS_FILE, RunDir
 from mmcore.scoring.scorers import open_scorer
 from mmcore.scoring.tables import OUTPUT_COLUMNS, read_input
@@ -131,12 +132,14 @@ def train(recipe: RecipeSource, *, overrides: Mapping[str, Any] | Sequence[str] 
     ``train``/``val``/``test``: a CSV path or a pandas DataFrame (image column: paths, bytes or PIL
     images; :mod:`mmcore.data.frames`) instead of the split the recipe names; relative image paths
     in a DataFrame start from ``base_dir`` (default: the current directory). ``out``: the run
-    directory (default ``runs/<experiment>/<timestamp>``). ``quiet``: no progress bars or lines.
+    directory (default ``runs/<experiment>/<timestamp>``). ``quiet``: no progress bars or lines;
+    without it, the libraries' own bars (weights loading) still go when stderr is no terminal, as
+    the CLI's do (a script's log, a scheduler's).
     """
     data = {name: value for name, value in (("train", train), ("val", val), ("test", test)) if value is not None}
     items = list(overrides.items()) if isinstance(overrides, dict) else list(overrides or ())
     run_dir = train_recipe(recipe, items, out=out, data=data, base_dir=base_dir, registry=registry,
-                           progress=not quiet, echo=_quiet if quiet else print)
+                           progress=progress_for(quiet), echo=_quiet if quiet else print)
     return Run(dir=Path(run_dir))
 
 
@@ -162,7 +165,7 @@ def load(path: str | os.PathLike, *, device: str = "auto", text: Literal["requir
     if text not in TEXT_MODES:
         raise DataError(f"text={text!r}: expected one of {', '.join(map(repr, TEXT_MODES))}")
     device = parse_device(device)
-    scorer = open_scorer(path, registry=registry, device=device, verify=verify, progress=not quiet)
+    scorer = open_scorer(path, registry=registry, device=device, verify=verify, progress=progress_for(quiet))
     return Model(scorer, device=device, text=text, registry=registry, quiet=quiet)
 
 

@@ -3,6 +3,7 @@ predict, predict_one from threads, evaluate, export; mistakes raise mmcore.error
 message is the CLI's line."""
 
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -258,3 +259,14 @@ def test_the_api_sits_beside_the_plugin_face_and_import_stays_cheap():
     assert mmcore.load is mmcore.api.load and mmcore.Model is mmcore.api.Model
     probe = "import sys, mmcore; print(sorted(m for m in ('torch', 'pandas', 'mmcore.api') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+def test_load_silences_library_bars_when_stderr_is_no_terminal(exportable_run, monkeypatch):
+    """A script whose stderr goes to a log gets no "Loading weights" bars, as the CLI's commands don't."""
+    import io
+    import sys
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # a log: no terminal
+    mmcore.load(exportable_run, device="cpu")
+    assert os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "1"
