@@ -14,6 +14,7 @@ import pytest
 
 from mmcore.errors import MmcoreError
 from mmcore.export.bundle import MANIFEST, sha256_file
+from mmcore.export.schema import BundleError
 
 QUIET = {"progress": False, "echo": lambda line: None}
 
@@ -311,7 +312,11 @@ import json, sys
 from mmcore.errors import MmcoreError
 from mmcore.scoring.bundle import BundleScorer
 
-BundleScorer(sys.argv[1], device="cpu")  # a good bundle first: everything loading legitimately needs is imported
+from mmcore.plugins.manager import get_registry
+# a good bundle first, its digests and graph checked as a bundle new to this machine is: everything loading
+# legitimately needs is imported; and the installed plugins, which a bundle naming a plugin's class loads
+BundleScorer(sys.argv[1], device="cpu", verify=True)
+get_registry()
 before = set(sys.modules)
 lines = []
 for bundle in sys.argv[2:]:
@@ -416,6 +421,32 @@ def test_onnx_external_data_outside_the_listed_file_is_refused_before_onnxruntim
     _tamper(bundle, "model.onnx", model.SerializeToString())
     assert _refusal(bundle) == (f"{bundle}/model.onnx: refers to external data '/etc/passwd'; a bundle's graph may use "
                                 "none (the manifest lists no external data)")
+
+
+@pytest.mark.parametrize("location", ["/etc/passwd", "../outside.bin", "link.bin"])
+def test_onnxruntime_itself_refuses_external_data_outside_the_graphs_folder(exported_bundle, tmp_path, location):
+    """Between the checks made with the digests (first opening on a machine, --verify, export), onnxruntime is the
+    guard: a graph whose tensor points at an absolute path, up out of its folder or through a link out of it does
+    not open (export/runner.py's check_external_data says why this is enough)."""
+    import onnx
+    from onnx.external_data_helper import set_external_data
+
+    from mmcore.export.runner import GraphRunner
+
+    (tmp_path / "outside.bin").write_bytes(bytes(1 << 22))
+    folder = tmp_path / "graph"
+    folder.mkdir()
+    (folder / "link.bin").symlink_to(tmp_path / "outside.bin")
+    model = onnx.load(str(exported_bundle / "model.onnx"))
+    tensor = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+    set_external_data(tensor, location=location, offset=0, length=len(tensor.raw_data))
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.ClearField("raw_data")
+    (folder / "model.onnx").write_bytes(model.SerializeToString())
+    with pytest.raises(BundleError) as refused:
+        GraphRunner(folder / "model.onnx", "onnx", device="cpu")
+    assert str(refused.value).startswith(f"{folder}/model.onnx: onnxruntime cannot open it (")
+    assert "External data path validation failed" in str(refused.value)
 
 
 # --- bundle files present but wrong: one line naming the file and the field -------------------------------------

@@ -48,7 +48,8 @@ from pathlib import Path
 
 import attrs
 
-from mmcore.errors import RunError
+from mmcore.devices import parse_device
+from mmcore.errors import MmcoreError, RunError
 from mmcore.export import schema as S
 from mmcore.export import verified as V
 from mmcore.rundir import RECIPE_FILE
@@ -226,9 +227,10 @@ def read_manifest(folder, *, verify=None):
     """The bundle's manifest (:class:`~mmcore.export.schema.Manifest`), checked against its schema.
 
     Every listed file must be a regular file inside ``folder`` with its recorded size, and the
-    graph (and its external data file) must be listed. ``verify``: True checks every sha256;
-    None (the default) checks them unless this machine verified this very bundle before
-    (:mod:`mmcore.export.verified`); False checks sizes only (the exporter's own folder).
+    graph (and its external data file) must be listed. ``verify``: True checks every sha256 and
+    that an ONNX graph's external data is only the listed file; None (the default) checks them
+    unless this machine verified this very bundle before (:mod:`mmcore.export.verified`); False
+    checks sizes only (the exporter's own folder).
     """
     folder = Path(folder)
     path = folder / MANIFEST
@@ -249,8 +251,22 @@ def read_manifest(folder, *, verify=None):
     for rel, entry in manifest.files.items():
         if sha256_file(folder / rel) != entry.sha256:
             raise S.BundleError(f"{folder}: {rel}: sha256 differs from {MANIFEST} (the file was changed after export)")
+    if manifest.graph.format == "onnx":  # checked with the digests: see check_external_data
+        from mmcore.export.runner import check_external_data
+
+        check_external_data(folder / manifest.graph.file, manifest.graph.external_data)
     V.remember(fingerprint)
     return manifest
+
+
+def bundle_device(folder, device, precision):
+    """The device a bundle of ``precision`` runs on for ``--device device``: an int8 bundle on the CPU
+    (``auto`` and ``cpu``), CUDA asked for is one line (exit 1)."""
+    if precision != "int8":
+        return device
+    if str(parse_device(device)).startswith("cuda"):
+        raise MmcoreError(f"{folder}: an int8 bundle runs on CPU only; use --device cpu")
+    return "cpu"
 
 
 def remember_verified(folder, entries):
