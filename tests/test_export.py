@@ -80,13 +80,13 @@ def test_a_good_export_passes_parity_with_its_figures(exported_bundle, exportabl
     files = {p.relative_to(exported_bundle).as_posix() for p in exported_bundle.rglob("*") if p.is_file()} - {MANIFEST}
     assert set(manifest["files"]) == files
     assert files == {"model.onnx", "recipe.toml", "decision.json", "inputs.json", "parity.json", "README.md",
-                     "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json", "reference_profile/profile.json",
+                     "tokenizer/tokenizer.json", "reference_profile/profile.json",
                      "reference_profile/scores.npy", "reference_profile/embeddings_image.npy",
                      "reference_profile/embeddings_text.npy"}
     assert "model.safetensors" not in files and "model.onnx.data" not in files  # the weights once, inside the graph
     for rel, entry in manifest["files"].items():
         assert entry == {"sha256": sha256_file(exported_bundle / rel), "bytes": (exported_bundle / rel).stat().st_size}
-    assert manifest["bundle_format"] == 4 and "external_data" not in manifest["graph"]
+    assert manifest["bundle_format"] == 5 and "external_data" not in manifest["graph"]
     assert {"mmcore", "torch", "onnx", "onnxruntime", "transformers"} <= set(manifest["versions"])
     assert manifest["graph"]["inputs"] == ["pixel_values", "input_ids", "token_type_ids", "attention_mask"]
     modes = {stat.S_IMODE(p.stat().st_mode) for p in exported_bundle.rglob("*") if p.is_file()}
@@ -224,13 +224,16 @@ def test_agreement_ignores_rows_on_the_threshold_but_not_real_flips():
 
 def test_a_single_tokenizer_bundle_keeps_the_format_1_text_layout(exported_bundle):
     """One text encoder with a tokenizer: inputs.json's text holds the four keys text.json has had since
-    format 1, and tokenizer/ is beside it."""
+    format 1 and, since format 5, how its fast tokenizer pads and truncates; tokenizer/ beside it holds
+    tokenizer.json alone."""
     manifest = _manifest(exported_bundle)
     inputs = json.loads((exported_bundle / "inputs.json").read_text())
     assert set(inputs) == {"vision", "text"}
-    assert set(inputs["text"]) == {"name", "prefix", "max_length", "inputs"}
+    assert set(inputs["text"]) == {"name", "prefix", "max_length", "inputs", "fast_tokenizer"}
+    assert inputs["text"]["fast_tokenizer"] == {"pad_id": 0, "pad_type_id": 0, "pad_token": "[PAD]",
+                                                "padding_side": "right", "truncation_side": "right"}
     assert inputs["text"]["inputs"] == manifest["graph"]["text_inputs"] == ["input_ids", "token_type_ids", "attention_mask"]
-    assert (exported_bundle / "tokenizer" / "tokenizer_config.json").is_file()
+    assert [p.name for p in (exported_bundle / "tokenizer").iterdir()] == ["tokenizer.json"]
     assert not (exported_bundle / "tokenizers").exists()
 
 

@@ -125,7 +125,7 @@ def test_export_passes_parity_and_the_bundle_predicts_the_run_scores(ngram_runs,
     assert parity["passed"] is True and parity["rows_compared"] == 32
     assert parity["max_abs_score_diff"] <= 1e-4 and parity["decision_agreement"] == 1.0
     manifest = json.loads((bundle / "manifest.json").read_text())
-    assert manifest["bundle_format"] == 4
+    assert manifest["bundle_format"] == 5
     text = json.loads((bundle / "inputs.json").read_text())["text"]
     if name == "text_only":
         assert manifest["graph"]["inputs"] == ["word_tf", "char_tf"]

@@ -30,7 +30,10 @@ checked once per bundle and machine (:mod:`mmcore.export.verified`) or on reques
 ``bundle_format`` 1 is a bundle whose text encoder (if any) is one tokenizer encoder; 2 adds host
 featurizers and ``concat`` text encoders; 3 names classes by registry name and stores the weights
 once; 4 keeps the preprocessing and the text side in one file, ``inputs.json`` (formats 1 to 3 had
-them in ``preprocessing.json`` and ``text.json``, which this mmcore still reads). Formats 1 and 2
+them in ``preprocessing.json`` and ``text.json``, which this mmcore still reads); 5 keeps a fast
+tokenizer as its ``tokenizer.json`` alone, with how it pads and truncates recorded in ``inputs.json``
+(``fast_tokenizer``: read with the ``tokenizers`` library, without transformers; formats 1 to 4
+kept transformers' ``tokenizer_config.json`` beside it and are read with transformers). Formats 1 and 2
 named classes by module path: this mmcore still opens them by comparing that path with the declared
 classes (never importing it); an older mmcore refuses a newer format in one line.
 
@@ -56,7 +59,7 @@ from mmcore.rundir import RECIPE_FILE
 
 MANIFEST = "manifest.json"
 #: the newest bundle format this mmcore reads and the one it writes (see the module docstring)
-BUNDLE_FORMAT = 4
+BUNDLE_FORMAT = 5
 WEIGHTS = "model.safetensors"
 DECISION = "decision.json"
 INPUTS = "inputs.json"
