@@ -284,6 +284,39 @@ def _as_format_3(bundle):
     return bundle
 
 
+def _as_format_4(bundle, tmp_path):
+    """``bundle`` as format 4 wrote it: transformers' tokenizer files, no fast_tokenizer in inputs.json."""
+    from mmcore.kit.text import offline_tokenizer
+
+    saved = tmp_path / f"{bundle.name}-tokenizer"
+    offline_tokenizer().save_pretrained(str(saved))
+    for file in saved.iterdir():
+        _tamper(bundle, f"tokenizer/{file.name}", file.read_bytes())
+    inputs = _inputs(bundle)
+    del inputs["text"]["fast_tokenizer"]
+    _tamper(bundle, "inputs.json", json.dumps(inputs))
+    manifest = _manifest(bundle)
+    manifest["bundle_format"] = 4
+    _set_manifest(bundle, manifest)
+    return bundle
+
+
+def test_a_format_4_bundle_reads_its_tokenizer_with_transformers_and_scores_alike(exported_bundle, demo_data, tmp_path):
+    from mmcore.commands.predict import predict_csv
+    from mmcore.export.text import JsonHostTokenizer
+    from mmcore.scoring.bundle import BundleScorer
+
+    format4 = _as_format_4(_copy(exported_bundle, tmp_path, "format4"), tmp_path)
+    assert (format4 / "tokenizer" / "tokenizer_config.json").is_file()
+    assert type(BundleScorer(format4, device="cpu").host_text.parts[0]) is not JsonHostTokenizer
+    assert type(BundleScorer(exported_bundle, device="cpu").host_text.parts[0]) is JsonHostTokenizer
+    scores = []
+    for source in (format4, exported_bundle):
+        predict_csv(source, Path(demo_data) / "test.csv", tmp_path / f"{source.name}.csv", **QUIET)
+        scores.append([r["calibrated_score"] for r in _rows(tmp_path / f"{source.name}.csv")])
+    assert scores[0] == scores[1]
+
+
 def test_format_3_and_2_bundles_still_open_and_score_alike(exported_bundle, demo_data, tmp_path):
     """Bundles written before inputs.json (format 3: preprocessing.json + text.json) score as the bundle they were;
     a format-2 bundle naming its classes by module path too: the path is compared with the declared classes (never
