@@ -1,6 +1,7 @@
 """A bundle scores without what it does not use: a fresh process opens a bundle, scores rows and has
 imported neither transformers, torchvision, onnx, timm, peft nor the engine, nor any plugin (a bundle of
-core classes names none); and its scores are predict's."""
+core classes names none), and its scores are predict's; ``mmcore serve BUNDLE`` gets to /ready and
+answers without them."""
 
 import csv
 import json
@@ -46,3 +47,38 @@ def test_a_bundle_opens_and_scores_without_transformers_torchvision_onnx_or_the_
     with open(tmp_path / "scored.csv", newline="", encoding="utf-8") as handle:
         predicted = [float(row["calibrated_score"]) for row in csv.DictReader(handle)][:4]
     assert max(abs(a - b) for a, b in zip(report["scores"], predicted, strict=True)) <= 1e-6
+
+
+def test_serve_of_a_bundle_is_ready_without_them(exported_bundle, tmp_path, monkeypatch):
+    """``mmcore serve BUNDLE`` to /ready (its warm-up row scored) and a request answered: Python's own import log
+    (``PYTHONPROFILEIMPORTTIME``) names no module of them. A package is many modules: the log is read by prefix
+    (it may drop a package's own line, as it does ``tokenizers``' in a server, but not all its modules')."""
+    import httpx
+    from serving import Server
+
+    from mmcore.export.bundle import read_manifest
+
+    read_manifest(exported_bundle)
+    monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")
+    server = Server(exported_bundle, "--text", "required", "--device", "cpu", log=tmp_path / "serve.log")
+    try:
+        files = {"image": ("ad.png", _png(), "image/png")}
+        answer = httpx.post(f"{server.url}/predict", files=files, data={"text": "50% OFF"}, timeout=60)
+        assert answer.status_code == 200, answer.text
+    finally:
+        server.stop()
+    imported = {line.split("|")[-1].strip() for line in server.output().splitlines() if line.startswith("import time:")}
+    assert {"onnxruntime.capi", "tokenizers.tokenizers", "mmcore.kit.pixels"} <= imported  # what a bundle uses is there
+    # not mmcore.engine: the CLI registers every command, and export's imports a few small engine modules (ms)
+    heavy = ("transformers", "torchvision", "onnx", "timm", "peft", "torch._dynamo")
+    assert sorted(name for name in imported if name.startswith(tuple(f"{h}." for h in heavy)) or name in heavy) == []
+
+
+def _png():
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 40, 90)).save(buffer, format="PNG")
+    return buffer.getvalue()
