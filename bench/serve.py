@@ -82,7 +82,7 @@ def model_ceiling(bundle, seconds=3.0):
     """ms per row of the bundle's ONNX model alone at batch 1 and 32 (the batching ceiling)."""
     import numpy as np
 
-    from mmcore.export.onnx import GraphRunner
+    from mmcore.export.runner import GraphRunner
 
     runner = GraphRunner(Path(bundle) / "model.onnx", "onnx", device="cpu")  # as the server opens it
     shapes = {i.name: i.shape for i in runner.session.get_inputs()}

@@ -5,7 +5,7 @@
 request, never silently downgraded: where CUDA cannot be had the scorer refuses to start with
 one line saying why and what to install (:class:`DeviceUnavailable`, exit 1, like a missing
 optional package). This module only reads the words (no torch): the CLI checks them as it parses;
-:func:`mmcore.engine.runtime.torch_device` and :func:`mmcore.export.onnx.onnx_providers` place the model.
+:func:`mmcore.engine.runtime.torch_device` and :func:`mmcore.export.runner.onnx_providers` place the model.
 """
 
 from __future__ import annotations

@@ -64,25 +64,27 @@ class Preprocessing:
         return data
 
     def resized(self, image):
-        """PIL RGB image -> the resized uint8 tensor [3, H, W] (everything but normalisation)."""
-        from torchvision.transforms import v2
-        from torchvision.transforms.v2 import functional as F
+        """PIL RGB image -> the resized uint8 tensor [3, H, W] (everything but normalisation).
 
-        interpolation = getattr(v2.InterpolationMode, self.interpolation.upper())
+        torchvision's v2 resize, centre crop and pad, computed with torch alone
+        (:mod:`mmcore.kit.pixels`: a scoring process need not import torchvision).
+        """
+        from mmcore.kit import pixels
+
         h, w = self.size
-        img = F.pil_to_tensor(image)
+        img = pixels.pil_to_uint8(image)
         if self.resize == "squash":
-            img = F.resize(img, [h, w], interpolation=interpolation, antialias=True)
+            img = pixels.resize(img, [h, w], self.interpolation)
         elif self.resize == "shorter_center_crop":
-            img = F.resize(img, min(h, w), interpolation=interpolation, antialias=True)
-            img = F.center_crop(img, [h, w])
+            img = pixels.resize(img, min(h, w), self.interpolation)
+            img = pixels.center_crop(img, (h, w))
         else:  # letterbox
             ih, iw = img.shape[-2:]
             scale = min(h / ih, w / iw)
             nh, nw = max(1, round(ih * scale)), max(1, round(iw * scale))
-            img = F.resize(img, [nh, nw], interpolation=interpolation, antialias=True)
+            img = pixels.resize(img, [nh, nw], self.interpolation)
             top, left = (h - nh) // 2, (w - nw) // 2
-            img = F.pad(img, [left, top, w - nw - left, h - nh - top], fill=0)
+            img = pixels.pad(img, left=left, top=top, right=w - nw - left, bottom=h - nh - top)
         return img
 
     #: (input name, axis) of the encoder's inputs whose length changes from batch to batch
@@ -92,14 +94,14 @@ class Preprocessing:
     def normalize(self, pixels):
         """uint8 pixels [..., 3, H, W] (any device) -> float32 normalized, as :meth:`__call__` gives.
 
-        The same arithmetic as torchvision's ``normalize``, with the mean and std kept on the
-        pixels' device (:func:`channel_constants`): torchvision copies them there on every call,
-        which on a GPU waits for the host each step.
+        The same arithmetic as torchvision's ``to_dtype`` and ``normalize``, with the mean and std
+        kept on the pixels' device (:func:`channel_constants`): torchvision copies them there on
+        every call, which on a GPU waits for the host each step.
         """
-        from torchvision.transforms.v2 import functional as F
+        from mmcore.kit.pixels import uint8_to_float
 
         mean, std = channel_constants(self.mean, self.std, pixels.device, shape=(-1, 1, 1))
-        return F.to_dtype(pixels, torch.float32, scale=True).sub(mean).div_(std)
+        return uint8_to_float(pixels).sub(mean).div_(std)
 
     def uint8_item(self, image):
         """PIL RGB image -> what loader workers hand over with uint8 loading: :meth:`__call__`'s

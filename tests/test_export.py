@@ -14,6 +14,7 @@ import pytest
 
 from mmcore.errors import MmcoreError
 from mmcore.export.bundle import MANIFEST, sha256_file
+from mmcore.export.schema import BundleError
 
 QUIET = {"progress": False, "echo": lambda line: None}
 
@@ -79,11 +80,11 @@ def test_a_good_export_passes_parity_with_its_figures(exported_bundle, exportabl
     files = {p.relative_to(exported_bundle).as_posix() for p in exported_bundle.rglob("*") if p.is_file()} - {MANIFEST}
     assert set(manifest["files"]) == files
     assert files == {"model.onnx", "recipe.toml", "decision.json", "inputs.json", "parity.json", "README.md",
-                     "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json", "reference_profile.safetensors"}
+                     "tokenizer/tokenizer.json", "reference_profile.safetensors"}
     assert "model.safetensors" not in files and "model.onnx.data" not in files  # the weights once, inside the graph
     for rel, entry in manifest["files"].items():
         assert entry == {"sha256": sha256_file(exported_bundle / rel), "bytes": (exported_bundle / rel).stat().st_size}
-    assert manifest["bundle_format"] == 4 and "external_data" not in manifest["graph"]
+    assert manifest["bundle_format"] == 5 and "external_data" not in manifest["graph"]
     assert {"mmcore", "torch", "onnx", "onnxruntime", "transformers"} <= set(manifest["versions"])
     assert manifest["graph"]["inputs"] == ["pixel_values", "input_ids", "token_type_ids", "attention_mask"]
     modes = {stat.S_IMODE(p.stat().st_mode) for p in exported_bundle.rglob("*") if p.is_file()}
@@ -221,13 +222,16 @@ def test_agreement_ignores_rows_on_the_threshold_but_not_real_flips():
 
 def test_a_single_tokenizer_bundle_keeps_the_format_1_text_layout(exported_bundle):
     """One text encoder with a tokenizer: inputs.json's text holds the four keys text.json has had since
-    format 1, and tokenizer/ is beside it."""
+    format 1 and, since format 5, how its fast tokenizer pads and truncates; tokenizer/ beside it holds
+    tokenizer.json alone."""
     manifest = _manifest(exported_bundle)
     inputs = json.loads((exported_bundle / "inputs.json").read_text())
     assert set(inputs) == {"vision", "text"}
-    assert set(inputs["text"]) == {"name", "prefix", "max_length", "inputs"}
+    assert set(inputs["text"]) == {"name", "prefix", "max_length", "inputs", "fast_tokenizer"}
+    assert inputs["text"]["fast_tokenizer"] == {"pad_id": 0, "pad_type_id": 0, "pad_token": "[PAD]",
+                                                "padding_side": "right", "truncation_side": "right"}
     assert inputs["text"]["inputs"] == manifest["graph"]["text_inputs"] == ["input_ids", "token_type_ids", "attention_mask"]
-    assert (exported_bundle / "tokenizer" / "tokenizer_config.json").is_file()
+    assert [p.name for p in (exported_bundle / "tokenizer").iterdir()] == ["tokenizer.json"]
     assert not (exported_bundle / "tokenizers").exists()
 
 
@@ -278,6 +282,39 @@ def _as_format_3(bundle):
     return bundle
 
 
+def _as_format_4(bundle, tmp_path):
+    """``bundle`` as format 4 wrote it: transformers' tokenizer files, no fast_tokenizer in inputs.json."""
+    from mmcore.kit.text import offline_tokenizer
+
+    saved = tmp_path / f"{bundle.name}-tokenizer"
+    offline_tokenizer().save_pretrained(str(saved))
+    for file in saved.iterdir():
+        _tamper(bundle, f"tokenizer/{file.name}", file.read_bytes())
+    inputs = _inputs(bundle)
+    del inputs["text"]["fast_tokenizer"]
+    _tamper(bundle, "inputs.json", json.dumps(inputs))
+    manifest = _manifest(bundle)
+    manifest["bundle_format"] = 4
+    _set_manifest(bundle, manifest)
+    return bundle
+
+
+def test_a_format_4_bundle_reads_its_tokenizer_with_transformers_and_scores_alike(exported_bundle, demo_data, tmp_path):
+    from mmcore.commands.predict import predict_csv
+    from mmcore.export.text import JsonHostTokenizer
+    from mmcore.scoring.bundle import BundleScorer
+
+    format4 = _as_format_4(_copy(exported_bundle, tmp_path, "format4"), tmp_path)
+    assert (format4 / "tokenizer" / "tokenizer_config.json").is_file()
+    assert type(BundleScorer(format4, device="cpu").host_text.parts[0]) is not JsonHostTokenizer
+    assert type(BundleScorer(exported_bundle, device="cpu").host_text.parts[0]) is JsonHostTokenizer
+    scores = []
+    for source in (format4, exported_bundle):
+        predict_csv(source, Path(demo_data) / "test.csv", tmp_path / f"{source.name}.csv", **QUIET)
+        scores.append([r["calibrated_score"] for r in _rows(tmp_path / f"{source.name}.csv")])
+    assert scores[0] == scores[1]
+
+
 def test_format_3_and_2_bundles_still_open_and_score_alike(exported_bundle, demo_data, tmp_path):
     """Bundles written before inputs.json (format 3: preprocessing.json + text.json) score as the bundle they were;
     a format-2 bundle naming its classes by module path too: the path is compared with the declared classes (never
@@ -309,7 +346,11 @@ import json, sys
 from mmcore.errors import MmcoreError
 from mmcore.scoring.bundle import BundleScorer
 
-BundleScorer(sys.argv[1], device="cpu")  # a good bundle first: everything loading legitimately needs is imported
+from mmcore.plugins.manager import get_registry
+# a good bundle first, its digests and graph checked as a bundle new to this machine is: everything loading
+# legitimately needs is imported; and the installed plugins, which a bundle naming a plugin's class loads
+BundleScorer(sys.argv[1], device="cpu", verify=True)
+get_registry()
 before = set(sys.modules)
 lines = []
 for bundle in sys.argv[2:]:
@@ -414,6 +455,32 @@ def test_onnx_external_data_outside_the_listed_file_is_refused_before_onnxruntim
     _tamper(bundle, "model.onnx", model.SerializeToString())
     assert _refusal(bundle) == (f"{bundle}/model.onnx: refers to external data '/etc/passwd'; a bundle's graph may use "
                                 "none (the manifest lists no external data)")
+
+
+@pytest.mark.parametrize("location", ["/etc/passwd", "../outside.bin", "link.bin"])
+def test_onnxruntime_itself_refuses_external_data_outside_the_graphs_folder(exported_bundle, tmp_path, location):
+    """Between the checks made with the digests (first opening on a machine, --verify, export), onnxruntime is the
+    guard: a graph whose tensor points at an absolute path, up out of its folder or through a link out of it does
+    not open (export/runner.py's check_external_data says why this is enough)."""
+    import onnx
+    from onnx.external_data_helper import set_external_data
+
+    from mmcore.export.runner import GraphRunner
+
+    (tmp_path / "outside.bin").write_bytes(bytes(1 << 22))
+    folder = tmp_path / "graph"
+    folder.mkdir()
+    (folder / "link.bin").symlink_to(tmp_path / "outside.bin")
+    model = onnx.load(str(exported_bundle / "model.onnx"))
+    tensor = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+    set_external_data(tensor, location=location, offset=0, length=len(tensor.raw_data))
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.ClearField("raw_data")
+    (folder / "model.onnx").write_bytes(model.SerializeToString())
+    with pytest.raises(BundleError) as refused:
+        GraphRunner(folder / "model.onnx", "onnx", device="cpu")
+    assert str(refused.value).startswith(f"{folder}/model.onnx: onnxruntime cannot open it (")
+    assert "External data path validation failed" in str(refused.value)
 
 
 # --- bundle files present but wrong: one line naming the file and the field -------------------------------------

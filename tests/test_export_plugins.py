@@ -37,7 +37,8 @@ def _check(tmp_path, demo_data, modality, vision=None, text=None):
     """
     from tiny import tiny_recipe_data
 
-    from mmcore.export.onnx import FusedModel, GraphRunner, plan_text, write_graph
+    from mmcore.export.onnx import FusedModel, plan_text, write_graph
+    from mmcore.export.runner import GraphRunner
     from mmcore.export.text import host_parts, text_feeds
     from mmcore.model.classifier import build_classifier
     from mmcore.plugins.manager import get_registry

@@ -125,7 +125,7 @@ def test_export_passes_parity_and_the_bundle_predicts_the_run_scores(ngram_runs,
     assert parity["passed"] is True and parity["rows_compared"] == 32
     assert parity["max_abs_score_diff"] <= 1e-4 and parity["decision_agreement"] == 1.0
     manifest = json.loads((bundle / "manifest.json").read_text())
-    assert manifest["bundle_format"] == 4
+    assert manifest["bundle_format"] == 5
     text = json.loads((bundle / "inputs.json").read_text())["text"]
     if name == "text_only":
         assert manifest["graph"]["inputs"] == ["word_tf", "char_tf"]
@@ -135,7 +135,8 @@ def test_export_passes_parity_and_the_bundle_predicts_the_run_scores(ngram_runs,
     else:
         assert manifest["graph"]["text_inputs"] == ["text0.input_ids", "text0.token_type_ids", "text0.attention_mask",
                                                     "text1.word_tf", "text1.char_tf"]
-        assert (bundle / "tokenizers" / "text0" / "tokenizer_config.json").is_file()
+        assert [p.name for p in (bundle / "tokenizers" / "text0").iterdir()] == ["tokenizer.json"]  # format 5
+        assert text["parts"][0]["fast_tokenizer"]["pad_token"] == "[PAD]"
         featurizer = text["parts"][1]["featurizer"]
         idf_key = "text.parts.1.idf_char"
     assert featurizer["class"] == "text/ngrams/NgramFeaturizer" and "module" not in featurizer  # by registry name

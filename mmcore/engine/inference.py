@@ -14,6 +14,7 @@ from mmcore.dist import all_gather_objects
 from mmcore.engine.policies import BadImages
 from mmcore.engine.runtime import autocast
 from mmcore.engine.step import prepare_batch
+from mmcore.evaluation.calibration import sigmoid  # noqa: F401 - imported from here by the engine and commands
 from mmcore.progress import progress_bar
 
 
@@ -68,10 +69,3 @@ def predict_through_pipeline(pipeline, split, name, *, progress=True, desc=None)
         bad_images=bad_images, split_name=name, desc=desc, progress=progress, channels_last=pipeline.channels_last,
     )
     return split, indices, logits, labels, bad_images
-
-
-def sigmoid(logits):
-    """Probabilities from logits (float64, numpy), without overflow for logits far below zero."""
-    logits = np.asarray(logits, dtype=np.float64)
-    small = np.exp(-np.abs(logits))
-    return np.where(logits >= 0, 1.0 / (1.0 + small), small / (1.0 + small))

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmcore.engine.inference import sigmoid
-from mmcore.evaluation.calibration import apply_temperature
+from mmcore.evaluation.calibration import apply_temperature, decide_logits
 from mmcore.evaluation.explain import bootstrap_intervals, image_sizes, modality_summary, slice_keys, slice_metrics
 from mmcore.evaluation.metrics import binary_metrics
 from mmcore.evaluation.plots import write_plots
@@ -32,9 +31,7 @@ def score_split(logits, labels, *, temperature, threshold, intervals=False):
 
     ``intervals=True`` adds bootstrap 95% intervals (``metrics["intervals"]``).
     """
-    raw = sigmoid(logits)
-    calibrated = apply_temperature(logits, temperature) if temperature != 1.0 else raw
-    decision = calibrated >= threshold
+    raw, calibrated, decision = decide_logits(logits, temperature=temperature, threshold=threshold)
     metrics = None
     if labels is not None and len(labels):
         metrics = {
@@ -46,7 +43,7 @@ def score_split(logits, labels, *, temperature, threshold, intervals=False):
         if intervals:
             metrics["intervals"] = bootstrap_intervals(calibrated, labels, threshold)
         metrics["scores"] = {k: SCORE_NAMES[k] for k in ("at_0.5", "at_threshold", *(("intervals",) if intervals else ()))}
-    return raw, np.asarray(calibrated, dtype=np.float64), decision, metrics
+    return raw, calibrated, decision, metrics
 
 
 def prediction_records(split, indices, raw, calibrated, decision):

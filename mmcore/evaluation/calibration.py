@@ -77,3 +77,18 @@ def apply_temperature(logits, temperature):
         raise ValueError(f"temperature must be > 0 (got {temperature!r})")
     logits = torch.from_numpy(np.asarray(logits, dtype=np.float64))
     return torch.sigmoid(logits / float(temperature)).numpy()
+
+
+def sigmoid(logits):
+    """Probabilities from logits (float64, numpy), without overflow for logits far below zero."""
+    logits = np.asarray(logits, dtype=np.float64)
+    small = np.exp(-np.abs(logits))
+    return np.where(logits >= 0, 1.0 / (1.0 + small), small / (1.0 + small))
+
+
+def decide_logits(logits, *, temperature, threshold):
+    """Logits -> (raw scores, calibrated scores, decisions) as float64, float64 and bool arrays:
+    the sigmoid, the temperature's calibration, and the threshold on the calibrated score."""
+    raw = sigmoid(logits)
+    calibrated = apply_temperature(logits, temperature) if temperature != 1.0 else raw
+    return raw, np.asarray(calibrated, dtype=np.float64), calibrated >= threshold

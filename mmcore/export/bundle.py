@@ -32,7 +32,10 @@ checked once per bundle and machine (:mod:`mmcore.export.verified`) or on reques
 ``bundle_format`` 1 is a bundle whose text encoder (if any) is one tokenizer encoder; 2 adds host
 featurizers and ``concat`` text encoders; 3 names classes by registry name and stores the weights
 once; 4 keeps the preprocessing and the text side in one file, ``inputs.json`` (formats 1 to 3 had
-them in ``preprocessing.json`` and ``text.json``, which this mmcore still reads). Formats 1 and 2
+them in ``preprocessing.json`` and ``text.json``, which this mmcore still reads); 5 keeps a fast
+tokenizer as its ``tokenizer.json`` alone, with how it pads and truncates recorded in ``inputs.json``
+(``fast_tokenizer``: read with the ``tokenizers`` library, without transformers; formats 1 to 4
+kept transformers' ``tokenizer_config.json`` beside it and are read with transformers). Formats 1 and 2
 named classes by module path: this mmcore still opens them by comparing that path with the declared
 classes (never importing it); an older mmcore refuses a newer format in one line. Bundles of
 format 4 exported before the reference profile became one file hold it as a folder,
@@ -54,14 +57,15 @@ from pathlib import Path
 
 import attrs
 
-from mmcore.errors import RunError
+from mmcore.devices import parse_device
+from mmcore.errors import MmcoreError, RunError
 from mmcore.export import schema as S
 from mmcore.export import verified as V
 from mmcore.rundir import RECIPE_FILE
 
 MANIFEST = "manifest.json"
 #: the newest bundle format this mmcore reads and the one it writes (see the module docstring)
-BUNDLE_FORMAT = 4
+BUNDLE_FORMAT = 5
 WEIGHTS = "model.safetensors"
 DECISION = "decision.json"
 INPUTS = "inputs.json"
@@ -235,9 +239,10 @@ def read_manifest(folder, *, verify=None):
     """The bundle's manifest (:class:`~mmcore.export.schema.Manifest`), checked against its schema.
 
     Every listed file must be a regular file inside ``folder`` with its recorded size, and the
-    graph (and its external data file) must be listed. ``verify``: True checks every sha256;
-    None (the default) checks them unless this machine verified this very bundle before
-    (:mod:`mmcore.export.verified`); False checks sizes only (the exporter's own folder).
+    graph (and its external data file) must be listed. ``verify``: True checks every sha256 and
+    that an ONNX graph's external data is only the listed file; None (the default) checks them
+    unless this machine verified this very bundle before (:mod:`mmcore.export.verified`); False
+    checks sizes only (the exporter's own folder).
     """
     folder = Path(folder)
     path = folder / MANIFEST
@@ -258,8 +263,22 @@ def read_manifest(folder, *, verify=None):
     for rel, entry in manifest.files.items():
         if sha256_file(folder / rel) != entry.sha256:
             raise S.BundleError(f"{folder}: {rel}: sha256 differs from {MANIFEST} (the file was changed after export)")
+    if manifest.graph.format == "onnx":  # checked with the digests: see check_external_data
+        from mmcore.export.runner import check_external_data
+
+        check_external_data(folder / manifest.graph.file, manifest.graph.external_data)
     V.remember(fingerprint)
     return manifest
+
+
+def bundle_device(folder, device, precision):
+    """The device a bundle of ``precision`` runs on for ``--device device``: an int8 bundle on the CPU
+    (``auto`` and ``cpu``), CUDA asked for is one line (exit 1)."""
+    if precision != "int8":
+        return device
+    if str(parse_device(device)).startswith("cuda"):
+        raise MmcoreError(f"{folder}: an int8 bundle runs on CPU only; use --device cpu")
+    return "cpu"
 
 
 def remember_verified(folder, entries):

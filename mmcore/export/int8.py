@@ -7,7 +7,7 @@ same labelled rows (the run's validation split by default), decisions at the run
 AUROC. A refused graph leaves nothing behind: the export fails with the gate's line (exit 4).
 A kept one replaces the fp32 graph in the bundle; ``manifest.json`` says ``"precision": "int8"``
 and holds ``quantization`` (what was quantized, the gate's figures), which the model card shows.
-An int8 bundle runs on the CPU only (:func:`bundle_device`): onnxruntime's CUDA provider has no
+An int8 bundle runs on the CPU only (:func:`mmcore.export.bundle.bundle_device`): onnxruntime's CUDA provider has no
 int8 path mmcore supports, and a partial fallback would be slower than fp32 on the GPU.
 """
 
@@ -19,7 +19,6 @@ from pathlib import Path
 import attrs
 import numpy as np
 
-from mmcore.devices import parse_device
 from mmcore.errors import MmcoreError, RunError
 from mmcore.export.quantize import DEFAULT_MAX_AUROC_DROP, DEFAULT_MIN_AGREEMENT, MODES, quality_gate, quantize_graph
 
@@ -61,16 +60,6 @@ class Int8Refused(RunError):
     """The quality gate refused the int8 graph (exit 4): nothing was written."""
 
 
-def bundle_device(folder, device, precision):
-    """The device a bundle of ``precision`` runs on for ``--device device``: an int8 bundle on the CPU
-    (``auto`` and ``cpu``), CUDA asked for is one line (exit 1)."""
-    if precision != "int8":
-        return device
-    if str(parse_device(device)).startswith("cuda"):
-        raise MmcoreError(f"{folder}: an int8 bundle runs on CPU only; use --device cpu")
-    return "cpu"
-
-
 def _batches(rows, size):
     for start in range(0, len(rows), size):
         yield rows[start:start + size]
@@ -89,7 +78,7 @@ def quantize_bundle(folder, info, scorer, split, options, *, out):
     ``scorer``, the fp32 bundle's :class:`~mmcore.scoring.bundle.BundleScorer` on the CPU) and gate it on
     ``split`` (the parity rows as scored); returns ``info`` for the int8 bundle, or raises :class:`Int8Refused`.
     """
-    from mmcore.export.onnx import GraphRunner
+    from mmcore.export.runner import GraphRunner
 
     if info["graph"]["format"] != "onnx":
         raise MmcoreError(f"--quantize int8: needs --format onnx (onnxruntime quantizes ONNX graphs; got {info['graph']['format']})")
@@ -103,7 +92,7 @@ def quantize_bundle(folder, info, scorer, split, options, *, out):
     record = quantize_graph(graph, int8_graph, mode=options.mode, calibration=calibration, per_channel=options.per_channel,
                             op_types=options.ops)
     try:
-        runner = GraphRunner(int8_graph, "onnx", device="cpu", external_data=graph.name + ".data" if record.external_data else None)
+        runner = GraphRunner(int8_graph, "onnx", device="cpu")  # the quantizer's own graph: nothing to check
         fp32, int8 = [], []
         for feeds in graph_feeds(scorer, split):
             fp32.append(scorer.runner(feeds))

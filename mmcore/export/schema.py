@@ -163,6 +163,22 @@ def _input_prefix(instance, attribute, value):
         raise FieldError(attribute.name, f"must be '' or 'text<i>.' (got {value!r})")
 
 
+#: the token arrays a ``tokenizers`` tokenizer gives (a part whose graph takes others keeps transformers)
+FAST_TOKENIZER_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
+
+
+@attrs.frozen(kw_only=True)
+class FastTokenizerInfo:
+    """A tokenizer part read from ``tokenizer.json`` alone with the ``tokenizers`` library (bundle
+    format 5): what transformers took from ``tokenizer_config.json`` to pad and truncate a batch."""
+
+    pad_id: int = attrs.field(validator=at_least(0))
+    pad_type_id: int = attrs.field(default=0, validator=at_least(0))
+    pad_token: str
+    padding_side: str = attrs.field(default="right", validator=one_of("right", "left"))
+    truncation_side: str = attrs.field(default="right", validator=one_of("right", "left"))
+
+
 @attrs.frozen(kw_only=True)
 class TextPartInfo:
     """One text part of the text side: a tokenizer (prefix, max_length, folder) or a host featurizer."""
@@ -174,6 +190,7 @@ class TextPartInfo:
     max_length: int | None = attrs.field(default=None, validator=attrs.validators.optional(at_least(1)))
     tokenizer: str | None = attrs.field(default=None, validator=_tokenizer_dir)
     featurizer: dict | None = None
+    fast_tokenizer: FastTokenizerInfo | None = None
 
     def __attrs_post_init__(self):
         if self.featurizer is None and self.max_length is None:
@@ -190,6 +207,7 @@ class TextInfo:
     prefix: str = ""
     max_length: int | None = attrs.field(default=None, validator=attrs.validators.optional(at_least(1)))
     featurizer: dict | None = None
+    fast_tokenizer: FastTokenizerInfo | None = None
     parts: list[TextPartInfo] | None = None
 
     def __attrs_post_init__(self):

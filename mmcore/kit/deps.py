@@ -10,6 +10,7 @@ every extra the README uses. A missing one is a :class:`MissingDependency` (exit
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 from mmcore.errors import MmcoreError
 
@@ -74,6 +75,15 @@ def require(module, what):
 
 
 def require_extra(extra, what):
-    """Import every module of ``extra`` (the command will) or raise the first missing one's line."""
+    """Raise the first missing module's line unless every module of ``extra`` is installed.
+
+    Found, not imported: the command imports each where it uses it (``mmcore serve`` of a bundle
+    checked on this machine never imports ``onnx``, 0.7 s of imports).
+    """
     for module in EXTRA_MODULES[extra]:
-        require(module, what)
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a parent package that is missing, or a module without a spec
+            found = False
+        if not found:
+            raise MissingDependency(missing_line(module, what))

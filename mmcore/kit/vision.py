@@ -62,13 +62,10 @@ class ResizeCropPreprocessing(Preprocessing):
 
     def resized(self, image):
         """PIL RGB image -> the resized and cropped uint8 tensor [3, H, W]."""
-        from torchvision.transforms import v2
-        from torchvision.transforms.v2 import functional as F
+        from mmcore.kit import pixels
 
-        interpolation = getattr(v2.InterpolationMode, self.interpolation.upper())
-        img = F.pil_to_tensor(image)
-        img = F.resize(img, self.resize_size, interpolation=interpolation, antialias=True)
-        return F.center_crop(img, list(self.size))
+        img = pixels.resize(pixels.pil_to_uint8(image), self.resize_size, self.interpolation)
+        return pixels.center_crop(img, tuple(self.size))
 
 
 def square_preprocessing(size, *, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bilinear"):

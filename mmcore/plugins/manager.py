@@ -11,7 +11,7 @@ import pluggy
 import mmcore.plugins.hookspecs as hookspecs
 from mmcore.errors import MmcoreError
 from mmcore.plugins.kinds import KIND_TABLE
-from mmcore.plugins.registry import Registry, exception_line
+from mmcore.plugins.registry import CORE, Registry, exception_line
 
 ENTRY_POINT_GROUP = "mmcore"
 
@@ -128,3 +128,23 @@ def make_registry(load_entrypoints=True, extra_plugins=()):
 def get_registry():
     """The process-wide registry of built-ins and installed plugins."""
     return make_registry()
+
+
+class InstalledDataClasses:
+    """The data classes a bundle may name (:meth:`Registry.data_class`, :meth:`Registry.data_class_by_path`)
+    among the core's and the installed plugins', the plugins loaded only for a name the core does
+    not declare: a bundle of core classes (``mmcore/Preprocessing``) opens without importing a plugin.
+    """
+
+    #: no plugins: the core's own data classes, with the registry's lookups and messages
+    _core = Registry()
+
+    def data_class(self, data_name):
+        """The class registry name ``data_name`` stands for (see :meth:`Registry.data_class`)."""
+        if isinstance(data_name, str) and data_name.startswith(f"{CORE}/"):
+            return self._core.data_class(data_name)
+        return get_registry().data_class(data_name)
+
+    def data_class_by_path(self, module, qualname):
+        """A format 1 or 2 bundle's class by module path (see :meth:`Registry.data_class_by_path`)."""
+        return self._core.data_class_by_path(module, qualname) or get_registry().data_class_by_path(module, qualname)

@@ -146,13 +146,10 @@ class Scorer:
 
     def decide(self, logits):
         """Logits -> (raw score, calibrated score, prediction) arrays at the run's decision."""
-        from mmcore.engine.outputs import score_split
+        from mmcore.evaluation.calibration import decide_logits
 
-        raw, calibrated, predicted, _ = score_split(
-            np.asarray(logits, dtype=np.float64), None,
-            temperature=float(self.decision["temperature"]), threshold=float(self.decision["threshold"]),
-        )
-        return raw, calibrated, predicted
+        return decide_logits(np.asarray(logits, dtype=np.float64), temperature=float(self.decision["temperature"]),
+                             threshold=float(self.decision["threshold"]))
 
     # -- what it is ----------------------------------------------------------------------
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import attrs
 
 from mmcore.export import bundle as B
-from mmcore.export.int8 import bundle_device
 from mmcore.export.schema import BundleError
 from mmcore.scoring.base import Scorer
 
@@ -20,7 +19,8 @@ class BundleScorer(Scorer):
 
     Every file is checked against its schema as it is read (:mod:`mmcore.export.schema`); the
     preprocessing and host featurizers are rebuilt from the classes the registry declares
-    (``registry``: the installed plugins by default). ``verify``: see :func:`~mmcore.export.bundle.read_manifest`.
+    (``registry``: the installed plugins by default, loaded only when the bundle names a plugin's
+    class). ``verify``: see :func:`~mmcore.export.bundle.read_manifest`.
     Embeddings are not offered (the graph outputs the logit only).
     """
 
@@ -28,8 +28,9 @@ class BundleScorer(Scorer):
 
     def __init__(self, folder, *, device="auto", verify=None, registry=None):
         from mmcore.export.inputs import read_host_inputs
-        from mmcore.export.onnx import GraphRunner
+        from mmcore.export.runner import GraphRunner
         from mmcore.export.schema import Decision, read_json, read_recipe, structure_file
+        from mmcore.plugins.manager import InstalledDataClasses
 
         folder = Path(folder)
         self.source = folder
@@ -48,11 +49,11 @@ class BundleScorer(Scorer):
         self.selected_epoch = self.manifest.selected_epoch
         self.input_names = graph.inputs
         self.vision_names = graph.vision_inputs
-        inputs = read_host_inputs(folder, registry or _installed_registry(), bundle_format=self.manifest.bundle_format,
+        inputs = read_host_inputs(folder, registry or InstalledDataClasses(), bundle_format=self.manifest.bundle_format,
                                   vision=self.uses_vision, text=self.uses_text)
         self.preprocessing, self.host_text = inputs.preprocessing, inputs.text
-        device = bundle_device(folder, device, self.manifest.precision)  # an int8 graph: the CPU, or one line
-        self.runner = GraphRunner(folder / graph.file, graph.format, device=device, external_data=graph.external_data)
+        device = B.bundle_device(folder, device, self.manifest.precision)  # an int8 graph: the CPU, or one line
+        self.runner = GraphRunner(folder / graph.file, graph.format, device=device)
 
     @property
     def device_name(self):
@@ -84,8 +85,3 @@ class BundleScorer(Scorer):
         """Collate, make the text inputs and run the graph."""
         return self.runner(self.feeds(vision_items, texts))
 
-
-def _installed_registry():
-    from mmcore.plugins.manager import get_registry
-
-    return get_registry()

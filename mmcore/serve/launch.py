@@ -71,8 +71,7 @@ def serve(source, *, host="127.0.0.1", port=8000, workers=1, device="auto", text
     modality = (recipe.get("train") or {}).get("modality", "multimodal")
     text_rule(modality, ocr=bool(engine), mode=text, where=f"mmcore serve {source}")
     if kind == "bundle":  # an int8 graph runs on the CPU: --device cuda is one line, auto is the CPU
-        from mmcore.export.bundle import read_manifest
-        from mmcore.export.int8 import bundle_device
+        from mmcore.export.bundle import bundle_device, read_manifest
 
         device = bundle_device(source, device, read_manifest(source, verify=False).precision)
     device, gpus = resolve_device(device, kind)
