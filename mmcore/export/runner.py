@@ -106,10 +106,10 @@ def check_external_data(path, external_data):
     bundle's graph is checked where its bytes are vouched for: with the digests, at its first
     opening on a machine, on ``--verify`` and at export (:func:`mmcore.export.bundle.read_manifest`).
     Opened later, the graph is the one checked while its manifest, sizes and modification times
-    stay the same (:mod:`mmcore.export.verified`). Between checks onnxruntime stands guard: 1.32
-    refuses on its own a location that is absolute, climbs out of the graph's folder or is a link
-    out of it (tests/test_export.py shows it); what it allows, another file in the folder, is what
-    this check adds.
+    stay the same (:mod:`mmcore.export.verified`). Between checks onnxruntime stands guard: from
+    1.24.1 (the floor in pyproject.toml; 1.23.2 opened all three) it refuses on its own a location
+    that is absolute, climbs out of the graph's folder or is a link out of it (tests/test_export.py
+    shows it); what it allows, another file in the folder, is what this check adds.
     """
     from google.protobuf.message import DecodeError
 
