@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from forks import idle_forked_child
 
 import mmcore
 from mmcore import rundir as rundir_module
@@ -143,25 +144,13 @@ def test_flock_lock_is_released_when_its_holder_dies_not_kept_by_forked_workers(
     run.mkdir()
     lock = RunLock(run).acquire()
     assert lock.mode == "flock"
-    ready_r, ready_w = os.pipe()
-    child = os.fork()
-    if child == 0:  # pragma: no cover - the forked "worker": running (its fork hooks done), then idle
-        os.write(ready_w, b"1")
-        time.sleep(3)
-        os._exit(0)
-    os.read(ready_r, 1)
-    os.close(ready_r)
-    os.close(ready_w)
-    try:
+    with idle_forked_child():
         assert RunLock(run).live_holder()["pid"] == os.getpid()  # held by this process
         # the holder "dies": its descriptor closes without any cleanup; the child still runs
         os.close(lock.fd)
         rundir_module._HELD.clear()
         assert RunLock(run).live_holder() is None
         assert _holder(run)["pid"] == os.getpid()  # the stale record is still there, and harmless
-    finally:
-        os.kill(child, signal.SIGKILL)
-        os.waitpid(child, 0)
 
 
 def test_only_rank_0_takes_the_lock(tmp_path, monkeypatch):

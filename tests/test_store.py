@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+from forks import idle_forked_child
 
 from mmcore.errors import RunError
 from mmcore.io import atomic_open, atomic_write, is_temp_name, temp_name, temp_owner
@@ -167,27 +168,14 @@ def test_the_run_directory_and_the_tuning_study_take_the_shared_lock(tmp_path, n
 
 def test_a_forked_child_does_not_keep_a_flock_alive(tmp_path):
     path = tmp_path / "fill.lock"
-    with file_lock(path) as lock:
+    with file_lock(path) as lock, idle_forked_child():
         assert lock.mode == "flock"
-        ready_r, ready_w = os.pipe()
-        child = os.fork()
-        if child == 0:  # pragma: no cover - the forked worker: its fork hooks ran; it idles
-            os.write(ready_w, b"1")
-            time.sleep(3)
-            os._exit(0)
-        os.read(ready_r, 1)
-        os.close(ready_r)
-        os.close(ready_w)
-        try:
-            held = lock.fd
-            os.close(held)  # the holder "dies" (its descriptor closes without cleanup); the child lives on
-            lock.fd, lock.mode = None, None
-            other = FileLock(path)
-            assert other.live_holder() is None and other.acquire(wait=False)["pid"] == os.getpid()
-            other.release()
-        finally:
-            os.kill(child, 9)
-            os.waitpid(child, 0)
+        held = lock.fd
+        os.close(held)  # the holder "dies" (its descriptor closes without cleanup); the child lives on
+        lock.fd, lock.mode = None, None
+        other = FileLock(path)
+        assert other.live_holder() is None and other.acquire(wait=False)["pid"] == os.getpid()
+        other.release()
 
 
 # ---------------------------------------------------------------- token codecs
