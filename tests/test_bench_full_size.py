@@ -64,3 +64,14 @@ def test_full_size_bench_quick_prints_its_table_and_goals(tmp_path):
     assert goals[2] == ("PASS", f"parity <= 0.0001: max |Δ score| {worst:.2e}, agreement 1.0000")
     assert goals[3][1] == f"serve start <= 1.5x the session's open: {start.group(1)}x"
     assert len(goals) == 4
+
+    # --serve-only measures the start again on the kept bundle, nothing trained or exported
+    again = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "full_size.py"), "--serve-only", "--work", str(work), "--requests", "1"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    ratio = re.search(r"^serve start / session open: (\d+\.\d\d)x \(the goal\)", again.stdout, re.M)
+    assert ratio, again.stdout[-2000:] + again.stderr[-2000:]
+    goal = re.search(r"^  (PASS|MISS) serve start <= 1.5x the session's open: (\d+\.\d\d)x$", again.stdout, re.M)
+    assert goal.group(2) == ratio.group(1) and again.returncode == (0 if goal.group(1) == "PASS" else 1)
+    assert "\nrun " not in again.stdout and "bundle bytes" not in again.stdout
