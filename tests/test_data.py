@@ -231,3 +231,44 @@ def test_a_western_code_page_is_still_named(images):
         f"{csv}: line 2: not UTF-8 text (byte 0xe9 at offset {offset}); it looks like Windows-1252 (Western European); "
         f"re-save it as UTF-8 (Excel: CSV UTF-8) or convert it: iconv -f CP1252 -t UTF-8 {csv} > {images / 's.utf8.csv'}"
     ]
+
+
+# --- rows spread over a split (the export gates' parity rows) -------------------------------------------------
+
+
+def test_spread_positions_gives_every_label_its_share_in_file_order():
+    from mmcore.data.split import spread_positions
+
+    sorted_by_label = [1] * 64 + [0] * 36  # Dredze's val.csv: every spam row first
+    picked = spread_positions(100, 20, sorted_by_label)
+    assert [sorted_by_label[i] for i in picked].count(0) == 7 and len(picked) == 20  # 36 % of 20, rounded
+    assert picked == sorted(set(picked)) and picked[0] < 64 <= picked[-1]
+    assert spread_positions(10, 3) == [1, 5, 8]  # no labels: even over the file
+    assert spread_positions(5, 9) == [0, 1, 2, 3, 4]
+    assert [0, 0, 0, 0, 0, 0, 0, 0, 0, 1][spread_positions(10, 2, [0] * 9 + [1])[-1]] == 1  # a rare label still seen
+    for total, count in ((7, 3), (13, 5), (40, 39)):
+        labels = [i % 3 for i in range(total)]
+        picked = spread_positions(total, count, labels)
+        assert len(picked) == count and len(set(picked)) == count and {labels[i] for i in picked} == {0, 1, 2}
+
+
+def test_the_export_gates_rows_of_a_label_sorted_csv_hold_both_labels(exportable_run, demo_data, tmp_path):
+    """The int8 gate measures an AUROC change: the first rows of a split sorted by label gave it one label."""
+    import csv
+
+    from mmcore.commands.export import parity_rows
+    from mmcore.rundir import RunDir
+
+    with open(Path(demo_data) / "val.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    rows.sort(key=lambda row: row["label"], reverse=True)
+    sorted_csv = tmp_path / "val_sorted.csv"
+    with open(sorted_csv, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    positives = sum(1 for row in rows if row["label"] in ("1", "true", "True"))
+    assert 8 < positives < len(rows)  # the first 8 rows are all of one label
+    picked = parity_rows(RunDir(exportable_run).load_recipe(), sorted_csv, 8, base_dir=Path(demo_data))
+    assert len(picked) == 8 and set(picked.labels) == {0, 1}
+    assert list(picked.rows) == sorted(picked.rows)  # in file order

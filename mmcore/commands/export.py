@@ -52,7 +52,9 @@ class ExportSummary:
 
 def parity_rows(recipe, data, rows, base_dir=None):
     """The rows the gate scores: ``--data`` (a CSV, or a DataFrame from the Python API) or the run's
-    validation split, first ``rows`` of them."""
+    validation split, ``rows`` of them spread over it in file order, each label its share
+    (:meth:`~mmcore.data.split.Split.spread`): the first rows of a split sorted by label would all be
+    of one label, and the int8 gate could not measure its AUROC change on them."""
     from mmcore.data.csvs import read_split, resolve_csv
 
     needs_text = recipe.train.modality != "vision_only"
@@ -77,7 +79,7 @@ def parity_rows(recipe, data, rows, base_dir=None):
     except DataError as exc:
         hint = "" if data is not None else " (the run's validation split; choose rows with --data CSV)"
         raise DataError([f"{line}{hint}" for line in exc.problems]) from None
-    return split.subset(range(min(rows, len(split))))
+    return split.spread(rows)
 
 
 def _example_inputs(fused, folder, registry, split, max_image_pixels):
