@@ -154,14 +154,23 @@ def bytes_sha1(data):
 
 def file_sha1(path, block=1 << 20):
     """sha1 of a file's bytes (20 bytes), or None when it cannot be read (other checks report that)."""
-    digest = hashlib.sha1()
     try:
-        with open(path, "rb") as handle:
-            while chunk := handle.read(block):
-                digest.update(chunk)
+        return _sha1_of(path, block).digest()
     except OSError:
         return None
-    return digest.digest()
+
+
+def file_sha1_hex(path, block=1 << 20):
+    """sha1 of a file's bytes as 40 hex digits (what a JSON record keeps); OSError when it cannot be read."""
+    return _sha1_of(path, block).hexdigest()
+
+
+def _sha1_of(path, block):
+    digest = hashlib.sha1()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(block):
+            digest.update(chunk)
+    return digest
 
 
 def check_output_path(path, what, *, option="--out", folder=False):

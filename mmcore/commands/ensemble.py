@@ -15,7 +15,6 @@ The members are hard-linked into ``DIR/members/`` (a directory never names a pat
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from mmcore.engine.inference import sigmoid
 from mmcore.errors import DataError, MmcoreError, RunError
 from mmcore.evaluation.ensemble import DEFAULT_ITERATIONS, DEFAULT_METRIC, METRICS, select_ensemble
 from mmcore.evaluation.metrics import rank_auroc
-from mmcore.io import check_output_path, write_json
+from mmcore.io import check_output_path, file_sha1_hex, write_json
 from mmcore.rundir import RECIPE_FILE, RunDir
 from mmcore.scoring import ensemble_dir as E
 from mmcore.scoring.ensemble import combine_member_logits
@@ -82,14 +81,6 @@ def check_member_runs(run_dirs):
     return checked
 
 
-def _sha1(path):
-    digest = hashlib.sha1()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def split_csvs(recipe):
     """``{"val": Path, "test": Path}`` of a member's recipe (CSV splits only)."""
     from mmcore.data.csvs import resolve_csv
@@ -103,7 +94,7 @@ def data_digests(run_dirs, recipes):
     """``{"val_sha1", "test_sha1"}`` shared by every member, or one line naming the first that differs."""
     digests = None
     for run_dir, recipe in zip(run_dirs, recipes):
-        mine = {f"{name}_sha1": _sha1(csv) for name, csv in split_csvs(recipe).items()}
+        mine = {f"{name}_sha1": file_sha1_hex(csv) for name, csv in split_csvs(recipe).items()}
         if digests is None:
             digests, first = mine, run_dir
         elif mine != digests:
@@ -361,7 +352,7 @@ def assemble_bag(out, fold_runs, *, recipe, registry=None, device="auto", progre
     n = int(len(oof.labels))
     return write_ensemble_dir(
         out, scores, weights=weights, counts=[1] * k, decision=decision, recipe=recipe, test=test, source="folds",
-        digests={"test_sha1": _sha1(test_csv)}, test_logits=test_logits,
+        digests={"test_sha1": file_sha1_hex(test_csv)}, test_logits=test_logits,
         selection={"metric": None, "rows": "out-of-fold", "n": n, "weights": "equal"},
         member_val_auroc=[_auroc(oof.logits[oof.folds == i], oof.labels[oof.folds == i]) for i in range(k)],
         fitted_on={"oof": {"auroc": _auroc(oof_logits, oof.labels), "n": n}}, echo=echo,

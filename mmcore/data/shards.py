@@ -37,6 +37,7 @@ from mmcore.data.csvs import read_split
 from mmcore.data.images import DEFAULT_FORMATS, DEFAULT_MAX_IMAGE_BYTES, BadImageError, read_image_bytes
 from mmcore.data.memo import FileFacts
 from mmcore.errors import DataError, RunError, os_error_line
+from mmcore.io import file_sha1_hex
 
 _EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
@@ -106,14 +107,6 @@ def _plan(split, sizes, max_bytes):
     return shards
 
 
-def _file_sha1(path):
-    digest = hashlib.sha1()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _write_tar(path, samples):
     """Write ``samples`` (lists of (name, bytes)) as a reproducible uncompressed tar, fsynced."""
     with open(path, "wb") as handle:
@@ -160,7 +153,7 @@ def write_shards(csv, out_dir, *, max_bytes, base_dir=None, formats=DEFAULT_FORM
         raise DataError(bad + ["fix or remove these rows, then run mmcore shard again"])
     facts = facts_of(split.paths)
     plan = _plan(split, [os.path.getsize(p) for p in split.paths], max_bytes)
-    csv_sha1 = _file_sha1(csv)
+    csv_sha1 = file_sha1_hex(csv)
     manifest_path = out_dir / f"{csv.stem}.shards.json"
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -179,7 +172,7 @@ def write_shards(csv, out_dir, *, max_bytes, base_dir=None, formats=DEFAULT_FORM
             problem = _verify_tar(tmp, samples)
             if problem is not None:
                 raise RunError(f"{out_dir / name}: {problem}; nothing was kept of this shard")
-            entry = {"name": name, "first": first, "count": count, "bytes": tmp.stat().st_size, "sha1": _file_sha1(tmp)}
+            entry = {"name": name, "first": first, "count": count, "bytes": tmp.stat().st_size, "sha1": file_sha1_hex(tmp)}
             os.replace(tmp, out_dir / name)
         except OSError as exc:
             raise RunError(os_error_line(out_dir / name, exc, what="shard") + f"; {number} shards are complete, "
@@ -217,7 +210,7 @@ def _resume(manifest_path, out_dir, csv_sha1, max_bytes, plan, echo):
             sound = (
                 planned == (entry["first"], entry["count"])
                 and path.stat().st_size == entry["bytes"]
-                and _file_sha1(path) == entry["sha1"]
+                and file_sha1_hex(path) == entry["sha1"]
             )
         except (OSError, KeyError):
             sound = False
