@@ -13,8 +13,12 @@ on generated ads), every step through the ``mmcore`` CLI in a subprocess:
 2. ``mmcore run RECIPE --folds K``: the **k-fold bag**, with its out-of-fold AUROC beside its test AUROC;
 3. ``mmcore run RECIPE --set train.distill.teacher=ENSEMBLE``: the **distilled student** (one
    member's serving cost), ``mmcore export --quantize int8`` of it (**student int8**), and the
-   **OCR-free student** (``recipes/<dataset>_vision_only.toml`` distilled from the same teacher);
-4. ``mmcore export`` of each (one bundle each; the ensemble and the bag as one graph).
+   **OCR-free student** (``recipes/<dataset>_vision_only.toml`` distilled from the same teacher),
+   beside the same recipe trained on the labels alone (**vision-only on labels**, its baseline);
+4. ``mmcore export`` of each (one bundle each; the ensemble and the bag as one graph);
+5. the paired bootstrap of the test AUROC differences the targets name (student - teacher, bag -
+   best single run, int8 - fp32 student, OCR-free student - teacher and - vision-only on labels),
+   from the runs' ``test_predictions.json`` (``--differences-only --work W`` prints them again).
 
 Columns: test AUROC (mean +- std where there are several runs) and its bootstrap 95% interval
 (``results.json``'s, on the calibrated score), the validation or out-of-fold AUROC the choices
@@ -87,6 +91,42 @@ def interval(res):
     return f"[{bounds[0]:.4f}, {bounds[1]:.4f}]" if bounds else ""
 
 
+#: (step, its baseline, run folder of each under a dataset's work folder): the differences the
+#: issue's targets name, each a paired bootstrap over the test rows both scored
+DIFFERENCES = (
+    ("distilled student", "seed ensemble", "student", "seeds"),
+    ("bag", "best single run", "bag", "best"),
+    ("student int8", "distilled student", "eval-student-int8", "student"),
+    ("OCR-free student", "seed ensemble", "student-vision", "seeds"),
+    ("OCR-free student", "vision-only on labels", "student-vision", "vision-only-labels"),
+)
+
+
+def paired_differences(work):
+    """``[(step - baseline, diff, low, high)]`` for every pair of :data:`DIFFERENCES` whose two runs in
+    ``work`` (one dataset's folder) have their ``test_predictions.json``; the best single run is the
+    seed member ``best.txt`` names."""
+    from data_quality import paired_bootstrap, test_auroc_and_scores  # bench/ is on sys.path when run
+
+    best = work / "best.txt"
+    folders = {"best": work / "seeds" / best.read_text().strip()} if best.is_file() else {}
+    found = []
+    for step, baseline, mine, theirs in DIFFERENCES:
+        a, b = folders.get(mine, work / mine), folders.get(theirs, work / theirs)
+        if (a / "test_predictions.json").is_file() and (b / "test_predictions.json").is_file():
+            d = paired_bootstrap(test_auroc_and_scores(a), test_auroc_and_scores(b))
+            found.append((f"{step} - {baseline}", d["diff"], d["low"], d["high"]))
+    return found
+
+
+def print_differences(name, found):
+    print(f"\n{name}: paired bootstrap of the test AUROC differences (1000 resamples of the test rows both scored)\n")
+    print("| difference | test AUROC diff | 95% interval |")
+    print("|---|---|---|")
+    for label, diff, low, high in found:
+        print(f"| {label} | {diff:+.4f} | [{low:+.4f}, {high:+.4f}] |")
+
+
 def bundle_mb(bundle):
     return sum(p.stat().st_size for p in Path(bundle).rglob("*") if p.is_file()) / (1 << 20)
 
@@ -139,6 +179,7 @@ def chain(name, data_dir, recipe, vision, args, work, log):
     members = [seeds_dir / m["dir"] for m in ensemble["members"]]
     singles = [results(m) for m in members]
     best = max(range(len(members)), key=lambda i: singles[i]["val"].get("val_auroc") or 0)
+    (work / "best.txt").write_text(ensemble["members"][best]["dir"])  # for paired_differences
     for label, source in (("best single run", members[best]), ("seed ensemble", seeds_dir)):
         mmcore("export", source, "--out", work / f"bundle-{label.replace(' ', '-')}", "--quiet", log=log)
         measure(label, work / f"bundle-{label.replace(' ', '-')}")
@@ -208,6 +249,13 @@ def chain(name, data_dir, recipe, vision, args, work, log):
                      "chosen_on": f"val {vision['val'].get('val_auroc', 0):.4f}", **timed["vision"],
                      "ocr": f"{ocr * 1000:.0f} ms" if ocr is not None else "(no tesseract)",
                      "note": f"{Path(vision_recipe).name}; {seconds:.0f} s"})
+        # the baseline the OCR-free student must beat: the same recipe on the labels alone
+        seconds = mmcore("run", vision_recipe, "--out", work / "vision-only-labels", *base,
+                         *[x for o in vision_overrides for x in ("--set", o)], log=log)
+        alone = results(work / "vision-only-labels")
+        rows.append({"row": "vision-only on labels", "auroc": f"{test_auroc(alone):.4f}", "ci": interval(alone),
+                     "chosen_on": f"val {alone['val'].get('val_auroc', 0):.4f}",
+                     "note": f"{Path(vision_recipe).name}, no teacher; {seconds:.0f} s"})
     return rows, owed
 
 
@@ -245,11 +293,21 @@ def main(argv=None):
                         help="a recipe override for every run (repeatable)")
     parser.add_argument("--json", type=Path, help="also write every row as JSON")
     parser.add_argument("--no-students", action="store_true", help="stop after the seed ensemble and the bag")
+    parser.add_argument("--differences-only", action="store_true",
+                        help="with --work of an earlier run: print the paired differences of its datasets again")
     args = parser.parse_args(argv)
+    if args.differences_only:
+        if args.work is None:
+            print("--differences-only needs --work (an earlier run's work folder)", file=sys.stderr)
+            return 2
+        for name in args.datasets.split(","):
+            if (args.work / name / "seeds").is_dir():
+                print_differences(name, paired_differences(args.work.resolve() / name))
+        return 0
     if args.quick:
         args.seeds, args.folds, args.timed_rows = 2, 2, 8
         args.overrides = [*QUICK_OVERRIDES, *args.overrides]
-    tables, owed = {}, []
+    tables, differences, owed = {}, {}, []
     with tempfile.TemporaryDirectory(prefix="mmcore-serve-small-") as tmp:
         work = (args.work or Path(tmp)).resolve()
         log = work / "commands.log"
@@ -274,10 +332,12 @@ def main(argv=None):
             tables[name] = list(rows)
             owed.extend(missing)
             print_table(name, rows)
+            differences[name] = paired_differences(work / name)
+            print_differences(name, differences[name])
     for line in owed:
         print(line)
     if args.json:
-        args.json.write_text(json.dumps({"tables": tables, "owed": owed}, indent=2))
+        args.json.write_text(json.dumps({"tables": tables, "differences": differences, "owed": owed}, indent=2))
     return 0
 
 

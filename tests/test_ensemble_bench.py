@@ -33,3 +33,20 @@ def test_serve_small_quick_prints_the_chain_from_the_files(tmp_path):
     bag_manifest = json.loads((work / "demo" / "bundle-bag" / "manifest.json").read_text())
     assert [m["weight"] for m in bag_manifest["ensemble"]["members"]] == [0.5, 0.5]
     assert "| seed ensemble | " in out.stdout and "| 2-fold bag | " in out.stdout
+
+    # the paired difference the bag's target names, from the two runs' test predictions
+    from sklearn.metrics import roc_auc_score
+
+    def test_auroc(folder):
+        records = json.loads((folder / "test_predictions.json").read_text())
+        return roc_auc_score([int(r["label"]) for r in records], [r["score"] for r in records])
+
+    best = work / "demo" / "seeds" / (work / "demo" / "best.txt").read_text().strip()
+    assert best.parent.name == "members" and rows["best single run"]["note"].endswith(best.name)
+    (label, diff, low, high), = json.loads((tmp_path / "rows.json").read_text())["differences"]["demo"]
+    assert label == "bag - best single run" and low <= diff <= high
+    assert diff == pytest.approx(test_auroc(work / "demo" / "bag") - test_auroc(best), abs=1e-5)
+    again = subprocess.run([sys.executable, str(REPO / "bench" / "serve_small.py"), "--differences-only", "--work",
+                            str(work), "--datasets", "demo"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert f"| bag - best single run | {diff:+.4f} | [{low:+.4f}, {high:+.4f}] |" in again.stdout
+
